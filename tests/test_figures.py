@@ -1,0 +1,212 @@
+"""grokhpc.figures: real PNGs rendered by kaleido + Chromium, decoded here and checked as images."""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+from grokhpc import figures
+
+CHROMIUM = "/usr/bin/chromium-headless-shell"
+
+
+# ---- an independent PNG decoder (PNG spec, section 9: filters 0..4), for small images ----------
+def decode_png(data: bytes):
+    """-> (width, height, channels, rows as list of bytearrays); 8-bit RGB/RGBA/grey only."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "PNG signature"
+    pos, idat, ihdr = 8, b"", None
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        ctype = data[pos + 4:pos + 8]
+        body = data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert zlib.crc32(ctype + body) & 0xFFFFFFFF == crc, f"CRC of {ctype!r}"
+        if ctype == b"IHDR":
+            ihdr = struct.unpack(">IIBBBBB", body)
+        elif ctype == b"IDAT":
+            idat += body
+        elif ctype == b"IEND":
+            break
+        pos += 12 + length
+    w, h, depth, colour, _, _, interlace = ihdr
+    assert depth == 8 and interlace == 0, (depth, interlace)
+    channels = {0: 1, 2: 3, 4: 2, 6: 4}[colour]
+    raw = zlib.decompress(idat)
+    stride = w * channels
+    assert len(raw) == h * (stride + 1)
+    rows, prev = [], bytearray(stride)
+    for y in range(h):
+        ftype = raw[y * (stride + 1)]
+        line = bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for i in range(stride):
+            left = line[i - channels] if i >= channels else 0
+            up = prev[i]
+            ul = prev[i - channels] if i >= channels else 0
+            if ftype == 1:
+                line[i] = (line[i] + left) & 0xFF
+            elif ftype == 2:
+                line[i] = (line[i] + up) & 0xFF
+            elif ftype == 3:
+                line[i] = (line[i] + (left + up) // 2) & 0xFF
+            elif ftype == 4:
+                p = left + up - ul
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - ul)
+                pred = left if pa <= pb and pa <= pc else (up if pb <= pc else ul)
+                line[i] = (line[i] + pred) & 0xFF
+            else:
+                assert ftype == 0, ftype
+        rows.append(line)
+        prev = line
+    return w, h, channels, rows
+
+
+def pixels(rows, channels):
+    for line in rows:
+        for i in range(0, len(line), channels):
+            yield tuple(line[i:i + 3]) if channels >= 3 else (line[i],) * 3
+
+
+def red_figure():
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=[0, 1, 2, 3], y=[0, 3, 1, 2], mode="lines+markers",
+                               line=dict(color="#ff0000", width=6), marker=dict(size=14)))
+    return figures.paper_style(fig, width=240, height=160, title="Red")
+
+
+def test_chromium_is_installed_and_found():
+    assert os.access(CHROMIUM, os.X_OK), "CI installs Debian's chromium-headless-shell"
+    env = {k: v for k, v in os.environ.items() if k != "BROWSER_PATH"}
+    out = subprocess.run([sys.executable, "-c", "from grokhpc.figures import find_browser; "
+                          "print(find_browser())"], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == CHROMIUM
+
+
+def test_browser_path_env_wins_and_bad_value_falls_back(tmp_path, monkeypatch):
+    fake = tmp_path / "my-chrome"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("BROWSER_PATH", str(fake))
+    assert figures.find_browser() == str(fake)
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "missing"))
+    assert figures.find_browser() == CHROMIUM
+
+
+def test_png_svg_pdf_html_rendered_and_checked(tmp_path):
+    import plotly.graph_objects as go
+
+    fig_a = red_figure()
+    fig_b = figures.paper_style(go.Figure(go.Bar(x=["a", "b"], y=[1, 2])), width=300, height=200)
+    out = figures.export({"red": fig_a, "bars": fig_b}, tmp_path / "figs",
+                         formats="png,svg,pdf,html", scale=2, log=None)
+    assert {p.name for p in out["red"]} == {"red.png", "red.svg", "red.pdf", "red.html"}
+    assert {p.name for p in out["bars"]} == {"bars.png", "bars.svg", "bars.pdf", "bars.html"}
+    # nothing half-written left behind
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(
+        f"{n}.{e}" for n in ("red", "bars") for e in ("png", "svg", "pdf", "html"))
+
+    # the PNG, decoded independently: size = layout size x scale, a white page with red ink
+    w, h, ch, rows = decode_png((tmp_path / "figs" / "red.png").read_bytes())
+    assert (w, h) == (480, 320)
+    px = list(pixels(rows, ch))
+    white = sum(1 for p in px if p == (255, 255, 255))
+    red = sum(1 for p in px if p[0] > 200 and p[1] < 60 and p[2] < 60)
+    dark = sum(1 for p in px if max(p) < 80)  # axis lines, ticks and text
+    assert white > 0.5 * len(px), "mostly white background"
+    assert red > 500, f"the red trace is drawn ({red} red pixels)"
+    assert dark > 200, "axes and labels are drawn"
+    # and it is not a constant image: grey-level variance well above zero
+    grey = [sum(p) / 3 for p in px]
+    mean = sum(grey) / len(grey)
+    assert sum((g - mean) ** 2 for g in grey) / len(grey) > 100
+
+    bw, bh = figures.png_size((tmp_path / "figs" / "bars.png").read_bytes())
+    assert (bw, bh) == (600, 400)
+    assert (tmp_path / "figs" / "red.pdf").read_bytes().startswith(b"%PDF-")
+    svg = (tmp_path / "figs" / "red.svg").read_text()
+    assert "<svg" in svg and 'width="240"' in svg
+
+    # HTML: plotly.js embedded byte for byte, no script loaded from the network, no MathJax
+    html = (tmp_path / "figs" / "red.html").read_text()
+    import plotly
+
+    js = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_text()
+    assert js[:2000] in html and js[-2000:] in html and len(html) > len(js)
+    assert not re.search(r"<script[^>]+src=[\"']?https?:", html)
+    assert not re.search(r"<script[^>]+src=[^>]*mathjax", html, re.I)
+
+
+def test_html_directory_mode_writes_one_plotlyjs(tmp_path):
+    figs = {"one": red_figure(), "two": red_figure()}
+    out = figures.export(figs, tmp_path, formats=["html"], html_js="directory", log=None)
+    js = tmp_path / "plotly.min.js"
+    assert js.exists() and js.stat().st_size > 1_000_000
+    for name in figs:
+        html = out[name][0].read_text()
+        assert re.search(r"<script[^>]+src=\"plotly.min.js\"", html)
+        assert len(html) < 100_000  # the library is not embedded again
+        assert "cdn.plot.ly" not in html
+
+
+def test_without_a_browser_html_is_written_and_one_line_says_how(tmp_path):
+    lines: list[str] = []
+    out = figures.export({"red": red_figure()}, tmp_path, formats=("png", "html"),
+                         browser=str(tmp_path / "no-such-chromium"), log=lines.append)
+    assert [p.name for p in out["red"]] == ["red.html"]
+    assert not (tmp_path / "red.png").exists()
+    assert len(lines) == 1 and "kaleido_get_chrome" in lines[0] and "chromium" in lines[0]
+
+
+def test_without_any_chromium_the_cli_path_says_one_line(tmp_path):
+    # a machine where the search finds no Chromium at all: exactly one line on stdout
+    code = ("import grokhpc.figures as f, plotly.graph_objects as go;"
+            "f.find_browser = lambda: None;"
+            f"f.export({{'x': go.Figure(go.Scatter(y=[1, 2]))}}, {str(tmp_path)!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("\n") == 1 and "kaleido_get_chrome" in out.stdout
+    assert (tmp_path / "x.html").exists() and not (tmp_path / "x.png").exists()
+
+
+def test_png_header_check_rejects_wrong_size_and_non_png(tmp_path):
+    ihdr = struct.pack(">IIBBBBB", 10, 20, 8, 6, 0, 0, 0)
+    png = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+           + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+    assert figures.png_size(png) == (10, 20)
+    with pytest.raises(figures.ExportError, match="expected 11x20"):
+        figures._check("png", png, (11, 20), tmp_path / "x.png")
+    with pytest.raises(figures.ExportError, match="not a PNG"):
+        figures._check("png", b"GIF89a" + b"\0" * 40, None, tmp_path / "x.png")
+
+
+def test_bad_arguments_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="--format.*'gif'"):
+        figures.parse_formats("png,gif")
+    assert figures.parse_formats(" PNG, html,png ") == ("png", "html")
+    with pytest.raises(ValueError, match="figure name"):
+        figures.export({"../evil": red_figure()}, tmp_path, formats="html")
+
+
+def test_paper_style_sets_fonts_and_size():
+    import plotly.graph_objects as go
+
+    fig = figures.paper_style(go.Figure(go.Scatter(y=[1, 2])), legend_title="weight decay")
+    assert (fig.layout.width, fig.layout.height) == (figures.PAPER_WIDTH, figures.PAPER_HEIGHT)
+    assert fig.layout.template.layout.font.size == figures.FONT_SIZE
+    assert "Liberation Sans" in fig.layout.template.layout.font.family
+    assert fig.layout.legend.title.text == "weight decay"
+
+
+def test_import_is_light():
+    code = ("import sys, grokhpc.figures; "
+            "print(sorted(m for m in ('torch', 'plotly', 'kaleido', 'transformer_lens') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
