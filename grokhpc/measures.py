@@ -1,18 +1,531 @@
-"""Progress measures per checkpoint and phase detection (placeholder: phases only)."""
+"""Progress measures per checkpoint (Nanda et al. 2023) and phase detection for one run.
+
+``python -m grokhpc.measures RUN_DIR [--key-freqs 1,5,34]`` recomputes ``measures.parquet`` and
+``summary.json`` of a trained run (e.g. with hand-picked key frequencies).
+
+Definitions
+-----------
+* **Fourier basis** of Z_p (:func:`fourier_basis`): row 0 the constant, then for k = 1..(p-1)/2
+  ``Sin k`` before ``Cos k`` (the seed's order), each row of unit norm; an orthonormal p x p
+  matrix.
+* **Gini** (:func:`gini`): the Gini coefficient of the p Fourier-component norms of the
+  embedding, ``|| F @ W_E[:p] ||`` per row, and of the neuron-to-logit map,
+  ``|| (W_out @ W_U) @ F.T ||`` per column (the seed's "Norms of Embedding in Fourier Basis" and
+  "W_logit in the Fourier Basis" plots). 0 = all components equal, -> 1 = one component.
+* **Key frequencies** (:func:`choose_key_freqs`), chosen at the final checkpoint and held fixed
+  for every checkpoint of the run. Rule: the energy of frequency k in the embedding is
+  ``e_k = ||Sin_k @ W_E[:p]||^2 + ||Cos_k @ W_E[:p]||^2``. Sort the e_k in decreasing order and
+  cut after the m-th, where m (1 <= m <= 8) maximises the ratio e_(m) / e_(m+1): the key
+  frequencies are the ones standing above the largest drop in the embedding's Fourier spectrum
+  (a trained model's embedding is sparse in the Fourier basis; the seed reads {1, 5, 34} off the
+  same spectrum).
+* **Restricted loss** (the seed's ``get_restricted_loss``): the last-position neuron activations
+  on the full p x p grid, projected onto the unit vectors ``cos(w_k d)``, ``sin(w_k d)`` over the
+  grid for each key frequency k, where w_k = 2 pi k / p and d = a - b (sub) or a + b (add);
+  mapped through ``W_out @ W_U``; the mean logit (over the grid) re-centred to the model's;
+  cross-entropy on the test pairs.
+* **Excluded loss** (the seed's ``get_excluded_loss``): those components removed from the neuron
+  activations instead, ``(post - approx) @ W_out + resid_mid`` through ``W_U``; cross-entropy
+  on the train pairs.
+* **Cosine similarity** with ``cos(w_k (d - c))`` over the logit cube L[a, b, c], for every
+  k = 1..(p-1)/2: ``<L, C_k> / (||L|| ||C_k||)``, and the residual fraction
+  ``||L - sum_k <L, C_k/||C_k||> C_k/||C_k||| / ||L||``. No (p-1)/2 x p^3 tensor is built:
+  ``cos(w (d - c)) = cos(w d) cos(w c) + sin(w d) sin(w c)``, so
+  ``<L, C_k> = sum_ab cos(w_k d_ab) (L @ cos)[ab, k] + sin(w_k d_ab) (L @ sin)[ab, k]`` -- one
+  (p^2 x p) @ (p x (p-1)) product -- and, the C_k being mutually orthogonal,
+  ``||residual||^2 = ||L||^2 - sum_k <L, C_k/||C_k||>^2``.
+* losses and accuracies on the train, test and all pairs (cross-entropy in float64, as the
+  seed's ``loss_fn``); **weight_norm_sq**: the sum of squares of every parameter.
+
+The Fourier measures (Gini, key frequencies, restricted/excluded loss, cosine similarities) are
+defined for ``sub`` and ``add`` only. For ``mul`` and ``div`` runs the answer is not a
+frequency of a +- b, so those columns are null and ``key_freqs`` is null; the op-independent
+measures (losses, accuracies, weight_norm_sq) are still written.
+
+Fast path
+---------
+The query of the only position the loss reads is always the ``=`` token, so each head's
+attention score of ``a`` depends on a alone and that of ``b`` on b alone. The pattern, the
+attention output and the residual stream at the last position are therefore computed from
+per-token tables (O(p^2 h d) instead of a full forward), then ``resid_mid @ W_in``,
+``relu``, and ``post @ (W_out @ W_U)``. A test holds it against the hooked forward
+(``Transformer.run_with_cache``) and the seed's formulation.
+
+``measures.parquet`` schema (one row per checkpoint, sorted by epoch)
+--------------------------------------------------------------------
+=================  ==============  ==========================================================
+epoch              int64           the checkpoint's epoch (weights after ``epoch`` steps)
+train_loss         float64         cross-entropy on the train pairs
+train_acc          float64         accuracy on the train pairs
+test_loss          float64         cross-entropy on the test pairs
+test_acc           float64
+all_loss           float64         over every pair of the grid (div: b != 0)
+all_acc            float64
+weight_norm_sq     float64         sum of squared weights
+gini_embed         float64 / null  Gini of the Fourier norms of W_E[:p]
+gini_logit         float64 / null  Gini of the Fourier norms of W_out @ W_U
+restricted_loss    float64 / null  on test pairs, key frequencies only
+excluded_loss      float64 / null  on train pairs, key frequencies removed
+cos_residual       float64 / null  residual fraction of the logit cube's norm
+cos_sim            list<float64>   (p-1)/2 values, element k-1 for frequency k; null for mul/div
+=================  ==============  ==========================================================
+
+The table's schema metadata holds ``key_freqs`` (JSON list, or null) and ``op``.
+"""
 
 from __future__ import annotations
 
-from .store import SUMMARY, RunDir, atomic_write_json
+import argparse
+import json
+import math
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .store import MEASURES, SUMMARY, RunDir, RunDirError, atomic_write_json, atomic_write_table
+
+FOURIER_OPS = ("sub", "add")
+MAX_KEY_FREQS = 8
+SCALAR_COLUMNS = ("train_loss", "train_acc", "test_loss", "test_acc", "all_loss", "all_acc",
+                  "weight_norm_sq", "gini_embed", "gini_logit", "restricted_loss",
+                  "excluded_loss", "cos_residual")
+FOURIER_COLUMNS = ("gini_embed", "gini_logit", "restricted_loss", "excluded_loss",
+                   "cos_residual", "cos_sim")
 
 
-def finalize_run(run: RunDir, device=None) -> dict:
-    curves = run.read_curves()
-    test = curves.dropna(subset=["test_acc"])
-    hit = test[test["test_acc"] >= 0.99]
-    summary = {
-        "run_id": run.read_config()["run_id"],
-        "grokking_epoch": int(hit["epoch"].iloc[0]) if len(hit) else int(test["epoch"].iloc[-1]),
-        "grokked": bool(len(hit)),
+# ---- Fourier basis and the weight measures (numpy) ------------------------------------------
+def fourier_names(p: int) -> list[str]:
+    names = ["Constant"]
+    for k in range(1, p // 2 + 1):
+        names += [f"Sin {k}", f"Cos {k}"]
+    return names
+
+
+def fourier_basis(p: int) -> np.ndarray:
+    """The seed's Fourier basis of Z_p: (p, p) float64, orthonormal rows (see module doc)."""
+    x = np.arange(p)
+    rows = [np.ones(p)]
+    for k in range(1, p // 2 + 1):
+        rows += [np.sin(2 * np.pi * k * x / p), np.cos(2 * np.pi * k * x / p)]
+    basis = np.stack(rows)
+    return basis / np.linalg.norm(basis, axis=1, keepdims=True)
+
+
+def gini(x) -> float:
+    """Gini coefficient of non-negative values: sum_i (2i - n - 1) x_(i) / (n sum x), i = 1..n
+    over the sorted values."""
+    x = np.sort(np.abs(np.asarray(x, dtype=np.float64)).ravel())
+    n = x.size
+    total = x.sum()
+    if n == 0 or total == 0:
+        return 0.0
+    i = np.arange(1, n + 1)
+    return float(((2 * i - n - 1) * x).sum() / (n * total))
+
+
+def embed_fourier_norms(W_E, p: int) -> np.ndarray:
+    """|| F @ W_E[:p] || per Fourier component (p values, the seed's embedding-norm plot)."""
+    return np.linalg.norm(fourier_basis(p) @ np.asarray(W_E, np.float64)[:p], axis=1)
+
+
+def logit_fourier_norms(W_out, W_U) -> np.ndarray:
+    """|| (W_out @ W_U) @ F.T || per Fourier component (the seed's W_logit plot)."""
+    W_logit = np.asarray(W_out, np.float64) @ np.asarray(W_U, np.float64)
+    return np.linalg.norm(W_logit @ fourier_basis(W_logit.shape[1]).T, axis=0)
+
+
+def frequency_energy(W_E, p: int) -> np.ndarray:
+    """e_k = ||Sin_k W_E||^2 + ||Cos_k W_E||^2 for k = 1..(p-1)/2 (index k - 1)."""
+    sq = embed_fourier_norms(W_E, p) ** 2
+    return sq[1::2] + sq[2::2]
+
+
+def choose_key_freqs(W_E, p: int, max_freqs: int = MAX_KEY_FREQS) -> list[int]:
+    """The key frequencies of an embedding: those above the largest drop of the sorted
+    frequency energies, at most ``max_freqs`` (module docstring). Sorted ascending."""
+    e = frequency_energy(W_E, p)
+    order = np.argsort(-e, kind="stable")
+    if len(e) <= 1:
+        return [int(k) + 1 for k in order]
+    top = e[order]
+    m_max = min(max_freqs, len(e) - 1)
+    ratios = top[:m_max] / np.maximum(top[1:m_max + 1], np.finfo(float).tiny)
+    m = int(np.argmax(ratios)) + 1
+    return sorted(int(k) + 1 for k in order[:m])
+
+
+def parse_key_freqs(text: str, p: int) -> list[int]:
+    """``"1,5,34"`` -> [1, 5, 34]; ValueError naming the bad item."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            k = int(item)
+        except ValueError:
+            raise ValueError(f"--key-freqs: expected comma-separated integers, got {item!r}") from None
+        if not 1 <= k <= p // 2:
+            raise ValueError(f"--key-freqs: expected frequencies in 1..{p // 2}, got {k}")
+        if k not in out:
+            out.append(k)
+    if not out:
+        raise ValueError("--key-freqs: expected at least one frequency, got nothing")
+    return sorted(out)
+
+
+def answer_sign(op: str) -> int:
+    """d = a + sign * b: the direction of the answer on the grid (a - b for sub)."""
+    return {"sub": -1, "add": 1}[op]
+
+
+# ---- the per-checkpoint evaluator (torch) ---------------------------------------------------
+class Evaluator:
+    """Everything that does not change between checkpoints of one run, on one device: the
+    dataset's rows on the grid, the Fourier directions, and reusable output buffers."""
+
+    def __init__(self, cfg, key_freqs: Sequence[int] | None, device=None):
+        import torch
+
+        from .config import RunConfig, from_dict
+        from .data import make_dataset
+
+        if not isinstance(cfg, RunConfig):
+            cfg = from_dict({k: v for k, v in cfg.items() if k != "run_id"},
+                            source="config.json")
+        self.cfg = cfg
+        p = self.p = cfg.p
+        self.op = cfg.op
+        self.fourier = self.op in FOURIER_OPS
+        self.device = dev = torch.device(device or "cpu")
+        data = make_dataset(cfg)
+        self.rows = (data.tokens[:, 0] * p + data.tokens[:, 1]).to(dev)   # grid row of each pair
+        self.labels = data.labels.to(dev)
+        self.train_idx, self.test_idx = data.train_idx.to(dev), data.test_idx.to(dev)
+        self.train_rows, self.test_rows = self.rows[self.train_idx], self.rows[self.test_idx]
+        self.train_labels, self.test_labels = self.labels[self.train_idx], self.labels[self.test_idx]
+        self._buffers: dict[str, Any] = {}
+        self.key_freqs = sorted(int(k) for k in key_freqs) if (key_freqs and self.fourier) else None
+        if not self.fourier:
+            return
+        self.F = fourier_basis(p)
+        f64 = torch.float64
+        K = self.K = p // 2
+        w = 2 * math.pi * torch.arange(1, K + 1, dtype=f64, device=dev) / p
+        x = torch.arange(p, dtype=f64, device=dev)
+        self.cos_x, self.sin_x = torch.cos(x[:, None] * w), torch.sin(x[:, None] * w)  # (p, K)
+        a = torch.arange(p, device=dev).repeat_interleave(p)
+        b = torch.arange(p, device=dev).repeat(p)
+        self.d = (a + answer_sign(self.op) * b) % p                         # answer direction
+        self.cube_norm = math.sqrt(p ** 3 / 2)                               # ||cos(w (d - c))||
+        if self.key_freqs is not None:
+            kw = 2 * math.pi * torch.tensor(self.key_freqs, dtype=f64, device=dev) / p
+            dk = self.d.double()[:, None] * kw
+            U = torch.stack([torch.cos(dk), torch.sin(dk)], 2).reshape(p * p, -1)
+            U = (U / U.norm(dim=0, keepdim=True)).float()                   # (p^2, 2 n_key)
+            self.U, self.U_mean = U, U.mean(0)
+            self.U_train, self.U_test = U[self.train_rows], U[self.test_rows]
+
+    def _buf(self, name, *shape):
+        import torch
+
+        buf = self._buffers.get(name)
+        if buf is None or tuple(buf.shape) != shape:
+            buf = self._buffers[name] = torch.empty(*shape, device=self.device)
+        return buf
+
+    # -- the fast forward on the full grid
+    def grid(self, W: Mapping[str, Any]):
+        """(resid_mid, post, logits, W_logit, logit_const) at the last position for every
+        (a, b) of the grid, rows a-major. ``post`` and ``logits`` are reused buffers."""
+        import torch
+
+        t = {k: torch.as_tensor(np.require(v, np.float32, ["W"]), device=self.device)
+             for k, v in W.items()}
+        p = self.p
+        W_E, W_pos = t["embed.W_E"], t["pos_embed.W_pos"]
+        at = "blocks.0.attn."
+        W_Q, W_K, W_V, W_O = (t[at + n] for n in ("W_Q", "W_K", "W_V", "W_O"))
+        h, d_model, e = W_Q.shape
+        zero = torch.zeros((), device=self.device)
+        b_Q, b_K, b_V, b_O = (t.get(at + n, zero) for n in ("b_Q", "b_K", "b_V", "b_O"))
+        b_Q, b_K, b_V = (x.expand(h, e) for x in (b_Q, b_K, b_V))
+        x0 = W_E[:p] + W_pos[0]                                     # token a at position 0
+        x1 = W_E[:p] + W_pos[1]                                     # token b at position 1
+        x2 = W_E[p] + W_pos[2]                                      # '=' at position 2
+        q = torch.einsum("d,hde->he", x2, W_Q) + b_Q                # the only query: (h, e)
+        scale = math.sqrt(e)
+        s0 = (torch.einsum("ad,hde->ahe", x0, W_K) + b_K).mul(q).sum(-1) / scale   # (p, h)
+        s1 = (torch.einsum("ad,hde->ahe", x1, W_K) + b_K).mul(q).sum(-1) / scale
+        s2 = ((torch.einsum("d,hde->he", x2, W_K) + b_K) * q).sum(-1) / scale     # (h,)
+        s0b, s1b, s2b = torch.broadcast_tensors(s0[:, None], s1[None, :], s2)
+        pat = torch.softmax(torch.stack([s0b, s1b, s2b], -1), dim=-1)  # (a, b, h, 3)
+        vo = torch.einsum("he,hef->hf", b_V, W_O)
+        o0 = torch.einsum("ad,hde,hef->ahf", x0, W_V, W_O) + vo     # (p, h, d)
+        o1 = torch.einsum("ad,hde,hef->ahf", x1, W_V, W_O) + vo
+        o2 = torch.einsum("d,hde,hef->hf", x2, W_V, W_O) + vo       # (h, d)
+        # resid_mid[a, b] = x2 + b_O + sum_h pat0 o0[a, h] + pat1 o1[b, h] + pat2 o2[h]
+        resid = torch.einsum("abh,ahf->abf", pat[..., 0], o0)
+        resid += torch.einsum("abh,bhf->abf", pat[..., 1], o1)
+        resid += pat[..., 2] @ o2 + (x2 + b_O)
+        resid_mid = resid.reshape(p * p, d_model)
+        post = self._buf("post", p * p, t["blocks.0.mlp.W_in"].shape[1])
+        torch.matmul(resid_mid, t["blocks.0.mlp.W_in"], out=post)
+        if "blocks.0.mlp.b_in" in t:
+            post += t["blocks.0.mlp.b_in"]
+        post.relu_()
+        W_U = t["unembed.W_U"]
+        W_logit = t["blocks.0.mlp.W_out"] @ W_U
+        const = t.get("unembed.b_U", zero)                         # what the biases add
+        if "blocks.0.mlp.b_out" in t:
+            const = const + t["blocks.0.mlp.b_out"] @ W_U
+        logits = self._buf("logits", p * p, W_U.shape[1])
+        torch.matmul(post, W_logit, out=logits)
+        logits.addmm_(resid_mid, W_U)
+        logits += const
+        return resid_mid, post, logits, W_logit, const
+
+    def cos_sims(self, L):
+        """(cosine similarity of the logit grid ``L`` (p^2, p), float64, with cos(w_k (d - c))
+        for k = 1..(p-1)/2, residual fraction): sum the logits of the pairs sharing the answer
+        direction d (G[d, c]), then sum_dc G[d, c] (cos w d cos w c + sin w d sin w c)."""
+        import torch
+
+        G = torch.zeros(self.p, self.p, dtype=torch.float64, device=self.device)
+        G.index_add_(0, self.d, L)
+        coef = ((self.cos_x * (G @ self.cos_x)).sum(0)
+                + (self.sin_x * (G @ self.sin_x)).sum(0)) / self.cube_norm   # <L, C_k/||C_k||>
+        norm_sq = (L * L).sum()
+        norm = norm_sq.sqrt()
+        return coef / norm, (norm_sq - (coef ** 2).sum()).clamp_min(0).sqrt() / norm
+
+    def measure(self, W: Mapping[str, Any]) -> dict[str, Any]:
+        """Every measure of one model state ({parameter name: array}); see the module doc."""
+        import torch
+
+        with torch.inference_mode():
+            return self._measure(W)
+
+    def _measure(self, W):
+        import torch
+
+        out: dict[str, Any] = {}
+        resid_mid, post, logits, W_logit, const = self.grid(W)
+        L = logits.double()
+        lse = torch.logsumexp(L, dim=-1)
+        row_loss = lse[self.rows] - L[self.rows, self.labels]        # per dataset pair
+        row_hit = (logits.argmax(dim=-1)[self.rows] == self.labels).double()
+        for split, idx in (("train", self.train_idx), ("test", self.test_idx), ("all", None)):
+            out[f"{split}_loss"] = float(row_loss.mean() if idx is None else row_loss[idx].mean())
+            out[f"{split}_acc"] = float(row_hit.mean() if idx is None else row_hit[idx].mean())
+        out["weight_norm_sq"] = float(sum(float(np.square(np.asarray(v, np.float64)).sum())
+                                          for v in W.values()))
+        if not self.fourier:
+            out.update({k: None for k in FOURIER_COLUMNS})
+            return out
+        out["gini_embed"] = gini(np.linalg.norm(
+            self.F @ np.asarray(W["embed.W_E"], np.float64)[: self.p], axis=1))
+        out["gini_logit"] = gini(np.linalg.norm(
+            W_logit.double().cpu().numpy() @ self.F.T, axis=0))
+        # Cosine similarity with C_k = cos(w_k (d - c)): sum the logits of the pairs sharing
+        # d = a -+ b (G[d, c]), then sum_dc G[d, c] (cos w d cos w c + sin w d sin w c).
+        sims, residual = self.cos_sims(L)
+        out["cos_sim"] = sims.cpu().tolist()
+        out["cos_residual"] = float(residual)
+        if self.key_freqs is None:
+            out["restricted_loss"] = out["excluded_loss"] = None
+            return out
+        # approx_acts = U U^T post; approx_acts @ W_logit = U (U^T post W_logit) = U @ CW
+        CW = (self.U.T @ post) @ W_logit                             # (2 n_key, p)
+        shift = logits.mean(0) - self.U_mean @ CW                     # re-centre the mean logit
+        restricted = (self.U_test @ CW + shift).double()
+        out["restricted_loss"] = _ce(restricted, self.test_labels)
+        excluded = (logits[self.train_rows] - self.U_train @ CW - const).double()
+        out["excluded_loss"] = _ce(excluded, self.train_labels)
+        return out
+
+
+def _ce(logits, labels) -> float:
+    """Mean cross-entropy of float64 logits."""
+    return float((logits.logsumexp(-1) - logits.gather(1, labels[:, None])[:, 0]).mean())
+
+
+# ---- a run ----------------------------------------------------------------------------------
+def measures_table(rows: list[dict[str, Any]], epochs: Sequence[int], key_freqs, op: str):
+    """The measures.parquet table (schema in the module docstring)."""
+    import pyarrow as pa
+
+    cols = [pa.array(np.asarray(epochs, dtype=np.int64), pa.int64())]
+    names = ["epoch"]
+    for name in SCALAR_COLUMNS:
+        cols.append(pa.array([r.get(name) for r in rows], pa.float64()))
+        names.append(name)
+    cols.append(pa.array([r.get("cos_sim") for r in rows], pa.list_(pa.float64())))
+    names.append("cos_sim")
+    meta = {"key_freqs": json.dumps(key_freqs), "op": op}
+    return pa.Table.from_arrays(cols, names=names).replace_schema_metadata(meta)
+
+
+def compute_measures(run: RunDir, key_freqs: Sequence[int] | None = None, device=None,
+                     progress: bool = False):
+    """(table, key_freqs) for every checkpoint of a trained run; key frequencies from the last
+    checkpoint unless given."""
+    cfg = run.read_config()
+    epochs, ckpts = run.checkpoints()
+    if not epochs:
+        raise RunDirError(f"{run.path}: no checkpoints to measure")
+    p, op = int(cfg["p"]), cfg["op"]
+    if op in FOURIER_OPS:
+        if key_freqs is None:
+            key_freqs = choose_key_freqs(run.unflatten(ckpts[-1])["embed.W_E"], p)
+        key_freqs = sorted(int(k) for k in key_freqs)
+    else:
+        key_freqs = None
+    ev = Evaluator(cfg, key_freqs, device=device)
+    rows = []
+    it = range(len(epochs))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="measures", unit="ckpt")
+    for i in it:
+        rows.append(ev.measure(run.unflatten(np.array(ckpts[i]))))
+    return measures_table(rows, epochs, key_freqs, op), key_freqs
+
+
+# ---- phase detection ------------------------------------------------------------------------
+def _num(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def detect_phases(curves, p: int) -> dict[str, Any]:
+    """Phase epochs from a curves table (pandas: epoch, train_loss, train_acc, test_loss,
+    test_acc; NaN where not evaluated). Rules (DESIGN.md), over the epochs where the test set
+    was scored:
+
+    * memorisation_end: the epoch of the test-loss peak; ``memorised`` says whether the train
+      accuracy was 100% there (False flags a peak before memorisation was complete);
+    * circuit_formation_end: the first epoch after the peak with test loss < ln p;
+    * cleanup_end: from circuit_formation_end on, the first epoch with test loss <= 10 x train
+      loss, or test accuracy 100%;
+    * grokking_epoch: the first epoch with test accuracy >= 0.99; when never reached, the last
+      epoch, with ``grokked`` False (censored).
+
+    A boundary not reached is None.
+    """
+    c = curves.dropna(subset=["test_loss"]).sort_values("epoch")
+    if c.empty:
+        raise ValueError("curves: no epoch with a test loss")
+    ep = c["epoch"].to_numpy(np.int64)
+    test_loss = c["test_loss"].to_numpy(float)
+    test_acc = c["test_acc"].to_numpy(float)
+    train_loss = c["train_loss"].to_numpy(float)
+    train_acc = c["train_acc"].to_numpy(float)
+    i_peak = int(np.argmax(test_loss))
+    out: dict[str, Any] = {
+        "test_loss_peak_epoch": int(ep[i_peak]),
+        "test_loss_peak": float(test_loss[i_peak]),
+        "memorisation_end": int(ep[i_peak]),
+        "memorised": bool(train_acc[i_peak] >= 1.0),
+        "circuit_formation_end": None,
+        "cleanup_end": None,
     }
+    after = np.nonzero((np.arange(len(ep)) > i_peak) & (test_loss < math.log(p)))[0]
+    if len(after):
+        i_c = int(after[0])
+        out["circuit_formation_end"] = int(ep[i_c])
+        clean = np.nonzero((np.arange(len(ep)) >= i_c)
+                           & ((test_loss <= 10 * train_loss) | (test_acc >= 1.0)))[0]
+        if len(clean):
+            out["cleanup_end"] = int(ep[clean[0]])
+    hit = np.nonzero(test_acc >= 0.99)[0]
+    out["grokked"] = bool(len(hit))
+    out["grokking_epoch"] = int(ep[hit[0]]) if len(hit) else int(curves["epoch"].max())
+    return out
+
+
+def _last(curves, col):
+    s = curves.dropna(subset=[col])
+    return float(s[col].iloc[-1]) if len(s) else None
+
+
+def build_summary(run: RunDir, table, key_freqs, curves=None) -> dict[str, Any]:
+    cfg = run.read_config()
+    curves = run.read_curves() if curves is None else curves
+    summary: dict[str, Any] = {"run_id": cfg.get("run_id"), "p": cfg["p"], "op": cfg["op"],
+                               "key_freqs": key_freqs}
+    summary.update(detect_phases(curves, int(cfg["p"])))
+    for col in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        summary[f"final_{col}"] = _last(curves, col)
+    last = table.slice(table.num_rows - 1).to_pylist()[0]
+    summary["final_epoch"] = int(last["epoch"])
+    for col in ("restricted_loss", "excluded_loss", "cos_residual", "gini_embed", "gini_logit",
+                "all_loss"):
+        summary[f"final_{col}"] = _num(last[col])
+    prog = run.read_progress() or {}
+    summary["wall_time_s"] = prog.get("wall_time_s")
+    return summary
+
+
+def finalize_run(run: RunDir, device=None, key_freqs: Sequence[int] | None = None) -> dict:
+    """Measure every checkpoint of a trained run, write measures.parquet and summary.json
+    (atomically), return the summary. Called by train.py after the last epoch."""
+    t0 = time.perf_counter()
+    table, key_freqs = compute_measures(run, key_freqs=key_freqs, device=device)
+    atomic_write_table(run.file(MEASURES), table)
+    summary = build_summary(run, table, key_freqs)
+    summary["measures_time_s"] = round(time.perf_counter() - t0, 3)
     atomic_write_json(run.file(SUMMARY), summary)
     return summary
+
+
+def read_measures(run: RunDir):
+    """measures.parquet as a pandas DataFrame (cos_sim as arrays), and its key frequencies."""
+    import pyarrow.parquet as pq
+
+    f = run.file(MEASURES)
+    if not f.exists():
+        raise RunDirError(f"{run.path}: no {MEASURES} yet (run `python -m grokhpc.measures "
+                          f"{run.path}`)")
+    t = pq.read_table(f)
+    meta = t.schema.metadata or {}
+    key = json.loads(meta.get(b"key_freqs", b"null"))
+    return t.to_pandas(), key
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m grokhpc.measures",
+        description="Recompute measures.parquet and summary.json of a trained run.")
+    ap.add_argument("run_dir", help="a run directory written by grokhpc.train")
+    ap.add_argument("--key-freqs", default=None, metavar="K1,K2,...",
+                    help="use these key frequencies instead of the automatic rule")
+    ap.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run = RunDir(args.run_dir)
+    try:
+        cfg = run.read_config()
+        if not run.is_trained():
+            raise RunDirError(f"{run.path}: training is not finished (progress.json)")
+        key = parse_key_freqs(args.key_freqs, int(cfg["p"])) if args.key_freqs else None
+        if key is not None and cfg["op"] not in FOURIER_OPS:
+            raise ValueError(f"--key-freqs: op {cfg['op']!r} has no Fourier measures")
+        summary = finalize_run(run, device=args.device, key_freqs=key)
+    except (RunDirError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{run.path}: measures.parquet and summary.json written; key_freqs "
+          f"{summary['key_freqs']}, grokking_epoch {summary['grokking_epoch']}"
+          f"{'' if summary['grokked'] else ' (censored: never reached 99% test accuracy)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
