@@ -1,0 +1,576 @@
+"""Sweep specs: parse, validate and expand a YAML spec into runs (the config stage of a sweep).
+
+A spec names a base run config, the axes to sweep and where the sweep goes::
+
+    base:                       # run fields (grokhpc.config.RunConfig); the seed's defaults otherwise
+      p: 113
+      n_epochs: 25000
+    grid:                       # Cartesian product over these axes (run fields -> lists)
+      weight_decay: [0.1, 0.3, 1.0]
+      model_seed: [1, 2, 3]
+    zip:                        # optional: groups of axes whose lists vary together
+      - train_frac: [0.3, 0.5]
+        lr: [1.0e-3, 3.0e-3]
+    out: runs/wd_sweep          # sweep directory, relative to the current directory
+    launcher:                   # how to run it (all optional)
+      executor: auto            # auto | slurm | local | debug
+      cluster: bouchet          # a profile in slurm/<name>.yaml
+      time: 240                 # minutes per job
+      gpus: 1
+      gpu_type: h100
+      cpus_per_task: 2
+      mem_gb: 16
+      partition: gpu_h100
+      array_parallelism: 12
+      runs_per_job: 1           # or "auto": as many as fit the device (grokhpc.train_batched)
+      max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
+      extra: {account: my_lab}  # any other sbatch option
+
+Every error is one line naming the file, the key and what was expected. Each run gets the
+resolved RunConfig, its ``run_id`` and the directory ``OUT/runs/<run_id>``.
+
+Cluster profiles (``slurm/<name>.yaml``) are read here too: they are launcher configuration.
+No torch import.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .config import FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, to_dict
+
+SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher")
+EXECUTORS = ("auto", "slurm", "local", "debug")
+LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
+                 "partition", "array_parallelism", "runs_per_job", "max_timeouts", "extra")
+PROFILE_KEYS = ("name", "description", "gpu_request", "cpu_partition", "gpu_partition",
+                "defaults", "partitions", "notes")
+PROFILE_DEFAULT_KEYS = ("time", "cpus_per_task", "mem_gb", "gpus", "gpu_type",
+                        "array_parallelism")
+PARTITION_KEYS = ("max_time", "gpus", "gpu_types", "preemptable", "description")
+GPU_REQUESTS = ("gpus", "gres")
+
+
+# ---- YAML with line numbers and duplicate-key detection -------------------------------------
+def _loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        loader.flatten_mapping(node)
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"line {line}: duplicate key {key!r} (first at line {seen[key]})")
+            seen[key] = line
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return Loader
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; errors name the source and the line."""
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=_loader())  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}: {where}invalid YAML ({what})") from None
+
+
+# ---- launcher settings and cluster profiles -------------------------------------------------
+@dataclass(frozen=True)
+class LauncherSettings:
+    """The ``launcher`` section. ``None`` means: the cluster profile's default (or submitit's)."""
+
+    executor: str = "auto"
+    cluster: str | None = None
+    time: int | None = None            # minutes per job
+    gpus: int | None = None
+    gpu_type: str | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    partition: str | None = None
+    array_parallelism: int | None = None
+    runs_per_job: int | str = 1        # an int >= 1 or "auto"
+    max_timeouts: int = 3
+    extra: tuple[tuple[str, Any], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in LAUNCHER_KEYS}
+        d["extra"] = dict(self.extra)
+        return d
+
+    def replace(self, **changes: Any) -> "LauncherSettings":
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+
+def _expect(cond: bool, source: str, key: str, expected: str, got: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def parse_minutes(value: Any, source: str, key: str) -> int:
+    """Minutes from an int or a SLURM time string (``MM``, ``HH:MM:SS``, ``D-HH:MM[:SS]``)."""
+    bad = f"{key}", "minutes (an integer >= 1) or a time like 1-00:00:00"
+    if _is_int(value):
+        _expect(value >= 1, source, *bad, value)
+        return value
+    _expect(isinstance(value, str) and value.strip() != "", source, *bad, value)
+    s = value.strip()
+    days = 0
+    try:
+        if "-" in s:
+            d, s = s.split("-", 1)
+            days = int(d)
+        parts = [int(x) for x in s.split(":")]
+    except ValueError:
+        raise ConfigError(f"{source}: {bad[0]}: expected {bad[1]}, got {value!r}") from None
+    if len(parts) == 1:
+        h, m, sec = (parts[0], 0, 0) if days else (0, parts[0], 0)
+    elif len(parts) == 2:
+        h, m, sec = (parts[0], parts[1], 0) if days else (0, parts[0], parts[1])
+    elif len(parts) == 3:
+        h, m, sec = parts
+    else:
+        raise ConfigError(f"{source}: {bad[0]}: expected {bad[1]}, got {value!r}")
+    minutes = days * 1440 + h * 60 + m + (1 if sec else 0)
+    _expect(minutes >= 1, source, *bad, value)
+    return minutes
+
+
+def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) -> LauncherSettings:
+    """Validate a ``launcher`` mapping (or ``--set launcher.KEY=VALUE`` values)."""
+    if d is None:
+        d = {}
+    _expect(isinstance(d, Mapping), source, "launcher", "a mapping of launcher settings",
+            type(d).__name__)
+    values: dict[str, Any] = {}
+    for key, v in d.items():
+        k = f"launcher.{key}"
+        if key not in LAUNCHER_KEYS:
+            raise ConfigError(f"{source}: {k}: unknown key (expected one of "
+                              f"{', '.join(LAUNCHER_KEYS)})")
+        if v is None and key not in ("executor", "runs_per_job", "max_timeouts", "extra"):
+            values[key] = None
+            continue
+        if key == "executor":
+            _expect(v in EXECUTORS, source, k, " | ".join(EXECUTORS), v)
+        elif key in ("cluster", "partition", "gpu_type"):
+            _expect(isinstance(v, str) and v.strip() != "", source, k, "a name", v)
+        elif key == "time":
+            v = parse_minutes(v, source, k)
+        elif key == "gpus":
+            _expect(_is_int(v) and v >= 0, source, k, "an integer >= 0", v)
+        elif key in ("cpus_per_task", "array_parallelism"):
+            _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1", v)
+        elif key == "max_timeouts":
+            _expect(_is_int(v) and v >= 0, source, k, "an integer >= 0", v)
+        elif key == "mem_gb":
+            _expect(_is_num(v) and v > 0, source, k, "a positive number of GB", v)
+            v = float(v)
+        elif key == "runs_per_job":
+            _expect(v == "auto" or (_is_int(v) and v >= 1), source, k,
+                    'an integer >= 1 or "auto"', v)
+        elif key == "extra":
+            _expect(isinstance(v, Mapping), source, k, "a mapping of sbatch options", v)
+            for ek, ev in v.items():
+                _expect(isinstance(ek, str) and (isinstance(ev, (str, int, float)) or ev is True),
+                        source, f"{k}.{ek}", "a string, number or true", ev)
+                _expect(ek.replace("-", "_") not in ("array", "output", "error", "signal",
+                                                     "open_mode"),
+                        source, f"{k}.{ek}", "an option grokhpc does not set itself", ek)
+            v = tuple(sorted(v.items()))
+        values[key] = v
+    return (base or LauncherSettings()).replace(**values)
+
+
+@dataclass(frozen=True)
+class Partition:
+    name: str
+    max_time: int | None = None       # minutes
+    gpus: bool = False
+    gpu_types: tuple[str, ...] = ()
+    preemptable: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    """A cluster's partitions, limits and GPU request syntax (``slurm/<name>.yaml``)."""
+
+    name: str
+    path: Path
+    description: str = ""
+    gpu_request: str = "gpus"          # gpus: --gpus=TYPE:N ; gres: --gres=gpu:TYPE:N
+    cpu_partition: str | None = None
+    gpu_partition: str | None = None
+    defaults: tuple[tuple[str, Any], ...] = ()
+    partitions: tuple[Partition, ...] = ()
+
+    def partition(self, name: str) -> Partition | None:
+        return next((p for p in self.partitions if p.name == name), None)
+
+    def default(self, key: str) -> Any:
+        return dict(self.defaults).get(key)
+
+
+def profile_dirs() -> list[Path]:
+    """Where profiles are looked for: $GROKHPC_CLUSTERS, ./slurm, the source tree's slurm/."""
+    dirs = []
+    if os.environ.get("GROKHPC_CLUSTERS"):
+        dirs.append(Path(os.environ["GROKHPC_CLUSTERS"]))
+    dirs += [Path.cwd() / "slurm", Path(__file__).resolve().parent.parent / "slurm"]
+    out: list[Path] = []
+    for d in dirs:
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def available_profiles() -> list[str]:
+    names: set[str] = set()
+    for d in profile_dirs():
+        if d.is_dir():
+            names.update(f.stem for f in d.glob("*.yaml"))
+    return sorted(names)
+
+
+def load_profile(name: str, source: str = "--cluster") -> ClusterProfile:
+    """Find and validate the cluster profile ``name``."""
+    for d in profile_dirs():
+        f = d / f"{name}.yaml"
+        if f.is_file():
+            return parse_profile(f.read_text(), str(f), name, f)
+    known = ", ".join(available_profiles()) or "none found"
+    raise ConfigError(f"{source}: cluster: expected a cluster profile name ({known}), got {name!r}")
+
+
+def parse_profile(text: str, source: str, name: str, path: Path) -> ClusterProfile:
+    d = load_yaml(text, source)
+    _expect(isinstance(d, Mapping), source, "(top level)", "a mapping", type(d).__name__)
+    for k in d:
+        if k not in PROFILE_KEYS:
+            raise ConfigError(f"{source}: {k}: unknown key (expected one of "
+                              f"{', '.join(PROFILE_KEYS)})")
+    gpu_request = d.get("gpu_request", "gpus")
+    _expect(gpu_request in GPU_REQUESTS, source, "gpu_request", " | ".join(GPU_REQUESTS),
+            gpu_request)
+    parts_d = d.get("partitions") or {}
+    _expect(isinstance(parts_d, Mapping) and len(parts_d) > 0, source, "partitions",
+            "a mapping of partition names to their limits", parts_d)
+    parts = []
+    for pname, pd in parts_d.items():
+        key = f"partitions.{pname}"
+        _expect(isinstance(pd, Mapping), source, key, "a mapping", pd)
+        for k in pd:
+            if k not in PARTITION_KEYS:
+                raise ConfigError(f"{source}: {key}.{k}: unknown key (expected one of "
+                                  f"{', '.join(PARTITION_KEYS)})")
+        mt = pd.get("max_time")
+        parts.append(Partition(
+            name=str(pname),
+            max_time=None if mt is None else parse_minutes(mt, source, f"{key}.max_time"),
+            gpus=bool(pd.get("gpus", False)),
+            gpu_types=tuple(pd.get("gpu_types") or ()),
+            preemptable=bool(pd.get("preemptable", False)),
+            description=str(pd.get("description", ""))))
+    names = {p.name for p in parts}
+    for k in ("cpu_partition", "gpu_partition"):
+        v = d.get(k)
+        _expect(v is None or v in names, source, k, f"one of the partitions ({', '.join(names)})",
+                v)
+    defaults = d.get("defaults") or {}
+    _expect(isinstance(defaults, Mapping), source, "defaults", "a mapping", defaults)
+    for k in defaults:
+        if k not in PROFILE_DEFAULT_KEYS:
+            raise ConfigError(f"{source}: defaults.{k}: unknown key (expected one of "
+                              f"{', '.join(PROFILE_DEFAULT_KEYS)})")
+    # the defaults obey the launcher's rules
+    parse_launcher(dict(defaults), source)
+    if "time" in defaults:
+        defaults = {**defaults, "time": parse_minutes(defaults["time"], source, "defaults.time")}
+    return ClusterProfile(name=d.get("name", name), path=path,
+                          description=str(d.get("description", "")), gpu_request=gpu_request,
+                          cpu_partition=d.get("cpu_partition"),
+                          gpu_partition=d.get("gpu_partition"),
+                          defaults=tuple(sorted(defaults.items())), partitions=tuple(parts))
+
+
+def resolve_launcher(launcher: LauncherSettings, profile: ClusterProfile | None,
+                     source: str) -> LauncherSettings:
+    """Fill unset launcher values from the profile and check them against its partitions."""
+    if profile is None:
+        return launcher
+    filled = {k: profile.default(k) for k in PROFILE_DEFAULT_KEYS
+              if getattr(launcher, k) is None and profile.default(k) is not None}
+    out = launcher.replace(**filled)
+    if out.partition is None:
+        out = out.replace(partition=profile.gpu_partition if (out.gpus or 0) > 0
+                          else profile.cpu_partition)
+    part = profile.partition(out.partition) if out.partition else None
+    where = f"{source}: launcher.partition"
+    if out.partition is not None and part is None:
+        known = ", ".join(p.name for p in profile.partitions)
+        raise ConfigError(f"{where}: expected a partition of {profile.name} ({known}), "
+                          f"got {out.partition!r}")
+    if part is not None:
+        if (out.gpus or 0) > 0 and not part.gpus:
+            raise ConfigError(f"{where}: expected a GPU partition for gpus={out.gpus} "
+                              f"({', '.join(p.name for p in profile.partitions if p.gpus)}), "
+                              f"got {part.name!r}")
+        if part.max_time is not None and out.time is not None and out.time > part.max_time:
+            raise ConfigError(f"{source}: launcher.time: expected at most {part.max_time} "
+                              f"minutes on {profile.name} {part.name}, got {out.time}")
+        if out.gpu_type is not None and part.gpu_types and out.gpu_type not in part.gpu_types:
+            raise ConfigError(f"{source}: launcher.gpu_type: expected one of "
+                              f"{', '.join(part.gpu_types)} on {part.name}, got {out.gpu_type!r}")
+    return out
+
+
+# ---- the sweep ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep: its resolved config, directory and the values its axes took."""
+
+    config: RunConfig
+    dir: Path
+    swept: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def run_id(self) -> str:
+        return self.config.run_id
+
+
+@dataclass(frozen=True)
+class Sweep:
+    spec: Path
+    spec_hash: str
+    out: Path
+    base: RunConfig
+    axes: tuple[str, ...]
+    zip_groups: tuple[tuple[str, ...], ...]
+    launcher: LauncherSettings
+    runs: tuple[SweepRun, ...]
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.out.name
+
+    def run(self, run_id: str) -> SweepRun:
+        return next(r for r in self.runs if r.run_id == run_id)
+
+
+def _swept_value(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def split_overrides(items: Iterable[str], source: str = "--set") -> tuple[dict, dict, Any]:
+    """``--set`` items as (run field values, launcher values, out or None)."""
+    values = parse_overrides(list(items), source)
+    run_values, launcher_values, out = {}, {}, None
+    for k, v in values.items():
+        if k.startswith("launcher."):
+            launcher_values[k[len("launcher."):]] = v
+        elif k == "out":
+            out = v
+        else:
+            run_values[k] = v
+    return run_values, launcher_values, out
+
+
+def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
+                spec_path: str | os.PathLike | None = None,
+                cwd: str | os.PathLike | None = None) -> Sweep:
+    """Validate spec text and expand it into runs; ``overrides`` are ``--set key=value`` items
+    (run fields go into ``base``, ``launcher.KEY`` into the launcher, ``out`` replaces ``out``)."""
+    spec = load_yaml(text, source)
+    if spec is None:
+        spec = {}
+    _expect(isinstance(spec, Mapping), source, "(top level)",
+            "a mapping with base, grid, zip, out and launcher", type(spec).__name__)
+    for k in spec:
+        if k not in SPEC_KEYS:
+            raise ConfigError(f"{source}: {k}: unknown key (expected one of "
+                              f"{', '.join(SPEC_KEYS)})")
+    run_over, launcher_over, out_over = split_overrides(overrides)
+
+    # base
+    base_d = spec.get("base") or {}
+    _expect(isinstance(base_d, Mapping), source, "base", "a mapping of run fields",
+            type(base_d).__name__)
+    base = from_dict(base_d, source=f"{source}: base")
+
+    # axes: grid and zip groups
+    grid = spec.get("grid")
+    zips = spec.get("zip")
+    if grid is None and zips is None:
+        raise ConfigError(f"{source}: grid: expected at least one axis (run field: [values])")
+    grid = {} if grid is None else grid
+    _expect(isinstance(grid, Mapping), source, "grid", "a mapping of run fields to lists",
+            type(grid).__name__)
+    if zips is None:
+        zips = []
+    elif isinstance(zips, Mapping):
+        zips = [zips]
+    _expect(isinstance(zips, list), source, "zip", "a list of groups (field: [values])",
+            type(zips).__name__)
+    if not grid and not zips:
+        raise ConfigError(f"{source}: grid: expected at least one axis (run field: [values]), "
+                          "got an empty grid")
+
+    seen: dict[str, str] = {}
+    factors: list[list[dict[str, Any]]] = []   # each factor: the list of its settings
+    axes: list[str] = []
+    zip_groups: list[tuple[str, ...]] = []
+
+    def check_axis(where: str, axis: Any, values: Any) -> list[Any]:
+        key = f"{where}.{axis}"
+        _expect(isinstance(axis, str) and axis in FIELD_TYPES, source, key,
+                f"a run field ({', '.join(FIELD_TYPES)})", axis)
+        if axis in seen:
+            raise ConfigError(f"{source}: {key}: duplicate axis (already swept in {seen[axis]})")
+        seen[axis] = where
+        _expect(isinstance(values, list) and len(values) > 0, source, key,
+                "a non-empty list of values", values)
+        out = []
+        for i, v in enumerate(values):
+            one = from_dict({axis: v}, source=f"{source}: {where}", base=base)
+            out.append(getattr(one, axis))
+        if len(set(map(repr, out))) != len(out):
+            raise ConfigError(f"{source}: {key}: expected distinct values, got {values!r}")
+        axes.append(axis)
+        return out
+
+    for axis, values in grid.items():
+        vals = check_axis("grid", axis, values)
+        factors.append([{axis: v} for v in vals])
+    for gi, group in enumerate(zips):
+        where = f"zip[{gi}]"
+        _expect(isinstance(group, Mapping) and len(group) >= 1, source, where,
+                "a mapping of run fields to lists of equal length", group)
+        cols = {axis: check_axis(where, axis, values) for axis, values in group.items()}
+        lengths = {a: len(v) for a, v in cols.items()}
+        if len(set(lengths.values())) != 1:
+            raise ConfigError(f"{source}: {where}: expected lists of equal length, got lengths "
+                              + ", ".join(f"{a}={n}" for a, n in lengths.items()))
+        n = next(iter(lengths.values()))
+        factors.append([{a: cols[a][i] for a in cols} for i in range(n)])
+        zip_groups.append(tuple(cols))
+
+    # --set on run fields: base only, never an axis
+    for k in run_over:
+        if k in seen:
+            raise ConfigError(f"--set: {k}: expected a base field, but {k} is swept in "
+                              f"{source} {seen[k]}; edit the spec instead")
+    if run_over:
+        base = from_dict(run_over, source="--set", base=base)
+
+    # out
+    out_raw = out_over if out_over is not None else spec.get("out")
+    if out_raw is None:
+        stem = Path(spec_path).stem if spec_path else "sweep"
+        out_raw = f"runs/{stem}"
+    _expect(isinstance(out_raw, str) and out_raw.strip() != "", source, "out",
+            "a directory path", out_raw)
+    out = Path(os.path.expanduser(out_raw))
+    if not out.is_absolute():
+        out = Path(cwd or os.getcwd()) / out
+
+    # launcher
+    launcher = parse_launcher(spec.get("launcher"), source)
+    if launcher_over:
+        launcher = parse_launcher(launcher_over, "--set", base=launcher)
+
+    # expansion
+    runs: list[SweepRun] = []
+    by_id: dict[str, int] = {}
+    for combo in itertools.product(*factors):
+        swept: dict[str, Any] = {}
+        for part in combo:
+            swept.update(part)
+        i = len(runs)
+        label = ", ".join(f"{k}={_swept_value(v)}" for k, v in swept.items())
+        cfg = from_dict({**to_dict(base), **{k: _swept_value(v) for k, v in swept.items()}},
+                        source=f"{source}: run {i} ({label})")
+        if cfg.run_id in by_id:
+            j = by_id[cfg.run_id]
+            raise ConfigError(f"{source}: grid: runs {j} and {i} are the same run ({label}); "
+                              "an axis only changes fields outside the run's identity")
+        by_id[cfg.run_id] = i
+        runs.append(SweepRun(config=cfg, dir=out / "runs" / cfg.run_id,
+                             swept={k: _swept_value(v) for k, v in swept.items()}))
+
+    description = spec.get("description") or ""
+    _expect(isinstance(description, str), source, "description", "a string", description)
+    return Sweep(spec=Path(spec_path).resolve() if spec_path else Path(source),
+                 spec_hash=hashlib.sha256(text.encode()).hexdigest()[:16],
+                 out=out, base=base, axes=tuple(axes), zip_groups=tuple(zip_groups),
+                 launcher=launcher, runs=tuple(runs), description=description)
+
+
+def load_sweep(path: str | os.PathLike, overrides: Iterable[str] = (),
+               cwd: str | os.PathLike | None = None) -> Sweep:
+    """Read and expand the spec at ``path``."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such sweep spec") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read ({e.strerror})") from None
+    return parse_sweep(text, source, overrides, spec_path=path, cwd=cwd)
+
+
+# ---- packing runs into jobs ----------------------------------------------------------------
+SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_epochs", "loss_dtype",
+                "checkpoint_every", "eval_every", "betas", "device")
+
+
+def shape_key(cfg: RunConfig) -> tuple:
+    """Runs with equal keys can be trained together as one batched computation."""
+    return tuple(getattr(cfg, f) for f in SHAPE_FIELDS)
+
+
+def pack(runs: Iterable[SweepRun], size_for) -> list[list[SweepRun]]:
+    """Group runs by shape (first-seen order), then cut each group into jobs of
+    ``size_for(first_config_of_group)`` runs."""
+    groups: dict[tuple, list[SweepRun]] = {}
+    for r in runs:
+        groups.setdefault(shape_key(r.config), []).append(r)
+    jobs: list[list[SweepRun]] = []
+    for members in groups.values():
+        n = max(1, int(size_for(members[0].config)))
+        jobs += [members[i:i + n] for i in range(0, len(members), n)]
+    return jobs
+
+
+__all__ = ["Sweep", "SweepRun", "LauncherSettings", "ClusterProfile", "Partition", "load_sweep",
+           "parse_sweep", "parse_launcher", "load_profile", "resolve_launcher",
+           "available_profiles", "pack", "shape_key", "EXECUTORS"]
