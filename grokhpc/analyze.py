@@ -1,0 +1,316 @@
+"""The seed notebook's figures for one run, as PNG and HTML.
+
+``python -m grokhpc.analyze RUN_DIR [--out DIR] [--format png,html]``
+
+Reads a finished run directory (config.json, curves.parquet, checkpoints.npy, measures.parquet,
+summary.json -- the last two are computed first if missing) and writes, through
+``grokhpc.figures.export`` (one browser for the batch; HTML always), into ``RUN_DIR/figures`` by
+default:
+
+===========================  ===================================================================
+training_curves              train / test loss (log y) with the detected phase boundaries
+attention_mean_per_head      mean attention of the last position to a, b, = per head
+attention_head0              head 0's attention from = to a, over the a x b grid
+svd_singular_values          singular values of W_E and of a random Gaussian control
+svd_principal_components     left singular vectors of W_E and of the control
+svd_top_components           the first 8 principal components of W_E
+fourier_basis                the Fourier basis of Z_p
+fourier_embedding            W_E in the Fourier basis
+fourier_embedding_norms      the norm of each Fourier component of W_E (key frequencies marked)
+neuron_freq_fraction         each neuron's activation variance explained by each frequency
+wlogit_fourier_norms         W_out W_U in the Fourier basis
+cos_sim_over_training        cosine similarity with cos(w_k (a -+ b - c)) per k, and residual
+restricted_excluded_loss     train, test, restricted and excluded loss over training (log y)
+restricted_test_ratio        restricted / test loss over training (log y)
+gini_weight_norm             Gini of the Fourier norms of W_E and W_logit; sum of squared weights
+===========================  ===================================================================
+
+The weight figures are drawn from the last checkpoint. For ``mul`` / ``div`` runs the figures
+built on the Fourier progress measures (the last four) are left out: those measures are null.
+
+Heavy imports (torch, transformer_lens, plotly) happen after the arguments are parsed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+FIGURES = ("training_curves", "attention_mean_per_head", "attention_head0", "svd_singular_values",
+           "svd_principal_components", "svd_top_components", "fourier_basis", "fourier_embedding",
+           "fourier_embedding_norms", "neuron_freq_fraction", "wlogit_fourier_norms",
+           "cos_sim_over_training", "restricted_excluded_loss", "restricted_test_ratio",
+           "gini_weight_norm")
+FOURIER_MEASURE_FIGURES = ("cos_sim_over_training", "restricted_excluded_loss",
+                           "restricted_test_ratio", "gini_weight_norm")
+PHASES = (("memorisation_end", "memorisation end", "dash"),
+          ("circuit_formation_end", "circuit formation end", "dash"),
+          ("cleanup_end", "cleanup end", "dash"),
+          ("grokking_epoch", "grokking (test acc 99%)", "dot"))
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def add_phase_lines(fig, summary: dict, row=None, col=None):
+    """Vertical lines at the detected phase boundaries (those that were found)."""
+    for key, label, dash in PHASES:
+        x = summary.get(key)
+        if x is None or (key == "grokking_epoch" and not summary.get("grokked")):
+            continue
+        kw = {} if row is None else {"row": row, "col": col}
+        fig.add_vline(x=x, line_dash=dash, line_color="grey", opacity=0.8,
+                      annotation_text=label, annotation_textangle=-90,
+                      annotation_position="top left", annotation_font_size=11, **kw)
+    return fig
+
+
+def _heatmap(z, title, x_title, y_title, x=None, y=None, zmid=0.0, colorscale="RdBu"):
+    import plotly.graph_objects as go
+
+    from .figures import paper_style
+
+    fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale=colorscale, zmid=zmid,
+                               reversescale=colorscale == "RdBu"))
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text=y_title, autorange="reversed")
+    return paper_style(fig, title=title)
+
+
+def _lines(x, ys: dict, title, x_title, y_title, log_y=False):
+    import plotly.graph_objects as go
+
+    from .figures import paper_style
+
+    fig = go.Figure()
+    for name, y in ys.items():
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=name))
+    fig.update_xaxes(title_text=x_title)
+    fig.update_yaxes(title_text=y_title, type="log" if log_y else "linear")
+    return paper_style(fig, title=title)
+
+
+# ---- the model state: attention, SVD, Fourier ------------------------------------------------
+def final_state(run):
+    """(cfg, model at the last checkpoint, weights dict, cache over the full p x p grid)."""
+    import numpy as np
+    import torch
+
+    from .config import from_dict
+    from .data import all_pairs
+    from .model import build_model, load_flat
+
+    cfg_d = run.read_config()
+    cfg = from_dict({k: v for k, v in cfg_d.items() if k != "run_id"}, source="config.json")
+    epochs, ckpts = run.checkpoints()
+    row = np.array(ckpts[-1])
+    model = build_model(cfg, "cpu")
+    load_flat(model, torch.from_numpy(row))
+    tokens, _ = all_pairs(cfg.p, "sub")          # every (a, b): the inputs, whatever the op
+    with torch.inference_mode():
+        _, cache = model.run_with_cache(tokens)
+    return cfg, epochs[-1], run.unflatten(row), cache
+
+
+def weight_figures(cfg, epoch, W, cache, key_freqs) -> dict:
+    import numpy as np
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from .figures import paper_style
+    from .measures import fourier_basis, fourier_names
+
+    p = cfg.p
+    figs = {}
+    at = f" (epoch {epoch})"
+    pattern = cache["pattern", 0].numpy()               # (p^2, heads, q, k)
+    heads = [f"head {h}" for h in range(pattern.shape[1])]
+    figs["attention_mean_per_head"] = _heatmap(
+        pattern.mean(0)[:, -1, :], "Average attention pattern per head" + at, "source",
+        "head", x=["a", "b", "="], y=heads, zmid=None, colorscale="Viridis")
+    figs["attention_head0"] = _heatmap(
+        pattern[:, 0, -1, 0].reshape(p, p), "Attention of head 0 from = to a" + at, "b", "a",
+        zmid=None, colorscale="Viridis")
+
+    W_E = np.asarray(W["embed.W_E"], np.float64)[:p]
+    rng = np.random.default_rng(0)
+    control = rng.normal(0, W_E.std(), size=W_E.shape)  # same shape and scale as W_E
+    U, S, _ = np.linalg.svd(W_E, full_matrices=False)
+    Uc, Sc, _ = np.linalg.svd(control, full_matrices=False)
+    figs["svd_singular_values"] = _lines(
+        np.arange(1, len(S) + 1), {"W_E": S, "random Gaussian (control)": Sc},
+        "Singular values of the embedding" + at, "index", "singular value")
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("W_E", "random Gaussian (control)"),
+                        horizontal_spacing=0.08)
+    fig.add_trace(go.Heatmap(z=U, coloraxis="coloraxis"), 1, 1)
+    fig.add_trace(go.Heatmap(z=Uc, coloraxis="coloraxis"), 1, 2)
+    fig.update_layout(coloraxis=dict(colorscale="RdBu", cmid=0, reversescale=True))
+    fig.update_yaxes(autorange="reversed", title_text="input token", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", row=1, col=2)
+    fig.update_xaxes(title_text="principal component")
+    figs["svd_principal_components"] = paper_style(
+        fig, title="Principal components on the input" + at, width=960)
+    figs["svd_top_components"] = _lines(
+        np.arange(p), {f"PC {i + 1}": U[:, i] for i in range(min(8, U.shape[1]))},
+        "First 8 principal components of the embedding" + at, "input token", "value")
+
+    F = fourier_basis(p)
+    names = fourier_names(p)
+    figs["fourier_basis"] = _heatmap(F, "Fourier basis of Z_%d" % p, "input", "component",
+                                     y=names)
+    proj = F @ W_E
+    figs["fourier_embedding"] = _heatmap(proj, "Embedding in the Fourier basis" + at,
+                                         "residual stream", "Fourier component", y=names)
+    norms = np.linalg.norm(proj, axis=1)
+    fig = _lines(names, {"||F W_E||": norms}, "Norms of the embedding in the Fourier basis" + at,
+                 "Fourier component", "norm")
+    if key_freqs:
+        sel = [i for i, n in enumerate(names) if n.split(" ")[-1] in {str(k) for k in key_freqs}
+               and n != "Constant"]
+        fig.add_trace(go.Scatter(x=[names[i] for i in sel], y=norms[sel], mode="markers",
+                                 name="key frequencies " + ", ".join(map(str, key_freqs))))
+    figs["fourier_embedding_norms"] = fig
+
+    acts = cache["post", 0, "mlp"][:, -1, :].numpy().astype(np.float64)      # (p^2, d_mlp)
+    grid = acts.T.reshape(-1, p, p)                                           # (neuron, a, b)
+    four = np.einsum("ia,nab,jb->nij", F, grid, F)
+    four[:, 0, 0] = 0.0
+    total = (four ** 2).sum(axis=(1, 2))
+    frac = np.zeros((p // 2, grid.shape[0]))
+    for k in range(1, p // 2 + 1):
+        idx = [0, 2 * k - 1, 2 * k]
+        frac[k - 1] = (four[:, idx][:, :, idx] ** 2).sum(axis=(1, 2)) / np.maximum(total, 1e-30)
+    order = np.lexsort((-frac.max(0), frac.argmax(0)))    # neurons grouped by their frequency
+    figs["neuron_freq_fraction"] = _heatmap(
+        frac[:, order], "Neuron fraction explained by frequency" + at,
+        "neuron (grouped by dominant frequency)", "frequency", y=list(range(1, p // 2 + 1)),
+        zmid=None, colorscale="Viridis")
+
+    W_logit = np.asarray(W["blocks.0.mlp.W_out"], np.float64) @ np.asarray(W["unembed.W_U"],
+                                                                         np.float64)
+    figs["wlogit_fourier_norms"] = _lines(
+        names, {"||W_logit F^T||": np.linalg.norm(W_logit @ F.T, axis=0)},
+        "W_logit in the Fourier basis" + at, "Fourier component", "norm")
+    return figs
+
+
+# ---- curves and measures over training ---------------------------------------------------------
+def training_figures(curves, measures, summary, p: int, op: str) -> dict:
+    import numpy as np
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from .figures import paper_style
+
+    figs = {}
+    tr = curves.dropna(subset=["train_loss"])
+    te = curves.dropna(subset=["test_loss"])
+    fig = _lines(tr["epoch"], {"train": tr["train_loss"]}, f"Training curve (p={p}, {op})",
+                 "epoch", "loss", log_y=True)
+    fig.add_trace(go.Scatter(x=te["epoch"], y=te["test_loss"], mode="lines", name="test"))
+    figs["training_curves"] = add_phase_lines(fig, summary)
+    if op not in ("sub", "add"):
+        return figs
+
+    ep = measures["epoch"].to_numpy()
+    sims = np.stack(measures["cos_sim"].to_numpy())                 # (n_ckpt, K)
+    key = set(summary.get("key_freqs") or [])
+    fig = go.Figure()
+    for k in range(1, sims.shape[1] + 1):
+        is_key = k in key
+        fig.add_trace(go.Scatter(
+            x=ep, y=sims[:, k - 1], mode="lines", name=f"freq {k}", showlegend=is_key,
+            line=dict(width=2 if is_key else 0.7, color=None if is_key else "#bbbbbb"),
+            opacity=1.0 if is_key else 0.7))
+    fig.add_trace(go.Scatter(x=ep, y=measures["cos_residual"], mode="lines", name="residual",
+                             line=dict(color="black", width=2, dash="dash")))
+    fig.update_xaxes(title_text="epoch")
+    fig.update_yaxes(title_text="cosine similarity")
+    figs["cos_sim_over_training"] = add_phase_lines(paper_style(
+        fig, title="Cosine similarity with cos(w_k (a %s b - c)) and residual"
+        % ("-" if op == "sub" else "+")), summary)
+
+    fig = _lines(ep, {"train": measures["train_loss"], "test": measures["test_loss"],
+                      "excluded": measures["excluded_loss"],
+                      "restricted": measures["restricted_loss"]},
+                 "Excluded and restricted loss (key frequencies %s)"
+                 % ", ".join(map(str, sorted(key))), "epoch", "loss", log_y=True)
+    figs["restricted_excluded_loss"] = add_phase_lines(fig, summary)
+    ratio = measures["restricted_loss"] / measures["test_loss"]
+    figs["restricted_test_ratio"] = add_phase_lines(_lines(
+        ep, {"restricted / test": ratio}, "Restricted loss to test loss ratio", "epoch",
+        "ratio", log_y=True), summary)
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("Gini of Fourier norms", "Sum of squared weights"))
+    fig.add_trace(go.Scatter(x=ep, y=measures["gini_embed"], name="Gini W_E"), 1, 1)
+    fig.add_trace(go.Scatter(x=ep, y=measures["gini_logit"], name="Gini W_logit"), 1, 1)
+    fig.add_trace(go.Scatter(x=ep, y=measures["weight_norm_sq"], name="sum of squared weights"),
+                  2, 1)
+    fig.update_xaxes(title_text="epoch", row=2, col=1)
+    fig.update_yaxes(title_text="Gini", row=1, col=1)
+    fig.update_yaxes(title_text="sum w^2", row=2, col=1)
+    figs["gini_weight_norm"] = add_phase_lines(
+        paper_style(fig, title="Gini coefficients and total weight norm", height=640), summary,
+        row="all", col=1)
+    return figs
+
+
+def build_figures(run) -> dict:
+    """Every figure of the run (see the module docstring), {name: plotly Figure}."""
+    from .measures import read_measures
+
+    summary = run.read_summary()
+    cfg, epoch, W, cache = final_state(run)
+    measures, key = read_measures(run)
+    figs = training_figures(run.read_curves(), measures, summary, cfg.p, cfg.op)
+    figs.update(weight_figures(cfg, epoch, W, cache, summary.get("key_freqs")))
+    return {name: figs[name] for name in FIGURES if name in figs}
+
+
+def analyze(run_dir, out=None, formats=("png", "html"), log=print) -> dict:
+    """Write the run's figures; returns {name: [paths]}."""
+    from . import figures, measures
+    from .store import MEASURES, SUMMARY, RunDir, RunDirError
+
+    run = RunDir(run_dir)
+    run.read_config()
+    if not run.is_trained():
+        raise RunDirError(f"{run.path}: training is not finished (progress.json)")
+    if not run.file(MEASURES).exists() or not run.file(SUMMARY).exists():
+        log(f"{run.path}: computing measures first")
+        measures.finalize_run(run)
+    figs = build_figures(run)
+    out = Path(out) if out is not None else run.path / "figures"
+    return figures.export(figs, out, formats=formats, log=log)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m grokhpc.analyze",
+        description="The seed notebook's figures for one run (PNG and HTML).")
+    ap.add_argument("run_dir", help="a trained run directory")
+    ap.add_argument("--out", default=None, help="output directory (default RUN_DIR/figures)")
+    ap.add_argument("--format", default="png,html",
+                    help="comma list of png, svg, pdf, html (default png,html)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .figures import ExportError, parse_formats
+    from .store import RunDirError
+
+    try:
+        formats = parse_formats(args.format)
+        written = analyze(args.run_dir, args.out, formats)
+    except (RunDirError, ValueError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n = sum(len(v) for v in written.values())
+    where = {p.parent for v in written.values() for p in v}
+    print(f"{len(written)} figures, {n} files written to {', '.join(map(str, sorted(where)))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
