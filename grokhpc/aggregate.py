@@ -29,6 +29,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -86,23 +87,34 @@ def config_types() -> dict[str, Any]:
     return {k: m[t] for k, t in FIELD_TYPES.items()}
 
 
-def write_parquet(path: Path, table, fsync: bool = True) -> None:
-    """Write ``table`` as Parquet to ``path`` atomically (temporary file + rename)."""
+def write_parquet(path: Path, table, fsync: bool = True, dictionary: Iterable[str] | None = None,
+                  tmp: Path | None = None) -> None:
+    """Write ``table`` as Parquet to ``path`` atomically (temporary file + rename).
+
+    ``dictionary``: the columns to dictionary-encode (default: strings and integers; float
+    measures are mostly distinct and only cost time to try). ``tmp``: write there and leave it
+    (the caller renames), instead of renaming to ``path``."""
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pa = _arrow()
+    if dictionary is None:
+        dictionary = [f.name for f in table.schema
+                      if pa.types.is_string(f.type) or pa.types.is_integer(f.type)
+                      or pa.types.is_boolean(f.type)]
+    target = tmp or path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, target, compression="zstd", use_dictionary=list(dictionary))
         if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
+            fd = os.open(target, os.O_RDONLY)
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        os.replace(tmp, path)
+        if tmp is None:
+            os.replace(target, path)
     except BaseException:
         try:
-            tmp.unlink()
+            target.unlink()
         except FileNotFoundError:
             pass
         raise
@@ -194,7 +206,8 @@ class RunRead:
     sig: dict[str, list[int]]
     row: dict[str, Any]           # the runs.parquet row
     message: str | None = None    # one line when the run is not finished / unreadable
-    curves: Any = None            # pyarrow Table (finished runs)
+    curves: Any = None            # pyarrow Table (finished runs, when not staged)
+    curves_tmp: Path | None = None  # staged curves file (finished runs), renamed by the caller
     measures: Any = None          # pyarrow Table (finished runs)
 
 
@@ -207,13 +220,16 @@ def _read_table(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        return pq.read_table(path)
+        return pq.ParquetFile(path).read(use_threads=False)
     except Exception as e:  # pyarrow raises several types for damaged files
         raise ValueError(f"{path.name}: unreadable Parquet ({type(e).__name__}: {e})") from None
 
 
-def read_run(run_dir: Path, sweep: Path) -> RunRead:
-    """Read one run directory; never raises for a damaged run (state 'corrupt' instead)."""
+def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRead:
+    """Read one run directory; never raises for a damaged run (state 'corrupt' instead).
+
+    With ``stage_dir``, a finished run's curves are written there (as a hidden temporary
+    Parquet file, ``curves_tmp``) by the calling thread, instead of kept in memory."""
     from .store import ERROR, PROGRESS, SUMMARY, RunDirError, read_json
 
     sig, stray = _sig(run_dir)
@@ -270,6 +286,11 @@ def read_run(run_dir: Path, sweep: Path) -> RunRead:
             if "epoch" not in curves.column_names:
                 raise ValueError("curves.parquet: no epoch column")
             out.curves = curves
+            if stage_dir is not None:
+                tmp = stage_dir / f".{row['run_id']}.{abs(hash(out.key)):x}.tmp"
+                write_parquet(tmp, _canonical_curves(curves, row["run_id"]), fsync=False,
+                              dictionary=["run_id"], tmp=tmp)
+                out.curves, out.curves_tmp = None, tmp
             if "measures.parquet" in sig:
                 m = _read_table(run_dir / "measures.parquet")
                 if "epoch" not in m.column_names:
@@ -503,8 +524,7 @@ def _load_index(out_dir: Path) -> dict[str, Any]:
 
 def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = None,
               formats: Iterable[str] | str | None = ("png", "html"), force: bool = False,
-              log: Callable[[str], None] | None = print, workers: int = 4,
-              fsync_curves: bool = False) -> Result:
+              log: Callable[[str], None] | None = print, workers: int = 4) -> Result:  # noqa: C901
     """Aggregate ``sweeps`` into ``out`` (default: the first sweep's ``aggregate/``).
 
     ``formats`` None draws no figures. Reads only the run directories whose files changed
@@ -555,11 +575,12 @@ def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = N
     res.timings["scan_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
+    cdir = out_dir / CURVES_DIR
     if workers > 1 and len(to_read) > 8:
         with ThreadPoolExecutor(max_workers=workers) as ex:
-            reads = list(ex.map(lambda a: read_run(a[1], a[0]), to_read))
+            reads = list(ex.map(lambda a: read_run(a[1], a[0], cdir), to_read))
     else:
-        reads = [read_run(d, s) for s, d in to_read]
+        reads = [read_run(d, s, cdir) for s, d in to_read]
     res.n_read = len(reads)
     res.timings["read_s"] = time.perf_counter() - t1
     new = {r.key: r for r in reads}
@@ -623,7 +644,7 @@ def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = N
                     parts.append(prev)
             except Exception as e:  # damaged previous table: rebuild from every run
                 res.notes.append(f"{ckpt_path}: unreadable ({e}); rebuilt from all runs")
-                return aggregate(sweeps, out, formats, True, log, workers, fsync_curves)
+                return aggregate(sweeps, out, formats, True, log, workers)
         for k, r in new.items():
             if k in chosen and r.measures is not None and r.row.get("state") in FINISHED:
                 parts.append(_measures_with_id(r.measures, r.row["run_id"]))
@@ -633,16 +654,19 @@ def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = N
         write_parquet(ckpt_path, ckpt_table.replace_schema_metadata(md))
         md[b"grokhpc.table"] = b"runs"
         write_parquet(runs_path, runs_table.replace_schema_metadata(md))
-        # curves: one file per finished run
-        cdir = out_dir / CURVES_DIR
+        # curves: one file per finished run, staged by the readers, renamed here
         for k, r in new.items():
-            rid = r.row["run_id"]
-            f = cdir / f"{rid}.parquet"
-            if k in chosen and r.curves is not None and r.row.get("state") in FINISHED:
-                write_parquet(f, _canonical_curves(r.curves, rid), fsync=fsync_curves)
+            if r.curves_tmp is None:
+                continue
+            if k in chosen and r.row.get("state") in FINISHED:
+                os.replace(r.curves_tmp, cdir / f"{r.row['run_id']}.parquet")
+            else:
+                r.curves_tmp.unlink(missing_ok=True)
         for f in cdir.glob("*.parquet"):
             if f.stem not in finished_ids:
                 f.unlink()
+        for f in cdir.glob(".*.tmp"):  # left by an interrupted earlier call
+            f.unlink(missing_ok=True)
         res.timings["write_s"] = time.perf_counter() - t2
         meta = {"swept": res.swept, "sweeps": [str(s.path) for s in found],
                 "n_runs": res.n_runs, "states": res.states,
@@ -764,12 +788,15 @@ def _grok_vs(df, x: str, series: str | None, title: str, log_x: bool):
         name = f"{series} = {_fmt_val(sv)}" if series else "median over seeds"
         fig.add_trace(go.Scatter(
             x=xs, y=med, mode="lines+markers", name=name, legendgroup=str(sv),
-            line=dict(color=colour, width=2),
-            marker=dict(size=10, color=colour,
-                        symbol=["circle-open" if o else "circle" for o in open_],
-                        line=dict(width=2, color=colour)),
+            line=dict(color=colour, width=2), marker=dict(size=10, color=colour),
             error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo,
                          color=colour, thickness=1.5, width=4)))
+        if any(open_):
+            any_cens = True
+            fig.add_trace(go.Scatter(
+                x=[a for a, o in zip(xs, open_) if o], y=[b for b, o in zip(med, open_) if o],
+                mode="markers", showlegend=False, legendgroup=str(sv), hoverinfo="skip",
+                marker=dict(size=12, color="white", line=dict(width=2, color=colour))))
         cens = sub[sub["state"] == "censored"]
         if len(cens):
             any_cens = True
@@ -780,9 +807,13 @@ def _grok_vs(df, x: str, series: str | None, title: str, log_x: bool):
                                               line=dict(width=2))))
     if any_cens:
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers",
-                                 name="never grokked (drawn at last epoch)",
+                                 name="run never grokked (at its last epoch)",
                                  marker=dict(symbol="triangle-up-open", size=11, color="black",
                                              line=dict(width=2))))
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers",
+                                 name="median never grokked (open)",
+                                 marker=dict(size=12, color="white",
+                                             line=dict(width=2, color="black"))))
     fig.update_xaxes(title_text=UNITS.get(x, x), type="log" if log_x else "linear")
     fig.update_yaxes(title_text=GROK_AXIS, type="log")
     return paper_style(fig, title=title,
@@ -797,10 +828,28 @@ def _downsample(n: int, k: int = 150):
     return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
+def _join(xs: list, ys: list):
+    """Concatenate several lines into one trace, separated by NaN gaps."""
+    import numpy as np
+
+    gap = np.array([np.nan])
+    x = np.concatenate([p for a in xs for p in (a, gap)][:-1])
+    y = np.concatenate([p for a in ys for p in (a, gap)][:-1])
+    return x, y
+
+
+def _by_colour(fin, colour_by: str | None):
+    if colour_by is None:
+        return [(None, fin)]
+    return [(cv, g) for cv, g in fin.groupby(colour_by, sort=True)]
+
+
 def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]):
     """The cross-run figures as {name: plotly Figure}, and one note per figure skipped."""
     import numpy as np
     import plotly.graph_objects as go
+    import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     from plotly.subplots import make_subplots
 
@@ -855,16 +904,16 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
             st = _group_stats(g["grokking_epoch"].tolist(), (g["state"] == "censored").tolist(),
                               g["epoch"].fillna(g["grokking_epoch"]).tolist())
             n, nc = len(g), st[4]
+            frac = f"<br>({n - nc}/{n} grokked)" if nc else ""
             if st[3]:
                 never_x.append(_fmt_val(wd))
                 never_y.append(_fmt_val(tf))
-            else:
-                z[i, j] = math.log10(max(st[0], 1))
-                text[i][j] = f"{st[0]:.0f}"
-            if 0 < nc < n:
                 part_x.append(_fmt_val(wd))
                 part_y.append(_fmt_val(tf))
                 part_t.append(f"{n - nc}/{n} grokked")
+            else:
+                z[i, j] = math.log10(max(st[0], 1))
+                text[i][j] = f"{st[0]:.0f}{frac}"
         xs, ys = [_fmt_val(w) for w in wds], [_fmt_val(t) for t in tfs]
         finite = z[np.isfinite(z)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -884,14 +933,14 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
         if part_x:
             fig.add_trace(go.Scatter(x=part_x, y=part_y, mode="text", text=part_t,
                                      textposition="bottom center", showlegend=False,
-                                     textfont=dict(size=11, color="white")))
-        fig.update_xaxes(title_text=UNITS["weight_decay"], type="category", showgrid=False)
-        fig.update_yaxes(title_text=UNITS["train_frac"], type="category", showgrid=False)
+                                     textfont=dict(size=12, color="black")))
         pooled = [s for s in others if s not in ("weight_decay", "train_frac") and varied(s)]
         title = "Phase diagram: median grokking epoch"
         if pooled:
             title += f" (pooled over {', '.join(pooled)})"
         paper_style(fig, title=title)
+        fig.update_xaxes(title_text=UNITS["weight_decay"], type="category", showgrid=False)
+        fig.update_yaxes(title_text=UNITS["train_frac"], type="category", showgrid=False)
         fig.update_layout(legend=dict(orientation="h", y=-0.25, x=0))
         figs["phase_diagram"] = fig
     else:
@@ -903,88 +952,86 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
     cvals = sorted(fin[colour_by].dropna().unique()) if colour_by else [None]
     cmap = dict(zip(cvals, _colours(len(cvals))))
 
-    def colour_of(row):
-        return cmap.get(row[colour_by]) if colour_by else "#0072B2"
-
-    # 4. overlaid test-loss curves
-    ids = fin["run_id"].tolist()
-    files = [curves_dir / f"{rid}.parquet" for rid in ids]
-    have = [f for f in files if f.exists()]
+    # 4. overlaid test-loss curves: one trace per colour value (runs joined by gaps)
+    have = [rid for rid in fin["run_id"] if (curves_dir / f"{rid}.parquet").exists()]
     if have:
-        ct = pq.read_table(str(curves_dir), columns=["run_id", "epoch", "test_loss"]).to_pandas()
-        ct = ct[ct["test_loss"].notna()]
-        fig = go.Figure()
-        shown: set = set()
+        ct = pq.read_table(str(curves_dir), columns=["run_id", "epoch", "test_loss"])
+        ct = ct.filter(pc.is_valid(ct.column("test_loss"))).to_pandas()
         groups = dict(tuple(ct.groupby("run_id", sort=False)))
-        for _, row in fin.sort_values(colour_by or "run_id").iterrows():
-            g = groups.get(row["run_id"])
-            if g is None or g.empty:
+        fig = go.Figure()
+        for cv, sub in _by_colour(fin, colour_by):
+            xs, ys = [], []
+            for rid in sub["run_id"]:
+                g = groups.get(rid)
+                if g is None or g.empty:
+                    continue
+                g = g.sort_values("epoch")
+                idx = _downsample(len(g))
+                xs.append(g["epoch"].to_numpy(dtype=float)[idx])
+                ys.append(g["test_loss"].to_numpy(dtype=float)[idx])
+            if not xs:
                 continue
-            g = g.sort_values("epoch")
-            idx = _downsample(len(g))
-            cv = row[colour_by] if colour_by else None
+            x, y = _join(xs, ys)
             fig.add_trace(go.Scatter(
-                x=g["epoch"].to_numpy()[idx], y=g["test_loss"].to_numpy()[idx], mode="lines",
-                line=dict(color=colour_of(row), width=1.2), opacity=0.8,
-                name=_fmt_val(cv) if colour_by else "test loss", legendgroup=str(cv),
-                showlegend=(cv not in shown) and len(cmap) <= 20))
-            shown.add(cv)
+                x=x, y=y, mode="lines", connectgaps=False, opacity=0.75,
+                line=dict(color=cmap.get(cv, "#0072B2"), width=1.2),
+                name=_fmt_val(cv) if colour_by else f"{len(xs)} runs",
+                showlegend=len(cmap) <= 20))
         fig.update_xaxes(title_text="epoch (full-batch steps)")
         fig.update_yaxes(title_text="test loss (cross-entropy, nats)", type="log",
                          exponentformat="power")
         figs["test_loss_curves"] = paper_style(
-            fig, title="Test loss of every run", legend_title=colour_by)
+            fig, title=f"Test loss of {len(have)} runs", legend_title=colour_by)
     else:
         notes.append("test_loss_curves skipped: no curves of finished runs")
 
     # 5. progress measures aligned on the grokking epoch
     if ckpt_table is not None and ckpt_table.num_rows:
-        import pyarrow as pa
-
         skip = set(config_scalar_columns()) | {"run_id", "epoch"}
         numeric = [f.name for f in ckpt_table.schema
                    if f.name not in skip and (pa.types.is_floating(f.type)
                                               or pa.types.is_integer(f.type))]
         prefer = ["restricted_loss", "excluded_loss", "test_loss", "train_loss",
                   "weight_norm_sq", "gini_embed", "gini_logit", "cos_residual"]
-        chosen = [m for m in prefer if m in numeric] or numeric[:6]
-        chosen = chosen[:6]
+        chosen = ([m for m in prefer if m in numeric] or numeric)[:6]
         if chosen:
             ck = ckpt_table.select(["run_id", "epoch"] + chosen).to_pandas()
             grok = dict(zip(fin["run_id"], fin["grokking_epoch"]))
             ck = ck[ck["run_id"].isin(grok)]
+            ck["since"] = ck["epoch"] - ck["run_id"].map(grok)
+            ckg = dict(tuple(ck.groupby("run_id", sort=False)))
             ncol = 2 if len(chosen) > 1 else 1
             nrow = math.ceil(len(chosen) / ncol)
             fig = make_subplots(rows=nrow, cols=ncol, subplot_titles=chosen,
                                 horizontal_spacing=0.12, vertical_spacing=0.12)
-            shown = set()
-            for _, row in fin.sort_values(colour_by or "run_id").iterrows():
-                g = ck[ck["run_id"] == row["run_id"]].sort_values("epoch")
-                if g.empty:
-                    continue
-                x = (g["epoch"] - grok[row["run_id"]]).to_numpy()
-                cv = row[colour_by] if colour_by else None
-                dash = "dot" if row["state"] == "censored" else "solid"
-                for i, m in enumerate(chosen):
-                    fig.add_trace(go.Scatter(
-                        x=x, y=g[m].to_numpy(), mode="lines",
-                        line=dict(color=colour_of(row), width=1.2, dash=dash), opacity=0.8,
-                        name=_fmt_val(cv) if colour_by else "run", legendgroup=str(cv),
-                        showlegend=(i == 0 and cv not in shown and len(cmap) <= 20)),
-                        row=i // ncol + 1, col=i % ncol + 1)
-                shown.add(cv)
+            for cv, sub in _by_colour(fin, colour_by):
+                for cens in (False, True):
+                    part = sub[(sub["state"] == "censored") == cens]
+                    gs = [ckg[r].sort_values("epoch") for r in part["run_id"] if r in ckg]
+                    if not gs:
+                        continue
+                    for i, m in enumerate(chosen):
+                        x, y = _join([g["since"].to_numpy(dtype=float) for g in gs],
+                                     [g[m].to_numpy(dtype=float) for g in gs])
+                        fig.add_trace(go.Scatter(
+                            x=x, y=y, mode="lines", connectgaps=False, opacity=0.75,
+                            line=dict(color=cmap.get(cv, "#0072B2"), width=1.2,
+                                      dash="dot" if cens else "solid"),
+                            name=(_fmt_val(cv) if colour_by else "runs")
+                            + (" (never grokked)" if cens else ""),
+                            legendgroup=f"{cv}{cens}",
+                            showlegend=(i == 0 and len(cmap) <= 20)),
+                            row=i // ncol + 1, col=i % ncol + 1)
+            paper_style(fig, width=900, height=300 * nrow + 100,
+                        title="Progress measures aligned on each run's grokking epoch",
+                        legend_title=colour_by)
             for i, m in enumerate(chosen):
                 r, c = i // ncol + 1, i % ncol + 1
                 if "loss" in m:
                     fig.update_yaxes(type="log", exponentformat="power", row=r, col=c)
                 fig.add_vline(x=0, line=dict(color="grey", dash="dash", width=1), row=r, col=c)
-                if r == nrow:
+                if r == nrow or i + ncol >= len(chosen):
                     fig.update_xaxes(title_text="epochs since grokking", row=r, col=c)
-            paper_style(fig, width=900, height=300 * nrow + 100,
-                        title="Progress measures aligned on each run's grokking epoch "
-                              "(dotted: never grokked, aligned on its last epoch)",
-                        legend_title=colour_by)
-            fig.update_layout(title=dict(font=dict(size=15)))
             figs["measures_aligned"] = fig
         else:
             notes.append("measures_aligned skipped: no numeric measure columns")
