@@ -405,3 +405,25 @@ def test_import_and_help_are_light():
     h = subprocess.run([sys.executable, "-m", "grokhpc.aggregate", "--help"],
                        capture_output=True, text=True)
     assert h.returncode == 0 and "--sweep" in h.stdout and "--format" in h.stdout
+
+
+# ---- the documented example ---------------------------------------------------------------------
+def test_docs_example_reproduces_the_medians_from_the_tables_alone(sweep, tmp_path):
+    root, truth = sweep
+    agg.aggregate([root], formats=None, log=None)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "tables.md").read_text()
+    code = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    script = tmp_path / "grok_vs_wd.py"
+    script.write_text(code)
+    html = tmp_path / "fig.html"
+    assert "grokhpc" not in code  # the tables alone (pandas, numpy, plotly) are enough
+    out = subprocess.run([sys.executable, str(script), str(root / "aggregate"), str(html)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for tf in TFS:
+        line = next(ln for ln in out.stdout.splitlines() if ln.startswith(f"train_frac={tf:g}:"))
+        for wd in WDS:
+            gs = [v[3] for v in truth.values() if v[:2] == (wd, tf)]
+            med = N_EPOCHS if sum(g is None for g in gs) >= 2 else sorted(gs)[1]
+            assert f"wd={wd:g}: {med}" in line, (line, wd, med)
+    assert "plotly.js v" in html.read_text()
