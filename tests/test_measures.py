@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -22,6 +23,10 @@ from grokhpc.model import build_model
 from grokhpc.store import RunDir
 
 SMALL = dict(n_heads=2, d_model=16, d_head=8, d_mlp=24, device="cpu")
+
+# tiny tensors on two shared cores: one intra-op thread avoids OpenMP spin-waits
+torch.set_num_threads(1)
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def weights_of(model) -> dict[str, np.ndarray]:
@@ -49,6 +54,7 @@ def slow_ce(logit_rows, labels) -> float:
         lse = m + math.log(sum(math.exp(v - m) for v in row))
         total += lse - row[int(y)]
     return total / len(labels)
+
 
 
 # ---- Fourier basis, Gini, key frequencies ---------------------------------------------------
@@ -407,7 +413,8 @@ def test_training_writes_measures_and_summary(tiny_run):
 def test_cli_recomputes_with_given_key_freqs(tiny_run):
     before = pd.read_parquet(tiny_run.file("measures.parquet"))
     r = subprocess.run([sys.executable, "-m", "grokhpc.measures", str(tiny_run.path),
-                        "--key-freqs", "2,6"], capture_output=True, text=True, timeout=120)
+                        "--key-freqs", "2,6"], capture_output=True, text=True,
+                       env=ONE_THREAD, timeout=120)
     assert r.returncode == 0, r.stderr
     after = pd.read_parquet(tiny_run.file("measures.parquet"))
     summary = json.loads(tiny_run.file("summary.json").read_text())
@@ -420,6 +427,7 @@ def test_cli_recomputes_with_given_key_freqs(tiny_run):
     want = measures.Evaluator(cfg, [2, 6]).measure(tiny_run.unflatten(ckpts[-1]))
     assert after["restricted_loss"].iloc[-1] == pytest.approx(want["restricted_loss"], rel=1e-9)
     bad = subprocess.run([sys.executable, "-m", "grokhpc.measures", str(tiny_run.path),
-                          "--key-freqs", "9"], capture_output=True, text=True, timeout=60)
+                          "--key-freqs", "9"], capture_output=True, text=True,
+                         env=ONE_THREAD, timeout=60)
     assert bad.returncode == 2 and "1..6" in bad.stderr
     assert json.loads(tiny_run.file("summary.json").read_text())["key_freqs"] == [2, 6]

@@ -1,0 +1,116 @@
+"""grokhpc.analyze on a tiny trained run: every figure as HTML and as a real PNG (kaleido +
+Chromium), the phase lines where summary.json puts them, a fast --help, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grokhpc.config import RunConfig
+from grokhpc.train import run_training
+
+# tiny tensors on two shared cores: one intra-op thread avoids OpenMP spin-waits
+torch.set_num_threads(1)
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+# the seed's figures for one run (issue 3, item 4), by file stem
+EXPECTED = [
+    "training_curves", "attention_mean_per_head", "attention_head0", "svd_singular_values",
+    "svd_principal_components", "svd_top_components", "fourier_basis", "fourier_embedding",
+    "fourier_embedding_norms", "neuron_freq_fraction", "wlogit_fourier_norms",
+    "cos_sim_over_training", "restricted_excluded_loss", "restricted_test_ratio",
+    "gini_weight_norm",
+]
+CHROMIUM = Path("/usr/bin/chromium-headless-shell")
+TINY = dict(p=13, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_epochs=300, checkpoint_every=50,
+            eval_every=10, device="cpu")
+
+
+def png_dims(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "PNG signature"
+    assert data[12:16] == b"IHDR"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return run_training(RunConfig(**TINY), out, progress_bar=False, log=lambda *_: None)
+
+
+def test_analyze_writes_every_figure_as_png_and_html(tiny_run, tmp_path):
+    assert CHROMIUM.exists(), "chromium-headless-shell is installed on CI machines"
+    out = tmp_path / "figs"
+    r = subprocess.run([sys.executable, "-m", "grokhpc.analyze", str(tiny_run.path),
+                        "--out", str(out)],
+                       capture_output=True, text=True, env=ONE_THREAD, timeout=300)
+    assert r.returncode == 0, r.stderr
+    for name in EXPECTED:
+        html = (out / f"{name}.html").read_text()
+        assert "<html" in html and "Plotly.newPlot" in html, name
+        assert 'src="https://cdn.plot.ly' not in html, name      # renders offline
+        w, h = png_dims((out / f"{name}.png").read_bytes())
+        assert w > 0 and h > 0, name
+    assert len(list(out.glob("*.png"))) == len(EXPECTED)
+
+
+def test_phase_lines_sit_at_the_summary_epochs(tiny_run):
+    from grokhpc.analyze import build_figures
+
+    summary = json.loads(tiny_run.file("summary.json").read_text())
+    figs = build_figures(tiny_run)
+    assert sorted(figs) == sorted(EXPECTED)
+    xs = sorted(s.x0 for s in figs["training_curves"].layout.shapes)
+    want = sorted(summary[k] for k in ("memorisation_end", "circuit_formation_end", "cleanup_end")
+                  if summary[k] is not None)
+    if summary["grokked"]:
+        want = sorted(want + [summary["grokking_epoch"]])
+    assert xs == want and summary["memorisation_end"] in xs
+    # the training-curve traces are the run's own curves
+    tr = figs["training_curves"].data[0]
+    assert list(tr.x)[-1] == TINY["n_epochs"] and figs["training_curves"].layout.yaxis.type == "log"
+    # one cosine-similarity line per frequency 1..6, plus the residual
+    assert len(figs["cos_sim_over_training"].data) == 13 // 2 + 1
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = ("import sys, time; t = time.perf_counter(); from grokhpc import analyze\n"
+            "try:\n    analyze.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(time.perf_counter() - t, [m for m in ('torch', 'transformer_lens', 'plotly') "
+            "if m in sys.modules])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=ONE_THREAD, timeout=60)
+    assert "RUN_DIR" in r.stdout.upper() and "--format" in r.stdout
+    seconds, heavy = r.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert heavy == "[]"
+    assert float(seconds) < 1.0
+
+
+def test_not_a_run_directory_is_a_one_line_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "grokhpc.analyze", str(tmp_path)],
+                       capture_output=True, text=True, env=ONE_THREAD, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "not a run directory" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "grokhpc.analyze", str(tmp_path), "--format", "gif"],
+                       capture_output=True, text=True, env=ONE_THREAD, timeout=60)
+    assert r.returncode == 2 and "gif" in r.stderr
+
+
+def test_mul_run_leaves_out_the_fourier_measure_figures(tmp_path):
+    from grokhpc.analyze import analyze
+
+    cfg = RunConfig(**{**TINY, "p": 7, "op": "mul", "n_epochs": 20, "checkpoint_every": 10})
+    run = run_training(cfg, tmp_path / "run", progress_bar=False, log=lambda *_: None)
+    summary = json.loads(run.file("summary.json").read_text())
+    assert summary["key_freqs"] is None and summary["final_restricted_loss"] is None
+    written = analyze(run.path, tmp_path / "figs", formats=("html",), log=lambda *_: None)
+    fourier_measures = {"cos_sim_over_training", "restricted_excluded_loss",
+                        "restricted_test_ratio", "gini_weight_norm"}
+    assert sorted(written) == sorted(set(EXPECTED) - fourier_measures)
+    assert all((tmp_path / "figs" / f"{n}.html").exists() for n in written)
