@@ -205,6 +205,11 @@ def parse_overrides(items: Iterable[str], source: str = "--set") -> dict[str, An
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str):  # YAML 1.1 reads '3e-3' as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         out[key] = value
     return out
 

@@ -252,12 +252,13 @@ def param_layout(model: Transformer) -> list[tuple[str, list[int]]]:
 def load_flat(model: Transformer, row) -> Transformer:
     """Copy a checkpoint row (from ``flat_weights``) back into ``model``'s parameters."""
     row = torch.as_tensor(row)
+    expected = sum(p.numel() for p in model.parameters())
+    if row.numel() != expected:
+        raise ValueError(f"checkpoint row has {row.numel()} values, model has {expected}")
     offset = 0
     with torch.no_grad():
         for _, p in model.named_parameters():
             n = p.numel()
             p.copy_(row[offset:offset + n].view_as(p))
             offset += n
-    if offset != row.numel():
-        raise ValueError(f"checkpoint row has {row.numel()} values, model has {offset}")
     return model

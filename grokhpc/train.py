@@ -197,16 +197,17 @@ class Trainer:
         return trainer
 
     # ---- the loop -------------------------------------------------------------------------
-    def fit(self, progress_bar: bool = True) -> None:
-        """Train to ``n_epochs``, committing every ``checkpoint_every`` epochs."""
+    def fit(self, progress_bar: bool = True, until: int | None = None) -> None:
+        """Train to ``n_epochs`` (or to epoch ``until``), committing every ``checkpoint_every``."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        stop = cfg.n_epochs if until is None else min(until, cfg.n_epochs)
         bar = tqdm(total=cfg.n_epochs, initial=self.epoch, unit="epoch", disable=not progress_bar,
                    desc=cfg.run_id, dynamic_ncols=True, mininterval=1.0)
         t0 = time.perf_counter()
         try:
-            while self.epoch < cfg.n_epochs:
+            while self.epoch < stop:
                 self.step()
                 last = self.epoch == cfg.n_epochs
                 if self.epoch % cfg.eval_every == 0 or last:

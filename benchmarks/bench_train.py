@@ -1,0 +1,129 @@
+"""Seed-way training vs grokhpc's trainer on the seed config, side by side in one invocation.
+
+    python benchmarks/bench_train.py [--repeats 5] [--seed-block 10] [--fast-block 100]
+
+The seed's way (as the notebook trains): the full three-position hooked forward
+``model(tokens)``, the test loss every epoch, a ``.item()`` sync each step, and
+``copy.deepcopy(model.state_dict())`` every 100 epochs. grokhpc's way: ``Trainer.fit`` as a run
+uses it (last-position logits, test every ``eval_every`` epochs, checkpoint row + state commit
+every 100 epochs, to a temporary run directory).
+
+Blocks of each alternate, so machine noise hits both alike; the ratio is the median over
+repeats of (seed ms/epoch) / (grokhpc ms/epoch). Peak memory is the maximum resident set size
+of a fresh child process running each way for a few epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def seed_way(n_epochs: int, state: dict) -> None:
+    import torch
+
+    from grokhpc.train import loss_fn
+
+    model, opt, d = state["model"], state["opt"], state["data"]
+    for _ in range(n_epochs):
+        train_loss = loss_fn(model(d.train_tokens)[:, -1], d.train_labels)
+        train_loss.backward()
+        state["train_losses"].append(train_loss.item())
+        opt.step()
+        opt.zero_grad()
+        with torch.inference_mode():
+            test_loss = loss_fn(model(d.test_tokens)[:, -1], d.test_labels)
+            state["test_losses"].append(test_loss.item())
+        state["epoch"] += 1
+        if state["epoch"] % 100 == 0:
+            state["checkpoints"].append(copy.deepcopy(model.state_dict()))
+
+
+def make_seed_state():
+    from grokhpc.config import RunConfig
+    from grokhpc.data import make_dataset
+    from grokhpc.model import build_model
+    from grokhpc.train import make_optimizer
+
+    cfg = RunConfig(device="cpu")
+    model = build_model(cfg)
+    return {"model": model, "opt": make_optimizer(model, cfg), "data": make_dataset(cfg),
+            "train_losses": [], "test_losses": [], "checkpoints": [], "epoch": 0}
+
+
+def make_trainer(tmp: str):
+    from grokhpc.config import RunConfig
+    from grokhpc.train import Trainer
+
+    return Trainer.open(RunConfig(device="cpu"), f"{tmp}/run")
+
+
+def child(mode: str, epochs: int) -> None:
+    """Run one way for a few epochs and print the peak RSS (MiB) as JSON."""
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if mode == "seed":
+        seed_way(epochs, make_seed_state())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            t = make_trainer(tmp)
+            t.fit(progress_bar=False, until=t.epoch + epochs)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mib": peak / 1024, "before_mib": base / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed-block", type=int, default=10, help="seed-way epochs per block")
+    ap.add_argument("--fast-block", type=int, default=100, help="grokhpc epochs per block")
+    ap.add_argument("--child", choices=["seed", "grokhpc"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-epochs", type=int, default=20, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.child_epochs)
+        return
+
+    import torch
+
+    seed_state = make_seed_state()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(tmp)
+        seed_way(2, seed_state)                      # warm-up both
+        trainer.fit(progress_bar=False, until=trainer.epoch + 2)
+        seed_ms, fast_ms = [], []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            seed_way(args.seed_block, seed_state)
+            t1 = time.perf_counter()
+            trainer.fit(progress_bar=False, until=trainer.epoch + args.fast_block)
+            t2 = time.perf_counter()
+            seed_ms.append((t1 - t0) * 1000 / args.seed_block)
+            fast_ms.append((t2 - t1) * 1000 / args.fast_block)
+    ratios = [s / f for s, f in zip(seed_ms, fast_ms)]
+
+    mem = {}
+    for mode in ("seed", "grokhpc"):
+        out = subprocess.run([sys.executable, __file__, "--child", mode], capture_output=True,
+                             text=True, check=True).stdout
+        mem[mode] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+
+    print(f"machine: {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    print(f"{'way':<10}{'ms/epoch (median)':>20}{'epochs/s':>12}{'peak RSS MiB':>15}")
+    for name, ms in (("seed", seed_ms), ("grokhpc", fast_ms)):
+        med = statistics.median(ms)
+        print(f"{name:<10}{med:>20.1f}{1000 / med:>12.2f}{mem[name]:>15.0f}")
+    print(f"ratio (seed ms / grokhpc ms per epoch): median {statistics.median(ratios):.1f}x "
+          f"over {args.repeats} repeats (each: {', '.join(f'{r:.1f}' for r in ratios)})")
+
+
+if __name__ == "__main__":
+    main()

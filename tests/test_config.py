@@ -1,0 +1,85 @@
+"""RunConfig: seed defaults, stable run ids, and one clear error per bad value."""
+
+import json
+import math
+
+import pytest
+
+from grokhpc.config import ConfigError, RunConfig, from_dict, is_prime, load_json, parse_overrides
+
+
+def test_defaults_are_the_seed_notebook():
+    c = RunConfig()
+    assert (c.p, c.op, c.train_frac, c.data_seed, c.model_seed) == (113, "sub", 0.3, 598, 999)
+    assert (c.n_heads, c.d_model, c.d_head, c.d_mlp) == (4, 128, 32, 512)
+    assert (c.lr, c.weight_decay, c.betas, c.n_epochs) == (1e-3, 1.0, (0.9, 0.98), 25_000)
+    assert (c.checkpoint_every, c.loss_dtype, c.d_vocab) == (100, "float64", 114)
+
+
+def test_run_id_is_stable_and_follows_the_science_not_the_device():
+    a, b = RunConfig(), RunConfig()
+    assert a.run_id == b.run_id and len(a.run_id) == 12
+    int(a.run_id, 16)  # hex
+    assert RunConfig(device="cpu").run_id == a.run_id
+    ids = {RunConfig(weight_decay=w).run_id for w in (0.1, 0.3, 1.0)}
+    assert len(ids) == 3
+    # the id survives a round trip through config.json
+    again = from_dict(json.loads(json.dumps({k: v for k, v in a.identity().items()})))
+    assert again.run_id == a.run_id
+
+
+def test_is_prime_matches_trial_division():
+    primes = [n for n in range(200) if n > 1 and all(n % d for d in range(2, n))]
+    assert [n for n in range(200) if is_prime(n)] == primes
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("p", 100, "prime"), ("p", 2, "prime"), ("p", 1, "prime"),
+    ("train_frac", 0.0, "(0, 1)"), ("train_frac", 1.0, "(0, 1)"), ("train_frac", 1.5, "(0, 1)"),
+    ("train_frac", -0.2, "(0, 1)"), ("weight_decay", -1e-3, "non-negative"),
+    ("lr", 0.0, "positive"), ("n_epochs", 0, ">= 1"), ("op", "pow", "one of"),
+    ("betas", [0.9, 1.0], "[0, 1)"), ("checkpoint_every", 0, ">= 1"),
+])
+def test_bad_values_name_the_source_and_field(field, value, words):
+    with pytest.raises(ConfigError) as e:
+        from_dict({field: value}, source="spec.yaml")
+    msg = str(e.value)
+    assert msg.startswith(f"spec.yaml: {field}: expected") and words in msg
+    assert "\n" not in msg
+
+
+@pytest.mark.parametrize("field,value", [("p", "113x"), ("p", 11.5), ("n_epochs", True),
+                                         ("op", 3), ("betas", [0.9]), ("lr", "fast")])
+def test_bad_types_are_rejected(field, value):
+    with pytest.raises(ConfigError, match=f"spec.yaml: {field}: expected"):
+        from_dict({field: value}, source="spec.yaml")
+
+
+def test_unknown_field_lists_known_ones():
+    with pytest.raises(ConfigError, match=r"spec.yaml: wieght_decay: unknown field \(known: .*weight_decay"):
+        from_dict({"wieght_decay": 1.0}, source="spec.yaml")
+
+
+def test_yaml_style_values_are_coerced():
+    c = from_dict({"lr": "1e-3", "p": 97.0, "betas": [0.9, 0.99]})
+    assert c.lr == 1e-3 and c.p == 97 and isinstance(c.p, int) and c.betas == (0.9, 0.99)
+
+
+def test_overrides_parse_as_yaml_scalars():
+    assert parse_overrides(["lr=3e-3", "p=97", "betas=[0.9, 0.99]", "op=add"]) == {
+        "lr": 3e-3, "p": 97, "betas": [0.9, 0.99], "op": "add"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["lr"])
+
+
+def test_load_json_reports_corrupt_file(tmp_path):
+    f = tmp_path / "config.json"
+    f.write_text('{"p": 113,')
+    with pytest.raises(ConfigError, match="config.json: not valid JSON"):
+        load_json(f)
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        RunConfig().p = 7  # type: ignore[misc]
+    assert math.isclose(RunConfig().replace(p=7).p, 7)
