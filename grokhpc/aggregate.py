@@ -563,11 +563,9 @@ def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = N
         old = {}
     # what changed
     to_read: list[tuple[Path, Path]] = []
-    sigs: dict[str, Any] = {}
     for sweep, d in run_dirs:
         sig, _ = _sig(d)
         key = str(d)
-        sigs[key] = sig
         if key not in old or old[key].get("sig") != sig:
             to_read.append((sweep, d))
     present = {str(d) for _, d in run_dirs}
@@ -610,6 +608,19 @@ def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = N
                 continue
         by_id[rid] = key
     chosen = set(by_id.values())
+    # a run held twice whose chosen copy was not reread while the other copy changed: reread
+    # the chosen copy too, so its checkpoint rows and curves are the ones in the tables
+    dup_ids = {e["row"]["run_id"] for k, e in entries.items() if k not in chosen}
+    if dup_ids:
+        sweep_of = {str(d): s for s, d in run_dirs}
+        changed_ids = {new[k].row["run_id"] for k in new}
+        for rid in dup_ids & changed_ids:
+            k = by_id[rid]
+            if k not in new:
+                r = read_run(Path(k), sweep_of[k], cdir)
+                new[k] = r
+                entries[k] = {"sig": r.sig, "row": r.row, "message": r.message}
+                res.n_read += 1
     changed_keys = set(new) | set(removed)
     res.changed = bool(changed_keys) or not tables_ok or force
     rows = [entries[k]["row"] for k in entries if k in chosen]
@@ -711,7 +722,7 @@ def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = N
 
     # the index goes last: if anything above failed, the next call redoes the work
     index["runs"] = entries
-    if res.changed or formats:
+    if res.changed or res.figures:
         atomic_write_json(out_dir / INDEX, index)
     res.timings["total_s"] = time.perf_counter() - t0
     return res

@@ -372,7 +372,7 @@ def test_figures_of_axes_that_did_not_vary_are_skipped(tmp_path):
 def test_reads_what_the_trainer_writes(tmp_path):
     from grokhpc.train import run_training
 
-    cfg = RunConfig(p=11, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_epochs=200,
+    cfg = RunConfig(p=11, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_epochs=120,
                     checkpoint_every=20, eval_every=10, train_frac=0.5, device="cpu")
     root = tmp_path / "real"
     run = run_training(cfg, root / "runs" / cfg.run_id, progress_bar=False, log=lambda *a: None)
@@ -384,14 +384,14 @@ def test_reads_what_the_trainer_writes(tmp_path):
     assert row["run_id"] == cfg.run_id and row["p"] == 11 and row["d_model"] == 32
     assert row["state"] == ("done" if summary["grokked"] else "censored")
     assert row["grokking_epoch"] == summary["grokking_epoch"]
-    assert row["epoch"] == 200 and row["n_checkpoints"] == len(prog["checkpoint_epochs"])
+    assert row["epoch"] == 120 and row["n_checkpoints"] == len(prog["checkpoint_epochs"])
     ck = pq.read_table(root / "aggregate" / "checkpoints.parquet")
     src = pq.read_table(run.file("measures.parquet"))
     assert ck.num_rows == src.num_rows == len(prog["checkpoint_epochs"])
     assert set(src.column_names) <= set(ck.column_names)
     assert ck.column("epoch").to_pylist() == prog["checkpoint_epochs"]
     curves = pq.read_table(root / "aggregate" / "curves" / f"{cfg.run_id}.parquet")
-    assert curves.num_rows == 201 and curves.column("epoch").to_pylist() == list(range(201))
+    assert curves.num_rows == 121 and curves.column("epoch").to_pylist() == list(range(121))
     assert np.allclose(curves.column("train_loss").to_numpy(),
                        run.read_curves()["train_loss"].to_numpy())
 
