@@ -9,11 +9,10 @@ but are frozen at zero.
 Two forward paths share the weights:
 
 * ``forward(tokens)`` -- the readable, hooked, all-positions forward (analysis, tests);
-* ``last_logits(tokens)`` -- the training path. The loss only reads the last position, whose
-  query is the only one needed; keys and values of every position are looked up from
-  per-(position, token) tables of size n_ctx x d_vocab instead of being computed per row, and
-  the MLP and unembedding run on the last position only. A test proves it equals ``forward``
-  (logits and gradients).
+* ``last_logits(tokens)`` -- the training path. The loss only reads the last position; its
+  attention and MLP input are assembled from per-(position, token, head) tables instead of
+  being computed per row (see its docstring). A test proves it equals ``forward`` (logits and
+  gradients).
 """
 
 from __future__ import annotations
@@ -181,29 +180,46 @@ class Transformer(HookedRootModule):
     def last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits at the last position only, (batch, d_vocab_out); no hooks.
 
-        Equal to ``forward(tokens)[:, -1]``. Everything before the attention softmax is linear in
-        a one-hot token, so q, k and v are computed once per (position, token) and gathered.
+        Equal to ``forward(tokens)[:, -1]`` (a test compares logits and gradients). Two facts
+        make it cheap:
+
+        * before the softmax, queries, keys and values are linear in a one-hot token, so the
+          score of every (query token, key position, key token, head) is one small table, and a
+          row's scores are looked up from it;
+        * after the softmax and up to the ReLU, everything is linear again: the last position's
+          residual is the '=' embedding plus, per key position j and head h, the pattern weight
+          times a value row that depends only on (j, token_j, h). Read through ``W_in`` (and,
+          for the residual's direct path to the logits, ``W_U``), each such row is precomputed
+          once per (j, token, h) and a row's MLP input is a weighted sum of 13 of them
+          (``embedding_bag``), instead of a d_model x d_mlp product per row.
+
+        What is left per row is the ReLU and ``post @ (W_out @ W_U)``.
         """
-        attn, mlp = self.blocks[0].attn, self.blocks[0].mlp
+        attn, mlp, unembed = self.blocks[0].attn, self.blocks[0].mlp, self.unembed
         b, n = tokens.shape
-        vocab = self.cfg.d_vocab
+        vocab, h = self.cfg.d_vocab, self.cfg.n_heads
         table = self.embed.W_E[None, :, :] + self.pos_embed.W_pos[:n, None, :]   # (n, V, d)
+
         q_tab = torch.einsum("vd,hde->hve", table[-1], attn.W_Q) + attn.b_Q[:, None]
         k_tab = torch.einsum("pvd,hde->hpve", table, attn.W_K) + attn.b_K[:, None, None]
-        v_tab = torch.einsum("pvd,hde->pvhe", table, attn.W_V) + attn.b_V         # (n, V, h, e)
-        # Score of every (query token, key position, key token) pair: (V, n*V, h).
-        s_tab = torch.einsum("hqe,hpve->qpvh", q_tab, k_tab).reshape(vocab, n * vocab, -1)
+        s_tab = torch.einsum("hqe,hpve->qpvh", q_tab, k_tab).reshape(vocab, n * vocab, h)
         flat = tokens + torch.arange(n, device=tokens.device) * vocab            # (b, n)
         last = tokens[:, -1]
-        scores = s_tab[last[:, None], flat] / attn.attn_scale                    # (b, n, h)
-        pattern = F.softmax(scores, dim=1)
-        v = F.embedding(flat, v_tab.reshape(n * vocab, -1)).view(b, n, attn.W_V.shape[0], -1)
-        z = (pattern[..., None] * v).sum(dim=1)                                  # (b, h, e)
-        attn_out = z.flatten(1) @ attn.W_O.flatten(0, 1) + attn.b_O              # (b, d)
-        resid_mid = F.embedding(last, table[-1]) + attn_out
-        post = F.relu(resid_mid @ mlp.W_in + mlp.b_in)
-        resid_post = resid_mid + post @ mlp.W_out + mlp.b_out
-        return resid_post @ self.unembed.W_U + self.unembed.b_U
+        pattern = F.softmax(s_tab[last[:, None], flat] / attn.attn_scale, dim=1)  # (b, n, h)
+
+        read = torch.cat([mlp.W_in, unembed.W_U], dim=1)                         # (d, d_mlp + p)
+        v_tab = torch.einsum("pvd,hde->pvhe", table, attn.W_V) + attn.b_V         # (n, V, h, e)
+        o_read = torch.einsum("hed,df->hef", attn.W_O, read)                      # (h, e, d_mlp + p)
+        rows = torch.cat([torch.einsum("pvhe,hef->pvhf", v_tab, o_read).flatten(0, 2),
+                          table[-1] @ read])                                      # (n V h + V, ...)
+        heads = torch.arange(h, device=tokens.device)
+        idx = torch.cat([(flat[..., None] * h + heads).flatten(1), (n * vocab * h + last)[:, None]],
+                        dim=1)                                                   # (b, n h + 1)
+        weights = torch.cat([pattern.flatten(1), pattern.new_ones(b, 1)], dim=1)
+        mixed = (F.embedding_bag(idx, rows, per_sample_weights=weights, mode="sum")
+                 + attn.b_O @ read + torch.cat([mlp.b_in, unembed.b_U]))
+        pre, direct = mixed.split([mlp.W_in.shape[1], unembed.W_U.shape[1]], dim=1)
+        return direct + F.relu(pre) @ (mlp.W_out @ unembed.W_U) + mlp.b_out @ unembed.W_U
 
 
 def shape_of(cfg: RunConfig) -> ModelShape:
