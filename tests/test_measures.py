@@ -130,7 +130,7 @@ def test_grid_matches_hooked_forward_and_losses_match_loops(op):
     cfg, model = small_model(p, op)
     W = weights_of(model)
     ev = measures.Evaluator(to_dict(cfg), [1])
-    resid_mid, post, logits, _, _ = ev.grid(W)
+    post, logits, _, _, resid_mid = ev.grid(W, resid=True)
     tokens, labels = all_pairs(p, "sub")                       # the whole grid, a-major
     with torch.no_grad():
         full, cache = model.run_with_cache(tokens)
