@@ -129,6 +129,8 @@ def main() -> int:
         synth_sweep(root, args.n, args.checkpoints)
         print(f"synthesised {args.n} runs x {args.checkpoints} checkpoints in "
               f"{time.perf_counter() - t:.1f} s under {root} ({du(root / 'runs') / 1e6:.0f} MB)")
+    if args.repeats < 1:
+        return 0
     fmts = ("png", "html") if args.figures else None
     agg = root / "aggregate"
     scratch, unchanged, one = [], [], []

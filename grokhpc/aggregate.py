@@ -59,6 +59,7 @@ SUMMARY_FLOAT = ("final_train_loss", "final_test_loss", "final_train_acc", "fina
                  "wall_time_s")
 SUMMARY_SKIP = ("run_id", "p", "op")
 MAX_REPORT_LINES = 40
+POINT_BUDGET = 120_000  # points per line figure: keeps HTML small and PNG rendering quick
 
 UNITS = {
     "weight_decay": "weight decay λ (AdamW, decoupled)",
@@ -781,22 +782,29 @@ def _grok_vs(df, x: str, series: str | None, title: str, log_x: bool):
 
     fig = go.Figure()
     series_vals = sorted(df[series].dropna().unique()) if series else [None]
+    span = float(df[x].max() - df[x].min()) if len(df) else 0.0
     cols = _colours(len(series_vals))
     any_cens = False
-    for colour, sv in zip(cols, series_vals):
+    n_s = len(series_vals)
+    for i_s, (colour, sv) in enumerate(zip(cols, series_vals)):
         sub = df if sv is None else df[df[series] == sv]
+        # dodge the series sideways a little so equal values do not hide each other
+        shift = (i_s - (n_s - 1) / 2) * 0.012
+
+        def dodge(v, shift=shift):
+            return v * 10 ** shift if log_x else v + shift * 0.5 * span
         xs, med, lo, hi, open_ = [], [], [], [], []
         for xv, g in sub.groupby(x, sort=True):
             st = _group_stats(g["grokking_epoch"].tolist(), (g["state"] == "censored").tolist(),
                               g["epoch"].fillna(g["grokking_epoch"]).tolist())
             if st is None:
                 continue
-            xs.append(xv)
+            xs.append(dodge(xv))
             med.append(st[0])
             lo.append(st[0] - st[1])
             hi.append(st[2] - st[0])
             open_.append(st[3])
-        name = f"{series} = {_fmt_val(sv)}" if series else "median over seeds"
+        name = _fmt_val(sv) if series else "median over seeds"
         fig.add_trace(go.Scatter(
             x=xs, y=med, mode="lines+markers", name=name, legendgroup=str(sv),
             line=dict(color=colour, width=2), marker=dict(size=10, color=colour),
@@ -812,7 +820,8 @@ def _grok_vs(df, x: str, series: str | None, title: str, log_x: bool):
         if len(cens):
             any_cens = True
             fig.add_trace(go.Scatter(
-                x=cens[x], y=cens["epoch"].fillna(cens["grokking_epoch"]), mode="markers",
+                x=[dodge(v) for v in cens[x]], y=cens["epoch"].fillna(cens["grokking_epoch"]),
+                mode="markers",
                 name="never grokked (at last epoch)", legendgroup="censored",
                 showlegend=False, marker=dict(symbol="triangle-up-open", size=11, color=colour,
                                               line=dict(width=2))))
@@ -827,8 +836,10 @@ def _grok_vs(df, x: str, series: str | None, title: str, log_x: bool):
                                              line=dict(width=2, color="black"))))
     fig.update_xaxes(title_text=UNITS.get(x, x), type="log" if log_x else "linear")
     fig.update_yaxes(title_text=GROK_AXIS, type="log")
-    return paper_style(fig, title=title,
-                       legend_title=series if series else None)
+    paper_style(fig, title=title, legend_title=series if series else None)
+    if n_s > 6:  # many series: a compact legend that still fits the paper height
+        fig.update_layout(legend=dict(font=dict(size=11), tracegroupgap=0))
+    return fig
 
 
 def _downsample(n: int, k: int = 150):
@@ -969,6 +980,7 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
         ct = pq.read_table(str(curves_dir), columns=["run_id", "epoch", "test_loss"])
         ct = ct.filter(pc.is_valid(ct.column("test_loss"))).to_pandas()
         groups = dict(tuple(ct.groupby("run_id", sort=False)))
+        per_line = max(20, min(150, POINT_BUDGET // max(1, len(have))))
         fig = go.Figure()
         for cv, sub in _by_colour(fin, colour_by):
             xs, ys = [], []
@@ -977,7 +989,7 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
                 if g is None or g.empty:
                     continue
                 g = g.sort_values("epoch")
-                idx = _downsample(len(g))
+                idx = _downsample(len(g), per_line)
                 xs.append(g["epoch"].to_numpy(dtype=float)[idx])
                 ys.append(g["test_loss"].to_numpy(dtype=float)[idx])
             if not xs:
@@ -1011,6 +1023,7 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
             ck = ck[ck["run_id"].isin(grok)]
             ck["since"] = ck["epoch"] - ck["run_id"].map(grok)
             ckg = dict(tuple(ck.groupby("run_id", sort=False)))
+            per_line = max(20, min(250, POINT_BUDGET // max(1, len(ckg) * len(chosen))))
             ncol = 2 if len(chosen) > 1 else 1
             nrow = math.ceil(len(chosen) / ncol)
             fig = make_subplots(rows=nrow, cols=ncol, subplot_titles=chosen,
@@ -1019,6 +1032,7 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
                 for cens in (False, True):
                     part = sub[(sub["state"] == "censored") == cens]
                     gs = [ckg[r].sort_values("epoch") for r in part["run_id"] if r in ckg]
+                    gs = [g.iloc[_downsample(len(g), per_line)] for g in gs]
                     if not gs:
                         continue
                     for i, m in enumerate(chosen):
