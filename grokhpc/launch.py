@@ -74,21 +74,26 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def _set_threads() -> None:
-    """Use the CPUs SLURM gave the job, not every core of the node."""
-    n = os.environ.get("SLURM_CPUS_PER_TASK")
-    if n and n.isdigit():
+def _set_threads(threads: int | None = None) -> None:
+    """Use the CPUs the job was given (``threads``, else SLURM's cpus-per-task), not every core
+    of the node: on a busy node, torch threads beyond the job's cores spin and crawl."""
+    n = threads
+    env = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if n is None and env.isdigit():
+        n = int(env)
+    if n:
         import torch
 
         torch.set_num_threads(int(n))
 
 
-def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = print) -> list[dict]:
+def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = print,
+               threads: int | None = None) -> list[dict]:
     """Train a job's runs: [(RunConfig dict, run directory), ...]. One run failing does not stop
     the others; afterwards the job raises if any run failed (so the scheduler marks it failed)."""
     from .train import run_training
 
-    _set_threads()
+    _set_threads(threads)
     cfgs = [from_dict(c, source=f"{d}: config") for c, d in runs]
     dirs = [str(d) for _, d in runs]
     todo = [(c, d) for c, d in zip(cfgs, dirs) if not RunDir(d).is_complete()]
@@ -99,7 +104,7 @@ def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = pri
             log(f"training {len(todo)} runs together: {', '.join(c.run_id for c, _ in todo)}")
             try:
                 tb.train_group([c for c, _ in todo], [d for _, d in todo], device=None,
-                               progress_bar=False)
+                               progress_bar=False, log=log)
             except Exception:
                 log("batched training failed; training the unfinished runs one by one:\n"
                     + traceback.format_exc())
@@ -132,14 +137,15 @@ class SweepJob(submitit.helpers.Checkpointable):
     ``checkpoint()`` and requeues the same job, which resumes every run from its run directory
     (``run_training`` picks up ``state.pt``)."""
 
-    def __init__(self, runs: Sequence[tuple[dict, str]]):
+    def __init__(self, runs: Sequence[tuple[dict, str]], threads: int | None = None):
         self.runs = [(dict(c), str(d)) for c, d in runs]
+        self.threads = threads
 
     def __call__(self) -> list[dict]:
         env = submitit.JobEnvironment() if os.environ.get("SUBMITIT_EXECUTOR") else None
         if env is not None:
             print(f"job {env.job_id} on {env.hostname}: {len(self.runs)} run(s)", flush=True)
-        return train_runs(self.runs, log=lambda m: print(m, flush=True))
+        return train_runs(self.runs, log=lambda m: print(m, flush=True), threads=self.threads)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         print("checkpoint: requeueing; runs resume from their last checkpoint", flush=True)
@@ -313,8 +319,10 @@ def sbatch_preview(params: dict[str, Any], folder: Path, n_tasks: int) -> str:
             kw["additional_parameters" if name == "additional_parameters" else name] = v
         else:
             kw[k] = v
+    # submitit sends a single job as a plain job, more as an array
     text = sl._make_sbatch_string(command="python -u -m submitit.core._submit ...",
-                                  folder=str(folder / "%j"), map_count=n_tasks, **kw)
+                                  folder=str(folder / "%j"),
+                                  map_count=n_tasks if n_tasks > 1 else None, **kw)
     return "\n".join(ln for ln in text.splitlines() if ln.startswith("#SBATCH"))
 
 
@@ -403,7 +411,8 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
     kwargs = {"slurm_max_num_timeout": launcher.max_timeouts} if kind == "slurm" else {}
     ex = submitit.AutoExecutor(folder=folder, cluster=kind, **kwargs)
     ex.update_parameters(**params)
-    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g]) for g in groups]
+    threads = None if kind == "slurm" else local_threads(launcher)
+    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads) for g in groups]
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": kind,
               "cluster": profile.name if profile else None, "parameters": _jsonable(params),
               "jobs": []}
@@ -432,9 +441,16 @@ def _jsonable(d: dict) -> dict:
     return {k: (_jsonable(v) if isinstance(v, dict) else v) for k, v in d.items()}
 
 
+def local_threads(launcher: LauncherSettings) -> int:
+    """torch threads per local job: cpus_per_task, else 1 (small models gain little from more,
+    and a busy machine makes extra threads spin)."""
+    return launcher.cpus_per_task or 1
+
+
 def local_parallelism(launcher: LauncherSettings) -> int:
-    """Jobs at once on this machine: each one uses every core through torch's threads."""
-    cap = max(1, (os.cpu_count() or 1) // 4)
+    """Local jobs at once: as many as the cores hold at ``local_threads`` each, at most
+    array_parallelism."""
+    cap = max(1, (os.cpu_count() or 1) // local_threads(launcher))
     return max(1, min(launcher.array_parallelism or cap, cap))
 
 

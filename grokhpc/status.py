@@ -99,7 +99,7 @@ def scheduler_states(job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
                 d = info.setdefault(jid, {"state": None, "requeues": 0, "live": False})
                 if state in ("REQUEUED", "PREEMPTED"):
                     d["requeues"] += 1
-                d["state"] = state   # records come oldest first: the last one is current
+                d["state"] = d["sacct"] = state   # oldest first: the last record is current
     if shutil.which("squeue"):
         out = _run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(bases)])
         for line in out.splitlines():
@@ -204,6 +204,8 @@ def collect(sweep_dir: str | os.PathLike, use_scheduler: bool = True) -> list[Ru
             st.state = "done"
             summary = run.read_summary() or {}
             st.grokked, st.grokking_epoch = summary.get("grokked"), summary.get("grokking_epoch")
+        elif js.get("live") and job_state == "COMPLETING" and js.get("sacct") == "REQUEUED":
+            st.state = "requeued"     # being stopped, to be started again
         elif js.get("live") and job_state in RUNNING_STATES:
             st.state = "running"
         elif js.get("live") and job_state in QUEUED_STATES:

@@ -550,7 +550,7 @@ def load_sweep(path: str | os.PathLike, overrides: Iterable[str] = (),
 
 # ---- packing runs into jobs ----------------------------------------------------------------
 SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_epochs", "loss_dtype",
-                "checkpoint_every", "eval_every", "betas", "device")
+                "checkpoint_every", "eval_every", "device")
 
 
 def shape_key(cfg: RunConfig) -> tuple:

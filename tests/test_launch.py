@@ -1,0 +1,119 @@
+"""The launcher: dry runs (exact sbatch parameters, nothing written), the local executor end to
+end on a tiny sweep, relaunch skipping finished runs, and a job whose one run fails."""
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import TINY_RUN
+from grokhpc import launch as launch_mod
+from grokhpc.config import RunConfig, to_dict
+from grokhpc.store import RunDir
+
+
+def test_entry_points_import_no_torch():
+    code = ("import sys, grokhpc.launch, grokhpc.status, grokhpc.sweep; "
+            "print(sorted(m for m in ('torch', 'transformer_lens') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+    for mod in ("grokhpc.launch", "grokhpc.status"):
+        r = subprocess.run([sys.executable, "-m", mod, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_dry_run_bouchet_prints_sbatch_parameters_and_writes_nothing(write_spec, tmp_path):
+    spec = write_spec({"base": {"p": 113}, "grid": {"weight_decay": [0.3, 1.0],
+                                                     "model_seed": [1, 2, 3]},
+                       "out": str(tmp_path / "sweep"),
+                       "launcher": {"partition": "gpu_h200", "gpu_type": "h200", "gpus": 1,
+                                    "time": "1-00:00:00", "array_parallelism": 4,
+                                    "extra": {"account": "lab"}}})
+    buf = io.StringIO()
+    plan = launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=buf)
+    text = buf.getvalue()
+    assert not (tmp_path / "sweep").exists()
+    assert plan["executor"] == "slurm" and len(plan["groups"]) == 6
+    lines = set(text.splitlines())
+    for flag in ("--partition=gpu_h200", "--gpus=h200:1", "--time=1440", "--requeue",
+                 "--array=0-5%4", "--account=lab", "--cpus-per-task=2", "--mem=16GB",
+                 "--signal=USR2@90", "--open-mode=append"):
+        assert f"#SBATCH {flag}" in lines, flag
+    assert any(f"--output={tmp_path / 'sweep' / 'jobs'}" in ln for ln in lines)
+    assert "preemptable" not in text
+    # six runs listed with their axis values
+    for wd in ("0.3", "1"):
+        assert sum(f"  {wd}  " in ln for ln in text.splitlines()) == 3
+    # a preemptable partition says so; time beyond the partition's limit is refused
+    buf = io.StringIO()
+    launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=buf,
+                      overrides=["launcher.partition=scavenge_gpu", "launcher.gpu_type=h100",
+                                 "launcher.time=60"])
+    assert "preemptable" in buf.getvalue()
+    assert launch_mod.main([str(spec), "--cluster", "bouchet", "--dry-run",
+                            "--set", "launcher.time=3000"]) == 2
+
+
+def test_cli_errors_are_one_line(write_spec, capsys):
+    spec = write_spec("grid: {p: [11, 12]}\n")
+    assert launch_mod.main([str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(spec) in err and "p" in err and "prime" in err
+
+
+def test_local_executor_end_to_end(write_spec, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    spec = write_spec({"base": TINY_RUN, "grid": {"model_seed": [1, 2]}, "out": str(out),
+                       "launcher": {"executor": "local", "runs_per_job": 2, "time": 10}})
+    assert launch_mod.main([str(spec)]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["axes"] == ["model_seed"]
+    assert [r["swept"] for r in manifest["runs"]] == [{"model_seed": 1}, {"model_seed": 2}]
+    ids = [RunConfig(**{**TINY_RUN, "model_seed": s}).run_id for s in (1, 2)]
+    assert [r["run_id"] for r in manifest["runs"]] == ids
+    (launch,) = manifest["launches"]
+    assert launch["executor"] == "local" and len(launch["jobs"]) == 1
+    assert launch["jobs"][0]["runs"] == ids          # both runs packed into one job
+    for rid in ids:
+        run = RunDir(out / "runs" / rid)
+        assert run.is_complete()
+        curves = run.read_curves()
+        assert list(curves["epoch"]) == list(range(TINY_RUN["n_epochs"] + 1))
+        # the initial model is near chance: ln 11
+        assert abs(curves["test_loss"].iloc[0] - np.log(11)) < 0.5
+    n_grokked = sum(bool(RunDir(out / "runs" / r).read_summary()["grokked"]) for r in ids)
+    assert f"2/2 runs complete, {n_grokked} grokked" in printed
+    # the job's log names both runs
+    logs = list((out / "jobs").glob("*/*_log.out"))
+    assert len(logs) == 1 and all(r in logs[0].read_text() for r in ids)
+
+    # relaunch: nothing to do, nothing submitted, results untouched
+    before = (out / "runs" / ids[0] / "curves.parquet").read_bytes()
+    assert launch_mod.main([str(spec)]) == 0
+    assert "nothing to submit" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["launches"]) == 1
+    assert (out / "runs" / ids[0] / "curves.parquet").read_bytes() == before
+
+
+def test_a_failing_run_does_not_stop_its_job_mates(tmp_path):
+    good = RunConfig(**{**TINY_RUN, "n_epochs": 30})
+    bad = RunConfig(**{**TINY_RUN, "n_epochs": 30, "p": 13, "device": "cuda:7"})
+    runs = [(to_dict(bad), str(tmp_path / "bad")), (to_dict(good), str(tmp_path / "good"))]
+    logged = []
+    with pytest.raises(RuntimeError) as e:
+        launch_mod.train_runs(runs, log=logged.append)
+    assert "1 of 2 runs failed" in str(e.value) and bad.run_id in str(e.value)
+    assert RunDir(tmp_path / "good").is_complete()
+    err = RunDir(tmp_path / "bad").read_error()
+    assert err and "Traceback" in err and ("CUDA" in err or "cuda" in err)
+    assert any("failed" in m for m in logged)
+
+
+def test_chunks_and_max_array_size():
+    assert [len(c) for c in launch_mod.chunks(list(range(2500)), 1000)] == [1000, 1000, 500]
+    assert launch_mod.chunks([], 1000) == []
