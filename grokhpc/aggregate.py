@@ -930,8 +930,8 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
             if st[3]:
                 never_x.append(_fmt_val(wd))
                 never_y.append(_fmt_val(tf))
-                part_x.append(_fmt_val(wd))
-                part_y.append(_fmt_val(tf))
+                part_x.append(j)  # category positions (annotations take indices)
+                part_y.append(i)
                 part_t.append(f"{n - nc}/{n} grokked")
             else:
                 z[i, j] = math.log10(max(st[0], 1))
@@ -952,10 +952,9 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
                                      name="median run never grokked",
                                      marker=dict(symbol="x-thin", size=22, color="black",
                                                  line=dict(width=3))))
-        if part_x:
-            fig.add_trace(go.Scatter(x=part_x, y=part_y, mode="text", text=part_t,
-                                     textposition="bottom center", showlegend=False,
-                                     textfont=dict(size=12, color="black")))
+        for px_, py_, pt_ in zip(part_x, part_y, part_t):  # under the cross
+            fig.add_annotation(x=px_, y=py_, text=pt_, showarrow=False, yshift=-24,
+                               font=dict(size=12, color="black"))
         pooled = [s for s in others if s not in ("weight_decay", "train_frac") and varied(s)]
         title = "Phase diagram: median grokking epoch"
         if pooled:
@@ -963,7 +962,7 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
         paper_style(fig, title=title)
         fig.update_xaxes(title_text=UNITS["weight_decay"], type="category", showgrid=False)
         fig.update_yaxes(title_text=UNITS["train_frac"], type="category", showgrid=False)
-        fig.update_layout(legend=dict(orientation="h", y=-0.25, x=0))
+        fig.update_layout(legend=dict(orientation="h", y=-0.25, x=0), showlegend=bool(never_x))
         figs["phase_diagram"] = fig
     else:
         notes.append("phase_diagram skipped: weight_decay and train_frac did not both vary")
