@@ -10,13 +10,20 @@ How the runs are stacked:
 
 * parameters: every weight is one leaf tensor with a leading run axis, ``(R, *shape)``, built
   from ``grokhpc.model.build_model(cfg)`` of each run (the solo initialisation, run by run);
-* forward: ``stacked_last_logits`` is ``Transformer.last_logits`` with the run axis carried
-  through every op (batched einsum/bmm, gathers offset per run), so run ``r`` only ever
-  touches its own weights and rows: one run turning NaN cannot reach another;
-* data: each run's train (and test) rows are gathered in the solo order and padded at the end
-  to the longest run of the group; padded rows are masked out of the loss and accuracy, which
-  are summed over a run's own rows and divided by its own row count (the solo ``mean``). Runs
-  with equal train sizes need no padding and use the solo ``mean`` itself;
+* forward, two ways (``exact``):
+  - batched (the default on GPUs): ``stacked_last_logits`` is the solo fast path with the run
+    axis carried through every kernel -- batched einsums for the small tables, one
+    ``embedding_bag`` over all runs' rows, one ``bmm`` -- so run ``r`` only ever touches its
+    own weights and rows (one run turning NaN cannot reach another). It equals the solo
+    logits and gradients up to float32 rounding, not bit for bit: the kernels sum in other
+    orders. Each run's train (and test) rows are gathered in the solo order and padded at the
+    end to the group's longest; padded rows are masked out of the loss and accuracy, which are
+    summed over a run's own rows and divided by its own row count (the solo ``mean``);
+  - exact (the default on CPU): ``Transformer.last_logits`` itself, run by run via
+    ``torch.func.functional_call`` on views of the stacked weights, each on its own unpadded
+    rows. Bit-identical to solo runs (tests check whole runs file by file), and it follows any
+    change of the solo fast path by construction. On a CPU the cores are busy at R = 1
+    already, so batching the forward buys little there;
 * optimiser: ``StackedAdamW`` is ``torch.optim.AdamW``'s single-tensor step (decoupled weight
   decay, bias corrections computed in Python floats per run) with per-run lr, weight decay and
   betas broadcast along the run axis; each elementwise operation is the one torch's kernel
@@ -90,76 +97,95 @@ def check_group(cfgs: Sequence[RunConfig], out_dirs: Sequence) -> None:
 
 
 # ---- the stacked model ------------------------------------------------------------------------
-def _tables(W_E, W_pos, W_Q, W_K, W_V, b_Q, b_K, b_V, n: int, vocab: int):
-    """One run's per-(position, token) tables, exactly as ``Transformer.last_logits``."""
+PARAM_ORDER = ("embed.W_E", "pos_embed.W_pos", "blocks.0.attn.W_Q", "blocks.0.attn.W_K",
+               "blocks.0.attn.W_V", "blocks.0.attn.W_O", "blocks.0.mlp.W_in",
+               "blocks.0.mlp.W_out", "unembed.W_U", "blocks.0.attn.b_Q", "blocks.0.attn.b_K",
+               "blocks.0.attn.b_V", "blocks.0.attn.b_O", "blocks.0.mlp.b_in",
+               "blocks.0.mlp.b_out", "unembed.b_U")
+
+
+def _batched_tables(P: dict, n: int, vocab: int):
+    """``_run_tables`` for all runs at once (a few kernels whatever R is; same math, different
+    summation layouts, so equal to the run-by-run tables up to float rounding)."""
     import torch
 
-    table = W_E[None, :, :] + W_pos[:n, None, :]                                 # (n, V, d)
-    q_tab = torch.einsum("vd,hde->hve", table[-1], W_Q) + b_Q[:, None]
-    k_tab = torch.einsum("pvd,hde->hpve", table, W_K) + b_K[:, None, None]
-    v_tab = torch.einsum("pvd,hde->pvhe", table, W_V) + b_V                       # (n, V, h, e)
-    s_tab = torch.einsum("hqe,hpve->qpvh", q_tab, k_tab).reshape(vocab, n * vocab, -1)
-    return table, v_tab, s_tab
+    (W_E, W_pos, W_Q, W_K, W_V, W_O, W_in, W_out, W_U,
+     b_Q, b_K, b_V, b_O, b_in, b_out, b_U) = (P[k] for k in PARAM_ORDER)
+    R, h = W_Q.shape[0], W_Q.shape[1]
+    table = W_E[:, None, :, :] + W_pos[:, :n, None, :]                           # (R, n, V, d)
+    q_tab = torch.einsum("rvd,rhde->rhve", table[:, -1], W_Q) + b_Q[:, :, None]
+    k_tab = torch.einsum("rpvd,rhde->rhpve", table, W_K) + b_K[:, :, None, None]
+    s_tab = torch.einsum("rhqe,rhpve->rqpvh", q_tab, k_tab).reshape(R, vocab, n * vocab, h)
+    read = torch.cat([W_in, W_U], dim=2)                                         # (R, d, m + p)
+    v_tab = torch.einsum("rpvd,rhde->rpvhe", table, W_V) + b_V[:, None, None]
+    o_read = torch.einsum("rhed,rdf->rhef", W_O, read)
+    rows = torch.cat([torch.einsum("rpvhe,rhef->rpvhf", v_tab, o_read).flatten(1, 3),
+                      torch.bmm(table[:, -1], read)], dim=1)
+    const = torch.bmm(b_O[:, None, :], read)[:, 0]
+    const_b = torch.cat([b_in, b_U], dim=1)
+    return (s_tab, rows, const, const_b, torch.bmm(W_out, W_U),
+            torch.bmm(b_out[:, None, :], W_U)[:, 0])
 
 
-def stacked_last_logits(P: dict, tokens, d_vocab: int, per_run_tables: bool | None = None):
-    """``Transformer.last_logits`` for R runs at once.
+def stacked_last_logits(P: dict, tokens, d_vocab: int):
+    """``Transformer.last_logits`` for R runs at once, as batched kernels.
 
     ``P`` maps TransformerLens parameter names to (R, *shape) tensors, ``tokens`` is (R, b, n)
-    long. Returns (R, b, d_vocab_out). Every row-sized operation (gathers, softmax, the
-    attention output, MLP and unembedding) is batched over runs with bmm. The small
-    per-(position, token) tables are built either run by run with the solo expressions
-    (``per_run_tables=True``, the default on CPU: the solo einsums' memory layouts, hence
-    their bits, are kept) or as batched einsums (the default elsewhere: a handful of kernels
-    whatever R is; equal to the solo ones up to rounding).
+    long. Returns (R, b, d_vocab_out). The same math as the solo fast path -- score table,
+    per-(position, token, head) rows read through ``[W_in, W_U]``, one ``embedding_bag`` per
+    row, ReLU, ``post @ (W_out W_U)`` -- with the run axis in every kernel: the tables are
+    batched einsums, the bags of all runs are one ``embedding_bag`` over the stacked rows, the
+    last product one ``bmm``. Summation layouts differ from the solo kernels, so it equals
+    the solo logits and gradients up to float32 rounding (a test bounds it).
     """
     import torch
     import torch.nn.functional as F
 
-    W_E, W_pos = P["embed.W_E"], P["pos_embed.W_pos"]
-    W_Q, W_K, W_V, W_O = (P[f"blocks.0.attn.W_{x}"] for x in "QKVO")
-    b_Q, b_K, b_V, b_O = (P[f"blocks.0.attn.b_{x}"] for x in "QKVO")
-    W_in, b_in = P["blocks.0.mlp.W_in"], P["blocks.0.mlp.b_in"]
-    W_out, b_out = P["blocks.0.mlp.W_out"], P["blocks.0.mlp.b_out"]
-    W_U, b_U = P["unembed.W_U"], P["unembed.b_U"]
     R, b, n = tokens.shape
     V = d_vocab
-    h = W_Q.shape[1]
-    scale = math.sqrt(W_Q.shape[-1])
-    if per_run_tables is None:
-        per_run_tables = tokens.device.type == "cpu"
-    if per_run_tables:
-        # fresh (allocator-aligned) copies: BLAS results can depend on operand alignment, and a
-        # solo run's weights are allocations of their own, not views into a stack
-        unb = [t.unbind(0) for t in (W_E, W_pos, W_Q, W_K, W_V, b_Q, b_K, b_V)]
-        parts = [_tables(*(u[r].clone() for u in unb), n=n, vocab=V) for r in range(R)]
-        table = torch.stack([x[0] for x in parts])                               # (R, n, V, d)
-        v_tab = torch.stack([x[1] for x in parts])                               # (R,n,V,h,e)
-    else:
-        table = W_E[:, None, :, :] + W_pos[:, :n, None, :]                       # (R, n, V, d)
-        q_tab = torch.einsum("rvd,rhde->rhve", table[:, -1], W_Q) + b_Q[:, :, None]
-        k_tab = torch.einsum("rpvd,rhde->rhpve", table, W_K) + b_K[:, :, None, None]
-        v_tab = torch.einsum("rpvd,rhde->rpvhe", table, W_V) + b_V[:, None, None]
-        s_tab = torch.einsum("rhqe,rhpve->rqpvh", q_tab, k_tab).reshape(R * V, n * V, h)
+    h = P["blocks.0.attn.W_Q"].shape[1]
+    scale = math.sqrt(P["blocks.0.attn.W_Q"].shape[-1])
+    m = P["blocks.0.mlp.W_in"].shape[-1]
     flat = tokens + torch.arange(n, device=tokens.device) * V                    # (R, b, n)
     last = tokens[:, :, -1]                                                      # (R, b)
+    s_tab, rows, const, const_b, wou, bou = _batched_tables(P, n, V)
     run_off = torch.arange(R, device=tokens.device)[:, None]
-    if per_run_tables:
-        # the gather's backward (an accumulating index_put) sums in a size-dependent order:
-        # run by run it is the solo one
-        scores = torch.stack([x[2][last[r][:, None], flat[r]] for r, x in enumerate(parts)])
-    else:
-        scores = s_tab[(last + run_off * V)[:, :, None], flat]                   # (R, b, n, h)
-    scores = scores / scale
-    pattern = F.softmax(scores, dim=2)
-    v = F.embedding(flat + run_off[:, :, None] * (n * V),
-                    v_tab.reshape(R * n * V, -1)).view(R, b, n, h, -1)
-    z = (pattern[..., None] * v).sum(dim=2)                                      # (R, b, h, e)
-    attn_out = torch.bmm(z.flatten(2), W_O.flatten(1, 2)) + b_O[:, None]         # (R, b, d)
-    resid_mid = F.embedding(last + run_off * V, table[:, -1].reshape(R * V, -1)) + attn_out
-    post = F.relu(torch.bmm(resid_mid, W_in) + b_in[:, None])
-    resid_post = resid_mid + (torch.bmm(post, W_out) + b_out[:, None])
-    return torch.bmm(resid_post, W_U) + b_U[:, None]
+    scores = s_tab.reshape(R * V, n * V, h)[(last + run_off * V)[:, :, None], flat]
+    pattern = F.softmax(scores / scale, dim=2)                                   # (R, b, n, h)
+    n_rows = rows.shape[1]
+    heads = torch.arange(h, device=tokens.device)
+    idx = torch.cat([(flat[..., None] * h + heads).flatten(2),
+                     (n * V * h + last)[..., None]], dim=2)                      # (R, b, n h + 1)
+    idx = idx + (torch.arange(R, device=tokens.device) * n_rows)[:, None, None]
+    weights = torch.cat([pattern.flatten(2), pattern.new_ones(R, b, 1)], dim=2)
+    bag = F.embedding_bag(idx.reshape(R * b, -1), rows.reshape(R * n_rows, -1),
+                          per_sample_weights=weights.reshape(R * b, -1), mode="sum")
+    mixed = bag.view(R, b, -1) + const[:, None] + const_b[:, None]
+    pre, direct = mixed.split([m, mixed.shape[-1] - m], dim=2)
+    return direct + torch.bmm(F.relu(pre), wou) + bou[:, None]
+
+
+class _LastLogits:
+    """Run ``Transformer.last_logits`` of a template model with another run's weights
+    (``torch.func.functional_call``): the solo code, hence the solo bits, run by run."""
+
+    def __init__(self, model):
+        import torch.nn as nn
+
+        class Wrap(nn.Module):
+            def __init__(self, inner):
+                super().__init__()
+                self.m = inner
+
+            def forward(self, tokens):
+                return self.m.last_logits(tokens)
+
+        self.wrap = Wrap(model)
+
+    def __call__(self, params: dict, tokens):
+        from torch.func import functional_call
+
+        return functional_call(self.wrap, {f"m.{k}": v for k, v in params.items()}, (tokens,))
 
 
 def stacked_loss(logits, labels, counts, mask, dtype: str):
@@ -194,10 +220,13 @@ class StackedAdamW:
     ``value`` into ``t1`` gives the same bits.
     """
 
-    def __init__(self, params: list, lrs, weight_decays, betas, steps, exp_avgs, exp_avg_sqs):
+    def __init__(self, params: list, lrs, weight_decays, betas, steps, exp_avgs, exp_avg_sqs,
+                 host_scalars: bool | None = None):
         import torch
 
         self.params = params
+        self.host_scalars = (params[0].device.type == "cpu") if host_scalars is None \
+            else bool(host_scalars)
         self.exp_avgs, self.exp_avg_sqs = exp_avgs, exp_avg_sqs
         self.lrs = [float(x) for x in lrs]
         self.wds = [float(x) for x in weight_decays]
@@ -219,14 +248,35 @@ class StackedAdamW:
     def _b(t, like):
         return t.view((-1,) + (1,) * (like.dim() - 1))
 
+    def _corrections(self):
+        """(-lr / (1 - b1^t), sqrt(1 - b2^t)) per run as float32 columns: from Python floats as
+        torch's step computes them (``host_scalars``, the default on CPU), or in float64 on the
+        device (the default elsewhere: no host-to-device copy per step; equal to the Python
+        values up to float64 rounding)."""
+        import torch
+
+        if self.host_scalars:
+            bc1 = [1 - b1 ** s for b1, s in zip(self.b1, self.steps)]
+            bc2 = [1 - b2 ** s for b2, s in zip(self.b2, self.steps)]
+            return (self._col([-(lr / b) for lr, b in zip(self.lrs, bc1)]),
+                    self._col([b ** 0.5 for b in bc2]))
+        c = getattr(self, "_dev64", None)
+        if c is None:  # first step: the counts already include it
+            dev = self.params[0].device
+            c = self._dev64 = {k: torch.tensor(v, dtype=torch.float64, device=dev) for k, v in
+                               (("lr", self.lrs), ("b1", self.b1), ("b2", self.b2),
+                                ("t", self.steps))}
+        else:
+            c["t"] += 1
+        neg_step = -(c["lr"] / (1 - c["b1"] ** c["t"]))
+        bc2_sqrt = (1 - c["b2"] ** c["t"]).sqrt()
+        return neg_step.to(self.params[0].dtype), bc2_sqrt.to(self.params[0].dtype)
+
     def step(self) -> None:
         import torch
 
         self.steps = [s + 1 for s in self.steps]
-        bc1 = [1 - b1 ** s for b1, s in zip(self.b1, self.steps)]
-        bc2 = [1 - b2 ** s for b2, s in zip(self.b2, self.steps)]
-        neg_step = self._col([-(lr / b) for lr, b in zip(self.lrs, bc1)])
-        bc2_sqrt = self._col([b ** 0.5 for b in bc2])
+        neg_step, bc2_sqrt = self._corrections()
         with torch.no_grad():
             for p, m, v in zip(self.params, self.exp_avgs, self.exp_avg_sqs):
                 g = p.grad
@@ -247,10 +297,11 @@ class Stack:
     """Runs at the same epoch, stacked on one device; built from (and written back into) their
     solo ``Trainer`` shadows."""
 
-    def __init__(self, trainers: list, device):
+    def __init__(self, trainers: list, device, exact: bool | None = None):
         import torch
 
         self.trainers, self.device = trainers, device
+        self.exact = (torch.device(device).type == "cpu") if exact is None else bool(exact)
         cfg = trainers[0].cfg
         self.cfg = cfg
         epochs = {t.epoch for t in trainers}
@@ -285,8 +336,13 @@ class Stack:
                 [torch.stack(vs[n]).to(device) for n in self.trainable])
         self.curves = {k: torch.stack([t.curves[k] for t in trainers]).to(device)
                        for k in trainers[0].curves}
-        self.train = self._rows([t.data.train_idx for t in trainers], trainers[0].data)
-        self.test = self._rows([t.data.test_idx for t in trainers], trainers[0].data)
+        if self.exact:
+            self.forward = _LastLogits(models[0])
+            self.train = [(t.train_tokens, t.train_labels) for t in trainers]
+            self.test = [(t.test_tokens, t.test_labels) for t in trainers]
+        else:
+            self.train = self._rows([t.data.train_idx for t in trainers], trainers[0].data)
+            self.test = self._rows([t.data.test_idx for t in trainers], trainers[0].data)
         self.last_commit = self.epoch
 
     def _rows(self, idx_list, data):
@@ -308,16 +364,36 @@ class Stack:
         return tokens, labels, counts, mask
 
     # -- one epoch
+    def _losses(self, rows):
+        """(per-run losses (R,), per-run accuracies (R,)) of the current weights on ``rows``."""
+        import torch
+
+        from .train import accuracy, loss_fn
+
+        dtype = self.cfg.loss_dtype
+        if not self.exact:
+            tokens, labels, counts, mask = rows
+            logits = stacked_last_logits(self.P, tokens, self.cfg.d_vocab)
+            return (stacked_loss(logits, labels, counts, mask, dtype),
+                    stacked_accuracy(logits.detach(), labels, counts, mask))
+        # the solo forward, run by run, on each run's own weights (views of the stack: the
+        # backward writes every run's gradient into its slice of the stacked .grad)
+        views = {n: self.P[n].unbind(0) for n in self.names}
+        losses, accs = [], []
+        for r, (tokens, labels) in enumerate(rows):
+            logits = self.forward({n: v[r] for n, v in views.items()}, tokens)
+            losses.append(loss_fn(logits, labels, dtype))
+            accs.append(accuracy(logits.detach(), labels))
+        return torch.stack(losses), torch.stack(accs)
+
     def step(self) -> None:
-        tokens, labels, counts, mask = self.train
-        logits = stacked_last_logits(self.P, tokens, self.cfg.d_vocab)
-        losses = stacked_loss(logits, labels, counts, mask, self.cfg.loss_dtype)
+        losses, accs = self._losses(self.train)
         losses.sum().backward()
         self.opt.step()
         self.opt.zero_grad()
         e = self.epoch
         self.curves["train_loss"][:, e] = losses.detach()
-        self.curves["train_acc"][:, e] = stacked_accuracy(logits.detach(), labels, counts, mask)
+        self.curves["train_acc"][:, e] = accs
         self.epoch += 1
 
     def evaluate(self, train_too: bool = False) -> None:
@@ -325,12 +401,10 @@ class Stack:
 
         with torch.inference_mode():
             splits = [("test", self.test)] + ([("train", self.train)] if train_too else [])
-            for split, (tokens, labels, counts, mask) in splits:
-                logits = stacked_last_logits(self.P, tokens, self.cfg.d_vocab)
-                self.curves[f"{split}_loss"][:, self.epoch] = stacked_loss(
-                    logits, labels, counts, mask, self.cfg.loss_dtype)
-                self.curves[f"{split}_acc"][:, self.epoch] = stacked_accuracy(
-                    logits, labels, counts, mask)
+            for split, rows in splits:
+                losses, accs = self._losses(rows)
+                self.curves[f"{split}_loss"][:, self.epoch] = losses
+                self.curves[f"{split}_acc"][:, self.epoch] = accs
 
     # -- durability
     def diverged(self) -> list[int]:
@@ -378,6 +452,20 @@ def _mark_diverged(t, epoch_hint: int, window_start: int, curve) -> None:
         f"directory keeps its last finite commit, epoch {window_start}\n")
 
 
+def _commit_all(trainers: list, max_workers: int = 8) -> None:
+    """Each trainer's solo ``commit`` (checkpoint row, state.pt, progress, curves). The runs'
+    files are independent, so their writes and fsyncs overlap in a few threads."""
+    if len(trainers) <= 1:
+        for t in trainers:
+            t.commit(checkpoint=True)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(trainers))) as pool:
+        for f in [pool.submit(t.commit, checkpoint=True) for t in trainers]:
+            f.result()
+
+
 def _fit_stack(stack: Stack, target: int, bar, log) -> list:
     """Train ``stack`` up to epoch ``target`` (a commit epoch), committing on the solo schedule.
 
@@ -398,12 +486,12 @@ def _fit_stack(stack: Stack, target: int, bar, log) -> list:
             elapsed, t0 = now - t0, now
             bad = stack.diverged()
             start = stack.last_commit
+            good = [t for r, t in enumerate(stack.trainers) if r not in bad]
             for r, t in enumerate(stack.trainers):
-                if r in bad:
-                    continue
-                stack.sync(r)
-                t.wall_time += elapsed
-                t.commit(checkpoint=True)
+                if r not in bad:
+                    stack.sync(r)
+                    t.wall_time += elapsed
+            _commit_all(good)
             stack.last_commit = stack.epoch
             if bad:
                 out = []
@@ -427,13 +515,19 @@ def _is_diverged(run: RunDir) -> bool:
 
 def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
                 progress_bar: bool = True, log: Callable = print,
-                retry_diverged: bool = False) -> list[RunDir]:
+                retry_diverged: bool = False, exact: bool | None = None) -> list[RunDir]:
     """Train ``cfgs`` into ``out_dirs`` as one stacked computation; resumes each run from its
     own state; returns each run's RunDir (in order). Complete runs are left alone; a run that
     diverges is marked failed (error.txt) and the others go on. Raises GroupError for runs
     that cannot be stacked, RunDirError for a directory holding another run (before any
     training), and re-raises a failure of the stacked computation after writing error.txt into
-    every run it was training."""
+    every run it was training.
+
+    ``exact``: run each run's forward with the solo code, one run after another, on views of
+    the stacked weights (bit-identical to solo runs; the default on CPU), or as one batched
+    computation over all runs (``stacked_last_logits``; the default on GPUs). The optimiser
+    step, evaluation bookkeeping and commits are stacked either way.
+    """
     from .train import Trainer, finish, resolve_device
 
     cfgs = list(cfgs)
@@ -488,7 +582,7 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
             target = ahead[0] if ahead else n_epochs
             if ahead:
                 log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
-            stack = Stack(lag, dev)
+            stack = Stack(lag, dev, exact=exact)
             try:
                 dropped = _fit_stack(stack, target, bar, log)
             except BaseException:
@@ -517,23 +611,30 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
 
 # ---- sizing a job ------------------------------------------------------------------------------
 def bytes_per_run(cfg: RunConfig) -> int:
-    """Estimated device bytes one run adds to a stacked group (float32 weights).
+    """Estimated device bytes one run adds to a batched group (float32 weights), in floats x 4:
 
-    weights: stacked params + grads + two Adam moments + the shadow Trainer's params and two
-    moments = 7 copies of n_params; plus per row of the larger split (train rows are padded to
-    the group's longest, test rows are scored in inference mode) the activations the backward
-    keeps, counted in floats: scores and pattern (2*n*h), gathered values and their product
-    with the pattern (2*n*h*e), z (h*e), attention/MLP residuals (4*d), MLP pre/post (2*m),
-    logits in float32 plus float64 copy and log-softmax (5*p); doubled for the backward's
-    transient gradients. Per-run tables (n*V*(h*e*3 + V*h)) are added once.
+    * weights: stacked params + grads + two Adam moments + the shadow Trainer's params and two
+      moments = ``7 * n_params``;
+    * tables (kept for the backward, with their gradients): the embedding-bag rows
+      ``(n V h + V) x (d_mlp + p)``, the score table ``V x n V x h`` and the value table
+      ``n V h e``: ``3 x`` their sum;
+    * train rows (padded to the group's longest; here ``p^2 * train_frac``), saved for the
+      backward and doubled for its transient gradients: per row the scores, pattern, bag
+      weights and indices (``4 (n h + 1)``), bag output, mixed input and its split
+      (``3 (d_mlp + p)``), ReLU in/out (``2 d_mlp``), logits in float32 and float64 and the
+      float64 log-softmax (``5 p``);
+    * test rows, scored in inference mode (nothing saved): ``2 (d_mlp + p) + d_mlp + 5 p`` per
+      row; the peak is the larger of the train and test terms.
     """
     n, h, e, d, m, p, V = 3, cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.p, cfg.d_vocab
     n_params = V * d + n * d + 4 * h * d * e + 2 * d * m + d * p
-    n_rows = p * p
-    rows = math.ceil(n_rows * max(cfg.train_frac, 1 - cfg.train_frac))
-    per_row = 2 * n * h + 2 * n * h * e + h * e + 4 * d + 2 * m + 5 * p
-    tables = n * V * (3 * h * e + V * h)
-    return 4 * (7 * n_params + 2 * rows * per_row + 2 * tables) + 3 * rows * 8 * 2
+    n_all = p * (p - 1) if cfg.op == "div" else p * p
+    n_train = math.ceil(n_all * cfg.train_frac)
+    n_test = n_all - int(n_all * cfg.train_frac)
+    tables = (n * V * h + V) * (m + p) + V * n * V * h + n * V * h * e
+    train = n_train * 2 * (4 * (n * h + 1) + 3 * (m + p) + 2 * m + 5 * p)
+    test = n_test * (2 * (m + p) + m + 5 * p)
+    return 4 * (7 * n_params + 3 * tables + max(train, test))
 
 
 def auto_runs_per_job(cfg: RunConfig, device=None, safety: float = 0.7,
