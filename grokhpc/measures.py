@@ -166,7 +166,8 @@ def parse_key_freqs(text: str, p: int) -> list[int]:
         try:
             k = int(item)
         except ValueError:
-            raise ValueError(f"--key-freqs: expected comma-separated integers, got {item!r}") from None
+            raise ValueError(
+                f"--key-freqs: expected comma-separated integers, got {item!r}") from None
         if not 1 <= k <= p // 2:
             raise ValueError(f"--key-freqs: expected frequencies in 1..{p // 2}, got {k}")
         if k not in out:
@@ -207,12 +208,13 @@ class Evaluator:
         self.train_rows, self.test_rows = self.rows[self.train_idx], self.rows[self.test_idx]
         self.identity_rows = bool(len(self.rows) == p * p
                                   and torch.equal(self.rows.cpu(), torch.arange(p * p)))
-        self.train_labels, self.test_labels = self.labels[self.train_idx], self.labels[self.test_idx]
+        self.train_labels = self.labels[self.train_idx]
+        self.test_labels = self.labels[self.test_idx]
         self._buffers: dict[str, Any] = {}
-        self.key_freqs = sorted(int(k) for k in key_freqs) if (key_freqs and self.fourier) else None
+        self.key_freqs = (sorted(int(k) for k in key_freqs) if key_freqs and self.fourier
+                          else None)
         if not self.fourier:
             return
-        self.F = fourier_basis(p)
         f64 = torch.float64
         K = self.K = p // 2
         w = 2 * math.pi * torch.arange(1, K + 1, dtype=f64, device=dev) / p
@@ -366,10 +368,8 @@ class Evaluator:
         if not self.fourier:
             out.update({k: None for k in FOURIER_COLUMNS})
             return out
-        out["gini_embed"] = gini(np.linalg.norm(
-            self.F @ np.asarray(W["embed.W_E"], np.float64)[: self.p], axis=1))
-        out["gini_logit"] = gini(np.linalg.norm(
-            W_logit.double().cpu().numpy() @ self.F.T, axis=0))
+        out["gini_embed"] = gini(embed_fourier_norms(W["embed.W_E"], self.p))
+        out["gini_logit"] = gini(logit_fourier_norms(W["blocks.0.mlp.W_out"], W["unembed.W_U"]))
         sims, residual = self.cos_sims(logits)
         out["cos_sim"] = sims.cpu().tolist()
         out["cos_residual"] = float(residual)
