@@ -329,8 +329,9 @@ def sbatch_preview(params: dict[str, Any], folder: Path, n_tasks: int) -> str:
 # ---- the launch -----------------------------------------------------------------------------
 def launch(spec: str, executor: str | None = None, cluster: str | None = None,
            overrides: Sequence[str] = (), dry_run: bool = False,
-           out=sys.stdout) -> dict:
+           out=None) -> dict:
     """Expand, plan and (unless dry_run) submit. Returns the plan with the submitted jobs."""
+    out = out if out is not None else sys.stdout
     sweep = load_sweep(spec, overrides)
     cluster = cluster or sweep.launcher.cluster
     profile = load_profile(cluster) if cluster else None

@@ -3,6 +3,7 @@ end on a tiny sweep, relaunch skipping finished runs, and a job whose one run fa
 
 import io
 import json
+import re
 import subprocess
 import sys
 
@@ -44,9 +45,12 @@ def test_dry_run_bouchet_prints_sbatch_parameters_and_writes_nothing(write_spec,
         assert f"#SBATCH {flag}" in lines, flag
     assert any(f"--output={tmp_path / 'sweep' / 'jobs'}" in ln for ln in lines)
     assert "preemptable" not in text
-    # six runs listed with their axis values
-    for wd in ("0.3", "1"):
-        assert sum(f"  {wd}  " in ln for ln in text.splitlines()) == 3
+    # six runs listed with their ids and axis values
+    rows = [ln.split() for ln in text.splitlines() if re.match(r"^\d+\s+[0-9a-f]{12}\s", ln)]
+    assert sorted((r[2], r[3]) for r in rows) == sorted(
+        (wd, s) for wd in ("0.3", "1") for s in ("1", "2", "3"))
+    assert {r[1] for r in rows} == {r.run_id for r in plan["sweep"].runs}
+    assert all(r[4:] == ["to", "run"] for r in rows)
     # a preemptable partition says so; time beyond the partition's limit is refused
     buf = io.StringIO()
     launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=buf,
