@@ -161,22 +161,37 @@ def resolve_executor(name: str, dry_run: bool = False, cluster: str | None = Non
     return "local"
 
 
-def runs_per_job_for(launcher: LauncherSettings) -> Callable:
-    """size_for(cfg) for grokhpc.sweep.pack."""
+# Memory of the GPU types the cluster profiles name (GB; the smaller model where there are two):
+# sizes ``runs_per_job: auto`` when the launch host is not the GPU node.
+GPU_MEMORY_GB = {"h200": 141, "h100": 80, "a100": 40, "a5000": 24, "rtx3090": 24,
+                 "rtx5000": 16, "v100": 16, "rtx2080ti": 11}
+AUTO_SAFETY = 0.7
+AUTO_CAP = 1024
+
+
+def runs_per_job_for(launcher: LauncherSettings, log=None) -> Callable:
+    """size_for(cfg) for grokhpc.sweep.pack. ``auto``: for a GPU job of a known type, as many
+    runs as fit 70% of its memory (grokhpc.train_batched.bytes_per_run); otherwise
+    grokhpc.train_batched.auto_runs_per_job on the device here; 1 when neither can say."""
     if launcher.runs_per_job != "auto":
         n = int(launcher.runs_per_job)
         return lambda cfg: n
-    device = "cuda" if (launcher.gpus or 0) > 0 else "cpu"
+    gpus = launcher.gpus or 0
+    device = "cuda" if gpus > 0 else "cpu"
+    log = log or (lambda m: print(m, file=sys.stderr))
 
     def auto(cfg) -> int:
         tb = _train_batched()
-        if tb is None or not hasattr(tb, "auto_runs_per_job"):
+        if tb is None:
             return 1
+        mem = GPU_MEMORY_GB.get((launcher.gpu_type or "").lower()) if gpus else None
+        if mem and hasattr(tb, "bytes_per_run"):
+            return int(max(1, min(AUTO_CAP, AUTO_SAFETY * mem * 1e9 // tb.bytes_per_run(cfg))))
         try:
             return max(1, int(tb.auto_runs_per_job(cfg, device)))
         except Exception as e:  # no such device here (a login node): one run per job
-            print(f"warning: runs_per_job auto: {type(e).__name__}: {e}; using 1",
-                  file=sys.stderr)
+            log(f"warning: runs_per_job auto: {type(e).__name__}: {e}; "
+                "set launcher.gpu_type or a number; using 1")
             return 1
     return auto
 

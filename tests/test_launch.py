@@ -121,3 +121,28 @@ def test_a_failing_run_does_not_stop_its_job_mates(tmp_path):
 def test_chunks_and_max_array_size():
     assert [len(c) for c in launch_mod.chunks(list(range(2500)), 1000)] == [1000, 1000, 500]
     assert launch_mod.chunks([], 1000) == []
+
+
+def test_runs_per_job_auto_packs_by_gpu_memory(write_spec, tmp_path):
+    from grokhpc.train_batched import bytes_per_run
+
+    spec = write_spec({"grid": {"weight_decay": [0.3, 1.0], "model_seed": [1, 2, 3]},
+                       "zip": {"p": [53, 113], "n_epochs": [100, 200]},
+                       "out": str(tmp_path / "s"),
+                       "launcher": {"runs_per_job": "auto", "partition": "gpu_h100",
+                                    "gpu_type": "h100"}})
+    plan = launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=io.StringIO())
+    # far fewer bytes per run than an H100 holds: one job per shape (p), six runs each
+    assert sorted(len(g) for g in plan["groups"]) == [6, 6]
+    assert 80e9 * 0.7 // bytes_per_run(RunConfig()) >= 6
+    assert all(len({r.config.p for r in g}) == 1 for g in plan["groups"])
+    # a number caps the jobs
+    plan = launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=io.StringIO(),
+                             overrides=["launcher.runs_per_job=4"])
+    assert sorted(len(g) for g in plan["groups"]) == [2, 2, 4, 4]
+    # a GPU of unknown memory, planned on a machine without it: one run per job, and a warning
+    warnings = []
+    size = launch_mod.runs_per_job_for(plan["launcher"].replace(runs_per_job="auto",
+                                                                gpu_type=None, gpus=1),
+                                       log=warnings.append)
+    assert size(RunConfig()) == 1 and "gpu_type" in warnings[0]

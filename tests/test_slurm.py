@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 LAUNCHER = {"time": 10, "cpus_per_task": 1, "mem_gb": 1}
-LONG = {**TINY_RUN, "p": 13, "n_epochs": 800, "checkpoint_every": 20}
+LONG = {**TINY_RUN, "p": 13, "n_epochs": 500, "checkpoint_every": 20}
 
 
 def wait(pred, timeout: float, what: str, every: float = 0.5):
