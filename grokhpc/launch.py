@@ -404,8 +404,10 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
             print(f"  slurm_max_num_timeout = {launcher.max_timeouts!r}", file=out)
             size = max_array_size() if shutil.which("scontrol") else DEFAULT_MAX_ARRAY
             arrays = chunks(groups, size) or [[]]
-            print(f"sbatch script header ({len(arrays)} array(s), first of "
-                  f"{len(arrays[0])} task(s)):", file=out)
+            n0 = len(arrays[0])
+            print("sbatch script header " + (f"({len(arrays)} array(s), the first of {n0} tasks):"
+                                             if n0 > 1 else "(a single job, no array):"),
+                  file=out)
             try:
                 print(sbatch_preview(params, sweep.out / JOBS_DIR, max(1, len(arrays[0]))),
                       file=out)
