@@ -172,7 +172,7 @@ def weight_figures(cfg, epoch, W, cache, key_freqs) -> dict:
 
     acts = cache["post", 0, "mlp"][:, -1, :].numpy().astype(np.float64)      # (p^2, d_mlp)
     grid = acts.T.reshape(-1, p, p)                                           # (neuron, a, b)
-    four = np.einsum("ia,nab,jb->nij", F, grid, F)
+    four = F @ grid @ F.T                                                     # (neuron, i, j)
     four[:, 0, 0] = 0.0
     total = (four ** 2).sum(axis=(1, 2))
     frac = np.zeros((p // 2, grid.shape[0]))
