@@ -133,10 +133,12 @@ def main() -> int:
         return 0
     fmts = ("png", "html") if args.figures else None
     agg = root / "aggregate"
-    scratch, unchanged, one = [], [], []
+    scratch, unchanged, one, cpu = [], [], [], []
     for i in range(args.repeats):
         shutil.rmtree(agg, ignore_errors=True)
+        c0 = time.process_time()
         r = aggregate([root], formats=fmts, log=None)
+        cpu.append(time.process_time() - c0)
         scratch.append(r.timings["total_s"])
         assert r.n_read == args.n, r.n_read
         r2 = aggregate([root], formats=fmts, log=None)
@@ -150,7 +152,9 @@ def main() -> int:
         print(f"  repeat {i + 1}: scratch {scratch[-1]:.2f} s ({ {k: round(v, 2) for k, v in r.timings.items()} }), "
               f"unchanged {unchanged[-1]:.2f} s, one run touched {one[-1]:.2f} s")
     print(f"runs: {args.n}, checkpoints per run: {args.checkpoints}, figures: {bool(fmts)}")
-    print(f"from scratch  median {statistics.median(scratch):6.2f} s  (target <= 30 s)")
+    print(f"from scratch  median {statistics.median(scratch):6.2f} s  (target <= 30 s); "
+          f"CPU time of this process (all threads) median {statistics.median(cpu):.2f} s; "
+          f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"nothing changed median {statistics.median(unchanged):6.2f} s  (target: a few s)")
     print(f"one run touched median {statistics.median(one):6.2f} s  (tables only)")
     rows = pq.read_metadata(agg / "checkpoints.parquet").num_rows

@@ -89,7 +89,7 @@ def config_types() -> dict[str, Any]:
 
 
 def write_parquet(path: Path, table, fsync: bool = True, dictionary: Iterable[str] | None = None,
-                  tmp: Path | None = None) -> None:
+                  tmp: Path | None = None, statistics: Iterable[str] | bool = True) -> None:
     """Write ``table`` as Parquet to ``path`` atomically (temporary file + rename).
 
     ``dictionary``: the columns to dictionary-encode (default: strings and integers; float
@@ -104,7 +104,9 @@ def write_parquet(path: Path, table, fsync: bool = True, dictionary: Iterable[st
                       or pa.types.is_boolean(f.type)]
     target = tmp or path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        pq.write_table(table, target, compression="zstd", use_dictionary=list(dictionary))
+        pq.write_table(table, target, compression="zstd", use_dictionary=list(dictionary),
+                       write_statistics=statistics if isinstance(statistics, bool)
+                       else list(statistics))
         if fsync:
             fd = os.open(target, os.O_RDONLY)
             try:
@@ -290,7 +292,7 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
             if stage_dir is not None:
                 tmp = stage_dir / f".{row['run_id']}.{abs(hash(out.key)):x}.tmp"
                 write_parquet(tmp, _canonical_curves(curves, row["run_id"]), fsync=False,
-                              dictionary=["run_id"], tmp=tmp)
+                              dictionary=["run_id"], tmp=tmp, statistics=["run_id", "epoch"])
                 out.curves, out.curves_tmp = None, tmp
             if "measures.parquet" in sig:
                 m = _read_table(run_dir / "measures.parquet")
@@ -421,7 +423,7 @@ def _canonical_curves(t, run_id: str):
     pa = _arrow()
     from .store import CURVE_COLUMNS
 
-    arrays, names = [pa.array([run_id] * t.num_rows, pa.string())], ["run_id"]
+    arrays, names = [pa.repeat(pa.scalar(run_id, pa.string()), t.num_rows)], ["run_id"]
     for n in CURVE_COLUMNS:
         typ = pa.int64() if n == "epoch" else pa.float64()
         if n in t.column_names:
@@ -443,7 +445,7 @@ def _measures_with_id(t, run_id: str):
         t = t.drop(["run_id"])
     if t.schema.field("epoch").type != pa.int64():
         t = t.set_column(t.schema.get_field_index("epoch"), "epoch", t.column("epoch").cast(pa.int64()))
-    return t.add_column(0, "run_id", pa.array([run_id] * t.num_rows, pa.string()))
+    return t.add_column(0, "run_id", pa.repeat(pa.scalar(run_id, pa.string()), t.num_rows))
 
 
 def config_scalar_columns() -> list[str]:
