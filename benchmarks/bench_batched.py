@@ -10,8 +10,9 @@ the same per run either way). The R runs of a group differ in seeds, train fract
 weight decay like a sweep's. Blocks alternate (solo, then every R and mode) within a repeat so
 machine noise hits all alike; the table gives medians over repeats and the ratio of each
 group's run-epochs/s to the solo trainer's epochs/s. Modes: ``exact`` (the CPU default:
-solo forward run by run, stacked optimiser and bookkeeping) and ``batched`` (one batched
-computation over all runs; the GPU default).
+solo forward run by run, stacked optimiser and bookkeeping), ``batched`` (one batched
+computation over all runs with the solo fast path's embedding-bag kernels; the GPU default)
+and ``dense`` (batched, with per-row matmul kernels).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", default="1,2,4,8", help="comma-separated group sizes R")
     ap.add_argument("--epochs", type=int, default=20, help="epochs per timed block")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--modes", default="exact,batched")
+    ap.add_argument("--modes", default="exact,batched,dense",
+                    help="exact, batched (bag kernels), dense (batched, dense kernels)")
     ap.add_argument("--p", type=int, default=113)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args(argv)
@@ -51,6 +53,7 @@ def main(argv=None) -> None:
     import torch
 
     from grokhpc.config import RunConfig
+    from grokhpc.store import RunDir
     from grokhpc.train import Trainer
     from grokhpc.train_batched import Stack
 
@@ -62,7 +65,7 @@ def main(argv=None) -> None:
     sizes = [int(x) for x in args.runs.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     with tempfile.TemporaryDirectory() as tmp:
-        solo = Trainer.open(base, f"{tmp}/solo", dev)
+        solo = Trainer(base, RunDir(f"{tmp}/solo"), dev)
 
         def solo_epochs(n):
             for _ in range(n):
@@ -73,9 +76,10 @@ def main(argv=None) -> None:
         stacks = {}
         for r in sizes:
             cfgs = group_configs(base, r)
-            trainers = [Trainer.open(c, f"{tmp}/R{r}_{i}", dev) for i, c in enumerate(cfgs)]
+            trainers = [Trainer(c, RunDir(f"{tmp}/R{r}_{i}"), dev) for i, c in enumerate(cfgs)]
             for mode in modes:
-                stacks[(r, mode)] = Stack(trainers, dev, exact=(mode == "exact"))
+                stacks[(r, mode)] = Stack(trainers, dev, exact=(mode == "exact"),
+                                          kernels="dense" if mode == "dense" else "bag")
 
         def group_epochs(stack):
             def run(n):

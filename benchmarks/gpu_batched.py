@@ -13,7 +13,8 @@ train):
   ``copy.deepcopy(model.state_dict())`` every 100 epochs;
 * solo: one grokhpc ``Trainer`` (fast path, test every eval_every epochs), i.e. one run per job;
 * packed R: ``grokhpc.train_batched.Stack`` over R runs (different seeds, train fractions, lr,
-  weight decay), ``--mode batched`` (default on GPUs) or ``exact``.
+  weight decay), ``--mode batched`` (default on GPUs; each of ``--kernels`` bag, dense) or
+  ``exact``.
 
 Each way gets ``--warmup`` untimed epochs, then ``--epochs`` timed epochs between
 ``torch.cuda.synchronize()`` calls (commits excluded). For each R the table also gives
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
                     help="timed epochs of the seed's way (default: 100 on GPU, --epochs on CPU)")
     ap.add_argument("--repeats", type=int, default=1, help="timed blocks per R (median)")
     ap.add_argument("--mode", choices=("batched", "exact"), default="batched")
+    ap.add_argument("--kernels", default="bag,dense",
+                    help="batched mode's kernels to time, comma-separated (bag, dense)")
     ap.add_argument("--p", type=int, default=113)
     ap.add_argument("--sweep-epochs", type=int, default=25_000)
     ap.add_argument("--out", default="benchmarks/gpu_batched_table.md",
@@ -182,27 +185,31 @@ def main(argv=None) -> int:
     row("solo", 1, solo_rate, None, solo_mem, float("nan"), 0.0)
 
     # ---- packed groups -------------------------------------------------------------------------
-    r, rate1 = 1, None
+    kernels = [k for k in args.kernels.split(",") if k]
+    r, rate1 = 1, {}
     while r <= args.max_r:
         trainers = stack = None
+        results = []
         try:
-            mem_reset()
             with tempfile.TemporaryDirectory() as tmp:
                 cfgs = group_configs(base, r)
                 trainers = [Trainer(c, RunDir(Path(tmp) / f"r{i}"), dev)
                             for i, c in enumerate(cfgs)]
-                stack = Stack(trainers, dev, exact=(args.mode == "exact"))
+                for kern in kernels:
+                    stack = None
+                    gc.collect()
+                    mem_reset()
+                    stack = Stack(trainers, dev, exact=(args.mode == "exact"), kernels=kern)
 
-                def packed(n):
-                    for _ in range(n):
-                        stack.step()
-                        if stack.epoch % base.eval_every == 0:
-                            stack.evaluate()
+                    def packed(n):
+                        for _ in range(n):
+                            stack.step()
+                            if stack.epoch % base.eval_every == 0:
+                                stack.evaluate()
 
-                packed(args.warmup)
-                t = time_block(packed, args.epochs)
-                rate = r * args.epochs / t
-                peak = mem_peak()
+                    packed(args.warmup)
+                    t = time_block(packed, args.epochs)
+                    results.append((kern, r * args.epochs / t, mem_peak()))
                 # one commit of every run, as train_group does at each checkpoint
                 for tr in trainers:
                     tr.run.create({"run_id": tr.cfg.run_id})
@@ -218,8 +225,10 @@ def main(argv=None) -> int:
         finally:
             del trainers, stack
             gc.collect()
-        rate1 = rate1 or rate
-        row(f"packed {args.mode}", r, rate, rate1, peak, bytes_per_run(base) * r, commit_s)
+        for kern, rate, peak in results:
+            rate1.setdefault(kern, rate)
+            way = f"packed {args.mode}" + (f" {kern}" if args.mode == "batched" else "")
+            row(way, r, rate, rate1[kern], peak, bytes_per_run(base) * r, commit_s)
         r *= 2
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

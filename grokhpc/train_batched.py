@@ -165,6 +165,45 @@ def stacked_last_logits(P: dict, tokens, d_vocab: int):
     return direct + torch.bmm(F.relu(pre), wou) + bou[:, None]
 
 
+def stacked_last_logits_dense(P: dict, tokens, d_vocab: int):
+    """The same logits as ``stacked_last_logits``, the older way: per row, gather the three
+    value vectors (n h e floats), mix them by the pattern, then ``resid_mid @ W_in``, ReLU,
+    ``@ W_out`` and ``@ W_U`` as batched matmuls. More flops per row (d_model x d_mlp
+    products) but ~20x fewer gathered floats than the embedding-bag form (3 h e instead of
+    13 (d_mlp + p) per row at the seed shape); which is faster depends on the device
+    (``benchmarks/gpu_batched.py --kernels bag,dense`` times both)."""
+    import torch
+    import torch.nn.functional as F
+
+    (W_E, W_pos, W_Q, W_K, W_V, W_O, W_in, W_out, W_U,
+     b_Q, b_K, b_V, b_O, b_in, b_out, b_U) = (P[k] for k in PARAM_ORDER)
+    R, b, n = tokens.shape
+    V = d_vocab
+    h = W_Q.shape[1]
+    scale = math.sqrt(W_Q.shape[-1])
+    table = W_E[:, None, :, :] + W_pos[:, :n, None, :]                           # (R, n, V, d)
+    q_tab = torch.einsum("rvd,rhde->rhve", table[:, -1], W_Q) + b_Q[:, :, None]
+    k_tab = torch.einsum("rpvd,rhde->rhpve", table, W_K) + b_K[:, :, None, None]
+    v_tab = torch.einsum("rpvd,rhde->rpvhe", table, W_V) + b_V[:, None, None]     # (R,n,V,h,e)
+    s_tab = torch.einsum("rhqe,rhpve->rqpvh", q_tab, k_tab).reshape(R * V, n * V, h)
+    flat = tokens + torch.arange(n, device=tokens.device) * V                    # (R, b, n)
+    last = tokens[:, :, -1]
+    run_off = torch.arange(R, device=tokens.device)[:, None]
+    scores = s_tab[(last + run_off * V)[:, :, None], flat] / scale               # (R, b, n, h)
+    pattern = F.softmax(scores, dim=2)
+    v = F.embedding(flat + run_off[:, :, None] * (n * V),
+                    v_tab.reshape(R * n * V, -1)).view(R, b, n, h, -1)
+    z = (pattern[..., None] * v).sum(dim=2)                                      # (R, b, h, e)
+    attn_out = torch.bmm(z.flatten(2), W_O.flatten(1, 2)) + b_O[:, None]         # (R, b, d)
+    resid_mid = F.embedding(last + run_off * V, table[:, -1].reshape(R * V, -1)) + attn_out
+    post = F.relu(torch.bmm(resid_mid, W_in) + b_in[:, None])
+    resid_post = resid_mid + (torch.bmm(post, W_out) + b_out[:, None])
+    return torch.bmm(resid_post, W_U) + b_U[:, None]
+
+
+BATCHED_KERNELS = {"bag": stacked_last_logits, "dense": stacked_last_logits_dense}
+
+
 class _LastLogits:
     """Run ``Transformer.last_logits`` of a template model with another run's weights
     (``torch.func.functional_call``): the solo code, hence the solo bits, run by run."""
@@ -297,11 +336,16 @@ class Stack:
     """Runs at the same epoch, stacked on one device; built from (and written back into) their
     solo ``Trainer`` shadows."""
 
-    def __init__(self, trainers: list, device, exact: bool | None = None):
+    def __init__(self, trainers: list, device, exact: bool | None = None,
+                 kernels: str = "bag"):
         import torch
 
         self.trainers, self.device = trainers, device
         self.exact = (torch.device(device).type == "cpu") if exact is None else bool(exact)
+        if kernels not in BATCHED_KERNELS:
+            raise ValueError(f"kernels: expected one of {', '.join(BATCHED_KERNELS)}, "
+                             f"got {kernels!r}")
+        self.kernels = BATCHED_KERNELS[kernels]
         cfg = trainers[0].cfg
         self.cfg = cfg
         epochs = {t.epoch for t in trainers}
@@ -373,7 +417,7 @@ class Stack:
         dtype = self.cfg.loss_dtype
         if not self.exact:
             tokens, labels, counts, mask = rows
-            logits = stacked_last_logits(self.P, tokens, self.cfg.d_vocab)
+            logits = self.kernels(self.P, tokens, self.cfg.d_vocab)
             return (stacked_loss(logits, labels, counts, mask, dtype),
                     stacked_accuracy(logits.detach(), labels, counts, mask))
         # the solo forward, run by run, on each run's own weights (views of the stack: the
@@ -515,7 +559,8 @@ def _is_diverged(run: RunDir) -> bool:
 
 def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
                 progress_bar: bool = True, log: Callable = print,
-                retry_diverged: bool = False, exact: bool | None = None) -> list[RunDir]:
+                retry_diverged: bool = False, exact: bool | None = None,
+                kernels: str = "bag") -> list[RunDir]:
     """Train ``cfgs`` into ``out_dirs`` as one stacked computation; resumes each run from its
     own state; returns each run's RunDir (in order). Complete runs are left alone; a run that
     diverges is marked failed (error.txt) and the others go on. Raises GroupError for runs
@@ -525,8 +570,10 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
 
     ``exact``: run each run's forward with the solo code, one run after another, on views of
     the stacked weights (bit-identical to solo runs; the default on CPU), or as one batched
-    computation over all runs (``stacked_last_logits``; the default on GPUs). The optimiser
-    step, evaluation bookkeeping and commits are stacked either way.
+    computation over all runs (the default on GPUs) with ``kernels`` "bag"
+    (``stacked_last_logits``, the solo fast path's math) or "dense"
+    (``stacked_last_logits_dense``). The optimiser step, evaluation bookkeeping and commits
+    are stacked either way.
     """
     from .train import Trainer, finish, resolve_device
 
@@ -582,7 +629,7 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
             target = ahead[0] if ahead else n_epochs
             if ahead:
                 log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
-            stack = Stack(lag, dev, exact=exact)
+            stack = Stack(lag, dev, exact=exact, kernels=kernels)
             try:
                 dropped = _fit_stack(stack, target, bar, log)
             except BaseException:
@@ -658,5 +705,75 @@ def auto_runs_per_job(cfg: RunConfig, device=None, safety: float = 0.7,
     return int(max(1, min(cap, math.floor(safety * free / bytes_per_run(cfg)))))
 
 
+# ---- command line ------------------------------------------------------------------------------
+def configs_from_dirs(dirs: Sequence) -> list[RunConfig]:
+    """The RunConfig of each run directory's config.json (as the launcher writes them)."""
+    from .config import ConfigError, from_dict
+
+    cfgs = []
+    for d in dirs:
+        run = RunDir(d)
+        if not run.exists():
+            raise RunDirError(f"{run.path}: not a run directory (no config.json)")
+        raw = dict(run.read_config())
+        run_id = raw.pop("run_id", None)
+        cfg = from_dict(raw, source=str(run.file("config.json")))
+        if run_id is not None and run_id != cfg.run_id:
+            raise ConfigError(f"{run.file('config.json')}: run_id: expected {cfg.run_id} "
+                              f"(the hash of its fields), got {run_id!r}")
+        cfgs.append(cfg)
+    return cfgs
+
+
+def build_parser():
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m grokhpc.train_batched",
+        description="Train the runs of existing run directories (each with its config.json) "
+                    "as one stacked group; resumes each from its own state.")
+    ap.add_argument("run_dirs", nargs="+", help="run directories of same-shaped runs")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: the runs' own)")
+    ap.add_argument("--mode", choices=("auto", "exact", "batched"), default="auto",
+                    help="exact: solo forward run by run (bit-identical to solo runs); "
+                         "batched: one batched computation; auto: exact on CPU, else batched")
+    ap.add_argument("--kernels", choices=("bag", "dense"), default="bag",
+                    help="batched mode's kernels: bag (the solo fast path's embedding-bag "
+                         "form) or dense (batched matmuls per row)")
+    ap.add_argument("--retry-diverged", action="store_true",
+                    help="train runs marked diverged (error.txt) again")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
+
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        cfgs = configs_from_dirs(args.run_dirs)
+        runs = train_group(cfgs, args.run_dirs, device=args.device,
+                           progress_bar=not args.no_progress,
+                           retry_diverged=args.retry_diverged,
+                           exact=None if args.mode == "auto" else args.mode == "exact",
+                           kernels=args.kernels)
+    except (ConfigError, RunDirError, GroupError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = [r for r in runs if r.read_error() is not None]
+    for r in failed:
+        print(f"error: {r.path}: {r.read_error().splitlines()[0]}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 __all__ = ["train_group", "auto_runs_per_job", "bytes_per_run", "check_group", "GroupError",
-           "stacked_last_logits", "StackedAdamW", "Stack", "SHAPE_FIELDS"]
+           "stacked_last_logits", "stacked_last_logits_dense", "StackedAdamW", "Stack", "SHAPE_FIELDS", "configs_from_dirs",
+           "main"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

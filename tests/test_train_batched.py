@@ -28,8 +28,8 @@ from grokhpc.data import make_dataset
 from grokhpc.model import build_model
 from grokhpc.store import RunDir
 from grokhpc.train import Trainer, loss_fn, run_training
-from grokhpc.train_batched import (GroupError, StackedAdamW, auto_runs_per_job, bytes_per_run,
-                                   stacked_last_logits, stacked_loss, train_group)
+from grokhpc.train_batched import (BATCHED_KERNELS, GroupError, StackedAdamW, auto_runs_per_job,
+                                   bytes_per_run, stacked_loss, train_group)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -190,7 +190,8 @@ def _stack_inputs():
     return models, data, names, P
 
 
-def test_batched_forward_and_gradients_match_solo():
+@pytest.mark.parametrize("kernels", ["bag", "dense"])
+def test_batched_forward_and_gradients_match_solo(kernels):
     """The batched kernels (the GPU path) against each run's own ``Transformer.last_logits``
     + ``loss_fn``, with different train sizes (padded, masked rows): logits, per-run losses
     and every weight gradient, to float32 rounding."""
@@ -204,7 +205,8 @@ def test_batched_forward_and_gradients_match_solo():
     mask = torch.arange(b)[None] < torch.tensor(sizes)[:, None]
     tokens, labels = data[0].tokens[idx], data[0].labels[idx]
     counts = torch.tensor(sizes, dtype=torch.float64)
-    logits = stacked_last_logits(P, tokens, CFGS[0].d_vocab)
+    fn = BATCHED_KERNELS[kernels]
+    logits = fn(P, tokens, CFGS[0].d_vocab)
     losses = stacked_loss(logits, labels, counts, mask, "float64")
     losses.sum().backward()
     for r, (m, d) in enumerate(zip(models, data)):
@@ -223,7 +225,7 @@ def test_batched_forward_and_gradients_match_solo():
     other = tokens.clone()
     other[~mask] = (other[~mask] + 1) % CFGS[0].p
     other[..., -1] = CFGS[0].p
-    relogits = stacked_last_logits({k: v.detach() for k, v in P.items()}, other, CFGS[0].d_vocab)
+    relogits = fn({k: v.detach() for k, v in P.items()}, other, CFGS[0].d_vocab)
     assert torch.equal(stacked_loss(relogits, labels, counts, mask, "float64"), losses.detach())
 
 
@@ -285,9 +287,9 @@ def test_complete_group_is_left_alone(packed):
 
 
 # ---- kill and resume ---------------------------------------------------------------------------
-def _start(code: str, log: Path) -> subprocess.Popen:
+def _start(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, *args], cwd=REPO, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
 
 
@@ -316,14 +318,11 @@ def test_sigkilled_group_resumes_solo_and_packed(tmp_path, solo):
     """A packed job killed with SIGKILL mid-training: run 0 is resumed by the solo trainer,
     runs 1 and 2 by train_group; all three end equal to the uninterrupted runs."""
     dirs = [tmp_path / f"r{i}" for i in range(3)]
-    cfgs = json.dumps([to_dict(c) for c in CFGS])
-    code = ("import json, torch; torch.set_num_threads(1)\n"
-            "from grokhpc.config import from_dict\n"
-            "from grokhpc.train_batched import train_group\n"
-            f"cfgs = [from_dict(d) for d in json.loads({cfgs!r})]\n"
-            f"train_group(cfgs, {[str(d) for d in dirs]!r}, device='cpu', progress_bar=False)\n")
+    for c, d in zip(CFGS, dirs):  # as the launcher leaves them: config.json only
+        RunDir(d).create({**to_dict(c), "run_id": c.run_id})
     log = tmp_path / "job.log"
-    at_kill = _kill_when(_start(code, log), dirs, 50, log)
+    cmd = ["-m", "grokhpc.train_batched", *map(str, dirs), "--device", "cpu", "--no-progress"]
+    at_kill = _kill_when(_start(cmd, log), dirs, 50, log)
     assert max(at_kill) < CFGS[0].n_epochs  # the kill interrupted training
     assert not any(RunDir(d).is_complete() for d in dirs)
     committed = [torch.load(d / "state.pt", weights_only=True)["epoch"]
@@ -376,6 +375,25 @@ def test_diverged_run_is_marked_and_the_others_go_on(tmp_path, solo):
     train_group(cfgs, dirs, device="cpu", progress_bar=False, log=said.append)
     assert any("diverged before" in s for s in said)
     assert sum("already complete" in s for s in said) == 2
+
+
+# ---- command line ------------------------------------------------------------------------------
+def test_cli_refuses_mixed_shapes_in_one_line(tmp_path):
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for c, d in zip([CFGS[0], CFGS[1].replace(d_model=16)], dirs):
+        RunDir(d).create({**to_dict(c), "run_id": c.run_id})
+    r = subprocess.run([sys.executable, "-m", "grokhpc.train_batched", *map(str, dirs)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "error: train_group: d_model: expected the same value in every run of a group, got "
+        f"32 (run 0, {CFGS[0].run_id}) and 16 (run 1, {CFGS[1].replace(d_model=16).run_id})"]
+    assert sorted(p.name for p in dirs[0].iterdir()) == ["config.json"]  # nothing trained
+    # importing the module (and so --help) pulls in neither torch nor transformer_lens
+    r = subprocess.run([sys.executable, "-c", "import sys, grokhpc.train_batched; "
+                        "print('torch' in sys.modules, 'transformer_lens' in sys.modules)"],
+                       cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["False", "False"]
 
 
 # ---- sizing ------------------------------------------------------------------------------------
