@@ -109,8 +109,14 @@ def test_a_failing_run_does_not_stop_its_job_mates(tmp_path):
     bad = RunConfig(**{**TINY_RUN, "n_epochs": 30, "p": 13, "device": "cuda:7"})
     runs = [(to_dict(bad), str(tmp_path / "bad")), (to_dict(good), str(tmp_path / "good"))]
     logged = []
-    with pytest.raises(RuntimeError) as e:
-        launch_mod.train_runs(runs, log=logged.append)
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(RuntimeError) as e:
+            launch_mod.train_runs(runs, log=logged.append, threads=1)
+    finally:
+        torch.set_num_threads(threads)
     assert "1 of 2 runs failed" in str(e.value) and bad.run_id in str(e.value)
     assert RunDir(tmp_path / "good").is_complete()
     err = RunDir(tmp_path / "bad").read_error()
