@@ -45,7 +45,7 @@ def slurm_cluster():
             pytest.fail(f"SLURM is not running and {script} could not start it "
                         f"(exit {r.returncode}; run it as root):\n{r.stdout[-2000:]}"
                         f"{r.stderr[-2000:]}", pytrace=False)
-    for tool in ("sbatch", "squeue", "sacct", "scontrol", "scancel"):
-        if not shutil.which(tool):
-            pytest.fail(f"SLURM tool {tool} missing from PATH", pytrace=False)
+    for cmd in ("sbatch", "squeue", "sacct", "scontrol", "scancel"):
+        if not shutil.which(cmd):
+            pytest.fail(f"SLURM command {cmd} missing from PATH", pytrace=False)
     return True
