@@ -29,7 +29,11 @@ def write_spec(tmp_path):
 def _sinfo_answers() -> bool:
     if not shutil.which("sinfo"):
         return False
-    r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                           timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
     return r.returncode == 0 and any(s.strip() in ("idle", "mixed", "allocated", "completing")
                                      for s in r.stdout.splitlines())
 
