@@ -105,8 +105,10 @@ PARAM_ORDER = ("embed.W_E", "pos_embed.W_pos", "blocks.0.attn.W_Q", "blocks.0.at
 
 
 def _batched_tables(P: dict, n: int, vocab: int):
-    """``_run_tables`` for all runs at once (a few kernels whatever R is; same math, different
-    summation layouts, so equal to the run-by-run tables up to float rounding)."""
+    """The row-independent tables of ``Transformer.last_logits`` -- score table (R, V, n V, h),
+    embedding-bag rows (R, n V h + V, d_mlp + p), the constant rows ``b_O @ read`` and
+    ``[b_in, b_U]``, ``W_out @ W_U`` and ``b_out @ W_U`` -- for all runs at once: a few
+    kernels whatever R is, the solo expressions with a run axis."""
     import torch
 
     (W_E, W_pos, W_Q, W_K, W_V, W_O, W_in, W_out, W_U,
@@ -621,6 +623,7 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
         bar = tqdm(total=sum(n_epochs - t.epoch for t in trainers), unit="run-epoch",
                    desc=f"{len(trainers)} runs", dynamic_ncols=True, mininterval=1.0)
     active = [t for t in trainers if t.epoch < n_epochs]
+    diverged: list = []
     try:
         while active:
             low = min(t.epoch for t in active)
@@ -638,13 +641,14 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
                     t.run.write_error(tb)
                 raise
             del stack
+            diverged += dropped
             active = [t for t in active if t.epoch < n_epochs and t not in dropped]
     finally:
         if bar is not None:
             bar.close()
 
     for t in trainers:
-        if t.epoch < n_epochs or _is_diverged(t.run):
+        if t.epoch < n_epochs or any(t is d for d in diverged):
             continue
         try:
             finish(t)

@@ -375,6 +375,14 @@ def test_diverged_run_is_marked_and_the_others_go_on(tmp_path, solo):
     train_group(cfgs, dirs, device="cpu", progress_bar=False, log=said.append)
     assert any("diverged before" in s for s in said)
     assert sum("already complete" in s for s in said) == 2
+    # asked to retry, it trains again from its last finite commit and diverges again
+    (dirs[1] / "error.txt").write_text("diverged: marker of the first attempt\n")
+    said.clear()
+    train_group(cfgs, dirs, device="cpu", progress_bar=False, log=said.append,
+                retry_diverged=True)
+    assert any("diverged (non-finite train loss)" in s for s in said)
+    assert RunDir(dirs[1]).read_error().startswith(f"diverged: run {bad.run_id}")
+    assert RunDir(dirs[1]).read_progress()["epoch"] == 0
 
 
 # ---- command line ------------------------------------------------------------------------------
