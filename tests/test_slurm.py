@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 LAUNCHER = {"time": 10, "cpus_per_task": 1, "mem_gb": 1}
-LONG = {**TINY_RUN, "p": 13, "n_epochs": 500, "checkpoint_every": 20}
+LONG = {**TINY_RUN, "p": 13, "n_epochs": 1000, "checkpoint_every": 20}
 
 
 def wait(pred, timeout: float, what: str, every: float = 0.5):
@@ -82,7 +82,7 @@ def job_log(out: Path, job_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def sweeps(tmp_path_factory):
-    """Submit three sweeps, then interrupt two of their jobs once their runs pass epoch 60:
+    """Submit three sweeps, then interrupt two of their jobs once their runs pass epoch 40:
     ``scancel`` one, ``scontrol requeue`` the other. Returns what the tests check."""
     root = tmp_path_factory.mktemp("slurm")
     specs = {
@@ -106,10 +106,10 @@ def sweeps(tmp_path_factory):
     c_dir, r_dir = c["sweep"].runs[0].dir, r["sweep"].runs[0].dir
     end = time.monotonic() + 240
     while time.monotonic() < end and not ("cancelled_at" in c and "requeued_at" in r):
-        if "cancelled_at" not in c and epoch(c_dir) >= 60:
+        if "cancelled_at" not in c and epoch(c_dir) >= 40:
             c["cancelled_at"] = epoch(c_dir)
             subprocess.run(["scancel", c["job"]], check=True)
-        if "requeued_at" not in r and epoch(r_dir) >= 60:
+        if "requeued_at" not in r and epoch(r_dir) >= 40:
             r["requeued_at"] = epoch(r_dir)
             subprocess.run(["scontrol", "requeue", r["job"]], check=True)
             r["status_after"] = wait(lambda: [x for x in status.collect(r["out"])
@@ -117,7 +117,7 @@ def sweeps(tmp_path_factory):
                                      "status to show the run requeued")[0]
         time.sleep(0.3)
     if not ("cancelled_at" in c and "requeued_at" in r):
-        pytest.fail("the cancel/requeue runs never reached epoch 60 within 240 s")
+        pytest.fail("the cancel/requeue runs never reached epoch 40 within 240 s")
     assert c["cancelled_at"] < LONG["n_epochs"] and r["requeued_at"] < LONG["n_epochs"], \
         "a run finished before it could be interrupted"
     return out
