@@ -252,23 +252,31 @@ def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
     import torch
 
     torch.set_float32_matmul_precision("highest")
-    trainer = Trainer.open(cfg, out)
-    if trainer.epoch > 0:
-        log(f"run {cfg.run_id}: resuming at epoch {trainer.epoch}/{cfg.n_epochs}")
     try:
+        trainer = Trainer.open(cfg, out)
+        if trainer.epoch > 0:
+            log(f"run {cfg.run_id}: resuming at epoch {trainer.epoch}/{cfg.n_epochs}")
         trainer.fit(progress_bar=progress_bar)
         finish(trainer)
     except BaseException:
-        trainer.run.write_error(traceback.format_exc())
+        _record_failure(run, cfg, traceback.format_exc())
         raise
-    trainer.run.clear_error()
-    return trainer.run
+    run.clear_error()
+    return run
 
 
-def config_from_args(out: str | Path, overrides: list[str]) -> RunConfig:
-    """The run's config: the seed's defaults, then the existing run's (if any), then --set."""
-    values = config_mod.parse_overrides(overrides)
-    return config_mod.from_dict(values, source="--set")
+def _record_failure(run: RunDir, cfg: RunConfig, text: str) -> None:
+    """Leave error.txt in the run's own directory (never in one holding another run)."""
+    try:
+        if run.exists() and run.read_config().get("run_id") == cfg.run_id:
+            run.write_error(text)
+    except (OSError, RunDirError):
+        pass
+
+
+def config_from_args(overrides: list[str]) -> RunConfig:
+    """The run's config: the seed's defaults with the --set values on top."""
+    return config_mod.from_dict(config_mod.parse_overrides(overrides), source="--set")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -285,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = config_from_args(args.out, args.overrides)
+        cfg = config_from_args(args.overrides)
         run_training(cfg, args.out, progress_bar=not args.no_progress)
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)

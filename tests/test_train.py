@@ -165,6 +165,7 @@ def test_other_run_in_directory_is_refused(tmp_path):
     assert res.returncode == 2
     assert "config.json: holds run" in res.stderr and res.stderr.count("\n") == 1
     assert (out / "curves.parquet").read_bytes() == before
+    assert not (out / "error.txt").exists()   # the other run's directory is left untouched
 
 
 def test_corrupt_state_names_the_file_and_keeps_it(tmp_path):
@@ -174,6 +175,11 @@ def test_corrupt_state_names_the_file_and_keeps_it(tmp_path):
     (out / "state.pt").write_bytes(b"\x00garbage")
     with pytest.raises(RunDirError, match="state.pt: unreadable training state"):
         Trainer.open(cfg, out)
+    assert (out / "state.pt").read_bytes() == b"\x00garbage"
+    # through run_training, the failure is also left in the run's error.txt
+    with pytest.raises(RunDirError):
+        run_training(cfg, out, progress_bar=False, log=lambda *_: None)
+    assert "state.pt: unreadable training state" in (out / "error.txt").read_text()
     assert (out / "state.pt").read_bytes() == b"\x00garbage"
 
 
