@@ -442,13 +442,36 @@ class Stack:
         self.curves["train_acc"][:, e] = accs
         self.epoch += 1
 
+    def _scored(self, rows):
+        """``_losses`` in inference mode; the batched way goes through the runs in chunks so
+        that scoring the (larger) test split needs no more memory than a training step."""
+        import torch
+
+        if self.exact:
+            return self._losses(rows)
+        n_train, n_rows = self.train[0].shape[1], rows[0].shape[1]
+        chunk = max(1, (self.R * n_train) // max(n_rows, 1))
+        if chunk >= self.R:
+            return self._losses(rows)
+        P, out = self.P, []
+        try:
+            for a in range(0, self.R, chunk):
+                b = min(a + chunk, self.R)
+                self.P = {k: v[a:b] for k, v in P.items()}
+                tokens, labels, counts, mask = rows
+                out.append(self._losses((tokens[a:b], labels[a:b], counts[a:b],
+                                         None if mask is None else mask[a:b])))
+        finally:
+            self.P = P
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
     def evaluate(self, train_too: bool = False) -> None:
         import torch
 
         with torch.inference_mode():
             splits = [("test", self.test)] + ([("train", self.train)] if train_too else [])
             for split, rows in splits:
-                losses, accs = self._losses(rows)
+                losses, accs = self._scored(rows)
                 self.curves[f"{split}_loss"][:, self.epoch] = losses
                 self.curves[f"{split}_acc"][:, self.epoch] = accs
 
@@ -674,8 +697,9 @@ def bytes_per_run(cfg: RunConfig) -> int:
       weights and indices (``4 (n h + 1)``), bag output, mixed input and its split
       (``3 (d_mlp + p)``), ReLU in/out (``2 d_mlp``), logits in float32 and float64 and the
       float64 log-softmax (``5 p``);
-    * test rows, scored in inference mode (nothing saved): ``2 (d_mlp + p) + d_mlp + 5 p`` per
-      row; the peak is the larger of the train and test terms.
+    * test rows, scored in inference mode (nothing saved) and, in a batched group, a chunk of
+      runs at a time whose rows number no more than the group's train rows:
+      ``2 (d_mlp + p) + d_mlp + 5 p`` per row; the peak is the larger of the two terms.
     """
     n, h, e, d, m, p, V = 3, cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.p, cfg.d_vocab
     n_params = V * d + n * d + 4 * h * d * e + 2 * d * m + d * p
@@ -684,7 +708,7 @@ def bytes_per_run(cfg: RunConfig) -> int:
     n_test = n_all - int(n_all * cfg.train_frac)
     tables = (n * V * h + V) * (m + p) + V * n * V * h + n * V * h * e
     train = n_train * 2 * (4 * (n * h + 1) + 3 * (m + p) + 2 * m + 5 * p)
-    test = n_test * (2 * (m + p) + m + 5 * p)
+    test = min(n_test, n_train) * (2 * (m + p) + m + 5 * p)
     return 4 * (7 * n_params + 3 * tables + max(train, test))
 
 

@@ -28,8 +28,8 @@ from grokhpc.data import make_dataset
 from grokhpc.model import build_model
 from grokhpc.store import RunDir
 from grokhpc.train import Trainer, loss_fn, run_training
-from grokhpc.train_batched import (BATCHED_KERNELS, GroupError, StackedAdamW, auto_runs_per_job,
-                                   bytes_per_run, stacked_loss, train_group)
+from grokhpc.train_batched import (BATCHED_KERNELS, GroupError, Stack, StackedAdamW,
+                                   auto_runs_per_job, bytes_per_run, stacked_loss, train_group)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -227,6 +227,25 @@ def test_batched_forward_and_gradients_match_solo(kernels):
     other[..., -1] = CFGS[0].p
     relogits = fn({k: v.detach() for k, v in P.items()}, other, CFGS[0].d_vocab)
     assert torch.equal(stacked_loss(relogits, labels, counts, mask, "float64"), losses.detach())
+
+
+def test_batched_scoring_in_run_chunks_equals_solo_scoring(tmp_path):
+    """Small train fractions make the test split larger than the train split, so the batched
+    way scores it a chunk of runs at a time; the scores are the solo ones."""
+    cfgs = [BASE.replace(model_seed=11 + i, data_seed=21 + i, train_frac=f)
+            for i, f in enumerate((0.2, 0.3, 0.25))]
+    trainers = [Trainer(c, RunDir(tmp_path / f"r{i}"), torch.device("cpu"))
+                for i, c in enumerate(cfgs)]
+    stack = Stack(trainers, torch.device("cpu"), exact=False)
+    n_train, n_test = stack.train[0].shape[1], stack.test[0].shape[1]
+    assert (3 * n_train) // n_test < 3  # chunked
+    stack.evaluate(train_too=True)
+    for r, t in enumerate(trainers):
+        t.evaluate(train_too=True)  # the solo Trainer's own scoring
+        for k in ("test_loss", "train_loss"):
+            assert stack.curves[k][r, 0].item() == pytest.approx(t.curves[k][0].item(), rel=1e-6)
+        for k in ("test_acc", "train_acc"):
+            assert stack.curves[k][r, 0].item() == t.curves[k][0].item()
 
 
 def test_group_of_different_shapes_is_refused(tmp_path):
