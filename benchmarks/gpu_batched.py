@@ -47,6 +47,51 @@ def group_configs(base, r: int):
             for i in range(r)]
 
 
+def check(base, dev, out) -> None:
+    """Three tiny runs (p = 17, add, 300 epochs) trained packed -- batched and exact -- and
+    alone on ``dev``; prints the largest curve and weight differences and grokking epochs."""
+    import numpy as np
+
+    from grokhpc.store import RunDir
+    from grokhpc.train import run_training
+    from grokhpc.train_batched import train_group
+
+    tiny = base.replace(p=17, op="add", d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=300,
+                        checkpoint_every=50, eval_every=10)
+    cfgs = [tiny.replace(model_seed=1, data_seed=2, train_frac=0.9, lr=1e-2, weight_decay=1.0),
+            tiny.replace(model_seed=3, data_seed=4, train_frac=0.7, lr=5e-3, weight_decay=0.3,
+                         betas=(0.85, 0.99)),
+            tiny.replace(model_seed=5, data_seed=6, train_frac=0.8, lr=1e-2, weight_decay=2.0)]
+    quiet = lambda *a: None  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp:
+        solo = [Path(tmp) / f"solo{i}" for i in range(3)]
+        for c, d in zip(cfgs, solo):
+            run_training(c, d, progress_bar=False, log=quiet)
+        for mode in ("exact", "batched"):
+            dirs = [Path(tmp) / f"{mode}{i}" for i in range(3)]
+            t0 = time.perf_counter()
+            train_group(cfgs, dirs, device=dev, progress_bar=False, log=quiet,
+                        exact=(mode == "exact"))
+            wall = time.perf_counter() - t0
+            d_abs = d_rel = d_w = 0.0
+            groks = []
+            for d, s in zip(dirs, solo):
+                a, b = RunDir(d).read_curves(), RunDir(s).read_curves()
+                for col in ("train_loss", "test_loss"):
+                    x, y = a[col].to_numpy(), b[col].to_numpy()
+                    m = ~np.isnan(y)
+                    d_abs = max(d_abs, float(np.abs(x[m] - y[m]).max()))
+                    d_rel = max(d_rel, float((np.abs(x[m] - y[m]) / np.abs(y[m])).max()))
+                wa, wb = RunDir(d).checkpoints(mmap=False)[1], RunDir(s).checkpoints(mmap=False)[1]
+                d_w = max(d_w, float(np.abs(wa - wb).max()))
+                groks.append((RunDir(d).read_summary()["grokking_epoch"],
+                              RunDir(s).read_summary()["grokking_epoch"]))
+            out(f"check on {dev}, packed {mode} vs solo (3 tiny runs, 300 epochs, {wall:.1f} s): "
+                f"max |d loss| {d_abs:.3g}, max rel {d_rel:.3g}, max |d weight| {d_w:.3g}, "
+                f"grokking epochs packed/solo {groks}")
+    out()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if any)")
@@ -61,6 +106,8 @@ def main(argv=None) -> int:
                     help="batched mode's kernels to time, comma-separated (bag, dense)")
     ap.add_argument("--p", type=int, default=113)
     ap.add_argument("--sweep-epochs", type=int, default=25_000)
+    ap.add_argument("--check", action="store_true",
+                    help="first train 3 tiny runs packed and alone on the device and compare")
     ap.add_argument("--out", default="benchmarks/gpu_batched_table.md",
                     help="file the table is written to")
     args = ap.parse_args(argv)
@@ -122,6 +169,9 @@ def main(argv=None) -> int:
         f"auto_runs_per_job -> {auto_runs_per_job(base, dev)}; command: "
         f"`python {' '.join(sys.argv)}`")
     out()
+
+    if args.check:
+        check(base, dev, out)
 
     # ---- the seed's way ------------------------------------------------------------------------
     mem_reset()
