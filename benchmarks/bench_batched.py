@@ -79,7 +79,7 @@ def main(argv=None) -> None:
             trainers = [Trainer(c, RunDir(f"{tmp}/R{r}_{i}"), dev) for i, c in enumerate(cfgs)]
             for mode in modes:
                 stacks[(r, mode)] = Stack(trainers, dev, exact=(mode == "exact"),
-                                          kernels="dense" if mode == "dense" else "bag")
+                                          kernels="bag" if mode == "batched" else "dense")
 
         def group_epochs(stack):
             def run(n):

@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = dev.type == "cuda"
     if cuda:
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
         name = torch.cuda.get_device_name(dev)
         free, total = torch.cuda.mem_get_info(dev)

@@ -271,30 +271,43 @@ def test_packed_runs_equal_solo_runs(solo, packed, capsys):
                                     for g in groks])
 
 
-def test_batched_mode_tracks_solo_runs(tmp_path, solo, capsys):
-    """The batched kernels (the GPU path) trained end to end on CPU: same checkpoint epochs,
-    files and grokking epochs; curves close (rounding differences grow during training, so
-    this bound is looser than the exact mode's bit-for-bit)."""
+@pytest.mark.parametrize("kernels", ["bag", "dense"])
+def test_batched_mode_tracks_solo_runs(tmp_path, solo, capsys, kernels):
+    """The batched kernels (the GPU path) trained end to end on CPU: same files and checkpoint
+    epochs; curves close while rounding differences are small. These tiny runs are chaotic
+    (a few hundred train pairs, Adam), so float32 rounding differences grow during training
+    -- the solo run itself in float64 differs from float32 by 2% of a loss within 50 epochs.
+    The bag kernels, the solo fast path's own math, still give the solo grokking epochs; the
+    dense kernels round differently from the first step and are held to the first epochs."""
     dirs = [tmp_path / f"r{i}" for i in range(3)]
-    train_group(CFGS, dirs, device="cpu", progress_bar=False, log=lambda *a: None, exact=False)
+    train_group(CFGS, dirs, device="cpu", progress_bar=False, log=lambda *a: None, exact=False,
+                kernels=kernels)
     worst = {"abs": 0.0, "rel": 0.0}
+    early = 0.0
+    horizon = 50 if kernels == "bag" else 10
     for d, s in zip(dirs, solo):
         assert files_of(d) == files_of(s)
         assert RunDir(d).checkpoints()[0] == RunDir(s).checkpoints()[0]
-        assert RunDir(d).read_summary()["grokking_epoch"] == RunDir(s).read_summary()["grokking_epoch"]
         a, b = RunDir(d).read_curves(), RunDir(s).read_curves()
         for col in ("train_loss", "test_loss"):
             x, y = a[col].to_numpy(), b[col].to_numpy()
             assert np.array_equal(np.isnan(x), np.isnan(y))
             m = ~np.isnan(y)
+            rel = np.abs(x - y) / np.abs(y)
             worst["abs"] = max(worst["abs"], float(np.abs(x[m] - y[m]).max()))
-            worst["rel"] = max(worst["rel"], float((np.abs(x[m] - y[m]) / np.abs(y[m])).max()))
-        acc = np.abs(a["test_acc"].to_numpy() - b["test_acc"].to_numpy())
-        assert np.nanmax(acc) <= 0.05
-    assert worst["rel"] < 0.05
+            worst["rel"] = max(worst["rel"], float(rel[m].max()))
+            early = max(early, float(np.nanmax(rel[: horizon + 1])))
+        if kernels == "bag":
+            assert (RunDir(d).read_summary()["grokking_epoch"]
+                    == RunDir(s).read_summary()["grokking_epoch"])
+            assert np.nanmax(np.abs(a["test_acc"] - b["test_acc"])) <= 0.05
+    assert early < 1e-3
+    if kernels == "bag":
+        assert worst["rel"] < 0.05
     with capsys.disabled():
-        print(f"\nbatched kernels vs solo after {BASE.n_epochs} epochs: max |d loss| = "
-              f"{worst['abs']:.3g}, max rel = {worst['rel']:.3g}")
+        print(f"\nbatched {kernels} kernels vs solo: epochs 0-{horizon} max rel {early:.3g}; all "
+              f"{BASE.n_epochs} epochs max |d loss| = {worst['abs']:.3g}, max rel = "
+              f"{worst['rel']:.3g}")
 
 
 def test_complete_group_is_left_alone(packed):
@@ -375,11 +388,14 @@ def test_group_resumes_runs_at_different_epochs(tmp_path, solo):
 
 # ---- divergence --------------------------------------------------------------------------------
 def test_diverged_run_is_marked_and_the_others_go_on(tmp_path, solo):
+    """(With commits written in the background, the GPU default, so that path is checked
+    against the solo runs too.)"""
     bad = BASE.replace(model_seed=7, data_seed=8, train_frac=0.8, lr=1e6, weight_decay=1.0)
     cfgs = [CFGS[0], bad, CFGS[2]]
     dirs = [tmp_path / f"r{i}" for i in range(3)]
     said = []
-    train_group(cfgs, dirs, device="cpu", progress_bar=False, log=said.append)
+    train_group(cfgs, dirs, device="cpu", progress_bar=False, log=said.append,
+                background_commits=True)
     compare_runs(dirs[0], solo[0])
     compare_runs(dirs[2], solo[2])
     err = RunDir(dirs[1]).read_error()
