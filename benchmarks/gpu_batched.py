@@ -67,11 +67,15 @@ def check(base, dev, out) -> None:
         solo = [Path(tmp) / f"solo{i}" for i in range(3)]
         for c, d in zip(cfgs, solo):
             run_training(c, d, progress_bar=False, log=quiet)
-        for mode in ("exact", "batched"):
-            dirs = [Path(tmp) / f"{mode}{i}" for i in range(3)]
+        for mode in ("solo again", "exact", "batched"):
+            dirs = [Path(tmp) / f"{mode.replace(' ', '_')}{i}" for i in range(3)]
             t0 = time.perf_counter()
-            train_group(cfgs, dirs, device=dev, progress_bar=False, log=quiet,
-                        exact=(mode == "exact"))
+            if mode == "solo again":  # the device's own run-to-run spread
+                for c, d in zip(cfgs, dirs):
+                    run_training(c, d, progress_bar=False, log=quiet)
+            else:
+                train_group(cfgs, dirs, device=dev, progress_bar=False, log=quiet,
+                            exact=(mode == "exact"))
             wall = time.perf_counter() - t0
             d_abs = d_rel = d_w = 0.0
             groks = []
@@ -86,9 +90,9 @@ def check(base, dev, out) -> None:
                 d_w = max(d_w, float(np.abs(wa - wb).max()))
                 groks.append((RunDir(d).read_summary()["grokking_epoch"],
                               RunDir(s).read_summary()["grokking_epoch"]))
-            out(f"check on {dev}, packed {mode} vs solo (3 tiny runs, 300 epochs, {wall:.1f} s): "
+            out(f"check on {dev}, {mode} vs solo (3 tiny runs, 300 epochs, {wall:.1f} s): "
                 f"max |d loss| {d_abs:.3g}, max rel {d_rel:.3g}, max |d weight| {d_w:.3g}, "
-                f"grokking epochs packed/solo {groks}")
+                f"grokking epochs (this, solo) {groks}")
     out()
 
 
@@ -106,6 +110,9 @@ def main(argv=None) -> int:
                     help="batched mode's kernels to time, comma-separated (bag, dense)")
     ap.add_argument("--p", type=int, default=113)
     ap.add_argument("--sweep-epochs", type=int, default=25_000)
+    ap.add_argument("--e2e", type=int, default=0, metavar="R",
+                    help="also time R runs end to end with commits, foreground vs background")
+    ap.add_argument("--e2e-epochs", type=int, default=300)
     ap.add_argument("--check", action="store_true",
                     help="first train 3 tiny runs packed and alone on the device and compare")
     ap.add_argument("--out", default="benchmarks/gpu_batched_table.md",
@@ -282,6 +289,35 @@ def main(argv=None) -> int:
             way = f"packed {args.mode}" + (f" {kern}" if args.mode == "batched" else "")
             row(way, r, rate, rate1[kern], peak, bytes_per_run(base) * r, commit_s)
         r *= 2
+
+    # ---- end to end with commits: foreground vs background writes --------------------------
+    if args.e2e:
+        from grokhpc.train_batched import _fit_stack
+
+        r = args.e2e
+        out()
+        for background in (False, True):
+            gc.collect()
+            mem_reset()
+            with tempfile.TemporaryDirectory() as tmp:
+                cfgs = group_configs(base, r)
+                t0 = time.perf_counter()
+                trainers = [Trainer.open(c, Path(tmp) / f"r{i}", dev) for i, c in enumerate(cfgs)]
+                t_open = time.perf_counter() - t0
+                stack = Stack(trainers, dev, exact=False, kernels=kernels[0])
+                n = args.e2e_epochs
+                sync()
+                t0 = time.perf_counter()
+                _fit_stack(stack, n, None, lambda *a: None, background=background)
+                sync()
+                wall = time.perf_counter() - t0
+                del stack, trainers
+            rate = r * n / wall
+            sweep = args.sweep_epochs * r / rate / 60
+            out(f"end to end, R={r}, {kernels[0]} kernels, {n} epochs with a commit every "
+                f"{base.checkpoint_every} ({'background' if background else 'foreground'} "
+                f"writes): {rate:.0f} run-epochs/s incl. commits -> {args.sweep_epochs} epochs "
+                f"of {r} runs in {sweep:.1f} min (+ {t_open:.0f} s to open the {r} runs)")
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
