@@ -106,8 +106,9 @@ def main(argv=None) -> int:
                     help="timed epochs of the seed's way (default: 100 on GPU, --epochs on CPU)")
     ap.add_argument("--repeats", type=int, default=1, help="timed blocks per R (median)")
     ap.add_argument("--mode", choices=("batched", "exact"), default="batched")
-    ap.add_argument("--kernels", default="bag,dense",
-                    help="batched mode's kernels to time, comma-separated (bag, dense)")
+    ap.add_argument("--kernels", default="dense,bag",
+                    help="batched mode's kernels to time, comma-separated (dense, bag); "
+                         "--e2e uses the first")
     ap.add_argument("--p", type=int, default=113)
     ap.add_argument("--sweep-epochs", type=int, default=25_000)
     ap.add_argument("--e2e", type=int, default=0, metavar="R",

@@ -743,7 +743,10 @@ def auto_runs_per_job(cfg: RunConfig, device=None, safety: float = 0.7,
     """How many runs of ``cfg``'s shape to stack in one job on ``device``.
 
     CUDA: ``floor(safety * free_bytes / bytes_per_run(cfg))``, clamped to [1, cap], with
-    ``free_bytes`` from ``torch.cuda.mem_get_info``. CPU (or anything else): ``cpu_default``
+    ``free_bytes`` from ``torch.cuda.mem_get_info``. The estimate is conservative: on an H200
+    the measured peak (``max_memory_allocated``) of a seed-shaped batched group was 0.43 of
+    ``R * bytes_per_run`` at every R from 4 to 512 (benchmarks/gpu_batched_table.md), and
+    throughput stops growing near R = 256 there, so ``cap`` rarely binds usefully above that. CPU (or anything else): ``cpu_default``
     -- on a CPU the stacked step already keeps the cores busy at R = 1, so packing saves
     per-job overhead, not compute.
     """
