@@ -24,10 +24,13 @@ How the runs are stacked:
     rows. Bit-identical to solo runs (tests check whole runs file by file), and it follows any
     change of the solo fast path by construction. On a CPU the cores are busy at R = 1
     already, so batching the forward buys little there;
-* optimiser: ``StackedAdamW`` is ``torch.optim.AdamW``'s single-tensor step (decoupled weight
-  decay, bias corrections computed in Python floats per run) with per-run lr, weight decay and
-  betas broadcast along the run axis; each elementwise operation is the one torch's kernel
-  performs, in the same order, so it is bit-identical on CPU (tests check this);
+* optimiser: ``StackedAdamW`` holds the stacked moments. In batched mode its step is
+  ``torch.optim.AdamW``'s single-tensor math (decoupled weight decay, bias corrections per
+  run) with per-run lr, weight decay and betas broadcast along the run axis, ~8 kernels per
+  weight whatever R is; each elementwise operation is the one torch's CPU kernel performs, so
+  it is bit-identical there (tests check this). In exact mode it calls torch's own functional
+  AdamW once per run on views of the stacks, so it takes the solo optimiser's path on every
+  device (foreach kernels on CUDA);
 * bookkeeping: every run keeps a solo ``grokhpc.train.Trainer`` as its "shadow". At each commit
   the stacked weights, optimiser moments and curves are copied into the shadows and each
   shadow's own ``commit`` writes its directory, so files and state.pt are the solo ones by
@@ -262,10 +265,16 @@ class StackedAdamW:
     """
 
     def __init__(self, params: list, lrs, weight_decays, betas, steps, exp_avgs, exp_avg_sqs,
-                 host_scalars: bool | None = None):
+                 host_scalars: bool | None = None, per_run_torch: bool = False):
         import torch
 
         self.params = params
+        # per_run_torch: instead, call torch's own functional AdamW once per run on views of the
+        # stacks (foreach on CUDA, single-tensor on CPU, as a solo run's optimiser decides):
+        # the solo bits on every device, at ~10 kernels per run per step
+        self.per_run_torch = per_run_torch
+        self._step_ts = [[torch.tensor(float(s), dtype=torch.get_default_dtype())
+                          for _ in params] for s in steps]
         self.host_scalars = (params[0].device.type == "cpu") if host_scalars is None \
             else bool(host_scalars)
         self.exp_avgs, self.exp_avg_sqs = exp_avgs, exp_avg_sqs
@@ -313,10 +322,26 @@ class StackedAdamW:
         bc2_sqrt = (1 - c["b2"] ** c["t"]).sqrt()
         return neg_step.to(self.params[0].dtype), bc2_sqrt.to(self.params[0].dtype)
 
+    def _torch_step(self) -> None:
+        import torch
+        from torch.optim.adam import adam
+
+        with torch.no_grad():
+            for r in range(len(self.steps)):
+                adam([p[r] for p in self.params], [p.grad[r] for p in self.params],
+                     [m[r] for m in self.exp_avgs], [v[r] for v in self.exp_avg_sqs], [],
+                     self._step_ts[r], foreach=None, capturable=False, differentiable=False,
+                     fused=None, grad_scale=None, found_inf=None, has_complex=False,
+                     decoupled_weight_decay=True, amsgrad=False, beta1=self.b1[r],
+                     beta2=self.b2[r], lr=self.lrs[r], weight_decay=self.wds[r], eps=ADAM_EPS,
+                     maximize=False)
+
     def step(self) -> None:
         import torch
 
         self.steps = [s + 1 for s in self.steps]
+        if self.per_run_torch:
+            return self._torch_step()
         neg_step, bc2_sqrt = self._corrections()
         with torch.no_grad():
             for p, m, v in zip(self.params, self.exp_avgs, self.exp_avg_sqs):
@@ -379,7 +404,8 @@ class Stack:
                 [t.cfg.lr for t in trainers], [t.cfg.weight_decay for t in trainers],
                 [t.cfg.betas for t in trainers], steps,
                 [torch.stack(ms[n]).to(device) for n in self.trainable],
-                [torch.stack(vs[n]).to(device) for n in self.trainable])
+                [torch.stack(vs[n]).to(device) for n in self.trainable],
+                per_run_torch=self.exact)
         self.curves = {k: torch.stack([t.curves[k] for t in trainers]).to(device)
                        for k in trainers[0].curves}
         if self.exact:
