@@ -199,25 +199,41 @@ class Transformer(HookedRootModule):
         b, n = tokens.shape
         vocab, h = self.cfg.d_vocab, self.cfg.n_heads
         table = self.embed.W_E[None, :, :] + self.pos_embed.W_pos[:n, None, :]   # (n, V, d)
-
-        q_tab = torch.einsum("vd,hde->hve", table[-1], attn.W_Q) + attn.b_Q[:, None]
-        k_tab = torch.einsum("pvd,hde->hpve", table, attn.W_K) + attn.b_K[:, None, None]
-        s_tab = torch.einsum("hqe,hpve->qpvh", q_tab, k_tab).reshape(vocab, n * vocab, h)
-        flat = tokens + torch.arange(n, device=tokens.device) * vocab            # (b, n)
-        last = tokens[:, -1]
-        pattern = F.softmax(s_tab[last[:, None], flat] / attn.attn_scale, dim=1)  # (b, n, h)
-
         read = torch.cat([mlp.W_in, unembed.W_U], dim=1)                         # (d, d_mlp + p)
-        v_tab = torch.einsum("pvd,hde->pvhe", table, attn.W_V) + attn.b_V         # (n, V, h, e)
         o_read = torch.einsum("hed,df->hef", attn.W_O, read)                      # (h, e, d_mlp + p)
-        rows = torch.cat([torch.einsum("pvhe,hef->pvhf", v_tab, o_read).flatten(0, 2),
-                          table[-1] @ read])                                      # (n V h + V, ...)
-        heads = torch.arange(h, device=tokens.device)
-        idx = torch.cat([(flat[..., None] * h + heads).flatten(1), (n * vocab * h + last)[:, None]],
-                        dim=1)                                                   # (b, n h + 1)
-        weights = torch.cat([pattern.flatten(1), pattern.new_ones(b, 1)], dim=1)
-        mixed = (F.embedding_bag(idx, rows, per_sample_weights=weights, mode="sum")
-                 + attn.b_O @ read + torch.cat([mlp.b_in, unembed.b_U]))
+
+        # The last position's own terms depend only on its token, shared by every row of a
+        # batch in training ('='): they are computed per distinct token and spread with a
+        # one-hot product, so their gradients are sums taken by a matmul rather than float32
+        # accumulations of thousands of rows one after another.
+        uniq, inv = torch.unique(tokens[:, -1], return_inverse=True)
+        onehot = F.one_hot(inv, len(uniq)).to(table.dtype)                      # (b, U)
+        x_last = table[-1][uniq]                                                 # (U, d)
+        q = torch.einsum("ud,hde->uhe", x_last, attn.W_Q) + attn.b_Q             # (U, h, e)
+        k_last = torch.einsum("ud,hde->uhe", x_last, attn.W_K) + attn.b_K
+        v_last = torch.einsum("ud,hde->uhe", x_last, attn.W_V) + attn.b_V
+
+        # Scores: one table over (query token, key position, key token, head), rows look up.
+        early = table[:-1]                                                       # (n-1, V, d)
+        k_tab = torch.einsum("pvd,hde->phve", early, attn.W_K) + attn.b_K[:, None]
+        s_tab = torch.einsum("uhe,phve->upvh", q, k_tab).flatten(1, 2)           # (U, (n-1) V, h)
+        flat = tokens[:, :-1] + torch.arange(n - 1, device=tokens.device) * vocab  # (b, n-1)
+        scores = torch.cat([s_tab[inv[:, None], flat],
+                            (onehot @ (q * k_last).sum(-1))[:, None]], dim=1)   # (b, n, h)
+        pattern = F.softmax(scores / attn.attn_scale, dim=1)
+
+        # Values read through W_O and [W_in | W_U]: a weighted sum of per-(position, token,
+        # head) rows for the earlier positions, and the one-hot product for the last one.
+        v_tab = torch.einsum("pvd,hde->pvhe", early, attn.W_V) + attn.b_V        # (n-1, V, h, e)
+        rows = torch.einsum("pvhe,hef->pvhf", v_tab, o_read).flatten(0, 2)       # ((n-1) V h, f)
+        idx = (flat[..., None] * h + torch.arange(h, device=tokens.device)).flatten(1)
+        mixed = F.embedding_bag(idx, rows, per_sample_weights=pattern[:, :-1].flatten(1),
+                                mode="sum")
+        last_rows = torch.cat([torch.einsum("uhe,hef->uhf", v_last, o_read),
+                               (x_last @ read)[:, None]], dim=1)                 # (U, h+1, f)
+        w_last = torch.cat([pattern[:, -1], pattern.new_ones(b, 1)], dim=1)      # (b, h+1)
+        mixed = mixed + (onehot[:, :, None] * w_last[:, None, :]).flatten(1) @ last_rows.flatten(0, 1)
+        mixed = mixed + attn.b_O @ read + torch.cat([mlp.b_in, unembed.b_U])
         pre, direct = mixed.split([mlp.W_in.shape[1], unembed.W_U.shape[1]], dim=1)
         return direct + F.relu(pre) @ (mlp.W_out @ unembed.W_U) + mlp.b_out @ unembed.W_U
 

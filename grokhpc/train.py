@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 import time
 import traceback
@@ -72,6 +73,10 @@ class Trainer:
         from .model import build_model, param_layout
 
         self.cfg, self.run, self.device = cfg, run, device
+        # Bit-identical resumes need reproducible kernels: CPU index/embedding backward
+        # otherwise accumulates with atomics across threads, in a varying order.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
         self.data = make_dataset(cfg).to(device)
         self.train_tokens, self.train_labels = self.data.train_tokens, self.data.train_labels
         self.test_tokens, self.test_labels = self.data.test_tokens, self.data.test_labels
