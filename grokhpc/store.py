@@ -253,6 +253,18 @@ class RunDir:
     def write_error(self, text: str) -> None:
         atomic_write_bytes(self.file(ERROR), text.encode())
 
+    def remove_stale_temp_files(self) -> list[str]:
+        """Delete ``.NAME.*.tmp`` files left by a kill mid-write (only the run's owner, when it
+        resumes, may: a reader cannot tell them from a write in progress)."""
+        removed = []
+        for f in self.path.glob(".*.tmp"):
+            try:
+                f.unlink()
+                removed.append(f.name)
+            except FileNotFoundError:
+                pass
+        return removed
+
     def clear_error(self) -> None:
         try:
             self.file(ERROR).unlink()

@@ -195,6 +195,7 @@ class Trainer:
         """A trainer for ``cfg`` in ``out``: new, or resumed from its last commit."""
         run = RunDir(out)
         run.create({**config_mod.to_dict(cfg), "run_id": cfg.run_id})
+        run.remove_stale_temp_files()
         trainer = cls(cfg, run, device if device is not None else resolve_device(cfg.device))
         if not trainer.restore():
             trainer.evaluate()

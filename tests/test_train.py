@@ -148,7 +148,9 @@ def test_stale_checkpoint_tail_is_cut_on_resume(tmp_path):
     t.commit(checkpoint=True)                       # epochs 0 and 20 committed
     n_cols = sum(math.prod(s) for _, s in t.layout)
     append_checkpoint_row(out / CHECKPOINTS, np.full(n_cols, 7.0, np.float32), 2)  # orphan
+    (out / ".state.pt.k1ll3d.tmp").write_bytes(b"half a state")        # a kill mid-rename
     t2 = Trainer.open(cfg, out)
+    assert not list(out.glob(".*.tmp"))
     assert t2.epoch == 20 and t2.checkpoint_epochs == [0, 20]
     size = (out / CHECKPOINTS).stat().st_size
     assert size == 128 + 2 * n_cols * 4
