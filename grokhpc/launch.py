@@ -297,7 +297,9 @@ def manifest_base(sweep: Sweep, launcher: LauncherSettings, old: dict | None) ->
         "zip_groups": [list(g) for g in sweep.zip_groups],
         "base": to_dict(sweep.base),
         "launcher": launcher.to_dict(),
-        "runs": [{"run_id": r.run_id, "dir": str(r.dir), "swept": r.swept} for r in sweep.runs],
+        # run directories relative to the sweep directory, so a copied sweep still reads
+        "runs": [{"run_id": r.run_id, "dir": os.path.relpath(r.dir, sweep.out), "swept": r.swept}
+                 for r in sweep.runs],
         "launches": list((old or {}).get("launches", [])),
     }
 

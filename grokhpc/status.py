@@ -170,7 +170,7 @@ def collect(sweep_dir: str | os.PathLike, use_scheduler: bool = True) -> list[Ru
     out = []
     for r in manifest.get("runs", []):
         rid = r["run_id"]
-        run = RunDir(r["dir"])
+        run = RunDir(sweep_dir / r["dir"])  # relative to the sweep (an absolute one stays)
         try:
             prog = run.read_progress()
         except RunDirError:
@@ -179,7 +179,7 @@ def collect(sweep_dir: str | os.PathLike, use_scheduler: bool = True) -> list[Ru
         n_epochs = prog.get("n_epochs") if prog else None
         job = jobs.get(rid)
         st = RunStatus(run_id=rid, state="pending", epoch=epoch, n_epochs=n_epochs,
-                       swept=r.get("swept", {}), dir=r["dir"])
+                       swept=r.get("swept", {}), dir=str(sweep_dir / r["dir"]))
         if n_epochs is None:
             try:
                 st.n_epochs = run.read_config().get("n_epochs") if run.exists() else None

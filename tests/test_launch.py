@@ -3,6 +3,7 @@ end on a tiny sweep, relaunch skipping finished runs, and a job whose one run fa
 
 import io
 import json
+import shutil
 import re
 import subprocess
 import sys
@@ -102,6 +103,17 @@ def test_local_executor_end_to_end(write_spec, tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["launches"]) == 1
     assert (out / "runs" / ids[0] / "curves.parquet").read_bytes() == before
+
+    # a sweep copied elsewhere (cluster -> laptop) reads its own copies, not the originals
+    assert [r["dir"] for r in manifest["runs"]] == [f"runs/{r}" for r in ids]
+    from grokhpc import status as status_mod
+
+    copy = tmp_path / "copied"
+    shutil.copytree(out, copy)
+    shutil.rmtree(out)
+    states = status_mod.collect(copy, use_scheduler=False)
+    assert [s.state for s in states] == ["done", "done"]
+    assert all(str(copy) in s.dir for s in states)
 
 
 def test_a_failing_run_does_not_stop_its_job_mates(tmp_path):
