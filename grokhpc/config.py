@@ -105,8 +105,28 @@ def _fail(source: str, key: str, expected: str, got: Any) -> ConfigError:
     return ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
 
 
+# The largest memory a run may need: a big cluster node's RAM. Beyond it no machine can train
+# or measure the run, so the value is refused before anything is submitted.
+MAX_GRID_BYTES = 1 << 40
+
+
+def grid_bytes(cfg: RunConfig) -> int:
+    """A lower bound on the bytes a run needs for its p x p grid of pairs: tokens and labels
+    (int64), the MLP activations at the last position (float32), and p logits per pair in
+    float32 plus the float64 log-softmax of the loss."""
+    p = cfg.p
+    return p * p * (4 * 8 + 4 * (2 * cfg.d_mlp + cfg.d_model) + (4 + 8 + 8) * p)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.0f}" if n >= 2**30 else f"{n / 2**30:.2g}"
+
+
 def validate(cfg: RunConfig, source: str = "run config") -> None:
     """Raise ConfigError on the first value that makes no sense."""
+    if isinstance(cfg.p, int) and grid_bytes(cfg) > MAX_GRID_BYTES:
+        raise _fail(source, "p", f"a prime whose p x p grid fits in memory (this one needs about "
+                    f"{_gib(grid_bytes(cfg))} GiB; at most {_gib(MAX_GRID_BYTES)} GiB)", cfg.p)
     checks: list[tuple[bool, str, str]] = [
         (is_prime(cfg.p) and cfg.p >= 3, "p", "a prime >= 3"),
         (cfg.op in OPS, "op", f"one of {', '.join(OPS)}"),
@@ -214,15 +234,35 @@ def parse_overrides(items: Iterable[str], source: str = "--set") -> dict[str, An
     return out
 
 
+def from_run_dict(d: Mapping[str, Any], source: str = "config.json") -> RunConfig:
+    """A run directory's config (its fields plus ``run_id``) back into a RunConfig.
+
+    The stored ``run_id`` must be the hash of the stored fields: a config edited by hand, or
+    written by a version of grokhpc that hashed differently, is refused rather than trained
+    into the wrong directory."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of run fields, got {type(d).__name__}")
+    fields_only = {k: v for k, v in d.items() if k != "run_id"}
+    cfg = from_dict(fields_only, source=source)
+    stored = d.get("run_id")
+    if stored is not None and stored != cfg.run_id:
+        raise ConfigError(f"{source}: run_id: expected {cfg.run_id} (the hash of its fields), "
+                          f"got {stored!r}")
+    return cfg
+
+
 def load_json(path) -> RunConfig:
-    """Read a run directory's config.json back into a RunConfig."""
-    with open(path) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return from_dict(d, source=str(path))
+    """Read a run directory's config.json back into a RunConfig (see ``from_run_dict``)."""
+    try:
+        with open(path, "rb") as f:
+            d = json.loads(f.read().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return from_run_dict(d, source=str(path))
 
 
-__all__ = ["RunConfig", "ConfigError", "from_dict", "to_dict", "parse_overrides", "load_json",
+__all__ = ["RunConfig", "ConfigError", "from_dict", "from_run_dict", "to_dict",
+           "parse_overrides", "load_json",
            "is_prime", "OPS"]

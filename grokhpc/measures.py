@@ -448,7 +448,7 @@ def _num(x):
 
 def detect_phases(curves, p: int) -> dict[str, Any]:
     """Phase epochs from a curves table (pandas: epoch, train_loss, train_acc, test_loss,
-    test_acc; NaN where not evaluated). Rules (DESIGN.md), over the epochs where the test set
+    test_acc; NaN where not evaluated). Rules, over the epochs where the test set
     was scored:
 
     * memorisation_end: the epoch of the test-loss peak; ``memorised`` says whether the train

@@ -83,3 +83,29 @@ def test_frozen():
     with pytest.raises(Exception):
         RunConfig().p = 7  # type: ignore[misc]
     assert math.isclose(RunConfig().replace(p=7).p, 7)
+
+
+def test_load_json_reads_a_run_directory_config_and_checks_its_run_id(tmp_path):
+    cfg = RunConfig(p=13, weight_decay=0.3)
+    f = tmp_path / "config.json"
+    f.write_text(json.dumps({**cfg.identity(), "device": "cpu", "run_id": cfg.run_id}))
+    assert load_json(f) == cfg.replace(device="cpu")
+    f.write_text(json.dumps({**cfg.identity(), "run_id": "0123456789ab"}))
+    with pytest.raises(ConfigError, match=rf"config.json: run_id: expected {cfg.run_id}"):
+        load_json(f)
+    f.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_json(f)
+
+
+def test_a_grid_too_large_for_memory_is_refused_with_what_it_needs():
+    # p = 1,000,003 is prime; its p^3 logits alone are ~2e19 bytes
+    with pytest.raises(ConfigError) as e:
+        RunConfig(p=1_000_003)
+    msg = str(e.value)
+    assert msg.startswith("run config: p: expected a prime whose p x p grid fits in memory")
+    assert "1000003" in msg and "GiB" in msg and "\n" not in msg
+    # the bound is p^2 * (... + 20 p) bytes: at p = 3,001 that is > 1 TiB, at 113 a few MiB
+    with pytest.raises(ConfigError, match="grid fits in memory"):
+        RunConfig(p=4_001)
+    assert RunConfig(p=1_009).p == 1_009

@@ -9,7 +9,7 @@ from grokhpc.data import all_pairs, make_dataset, split_indices
 
 def test_seed_split_first_rows_match_the_notebook():
     d = make_dataset(RunConfig())
-    # printed by the seed notebook (DESIGN.md)
+    # printed by the seed notebook
     assert d.train_tokens[:5].tolist() == [[21, 31, 113], [30, 98, 113], [47, 10, 113],
                                            [86, 21, 113], [99, 83, 113]]
     assert d.train_labels[:5].tolist() == [103, 45, 37, 65, 16]

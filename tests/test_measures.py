@@ -302,7 +302,7 @@ def test_fast_path_matches_seed_formulation_on_seed_config():
         want = seed_measures(model, key, cfg.p, data.tokens, data.labels, data.train_idx,
                              data.test_idx)
     got = measures.Evaluator(cfg, key).measure(weights_of(model))
-    # the seed's initial losses (DESIGN.md: train 4.732243929, test 4.734574222)
+    # the seed notebook's initial losses (train 4.732243929, test 4.734574222)
     assert got["train_loss"] == pytest.approx(4.732243929, abs=2e-6)
     assert got["test_loss"] == pytest.approx(4.734574222, abs=2e-6)
     for k in ("train_loss", "test_loss", "all_loss", "restricted_loss", "excluded_loss",
