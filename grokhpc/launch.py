@@ -36,8 +36,9 @@ import submitit
 
 from .config import ConfigError, from_dict, to_dict
 from .store import RunDir, RunDirError, atomic_write_json, read_json
-from .sweep import (ClusterProfile, LauncherSettings, Sweep, SweepRun, load_profile, load_sweep,
-                    pack, resolve_launcher, shape_key)
+from .sweep import (ClusterProfile, LauncherSettings, Sweep, SweepRun, fit_partition,
+                    load_profile, load_sweep, pack, partition_limits, resolve_launcher,
+                    shape_key)
 
 MANIFEST = "manifest.json"
 JOBS_DIR = "jobs"
@@ -161,10 +162,15 @@ def resolve_executor(name: str, dry_run: bool = False, cluster: str | None = Non
     return "local"
 
 
-# Memory of the GPU types the cluster profiles name (GB; the smaller model where there are two):
-# sizes ``runs_per_job: auto`` when the launch host is not the GPU node.
-GPU_MEMORY_GB = {"h200": 141, "h100": 80, "a100": 40, "a5000": 24, "rtx3090": 24,
-                 "rtx5000": 16, "v100": 16, "rtx2080ti": 11}
+# Memory of every GPU type the cluster profiles name, in GB: the "vRAM/GPU (GB)" column of the
+# partition tables on docs.ycrc.yale.edu/clusters/{bouchet,grace,mccleary}/ (August 2026), the
+# smaller model where a type comes in two (a100: 40 and 80). b200: the page says 193; NVIDIA's
+# HGX/DGX B200 gives 180 usable, the smaller is kept. Sizes ``runs_per_job: auto`` when the
+# launch host is not the GPU node.
+GPU_MEMORY_GB = {"b200": 180, "h200": 141, "rtx_pro_6000_blackwell": 96, "h100": 80,
+                 "l40s": 48, "a40": 48, "rtx8000": 48, "a100": 40, "rtx_5000_ada": 32,
+                 "a5000": 24, "rtx3090": 24, "rtx5000": 16, "v100": 16, "rtx2080ti": 11,
+                 "rtx2080": 8}
 AUTO_SAFETY = 0.7
 AUTO_CAP = 1024
 
@@ -236,6 +242,11 @@ def max_array_size() -> int:
         if k.strip() == "MaxArraySize" and v.strip().isdigit():
             return max(1, int(v.strip()) - 1)
     return DEFAULT_MAX_ARRAY
+
+
+def array_size(dry_run: bool = False) -> int:
+    """Array tasks per submission here: the cluster's, or the default in a dry run off-cluster."""
+    return max_array_size() if shutil.which("scontrol") or not dry_run else DEFAULT_MAX_ARRAY
 
 
 def chunks(items: list, size: int) -> list[list]:
@@ -380,6 +391,10 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
             state[r.run_id] = "to run"
             todo.append(r)
     groups = pack(todo, runs_per_job_for(launcher))
+    fit = fit_partition(launcher, profile, len(groups), array_size(dry_run), str(spec),
+                        DEFAULT_ARRAY_PARALLELISM) if kind == "slurm" else None
+    if fit is not None:   # the partition's per-user caps; deferred jobs go out on a relaunch
+        launcher, groups = fit.launcher, groups[:fit.jobs_now]
     params = executor_parameters(kind, sweep, launcher, profile)
     plan = {"sweep": sweep, "launcher": launcher, "executor": kind, "profile": profile,
             "todo": todo, "groups": groups, "parameters": params, "jobs": []}
@@ -390,13 +405,15 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
           f"{len(sweep.runs) - n_done - len(todo)} in flight, {len(todo)} to run in "
           f"{len(groups)} job(s) of up to {max((len(g) for g in groups), default=0)} run(s)",
           file=out)
+    for note in fit.notes if fit else ():
+        print(note, file=out)
     if dry_run:
         print(runs_table(sweep, state), file=out)
         print(f"\nexecutor: {kind}" + (f", cluster {profile.name} ({profile.path})"
                                       if profile else ""), file=out)
         if profile and launcher.partition and profile.partition(launcher.partition):
             part = profile.partition(launcher.partition)
-            print(f"partition {part.name}: limit {part.max_time} min"
+            print(f"partition {part.name}: {partition_limits(part)}"
                   + (", preemptable (jobs requeue and resume)" if part.preemptable else ""),
                   file=out)
         print("submitit parameters:", file=out)
@@ -404,8 +421,7 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
             print(f"  {k} = {params[k]!r}", file=out)
         if kind == "slurm":
             print(f"  slurm_max_num_timeout = {launcher.max_timeouts!r}", file=out)
-            size = max_array_size() if shutil.which("scontrol") else DEFAULT_MAX_ARRAY
-            arrays = chunks(groups, size) or [[]]
+            arrays = chunks(groups, array_size(dry_run)) or [[]]
             n0 = len(arrays[0])
             print("sbatch script header " + (f"({len(arrays)} array(s), the first of {n0} tasks):"
                                              if n0 > 1 else "(a single job, no array):"),

@@ -49,10 +49,12 @@ EXECUTORS = ("auto", "slurm", "local", "debug")
 LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
                  "partition", "array_parallelism", "runs_per_job", "max_timeouts", "extra")
 PROFILE_KEYS = ("name", "description", "gpu_request", "cpu_partition", "gpu_partition",
-                "defaults", "partitions", "notes")
+                "submissions_per_hour", "defaults", "partitions", "notes")
 PROFILE_DEFAULT_KEYS = ("time", "cpus_per_task", "mem_gb", "gpus", "gpu_type",
                         "array_parallelism")
-PARTITION_KEYS = ("max_time", "gpus", "gpu_types", "preemptable", "description")
+PARTITION_KEYS = ("max_time", "gpus", "gpu_types", "preemptable", "max_running",
+                  "max_submitted", "max_gpus", "description")
+PARTITION_CAPS = ("max_running", "max_submitted", "max_gpus")   # per user
 GPU_REQUESTS = ("gpus", "gres")
 
 
@@ -212,11 +214,16 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
 
 @dataclass(frozen=True)
 class Partition:
+    """One SLURM partition of a cluster profile and its per-user limits (None: no limit)."""
+
     name: str
     max_time: int | None = None       # minutes
     gpus: bool = False
     gpu_types: tuple[str, ...] = ()
     preemptable: bool = False
+    max_running: int | None = None    # running jobs per user
+    max_submitted: int | None = None  # pending + running jobs per user (each array task counts)
+    max_gpus: int | None = None       # GPUs per user, all jobs together
     description: str = ""
 
 
@@ -232,6 +239,7 @@ class ClusterProfile:
     gpu_partition: str | None = None
     defaults: tuple[tuple[str, Any], ...] = ()
     partitions: tuple[Partition, ...] = ()
+    submissions_per_hour: int | None = None   # sbatch calls per user and hour (an array is one)
 
     def partition(self, name: str) -> Partition | None:
         return next((p for p in self.partitions if p.name == name), None)
@@ -271,6 +279,32 @@ def load_profile(name: str, source: str = "--cluster") -> ClusterProfile:
     raise ConfigError(f"{source}: cluster: expected a cluster profile name ({known}), got {name!r}")
 
 
+def _positive_int(d: Mapping, key: str, source: str, where: str) -> int | None:
+    v = d.get(key)
+    _expect(v is None or (_is_int(v) and v >= 1), source, where, "an integer >= 1", v)
+    return v
+
+
+def _parse_partition(name: Any, pd: Any, source: str) -> Partition:
+    key = f"partitions.{name}"
+    _expect(isinstance(pd, Mapping), source, key, "a mapping", pd)
+    for k in pd:
+        if k not in PARTITION_KEYS:
+            raise ConfigError(f"{source}: {key}.{k}: unknown key (expected one of "
+                              f"{', '.join(PARTITION_KEYS)})")
+    types = pd.get("gpu_types") or []
+    _expect(isinstance(types, list) and all(isinstance(t, str) and t for t in types), source,
+            f"{key}.gpu_types", "a list of GPU type names", types)
+    mt = pd.get("max_time")
+    return Partition(
+        name=str(name),
+        max_time=None if mt is None else parse_minutes(mt, source, f"{key}.max_time"),
+        gpus=bool(pd.get("gpus", False)), gpu_types=tuple(types),
+        preemptable=bool(pd.get("preemptable", False)),
+        **{c: _positive_int(pd, c, source, f"{key}.{c}") for c in PARTITION_CAPS},
+        description=str(pd.get("description", "")))
+
+
 def parse_profile(text: str, source: str, name: str, path: Path) -> ClusterProfile:
     d = load_yaml(text, source)
     _expect(isinstance(d, Mapping), source, "(top level)", "a mapping", type(d).__name__)
@@ -284,22 +318,7 @@ def parse_profile(text: str, source: str, name: str, path: Path) -> ClusterProfi
     parts_d = d.get("partitions") or {}
     _expect(isinstance(parts_d, Mapping) and len(parts_d) > 0, source, "partitions",
             "a mapping of partition names to their limits", parts_d)
-    parts = []
-    for pname, pd in parts_d.items():
-        key = f"partitions.{pname}"
-        _expect(isinstance(pd, Mapping), source, key, "a mapping", pd)
-        for k in pd:
-            if k not in PARTITION_KEYS:
-                raise ConfigError(f"{source}: {key}.{k}: unknown key (expected one of "
-                                  f"{', '.join(PARTITION_KEYS)})")
-        mt = pd.get("max_time")
-        parts.append(Partition(
-            name=str(pname),
-            max_time=None if mt is None else parse_minutes(mt, source, f"{key}.max_time"),
-            gpus=bool(pd.get("gpus", False)),
-            gpu_types=tuple(pd.get("gpu_types") or ()),
-            preemptable=bool(pd.get("preemptable", False)),
-            description=str(pd.get("description", ""))))
+    parts = [_parse_partition(pname, pd, source) for pname, pd in parts_d.items()]
     names = {p.name for p in parts}
     for k in ("cpu_partition", "gpu_partition"):
         v = d.get(k)
@@ -319,12 +338,16 @@ def parse_profile(text: str, source: str, name: str, path: Path) -> ClusterProfi
                           description=str(d.get("description", "")), gpu_request=gpu_request,
                           cpu_partition=d.get("cpu_partition"),
                           gpu_partition=d.get("gpu_partition"),
-                          defaults=tuple(sorted(defaults.items())), partitions=tuple(parts))
+                          defaults=tuple(sorted(defaults.items())), partitions=tuple(parts),
+                          submissions_per_hour=_positive_int(d, "submissions_per_hour", source,
+                                                             "submissions_per_hour"))
 
 
 def resolve_launcher(launcher: LauncherSettings, profile: ClusterProfile | None,
                      source: str) -> LauncherSettings:
-    """Fill unset launcher values from the profile and check them against its partitions."""
+    """Fill unset launcher values from the profile and check them against its partitions. A
+    limit broken by a profile default names the profile's field, one set in the spec the
+    spec's."""
     if profile is None:
         return launcher
     filled = {k: profile.default(k) for k in PROFILE_DEFAULT_KEYS
@@ -334,23 +357,104 @@ def resolve_launcher(launcher: LauncherSettings, profile: ClusterProfile | None,
         out = out.replace(partition=profile.gpu_partition if (out.gpus or 0) > 0
                           else profile.cpu_partition)
     part = profile.partition(out.partition) if out.partition else None
-    where = f"{source}: launcher.partition"
     if out.partition is not None and part is None:
         known = ", ".join(p.name for p in profile.partitions)
-        raise ConfigError(f"{where}: expected a partition of {profile.name} ({known}), "
-                          f"got {out.partition!r}")
+        raise ConfigError(f"{source}: launcher.partition: expected a partition of {profile.name} "
+                          f"({known}), got {out.partition!r}")
     if part is not None:
-        if (out.gpus or 0) > 0 and not part.gpus:
-            raise ConfigError(f"{where}: expected a GPU partition for gpus={out.gpus} "
-                              f"({', '.join(p.name for p in profile.partitions if p.gpus)}), "
-                              f"got {part.name!r}")
-        if part.max_time is not None and out.time is not None and out.time > part.max_time:
-            raise ConfigError(f"{source}: launcher.time: expected at most {part.max_time} "
-                              f"minutes on {profile.name} {part.name}, got {out.time}")
-        if out.gpu_type is not None and part.gpu_types and out.gpu_type not in part.gpu_types:
-            raise ConfigError(f"{source}: launcher.gpu_type: expected one of "
-                              f"{', '.join(part.gpu_types)} on {part.name}, got {out.gpu_type!r}")
+        _check_partition(out, part, profile, source, set(filled))
     return out
+
+
+def _check_partition(out: LauncherSettings, part: Partition, profile: ClusterProfile,
+                     source: str, from_profile: set[str]) -> None:
+    """One-line errors for launcher values the partition cannot take, naming the field the
+    value came from: the spec's launcher.KEY, or the profile's defaults.KEY."""
+    def field(k: str) -> str:
+        return f"{profile.path}: defaults.{k}" if k in from_profile else f"{source}: launcher.{k}"
+
+    def hint(k: str) -> str:
+        return f"; set launcher.{k} in {source}" if k in from_profile else ""
+
+    on, gpus = f"{profile.name} {part.name}", out.gpus or 0
+    if gpus > 0 and not part.gpus:
+        raise ConfigError(f"{source}: launcher.partition: expected a GPU partition for "
+                          f"gpus={gpus} ({', '.join(p.name for p in profile.partitions if p.gpus)})"
+                          f", got {part.name!r}")
+    if part.max_time is not None and out.time is not None and out.time > part.max_time:
+        raise ConfigError(f"{field('time')}: expected at most {part.max_time} minutes on {on}, "
+                          f"got {out.time}{hint('time')}")
+    if out.gpu_type is not None and part.gpu_types and out.gpu_type not in part.gpu_types:
+        raise ConfigError(f"{field('gpu_type')}: expected one of {', '.join(part.gpu_types)} on "
+                          f"{part.name}, got {out.gpu_type!r}{hint('gpu_type')}")
+    if part.max_gpus is not None and gpus > part.max_gpus:
+        raise ConfigError(f"{field('gpus')}: expected at most {part.max_gpus} GPUs per job on "
+                          f"{on} (its limit per user), got {gpus}{hint('gpus')}")
+
+
+def _jobs(n: int) -> str:
+    return f"{n} job" if n == 1 else f"{n} jobs"
+
+
+def partition_limits(part: Partition) -> str:
+    """The partition's limits in words, for a dry run."""
+    words = [f"limit {part.max_time} min" if part.max_time else "no time limit"]
+    per_user = [f"{part.max_running} running" if part.max_running else "",
+                f"{part.max_submitted} queued or running" if part.max_submitted else "",
+                f"{part.max_gpus} GPUs" if part.max_gpus else ""]
+    per_user = [w for w in per_user if w]
+    if per_user:
+        words.append("per user at most " + ", ".join(per_user))
+    return ", ".join(words)
+
+
+# ---- keeping a launch inside a partition's per-user limits --------------------------------
+@dataclass(frozen=True)
+class PartitionFit:
+    """What a SLURM launch may submit now: the launcher (array parallelism cut to the caps),
+    how many of its jobs go out now (the rest wait for a later launch) and one line per cut."""
+
+    launcher: LauncherSettings
+    jobs_now: int
+    notes: tuple[str, ...] = ()
+
+
+def fit_partition(launcher: LauncherSettings, profile: ClusterProfile | None, n_jobs: int,
+                  max_array: int, source: str, default_parallelism: int = 64) -> PartitionFit:
+    """Keep ``n_jobs`` jobs, sent as arrays of at most ``max_array`` tasks, inside the
+    partition's per-user caps: running jobs and GPUs cut the array parallelism; a partition
+    that takes fewer submitted jobs than the launch makes refuses it (one line naming the
+    spec field); the cluster's hourly submission limit defers whole arrays to a later launch."""
+    part = profile.partition(launcher.partition) if profile and launcher.partition else None
+    if part is None:
+        return PartitionFit(launcher, n_jobs)
+    on, notes = f"{profile.name} {part.name}", []
+    if part.max_submitted is not None and n_jobs > part.max_submitted:
+        raise ConfigError(
+            f"{source}: launcher.partition: {on} takes {_jobs(part.max_submitted)} per user "
+            f"queued or running (an array counts each task), this launch makes {n_jobs}; set "
+            f"launcher.runs_per_job to train the runs together, or use another partition")
+    asked = launcher.array_parallelism
+    caps = [(part.max_running, f"at most {part.max_running} running jobs per user")]
+    if part.max_gpus is not None and (launcher.gpus or 0) > 0:
+        n = max(1, part.max_gpus // launcher.gpus)
+        caps.append((n, f"{part.max_gpus} GPUs per user at {launcher.gpus} per job"))
+    width = asked or default_parallelism
+    for cap, why in caps:
+        if cap is not None and cap < width:
+            if asked is not None and n_jobs > cap:   # said only where the cut changes the array
+                notes.append(f"{on}: {why}: array parallelism {asked} -> {cap}")
+            width = cap
+    jobs_now = n_jobs
+    per_hour = profile.submissions_per_hour
+    n_arrays = -(-n_jobs // max(1, max_array))
+    if per_hour is not None and n_arrays > per_hour:
+        jobs_now = per_hour * max_array
+        notes.append(
+            f"{profile.name}: at most {per_hour} submissions per hour: submitting {per_hour} of "
+            f"{n_arrays} arrays ({jobs_now} of {n_jobs} jobs) now; launch again in an hour for "
+            f"the rest (runs in flight are skipped), {-(-n_arrays // per_hour)} hours in all")
+    return PartitionFit(launcher.replace(array_parallelism=width), jobs_now, tuple(notes))
 
 
 # ---- the sweep ------------------------------------------------------------------------------
@@ -572,5 +676,6 @@ def pack(runs: Iterable[SweepRun], size_for) -> list[list[SweepRun]]:
 
 
 __all__ = ["Sweep", "SweepRun", "LauncherSettings", "ClusterProfile", "Partition", "load_sweep",
-           "parse_sweep", "parse_launcher", "load_profile", "resolve_launcher",
-           "available_profiles", "pack", "shape_key", "EXECUTORS"]
+           "parse_sweep", "parse_launcher", "load_profile", "resolve_launcher", "fit_partition",
+           "PartitionFit", "partition_limits", "available_profiles", "pack", "shape_key",
+           "EXECUTORS"]

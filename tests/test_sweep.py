@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from grokhpc.config import ConfigError, RunConfig
-from grokhpc.sweep import (LauncherSettings, load_profile, load_sweep, pack, parse_minutes,
-                           resolve_launcher, shape_key)
+from grokhpc.sweep import (LauncherSettings, fit_partition, load_profile, load_sweep, pack,
+                           parse_minutes, parse_profile, resolve_launcher, shape_key)
 
 GOOD = """\
 base:
@@ -192,6 +192,113 @@ def test_cluster_profiles_load_and_check_limits():
         load_profile("frontier")
 
 
+# ---- the profiles against YCRC's published pages (expected values read off those pages) -----
+def test_bouchet_profile_holds_the_published_limits():
+    # docs.ycrc.yale.edu/clusters/bouchet/ partition tables (August 2026)
+    b = load_profile("bouchet")
+    got = {p.name: (p.max_time, p.max_running, p.max_submitted, p.max_gpus) for p in b.partitions}
+    assert got["gpu"] == (2 * 1440, 12, None, 16)
+    assert got["gpu_rtx6000"] == (2 * 1440, 16, None, 16)
+    assert got["gpu_h100"] == (2 * 1440, 12, None, 16)
+    assert got["gpu_h200"] == (2 * 1440, 6, None, 16)
+    assert got["gpu_b200"] == (2 * 1440, 6, None, 16)
+    assert got["gpu_devel"] == (6 * 60, 1, 1, 2)
+    assert got["devel"] == (6 * 60, None, 2, None)
+    assert got["mpi"] == (2 * 1440, 10, None, None)
+    assert (got["day"][0], got["week"][0], got["scavenge_gpu"][0]) == (1440, 7 * 1440, 1440)
+    assert set(b.partition("gpu").gpu_types) == {"rtx_5000_ada", "a40", "l40s"}
+    assert b.partition("gpu_rtx6000").gpu_types == ("rtx_pro_6000_blackwell",)
+    assert b.partition("gpu_b200").gpu_types == ("b200",)
+    assert set(b.partition("gpu_devel").gpu_types) == {"b200", "rtx_pro_6000_blackwell", "h200",
+                                                       "rtx_5000_ada"}
+    # common-job-failures#rate-limits: 200 submissions per hour on each cluster
+    assert b.submissions_per_hour == 200
+
+
+def test_grace_and_mccleary_profiles_hold_the_published_limits():
+    g = load_profile("grace")          # docs.ycrc.yale.edu/clusters/grace/ (July 2026)
+    gpu = g.partition("gpu")
+    assert (gpu.max_time, gpu.max_running, gpu.max_gpus) == (2 * 1440, None, 24)
+    assert set(gpu.gpu_types) == {"a100", "a5000", "v100"}
+    assert "rtx3090" in g.partition("gpu_devel").gpu_types
+    assert g.partition("mpi").max_time == 1440
+    assert (g.partition("gpu_devel").max_submitted, g.partition("gpu_devel").max_gpus) == (2, 3)
+    m = load_profile("mccleary")       # docs.ycrc.yale.edu/clusters/mccleary/ (July 2026)
+    assert (m.partition("gpu").max_time, m.partition("gpu").max_gpus) == (2 * 1440, 12)
+    assert m.partition("ycga").max_time == 2 * 1440
+    assert m.partition("long").max_time == 28 * 1440
+    assert g.submissions_per_hour == m.submissions_per_hour == 200
+
+
+def test_every_gpu_type_a_profile_names_has_a_memory_size():
+    from grokhpc.launch import GPU_MEMORY_GB
+
+    named = {t for n in ("bouchet", "grace", "mccleary")
+             for p in load_profile(n).partitions for t in p.gpu_types}
+    assert {"b200", "rtx_pro_6000_blackwell", "l40s", "a40", "rtx_5000_ada"} <= named
+    assert named <= set(GPU_MEMORY_GB), named - set(GPU_MEMORY_GB)
+    # the pages' vRAM/GPU column (GB)
+    assert [GPU_MEMORY_GB[t] for t in ("h200", "rtx_pro_6000_blackwell", "h100", "l40s", "a40",
+                                       "rtx_5000_ada", "a5000", "v100")] == \
+        [141, 96, 80, 48, 48, 32, 24, 16]
+
+
+def test_profile_caps_are_validated(tmp_path):
+    text = "partitions:\n  gpu: {max_time: 60, gpus: true, max_running: %s}\n"
+    f = tmp_path / "c.yaml"
+    with pytest.raises(ConfigError) as e:
+        parse_profile(text % "0", str(f), "c", f)
+    assert str(e.value) == f"{f}: partitions.gpu.max_running: expected an integer >= 1, got 0"
+    with pytest.raises(ConfigError, match=r"c.yaml: submissions_per_hour: expected an integer"):
+        parse_profile("submissions_per_hour: lots\n" + text % "2", str(f), "c", f)
+    with pytest.raises(ConfigError, match=r"partitions.gpu.gpu_types: expected a list"):
+        parse_profile("partitions:\n  gpu: {gpu_types: h100}\n", str(f), "c", f)
+    assert parse_profile(text % "2", str(f), "c", f).partition("gpu").max_running == 2
+
+
+def test_a_limit_broken_by_a_profile_default_names_the_profile_field():
+    b = load_profile("bouchet")
+    # the profile's 12 h default is above gpu_devel's 6 h: the error names defaults.time
+    with pytest.raises(ConfigError) as e:
+        resolve_launcher(LauncherSettings(partition="gpu_devel"), b, "s.yaml")
+    assert str(e.value) == (f"{b.path}: defaults.time: expected at most 360 minutes on bouchet "
+                            "gpu_devel, got 720; set launcher.time in s.yaml")
+    with pytest.raises(ConfigError) as e:
+        resolve_launcher(LauncherSettings(partition="gpu_devel", time=60, gpus=4), b, "s.yaml")
+    assert str(e.value) == ("s.yaml: launcher.gpus: expected at most 2 GPUs per job on bouchet "
+                            "gpu_devel (its limit per user), got 4")
+    ok = resolve_launcher(LauncherSettings(partition="gpu_devel", time=60, gpus=2), b, "s.yaml")
+    assert (ok.time, ok.gpus) == (60, 2)
+
+
+def test_fit_partition_cuts_parallelism_refuses_arrays_and_defers_past_the_hourly_limit():
+    b = load_profile("bouchet")
+    h200 = resolve_launcher(LauncherSettings(partition="gpu_h200", array_parallelism=12), b, "s")
+    fit = fit_partition(h200, b, 30, 1000, "s")
+    assert fit.launcher.array_parallelism == 6 and fit.jobs_now == 30
+    assert fit.notes == ("bouchet gpu_h200: at most 6 running jobs per user: "
+                         "array parallelism 12 -> 6",)
+    # 16 GPUs per user at 4 GPUs a job: 4 jobs at once, below the 6-job cap
+    fit = fit_partition(h200.replace(gpus=4), b, 30, 1000, "s")
+    assert fit.launcher.array_parallelism == 4 and "16 GPUs per user at 4 per job" in fit.notes[-1]
+    # unset: the cap, without a line; fewer jobs than the cap: nothing to say
+    assert fit_partition(h200.replace(array_parallelism=None), b, 30, 1000, "s").notes == ()
+    assert fit_partition(h200, b, 5, 1000, "s").notes == ()
+    # gpu_devel takes one queued job: an array is refused, one job goes out
+    devel = resolve_launcher(LauncherSettings(partition="gpu_devel", time=60), b, "s.yaml")
+    with pytest.raises(ConfigError) as e:
+        fit_partition(devel, b, 3, 1000, "s.yaml")
+    assert str(e.value).startswith("s.yaml: launcher.partition: bouchet gpu_devel takes 1 job per "
+                                   "user queued or running") and "\n" not in str(e.value)
+    assert fit_partition(devel, b, 1, 1000, "s.yaml").jobs_now == 1
+    # 200 submissions an hour: 450 jobs in arrays of 2 = 225 arrays; 200 go now (400 jobs)
+    fit = fit_partition(h200, b, 450, 2, "s")
+    assert fit.jobs_now == 400
+    assert ("submitting 200 of 225 arrays (400 of 450 jobs) now" in fit.notes[-1]
+            and "2 hours in all" in fit.notes[-1])
+    assert fit_partition(h200, b, 400, 2, "s").jobs_now == 400
+
+
 def test_pack_groups_by_shape(write_spec):
     sweep = load_sweep(write_spec("base: {n_epochs: 10}\ngrid:\n  p: [11, 13]\n"
                                   "  model_seed: [1, 2, 3]\n"))
@@ -218,3 +325,78 @@ def test_shipped_specs_are_valid():
     for r in wd.runs:
         assert (r.config.p, r.config.d_model, r.config.n_epochs) == (seed.p, seed.d_model,
                                                                      seed.n_epochs)
+
+
+# ---- launch dry runs inside the partitions' caps: the line printed, the submitit parameters --
+def dry_run(write_spec, tmp_path, monkeypatch, overrides, n_seeds=12, array_size=1000):
+    import io
+
+    from grokhpc import launch as launch_mod
+
+    monkeypatch.setattr(launch_mod, "array_size", lambda dry_run=False: array_size)
+    spec = write_spec({"base": {"p": 11, "n_epochs": 10}, "grid": {"model_seed":
+                                                                   list(range(n_seeds))},
+                       "out": str(tmp_path / "sweep"),
+                       "launcher": {"cluster": "bouchet", "partition": "gpu_h200",
+                                    "gpu_type": "h200"}})
+    buf = io.StringIO()
+    plan = launch_mod.launch(str(spec), dry_run=True, overrides=overrides, out=buf)
+    assert not (tmp_path / "sweep").exists()
+    return buf.getvalue().splitlines(), plan
+
+
+def test_dry_run_cuts_array_parallelism_to_the_running_job_cap(write_spec, tmp_path,
+                                                                monkeypatch):
+    lines, plan = dry_run(write_spec, tmp_path, monkeypatch, ["launcher.array_parallelism=12"])
+    assert "bouchet gpu_h200: at most 6 running jobs per user: array parallelism 12 -> 6" in lines
+    assert plan["parameters"]["slurm_array_parallelism"] == 6
+    assert "#SBATCH --array=0-11%6" in lines
+    assert "partition gpu_h200: limit 2880 min, per user at most 6 running, 16 GPUs" in lines
+    # GPUs per user: 16 at 8 a job leaves 2 at once
+    lines, plan = dry_run(write_spec, tmp_path, monkeypatch, ["launcher.gpus=8"])
+    assert plan["parameters"]["slurm_array_parallelism"] == 2
+    assert "#SBATCH --array=0-11%2" in lines and "#SBATCH --gpus=h200:8" in lines
+
+
+def test_dry_run_on_gpu_devel_refuses_an_array_and_sends_one_job(write_spec, tmp_path,
+                                                                  monkeypatch, capsys):
+    from grokhpc import launch as launch_mod
+
+    over = ["launcher.partition=gpu_devel", "launcher.time=60"]
+    with pytest.raises(ConfigError, match=r"gpu_devel takes 1 job per user queued or running.*"
+                                          r"this launch makes 12; set launcher.runs_per_job"):
+        dry_run(write_spec, tmp_path, monkeypatch, over)
+    spec = tmp_path / "spec.yaml"
+    assert launch_mod.main([str(spec), "--dry-run", *sum([["--set", o] for o in over], [])]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {spec}: launcher.partition:")
+    # all twelve runs trained together: one plain job, no array
+    lines, plan = dry_run(write_spec, tmp_path, monkeypatch, over + ["launcher.runs_per_job=12"])
+    assert len(plan["groups"]) == 1 and len(plan["groups"][0]) == 12
+    assert "sbatch script header (a single job, no array):" in lines
+    assert not any(ln.startswith("#SBATCH --array") for ln in lines)
+    assert "#SBATCH --partition=gpu_devel" in lines and "#SBATCH --time=60" in lines
+
+
+def test_dry_run_keeps_submissions_under_the_hourly_limit(write_spec, tmp_path, monkeypatch):
+    # arrays of 2 tasks: 402 jobs make 201 arrays, one more than bouchet's 200 an hour
+    lines, plan = dry_run(write_spec, tmp_path, monkeypatch, [], n_seeds=402, array_size=2)
+    assert ("bouchet: at most 200 submissions per hour: submitting 200 of 201 arrays (400 of "
+            "402 jobs) now; launch again in an hour for the rest (runs in flight are skipped), "
+            "2 hours in all") in lines
+    assert len(plan["groups"]) == 400
+    assert "sbatch script header (200 array(s), the first of 2 tasks):" in lines
+
+
+def test_dry_run_time_above_the_partition_limit_is_one_line(write_spec, tmp_path, monkeypatch,
+                                                            capsys):
+    from grokhpc import launch as launch_mod
+
+    with pytest.raises(ConfigError) as e:
+        dry_run(write_spec, tmp_path, monkeypatch, ["launcher.time=2-00:01:00"])
+    assert str(e.value) == (f"{tmp_path / 'spec.yaml'}: launcher.time: expected at most 2880 "
+                            "minutes on bouchet gpu_h200, got 2881")
+    spec = tmp_path / "spec.yaml"
+    assert launch_mod.main([str(spec), "--dry-run", "--set", "launcher.partition=gpu_devel"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "slurm/bouchet.yaml: defaults.time: expected at most 360" in err
