@@ -13,8 +13,12 @@ Every file is written atomically (temporary name, then rename): a reader sees th
 figure or the new one, never half of one.
 
 The browser is looked for in this order: ``$BROWSER_PATH``, ``/usr/bin/chromium-headless-shell``,
-``/usr/bin/chromium``, then the Chrome that ``kaleido_get_chrome`` downloads (and any Chromium
-on ``$PATH``). Without one, HTML is still written and one line says how to enable PNG.
+``/usr/bin/chromium``, the Chrome grokhpc fetched into the user's cache, the Chrome that
+``kaleido_get_chrome`` downloads, any Chromium on ``$PATH``. When there is none, grokhpc fetches
+Chrome for Testing once with kaleido's own helper into ``~/.cache/grokhpc/chrome`` (a message and
+a progress bar; at most one try per process, and none with ``$GROKHPC_NO_BROWSER_FETCH`` set);
+where that server cannot be reached (a compute node), HTML is still written and one line says
+how to enable PNG.
 
 plotly and kaleido are imported inside the functions only: importing this module is free.
 """
@@ -22,10 +26,13 @@ plotly and kaleido are imported inside the functions only: importing this module
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
@@ -49,9 +56,10 @@ TITLE_SIZE = 18
 COLORWAY = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 TEMPLATE_NAME = "grokhpc_paper"
 
-ENABLE_PNG_HINT = ("no Chromium found, so only HTML was written; to enable PNG/SVG/PDF run "
-                   "`kaleido_get_chrome` once (on a login node), or `apt-get install "
-                   "chromium-headless-shell`, or set BROWSER_PATH to a Chromium executable")
+ENABLE_PNG_HINT = ("to enable PNG/SVG/PDF run the command once where there is network (a login "
+                   "node: grokhpc then fetches Chromium into its cache), or run "
+                   "`kaleido_get_chrome`, or `apt-get install chromium-headless-shell`, or set "
+                   "BROWSER_PATH to a Chromium executable")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -107,32 +115,195 @@ def paper_style(fig: "go.Figure", *, width: int | None = None, height: int | Non
 
 
 # ---- the browser ----------------------------------------------------------------------------
+SYSTEM_BROWSERS = ("/usr/bin/chromium-headless-shell", "/usr/bin/chromium")
+PATH_BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome",
+                 "chrome")
+FETCH_TIMEOUT = 10        # seconds to reach the download server; beyond it: no network here
+FETCH_STALL = 120         # seconds without a byte before a download is given up
+NO_FETCH_ENV = "GROKHPC_NO_BROWSER_FETCH"
+_fetch_failed: list[str] = []   # why this process's one fetch failed (it is not tried again)
+
+
+class FetchError(RuntimeError):
+    pass
+
+
 def _is_exe(p: str | os.PathLike | None) -> bool:
     return bool(p) and Path(p).is_file() and os.access(p, os.X_OK)
 
 
+def browser_cache() -> Path:
+    """Where grokhpc keeps the Chromium it fetches: the user's cache directory
+    (``~/.cache/grokhpc/chrome`` on Linux, ``$XDG_CACHE_HOME`` honoured)."""
+    try:
+        from platformdirs import user_cache_dir
+
+        root = Path(user_cache_dir("grokhpc"))
+    except ImportError:  # platformdirs comes with kaleido; a fallback all the same
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "grokhpc"
+    return root / "chrome"
+
+
+def _chrome_in(root: Path) -> str | None:
+    """The Chrome for Testing that kaleido's helper unpacked into ``root``, if complete (the
+    helper writes version_tag.txt last)."""
+    try:
+        from choreographer.cli._cli_utils import get_chrome_download_path
+
+        exe = get_chrome_download_path(root, mkdir=False)
+    except Exception:  # choreographer layout changed
+        return None
+    return str(exe) if _is_exe(exe) and (root / "version_tag.txt").is_file() else None
+
+
+def _kaleido_download_dir() -> Path | None:
+    """Where ``kaleido_get_chrome`` puts Chrome when run by hand."""
+    try:
+        from choreographer.cli.defaults import default_download_path
+
+        return Path(default_download_path)
+    except Exception:
+        return None
+
+
 def find_browser() -> str | None:
-    """The Chromium to render with, or None (see the module docstring for the order)."""
+    """The Chromium to render with, or None. In order: ``$BROWSER_PATH``, Debian's
+    chromium-headless-shell / chromium, the one grokhpc fetched into :func:`browser_cache`,
+    the one ``kaleido_get_chrome`` downloaded, any Chromium on ``$PATH``."""
     env = os.environ.get("BROWSER_PATH")
     if _is_exe(env):
         return env
-    for p in ("/usr/bin/chromium-headless-shell", "/usr/bin/chromium"):
+    for p in SYSTEM_BROWSERS:
         if _is_exe(p):
             return p
-    try:  # the Chrome downloaded by `kaleido_get_chrome` / choreographer
-        from choreographer.cli._cli_utils import get_chrome_download_path
-
-        p = get_chrome_download_path(mkdir=False)
-        if _is_exe(p):
-            return str(p)
-    except Exception:  # choreographer layout changed: fall through to PATH
-        pass
-    for name in ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome",
-                 "chrome"):
+    for root in (browser_cache(), _kaleido_download_dir()):
+        found = _chrome_in(root) if root is not None else None
+        if found:
+            return found
+    for name in PATH_BROWSERS:
         p = shutil.which(name)
         if p:
             return p
     return None
+
+
+def chrome_source() -> tuple[str, str]:
+    """(version, URL) of the Chrome for Testing build kaleido's helper downloads here."""
+    import json
+    from importlib import resources
+
+    from choreographer.cli._cli_utils import get_google_supported_platform_string
+
+    known = json.loads((resources.files("choreographer") / "resources"
+                        / "last_known_good_chrome.json").read_text())
+    arch = get_google_supported_platform_string()
+    url = next((d["url"] for d in known["downloads"]["chrome"] if d["platform"] == arch), None)
+    if url is None:
+        raise FetchError(f"no Chrome for Testing build for this platform ({arch})")
+    return known["version"], url
+
+
+def download_chrome(root: Path) -> None:
+    """kaleido's own helper: fetch Chrome for Testing into ``root`` (unzipped there)."""
+    import kaleido
+
+    kaleido.get_chrome_sync(path=root)
+
+
+def _reachable(url: str, timeout: float) -> int | None:
+    """The download's size in bytes (None if the server does not say); OSError when the
+    server cannot be reached within ``timeout`` seconds (no network: a compute node)."""
+    import urllib.request
+
+    with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                timeout=timeout) as r:
+        size = r.headers.get("Content-Length")
+    return int(size) if size and size.isdigit() else None
+
+
+def _download_with_progress(root: Path, size: int | None) -> None:
+    """Run :func:`download_chrome` on a thread while a progress bar follows the zip it writes."""
+    from tqdm.auto import tqdm
+
+    box: dict[str, BaseException] = {}
+
+    def target():
+        try:
+            download_chrome(root)
+        except BaseException as e:  # noqa: BLE001 -- re-raised below
+            box["error"] = e
+
+    t = threading.Thread(target=target, name="grokhpc-get-chrome", daemon=True)
+    t.start()
+    zip_path, seen, last_change = root / "chrome.zip", 0, time.monotonic()
+    with tqdm(total=size, unit="B", unit_scale=True, desc="Chromium", file=sys.stderr) as bar:
+        while t.is_alive():
+            t.join(0.25)
+            now = zip_path.stat().st_size if zip_path.exists() else seen
+            if now > seen:
+                bar.update(now - seen)
+                seen, last_change = now, time.monotonic()
+            elif (size is None or seen < size) and time.monotonic() - last_change > FETCH_STALL:
+                raise FetchError(f"the download stalled for {FETCH_STALL} s")
+        if size:
+            bar.update(max(0, size - seen))
+    if "error" in box:
+        raise box["error"]
+
+
+def fetch_browser(log: Callable[[str], None] | None = print,
+                  timeout: float | None = None) -> str:
+    """Fetch Chromium once into :func:`browser_cache` with kaleido's helper (a message and a
+    progress bar) and return it; later calls, here or in any process, find it there. Raises
+    FetchError or OSError where the download server cannot be reached."""
+    root = browser_cache()
+    root.mkdir(parents=True, exist_ok=True)
+    with _cache_lock(root):   # one download at a time, even across processes
+        found = _chrome_in(root)
+        if found:
+            return found
+        version, url = chrome_source()
+        size = _reachable(url, timeout or FETCH_TIMEOUT)
+        if log:
+            mb = f", {size / 1e6:.0f} MB" if size else ""
+            log(f"figures: no Chromium found; fetching Chrome for Testing {version}{mb} once "
+                f"into {root} (kaleido.get_chrome_sync)")
+        _download_with_progress(root, size)
+        found = _chrome_in(root)
+        if not found:
+            raise FetchError(f"the download left no Chromium in {root}")
+    if log:
+        log(f"figures: Chromium ready at {found}; PNG/SVG/PDF use it from now on")
+    return found
+
+
+@contextlib.contextmanager
+def _cache_lock(root: Path):
+    """An exclusive lock file in the cache (POSIX flock; nothing where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(root / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield     # closing the file releases the lock
+
+
+def obtain_browser(log: Callable[[str], None] | None = print) -> tuple[str | None, str]:
+    """(browser, "") -- found, or fetched once per process -- or (None, why not)."""
+    found = find_browser()
+    if found:
+        return found, ""
+    if os.environ.get(NO_FETCH_ENV):
+        return None, f"{NO_FETCH_ENV} is set"
+    if not _fetch_failed:
+        try:
+            return fetch_browser(log), ""
+        except Exception as e:  # noqa: BLE001 -- no network, no space, a changed helper
+            reason = getattr(e, "reason", None) or e
+            _fetch_failed.append(f"{type(e).__name__}: {reason}".splitlines()[0][:160])
+    return None, _fetch_failed[0]
 
 
 # ---- checks ---------------------------------------------------------------------------------
@@ -256,8 +427,8 @@ def export(figs: Mapping[str, "go.Figure"], out_dir: str | os.PathLike,
     figure's layout size, else the paper size; PNGs are ``scale`` times that in pixels.
     ``html_js``: "embed" (plotly.js inside each HTML, one self-contained file) or "directory"
     (one plotly.min.js beside them). Returns {name: [paths written]}. Static formats need a
-    Chromium (``browser`` or :func:`find_browser`); without one the HTML is written and one
-    line is logged. A figure whose render or check fails raises ExportError naming the file,
+    Chromium (``browser``, else :func:`find_browser`, else one fetched by
+    :func:`fetch_browser`); without one the HTML is written and one line is logged. A figure whose render or check fails raises ExportError naming the file,
     after every other file has been written.
     """
     formats = parse_formats(formats)
@@ -281,10 +452,13 @@ def export(figs: Mapping[str, "go.Figure"], out_dir: str | os.PathLike,
 
     static = [f for f in formats if f in STATIC_FORMATS]
     if static and figs:
-        browser = browser or find_browser()
+        why = ""
+        if browser is None:
+            browser, why = obtain_browser(log)
         if browser is None:
             if log:
-                log(f"figures: {ENABLE_PNG_HINT}")
+                log(f"figures: no Chromium found and none could be fetched ({why}), so only "
+                    f"HTML was written; {ENABLE_PNG_HINT}")
         else:
             jobs, where = [], []
             for name, fig in figs.items():
@@ -298,7 +472,7 @@ def export(figs: Mapping[str, "go.Figure"], out_dir: str | os.PathLike,
                 results = render_static(jobs, browser)
             except BrowserStartError as e:
                 if log:
-                    log(f"figures: {e}; only HTML was written. {ENABLE_PNG_HINT.split('; ', 1)[1]}")
+                    log(f"figures: {e}; only HTML was written; {ENABLE_PNG_HINT}")
                 results = None
             if results is not None:
                 for (name, fmt, expect), data in zip(where, results):

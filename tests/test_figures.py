@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import struct
 import subprocess
 import sys
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -165,14 +167,159 @@ def test_without_a_browser_html_is_written_and_one_line_says_how(tmp_path):
 
 
 def test_without_any_chromium_the_cli_path_says_one_line(tmp_path):
-    # a machine where the search finds no Chromium at all: exactly one line on stdout
-    code = ("import grokhpc.figures as f, plotly.graph_objects as go;"
-            "f.find_browser = lambda: None;"
-            f"f.export({{'x': go.Figure(go.Scatter(y=[1, 2]))}}, {str(tmp_path)!r})")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    # a machine where the search finds no Chromium and the download server cannot be reached
+    # (a port bound but not listening refuses at once): exactly one line on stdout
+    code = textwrap.dedent(f"""
+        import socket, grokhpc.figures as f, plotly.graph_objects as go
+        closed = socket.socket(); closed.bind(("127.0.0.1", 0))
+        f.find_browser = lambda: None
+        f.chrome_source = lambda: ("0", "http://127.0.0.1:%d/chrome.zip" % closed.getsockname()[1])
+        f.export({{"x": go.Figure(go.Scatter(y=[1, 2]))}}, {str(tmp_path)!r})
+        """)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("\n") == 1 and "kaleido_get_chrome" in out.stdout
+    assert "none could be fetched (URLError" in out.stdout
     assert (tmp_path / "x.html").exists() and not (tmp_path / "x.png").exists()
+
+
+# ---- fetching a Chromium into the cache, and finding it there ----------------------------------
+@pytest.fixture
+def bare_machine(tmp_path, monkeypatch):
+    """No Chromium anywhere: no BROWSER_PATH, no Debian package, nothing on PATH, an empty cache
+    under tmp_path, no kaleido_get_chrome download; the process has not tried a fetch yet."""
+    monkeypatch.delenv("BROWSER_PATH", raising=False)
+    monkeypatch.delenv(figures.NO_FETCH_ENV, raising=False)
+    monkeypatch.setattr(figures, "SYSTEM_BROWSERS", ())
+    (tmp_path / "empty-bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(figures, "_kaleido_download_dir", lambda: tmp_path / "kaleido-deps")
+    monkeypatch.setattr(figures, "_fetch_failed", [])
+    assert figures.find_browser() is None
+    assert figures.browser_cache() == tmp_path / "cache" / "grokhpc" / "chrome"
+    return tmp_path
+
+
+def place_chrome(root: Path) -> Path:
+    """A Chrome for Testing layout in ``root`` whose executable is the real headless shell."""
+    exe = root / "chrome-linux64" / "chrome"
+    exe.parent.mkdir(parents=True, exist_ok=True)
+    exe.symlink_to(os.path.realpath("/usr/lib/chromium/chromium-headless-shell"))
+    (root / "version_tag.txt").write_text("142.0.7444.175\n1522585")
+    return exe
+
+
+def test_no_browser_and_no_network_writes_html_and_one_line(bare_machine, monkeypatch):
+    closed = socket.socket()          # bound, never listening: connections are refused
+    closed.bind(("127.0.0.1", 0))
+    asked = []
+
+    def source():
+        asked.append(1)
+        return "0", f"http://127.0.0.1:{closed.getsockname()[1]}/chrome-linux64.zip"
+
+    monkeypatch.setattr(figures, "chrome_source", source)
+    monkeypatch.setattr(figures, "download_chrome", lambda root: pytest.fail("no download"))
+    for attempt in range(2):
+        lines: list[str] = []
+        out = figures.export({"red": red_figure()}, bare_machine / "figs", log=lines.append)
+        assert [p.name for p in out["red"]] == ["red.html"]
+        assert not (bare_machine / "figs" / "red.png").exists()
+        assert len(lines) == 1 and "none could be fetched (URLError" in lines[0]
+        assert "kaleido_get_chrome" in lines[0] and "chromium-headless-shell" in lines[0]
+    assert len(asked) == 1, "one try per process"
+    closed.close()
+
+
+def test_a_server_that_never_answers_is_given_up_after_the_timeout(bare_machine, monkeypatch):
+    mute = socket.socket()            # listening, never accepting: the request gets no answer
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(1)
+    monkeypatch.setattr(figures, "chrome_source",
+                        lambda: ("0", f"http://127.0.0.1:{mute.getsockname()[1]}/c.zip"))
+    monkeypatch.setattr(figures, "FETCH_TIMEOUT", 0.5)
+    browser, why = figures.obtain_browser(log=None)
+    assert browser is None and "timed out" in why
+    mute.close()
+
+
+def test_no_fetch_when_switched_off(bare_machine, monkeypatch):
+    monkeypatch.setenv(figures.NO_FETCH_ENV, "1")
+    monkeypatch.setattr(figures, "chrome_source", lambda: pytest.fail("no fetch"))
+    assert figures.obtain_browser(log=None) == (None, f"{figures.NO_FETCH_ENV} is set")
+
+
+def test_a_browser_placed_in_the_cache_is_found_and_renders(bare_machine):
+    root = figures.browser_cache()
+    exe = place_chrome(root)
+    assert figures.find_browser() == str(exe)
+    tag = (root / "version_tag.txt").read_text()
+    (root / "version_tag.txt").unlink()           # a download cut short is not used
+    assert figures.find_browser() is None
+    (root / "version_tag.txt").write_text(tag)
+    lines: list[str] = []
+    out = figures.export({"red": red_figure()}, bare_machine / "figs", formats="png", scale=1,
+                         log=lines.append)
+    assert lines == [] and [p.name for p in out["red"]] == ["red.png"]
+    w, h, ch, rows = decode_png((bare_machine / "figs" / "red.png").read_bytes())
+    assert (w, h) == (240, 160)
+    assert sum(1 for p in pixels(rows, ch) if p[0] > 200 and p[1] < 60 and p[2] < 60) > 50
+
+
+def test_fetched_once_with_a_message_and_a_progress_bar_then_used(bare_machine, monkeypatch,
+                                                                   capsys):
+    import http.server
+    import threading
+
+    served = bare_machine / "served"
+    served.mkdir()
+    zip_bytes = b"PK" + bytes(300_000)
+    (served / "chrome-linux64.zip").write_bytes(zip_bytes)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(served), **k)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/chrome-linux64.zip"
+    monkeypatch.setattr(figures, "chrome_source", lambda: ("142.0.7444.175", url))
+    downloads = []
+
+    def download(root):               # what kaleido's helper does: zip in, unpacked, tag last
+        downloads.append(root)
+        with open(root / "chrome.zip", "wb") as f:
+            for i in range(0, len(zip_bytes), 100_000):
+                f.write(zip_bytes[i:i + 100_000])
+                f.flush()
+        place_chrome(root)
+        (root / "chrome.zip").unlink()
+
+    monkeypatch.setattr(figures, "download_chrome", download)
+    lines: list[str] = []
+    browser, why = figures.obtain_browser(log=lines.append)
+    server.shutdown()
+    root = figures.browser_cache()
+    assert (browser, why) == (str(root / "chrome-linux64" / "chrome"), "")
+    assert downloads == [root]
+    assert lines[0] == (f"figures: no Chromium found; fetching Chrome for Testing 142.0.7444.175,"
+                        f" 0 MB once into {root} (kaleido.get_chrome_sync)")
+    assert lines[1].startswith(f"figures: Chromium ready at {browser}")
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert any(ln.startswith("Chromium: 100%") and "300k/300k" in ln for ln in bar), bar
+    # from then on: found in the cache, here and in a fresh process, with no second download
+    assert figures.obtain_browser(log=lines.append) == (browser, "") and len(downloads) == 1
+    env = {**os.environ, "XDG_CACHE_HOME": str(bare_machine / "cache")}
+    code = ("import grokhpc.figures as f; f.SYSTEM_BROWSERS = (); "
+            "f._kaleido_download_dir = lambda: None; print(f.find_browser())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.stdout.strip() == browser, r.stderr
 
 
 def test_png_header_check_rejects_wrong_size_and_non_png(tmp_path):
