@@ -60,6 +60,8 @@ ENABLE_PNG_HINT = ("to enable PNG/SVG/PDF run the command once where there is ne
                    "node: grokhpc then fetches Chromium into its cache), or run "
                    "`kaleido_get_chrome`, or `apt-get install chromium-headless-shell`, or set "
                    "BROWSER_PATH to a Chromium executable")
+NO_BROWSER_LINE = ("figures: no Chromium found and none could be fetched ({why}), so only HTML "
+                   "was written; " + ENABLE_PNG_HINT)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -427,9 +429,9 @@ def export(figs: Mapping[str, "go.Figure"], out_dir: str | os.PathLike,
     figure's layout size, else the paper size; PNGs are ``scale`` times that in pixels.
     ``html_js``: "embed" (plotly.js inside each HTML, one self-contained file) or "directory"
     (one plotly.min.js beside them). Returns {name: [paths written]}. Static formats need a
-    Chromium (``browser``, else :func:`find_browser`, else one fetched by
-    :func:`fetch_browser`); without one the HTML is written and one line is logged. A figure whose render or check fails raises ExportError naming the file,
-    after every other file has been written.
+    Chromium (``browser``, else one found or fetched: :func:`obtain_browser`); without one the
+    HTML is written and one line is logged. A figure whose render or check fails raises
+    ExportError naming the file, after every other file has been written.
     """
     formats = parse_formats(formats)
     if html_js not in ("embed", "directory"):
@@ -452,13 +454,10 @@ def export(figs: Mapping[str, "go.Figure"], out_dir: str | os.PathLike,
 
     static = [f for f in formats if f in STATIC_FORMATS]
     if static and figs:
-        why = ""
-        if browser is None:
-            browser, why = obtain_browser(log)
+        browser, why = (browser, "") if browser else obtain_browser(log)
         if browser is None:
             if log:
-                log(f"figures: no Chromium found and none could be fetched ({why}), so only "
-                    f"HTML was written; {ENABLE_PNG_HINT}")
+                log(NO_BROWSER_LINE.format(why=why))
         else:
             jobs, where = [], []
             for name, fig in figs.items():

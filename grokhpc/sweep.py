@@ -437,14 +437,14 @@ def fit_partition(launcher: LauncherSettings, profile: ClusterProfile | None, n_
     asked = launcher.array_parallelism
     caps = [(part.max_running, f"at most {part.max_running} running jobs per user")]
     if part.max_gpus is not None and (launcher.gpus or 0) > 0:
-        n = max(1, part.max_gpus // launcher.gpus)
-        caps.append((n, f"{part.max_gpus} GPUs per user at {launcher.gpus} per job"))
+        caps.append((max(1, part.max_gpus // launcher.gpus),
+                     f"{part.max_gpus} GPUs per user at {launcher.gpus} per job"))
     width = asked or default_parallelism
-    for cap, why in caps:
-        if cap is not None and cap < width:
-            if asked is not None and n_jobs > cap:   # said only where the cut changes the array
-                notes.append(f"{on}: {why}: array parallelism {asked} -> {cap}")
-            width = cap
+    cap, why = min(((c, w) for c, w in caps if c is not None), default=(width, ""))
+    if cap < width:
+        if asked is not None and n_jobs > cap:   # said only where the cut changes the array
+            notes.append(f"{on}: {why}: array parallelism {asked} -> {cap}")
+        width = cap
     jobs_now = n_jobs
     per_hour = profile.submissions_per_hour
     n_arrays = -(-n_jobs // max(1, max_array))

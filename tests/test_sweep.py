@@ -352,8 +352,11 @@ def test_dry_run_cuts_array_parallelism_to_the_running_job_cap(write_spec, tmp_p
     assert plan["parameters"]["slurm_array_parallelism"] == 6
     assert "#SBATCH --array=0-11%6" in lines
     assert "partition gpu_h200: limit 2880 min, per user at most 6 running, 16 GPUs" in lines
-    # GPUs per user: 16 at 8 a job leaves 2 at once
-    lines, plan = dry_run(write_spec, tmp_path, monkeypatch, ["launcher.gpus=8"])
+    # GPUs per user: 16 at 8 a job leaves 2 at once, the tighter cap: one line names it
+    lines, plan = dry_run(write_spec, tmp_path, monkeypatch, ["launcher.gpus=8",
+                                                              "launcher.array_parallelism=12"])
+    assert [ln for ln in lines if "array parallelism" in ln] == [
+        "bouchet gpu_h200: 16 GPUs per user at 8 per job: array parallelism 12 -> 2"]
     assert plan["parameters"]["slurm_array_parallelism"] == 2
     assert "#SBATCH --array=0-11%2" in lines and "#SBATCH --gpus=h200:8" in lines
 
