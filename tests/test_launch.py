@@ -51,7 +51,7 @@ def test_dry_run_bouchet_prints_sbatch_parameters_and_writes_nothing(write_spec,
     assert sorted((r[2], r[3]) for r in rows) == sorted(
         (wd, s) for wd in ("0.3", "1") for s in ("1", "2", "3"))
     assert {r[1] for r in rows} == {r.run_id for r in plan["sweep"].runs}
-    assert all(r[4:] == ["to", "run"] for r in rows)
+    assert all(r[4:] == ["pending", "submit"] for r in rows)
     # a preemptable partition says so; time beyond the partition's limit is refused
     buf = io.StringIO()
     launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=buf,
