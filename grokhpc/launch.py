@@ -256,6 +256,18 @@ def settle(spec: str, executor: str | None, cluster: str | None, overrides: Sequ
     return sweep, launcher, profile, kind
 
 
+def held_run_id(run: RunDir) -> str | None:
+    """The run_id in a run directory's config.json; an unreadable config.json is a RunDirError
+    naming it (the directory is never trained over)."""
+    try:
+        cfg = run.read_config()
+    except ValueError as e:       # not UTF-8
+        raise RunDirError(f"{run.file('config.json')}: unreadable ({e})") from None
+    if not isinstance(cfg, dict):
+        raise RunDirError(f"{run.file('config.json')}: expected a JSON object")
+    return cfg.get("run_id")
+
+
 def sort_runs(sweep: Sweep, manifest: dict | None) -> tuple[dict, dict, list[SweepRun]]:
     """Each run's state and what this launch does with it, and the runs to submit: not done,
     not corrupt, and not held by a SLURM job of an earlier launch that is queued or running."""
@@ -266,9 +278,9 @@ def sort_runs(sweep: Sweep, manifest: dict | None) -> tuple[dict, dict, list[Swe
     todo: list[SweepRun] = []
     for r in sweep.runs:
         run = RunDir(r.dir)
-        if run.exists() and run.read_config().get("run_id") != r.run_id:
-            raise RunDirError(f"{r.dir}: holds run {run.read_config().get('run_id')}, "
-                              f"not {r.run_id}")
+        held = held_run_id(run) if run.exists() else r.run_id
+        if held != r.run_id:
+            raise RunDirError(f"{r.dir}: holds run {held}, not {r.run_id}")
         found = sched.read_dir(run)
         job = flying.get(r.run_id, sched.NO_JOB)   # not live: this launch takes the run over
         state[r.run_id] = sched.run_state(found.state, job)
