@@ -6,8 +6,9 @@
 * The spec is expanded into runs (grokhpc.sweep); each run lives in ``OUT/runs/<run_id>``.
 * ``OUT/manifest.json`` records the spec, its runs and axes, the launcher settings and, per
   launch, the submitted job ids and the runs each job trains. It is rewritten atomically.
-* Runs already complete are skipped, and so are runs whose job from an earlier launch is still
-  queued or running, so launching twice never trains a run twice.
+* Runs already done are skipped, and so are runs whose job from an earlier launch is still
+  queued or running, so launching twice never trains a run twice; a corrupt run (a file that
+  cannot be read) is listed and left alone. Run states and the manifest are grokhpc.scheduler's.
 * Runs are packed into jobs by shape (``runs_per_job``); a job trains its runs with
   ``grokhpc.train_batched.train_group`` when it has more than one, else ``run_training``.
 * ``auto`` executor: SLURM when ``sbatch`` is on PATH, else local. On SLURM the jobs form one

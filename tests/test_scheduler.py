@@ -65,6 +65,9 @@ def test_recorded_output_parses():
     # sacct interleaves a requeued job's records with other jobs'; each job's stay in order
     assert sched.parse_sacct(recorded("requeue_later")[1]) == {"9": ["REQUEUED", "PENDING"],
                                                                "10": ["RUNNING"]}
+    assert sched.parse_sacct(recorded("ended")[1]) == {"9": ["REQUEUED", "COMPLETED"],
+                                                       "10": ["TIMEOUT"]}
+    assert sched.parse_squeue(recorded("ended")[0]) == {}
 
 
 # (recording, job, run state of an unfinished run, requeues)
@@ -80,6 +83,8 @@ RECORDED = [
     ("requeue_now", "9", "requeued", 1),         # COMPLETING on its way back to the queue
     ("requeue_now", "10", "running", 0),
     ("requeue_later", "9", "requeued", 1),       # queued again after a requeue
+    ("ended", "9", "pending", 1),                # COMPLETED after a requeue, run unfinished
+    ("ended", "10", "failed", 0),                # TIMEOUT: reached its time limit
 ]
 
 
