@@ -54,7 +54,7 @@ def last_error_line(text: str) -> str | None:
 
 def log_error(sweep_dir: Path, job_id: str) -> str | None:
     """The last exception line in the job's submitit stderr log, if any."""
-    d = sweep_dir / "jobs" / job_id
+    d = sweep_dir / sched.JOBS_DIR / job_id
     for f in sorted(d.glob("*_log.err")) if d.is_dir() else []:
         try:
             text = f.read_text(errors="replace")
