@@ -13,8 +13,9 @@ Tables (schema in docs/tables.md), written atomically into ``SWEEP_DIR/aggregate
                          rerun reads only the run directories that changed
 ``figures/``             the cross-run figures (PNG/SVG/PDF/HTML through grokhpc.figures)
 
-A run is *done* (grokked) or *censored* (finished, never grokked) when progress.json says done
-and summary.json exists; only those runs enter checkpoints.parquet and curves/. Runs still
+A run's state is grokhpc.scheduler's, read from its files alone: *done* when progress.json says
+done and summary.json exists (``grokked`` then says whether it grokked; a run that never did is
+"censored" at its last epoch); only done runs enter checkpoints.parquet and curves/. Runs still
 training or half-written (*running*), without progress yet (*pending*), with an error.txt
 (*failed*) or with an unreadable file (*corrupt*) are listed in runs.parquet with their state and
 reported one line each; they never put partial rows into the other tables.
@@ -36,6 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .scheduler import CORRUPT, DONE, FAILED, MANIFEST, PENDING, RUNNING, read_dir, read_manifest
+from .store import RunDir, RunDirError
+
 INDEX_VERSION = 1
 AGG_DIR = "aggregate"
 RUNS_TABLE = "runs.parquet"
@@ -44,10 +48,7 @@ CURVES_DIR = "curves"
 INDEX = "index.json"
 META = "meta.json"
 FIG_DIR = "figures"
-MANIFEST = "manifest.json"
-
-STATES = ("done", "censored", "running", "pending", "failed", "corrupt")
-FINISHED = ("done", "censored")
+FINISHED = (DONE,)
 SEED_FIELDS = ("data_seed", "model_seed")
 # colour / series preference among swept fields
 AXIS_PREFERENCE = ("weight_decay", "train_frac", "p", "lr", "op", "d_model", "d_mlp", "n_heads",
@@ -166,7 +167,7 @@ def discover(sweep_dir: str | os.PathLike) -> Sweep:
     mf = root / MANIFEST
     if mf.exists():
         try:
-            man = json.loads(mf.read_text())
+            man = read_manifest(root) or {}
             for r in man.get("runs", []):
                 d = r.get("dir") if isinstance(r, dict) else None
                 if d:
@@ -181,7 +182,9 @@ def discover(sweep_dir: str | os.PathLike) -> Sweep:
             for r in man.get("runs", []):  # axes may only be listed per run
                 if isinstance(r, dict) and isinstance(r.get("swept"), dict):
                     axes.extend(k for k in r["swept"] if k not in axes)
-        except (json.JSONDecodeError, AttributeError, TypeError) as e:
+        except RunDirError as e:
+            manifest_error = f"{e}; runs found by directory scan"
+        except (AttributeError, TypeError) as e:
             manifest_error = f"{mf}: unreadable manifest ({e}); runs found by directory scan"
     skip = {AGG_DIR}
     for e1 in sorted(os.scandir(root), key=lambda e: e.name):
@@ -233,7 +236,7 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
 
     With ``stage_dir``, a finished run's curves are written there (as a hidden temporary
     Parquet file, ``curves_tmp``) by the calling thread, instead of kept in memory."""
-    from .store import ERROR, PROGRESS, SUMMARY, RunDirError, read_json
+    from .store import read_json
 
     sig, stray = _sig(run_dir)
     try:
@@ -254,18 +257,16 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
         cfg = read_json(run_dir / "config.json")
         if not isinstance(cfg, dict):
             raise RunDirError("config.json: expected a JSON object")
-    except (RunDirError, OSError) as e:
+    except (RunDirError, OSError, ValueError) as e:   # ValueError: not UTF-8
         return corrupt(str(e).replace(str(run_dir) + "/", ""))
     row["run_id"] = str(cfg.get("run_id") or run_dir.name)
     for k, v in cfg.items():
         if k != "run_id":
             row[k] = v
-    try:
-        prog = read_json(run_dir / PROGRESS) if PROGRESS in sig else None
-        summary = read_json(run_dir / SUMMARY) if SUMMARY in sig else None
-    except (RunDirError, OSError) as e:
-        return corrupt(str(e).replace(str(run_dir) + "/", ""))
-    error = (run_dir / ERROR).read_text(errors="replace") if ERROR in sig else None
+    found = read_dir(RunDir(run_dir))
+    if found.state == CORRUPT:
+        return corrupt(found.error)
+    prog, summary, error = found.progress, found.summary, found.error
     if prog is not None:
         row["epoch"] = prog.get("epoch")
         row["n_checkpoints"] = len(prog.get("checkpoint_epochs") or [])
@@ -273,17 +274,15 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
         row["updated"] = prog.get("updated")
         if prog.get("device"):
             row["device"] = prog.get("device")
-    done = bool(prog and prog.get("done")) and summary is not None
-    if summary is not None and isinstance(summary, dict):
+    if summary is not None:
         for k, v in summary.items():
             if k in SUMMARY_SKIP:
                 continue
             if k in row and k not in SUMMARY_INT + SUMMARY_FLOAT + ("wall_time_s",):
                 k = f"summary_{k}"
             row[k] = v
-    if done:
-        grokked = row.get("grokked")
-        row["state"] = "censored" if grokked is False else "done"
+    if found.state == DONE:
+        row["state"] = DONE          # grokked or not: the grokked column says
         try:
             curves = _read_table(run_dir / "curves.parquet")
             if "epoch" not in curves.column_names:
@@ -304,15 +303,15 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
         if out.measures is None:
             out.message = f"{row['run_id']} ({rel}): done but has no measures.parquet " \
                           "(no checkpoint rows)"
-    elif error is not None:
-        row["state"] = "failed"
+    elif found.state == FAILED:
+        row["state"] = FAILED
         row["error"] = _first_line(error)
         out.message = f"{row['run_id']} ({rel}): failed: {row['error']}"
-    elif prog is None:
-        row["state"] = "pending"
+    elif found.state == PENDING:
+        row["state"] = PENDING
         out.message = f"{row['run_id']} ({rel}): pending (config only, no progress yet)"
     else:
-        row["state"] = "running"
+        row["state"] = RUNNING
         why = []
         if not prog.get("done"):
             why.append(f"epoch {prog.get('epoch')}/{prog.get('n_epochs')}")
@@ -595,8 +594,7 @@ def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = N
         else:
             entries[key] = old[key]
     # one row per run_id: a finished copy wins, then the most recently updated
-    rank = {s: i for i, s in enumerate(("done", "censored", "failed", "running", "pending",
-                                        "corrupt"))}
+    rank = {s: i for i, s in enumerate((DONE, FAILED, RUNNING, PENDING, CORRUPT))}
     by_id: dict[str, str] = {}
     for key, e in entries.items():
         rid = e["row"]["run_id"]
@@ -797,7 +795,7 @@ def _grok_vs(df, x: str, series: str | None, title: str, log_x: bool):
             return v * 10 ** shift if log_x else v + shift * 0.5 * span
         xs, med, lo, hi, open_ = [], [], [], [], []
         for xv, g in sub.groupby(x, sort=True):
-            st = _group_stats(g["grokking_epoch"].tolist(), (g["state"] == "censored").tolist(),
+            st = _group_stats(g["grokking_epoch"].tolist(), g["grokked"].eq(False).tolist(),
                               g["epoch"].fillna(g["grokking_epoch"]).tolist())
             if st is None:
                 continue
@@ -818,7 +816,7 @@ def _grok_vs(df, x: str, series: str | None, title: str, log_x: bool):
                 x=[a for a, o in zip(xs, open_) if o], y=[b for b, o in zip(med, open_) if o],
                 mode="markers", showlegend=False, legendgroup=str(sv), hoverinfo="skip",
                 marker=dict(size=12, color="white", line=dict(width=2, color=colour))))
-        cens = sub[sub["state"] == "censored"]
+        cens = sub[sub["grokked"].eq(False)]
         if len(cens):
             any_cens = True
             fig.add_trace(go.Scatter(
@@ -925,7 +923,7 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
         never_x, never_y, part_x, part_y, part_t = [], [], [], [], []
         for (tf, wd), g in fin.groupby(["train_frac", "weight_decay"]):
             i, j = tfs.index(tf), wds.index(wd)
-            st = _group_stats(g["grokking_epoch"].tolist(), (g["state"] == "censored").tolist(),
+            st = _group_stats(g["grokking_epoch"].tolist(), g["grokked"].eq(False).tolist(),
                               g["epoch"].fillna(g["grokking_epoch"]).tolist())
             n, nc = len(g), st[4]
             frac = f"<br>({n - nc}/{n} grokked)" if nc else ""
@@ -1031,7 +1029,7 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
                                 horizontal_spacing=0.12, vertical_spacing=0.12)
             for cv, sub in _by_colour(fin, colour_by):
                 for cens in (False, True):
-                    part = sub[(sub["state"] == "censored") == cens]
+                    part = sub[sub["grokked"].eq(False) == cens]
                     gs = [ckg[r].sort_values("epoch") for r in part["run_id"] if r in ckg]
                     gs = [g.iloc[_downsample(len(g), per_line)] for g in gs]
                     if not gs:

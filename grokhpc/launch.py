@@ -6,8 +6,9 @@
 * The spec is expanded into runs (grokhpc.sweep); each run lives in ``OUT/runs/<run_id>``.
 * ``OUT/manifest.json`` records the spec, its runs and axes, the launcher settings and, per
   launch, the submitted job ids and the runs each job trains. It is rewritten atomically.
-* Runs already complete are skipped, and so are runs whose job from an earlier launch is still
-  queued or running, so launching twice never trains a run twice.
+* Runs already done are skipped, and so are runs whose job from an earlier launch is still
+  queued or running, so launching twice never trains a run twice; a corrupt run (a file that
+  cannot be read) is listed and left alone. Run states and the manifest are grokhpc.scheduler's.
 * Runs are packed into jobs by shape (``runs_per_job``); a job trains its runs with
   ``grokhpc.train_batched.train_group`` when it has more than one, else ``run_training``.
 * ``auto`` executor: SLURM when ``sbatch`` is on PATH, else local. On SLURM the jobs form one
@@ -25,28 +26,24 @@ import argparse
 import importlib
 import os
 import shutil
-import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import submitit
 
+from . import scheduler as sched
 from .config import ConfigError, from_dict, to_dict
-from .store import RunDir, RunDirError, atomic_write_json, read_json
+from .scheduler import (DEFAULT_MAX_ARRAY, JOBS_DIR, MANIFEST, chunks, max_array_size,
+                        sbatch_preview)
+from .store import RunDir, RunDirError
 from .sweep import (ClusterProfile, LauncherSettings, Sweep, SweepRun, fit_partition,
                     load_profile, load_sweep, pack, partition_limits, resolve_launcher,
                     shape_key)
 
-MANIFEST = "manifest.json"
-JOBS_DIR = "jobs"
-DEFAULT_MAX_ARRAY = 1000           # array tasks per submission when the cluster does not say
 DEFAULT_ARRAY_PARALLELISM = 64
 DEFAULT_TIME_MIN = 60
-LIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-               "REQUEUE_FED", "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "PREEMPTED"}
 
 
 # ---- inside a job ---------------------------------------------------------------------------
@@ -230,89 +227,9 @@ def executor_parameters(kind: str, sweep: Sweep, launcher: LauncherSettings,
     return p
 
 
-def max_array_size() -> int:
-    """Array tasks per submission: below ``MaxArraySize`` from ``scontrol show config``."""
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True,
-                             timeout=20).stdout
-    except (OSError, subprocess.SubprocessError):
-        return DEFAULT_MAX_ARRAY
-    for line in out.splitlines():
-        k, _, v = line.partition("=")
-        if k.strip() == "MaxArraySize" and v.strip().isdigit():
-            return max(1, int(v.strip()) - 1)
-    return DEFAULT_MAX_ARRAY
-
-
 def array_size(dry_run: bool = False) -> int:
     """Array tasks per submission here: the cluster's, or the default in a dry run off-cluster."""
     return max_array_size() if shutil.which("scontrol") or not dry_run else DEFAULT_MAX_ARRAY
-
-
-def chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def scheduler_live(job_ids: Sequence[str]) -> dict[str, str]:
-    """{job id: state} of the given jobs still known to squeue (array tasks one per line)."""
-    if not job_ids or not shutil.which("squeue"):
-        return {}
-    bases = sorted({j.split("_")[0] for j in job_ids})
-    try:
-        r = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(bases)],
-                           capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    out = {}
-    for line in r.stdout.splitlines():
-        parts = line.split()
-        if len(parts) == 2:
-            out[parts[0]] = parts[1]
-    return out
-
-
-def read_manifest(out: Path) -> dict | None:
-    f = out / MANIFEST
-    return read_json(f) if f.exists() else None
-
-
-def run_jobs(manifest: dict | None) -> dict[str, dict]:
-    """{run_id: {job_id, executor, launch}} from the latest launch that included each run."""
-    latest: dict[str, dict] = {}
-    for i, launch in enumerate((manifest or {}).get("launches", [])):
-        for job in launch.get("jobs", []):
-            for rid in job.get("runs", []):
-                latest[rid] = {"job_id": str(job["job_id"]), "executor": launch.get("executor"),
-                               "launch": i}
-    return latest
-
-
-def in_flight(manifest: dict | None) -> dict[str, str]:
-    """{run_id: scheduler state} for runs whose latest SLURM job is still queued or running."""
-    latest = {rid: j for rid, j in run_jobs(manifest).items() if j["executor"] == "slurm"}
-    live = scheduler_live([j["job_id"] for j in latest.values()])
-    return {rid: live[j["job_id"]] for rid, j in latest.items()
-            if live.get(j["job_id"]) in LIVE_STATES}
-
-
-def manifest_base(sweep: Sweep, launcher: LauncherSettings, old: dict | None) -> dict:
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    return {
-        "spec": str(sweep.spec),
-        "spec_hash": sweep.spec_hash,
-        "description": sweep.description,
-        "out": str(sweep.out),
-        "created": (old or {}).get("created", now),
-        "updated": now,
-        "axes": list(sweep.axes),
-        "zip_groups": [list(g) for g in sweep.zip_groups],
-        "base": to_dict(sweep.base),
-        "launcher": launcher.to_dict(),
-        # run directories relative to the sweep directory, so a copied sweep still reads
-        "runs": [{"run_id": r.run_id, "dir": os.path.relpath(r.dir, sweep.out), "swept": r.swept}
-                 for r in sweep.runs],
-        "launches": list((old or {}).get("launches", [])),
-    }
 
 
 # ---- output ---------------------------------------------------------------------------------
@@ -322,44 +239,23 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def runs_table(sweep: Sweep, state: dict[str, str]) -> str:
+def runs_table(sweep: Sweep, state: dict[str, str], action: dict[str, str]) -> str:
+    """One line per run: its axis values, its state (grokhpc.scheduler's vocabulary) and what
+    this launch does with it."""
     axes = list(sweep.axes)
-    head = ["#", "run_id", *axes, "state"]
-    rows = [[str(i), r.run_id, *[_fmt(r.swept.get(a)) for a in axes], state[r.run_id]]
-            for i, r in enumerate(sweep.runs)]
+    head = ["#", "run_id", *axes, "state", "launch"]
+    rows = [[str(i), r.run_id, *[_fmt(r.swept.get(a)) for a in axes], state[r.run_id],
+             action[r.run_id]] for i, r in enumerate(sweep.runs)]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa
     return "\n".join([line(head)] + [line(r) for r in rows])
 
 
-def sbatch_preview(params: dict[str, Any], folder: Path, n_tasks: int) -> str:
-    """The #SBATCH lines submitit would write for one array of ``n_tasks`` jobs."""
-    from submitit.slurm import slurm as sl
-
-    kw: dict[str, Any] = {}
-    for k, v in params.items():
-        if k == "timeout_min":
-            kw["time"] = v
-        elif k == "mem_gb":
-            kw["mem"] = sl._convert_mem(v)
-        elif k.startswith("slurm_"):
-            name = k[len("slurm_"):]
-            kw["additional_parameters" if name == "additional_parameters" else name] = v
-        else:
-            kw[k] = v
-    # submitit sends a single job as a plain job, more as an array
-    text = sl._make_sbatch_string(command="python -u -m submitit.core._submit ...",
-                                  folder=str(folder / "%j"),
-                                  map_count=n_tasks if n_tasks > 1 else None, **kw)
-    return "\n".join(ln for ln in text.splitlines() if ln.startswith("#SBATCH"))
-
-
 # ---- the launch -----------------------------------------------------------------------------
-def launch(spec: str, executor: str | None = None, cluster: str | None = None,
-           overrides: Sequence[str] = (), dry_run: bool = False,
-           out=None) -> dict:
-    """Expand, plan and (unless dry_run) submit. Returns the plan with the submitted jobs."""
-    out = out if out is not None else sys.stdout
+def settle(spec: str, executor: str | None, cluster: str | None, overrides: Sequence[str],
+           dry_run: bool) -> tuple[Sweep, LauncherSettings, ClusterProfile | None, str]:
+    """The expanded sweep, its launcher settings (profile defaults filled in), the profile and
+    the executor kind; every input error is a one-line ConfigError."""
     sweep = load_sweep(spec, overrides)
     cluster = cluster or sweep.launcher.cluster
     profile = load_profile(cluster) if cluster else None
@@ -370,106 +266,190 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
     if kind == "slurm" and not dry_run and not shutil.which("sbatch"):
         raise ConfigError("--executor: slurm: expected sbatch on PATH (no SLURM here); "
                           "use --executor local")
+    return sweep, launcher, profile, kind
 
-    old = read_manifest(sweep.out)
-    if old and old.get("spec_hash") != sweep.spec_hash:
-        print(f"note: {sweep.out / MANIFEST} was written from another version of the spec; "
-              "updating it (run directories are kept)", file=out)
-    flying = in_flight(old)
+
+def held_run_id(run: RunDir) -> str | None:
+    """The run_id in a run directory's config.json; an unreadable config.json is a RunDirError
+    naming it (the directory is never trained over)."""
+    try:
+        cfg = run.read_config()
+    except ValueError as e:       # not UTF-8
+        raise RunDirError(f"{run.file('config.json')}: unreadable ({e})") from None
+    if not isinstance(cfg, dict):
+        raise RunDirError(f"{run.file('config.json')}: expected a JSON object")
+    return cfg.get("run_id")
+
+
+def sort_runs(sweep: Sweep, manifest: dict | None) -> tuple[dict, dict, list[SweepRun]]:
+    """Each run's state and what this launch does with it, and the runs to submit: not done,
+    not corrupt, and not held by a SLURM job of an earlier launch that is queued or running."""
+    flying = sched.in_flight(manifest)
+    jobs = sched.latest_jobs(manifest)
     state: dict[str, str] = {}
+    action: dict[str, str] = {}
     todo: list[SweepRun] = []
     for r in sweep.runs:
         run = RunDir(r.dir)
-        if run.exists() and run.read_config().get("run_id") != r.run_id:
-            raise RunDirError(f"{r.dir}: holds run {run.read_config().get('run_id')}, "
-                              f"not {r.run_id}")
-        if run.is_complete():
-            state[r.run_id] = "complete"
-        elif r.run_id in flying:
-            state[r.run_id] = f"in flight ({flying[r.run_id].lower()})"
+        held = held_run_id(run) if run.exists() else r.run_id
+        if held != r.run_id:
+            raise RunDirError(f"{r.dir}: holds run {held}, not {r.run_id}")
+        found = sched.read_dir(run)
+        job = flying.get(r.run_id, sched.NO_JOB)   # not live: this launch takes the run over
+        state[r.run_id] = sched.run_state(found.state, job)
+        if state[r.run_id] == sched.CORRUPT:
+            action[r.run_id] = "left alone"
+        elif state[r.run_id] == sched.DONE:
+            action[r.run_id] = "-"
+        elif job.live:
+            action[r.run_id] = f"job {jobs[r.run_id]['job_id']} has it"
         else:
-            state[r.run_id] = "to run"
+            action[r.run_id] = "submit"
             todo.append(r)
+    return state, action, todo
+
+
+def make_plan(spec: str, executor: str | None, cluster: str | None, overrides: Sequence[str],
+              dry_run: bool, out) -> dict:
+    """What a launch would do: the sweep, settings, each run's state, the runs to submit and
+    their packing into jobs."""
+    sweep, launcher, profile, kind = settle(spec, executor, cluster, overrides, dry_run)
+    old = sched.read_manifest(sweep.out)
+    if old and old.get("spec_hash") != sweep.spec_hash:
+        print(f"note: {sweep.out / MANIFEST} was written from another version of the spec; "
+              "updating it (run directories are kept)", file=out)
+    state, action, todo = sort_runs(sweep, old)
     groups = pack(todo, runs_per_job_for(launcher))
     fit = fit_partition(launcher, profile, len(groups), array_size(dry_run), str(spec),
                         DEFAULT_ARRAY_PARALLELISM) if kind == "slurm" else None
     if fit is not None:   # the partition's per-user caps; deferred jobs go out on a relaunch
         launcher, groups = fit.launcher, groups[:fit.jobs_now]
-    params = executor_parameters(kind, sweep, launcher, profile)
-    plan = {"sweep": sweep, "launcher": launcher, "executor": kind, "profile": profile,
-            "todo": todo, "groups": groups, "parameters": params, "jobs": []}
+    return {"sweep": sweep, "launcher": launcher, "executor": kind, "profile": profile,
+            "old_manifest": old, "state": state, "action": action, "todo": todo,
+            "groups": groups, "notes": fit.notes if fit else [],
+            "parameters": executor_parameters(kind, sweep, launcher, profile), "jobs": []}
 
-    n_done = sum(v == "complete" for v in state.values())
+
+def print_summary(plan: dict, out) -> None:
+    sweep, groups, todo = plan["sweep"], plan["groups"], plan["todo"]
+    n_done = sum(v == sched.DONE for v in plan["state"].values())
+    n_corrupt = sum(v == sched.CORRUPT for v in plan["state"].values())
+    n_flying = len(sweep.runs) - n_done - n_corrupt - len(todo)
     print(f"sweep {sweep.spec} -> {sweep.out}", file=out)
     print(f"{len(sweep.runs)} runs over {', '.join(sweep.axes)}: {n_done} complete, "
-          f"{len(sweep.runs) - n_done - len(todo)} in flight, {len(todo)} to run in "
-          f"{len(groups)} job(s) of up to {max((len(g) for g in groups), default=0)} run(s)",
-          file=out)
-    for note in fit.notes if fit else ():
+          f"{n_flying} in flight, {len(todo)} to run in "
+          f"{len(groups)} job(s) of up to {max((len(g) for g in groups), default=0)} run(s)"
+          + (f"; {n_corrupt} corrupt, left alone" if n_corrupt else ""), file=out)
+    for r in sweep.runs:
+        if plan["state"][r.run_id] == sched.CORRUPT:
+            print(f"  {r.run_id} is corrupt: {sched.read_dir(RunDir(r.dir)).error}", file=out)
+    for note in plan.get("notes", ()):
         print(note, file=out)
-    if dry_run:
-        print(runs_table(sweep, state), file=out)
-        print(f"\nexecutor: {kind}" + (f", cluster {profile.name} ({profile.path})"
-                                      if profile else ""), file=out)
-        if profile and launcher.partition and profile.partition(launcher.partition):
-            part = profile.partition(launcher.partition)
-            print(f"partition {part.name}: {partition_limits(part)}"
-                  + (", preemptable (jobs requeue and resume)" if part.preemptable else ""),
-                  file=out)
-        print("submitit parameters:", file=out)
-        for k in sorted(params):
-            print(f"  {k} = {params[k]!r}", file=out)
-        if kind == "slurm":
-            print(f"  slurm_max_num_timeout = {launcher.max_timeouts!r}", file=out)
-            arrays = chunks(groups, array_size(dry_run)) or [[]]
-            n0 = len(arrays[0])
-            print("sbatch script header " + (f"({len(arrays)} array(s), the first of {n0} tasks):"
-                                             if n0 > 1 else "(a single job, no array):"),
-                  file=out)
-            try:
-                print(sbatch_preview(params, sweep.out / JOBS_DIR, max(1, len(arrays[0]))),
-                      file=out)
-            except Exception as e:  # the preview uses submitit internals
-                print(f"  (preview unavailable: {type(e).__name__}: {e})", file=out)
-        print("dry run: nothing written, nothing submitted", file=out)
-        return plan
 
+
+def print_dry_run(plan: dict, out) -> None:
+    """The runs table, the executor and partition, the submitit parameters and, for SLURM, the
+    sbatch script header of the first array."""
+    sweep, launcher, profile, params = (plan["sweep"], plan["launcher"], plan["profile"],
+                                        plan["parameters"])
+    print(runs_table(sweep, plan["state"], plan["action"]), file=out)
+    print(f"\nexecutor: {plan['executor']}" + (f", cluster {profile.name} ({profile.path})"
+                                               if profile else ""), file=out)
+    part = profile.partition(launcher.partition) if profile and launcher.partition else None
+    if part:
+        print(f"partition {part.name}: {partition_limits(part)}"
+              + (", preemptable (jobs requeue and resume)" if part.preemptable else ""),
+              file=out)
+    print("submitit parameters:", file=out)
+    for k in sorted(params):
+        print(f"  {k} = {params[k]!r}", file=out)
+    if plan["executor"] == "slurm":
+        print(f"  slurm_max_num_timeout = {launcher.max_timeouts!r}", file=out)
+        arrays = chunks(plan["groups"], array_size(dry_run=True)) or [[]]
+        n0 = len(arrays[0])
+        print("sbatch script header " + (f"({len(arrays)} array(s), the first of {n0} tasks):"
+                                         if n0 > 1 else "(a single job, no array):"), file=out)
+        try:
+            print(sbatch_preview(params, sweep.out / JOBS_DIR, max(1, n0)), file=out)
+        except Exception as e:  # the preview uses submitit internals
+            print(f"  (preview unavailable: {type(e).__name__}: {e})", file=out)
+    print("dry run: nothing written, nothing submitted", file=out)
+
+
+class LaunchRecord:
+    """This launch in the manifest: each submission adds its jobs and rewrites the manifest
+    atomically, so a launch cut short still lists every job it submitted."""
+
+    def __init__(self, plan: dict):
+        sweep, profile = plan["sweep"], plan["profile"]
+        self.out = sweep.out
+        self.manifest = sched.new_manifest(sweep, plan["launcher"], plan["old_manifest"])
+        self.record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "executor": plan["executor"],
+                       "cluster": profile.name if profile else None,
+                       "parameters": _jsonable(plan["parameters"]), "jobs": []}
+
+    def write(self) -> None:
+        sched.write_manifest(self.out, self.manifest)
+
+    def open(self) -> None:
+        self.manifest["launches"].append(self.record)
+
+    def add(self, jobs, groups) -> None:
+        for job, g in zip(jobs, groups):
+            self.record["jobs"].append({"job_id": str(job.job_id),
+                                        "runs": [r.run_id for r in g]})
+        self.write()
+
+
+def submit(plan: dict, out) -> None:
+    """Write the manifest and the run directories' config.json, then submit the jobs (SLURM:
+    arrays below MaxArraySize, returning at once; locally: run them here)."""
+    sweep, launcher, kind, groups = (plan["sweep"], plan["launcher"], plan["executor"],
+                                     plan["groups"])
     sweep.out.mkdir(parents=True, exist_ok=True)
-    manifest = manifest_base(sweep, launcher, old)
-    atomic_write_json(sweep.out / MANIFEST, manifest)
+    record = LaunchRecord(plan)
+    record.write()
     if not groups:
         print("nothing to submit", file=out)
-        return plan
-    for r in todo:   # config.json up front: status can name every run from its directory
+        return
+    for r in plan["todo"]:   # config.json up front: status can name every run from its directory
         RunDir(r.dir).create({**to_dict(r.config), "run_id": r.run_id})
-
-    folder = sweep.out / JOBS_DIR / "%j"
     kwargs = {"slurm_max_num_timeout": launcher.max_timeouts} if kind == "slurm" else {}
-    ex = submitit.AutoExecutor(folder=folder, cluster=kind, **kwargs)
-    ex.update_parameters(**params)
+    ex = submitit.AutoExecutor(folder=sweep.out / JOBS_DIR / "%j", cluster=kind, **kwargs)
+    ex.update_parameters(**plan["parameters"])
     threads = None if kind == "slurm" else local_threads(launcher)
     fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads) for g in groups]
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": kind,
-              "cluster": profile.name if profile else None, "parameters": _jsonable(params),
-              "jobs": []}
-    manifest["launches"].append(record)
-
-    def save_jobs(jobs, gs):
-        for job, g in zip(jobs, gs):
-            record["jobs"].append({"job_id": str(job.job_id), "runs": [r.run_id for r in g]})
-        atomic_write_json(sweep.out / MANIFEST, manifest)
-
+    record.open()
     if kind == "slurm":
-        for idx in chunks(list(range(len(fns))), max_array_size()):
-            jobs = ex.submit_array([fns[i] for i in idx])
-            save_jobs(jobs, [groups[i] for i in idx])
-            plan["jobs"] += jobs
-        ids = sorted({str(j.job_id).split("_")[0] for j in plan["jobs"]})
-        print(f"submitted {len(plan['jobs'])} job(s) as SLURM array(s) {', '.join(ids)} "
-              f"(logs in {sweep.out / JOBS_DIR})", file=out)
-        print(f"follow with: python -m grokhpc.status {sweep.out}", file=out)
-        return plan
-    run_locally(ex, fns, groups, plan, save_jobs, launcher, out)
+        submit_arrays(ex, fns, plan, record, out)
+    else:
+        run_locally(ex, fns, groups, plan, record.add, launcher, out)
+
+
+def submit_arrays(ex, fns: list, plan: dict, record: LaunchRecord, out) -> None:
+    sweep, groups = plan["sweep"], plan["groups"]
+    for idx in chunks(list(range(len(fns))), max_array_size()):
+        jobs = ex.submit_array([fns[i] for i in idx])
+        record.add(jobs, [groups[i] for i in idx])
+        plan["jobs"] += jobs
+    ids = sorted({sched.base_job_id(j.job_id) for j in plan["jobs"]})
+    print(f"submitted {len(plan['jobs'])} job(s) as SLURM array(s) {', '.join(ids)} "
+          f"(logs in {sweep.out / JOBS_DIR})", file=out)
+    print(f"follow with: python -m grokhpc.status {sweep.out}", file=out)
+
+
+def launch(spec: str, executor: str | None = None, cluster: str | None = None,
+           overrides: Sequence[str] = (), dry_run: bool = False,
+           out=None) -> dict:
+    """Expand, plan and (unless dry_run) submit. Returns the plan with the submitted jobs."""
+    out = out if out is not None else sys.stdout
+    plan = make_plan(spec, executor, cluster, overrides, dry_run, out)
+    print_summary(plan, out)
+    if dry_run:
+        print_dry_run(plan, out)
+    else:
+        submit(plan, out)
     return plan
 
 

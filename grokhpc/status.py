@@ -1,17 +1,11 @@
-"""The state of a sweep's runs: ``python -m grokhpc.status SWEEP_DIR [--json] [--all]``.
+"""The state of a sweep's runs: ``python -m grokhpc.status SWEEP_DIR [--json] [--hide-done]``.
 
 Reads ``SWEEP_DIR/manifest.json`` and each run directory, and -- where the scheduler is at hand
-(``squeue``/``sacct`` on PATH) -- the state of the SLURM jobs the manifest lists. A run is
-
-  done       trained, measured and summarised (progress.json done, summary.json)
-  running    its job runs now (or, locally, its job's process is alive)
-  requeued   its job was requeued (preempted, timed out, ``scontrol requeue``) and waits to resume
-  pending    queued, or not submitted yet
-  failed     error.txt, or its job ended FAILED / TIMEOUT / OUT_OF_MEMORY / NODE_FAIL
-  cancelled  its job was cancelled before the run finished (relaunch to resume it)
-
-with the epochs done out of planned and, for failed runs, the last line of the error (from
-error.txt, else from the job's submitit log). No torch import: this answers in a blink.
+(``squeue``/``sacct`` on PATH) -- the state of the SLURM jobs the manifest lists. Each run is
+pending, running, requeued, cancelled, failed, corrupt or done (the table of what each means is
+in grokhpc.scheduler), with the epochs done out of planned, whether it grokked and, for failed
+runs, the last line of the error (from error.txt, else from the job's submitit log). No torch
+import: this answers in a blink.
 """
 
 from __future__ import annotations
@@ -20,21 +14,15 @@ import argparse
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .store import RunDir, RunDirError, read_json
+from . import scheduler as sched
+from .scheduler import MANIFEST, RUN_STATES, JobInfo
+from .store import RunDir, RunDirError
 
-MANIFEST = "manifest.json"
-STATES = ("done", "running", "requeued", "pending", "failed", "cancelled")
-FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
-QUEUED_STATES = {"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                 "SUSPENDED", "PREEMPTED"}
-RUNNING_STATES = {"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING"}
 _EXC_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b.*")
 
 
@@ -54,71 +42,6 @@ class RunStatus:
     dir: str = ""
 
 
-# ---- the scheduler -------------------------------------------------------------------------
-def _run(cmd: list[str]) -> str:
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return r.stdout if r.returncode == 0 else ""
-
-
-def _expand_array_id(jid: str) -> list[str]:
-    """``123_[0-3,7%2]`` -> 123_0 .. 123_3, 123_7; other ids unchanged."""
-    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", jid)
-    if not m:
-        return [jid]
-    base, spec = m.group(1), m.group(2).split("%")[0]
-    out = []
-    for part in spec.split(","):
-        if "-" in part:
-            a, b = part.split("-")
-            out += [f"{base}_{i}" for i in range(int(a), int(b) + 1)]
-        elif part.isdigit():
-            out.append(f"{base}_{part}")
-    return out
-
-
-def scheduler_states(job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """{job id: {state, requeues, live}} from squeue (live jobs) and sacct (history).
-
-    ``requeues`` counts sacct's REQUEUED/PREEMPTED records of the job (``--duplicates``)."""
-    if not job_ids:
-        return {}
-    bases = sorted({j.split("_")[0] for j in job_ids})
-    info: dict[str, dict[str, Any]] = {}
-    if shutil.which("sacct"):
-        out = _run(["sacct", "-n", "-P", "-X", "--duplicates", "-o", "JobID,State",
-                    "-j", ",".join(bases)])
-        for line in out.splitlines():
-            parts = line.strip().split("|")
-            if len(parts) < 2:
-                continue
-            state = parts[1].split()[0] if parts[1] else ""
-            for jid in _expand_array_id(parts[0]):
-                d = info.setdefault(jid, {"state": None, "requeues": 0, "live": False})
-                if state in ("REQUEUED", "PREEMPTED"):
-                    d["requeues"] += 1
-                d["state"] = d["sacct"] = state   # oldest first: the last record is current
-    if shutil.which("squeue"):
-        out = _run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(bases)])
-        for line in out.splitlines():
-            parts = line.split()
-            if len(parts) == 2:
-                d = info.setdefault(parts[0], {"state": None, "requeues": 0, "live": False})
-                d["state"], d["live"] = parts[1], True
-    return info
-
-
-def _pid_alive(job_id: str) -> bool:
-    try:
-        pid = int(job_id)
-        os.kill(pid, 0)
-    except (ValueError, ProcessLookupError, PermissionError, OverflowError):
-        return False
-    return Path(f"/proc/{pid}").exists()
-
-
 # ---- errors from logs -----------------------------------------------------------------------
 def last_error_line(text: str) -> str | None:
     """The last exception line of a traceback-bearing text (or its last line)."""
@@ -131,7 +54,7 @@ def last_error_line(text: str) -> str | None:
 
 def log_error(sweep_dir: Path, job_id: str) -> str | None:
     """The last exception line in the job's submitit stderr log, if any."""
-    d = sweep_dir / "jobs" / job_id
+    d = sweep_dir / sched.JOBS_DIR / job_id
     for f in sorted(d.glob("*_log.err")) if d.is_dir() else []:
         try:
             text = f.read_text(errors="replace")
@@ -144,86 +67,66 @@ def log_error(sweep_dir: Path, job_id: str) -> str | None:
 
 # ---- the sweep ------------------------------------------------------------------------------
 def load_manifest(sweep_dir: Path) -> dict:
-    f = sweep_dir / MANIFEST
-    if not f.exists():
+    manifest = sched.read_manifest(sweep_dir)
+    if manifest is None:
         raise RunDirError(f"{sweep_dir}: not a sweep directory (no {MANIFEST}); "
                           "launch the sweep first")
-    return read_json(f)
+    return manifest
 
 
-def latest_jobs(manifest: dict) -> dict[str, dict]:
-    latest: dict[str, dict] = {}
-    for launch in manifest.get("launches", []):
-        for job in launch.get("jobs", []):
-            for rid in job.get("runs", []):
-                latest[rid] = {"job_id": str(job["job_id"]), "executor": launch.get("executor")}
-    return latest
+def job_of(job: dict | None, jobs: dict[str, JobInfo]) -> JobInfo:
+    """What is known of a run's latest job (``job``: its manifest entry, None if it has none);
+    ``jobs``: the scheduler's answers for the SLURM jobs (empty: not asked)."""
+    if job is None:
+        return sched.NO_JOB
+    if job["executor"] == "slurm":
+        return jobs.get(job["job_id"], sched.UNKNOWN_JOB)
+    if job["executor"] == "local" and sched.pid_alive(job["job_id"]):
+        return JobInfo(state="RUNNING", live=True)
+    return sched.NO_JOB           # a local or debug job whose process is gone
+
+
+def run_status(sweep_dir: Path, entry: dict, job: dict | None, info: JobInfo) -> RunStatus:
+    """One run's RunStatus from its directory and its latest job."""
+    run = RunDir(sweep_dir / entry["dir"])   # relative to the sweep (an absolute one stays)
+    found = sched.read_dir(run)
+    prog = found.progress or {}
+    st = RunStatus(run_id=entry["run_id"], state=found.state, epoch=prog.get("epoch"),
+                   n_epochs=prog.get("n_epochs"), swept=entry.get("swept", {}), dir=str(run.path),
+                   job_id=job["job_id"] if job else None, job_state=info.state,
+                   requeues=info.requeues)
+    if st.n_epochs is None and run.exists():
+        try:
+            st.n_epochs = run.read_config().get("n_epochs")
+        except (RunDirError, ValueError):
+            pass
+    log_err = None
+    if job is not None and info.ended and info.state not in sched.CANCELLED_JOB_STATES \
+            and found.state not in (sched.DONE, sched.CORRUPT):
+        log_err = log_error(sweep_dir, job["job_id"])
+    st.state = sched.run_state(found.state, info, log_err)
+    if st.state == sched.DONE:
+        st.grokked = (found.summary or {}).get("grokked")
+        st.grokking_epoch = (found.summary or {}).get("grokking_epoch")
+    elif st.state == sched.CORRUPT:
+        st.error = found.error
+    elif st.state == sched.FAILED:
+        st.error = (last_error_line(found.error) if found.error else None) or log_err \
+            or sched.job_failure(info) or "job failed"
+    return st
 
 
 def collect(sweep_dir: str | os.PathLike, use_scheduler: bool = True) -> list[RunStatus]:
     """One RunStatus per run of the manifest, in manifest order."""
     sweep_dir = Path(sweep_dir)
     manifest = load_manifest(sweep_dir)
-    jobs = latest_jobs(manifest)
+    jobs = sched.latest_jobs(manifest)
     slurm_ids = [j["job_id"] for j in jobs.values() if j["executor"] == "slurm"]
-    sched = scheduler_states(slurm_ids) if use_scheduler else {}
+    infos = sched.query_jobs(slurm_ids) if use_scheduler else {}
     out = []
-    for r in manifest.get("runs", []):
-        rid = r["run_id"]
-        run = RunDir(sweep_dir / r["dir"])  # relative to the sweep (an absolute one stays)
-        try:
-            prog = run.read_progress()
-        except RunDirError:
-            prog = None
-        epoch = prog.get("epoch") if prog else None
-        n_epochs = prog.get("n_epochs") if prog else None
-        job = jobs.get(rid)
-        st = RunStatus(run_id=rid, state="pending", epoch=epoch, n_epochs=n_epochs,
-                       swept=r.get("swept", {}), dir=str(sweep_dir / r["dir"]))
-        if n_epochs is None:
-            try:
-                st.n_epochs = run.read_config().get("n_epochs") if run.exists() else None
-            except RunDirError:
-                pass
-        js: dict[str, Any] = {}
-        if job:
-            st.job_id = job["job_id"]
-            if job["executor"] == "slurm":
-                js = sched.get(job["job_id"], {})
-                st.job_state, st.requeues = js.get("state"), js.get("requeues", 0)
-            elif job["executor"] == "local" and _pid_alive(job["job_id"]):
-                js = {"state": "RUNNING", "live": True}
-                st.job_state = "RUNNING"
-        try:
-            complete = run.is_complete()
-            error = run.read_error()
-        except (RunDirError, OSError):
-            complete, error = False, None
-        job_state = js.get("state") or ""
-        if complete:
-            st.state = "done"
-            summary = run.read_summary() or {}
-            st.grokked, st.grokking_epoch = summary.get("grokked"), summary.get("grokking_epoch")
-        elif js.get("live") and job_state == "COMPLETING" and js.get("sacct") == "REQUEUED":
-            st.state = "requeued"     # being stopped, to be started again
-        elif js.get("live") and job_state in RUNNING_STATES:
-            st.state = "running"
-        elif js.get("live") and job_state in QUEUED_STATES:
-            st.state = "requeued" if st.requeues > 0 else "pending"
-        elif error:
-            st.state, st.error = "failed", last_error_line(error)
-        elif job_state in FAILED_STATES:
-            st.state = "failed"
-            st.error = (log_error(sweep_dir, job["job_id"]) if job else None) or \
-                f"job {job_state.lower()}"
-        elif job_state.startswith("CANCELLED"):
-            st.state = "cancelled"
-        elif job_state == "COMPLETED" or (job and job["executor"] != "slurm"):
-            # the job ended without finishing the run: its log says why
-            err = log_error(sweep_dir, job["job_id"]) if job else None
-            if err:
-                st.state, st.error = "failed", err
-        out.append(st)
+    for entry in manifest.get("runs", []):
+        job = jobs.get(entry["run_id"])
+        out.append(run_status(sweep_dir, entry, job, job_of(job, infos)))
     return out
 
 
@@ -249,7 +152,7 @@ def _fmt(v: Any) -> str:
 
 
 def summary_line(rows: list[RunStatus]) -> str:
-    counts = {s: sum(r.state == s for r in rows) for s in STATES}
+    counts = {s: sum(r.state == s for r in rows) for s in RUN_STATES}
     grokked = sum(bool(r.grokked) for r in rows)
     parts = [f"{n} {s}" for s, n in counts.items() if n]
     return f"{len(rows)} runs: " + ", ".join(parts) + f"; {grokked} grokked"

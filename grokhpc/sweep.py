@@ -274,7 +274,7 @@ def load_profile(name: str, source: str = "--cluster") -> ClusterProfile:
     for d in profile_dirs():
         f = d / f"{name}.yaml"
         if f.is_file():
-            return parse_profile(f.read_text(), str(f), name, f)
+            return parse_profile(read_spec_text(f, "cluster profile"), str(f), name, f)
     known = ", ".join(available_profiles()) or "none found"
     raise ConfigError(f"{source}: cluster: expected a cluster profile name ({known}), got {name!r}")
 
@@ -509,11 +509,8 @@ def split_overrides(items: Iterable[str], source: str = "--set") -> tuple[dict, 
     return run_values, launcher_values, out
 
 
-def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
-                spec_path: str | os.PathLike | None = None,
-                cwd: str | os.PathLike | None = None) -> Sweep:
-    """Validate spec text and expand it into runs; ``overrides`` are ``--set key=value`` items
-    (run fields go into ``base``, ``launcher.KEY`` into the launcher, ``out`` replaces ``out``)."""
+def _spec_mapping(text: str, source: str) -> Mapping[str, Any]:
+    """The spec's top-level mapping, with no unknown keys."""
     spec = load_yaml(text, source)
     if spec is None:
         spec = {}
@@ -523,15 +520,11 @@ def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
         if k not in SPEC_KEYS:
             raise ConfigError(f"{source}: {k}: unknown key (expected one of "
                               f"{', '.join(SPEC_KEYS)})")
-    run_over, launcher_over, out_over = split_overrides(overrides)
+    return spec
 
-    # base
-    base_d = spec.get("base") or {}
-    _expect(isinstance(base_d, Mapping), source, "base", "a mapping of run fields",
-            type(base_d).__name__)
-    base = from_dict(base_d, source=f"{source}: base")
 
-    # axes: grid and zip groups
+def _grid_and_zips(spec: Mapping[str, Any], source: str) -> tuple[Mapping, list]:
+    """The ``grid`` mapping and the list of ``zip`` groups; at least one axis between them."""
     grid = spec.get("grid")
     zips = spec.get("zip")
     if grid is None and zips is None:
@@ -548,55 +541,59 @@ def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
     if not grid and not zips:
         raise ConfigError(f"{source}: grid: expected at least one axis (run field: [values]), "
                           "got an empty grid")
+    return grid, zips
 
-    seen: dict[str, str] = {}
-    factors: list[list[dict[str, Any]]] = []   # each factor: the list of its settings
-    axes: list[str] = []
-    zip_groups: list[tuple[str, ...]] = []
 
-    def check_axis(where: str, axis: Any, values: Any) -> list[Any]:
-        key = f"{where}.{axis}"
+class _Axes:
+    """The swept axes as they are read: each factor of the product is the list of its
+    settings (one axis of the grid, or one zip group's axes varying together)."""
+
+    def __init__(self, source: str, base: RunConfig):
+        self.source, self.base = source, base
+        self.seen: dict[str, str] = {}               # axis -> where it is swept
+        self.names: list[str] = []
+        self.factors: list[list[dict[str, Any]]] = []
+        self.zip_groups: list[tuple[str, ...]] = []
+
+    def values(self, where: str, axis: Any, values: Any) -> list[Any]:
+        """One axis's values, validated as run field values on top of the base."""
+        source, key = self.source, f"{where}.{axis}"
         _expect(isinstance(axis, str) and axis in FIELD_TYPES, source, key,
                 f"a run field ({', '.join(FIELD_TYPES)})", axis)
-        if axis in seen:
-            raise ConfigError(f"{source}: {key}: duplicate axis (already swept in {seen[axis]})")
-        seen[axis] = where
+        if axis in self.seen:
+            raise ConfigError(f"{source}: {key}: duplicate axis (already swept in "
+                              f"{self.seen[axis]})")
+        self.seen[axis] = where
         _expect(isinstance(values, list) and len(values) > 0, source, key,
                 "a non-empty list of values", values)
-        out = []
-        for i, v in enumerate(values):
-            one = from_dict({axis: v}, source=f"{source}: {where}", base=base)
-            out.append(getattr(one, axis))
+        out = [getattr(from_dict({axis: v}, source=f"{source}: {where}", base=self.base), axis)
+               for v in values]
         if len(set(map(repr, out))) != len(out):
             raise ConfigError(f"{source}: {key}: expected distinct values, got {values!r}")
-        axes.append(axis)
+        self.names.append(axis)
         return out
 
-    for axis, values in grid.items():
-        vals = check_axis("grid", axis, values)
-        factors.append([{axis: v} for v in vals])
-    for gi, group in enumerate(zips):
+    def add_grid(self, grid: Mapping) -> None:
+        for axis, values in grid.items():
+            self.factors.append([{axis: v} for v in self.values("grid", axis, values)])
+
+    def add_zip(self, gi: int, group: Any) -> None:
         where = f"zip[{gi}]"
-        _expect(isinstance(group, Mapping) and len(group) >= 1, source, where,
+        _expect(isinstance(group, Mapping) and len(group) >= 1, self.source, where,
                 "a mapping of run fields to lists of equal length", group)
-        cols = {axis: check_axis(where, axis, values) for axis, values in group.items()}
+        cols = {axis: self.values(where, axis, values) for axis, values in group.items()}
         lengths = {a: len(v) for a, v in cols.items()}
         if len(set(lengths.values())) != 1:
-            raise ConfigError(f"{source}: {where}: expected lists of equal length, got lengths "
-                              + ", ".join(f"{a}={n}" for a, n in lengths.items()))
+            raise ConfigError(f"{self.source}: {where}: expected lists of equal length, got "
+                              "lengths " + ", ".join(f"{a}={n}" for a, n in lengths.items()))
         n = next(iter(lengths.values()))
-        factors.append([{a: cols[a][i] for a in cols} for i in range(n)])
-        zip_groups.append(tuple(cols))
+        self.factors.append([{a: cols[a][i] for a in cols} for i in range(n)])
+        self.zip_groups.append(tuple(cols))
 
-    # --set on run fields: base only, never an axis
-    for k in run_over:
-        if k in seen:
-            raise ConfigError(f"--set: {k}: expected a base field, but {k} is swept in "
-                              f"{source} {seen[k]}; edit the spec instead")
-    if run_over:
-        base = from_dict(run_over, source="--set", base=base)
 
-    # out
+def _out_dir(spec: Mapping[str, Any], out_over: Any, source: str,
+             spec_path: str | os.PathLike | None, cwd: str | os.PathLike | None) -> Path:
+    """The sweep directory: ``--set out=``, else the spec's ``out``, else runs/<spec stem>."""
     out_raw = out_over if out_over is not None else spec.get("out")
     if out_raw is None:
         stem = Path(spec_path).stem if spec_path else "sweep"
@@ -604,15 +601,12 @@ def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
     _expect(isinstance(out_raw, str) and out_raw.strip() != "", source, "out",
             "a directory path", out_raw)
     out = Path(os.path.expanduser(out_raw))
-    if not out.is_absolute():
-        out = Path(cwd or os.getcwd()) / out
+    return out if out.is_absolute() else Path(cwd or os.getcwd()) / out
 
-    # launcher
-    launcher = parse_launcher(spec.get("launcher"), source)
-    if launcher_over:
-        launcher = parse_launcher(launcher_over, "--set", base=launcher)
 
-    # expansion
+def _expand(factors: list[list[dict[str, Any]]], base: RunConfig, out: Path,
+            source: str) -> list[SweepRun]:
+    """The product of the factors: one run per combination, each a distinct run_id."""
     runs: list[SweepRun] = []
     by_id: dict[str, int] = {}
     for combo in itertools.product(*factors):
@@ -620,36 +614,75 @@ def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
         for part in combo:
             swept.update(part)
         i = len(runs)
-        label = ", ".join(f"{k}={_swept_value(v)}" for k, v in swept.items())
-        cfg = from_dict({**to_dict(base), **{k: _swept_value(v) for k, v in swept.items()}},
-                        source=f"{source}: run {i} ({label})")
+        swept = {k: _swept_value(v) for k, v in swept.items()}
+        label = ", ".join(f"{k}={v}" for k, v in swept.items())
+        cfg = from_dict({**to_dict(base), **swept}, source=f"{source}: run {i} ({label})")
         if cfg.run_id in by_id:
-            j = by_id[cfg.run_id]
-            raise ConfigError(f"{source}: grid: runs {j} and {i} are the same run ({label}); "
-                              "an axis only changes fields outside the run's identity")
+            raise ConfigError(f"{source}: grid: runs {by_id[cfg.run_id]} and {i} are the same "
+                              f"run ({label}); an axis only changes fields outside the run's "
+                              "identity")
         by_id[cfg.run_id] = i
-        runs.append(SweepRun(config=cfg, dir=out / "runs" / cfg.run_id,
-                             swept={k: _swept_value(v) for k, v in swept.items()}))
+        runs.append(SweepRun(config=cfg, dir=out / "runs" / cfg.run_id, swept=swept))
+    return runs
 
+
+def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
+                spec_path: str | os.PathLike | None = None,
+                cwd: str | os.PathLike | None = None) -> Sweep:
+    """Validate spec text and expand it into runs; ``overrides`` are ``--set key=value`` items
+    (run fields go into ``base``, ``launcher.KEY`` into the launcher, ``out`` replaces ``out``)."""
+    spec = _spec_mapping(text, source)
+    run_over, launcher_over, out_over = split_overrides(overrides)
+    base_d = spec.get("base") or {}
+    _expect(isinstance(base_d, Mapping), source, "base", "a mapping of run fields",
+            type(base_d).__name__)
+    base = from_dict(base_d, source=f"{source}: base")
+    grid, zips = _grid_and_zips(spec, source)
+    axes = _Axes(source, base)
+    axes.add_grid(grid)
+    for gi, group in enumerate(zips):
+        axes.add_zip(gi, group)
+    for k in run_over:         # --set on run fields: base only, never an axis
+        if k in axes.seen:
+            raise ConfigError(f"--set: {k}: expected a base field, but {k} is swept in "
+                              f"{source} {axes.seen[k]}; edit the spec instead")
+    if run_over:
+        base = from_dict(run_over, source="--set", base=base)
+    out = _out_dir(spec, out_over, source, spec_path, cwd)
+    launcher = parse_launcher(spec.get("launcher"), source)
+    if launcher_over:
+        launcher = parse_launcher(launcher_over, "--set", base=launcher)
+    runs = _expand(axes.factors, base, out, source)
     description = spec.get("description") or ""
     _expect(isinstance(description, str), source, "description", "a string", description)
     return Sweep(spec=Path(spec_path).resolve() if spec_path else Path(source),
                  spec_hash=hashlib.sha256(text.encode()).hexdigest()[:16],
-                 out=out, base=base, axes=tuple(axes), zip_groups=tuple(zip_groups),
+                 out=out, base=base, axes=tuple(axes.names), zip_groups=tuple(axes.zip_groups),
                  launcher=launcher, runs=tuple(runs), description=description)
+
+
+def read_spec_text(path: str | os.PathLike, what: str) -> str:
+    """The text of a spec or profile file. Missing, unreadable or not UTF-8 (a binary file, a
+    file saved as UTF-16): a one-line ConfigError naming the file."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such {what}") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                          f"{e.start}); a {what} is a YAML text file") from None
 
 
 def load_sweep(path: str | os.PathLike, overrides: Iterable[str] = (),
                cwd: str | os.PathLike | None = None) -> Sweep:
     """Read and expand the spec at ``path``."""
-    source = str(path)
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such sweep spec") from None
-    except OSError as e:
-        raise ConfigError(f"{source}: cannot read ({e.strerror})") from None
-    return parse_sweep(text, source, overrides, spec_path=path, cwd=cwd)
+    text = read_spec_text(path, "sweep spec")
+    return parse_sweep(text, str(path), overrides, spec_path=path, cwd=cwd)
 
 
 # ---- packing runs into jobs ----------------------------------------------------------------

@@ -116,7 +116,7 @@ def test_tables_hold_every_run_and_read_back_in_pyarrow_and_pandas(sweep):
     assert res.n_runs == res.n_read == 12
     assert res.swept == ["weight_decay", "train_frac", "data_seed"]
     n_never = sum(1 for v in truth.values() if v[3] is None)
-    assert res.states == {"done": 12 - n_never, "censored": n_never}
+    assert res.states == {"done": 12}
 
     runs = pq.read_table(out / "runs.parquet")
     sch = runs.schema
@@ -135,7 +135,8 @@ def test_tables_hold_every_run_and_read_back_in_pyarrow_and_pandas(sweep):
     for _, r in df.iterrows():
         wd, tf, s, g = truth[r["run_id"]]
         assert (r["weight_decay"], r["train_frac"], r["data_seed"]) == (wd, tf, s)
-        assert r["state"] == ("censored" if g is None else "done")
+        # censored runs are done and did not grok: told apart by the grokked column
+        assert (r["state"], r["grokked"]) == ("done", g is not None)
         assert r["grokking_epoch"] == (N_EPOCHS if g is None else g)
         assert list(r["key_freqs"]) == [1, 4]
 
@@ -294,6 +295,21 @@ def test_corrupt_files_name_the_run_and_leave_the_others(sweep):
     assert res2.n_read == 1 and not any(bad in m for m in res2.messages)
 
 
+def test_non_utf8_manifest_and_progress_are_reported_not_raised(sweep):
+    """Binary bytes where JSON belongs: the manifest is noted (runs found by the directory
+    scan), the run is corrupt naming its file, every other run stays."""
+    root, truth = sweep
+    (root / "manifest.json").write_bytes(b"\xff\xfe\x00\x01")
+    bad = sorted(truth)[5]
+    (root / "runs" / bad / "progress.json").write_bytes(b"\xff\xfe\x00\x01")
+    res = agg.aggregate([root], formats=None, log=None)
+    assert any(n.startswith(f"{root / 'manifest.json'}: unreadable manifest") and
+               "directory scan" in n for n in res.notes)
+    assert res.n_runs == 12 and res.states == {"done": 11, "corrupt": 1}
+    (line,) = [m for m in res.messages if bad in m]
+    assert "corrupt" in line and "progress.json" in line
+
+
 def test_combined_sweeps_on_the_command_line(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     make_run(a, cfg_for(1.0, 0.3, 1), 30)
@@ -384,7 +400,7 @@ def test_reads_what_the_trainer_writes(tmp_path):
     prog = run.read_progress()
     row = pq.read_table(root / "aggregate" / "runs.parquet").to_pylist()[0]
     assert row["run_id"] == cfg.run_id and row["p"] == 11 and row["d_model"] == 32
-    assert row["state"] == ("done" if summary["grokked"] else "censored")
+    assert (row["state"], row["grokked"]) == ("done", summary["grokked"])
     assert row["grokking_epoch"] == summary["grokking_epoch"]
     assert row["epoch"] == 80 and row["n_checkpoints"] == len(prog["checkpoint_epochs"])
     ck = pq.read_table(root / "aggregate" / "checkpoints.parquet")

@@ -15,6 +15,7 @@ from conftest import TINY_RUN
 from grokhpc import launch as launch_mod
 from grokhpc.config import RunConfig, to_dict
 from grokhpc.store import RunDir
+from grokhpc.sweep import load_sweep
 
 
 def test_entry_points_import_no_torch():
@@ -51,7 +52,7 @@ def test_dry_run_bouchet_prints_sbatch_parameters_and_writes_nothing(write_spec,
     assert sorted((r[2], r[3]) for r in rows) == sorted(
         (wd, s) for wd in ("0.3", "1") for s in ("1", "2", "3"))
     assert {r[1] for r in rows} == {r.run_id for r in plan["sweep"].runs}
-    assert all(r[4:] == ["to", "run"] for r in rows)
+    assert all(r[4:] == ["pending", "submit"] for r in rows)
     # a preemptable partition says so; time beyond the partition's limit is refused
     buf = io.StringIO()
     launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=buf,
@@ -67,6 +68,27 @@ def test_cli_errors_are_one_line(write_spec, capsys):
     assert launch_mod.main([str(spec), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(spec) in err and "p" in err and "prime" in err
+
+
+def test_damaged_run_directories_are_left_alone_or_refused(write_spec, tmp_path, capsys):
+    """An unreadable progress.json: the run is corrupt, listed and not submitted; an unreadable
+    config.json (whose run is it?): the launch stops with one line naming it."""
+    spec = write_spec({"base": {"p": 11, "n_epochs": 10}, "grid": {"model_seed": [1, 2]},
+                       "out": str(tmp_path / "sweep"), "launcher": {"executor": "local"}})
+    ok, bad = load_sweep(spec).runs
+    RunDir(bad.dir).create({**to_dict(bad.config), "run_id": bad.run_id})
+    RunDir(bad.dir).file("progress.json").write_bytes(b"\xff\xfe\x00\x01")
+    buf = io.StringIO()
+    plan = launch_mod.launch(str(spec), dry_run=True, out=buf)
+    assert plan["state"] == {ok.run_id: "pending", bad.run_id: "corrupt"}
+    assert [[r.run_id for r in g] for g in plan["groups"]] == [[ok.run_id]]
+    text = buf.getvalue()
+    assert "1 to run in 1 job(s) of up to 1 run(s); 1 corrupt, left alone" in text
+    assert f"{bad.run_id} is corrupt: progress.json: unreadable" in text
+    RunDir(bad.dir).file("config.json").write_bytes(b"\xff\xfe\x00\x01")
+    assert launch_mod.main([str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {RunDir(bad.dir).file('config.json')}")
 
 
 def test_local_executor_end_to_end(write_spec, tmp_path, capsys):

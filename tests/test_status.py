@@ -10,7 +10,7 @@ import yaml
 
 from conftest import TINY_RUN
 from grokhpc import status
-from grokhpc.launch import MANIFEST, manifest_base
+from grokhpc.scheduler import MANIFEST, new_manifest
 from grokhpc.store import RunDir, atomic_write_json
 from grokhpc.sweep import load_sweep
 
@@ -46,7 +46,7 @@ def sweep_dir(tmp_path_factory):
                                     "grid": {"model_seed": [1, 2, 3, 4]}, "out": str(out)}))
     sweep = load_sweep(spec)
     out.mkdir()
-    atomic_write_json(out / MANIFEST, manifest_base(sweep, sweep.launcher, None))
+    atomic_write_json(out / MANIFEST, new_manifest(sweep, sweep.launcher, None))
     done, partial, failed, _never = sweep.runs
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -107,9 +107,3 @@ def test_error_line_from_a_submitit_log(tmp_path):
     (d / "12_3_0_log.err").write_text(LOG_TAIL)
     assert status.log_error(tmp_path, "12_3").startswith("torch.OutOfMemoryError")
     assert status.log_error(tmp_path, "99") is None
-
-
-def test_array_ids_expand():
-    assert status._expand_array_id("41_[0-2,5%2]") == ["41_0", "41_1", "41_2", "41_5"]
-    assert status._expand_array_id("41_7") == ["41_7"]
-    assert status._expand_array_id("41") == ["41"]

@@ -160,6 +160,42 @@ def test_missing_spec_file(tmp_path):
         load_sweep(tmp_path / "nope.yaml")
 
 
+@pytest.mark.parametrize("content, needle", [
+    (b"\xff\xfe\x00\x01", "not UTF-8 text (byte 0xff at offset 0)"),      # binary
+    ("grid: {p: [11]}\n".encode("utf-16"), "not UTF-8 text (byte 0xff at offset 0)"),
+    (b"grid: {p: [11]}\n# caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 21)"),  # latin-1
+    (b"grid: {p: [11]}\x00\x01\n", "invalid YAML (unacceptable character #x0000"),
+])
+def test_a_file_that_is_not_utf8_text_is_one_line(tmp_path, content, needle):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and needle in msg and "\n" not in msg, msg
+
+
+def test_a_binary_spec_on_the_command_line(tmp_path, capsys):
+    from grokhpc import launch
+
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(b"\xff\xfe\x00\x01")
+    assert launch.main([str(path), "--dry-run"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == (f"error: {path}: not UTF-8 text (byte 0xff at offset 0); "
+                            "a sweep spec is a YAML text file\n")
+    assert captured.out == ""
+
+
+def test_a_binary_cluster_profile_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "lab.yaml").write_bytes(b"name: lab\n\xff\xfe\x00\x01")
+    monkeypatch.setenv("GROKHPC_CLUSTERS", str(tmp_path))
+    with pytest.raises(ConfigError) as e:
+        load_profile("lab")
+    assert str(e.value) == (f"{tmp_path / 'lab.yaml'}: not UTF-8 text (byte 0xff at offset 10);"
+                            " a cluster profile is a YAML text file")
+
+
 # ---- time strings, profiles, packing --------------------------------------------------------
 @pytest.mark.parametrize("text,minutes", [(90, 90), ("90", 90), ("1:30:00", 90),
                                           ("2-00:00:00", 2880), ("1-12", 2160),
