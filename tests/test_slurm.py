@@ -2,12 +2,17 @@
 an array end to end with one failing run, a cancelled job relaunched to the same result as an
 uninterrupted run, a requeued job resuming from its checkpoint, relaunching a finished sweep.
 
-All sweeps are submitted at once by one module fixture, so their jobs share the node's two
-CPUs while the tests look at them one after the other.
+All sweeps are submitted at once by one module fixture, so their jobs share the node's CPUs
+while the tests look at them one after the other. The two jobs to interrupt are held right
+after the commit of epoch ``HOLD_EPOCH`` (tests/job_hold/sitecustomize.py) until the test has
+cancelled or requeued them: whatever the machine's speed, they stop there with work left.
+Time limits below only turn a hung cluster into a failure; no outcome depends on them.
 """
 
+import contextlib
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -30,7 +35,10 @@ pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
 LAUNCHER = {"time": 10, "cpus_per_task": 1, "mem_gb": 1}
-LONG = {**TINY_RUN, "p": 13, "n_epochs": 1000, "checkpoint_every": 20}
+LONG = {**TINY_RUN, "p": 13, "n_epochs": 300, "checkpoint_every": 20}
+HOLD_EPOCH = 100                     # a checkpoint epoch, with 200 epochs left after it
+GUARD_S = 600                        # a failure guard for a hung cluster, never a race
+JOB_HOLD = Path(__file__).resolve().parent / "job_hold"
 
 
 def wait(pred, timeout: float, what: str, every: float = 0.5):
@@ -59,10 +67,7 @@ def finished(job_id: str) -> bool:
 
 
 def epoch(run_dir) -> int:
-    try:
-        prog = RunDir(run_dir).read_progress()
-    except Exception:  # mid-rename on a slow disk
-        return 0
+    prog = RunDir(run_dir).read_progress()
     return prog["epoch"] if prog else 0
 
 
@@ -70,6 +75,40 @@ def launch(spec) -> tuple[dict, str]:
     buf = io.StringIO()
     plan = launch_mod.launch(str(spec), executor="slurm", out=buf)
     return plan, buf.getvalue()
+
+
+@contextlib.contextmanager
+def held_at(hold_dir: Path, hold_epoch: int):
+    """Within: jobs submitted from here hold after the commit of ``hold_epoch`` (their
+    environment puts tests/job_hold first on PYTHONPATH and names ``hold_dir``)."""
+    hold_dir.mkdir(parents=True)
+    old = {k: os.environ.get(k) for k in ("PYTHONPATH", "GROKHPC_TEST_HOLD_DIR",
+                                          "GROKHPC_TEST_HOLD_EPOCH")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(JOB_HOLD), old["PYTHONPATH"])
+                                               if p)
+    os.environ["GROKHPC_TEST_HOLD_DIR"] = str(hold_dir)
+    os.environ["GROKHPC_TEST_HOLD_EPOCH"] = str(hold_epoch)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def wait_held(s: dict) -> dict:
+    """The held job's marker, once it holds; fails at once if the job ended instead."""
+    reached = s["hold"] / "reached"
+
+    def held():
+        if reached.exists():
+            return json.loads(reached.read_text())
+        if finished(s["job"]):
+            pytest.fail(f"job {s['job']} ended without holding at epoch {HOLD_EPOCH}:\n"
+                        + job_log(s["out"], s["job"]), pytrace=False)
+    return wait(held, GUARD_S, f"job {s['job']} to hold at epoch {HOLD_EPOCH}")
 
 
 def last_job(out: Path) -> list[dict]:
@@ -80,47 +119,54 @@ def job_log(out: Path, job_id: str) -> str:
     return "".join(f.read_text() for f in sorted((out / "jobs" / job_id).glob("*_log.out")))
 
 
-@pytest.fixture(scope="module")
-def sweeps(tmp_path_factory):
-    """Submit three sweeps, then interrupt two of their jobs once their runs pass epoch 40:
-    ``scancel`` one, ``scontrol requeue`` the other. Returns what the tests check."""
-    root = tmp_path_factory.mktemp("slurm")
+def submit(root: Path) -> dict:
+    """Submit the three sweeps; the two to interrupt hold at HOLD_EPOCH."""
     specs = {
-        # one run each, long enough to be interrupted on the way
+        # one run each, held on the way so that the test interrupts it with work left
         "cancel": {"base": {**LONG, "model_seed": 5}, "grid": {"data_seed": [1]}},
         "requeue": {"base": {**LONG, "model_seed": 6}, "grid": {"data_seed": [2]}},
         # two runs in one array: the second asks for a GPU this node does not have
         "e2e": {"base": TINY_RUN, "zip": {"p": [11, 13], "device": ["cpu", "cuda:0"]}},
     }
-    t0 = time.monotonic()
-    out: dict = {"t0": t0}
+    out: dict = {"t0": time.monotonic()}
     for name, spec in specs.items():
         path = root / f"{name}.yaml"
         path.write_text(yaml.safe_dump({**spec, "out": str(root / name),
                                         "launcher": LAUNCHER}))
-        plan, printed = launch(path)
+        hold = root / "hold" / name
+        with held_at(hold, HOLD_EPOCH) if name != "e2e" else contextlib.nullcontext():
+            plan, printed = launch(path)
         out[name] = {"spec": path, "out": root / name, "plan": plan, "printed": printed,
-                     "sweep": plan["sweep"]}
-    c, r = out["cancel"], out["requeue"]
-    c["job"], r["job"] = last_job(c["out"])[0]["job_id"], last_job(r["out"])[0]["job_id"]
-    c_dir, r_dir = c["sweep"].runs[0].dir, r["sweep"].runs[0].dir
-    end = time.monotonic() + 240
-    while time.monotonic() < end and not ("cancelled_at" in c and "requeued_at" in r):
-        if "cancelled_at" not in c and epoch(c_dir) >= 40:
-            c["cancelled_at"] = epoch(c_dir)
-            subprocess.run(["scancel", c["job"]], check=True)
-        if "requeued_at" not in r and epoch(r_dir) >= 40:
-            r["requeued_at"] = epoch(r_dir)
-            subprocess.run(["scontrol", "requeue", r["job"]], check=True)
-            r["status_after"] = wait(lambda: [x for x in status.collect(r["out"])
-                                              if x.state == "requeued"], 30,
-                                     "status to show the run requeued")[0]
-        time.sleep(0.3)
-    if not ("cancelled_at" in c and "requeued_at" in r):
-        pytest.fail("the cancel/requeue runs never reached epoch 40 within 240 s")
-    assert c["cancelled_at"] < LONG["n_epochs"] and r["requeued_at"] < LONG["n_epochs"], \
-        "a run finished before it could be interrupted"
+                     "sweep": plan["sweep"], "hold": hold,
+                     "job": last_job(root / name)[0]["job_id"]}
     return out
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory):
+    """Submit three sweeps; once the held jobs hold, ``scancel`` one and ``scontrol
+    requeuehold`` the other, see the status say "requeued", then release it. Returns what the
+    tests check. Afterwards, cancels whatever of them still runs."""
+    out = submit(tmp_path_factory.mktemp("slurm"))
+    try:
+        c, r = out["cancel"], out["requeue"]
+        c["held"] = wait_held(c)
+        subprocess.run(["scancel", c["job"]], check=True)
+        r["held"] = wait_held(r)
+        # held in the queue after the requeue, so the test sees "requeued" for sure
+        subprocess.run(["scontrol", "requeuehold", r["job"]], check=True)
+        r["status_after"] = wait(lambda: [x for x in status.collect(r["out"])
+                                          if x.state == "requeued"], GUARD_S,
+                                 "status to show the run requeued")[0]
+        subprocess.run(["scontrol", "release", r["job"]], check=True)
+        yield out
+    finally:
+        for s in (out["cancel"], out["requeue"]):
+            (s["hold"] / "release").touch()
+        ids = [j["job_id"] for s in (out["cancel"], out["requeue"], out["e2e"])
+               for launched in json.loads((s["out"] / "manifest.json").read_text())["launches"]
+               for j in launched["jobs"]]
+        subprocess.run(["scancel", *ids], capture_output=True)
 
 
 def test_array_end_to_end_with_one_failed_run(sweeps):
@@ -133,7 +179,7 @@ def test_array_end_to_end_with_one_failed_run(sweeps):
     assert ids == [f"{base}_0", f"{base}_1"]           # one array for the sweep
     assert f"SLURM array(s) {base}" in s["printed"]
     assert f"python -m grokhpc.status {s['out']}" in s["printed"]
-    wait(lambda: all(finished(j) for j in ids), 240, "the e2e array to finish")
+    wait(lambda: all(finished(j) for j in ids), GUARD_S, "the e2e array to finish")
     assert job_records(ids[0])[-1] == "COMPLETED"
     assert job_records(ids[1])[-1] == "FAILED"
 
@@ -161,10 +207,10 @@ def test_cancelled_job_relaunched_matches_an_uninterrupted_run(sweeps, tmp_path)
 
     s = sweeps["cancel"]
     (run,) = s["sweep"].runs
-    wait(lambda: finished(s["job"]), 60, "the cancelled job to end")
+    assert s["held"]["epoch"] == HOLD_EPOCH
+    wait(lambda: finished(s["job"]), GUARD_S, "the cancelled job to end")
     assert job_records(s["job"])[-1] == "CANCELLED"
-    stopped_at = epoch(run.dir)
-    assert s["cancelled_at"] <= stopped_at < LONG["n_epochs"]
+    assert epoch(run.dir) == HOLD_EPOCH                   # stopped where it was held
     assert status.collect(s["out"])[0].state == "cancelled"
 
     plan, printed = launch(s["spec"])                     # relaunch: resumes the run
@@ -179,10 +225,11 @@ def test_cancelled_job_relaunched_matches_an_uninterrupted_run(sweeps, tmp_path)
                            tmp_path / "ref", progress_bar=False, log=lambda m: None)
     finally:
         torch.set_num_threads(threads)
-    wait(lambda: finished(job2["job_id"]), 240, "the relaunched job to finish")
+    wait(lambda: finished(job2["job_id"]), GUARD_S, "the relaunched job to finish")
     assert job_records(job2["job_id"])[-1] == "COMPLETED"
     log = job_log(s["out"], job2["job_id"])
-    assert f"resuming at epoch {stopped_at}/{LONG['n_epochs']}" in log
+    resumed = [int(m) for m in re.findall(r"resuming at epoch (\d+)/", log)]
+    assert resumed == [HOLD_EPOCH], log
     got = RunDir(run.dir)
     assert got.is_complete()
     a, b = got.read_curves(), ref.read_curves()
@@ -199,12 +246,13 @@ def test_requeued_job_resumes_from_its_checkpoint(sweeps):
     (run,) = s["sweep"].runs
     jid = s["job"]
     assert (s["status_after"].state, s["status_after"].requeues) == ("requeued", 1)
-    wait(lambda: finished(jid), 240, "the requeued job to finish")
+    wait(lambda: finished(jid), GUARD_S, "the requeued job to finish")
     records = job_records(jid)
     assert records[0] == "REQUEUED" and records[-1] == "COMPLETED"
     log = job_log(s["out"], jid)
     resumed = [int(m) for m in re.findall(r"resuming at epoch (\d+)/", log)]
-    assert len(resumed) == 1 and resumed[0] >= s["requeued_at"], log   # not started over
+    assert s["held"]["epoch"] == HOLD_EPOCH
+    assert resumed == [HOLD_EPOCH], log                     # not started over
     assert log.count(f"run {run.run_id} -> ") == 2           # the same job ran twice
     rows = status.collect(s["out"])
     assert (rows[0].state, rows[0].epoch, rows[0].requeues) == ("done", LONG["n_epochs"], 1)
@@ -216,7 +264,7 @@ def test_requeued_job_resumes_from_its_checkpoint(sweeps):
     assert plan["jobs"] == [] and "nothing to submit" in printed and "1 complete" in printed
     assert len(json.loads((s["out"] / "manifest.json").read_text())["launches"]) == n_launches
     print(f"\nslurm sweeps done {time.monotonic() - sweeps['t0']:.0f} s after submission; "
-          f"requeued job {jid} at epoch {s['requeued_at']} "
+          f"requeued job {jid} held at epoch {s['held']['epoch']} "
           f"(status then: {s['status_after'].state}, requeues {s['status_after'].requeues}); "
           f"sacct {records}; resumed at epoch {resumed[0]}")
 
