@@ -228,26 +228,24 @@ class Sweep:
                          f"gone (looked under {self.path} and {row['sweep']})")
 
 
-def open_sweep(path: str | os.PathLike, refresh: bool = False,
-               log: Callable[[str], None] | None = print) -> Sweep:
+def open_sweep(path: str | os.PathLike, log: Callable[[str], None] | None = print) -> Sweep:
     """Open a sweep directory's aggregated tables.
 
-    A sweep not aggregated yet is aggregated here, tables only (saying so in one line; the
-    figures come from ``python -m grokhpc.aggregate SWEEP_DIR``). ``refresh`` aggregates the
-    tables again first, rereading only the run directories that changed."""
+    A sweep never aggregated is aggregated here, tables only, saying so in one line. Tables
+    that exist are read as they are: ``python -m grokhpc.aggregate SWEEP_DIR`` brings them and
+    the figures up to date (rereading only the runs that changed)."""
     from .aggregate import CKPT_TABLE, RUNS_TABLE, aggregate, discover
 
     root = Path(path)
     if not root.is_dir():
         raise SweepError(f"{root}: no such directory")
     sweep = Sweep(root)
-    have = all((sweep.tables_dir / t).exists() for t in (RUNS_TABLE, CKPT_TABLE))
-    if have and not refresh:
+    if all((sweep.tables_dir / t).exists() for t in (RUNS_TABLE, CKPT_TABLE)):
         return sweep
     if not discover(root).run_dirs:
         hint = "; open it with grokhpc.open_run" if (root / CONFIG).exists() else ""
         raise SweepError(f"{root}: no run directories (folders with {CONFIG}) in it{hint}")
-    if log and not have:
+    if log:
         log(f"{root}: not aggregated yet; writing its tables now (no figures: "
             f"`python -m grokhpc.aggregate {root}` draws them)")
     aggregate([root], formats=None, log=None)

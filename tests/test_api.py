@@ -204,20 +204,26 @@ def test_open_sweep_writes_its_tables_once_and_opens_its_runs(run, tmp_path):
     # a copied sweep opens its own run directories, not the ones it was aggregated from
     moved = shutil.copytree(root, tmp_path / "moved")
     assert grokhpc.open_sweep(moved).run(run.run_id).path == moved / "runs" / run.run_id
-    shutil.rmtree(moved / "runs")
-    with pytest.raises(SweepError) as e:
-        grokhpc.open_sweep(moved).run(run.run_id)
-    assert "is gone" in _one_line(e, moved)
+    shutil.rmtree(moved / "runs")               # without its own copy: the recorded directory
+    assert grokhpc.open_sweep(moved).run(run.run_id).path == root / "runs" / run.run_id
     with pytest.raises(SweepError) as e:
         sweep.run("ffffffffffff")
     assert "no run 'ffffffffffff'" in _one_line(e, root)
 
-    # refresh=True picks up a run added since; without it the tables are read as they are
+    # existing tables are read as they are: a run added since shows after `grokhpc.aggregate`
     other = run.config.replace(model_seed=run.config.model_seed + 1)
     RunDir(root / "runs" / other.run_id).create({**to_dict(other), "run_id": other.run_id})
     assert len(grokhpc.open_sweep(root).runs) == 1
-    runs = grokhpc.open_sweep(root, refresh=True).runs.set_index("run_id")
+    r = subprocess.run([sys.executable, "-m", "grokhpc.aggregate", str(root), "--no-figures"],
+                       env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    runs = grokhpc.open_sweep(root).runs.set_index("run_id")
     assert runs.loc[other.run_id, "state"] == "pending" and len(runs) == 2
+
+    shutil.rmtree(root / "runs" / run.run_id)   # neither copy left
+    with pytest.raises(SweepError) as e:
+        grokhpc.open_sweep(moved).run(run.run_id)
+    assert "is gone" in _one_line(e, moved)
 
 
 def test_open_sweep_errors_name_the_directory(run, tmp_path):
