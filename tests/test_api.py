@@ -136,8 +136,8 @@ def test_epoch_without_checkpoint_uses_the_nearest_and_says_which(run):
         warnings.simplefilter("error")          # an exact epoch warns about nothing
         exact = run.state_dict(2 * every)
     near = 2 * every + every // 2 + 1           # nearer 3 * every than 2 * every
-    with pytest.warns(NearestCheckpointWarning,
-                      match=f"no checkpoint at epoch {near}; using the nearest, epoch {3 * every}$"):
+    said = f"no checkpoint at epoch {near}; using the nearest, epoch {3 * every}$"
+    with pytest.warns(NearestCheckpointWarning, match=said):
         after = run.state_dict(near)
     with pytest.warns(NearestCheckpointWarning, match=f"nearest, epoch {2 * every}$"):
         tie = run.model(2 * every + every // 2)   # halfway: the earlier one
