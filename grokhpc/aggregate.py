@@ -1070,7 +1070,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m grokhpc.aggregate",
         description="Gather a sweep's run directories into Parquet tables (SWEEP_DIR/aggregate/) "
                     "and draw cross-run grokking figures. Rereads only runs that changed.")
-    ap.add_argument("sweep_dir", metavar="SWEEP_DIR", help="a sweep directory (holds run dirs)")
+    ap.add_argument("sweep_dir", metavar="SWEEP_DIR", nargs="?",
+                    help="a sweep directory (holds run dirs); default: every sweep (a directory "
+                         "with manifest.json) under ./runs, each on its own")
     ap.add_argument("--sweep", action="append", default=[], metavar="DIR",
                     help="another sweep to combine with SWEEP_DIR (repeatable)")
     ap.add_argument("--format", default="png,html", metavar="LIST",
@@ -1079,6 +1081,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-figures", action="store_true", help="write the tables only")
     ap.add_argument("--force", action="store_true", help="reread every run and redraw")
     args = ap.parse_args(argv)
+    if args.sweep_dir is None:
+        from .scheduler import find_sweeps
+
+        found = find_sweeps("runs") if not (args.sweep or args.out) else []
+        if not found:
+            print("aggregate: " + ("--sweep and --out need SWEEP_DIR" if args.sweep or args.out
+                                   else f"no sweeps under {Path('runs').resolve()} (directories "
+                                        f"with {MANIFEST}); give SWEEP_DIR"), file=sys.stderr)
+            return 2
+        rest = list(sys.argv[1:] if argv is None else argv)
+        codes = []
+        for i, d in enumerate(found):
+            print(f"sweep {d} ({i + 1} of {len(found)})", flush=True)
+            codes.append(main([*rest, str(d)]))
+        return max(codes)
 
     if not args.no_figures:
         from .figures import parse_formats

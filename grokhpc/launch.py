@@ -14,8 +14,11 @@
 * ``auto`` executor: SLURM when ``sbatch`` is on PATH, else local. On SLURM the jobs form one
   array per launch (cut below the cluster's MaxArraySize), logs go to ``OUT/jobs/``, and a job
   that is preempted or times out is requeued and resumes from its last checkpoint (submitit's
-  checkpointing; ``scontrol requeue`` works the same way). The command prints the job ids and
-  returns. Locally it waits, with a progress bar over runs, and reports the runs that grokked.
+  checkpointing; ``scontrol requeue`` works the same way). One more small CPU job, started
+  once every live array of the sweep has ended (``--dependency=afterany``), aggregates the sweep
+  (tables and figures, ``python -m grokhpc.aggregate OUT``); a relaunch replaces it if it is
+  still queued. The command prints the job ids and returns. Locally it waits, with a progress
+  bar over runs, reports the runs that grokked and aggregates the sweep.
 
 torch is imported only inside jobs (and for ``runs_per_job: auto``).
 """
@@ -26,6 +29,7 @@ import argparse
 import importlib
 import os
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -373,6 +377,8 @@ def print_dry_run(plan: dict, out) -> None:
             print(sbatch_preview(params, sweep.out / JOBS_DIR, max(1, n0)), file=out)
         except Exception as e:  # the preview uses submitit internals
             print(f"  (preview unavailable: {type(e).__name__}: {e})", file=out)
+    if plan["executor"] == "slurm" and plan["groups"]:
+        print_aggregation_preview(plan, out)
     print("dry run: nothing written, nothing submitted", file=out)
 
 
@@ -425,6 +431,7 @@ def submit(plan: dict, out) -> None:
         submit_arrays(ex, fns, plan, record, out)
     else:
         run_locally(ex, fns, groups, plan, record.add, launcher, out)
+        aggregate_here(sweep, out)
 
 
 def submit_arrays(ex, fns: list, plan: dict, record: LaunchRecord, out) -> None:
@@ -436,7 +443,137 @@ def submit_arrays(ex, fns: list, plan: dict, record: LaunchRecord, out) -> None:
     ids = sorted({sched.base_job_id(j.job_id) for j in plan["jobs"]})
     print(f"submitted {len(plan['jobs'])} job(s) as SLURM array(s) {', '.join(ids)} "
           f"(logs in {sweep.out / JOBS_DIR})", file=out)
+    submit_aggregation(plan, record, out)
     print(f"follow with: python -m grokhpc.status {sweep.out}", file=out)
+
+
+# ---- the aggregation job --------------------------------------------------------------------
+AGGREGATE_TIME_MIN = 60
+AGGREGATE_MEM_GB = 4
+
+
+class AggregateJob(submitit.helpers.Checkpointable):
+    """The job that aggregates a sweep once its arrays have ended, as ``python -m
+    grokhpc.aggregate SWEEP_DIR`` does: tables and figures. Requeued, it simply runs again
+    (aggregation rereads only what changed)."""
+
+    def __init__(self, sweep_dir: str | os.PathLike):
+        self.sweep_dir = str(sweep_dir)
+
+    def __call__(self) -> int:
+        from .aggregate import main as aggregate_main
+
+        print(f"python -m grokhpc.aggregate {self.sweep_dir}", flush=True)
+        code = aggregate_main([self.sweep_dir])
+        if code:
+            raise RuntimeError(f"python -m grokhpc.aggregate {self.sweep_dir} exited {code}")
+        return code
+
+
+def aggregation_partition(launcher: LauncherSettings, profile: ClusterProfile | None,
+                          n_jobs: int) -> str | None:
+    """Where the aggregation job runs: the launch's partition when it is a CPU partition with
+    room for one more job, else the profile's CPU partition; without a profile, the launch's
+    partition for a CPU launch, else the cluster's default (None)."""
+    if profile is None:
+        return None if (launcher.gpus or 0) > 0 else launcher.partition
+    part = profile.partition(launcher.partition) if launcher.partition else None
+    if part is not None and not part.gpus and (part.max_submitted is None
+                                               or n_jobs < part.max_submitted):
+        return part.name
+    return profile.cpu_partition
+
+
+def aggregation_parameters(plan: dict, after: Sequence[str]) -> dict[str, Any]:
+    """submitit parameters of the aggregation job: one CPU, a little memory and time, started
+    once every job in ``after`` has ended, whatever its outcome (``afterany``)."""
+    sweep, launcher, profile = plan["sweep"], plan["launcher"], plan["profile"]
+    partition = aggregation_partition(launcher, profile, len(plan["groups"]))
+    part = profile.partition(partition) if profile and partition else None
+    p: dict[str, Any] = {"timeout_min": min(AGGREGATE_TIME_MIN, (part and part.max_time)
+                                            or AGGREGATE_TIME_MIN),
+                         "slurm_job_name": f"grokhpc-{sweep.name}-aggregate",
+                         "cpus_per_task": 1, "mem_gb": AGGREGATE_MEM_GB,
+                         "slurm_dependency": "afterany:" + ":".join(after)}
+    if partition:
+        p["slurm_partition"] = partition
+    account = dict(launcher.extra).get("account")
+    if account:
+        p["slurm_additional_parameters"] = {"account": account}
+    return p
+
+
+def cancel_pending(job: dict | None) -> str | None:
+    """scancel the recorded aggregation job if it is still queued; its id if it was."""
+    if not job:
+        return None
+    info = sched.query_jobs([job["job_id"]], history=False).get(job["job_id"])
+    if info is None or not info.live or info.state not in sched.WAITING_JOB_STATES:
+        return None
+    subprocess.run(["scancel", job["job_id"]], capture_output=True,
+                   timeout=sched.QUERY_TIMEOUT_S)
+    return job["job_id"]
+
+
+def submit_aggregation(plan: dict, record: "LaunchRecord", out) -> None:
+    """Submit the job that aggregates the sweep after all its live arrays (this launch's and
+    earlier ones') end; it replaces the previous aggregation job if that one is still queued.
+    A refused submission is a warning: the arrays are in and aggregation can be run by hand."""
+    sweep = plan["sweep"]
+    ours = [sched.base_job_id(j.job_id) for j in plan["jobs"]]
+    after = list(dict.fromkeys(sched.live_arrays(plan["old_manifest"]) + ours))
+    params = aggregation_parameters(plan, after)
+    ex = submitit.AutoExecutor(folder=sweep.out / JOBS_DIR / "%j", cluster="slurm")
+    ex.update_parameters(**params)
+    try:
+        job = ex.submit(AggregateJob(sweep.out))
+    except (submitit.core.utils.FailedJobError, submitit.core.utils.FailedSubmissionError) as e:
+        print(f"warning: aggregation job not submitted ({_last_line(str(e))}); aggregate by "
+              f"hand once the jobs end: python -m grokhpc.aggregate {sweep.out}", file=out)
+        return
+    replaced = cancel_pending(sched.latest_aggregation(plan["old_manifest"]))
+    record.record["aggregation"] = {"job_id": str(job.job_id), "after": after,
+                                    "partition": params.get("slurm_partition"),
+                                    "replaces": replaced}
+    record.write()
+    plan["aggregation"] = record.record["aggregation"]
+    print(f"aggregation job {job.job_id} ({params.get('slurm_partition', 'default partition')})"
+          f" aggregates the sweep and draws its figures once job(s) {', '.join(after)} end"
+          + (f"; it replaces queued aggregation job {replaced}, cancelled" if replaced else ""),
+          file=out)
+
+
+def print_aggregation_preview(plan: dict, out) -> None:
+    """Dry run: the aggregation job a launch would submit, and the one it would replace."""
+    sweep, old = plan["sweep"], plan["old_manifest"]
+    after = sched.live_arrays(old) + ["ARRAY_IDS"]
+    params = aggregation_parameters(plan, after)
+    print(f"aggregation job, once job(s) {', '.join(after)} end (ARRAY_IDS: this launch's): "
+          f"python -m grokhpc.aggregate {sweep.out}", file=out)
+    previous = sched.latest_aggregation(old)
+    if previous:
+        print(f"  it replaces aggregation job {previous['job_id']} if that one is still queued",
+              file=out)
+    try:
+        print(sbatch_preview(params, sweep.out / JOBS_DIR, 1), file=out)
+    except Exception as e:  # the preview uses submitit internals
+        print(f"  (preview unavailable: {type(e).__name__}: {e})", file=out)
+
+
+def aggregate_here(sweep: Sweep, out) -> None:
+    """After a local launch: aggregate the sweep here (tables and figures), one line saying
+    where; a failure says how to rerun it and leaves the runs as they are."""
+    from .aggregate import aggregate
+
+    try:
+        res = aggregate([sweep.out], log=lambda m: print(m, file=out))
+    except Exception as e:
+        print(f"aggregation failed ({type(e).__name__}: {_last_line(str(e))}); rerun: "
+              f"python -m grokhpc.aggregate {sweep.out}", file=out)
+        return
+    figures = sorted({p.parent for ps in res.figures.values() for p in ps})
+    print(f"aggregated {res.n_runs} runs: tables in {res.out_dir}"
+          + (f", figures in {', '.join(map(str, figures))}" if figures else ""), file=out)
 
 
 def launch(spec: str, executor: str | None = None, cluster: str | None = None,

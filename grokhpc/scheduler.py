@@ -316,6 +316,19 @@ def read_manifest(sweep_dir: str | os.PathLike) -> dict | None:
     return manifest
 
 
+def find_sweeps(root: str | os.PathLike) -> list[Path]:
+    """The sweep directories (holding manifest.json) at or below ``root``, sorted; a sweep's
+    own subdirectories (its run directories) are not searched."""
+    found: list[Path] = []
+    for here, dirs, files in os.walk(root):
+        if MANIFEST in files:
+            found.append(Path(here))
+            dirs.clear()
+        else:
+            dirs.sort()
+    return sorted(found)
+
+
 def write_manifest(sweep_dir: str | os.PathLike, manifest: dict) -> None:
     atomic_write_json(Path(sweep_dir) / MANIFEST, manifest)
 
@@ -360,6 +373,36 @@ def in_flight(manifest: dict | None) -> dict[str, JobInfo]:
     live = query_jobs([j["job_id"] for j in latest.values()], history=False)
     return {rid: live[j["job_id"]] for rid, j in latest.items()
             if j["job_id"] in live and live[j["job_id"]].live}
+
+
+# ---- the aggregation job ----------------------------------------------------------------------
+def latest_aggregation(manifest: dict | None) -> dict | None:
+    """The manifest entry of the sweep's aggregation job (``{job_id, after, ...}``), the one the
+    latest launch that submitted one recorded; None when there is none."""
+    for launch in reversed((manifest or {}).get("launches", [])):
+        if launch.get("aggregation"):
+            return launch["aggregation"]
+    return None
+
+
+def live_arrays(manifest: dict | None) -> list[str]:
+    """The ids of the sweep's SLURM arrays (and single jobs) that squeue lists as queued or
+    running, in submission order."""
+    ids = [str(j["job_id"]) for launch in (manifest or {}).get("launches", [])
+           if launch.get("executor") == "slurm" for j in launch.get("jobs", [])]
+    live = {base_job_id(jid) for jid, info in query_jobs(ids, history=False).items()
+            if info.live}
+    return sorted(live, key=lambda b: (len(b), b))
+
+
+def job_outcome(job: JobInfo) -> str:
+    """A job of its own (the aggregation job) in the run states' words: pending, running,
+    requeued, done, failed or cancelled; ``unknown`` when the scheduler has no word of it."""
+    if job.ended and job.state == "COMPLETED":
+        return DONE
+    if not job.live and not job.ended:
+        return "unknown"
+    return run_state(PENDING, job)
 
 
 # ---- the sbatch preview -----------------------------------------------------------------------

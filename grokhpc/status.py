@@ -4,7 +4,8 @@ Reads ``SWEEP_DIR/manifest.json`` and each run directory, and -- where the sched
 (``squeue``/``sacct`` on PATH) -- the state of the SLURM jobs the manifest lists. Each run is
 pending, running, requeued, cancelled, failed, corrupt or done (the table of what each means is
 in grokhpc.scheduler), with the epochs done out of planned, whether it grokked and, for failed
-runs, the last line of the error (from error.txt, else from the job's submitit log). No torch
+runs, the last line of the error (from error.txt, else from the job's submitit log). A last
+line gives the state of the sweep's aggregation job, where launch submitted one. No torch
 import: this answers in a blink.
 """
 
@@ -158,6 +159,30 @@ def summary_line(rows: list[RunStatus]) -> str:
     return f"{len(rows)} runs: " + ", ".join(parts) + f"; {grokked} grokked"
 
 
+def aggregation_line(sweep_dir: Path, manifest: dict, use_scheduler: bool = True) -> str | None:
+    """One line on the sweep's aggregation job (grokhpc.launch submits it on SLURM): its state
+    and, once it has ended, where the tables are or why it failed; None when there is none."""
+    job = sched.latest_aggregation(manifest)
+    if job is None:
+        return None
+    jid = str(job["job_id"])
+    info = sched.query_jobs([jid]).get(jid, sched.UNKNOWN_JOB) if use_scheduler \
+        else sched.UNKNOWN_JOB
+    state = sched.job_outcome(info)
+    line = f"aggregation job {jid} {state}"
+    if state == sched.DONE:
+        return line + f": tables and figures in {sweep_dir / 'aggregate'}"
+    if state == sched.FAILED:
+        why = log_error(sweep_dir, jid) or sched.job_failure(info) or "job failed"
+        return line + f": {why}; rerun: python -m grokhpc.aggregate {sweep_dir}"
+    if state in (sched.PENDING, sched.REQUEUED):
+        return line + f", after job(s) {', '.join(job.get('after', []))}"
+    if state == "unknown":
+        why = "the scheduler has no record of it" if use_scheduler else "--no-scheduler"
+        return f"aggregation job {jid}: state unknown ({why})"
+    return line
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m grokhpc.status",
                                  description="State of a sweep's runs (and their SLURM jobs).")
@@ -182,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(format_table(rows, manifest.get("axes", []), show_done=not args.hide_done))
     print(summary_line(rows))
+    agg = aggregation_line(Path(args.sweep_dir), manifest, use_scheduler=not args.no_scheduler)
+    if agg:
+        print(agg)
     return 0
 
 

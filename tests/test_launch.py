@@ -1,8 +1,11 @@
 """The launcher: dry runs (exact sbatch parameters, nothing written), the local executor end to
-end on a tiny sweep, relaunch skipping finished runs, and a job whose one run fails."""
+end on a tiny sweep (aggregated at the end), relaunch skipping finished runs, a job whose one run
+fails, the SLURM aggregation job (its partition, its dependency, its replacement on relaunch,
+through sbatch/squeue/scancel scripts), and ``python -m grokhpc.aggregate`` with no argument."""
 
 import io
 import json
+import os
 import shutil
 import re
 import subprocess
@@ -117,6 +120,14 @@ def test_local_executor_end_to_end(write_spec, tmp_path, capsys):
     # the job's log names both runs
     logs = list((out / "jobs").glob("*/*_log.out"))
     assert len(logs) == 1 and all(r in logs[0].read_text() for r in ids)
+    # and the launch aggregated the sweep: tables and figures, a line saying where
+    import pandas as pd
+
+    agg = out / "aggregate"
+    assert f"aggregated 2 runs: tables in {agg}, figures in {agg / 'figures'}" in printed
+    runs = pd.read_parquet(agg / "runs.parquet")
+    assert sorted(zip(runs["run_id"], runs["state"])) == sorted((r, "done") for r in ids)
+    assert any((agg / "figures").glob("*.html"))
 
     # relaunch: nothing to do, nothing submitted, results untouched
     before = (out / "runs" / ids[0] / "curves.parquet").read_bytes()
@@ -186,3 +197,188 @@ def test_runs_per_job_auto_packs_by_gpu_memory(write_spec, tmp_path):
                                                                 gpu_type=None, gpus=1),
                                        log=warnings.append)
     assert size(RunConfig()) == 1 and "gpu_type" in warnings[0]
+
+
+# ---- the aggregation job ----------------------------------------------------------------------
+def test_dry_run_shows_the_aggregation_job_on_a_cpu_partition(write_spec, tmp_path):
+    spec = write_spec({"base": {"p": 113}, "grid": {"model_seed": [1, 2, 3]},
+                       "out": str(tmp_path / "sweep"),
+                       "launcher": {"partition": "gpu_h200", "gpu_type": "h200", "gpus": 1,
+                                    "extra": {"account": "lab"}}})
+    buf = io.StringIO()
+    plan = launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=buf)
+    arrays, agg = buf.getvalue().split("aggregation job, once", 1)
+    assert f"python -m grokhpc.aggregate {tmp_path / 'sweep'}" in agg.splitlines()[0]
+    lines = set(agg.splitlines())
+    # one CPU on bouchet's CPU partition (the launch's is a GPU one), after this launch's arrays
+    for flag in ("--partition=day", "--dependency=afterany:ARRAY_IDS", "--cpus-per-task=1",
+                 "--mem=4GB", "--time=60", "--account=lab",
+                 f"--job-name=grokhpc-{plan['sweep'].name}-aggregate"):
+        assert f"#SBATCH {flag}" in lines, flag
+    assert not any("--gpus" in ln or "--array" in ln for ln in lines)
+    assert "#SBATCH --partition=gpu_h200" in arrays and "#SBATCH --array=0-2%" in arrays
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_aggregation_partition_and_time(write_spec, tmp_path):
+    from grokhpc.sweep import ClusterProfile, LauncherSettings, Partition, load_profile
+
+    bouchet = load_profile("bouchet")
+    cpu = LauncherSettings(partition="week")
+    assert launch_mod.aggregation_partition(cpu, bouchet, 5) == "week"      # a CPU launch's own
+    # devel takes 2 jobs per user: with 2 training jobs there, the aggregation goes to day
+    devel = LauncherSettings(partition="devel")
+    assert launch_mod.aggregation_partition(devel, bouchet, 1) == "devel"
+    assert launch_mod.aggregation_partition(devel, bouchet, 2) == "day"
+    assert launch_mod.aggregation_partition(LauncherSettings(partition="scavenge"), bouchet,
+                                            1) == "day"                     # preemptable GPU
+    # without a profile: a GPU launch's partition is left for the cluster's default
+    assert launch_mod.aggregation_partition(LauncherSettings(partition="gpu", gpus=1), None,
+                                            1) is None
+    assert launch_mod.aggregation_partition(LauncherSettings(partition="short"), None,
+                                            1) == "short"
+    # a CPU partition shorter than the aggregation's hour caps its time
+    tiny = ClusterProfile(name="t", path=tmp_path, cpu_partition="quick",
+                          partitions=(Partition("quick", max_time=20),
+                                      Partition("g", gpus=True)))
+    plan = {"sweep": load_sweep(write_spec({"grid": {"model_seed": [1]}})), "groups": [[1]],
+            "launcher": LauncherSettings(partition="g", gpus=1), "profile": tiny}
+    p = launch_mod.aggregation_parameters(plan, ["7", "9"])
+    assert (p["slurm_partition"], p["timeout_min"], p["slurm_dependency"]) == \
+        ("quick", 20, "afterany:7:9")
+    assert "slurm_additional_parameters" not in p
+
+
+FAKE_SLURM = {
+    # each submission gets the next id; its script is kept; a job name matching
+    # $FAKE_REFUSE is refused as sbatch refuses a bad dependency
+    "sbatch": """n=$(( $(cat "$FAKE/next") )); echo $((n + 1)) > "$FAKE/next"
+if [ -n "$FAKE_REFUSE" ] && grep -q -- "$FAKE_REFUSE" "$1"; then
+  echo "sbatch: error: Batch job submission failed: Job dependency problem" >&2; exit 1; fi
+cp "$1" "$FAKE/sbatch_$n.sh"; echo "Submitted batch job $n"
+""",
+    # the lines of ``queue`` whose job is one of -j's (squeue -h -r -o "%i %T" -j A,B)
+    "squeue": """ids=$(echo "${@: -1}" | tr ',' ' ')
+for id in $ids; do grep -E "^${id}(_[0-9]+)? " "$FAKE/queue"; done; true
+""",
+    "scancel": 'echo "$@" >> "$FAKE/scancelled"\n',
+    "sacct": "true\n",
+    "scontrol": "true\n",
+}
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """sbatch, squeue, scancel, sacct and scontrol as small scripts over files in a folder:
+    ``queue`` is what squeue prints, ``sbatch_N.sh`` each script submitted as job N."""
+    fake = tmp_path / "fake_slurm"
+    fake.mkdir()
+    for name, body in FAKE_SLURM.items():
+        (fake / name).write_text("#!/bin/bash\n" + body)
+        (fake / name).chmod(0o755)
+    (fake / "next").write_text("100\n")
+    (fake / "queue").write_text("")
+    monkeypatch.setenv("FAKE", str(fake))
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    return fake
+
+
+def earlier_launch(spec, out, job: str, agg: str) -> list:
+    """A manifest whose one SLURM launch gave the sweep's first run to array task ``job``
+    and submitted aggregation job ``agg``; the runs."""
+    from grokhpc.scheduler import new_manifest, write_manifest
+
+    sweep = load_sweep(spec)
+    first = sweep.runs[0]
+    manifest = new_manifest(sweep, sweep.launcher, None)
+    manifest["launches"] = [{"executor": "slurm", "jobs": [{"job_id": job,
+                                                            "runs": [first.run_id]}],
+                             "aggregation": {"job_id": agg, "after": [job.split("_")[0]]}}]
+    out.mkdir()
+    write_manifest(out, manifest)
+    RunDir(first.dir).create({**to_dict(first.config), "run_id": first.run_id})
+    return sweep.runs
+
+
+@pytest.mark.parametrize("agg_state, replaced", [("PENDING", True), ("RUNNING", False)])
+def test_relaunch_replaces_a_queued_aggregation_job(write_spec, tmp_path, fake_slurm,
+                                                    agg_state, replaced):
+    out = tmp_path / "sweep"
+    spec = write_spec({"base": TINY_RUN, "grid": {"model_seed": [1, 2]}, "out": str(out),
+                       "launcher": {"time": 10}})
+    first, second = earlier_launch(spec, out, "41_0", "42")
+    (fake_slurm / "queue").write_text(f"41_0 RUNNING\n42 {agg_state}\n")
+    buf = io.StringIO()
+    plan = launch_mod.launch(str(spec), executor="slurm", out=buf)
+    assert [[r.run_id for r in g] for g in plan["groups"]] == [[second.run_id]]
+    # job 100: the second run's (a single job); job 101: the aggregation, after 41 and 100
+    train = (fake_slurm / "sbatch_100.sh").read_text().splitlines()
+    assert "#SBATCH --time=10" in train and "-aggregate" not in "".join(train)
+    script = (fake_slurm / "sbatch_101.sh").read_text()
+    assert "#SBATCH --dependency=afterany:41:100" in script.splitlines()
+    assert "#SBATCH --cpus-per-task=1" in script.splitlines()
+    cancelled = (fake_slurm / "scancelled").read_text().split() \
+        if (fake_slurm / "scancelled").exists() else []
+    assert cancelled == (["42"] if replaced else [])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["launches"][0]["aggregation"]["job_id"] == "42"     # the record is kept
+    agg = manifest["launches"][-1]["aggregation"]
+    assert (agg["job_id"], agg["after"], agg["replaces"]) == \
+        ("101", ["41", "100"], "42" if replaced else None)
+    assert plan["aggregation"] == agg
+    text = buf.getvalue()
+    assert "aggregation job 101 (default partition) aggregates the sweep and draws its " \
+           "figures once job(s) 41, 100 end" in text
+    assert ("replaces queued aggregation job 42, cancelled" in text) == replaced
+
+
+def test_a_refused_aggregation_job_is_a_warning(write_spec, tmp_path, fake_slurm, monkeypatch):
+    out = tmp_path / "sweep"
+    spec = write_spec({"base": TINY_RUN, "grid": {"model_seed": [1]}, "out": str(out)})
+    monkeypatch.setenv("FAKE_REFUSE", "-aggregate")
+    buf = io.StringIO()
+    plan = launch_mod.launch(str(spec), executor="slurm", out=buf)
+    assert len(plan["jobs"]) == 1 and "aggregation" not in plan
+    warning = [ln for ln in buf.getvalue().splitlines() if ln.startswith(("warning", "aggr"))]
+    assert warning == [f"warning: aggregation job not submitted (sbatch: error: Batch job "
+                       f"submission failed: Job dependency problem); aggregate by hand once "
+                       f"the jobs end: python -m grokhpc.aggregate {out}"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [j["job_id"] for j in manifest["launches"][-1]["jobs"]] == ["100"] \
+        and "aggregation" not in manifest["launches"][-1]
+
+
+def test_bare_aggregate_takes_every_sweep_under_runs(write_spec, tmp_path):
+    """``python -m grokhpc.aggregate`` with no argument, in a project directory: each sweep
+    under ./runs (a directory with manifest.json) is aggregated into its own aggregate/, and
+    named; a directory without a manifest is no sweep. With no sweep: one line, exit 2."""
+    import pandas as pd
+
+    from grokhpc.scheduler import new_manifest, write_manifest
+
+    project = tmp_path / "project"
+    expected = {}
+    for name, seeds in (("wd", [1, 2]), ("deep/lr", [3])):
+        out = project / "runs" / name
+        sweep = load_sweep(write_spec({"base": TINY_RUN, "grid": {"model_seed": seeds},
+                                       "out": str(out)}, name=f"{name.replace('/', '_')}.yaml"))
+        out.mkdir(parents=True)
+        write_manifest(out, new_manifest(sweep, sweep.launcher, None))
+        for r in sweep.runs:   # launched, never started
+            RunDir(r.dir).create({**to_dict(r.config), "run_id": r.run_id})
+        expected[f"runs/{name}"] = sorted(r.run_id for r in sweep.runs)
+    (project / "runs" / "notes").mkdir()
+    cmd = [sys.executable, "-m", "grokhpc.aggregate"]
+    r = subprocess.run(cmd, cwd=project, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    named = [ln for ln in r.stdout.splitlines() if ln.startswith("sweep ")]
+    assert named == ["sweep runs/deep/lr (1 of 2)", "sweep runs/wd (2 of 2)"]
+    for d, ids in expected.items():
+        runs = pd.read_parquet(project / d / "aggregate" / "runs.parquet")
+        assert sorted(runs["run_id"]) == ids and set(runs["state"]) == {"pending"}
+    assert not (project / "runs" / "notes" / "aggregate").exists()
+
+    r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == (f"aggregate: no sweeps under {tmp_path / 'runs'} (directories with "
+                        "manifest.json); give SWEEP_DIR\n")

@@ -1,6 +1,8 @@
 """Sweeps through a real SLURM (slurmctld + slurmd + slurmdbd on localhost, slurm/start_slurm.sh):
 an array end to end with one failing run, a cancelled job relaunched to the same result as an
-uninterrupted run, a requeued job resuming from its checkpoint, relaunching a finished sweep.
+uninterrupted run, a requeued job resuming from its checkpoint, relaunching a finished sweep, and
+each sweep aggregated by the job launch submits after its arrays, with no further command (the
+relaunch replacing the queued one).
 
 All sweeps are submitted at once by one module fixture, so their jobs share the node's CPUs
 while the tests look at them one after the other. The two jobs to interrupt are held right
@@ -59,6 +61,15 @@ def job_records(job_id: str) -> list[str]:
             if ln.split("|")[0] == job_id]
 
 
+def ended_at(job_id: str) -> tuple[str, str]:
+    """sacct's Start of a job's last record and the latest End of any of its records (all the
+    tasks of an array when ``job_id`` is the array's), as ISO strings."""
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "--duplicates", "-o", "JobID,Start,End",
+                          "-j", job_id], capture_output=True, text=True).stdout
+    rows = [ln.split("|") for ln in out.splitlines() if ln.split("|")[0].split("_")[0] == job_id]
+    return rows[-1][1], max(r[2] for r in rows)
+
+
 def finished(job_id: str) -> bool:
     live = subprocess.run(["squeue", "-h", "-r", "-o", "%i", "-j", job_id.split("_")[0]],
                           capture_output=True, text=True).stdout.split()
@@ -115,6 +126,10 @@ def last_job(out: Path) -> list[dict]:
     return json.loads((out / "manifest.json").read_text())["launches"][-1]["jobs"]
 
 
+def last_aggregation(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())["launches"][-1]["aggregation"]
+
+
 def job_log(out: Path, job_id: str) -> str:
     return "".join(f.read_text() for f in sorted((out / "jobs" / job_id).glob("*_log.out")))
 
@@ -138,7 +153,10 @@ def submit(root: Path) -> dict:
             plan, printed = launch(path)
         out[name] = {"spec": path, "out": root / name, "plan": plan, "printed": printed,
                      "sweep": plan["sweep"], "hold": hold,
-                     "job": last_job(root / name)[0]["job_id"]}
+                     "job": last_job(root / name)[0]["job_id"],
+                     "agg": last_aggregation(root / name)["job_id"]}
+        if name == "cancel":   # queued until the relaunch replaces it (its job holds till then)
+            subprocess.run(["scontrol", "hold", out[name]["agg"]], check=True)
     return out
 
 
@@ -163,9 +181,11 @@ def sweeps(tmp_path_factory):
     finally:
         for s in (out["cancel"], out["requeue"]):
             (s["hold"] / "release").touch()
-        ids = [j["job_id"] for s in (out["cancel"], out["requeue"], out["e2e"])
-               for launched in json.loads((s["out"] / "manifest.json").read_text())["launches"]
-               for j in launched["jobs"]]
+        launches = [launched for s in (out["cancel"], out["requeue"], out["e2e"])
+                    for launched in json.loads((s["out"] / "manifest.json").read_text())
+                    ["launches"]]
+        ids = [j["job_id"] for launched in launches
+               for j in launched["jobs"] + [launched.get("aggregation")] if j]
         subprocess.run(["scancel", *ids], capture_output=True)
 
 
@@ -179,6 +199,9 @@ def test_array_end_to_end_with_one_failed_run(sweeps):
     assert ids == [f"{base}_0", f"{base}_1"]           # one array for the sweep
     assert f"SLURM array(s) {base}" in s["printed"]
     assert f"python -m grokhpc.status {s['out']}" in s["printed"]
+    assert last_aggregation(s["out"])["after"] == [base]   # aggregation after this array
+    assert f"aggregation job {s['agg']} (default partition) aggregates the sweep and draws its " \
+           f"figures once job(s) {base} end" in s["printed"]
     wait(lambda: all(finished(j) for j in ids), GUARD_S, "the e2e array to finish")
     assert job_records(ids[0])[-1] == "COMPLETED"
     assert job_records(ids[1])[-1] == "FAILED"
@@ -217,6 +240,12 @@ def test_cancelled_job_relaunched_matches_an_uninterrupted_run(sweeps, tmp_path)
     assert len(plan["jobs"]) == 1 and "1 to run" in printed
     (job2,) = last_job(s["out"])
     assert job2["job_id"] != s["job"]
+    # ... and replaces the queued aggregation job by one after the new job
+    assert f"it replaces queued aggregation job {s['agg']}, cancelled" in printed
+    agg = last_aggregation(s["out"])
+    assert (agg["after"], agg["replaces"]) == ([job2["job_id"]], s["agg"])
+    wait(lambda: finished(s["agg"]), GUARD_S, "the replaced aggregation job to end")
+    assert job_records(s["agg"]) == ["CANCELLED"]
     # meanwhile, the same config trained here without interruption
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -273,3 +302,31 @@ def test_array_size_limit_read_from_the_cluster():
     conf = (Path(__file__).resolve().parent.parent / "slurm" / "slurm.conf.in").read_text()
     limit = int(re.search(r"^MaxArraySize=(\d+)", conf, re.M).group(1))
     assert launch_mod.max_array_size() == limit - 1
+
+
+def test_each_sweep_aggregated_itself_after_its_arrays(sweeps):
+    """No aggregate command anywhere: the job launch submitted after each sweep's arrays (the
+    relaunch's, for the cancelled sweep; for the requeued one, after its requeued job ran
+    again) wrote aggregate/runs.parquet with every run and its state."""
+    e2e = sweeps["e2e"]
+    good, bad = e2e["sweep"].runs
+    expected = {"e2e": {good.run_id: "done", bad.run_id: "failed"},
+                "cancel": {sweeps["cancel"]["sweep"].runs[0].run_id: "done"},
+                "requeue": {sweeps["requeue"]["sweep"].runs[0].run_id: "done"}}
+    for name, states in expected.items():
+        s = sweeps[name]
+        agg = last_aggregation(s["out"])
+        wait(lambda: finished(agg["job_id"]), GUARD_S, f"the {name} aggregation job to end")
+        assert job_records(agg["job_id"])[-1] == "COMPLETED", job_log(s["out"], agg["job_id"])
+        started, _ = ended_at(agg["job_id"])
+        for after in agg["after"]:               # it started once those jobs had ended
+            assert started >= ended_at(after)[1], (name, after)
+        runs = pd.read_parquet(s["out"] / "aggregate" / "runs.parquet")
+        assert dict(zip(runs["run_id"], runs["state"])) == states, name
+        assert pq.read_table(s["out"] / "aggregate" / "runs.parquet").num_rows == len(states)
+    table = subprocess.run([sys.executable, "-m", "grokhpc.status", str(e2e["out"])],
+                           capture_output=True, text=True, check=True).stdout
+    assert table.splitlines()[-1] == (f"aggregation job {e2e['agg']} done: tables and figures "
+                                      f"in {e2e['out'] / 'aggregate'}")
+    print(f"\n{table.splitlines()[-1]}; "
+          f"all sweeps aggregated {time.monotonic() - sweeps['t0']:.0f} s after submission")

@@ -107,3 +107,64 @@ def test_error_line_from_a_submitit_log(tmp_path):
     (d / "12_3_0_log.err").write_text(LOG_TAIL)
     assert status.log_error(tmp_path, "12_3").startswith("torch.OutOfMemoryError")
     assert status.log_error(tmp_path, "99") is None
+
+
+# ---- the aggregation job ----------------------------------------------------------------------
+def with_aggregation(tmp_path, job_id="57", after=("55", "56")):
+    """A sweep directory whose manifest's last launch submitted aggregation job ``job_id``."""
+    manifest = {"runs": [], "axes": [],
+                "launches": [{"executor": "slurm", "jobs": [], "aggregation":
+                              {"job_id": "50", "after": ["49"]}},
+                             {"executor": "slurm", "jobs": [],
+                              "aggregation": {"job_id": job_id, "after": list(after)}},
+                             {"executor": "slurm", "jobs": []}]}   # a relaunch with nothing new
+    atomic_write_json(tmp_path / MANIFEST, manifest)
+    return manifest
+
+
+@pytest.mark.parametrize("queue, history, expected", [
+    ("57 PENDING", "57|PENDING", "aggregation job 57 pending, after job(s) 55, 56"),
+    ("57 RUNNING", "57|RUNNING", "aggregation job 57 running"),
+    ("", "57|COMPLETED", "aggregation job 57 done: tables and figures in {dir}/aggregate"),
+    ("", "57|OUT_OF_MEMORY", "aggregation job 57 failed: job ran out of memory; "
+                             "rerun: python -m grokhpc.aggregate {dir}"),
+    ("", "57|CANCELLED by 0", "aggregation job 57 cancelled"),
+    ("", "", "aggregation job 57: state unknown (the scheduler has no record of it)"),
+])
+def test_aggregation_job_line(tmp_path, monkeypatch, queue, history, expected):
+    """The latest launch's aggregation job in one line, from what squeue and sacct print."""
+    from grokhpc import scheduler as sched
+
+    manifest = with_aggregation(tmp_path)
+    asked = []
+
+    def ask(cmd):
+        asked.append(cmd)
+        return {"squeue": queue, "sacct": history}[cmd[0]]
+    monkeypatch.setattr(sched, "_ask", ask)
+    assert status.aggregation_line(tmp_path, manifest) == expected.format(dir=tmp_path)
+    assert all(cmd[-1] == "57" for cmd in asked)     # asked about that job only
+
+
+def test_failed_aggregation_names_the_error_in_its_log(tmp_path, monkeypatch):
+    from grokhpc import scheduler as sched
+
+    manifest = with_aggregation(tmp_path)
+    log = tmp_path / "jobs" / "57"
+    log.mkdir(parents=True)
+    (log / "57_0_log.err").write_text(LOG_TAIL)
+    monkeypatch.setattr(sched, "_ask", lambda cmd: "57|FAILED" if cmd[0] == "sacct" else "")
+    assert status.aggregation_line(tmp_path, manifest) == (
+        "aggregation job 57 failed: torch.OutOfMemoryError: CUDA out of memory. Tried to "
+        f"allocate 2.00 GiB; rerun: python -m grokhpc.aggregate {tmp_path}")
+
+
+def test_status_command_shows_the_aggregation_job_last(tmp_path):
+    with_aggregation(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "grokhpc.status", str(tmp_path),
+                        "--no-scheduler"], capture_output=True, text=True, check=True)
+    assert r.stdout.splitlines()[-1] == "aggregation job 57: state unknown (--no-scheduler)"
+    atomic_write_json(tmp_path / MANIFEST, {"runs": [], "launches": [{"jobs": []}]})
+    r = subprocess.run([sys.executable, "-m", "grokhpc.status", str(tmp_path),
+                        "--no-scheduler"], capture_output=True, text=True, check=True)
+    assert "aggregation" not in r.stdout
