@@ -446,6 +446,23 @@ def _num(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
+# train loss is smoothed over this fraction of the run's epochs before the cleanup rule reads it
+CLEANUP_WINDOW = 0.04
+
+
+def smoothed_train_loss(curves, epochs: np.ndarray) -> np.ndarray:
+    """Train loss at ``epochs`` as a centred running median over ``CLEANUP_WINDOW`` of the run.
+
+    A median keeps a smoothly falling curve as it is, but removes a spike shorter than half
+    the window (a brief jump of the train loss late in training)."""
+    tr = curves.dropna(subset=["train_loss"]).sort_values("epoch")
+    ep = tr["epoch"].to_numpy(np.int64)
+    step = float(np.median(np.diff(ep))) if len(ep) > 1 else 1.0
+    rows = max(1, int(round(CLEANUP_WINDOW * float(ep[-1] - ep[0]) / step))) | 1  # odd
+    smooth = tr["train_loss"].rolling(rows, center=True, min_periods=1).median()
+    return np.interp(epochs, ep, smooth.to_numpy(float))
+
+
 def detect_phases(curves, p: int) -> dict[str, Any]:
     """Phase epochs from a curves table (pandas: epoch, train_loss, train_acc, test_loss,
     test_acc; NaN where not evaluated). Rules, over the epochs where the test set
@@ -454,8 +471,10 @@ def detect_phases(curves, p: int) -> dict[str, Any]:
     * memorisation_end: the epoch of the test-loss peak; ``memorised`` says whether the train
       accuracy was 100% there (False flags a peak before memorisation was complete);
     * circuit_formation_end: the first epoch after the peak with test loss < ln p;
-    * cleanup_end: from circuit_formation_end on, the first epoch with test loss <= 10 x train
-      loss, or test accuracy 100%;
+    * cleanup_end: from circuit_formation_end on, the first epoch where test loss <= 10 x train
+      loss, train loss smoothed by :func:`smoothed_train_loss` (so a brief train-loss spike,
+      which would put train loss within a tenth of test loss, does not end cleanup), or test
+      accuracy 100%;
     * grokking_epoch: the first epoch with test accuracy >= 0.99; when never reached, the last
       epoch, with ``grokked`` False (censored).
 
@@ -467,7 +486,6 @@ def detect_phases(curves, p: int) -> dict[str, Any]:
     ep = c["epoch"].to_numpy(np.int64)
     test_loss = c["test_loss"].to_numpy(float)
     test_acc = c["test_acc"].to_numpy(float)
-    train_loss = c["train_loss"].to_numpy(float)
     train_acc = c["train_acc"].to_numpy(float)
     i_peak = int(np.argmax(test_loss))
     out: dict[str, Any] = {
@@ -482,8 +500,9 @@ def detect_phases(curves, p: int) -> dict[str, Any]:
     if len(after):
         i_c = int(after[0])
         out["circuit_formation_end"] = int(ep[i_c])
+        train_smooth = smoothed_train_loss(curves, ep)
         clean = np.nonzero((np.arange(len(ep)) >= i_c)
-                           & ((test_loss <= 10 * train_loss) | (test_acc >= 1.0)))[0]
+                           & ((test_loss <= 10 * train_smooth) | (test_acc >= 1.0)))[0]
         if len(clean):
             out["cleanup_end"] = int(ep[clean[0]])
     hit = np.nonzero(test_acc >= 0.99)[0]
