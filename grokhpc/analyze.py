@@ -169,16 +169,24 @@ def final_state(run):
 
 
 def weight_figures(cfg, epoch, W, cache, key_freqs) -> dict:
+    """The figures of the weights at the last checkpoint (attention, SVD, Fourier)."""
+    import numpy as np
+
+    at = f" (epoch {epoch})"
+    W_E = np.asarray(W["embed.W_E"], np.float64)[:cfg.p]
+    figs = _attention_svd_figures(cfg.p, W_E, cache, at)
+    figs.update(_fourier_figures(cfg.p, W_E, W, cache, key_freqs, at))
+    return figs
+
+
+def _attention_svd_figures(p: int, W_E, cache, at: str) -> dict:
     import numpy as np
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     from .figures import paper_style
-    from .measures import fourier_basis, fourier_names
 
-    p = cfg.p
     figs = {}
-    at = f" (epoch {epoch})"
     pattern = cache["pattern", 0].numpy()               # (p^2, heads, q, k)
     heads = [f"head {h}" for h in range(pattern.shape[1])]
     figs["attention_mean_per_head"] = _heatmap(
@@ -188,7 +196,6 @@ def weight_figures(cfg, epoch, W, cache, key_freqs) -> dict:
         pattern[:, 0, -1, 0].reshape(p, p), "Attention of head 0 from = to a" + at, "b", "a",
         zmid=None, colorscale="Viridis")
 
-    W_E = np.asarray(W["embed.W_E"], np.float64)[:p]
     rng = np.random.default_rng(0)
     control = rng.normal(0, W_E.std(), size=W_E.shape)  # same shape and scale as W_E
     U, S, _ = np.linalg.svd(W_E, full_matrices=False)
@@ -209,7 +216,16 @@ def weight_figures(cfg, epoch, W, cache, key_freqs) -> dict:
     figs["svd_top_components"] = _lines(
         np.arange(p), {f"PC {i + 1}": U[:, i] for i in range(min(8, U.shape[1]))},
         "First 8 principal components of the embedding" + at, "input token", "value")
+    return figs
 
+
+def _fourier_figures(p: int, W_E, W, cache, key_freqs, at: str) -> dict:
+    import numpy as np
+    import plotly.graph_objects as go
+
+    from .measures import fourier_basis, fourier_names
+
+    figs = {}
     F = fourier_basis(p)
     names = fourier_names(p)
     figs["fourier_basis"] = _heatmap(F, "Fourier basis of Z_%d" % p, "input", "component",
