@@ -41,6 +41,10 @@ UNITS = {
     "train_frac": "training fraction (of all p² pairs)",
     "p": "prime p (modulus)",
     "lr": "learning rate",
+    "op": "operation",
+    "d_model": "residual width d_model",
+    "batch_size": "batch size (pairs per step)",
+    "init_scale": "initialisation scale α",
     "data_seed": "data seed",
     "model_seed": "model seed",
 }
@@ -163,12 +167,25 @@ def _stats_of(g):
 
 
 def _over(seeds: list[str], pooled: list[str]) -> str:
-    parts = []
-    if seeds:
-        parts.append(f"over {', '.join(seeds)}")
-    if pooled:
-        parts.append(f"pooled over {', '.join(pooled)}")
-    return ("; " + "; ".join(parts)) if parts else ""
+    over = f" over {', '.join(seeds)}" if seeds else ""
+    return over + (f"; pooled over {', '.join(pooled)}" if pooled else "")
+
+
+def nice_ticks(lo: float, hi: float) -> list[float]:
+    """Values 1, 2, 5 x 10^k from ``lo`` to ``hi`` (positive), for labelled ticks on a log
+    axis; every digit when that gives fewer than three."""
+    if not (lo > 0 and hi >= lo):
+        return []
+    ks = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    for mantissas in ((1, 2, 5), range(1, 10)):
+        out = [m * 10.0 ** k for k in ks for m in mantissas if lo <= m * 10.0 ** k <= hi]
+        if len(out) >= 3:
+            break
+    return out
+
+
+def _tick_text(v: float) -> str:
+    return f"{v:,.0f}" if v >= 1 else f"{v:g}"
 
 
 # ---- grokking epoch against each swept field ------------------------------------------------------
@@ -218,10 +235,13 @@ def grok_vs(fin, x: str, series: str | None, seeds: list[str], pooled: list[str]
                                  _fmt_val(sv) if series else "median")
     if any_cens:
         _censored_legend(fig)
-    _grok_axes(fig, x, scale)
+    ys = df["grokking_epoch"].tolist() + df["epoch"].fillna(df["grokking_epoch"]).tolist()
+    _grok_axes(fig, x, scale, axis_order(keyed(df, x)), (min(ys), max(ys)))
     title = f"Grokking time vs {x} (median, min–max{_over(seeds, pooled)})"
     paper_style(fig, title=title, legend_title=series)
-    if len(svals) > 6:  # many series: a compact legend that still fits the paper height
+    if len(svals) <= 3:  # few series: the legend in one row below the plot, which keeps its width
+        fig.update_layout(legend=dict(orientation="h", x=0, y=-0.22, yanchor="top"))
+    elif len(svals) > 6:  # many series: a compact legend that still fits the paper height
         fig.update_layout(legend=dict(font=dict(size=11), tracegroupgap=0))
     return fig, note
 
@@ -271,7 +291,7 @@ def _censored_legend(fig) -> None:
     import plotly.graph_objects as go
 
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers",
-                             name="run never grokked (at its last epoch)",
+                             name="run never grokked (at last epoch)",
                              marker=dict(symbol="triangle-up-open", size=11, color="black",
                                          line=dict(width=2))))
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers",
@@ -280,15 +300,21 @@ def _censored_legend(fig) -> None:
                                          line=dict(width=2, color="black"))))
 
 
-def _grok_axes(fig, x: str, scale: Scale) -> None:
+def _grok_axes(fig, x: str, scale: Scale, values: list, y_span: tuple[float, float]) -> None:
+    """x: categories, or ticks at the swept values when there are at most ten; y: log."""
     title = UNITS.get(x, x)
     if scale.kind == "category":
         fig.update_xaxes(title_text=title, tickvals=list(range(len(scale.order))),
                          ticktext=[_fmt_val(v) for v in scale.order],
                          range=[-0.5, len(scale.order) - 0.5])
+    elif len(values) <= 10:
+        fig.update_xaxes(title_text=title, type=scale.kind, tickvals=list(values),
+                         ticktext=[_fmt_val(v) for v in values])
     else:
         fig.update_xaxes(title_text=title, type=scale.kind)
-    fig.update_yaxes(title_text=GROK_AXIS, type="log")
+    ticks = nice_ticks(y_span[0] / 1.2, y_span[1] * 1.2)
+    fig.update_yaxes(title_text=GROK_AXIS, type="log", tickvals=ticks,
+                     ticktext=[_tick_text(v) for v in ticks])
 
 
 # ---- phase diagrams -----------------------------------------------------------------------------
@@ -341,13 +367,13 @@ def phase_diagram(fin, a: str, b: str, pooled: list[str]):
     finite = z[np.isfinite(z)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     hi = hi if hi - lo > 1e-9 else lo + 1
-    ticks = np.arange(math.floor(lo), math.ceil(hi) + 1)
+    ticks = np.log10(nice_ticks(10 ** lo, 10 ** hi) or [10 ** lo])
     xl, yl = [_fmt_val(v) for v in xs], [_fmt_val(v) for v in ys]
     fig = go.Figure(go.Heatmap(
         x=xl, y=yl, z=z, text=text, texttemplate="%{text}", zmin=lo, zmax=hi,
         colorscale="Viridis", hoverongaps=False,
         colorbar=dict(title=dict(text="median grokking<br>epoch", side="right"),
-                      tickvals=ticks, ticktext=[f"{10 ** t:g}" for t in ticks])))
+                      tickvals=ticks, ticktext=[_tick_text(10 ** t) for t in ticks])))
     if never:
         fig.add_trace(go.Scatter(x=[xl[j] for j, _, _ in never], y=[yl[i] for _, i, _ in never],
                                  mode="markers", name="median run never grokked",
@@ -486,7 +512,9 @@ def weight_norm_figure(fin, ckpt_table, curves: dict, colour_by: str | None):
     for t in _line_traces(fin, colour_by, cmap, acc_of, per_line, log_x=True):
         fig.add_trace(t.update(showlegend=False), 1, 2)
     fig.update_xaxes(type="log", title_text="epoch (log)")
-    fig.update_yaxes(title_text="‖θ‖₂ (sqrt of sum of squared weights)", row=1, col=1)
+    spread = ck["weight_norm_sq"].max() / max(ck["weight_norm_sq"].min(), 1e-300)
+    fig.update_yaxes(title_text="‖θ‖₂ (sqrt of sum of squared weights)", row=1, col=1,
+                     type="log" if spread >= 100 else "linear")
     fig.update_yaxes(title_text="test accuracy", range=[0, 1.02], row=1, col=2)
     return paper_style(fig, width=1000, legend_title=colour_by,
                        title=f"Weight norm and test accuracy of {len(norms)} runs")

@@ -651,3 +651,10 @@ def test_docs_example_reproduces_the_medians_from_the_tables_alone(sweep, tmp_pa
             med = N_EPOCHS if sum(g is None for g in gs) >= 2 else sorted(gs)[1]
             assert f"wd={wd:g}: {med}" in line, (line, wd, med)
     assert "plotly.js v" in html.read_text()
+
+
+def test_log_axis_ticks_are_labelled_one_two_five():
+    assert sweep_figures.nice_ticks(150, 6000) == [200, 500, 1000, 2000, 5000]
+    # a range narrower than one 1-2-5 step: every digit
+    assert sweep_figures.nice_ticks(1250, 6000) == [2000, 3000, 4000, 5000, 6000]
+    assert sweep_figures.nice_ticks(0, 10) == []
