@@ -141,7 +141,7 @@ def _by_colour(fin, colour_by: str | None):
 
 
 def _colour_map(fin, colour_by: str | None) -> dict:
-    vals = sorted(keyed(fin, colour_by).dropna().unique()) if colour_by else [None]
+    vals = axis_order(keyed(fin, colour_by)) if colour_by else [None]
     return dict(zip(vals, _colours(len(vals))))
 
 
@@ -225,7 +225,7 @@ def grok_vs(fin, x: str, series: str | None, seeds: list[str], pooled: list[str]
         if len(df) < len(fin):
             note = f"grok_vs_{x}: runs with {x} <= 0 left out (log axis)"
     fig = go.Figure()
-    svals = sorted(keyed(df, series).dropna().unique()) if series else [None]
+    svals = axis_order(keyed(df, series)) if series else [None]
     span = 0.0 if scale.kind != "linear" else float(df[x].max() - df[x].min())
     any_cens = False
     for i, (colour, sv) in enumerate(zip(_colours(len(svals)), svals)):
@@ -512,9 +512,12 @@ def weight_norm_figure(fin, ckpt_table, curves: dict, colour_by: str | None):
     for t in _line_traces(fin, colour_by, cmap, acc_of, per_line, log_x=True):
         fig.add_trace(t.update(showlegend=False), 1, 2)
     fig.update_xaxes(type="log", title_text="epoch (log)")
-    spread = ck["weight_norm_sq"].max() / max(ck["weight_norm_sq"].min(), 1e-300)
+    lo, hi = np.sqrt(ck["weight_norm_sq"].min()), np.sqrt(ck["weight_norm_sq"].max())
+    log_y = lo > 0 and hi / lo >= 10
+    ticks = nice_ticks(lo, hi) if log_y else None
     fig.update_yaxes(title_text="‖θ‖₂ (sqrt of sum of squared weights)", row=1, col=1,
-                     type="log" if spread >= 100 else "linear")
+                     type="log" if log_y else "linear", tickvals=ticks,
+                     ticktext=[_tick_text(v) for v in ticks] if ticks else None)
     fig.update_yaxes(title_text="test accuracy", range=[0, 1.02], row=1, col=2)
     return paper_style(fig, width=1000, legend_title=colour_by,
                        title=f"Weight norm and test accuracy of {len(norms)} runs")

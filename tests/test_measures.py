@@ -429,18 +429,32 @@ def test_cleanup_end_ignores_late_train_loss_spikes(shape, spikes):
     assert ph["grokking_epoch"] == shape["grok"]
 
 
-def test_smoothed_train_loss_keeps_a_falling_curve_and_drops_a_spike():
+def test_cleanup_end_ignores_one_evaluation_at_full_test_accuracy():
+    # seen on a quick CPU run (p = 31, 70% train): test accuracy 99.65% (one pair wrong),
+    # once 100% at a single evaluation, then 99.65% again
+    c = shaped_curves(**QUICK_PHASES)
+    c.loc[c["epoch"] == 710, "test_acc"] = 1.0
+    assert measures.detect_phases(c, QUICK_PHASES["p"])["cleanup_end"] == QUICK_PHASES["clean"]
+    # a blip within half a window (30 epochs) of the lasting switch moves it by at most the
+    # blip's own length (one evaluation, 10 epochs) -- a running median's bound
+    c.loc[c["epoch"] == 710, "test_acc"] = 0.995
+    c.loc[c["epoch"] == 740, "test_acc"] = 1.0
+    got = measures.detect_phases(c, QUICK_PHASES["p"])["cleanup_end"]
+    assert QUICK_PHASES["clean"] - 10 <= got <= QUICK_PHASES["clean"]
+
+
+def test_running_median_keeps_a_falling_curve_and_drops_a_spike():
     clean = shaped_curves(**QUICK_PHASES)
     spiked = shaped_curves(**QUICK_PHASES, spikes=[(650, 670, 1.0)])
     ep = np.arange(0, 1501, 10)
     train = clean.set_index("epoch")["train_loss"]
     # away from the ends, the running median of a falling curve is the curve itself
-    got = measures.smoothed_train_loss(clean, ep)
+    got = measures.running_median(clean, "train_loss", ep)
     inner = (ep > 60) & (ep < 1440)
     np.testing.assert_allclose(got[inner], train.loc[ep[inner]].to_numpy(), rtol=1e-12)
     # a 21-epoch spike to 1.0 is replaced by the train loss of epochs near it: the median of
     # a window holding 21 spiked values can move at most 21 places along the falling curve
-    at = measures.smoothed_train_loss(spiked, np.array([650, 660, 670]))
+    at = measures.running_median(spiked, "train_loss", np.array([650, 660, 670]))
     for e, v in zip((650, 660, 670), at):
         assert train.loc[e + 21] <= v <= train.loc[e - 21]
 
