@@ -11,7 +11,8 @@ Tables (schema in docs/tables.md), written atomically into ``SWEEP_DIR/aggregate
 ``meta.json``            swept fields, sweeps, counts, table names
 ``index.json``           per run: sizes and mtimes of its files and its runs.parquet row, so a
                          rerun reads only the run directories that changed
-``figures/``             the cross-run figures (PNG/SVG/PDF/HTML through grokhpc.figures)
+``figures/``             the cross-run figures (grokhpc.sweep_figures), PNG/SVG/PDF/HTML through
+                         grokhpc.figures
 
 A run's state is grokhpc.scheduler's, read from its files alone: *done* when progress.json says
 done and summary.json exists (``grokked`` then says whether it grokked; a run that never did is
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import threading
@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable
 from .scheduler import CORRUPT, DONE, FAILED, MANIFEST, PENDING, RUNNING, read_dir, read_manifest
 from .store import RunDir, RunDirError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: entries record their run's config keys
 AGG_DIR = "aggregate"
 RUNS_TABLE = "runs.parquet"
 CKPT_TABLE = "checkpoints.parquet"
@@ -49,10 +49,6 @@ INDEX = "index.json"
 META = "meta.json"
 FIG_DIR = "figures"
 FINISHED = (DONE,)
-SEED_FIELDS = ("data_seed", "model_seed")
-# colour / series preference among swept fields
-AXIS_PREFERENCE = ("weight_decay", "train_frac", "p", "lr", "op", "d_model", "d_mlp", "n_heads",
-                   "betas", "n_epochs")
 
 # summary.json keys with fixed column types
 SUMMARY_INT = ("grokking_epoch", "memorisation_end", "circuit_formation_end", "cleanup_end")
@@ -60,17 +56,6 @@ SUMMARY_FLOAT = ("final_train_loss", "final_test_loss", "final_train_acc", "fina
                  "wall_time_s")
 SUMMARY_SKIP = ("run_id", "p", "op")
 MAX_REPORT_LINES = 40
-POINT_BUDGET = 120_000  # points per line figure: keeps HTML small and PNG rendering quick
-
-UNITS = {
-    "weight_decay": "weight decay λ (AdamW, decoupled)",
-    "train_frac": "training fraction (of all p² pairs)",
-    "p": "prime p (modulus)",
-    "lr": "learning rate",
-    "data_seed": "data seed",
-    "model_seed": "model seed",
-}
-GROK_AXIS = "grokking epoch (first test acc ≥ 99%, epochs)"
 
 
 # ---- small helpers ----------------------------------------------------------------------------
@@ -153,6 +138,7 @@ class Sweep:
     run_dirs: list[Path]
     axes: list[str]
     manifest_error: str | None = None
+    phase_pairs: list[tuple[str, str]] = field(default_factory=list)  # the spec's figures.phase
 
 
 def discover(sweep_dir: str | os.PathLike) -> Sweep:
@@ -164,6 +150,7 @@ def discover(sweep_dir: str | os.PathLike) -> Sweep:
     found: dict[Path, None] = {}
     axes: list[str] = []
     manifest_error = None
+    phase_pairs: list[tuple[str, str]] = []
     mf = root / MANIFEST
     if mf.exists():
         try:
@@ -182,6 +169,7 @@ def discover(sweep_dir: str | os.PathLike) -> Sweep:
             for r in man.get("runs", []):  # axes may only be listed per run
                 if isinstance(r, dict) and isinstance(r.get("swept"), dict):
                     axes.extend(k for k in r["swept"] if k not in axes)
+            phase_pairs, manifest_error = _phase_pairs(man, str(mf))
         except RunDirError as e:
             manifest_error = f"{e}; runs found by directory scan"
         except (AttributeError, TypeError) as e:
@@ -202,7 +190,22 @@ def discover(sweep_dir: str | os.PathLike) -> Sweep:
             if e2.is_dir() and not e2.name.startswith(".") and \
                     os.path.exists(os.path.join(e2.path, "config.json")):
                 found[Path(e2.path).resolve()] = None
-    return Sweep(root, list(found), axes, manifest_error)
+    return Sweep(root, list(found), axes, manifest_error, phase_pairs)
+
+
+def _phase_pairs(manifest: dict, source: str) -> tuple[list[tuple[str, str]], str | None]:
+    """The phase-diagram pairs a manifest records (``figures: {phase: [[a, b], ...]}``), and a
+    one-line note when they cannot be read."""
+    figs = manifest.get("figures") or {}
+    raw = figs.get("phase") if isinstance(figs, dict) else figs
+    if not raw:
+        return [], None
+    pairs = raw if isinstance(raw, list) and raw and isinstance(raw[0], list) else [raw]
+    if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(f, str) for f in p)
+               for p in pairs):
+        return [], (f"{source}: figures.phase: expected pairs of run fields, got "
+                    f"{json.dumps(raw)}; default phase diagram drawn")
+    return [(a, b) for a, b in pairs], None
 
 
 # ---- reading one run --------------------------------------------------------------------------
@@ -215,11 +218,17 @@ class RunRead:
     curves: Any = None            # pyarrow Table (finished runs, when not staged)
     curves_tmp: Path | None = None  # staged curves file (finished runs), renamed by the caller
     measures: Any = None          # pyarrow Table (finished runs)
+    config_keys: list[str] = field(default_factory=list)  # the keys of its config.json
 
 
-def _first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1][:200] if lines else "(empty)"
+def _error_line(text: str) -> str:
+    """The line of error.txt that says what went wrong, as ``status`` reports it: the last
+    exception line of a traceback (not the hints some errors print after it), else the last
+    line."""
+    from .status import last_error_line
+
+    line = last_error_line(text)
+    return line[:200] if line else "(empty)"
 
 
 def _read_table(path: Path):
@@ -229,6 +238,32 @@ def _read_table(path: Path):
         return pq.ParquetFile(path).read(use_threads=False)
     except Exception as e:  # pyarrow raises several types for damaged files
         raise ValueError(f"{path.name}: unreadable Parquet ({type(e).__name__}: {e})") from None
+
+
+def _corrupt(out: RunRead, rel: str, msg: str) -> RunRead:
+    row = out.row
+    row["state"] = CORRUPT
+    row["error"] = msg
+    out.curves = out.measures = None
+    out.message = f"{row['run_id']} ({rel}): corrupt, left out of the tables: {msg}"
+    return out
+
+
+def _progress_and_summary_columns(row: dict[str, Any], prog, summary) -> None:
+    if prog is not None:
+        row["epoch"] = prog.get("epoch")
+        row["n_checkpoints"] = len(prog.get("checkpoint_epochs") or [])
+        row["wall_time_s"] = prog.get("wall_time_s")
+        row["updated"] = prog.get("updated")
+        if prog.get("device"):
+            row["device"] = prog.get("device")
+    if summary is not None and isinstance(summary, dict):
+        for k, v in summary.items():
+            if k in SUMMARY_SKIP:
+                continue
+            if k in row and k not in SUMMARY_INT + SUMMARY_FLOAT + ("wall_time_s",):
+                k = f"summary_{k}"
+            row[k] = v
 
 
 def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRead:
@@ -245,69 +280,63 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
         rel = str(run_dir)
     row: dict[str, Any] = {"run_id": run_dir.name, "sweep": str(sweep), "run_dir": rel}
     out = RunRead(str(run_dir), sig, row)
-
-    def corrupt(msg: str) -> RunRead:
-        row["state"] = "corrupt"
-        row["error"] = msg
-        out.curves = out.measures = None
-        out.message = f"{row['run_id']} ({rel}): corrupt, left out of the tables: {msg}"
-        return out
-
     try:
         cfg = read_json(run_dir / "config.json")
         if not isinstance(cfg, dict):
             raise RunDirError("config.json: expected a JSON object")
     except (RunDirError, OSError, ValueError) as e:   # ValueError: not UTF-8
-        return corrupt(str(e).replace(str(run_dir) + "/", ""))
+        return _corrupt(out, rel, str(e).replace(str(run_dir) + "/", ""))
     row["run_id"] = str(cfg.get("run_id") or run_dir.name)
     for k, v in cfg.items():
         if k != "run_id":
             row[k] = v
+    out.config_keys = [k for k in cfg if k != "run_id"]
     found = read_dir(RunDir(run_dir))
     if found.state == CORRUPT:
-        return corrupt(found.error)
+        return _corrupt(out, rel, found.error)
     prog, summary, error = found.progress, found.summary, found.error
-    if prog is not None:
-        row["epoch"] = prog.get("epoch")
-        row["n_checkpoints"] = len(prog.get("checkpoint_epochs") or [])
-        row["wall_time_s"] = prog.get("wall_time_s")
-        row["updated"] = prog.get("updated")
-        if prog.get("device"):
-            row["device"] = prog.get("device")
-    if summary is not None:
-        for k, v in summary.items():
-            if k in SUMMARY_SKIP:
-                continue
-            if k in row and k not in SUMMARY_INT + SUMMARY_FLOAT + ("wall_time_s",):
-                k = f"summary_{k}"
-            row[k] = v
+    _progress_and_summary_columns(row, prog, summary)
     if found.state == DONE:
         row["state"] = DONE          # grokked or not: the grokked column says
         try:
-            curves = _read_table(run_dir / "curves.parquet")
-            if "epoch" not in curves.column_names:
-                raise ValueError("curves.parquet: no epoch column")
-            out.curves = curves
-            if stage_dir is not None:
-                tmp = stage_dir / f".{row['run_id']}.{abs(hash(out.key)):x}.tmp"
-                write_parquet(tmp, _canonical_curves(curves, row["run_id"]), fsync=False,
-                              dictionary=["run_id"], tmp=tmp, statistics=["run_id", "epoch"])
-                out.curves, out.curves_tmp = None, tmp
-            if "measures.parquet" in sig:
-                m = _read_table(run_dir / "measures.parquet")
-                if "epoch" not in m.column_names:
-                    raise ValueError("measures.parquet: no epoch column")
-                out.measures = m
+            _read_finished(out, run_dir, stage_dir)
         except (ValueError, OSError) as e:
-            return corrupt(str(e))
+            return _corrupt(out, rel, str(e))
         if out.measures is None:
             out.message = f"{row['run_id']} ({rel}): done but has no measures.parquet " \
                           "(no checkpoint rows)"
-    elif found.state == FAILED:
+    else:
+        _unfinished_state(out, rel, prog, summary, error, stray)
+    return out
+
+
+def _read_finished(out: RunRead, run_dir: Path, stage_dir: Path | None) -> None:
+    """A finished run's curves (staged into ``stage_dir`` when given) and measures."""
+    row = out.row
+    curves = _read_table(run_dir / "curves.parquet")
+    if "epoch" not in curves.column_names:
+        raise ValueError("curves.parquet: no epoch column")
+    out.curves = curves
+    if stage_dir is not None:
+        tmp = stage_dir / f".{row['run_id']}.{abs(hash(out.key)):x}.tmp"
+        write_parquet(tmp, _canonical_curves(curves, row["run_id"]), fsync=False,
+                      dictionary=["run_id"], tmp=tmp, statistics=["run_id", "epoch"])
+        out.curves, out.curves_tmp = None, tmp
+    if "measures.parquet" in out.sig:
+        m = _read_table(run_dir / "measures.parquet")
+        if "epoch" not in m.column_names:
+            raise ValueError("measures.parquet: no epoch column")
+        out.measures = m
+
+
+def _unfinished_state(out: RunRead, rel: str, prog, summary, error, stray) -> None:
+    """State and one-line message of a run that is not finished."""
+    row = out.row
+    if error is not None:
         row["state"] = FAILED
-        row["error"] = _first_line(error)
+        row["error"] = _error_line(error)
         out.message = f"{row['run_id']} ({rel}): failed: {row['error']}"
-    elif found.state == PENDING:
+    elif prog is None:
         row["state"] = PENDING
         out.message = f"{row['run_id']} ({rel}): pending (config only, no progress yet)"
     else:
@@ -322,7 +351,6 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
                                                         else ""))
         out.message = (f"{row['run_id']} ({rel}): running or interrupted ({', '.join(why)}); "
                        "not in the tables yet")
-    return out
 
 
 # ---- table building ---------------------------------------------------------------------------
@@ -484,10 +512,12 @@ def build_checkpoints_table(measure_tables: list, runs_table):
     return t.take(idx)
 
 
-def infer_swept(runs_table, axes_hint: Iterable[str] = ()) -> list[str]:
-    """Swept fields: the manifests' axes, plus config fields that vary across runs."""
+def infer_swept(runs_table, axes_hint: Iterable[str] = (),
+                config_keys: Iterable[str] = ()) -> list[str]:
+    """Swept fields: the manifests' axes, plus config fields that vary across runs (the
+    RunConfig fields and any other ``config_keys`` the runs' config.json files hold)."""
     out = [a for a in axes_hint if a in runs_table.column_names]
-    for c in config_types():
+    for c in dict.fromkeys([*config_types(), *config_keys]):
         if c in out or c not in runs_table.column_names or c == "device":
             continue
         col = runs_table.column(c).to_pylist()
@@ -524,547 +554,304 @@ def _load_index(out_dir: Path) -> dict[str, Any]:
     return {"version": INDEX_VERSION, "runs": {}}
 
 
-def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = None,
-              formats: Iterable[str] | str | None = ("png", "html"), force: bool = False,
-              log: Callable[[str], None] | None = print, workers: int = 4) -> Result:  # noqa: C901
-    """Aggregate ``sweeps`` into ``out`` (default: the first sweep's ``aggregate/``).
+class DamagedTable(Exception):
+    """The previous checkpoints.parquet cannot be read: the tables are rebuilt from every run."""
 
-    ``formats`` None draws no figures. Reads only the run directories whose files changed
-    since the last call (``force`` rereads all). Returns a :class:`Result`.
-    """
-    import pyarrow.parquet as pq
 
-    from .store import atomic_write_json
+@dataclass
+class Plan:
+    """What one aggregation reads and where it writes."""
 
-    pa = _arrow()
-    t0 = time.perf_counter()
-    say = log or (lambda s: None)
+    sweeps: list[Sweep]
+    out_dir: Path
+    run_dirs: list[tuple[Path, Path]]       # (sweep, run directory); the first sweep's wins
+    axes_hint: list[str]                    # the manifests' axes
+    phase_pairs: list[tuple[str, str]]      # the manifests' figures.phase
+    index: dict[str, Any]
+    old: dict[str, Any]                     # the previous index's entries (when tables exist)
+    tables_ok: bool
+    force: bool
+
+    @property
+    def cdir(self) -> Path:
+        return self.out_dir / CURVES_DIR
+
+
+def make_plan(sweeps: list[str | os.PathLike], out, force: bool) -> Plan:
     found = [discover(s) for s in sweeps]
     out_dir = Path(out) if out is not None else found[0].path / AGG_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CURVES_DIR).mkdir(exist_ok=True)
-    res = Result(out_dir)
-    for s in found:
-        if s.manifest_error:
-            res.notes.append(s.manifest_error)
     run_dirs: list[tuple[Path, Path]] = []
     seen: set[Path] = set()
-    for s in found:
-        for d in s.run_dirs:
-            if d not in seen:
-                seen.add(d)
-                run_dirs.append((s.path, d))
     axes_hint: list[str] = []
+    pairs: list[tuple[str, str]] = []
     for s in found:
+        run_dirs.extend((s.path, d) for d in s.run_dirs if d not in seen)
+        seen.update(s.run_dirs)
         axes_hint.extend(a for a in s.axes if a not in axes_hint)
-
+        pairs.extend(p for p in s.phase_pairs if p not in pairs)
     index = {"version": INDEX_VERSION, "runs": {}} if force else _load_index(out_dir)
-    old = index["runs"]
     tables_ok = (out_dir / RUNS_TABLE).exists() and (out_dir / CKPT_TABLE).exists()
-    if not tables_ok:
-        old = {}
-    # what changed
-    to_read: list[tuple[Path, Path]] = []
-    for sweep, d in run_dirs:
-        sig, _ = _sig(d)
-        key = str(d)
-        if key not in old or old[key].get("sig") != sig:
-            to_read.append((sweep, d))
-    present = {str(d) for _, d in run_dirs}
-    removed = [k for k in old if k not in present]
-    res.timings["scan_s"] = time.perf_counter() - t0
+    return Plan(found, out_dir, run_dirs, axes_hint, pairs, index,
+                index["runs"] if tables_ok else {}, tables_ok, force)
 
-    t1 = time.perf_counter()
-    cdir = out_dir / CURVES_DIR
+
+def _changed_runs(plan: Plan) -> list[tuple[Path, Path]]:
+    """The (sweep, run directory) pairs whose files changed since the index was written."""
+    out = []
+    for sweep, d in plan.run_dirs:
+        sig, _ = _sig(d)
+        prev = plan.old.get(str(d))
+        if prev is None or prev.get("sig") != sig:
+            out.append((sweep, d))
+    return out
+
+
+def _read_runs(to_read: list[tuple[Path, Path]], cdir: Path, workers: int) -> dict[str, RunRead]:
     if workers > 1 and len(to_read) > 8:
         with ThreadPoolExecutor(max_workers=workers) as ex:
             reads = list(ex.map(lambda a: read_run(a[1], a[0], cdir), to_read))
     else:
         reads = [read_run(d, s, cdir) for s, d in to_read]
-    res.n_read = len(reads)
-    res.timings["read_s"] = time.perf_counter() - t1
-    new = {r.key: r for r in reads}
+    return {r.key: r for r in reads}
 
-    entries: dict[str, dict[str, Any]] = {}
-    for sweep, d in run_dirs:
-        key = str(d)
-        if key in new:
-            r = new[key]
-            entries[key] = {"sig": r.sig, "row": r.row, "message": r.message}
-        else:
-            entries[key] = old[key]
-    # one row per run_id: a finished copy wins, then the most recently updated
+
+def _entry(r: RunRead) -> dict[str, Any]:
+    return {"sig": r.sig, "row": r.row, "message": r.message, "config_keys": r.config_keys}
+
+
+def _choose_copies(entries: dict[str, dict], notes: list[str]) -> dict[str, str]:
+    """{run_id: run directory} with one copy per run_id: a finished copy wins, then the
+    most trained one; one note per run held twice."""
     rank = {s: i for i, s in enumerate((DONE, FAILED, RUNNING, PENDING, CORRUPT))}
     by_id: dict[str, str] = {}
     for key, e in entries.items():
         rid = e["row"]["run_id"]
         if rid in by_id:
-            other = entries[by_id[rid]]["row"]
-            a, b = e["row"], other
+            a, b = e["row"], entries[by_id[rid]]["row"]
             better = (rank.get(a.get("state"), 9), -(a.get("epoch") or 0)) < \
                      (rank.get(b.get("state"), 9), -(b.get("epoch") or 0))
-            res.notes.append(f"run {rid} appears in {key} and {by_id[rid]}; using "
-                             f"{key if better else by_id[rid]}")
+            notes.append(f"run {rid} appears in {key} and {by_id[rid]}; using "
+                         f"{key if better else by_id[rid]}")
             if not better:
                 continue
         by_id[rid] = key
+    return by_id
+
+
+def _reread_chosen_copies(plan: Plan, entries, new, by_id, res: "Result") -> None:
+    """A run held twice whose chosen copy was not reread while the other copy changed: reread
+    the chosen copy too, so its checkpoint rows and curves are the ones in the tables."""
     chosen = set(by_id.values())
-    # a run held twice whose chosen copy was not reread while the other copy changed: reread
-    # the chosen copy too, so its checkpoint rows and curves are the ones in the tables
     dup_ids = {e["row"]["run_id"] for k, e in entries.items() if k not in chosen}
-    if dup_ids:
-        sweep_of = {str(d): s for s, d in run_dirs}
-        changed_ids = {new[k].row["run_id"] for k in new}
-        for rid in dup_ids & changed_ids:
-            k = by_id[rid]
-            if k not in new:
-                r = read_run(Path(k), sweep_of[k], cdir)
-                new[k] = r
-                entries[k] = {"sig": r.sig, "row": r.row, "message": r.message}
-                res.n_read += 1
-    changed_keys = set(new) | set(removed)
-    res.changed = bool(changed_keys) or not tables_ok or force
+    changed_ids = {r.row["run_id"] for r in new.values()}
+    sweep_of = {str(d): s for s, d in plan.run_dirs}
+    for rid in dup_ids & changed_ids:
+        k = by_id[rid]
+        if k not in new:
+            new[k] = read_run(Path(k), sweep_of[k], plan.cdir)
+            entries[k] = _entry(new[k])
+            res.n_read += 1
+
+
+def _previous_checkpoint_rows(path: Path, keep_ids: list[str]):
+    """The previous checkpoints.parquet rows of the runs that were not reread, without the
+    config columns (attached again from the new runs table); None when there are none."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    pa = _arrow()
+    try:
+        prev = pq.read_table(path)
+        prev = prev.filter(pc.is_in(prev.column("run_id"), value_set=pa.array(keep_ids,
+                                                                              pa.string())))
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise DamagedTable(f"{path}: unreadable ({e})") from None
+    drop = [c for c in config_scalar_columns() if c in prev.column_names]
+    prev = prev.drop(drop)
+    prev = prev.rename_columns([c[len("measure_"):] if c.startswith("measure_") and
+                                c[len("measure_"):] in drop else c for c in prev.column_names])
+    return prev if prev.num_rows else None
+
+
+def _write_tables(plan: Plan, res: "Result", rows, new, chosen, config_keys):
+    """runs.parquet, checkpoints.parquet and curves/ (unchanged runs' checkpoint rows from the
+    previous table, changed runs' from their directories); returns the two tables."""
+    runs_table = build_runs_table(rows)
+    res.swept = infer_swept(runs_table, plan.axes_hint, config_keys)
+    finished_ids = {r["run_id"] for r in rows if r.get("state") in FINISHED}
+    fresh_ids = {new[k].row["run_id"] for k in new if k in chosen}
+    ckpt_path = plan.out_dir / CKPT_TABLE
+    parts = []
+    if plan.tables_ok and not plan.force and ckpt_path.exists():
+        prev = _previous_checkpoint_rows(ckpt_path, sorted(finished_ids - fresh_ids))
+        if prev is not None:
+            parts.append(prev)
+    for k, r in new.items():
+        if k in chosen and r.measures is not None and r.row.get("state") in FINISHED:
+            parts.append(_measures_with_id(r.measures, r.row["run_id"]))
+    ckpt_table = build_checkpoints_table(parts, runs_table)
+    md = {b"grokhpc.swept": json.dumps(res.swept).encode(), b"grokhpc.table": b"checkpoints"}
+    write_parquet(ckpt_path, ckpt_table.replace_schema_metadata(md))
+    md[b"grokhpc.table"] = b"runs"
+    write_parquet(plan.out_dir / RUNS_TABLE, runs_table.replace_schema_metadata(md))
+    _place_curves(plan.cdir, new, chosen, finished_ids)
+    return runs_table, ckpt_table
+
+
+def _place_curves(cdir: Path, new: dict[str, RunRead], chosen, finished_ids) -> None:
+    """Curves: one file per finished run, staged by the readers, renamed here."""
+    for k, r in new.items():
+        if r.curves_tmp is None:
+            continue
+        if k in chosen and r.row.get("state") in FINISHED:
+            os.replace(r.curves_tmp, cdir / f"{r.row['run_id']}.parquet")
+        else:
+            r.curves_tmp.unlink(missing_ok=True)
+    for f in cdir.glob("*.parquet"):
+        if f.stem not in finished_ids:
+            f.unlink()
+    for f in cdir.glob(".*.tmp"):  # left by an interrupted earlier call
+        f.unlink(missing_ok=True)
+
+
+def _write_meta(plan: Plan, res: "Result", n_checkpoint_rows: int) -> None:
+    from .store import atomic_write_json
+
+    atomic_write_json(plan.out_dir / META, {
+        "swept": res.swept, "sweeps": [str(s.path) for s in plan.sweeps],
+        "n_runs": res.n_runs, "states": res.states, "n_checkpoint_rows": n_checkpoint_rows,
+        "phase": [list(p) for p in plan.phase_pairs],
+        "tables": {"runs": RUNS_TABLE, "checkpoints": CKPT_TABLE,
+                   "curves": f"{CURVES_DIR}/<run_id>.parquet"},
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+
+
+def _previous_swept(plan: Plan, config_keys) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        return json.loads((plan.out_dir / META).read_text())["swept"]
+    except (OSError, KeyError, json.JSONDecodeError):
+        return infer_swept(pq.read_table(plan.out_dir / RUNS_TABLE), plan.axes_hint, config_keys)
+
+
+def _draw_figures(plan: Plan, res: "Result", formats, runs_table, ckpt_table, say) -> None:
+    """The cross-run figures, unless no run changed and the same ones are on disk."""
+    import pyarrow.parquet as pq
+
+    from .figures import export, parse_formats
+    from .sweep_figures import cross_run_figures
+
+    fmts = parse_formats(formats)
+    record = {"formats": list(fmts), "phase": [list(p) for p in plan.phase_pairs]}
+    prev = plan.index.get("figures", {}) if not plan.force else {}
+    if (not res.changed and all(prev.get(k) == v for k, v in record.items())
+            and all(Path(p).exists() for p in prev.get("files", []))):
+        res.notes.append("figures up to date (no run changed)")
+        return
+    t0 = time.perf_counter()
+    if runs_table is None:
+        runs_table = pq.read_table(plan.out_dir / RUNS_TABLE)
+        ckpt_table = pq.read_table(plan.out_dir / CKPT_TABLE)
+    figs, notes = cross_run_figures(runs_table, ckpt_table, plan.cdir, res.swept,
+                                    plan.phase_pairs)
+    res.notes.extend(notes)
+    res.figures = export(figs, plan.out_dir / FIG_DIR, formats=fmts, log=say)
+    files = [str(p) for ps in res.figures.values() for p in ps]
+    for old in set(prev.get("files", [])) - set(files):  # figures no longer drawn
+        Path(old).unlink(missing_ok=True)
+    plan.index["figures"] = {**record, "files": files}
+    res.timings["figures_s"] = time.perf_counter() - t0
+
+
+def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = None,
+              formats: Iterable[str] | str | None = ("png", "html"), force: bool = False,
+              log: Callable[[str], None] | None = print, workers: int = 4) -> Result:
+    """Aggregate ``sweeps`` into ``out`` (default: the first sweep's ``aggregate/``).
+
+    ``formats`` None draws no figures. Reads only the run directories whose files changed
+    since the last call (``force`` rereads all). Returns a :class:`Result`. A previous
+    checkpoints table that cannot be read is rebuilt from every run, with a note saying so.
+    """
+    try:
+        return _aggregate(sweeps, out, formats, force, log, workers)
+    except DamagedTable as e:
+        res = _aggregate(sweeps, out, formats, True, log, workers)
+        res.notes.insert(0, f"{e}; rebuilt from all runs")
+        return res
+
+
+def _aggregate(sweeps, out, formats, force: bool, log, workers: int) -> Result:
+    from .store import atomic_write_json
+
+    t0 = time.perf_counter()
+    plan = make_plan(sweeps, out, force)
+    res = Result(plan.out_dir)
+    res.notes.extend(s.manifest_error for s in plan.sweeps if s.manifest_error)
+    to_read = _changed_runs(plan)
+    present = {str(d) for _, d in plan.run_dirs}
+    removed = [k for k in plan.old if k not in present]
+    res.timings["scan_s"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    new = _read_runs(to_read, plan.cdir, workers)
+    res.n_read = len(new)
+    res.timings["read_s"] = time.perf_counter() - t1
+    entries = {str(d): _entry(new[str(d)]) if str(d) in new else plan.old[str(d)]
+               for _, d in plan.run_dirs}
+    by_id = _choose_copies(entries, res.notes)
+    _reread_chosen_copies(plan, entries, new, by_id, res)
+    chosen = set(by_id.values())
+    res.changed = bool(new) or bool(removed) or not plan.tables_ok or force
     rows = [entries[k]["row"] for k in entries if k in chosen]
     res.n_runs = len(rows)
     for r in rows:
         res.states[r.get("state", "?")] = res.states.get(r.get("state", "?"), 0) + 1
     res.messages = [entries[k]["message"] for k in entries
                     if k in chosen and entries[k].get("message")]
+    config_keys = {k for e in entries.values() for k in e.get("config_keys", ())}
 
-    runs_path, ckpt_path = out_dir / RUNS_TABLE, out_dir / CKPT_TABLE
     t2 = time.perf_counter()
+    runs_table = ckpt_table = None
     if res.changed:
-        runs_table = build_runs_table(rows)
-        res.swept = infer_swept(runs_table, axes_hint)
-        finished_ids = {r["run_id"] for r in rows if r.get("state") in FINISHED}
-        # checkpoint rows: unchanged runs from the previous table, changed runs from disk
-        fresh_ids = {new[k].row["run_id"] for k in new if k in chosen}
-        parts = []
-        if tables_ok and not force and ckpt_path.exists():
-            try:
-                prev = pq.read_table(ckpt_path)
-                keep_ids = pa.array(sorted(finished_ids - fresh_ids), pa.string())
-                import pyarrow.compute as pc
-
-                prev = prev.filter(pc.is_in(prev.column("run_id"), value_set=keep_ids))
-                drop = [c for c in config_scalar_columns() if c in prev.column_names]
-                prev = prev.drop(drop)
-                prev = prev.rename_columns([c[len("measure_"):] if c.startswith("measure_") and
-                                            c[len("measure_"):] in drop else c
-                                            for c in prev.column_names])
-                if prev.num_rows:
-                    parts.append(prev)
-            except Exception as e:  # damaged previous table: rebuild from every run
-                res.notes.append(f"{ckpt_path}: unreadable ({e}); rebuilt from all runs")
-                return aggregate(sweeps, out, formats, True, log, workers)
-        for k, r in new.items():
-            if k in chosen and r.measures is not None and r.row.get("state") in FINISHED:
-                parts.append(_measures_with_id(r.measures, r.row["run_id"]))
-        ckpt_table = build_checkpoints_table(parts, runs_table)
-        md = {b"grokhpc.swept": json.dumps(res.swept).encode(),
-              b"grokhpc.table": b"checkpoints"}
-        write_parquet(ckpt_path, ckpt_table.replace_schema_metadata(md))
-        md[b"grokhpc.table"] = b"runs"
-        write_parquet(runs_path, runs_table.replace_schema_metadata(md))
-        # curves: one file per finished run, staged by the readers, renamed here
-        for k, r in new.items():
-            if r.curves_tmp is None:
-                continue
-            if k in chosen and r.row.get("state") in FINISHED:
-                os.replace(r.curves_tmp, cdir / f"{r.row['run_id']}.parquet")
-            else:
-                r.curves_tmp.unlink(missing_ok=True)
-        for f in cdir.glob("*.parquet"):
-            if f.stem not in finished_ids:
-                f.unlink()
-        for f in cdir.glob(".*.tmp"):  # left by an interrupted earlier call
-            f.unlink(missing_ok=True)
+        runs_table, ckpt_table = _write_tables(plan, res, rows, new, chosen, config_keys)
         res.timings["write_s"] = time.perf_counter() - t2
-        meta = {"swept": res.swept, "sweeps": [str(s.path) for s in found],
-                "n_runs": res.n_runs, "states": res.states,
-                "n_checkpoint_rows": ckpt_table.num_rows,
-                "tables": {"runs": RUNS_TABLE, "checkpoints": CKPT_TABLE,
-                           "curves": f"{CURVES_DIR}/<run_id>.parquet"},
-                "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        atomic_write_json(out_dir / META, meta)
+        _write_meta(plan, res, ckpt_table.num_rows)
     else:
-        try:
-            res.swept = json.loads((out_dir / META).read_text())["swept"]
-        except (OSError, KeyError, json.JSONDecodeError):
-            res.swept = infer_swept(pq.read_table(runs_path), axes_hint)
-        runs_table = ckpt_table = None
-    res.tables = {"runs": runs_path, "checkpoints": ckpt_path, "curves": out_dir / CURVES_DIR}
-
-    # figures
+        res.swept = _previous_swept(plan, config_keys)
+    res.tables = {"runs": plan.out_dir / RUNS_TABLE, "checkpoints": plan.out_dir / CKPT_TABLE,
+                  "curves": plan.cdir}
     if formats:
-        from .figures import parse_formats
-
-        fmts = parse_formats(formats)
-        prev_figs = index.get("figures", {}) if not force else {}
-        up_to_date = (not res.changed and prev_figs.get("formats") == list(fmts)
-                      and all(Path(p).exists() for p in prev_figs.get("files", [])))
-        if up_to_date:
-            res.notes.append("figures up to date (no run changed)")
-            res.figures = {}
-        else:
-            t3 = time.perf_counter()
-            if runs_table is None:
-                runs_table = pq.read_table(runs_path)
-                ckpt_table = pq.read_table(ckpt_path)
-            figs, notes = cross_run_figures(runs_table, ckpt_table, out_dir / CURVES_DIR,
-                                            res.swept)
-            res.notes.extend(notes)
-            from .figures import export
-
-            res.figures = export(figs, out_dir / FIG_DIR, formats=fmts, log=say)
-            index["figures"] = {"formats": list(fmts),
-                                "files": [str(p) for ps in res.figures.values() for p in ps]}
-            res.timings["figures_s"] = time.perf_counter() - t3
-
+        _draw_figures(plan, res, formats, runs_table, ckpt_table, log or (lambda s: None))
     # the index goes last: if anything above failed, the next call redoes the work
-    index["runs"] = entries
+    plan.index["runs"] = entries
     if res.changed or res.figures:
-        atomic_write_json(out_dir / INDEX, index)
+        atomic_write_json(plan.out_dir / INDEX, plan.index)
     res.timings["total_s"] = time.perf_counter() - t0
     return res
 
 
-# ---- cross-run figures ------------------------------------------------------------------------
-def _fmt_val(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def _group_stats(values: list[float], censored: list[bool], censor_at: list[float]):
-    """Median and min/max over seeds, censored runs counted as 'later than any grokked run'.
-
-    Returns (median, lo, hi, median_is_censored, n_censored)."""
-    import numpy as np
-
-    v = np.array([math.inf if c else float(x) for x, c in zip(values, censored)])
-    if not len(v):
-        return None
-    med = float(np.quantile(v, 0.5, method="inverted_cdf"))
-    cmax = max([c for c, cc in zip(censor_at, censored) if cc] or [float("nan")])
-    lo = float(v.min())
-    hi = float(v.max())
-    med_c = math.isinf(med)
-    if med_c:
-        med = cmax
-    if math.isinf(lo):
-        lo = cmax
-    if math.isinf(hi):
-        hi = cmax
-    return med, lo, hi, med_c, int(sum(censored))
-
-
-def _colours(n: int) -> list[str]:
-    from plotly.colors import sample_colorscale
-
-    if n <= 1:
-        return ["#0072B2"]
-    return sample_colorscale("Viridis", [i / (n - 1) * 0.9 for i in range(n)])
-
-
-def _primary(swept: list[str], df) -> str | None:
-    cand = [s for s in swept if s not in SEED_FIELDS and s in df.columns]
-    for a in AXIS_PREFERENCE:
-        if a in cand:
-            return a
-    return cand[0] if cand else None
-
-
-def _grok_vs(df, x: str, series: str | None, title: str, log_x: bool):
-    import plotly.graph_objects as go
-
-    from .figures import paper_style
-
-    fig = go.Figure()
-    series_vals = sorted(df[series].dropna().unique()) if series else [None]
-    span = float(df[x].max() - df[x].min()) if len(df) else 0.0
-    cols = _colours(len(series_vals))
-    any_cens = False
-    n_s = len(series_vals)
-    for i_s, (colour, sv) in enumerate(zip(cols, series_vals)):
-        sub = df if sv is None else df[df[series] == sv]
-        # dodge the series sideways a little so equal values do not hide each other
-        shift = (i_s - (n_s - 1) / 2) * 0.012
-
-        def dodge(v, shift=shift):
-            return v * 10 ** shift if log_x else v + shift * 0.5 * span
-        xs, med, lo, hi, open_ = [], [], [], [], []
-        for xv, g in sub.groupby(x, sort=True):
-            st = _group_stats(g["grokking_epoch"].tolist(), g["grokked"].eq(False).tolist(),
-                              g["epoch"].fillna(g["grokking_epoch"]).tolist())
-            if st is None:
-                continue
-            xs.append(dodge(xv))
-            med.append(st[0])
-            lo.append(st[0] - st[1])
-            hi.append(st[2] - st[0])
-            open_.append(st[3])
-        name = _fmt_val(sv) if series else "median over seeds"
-        fig.add_trace(go.Scatter(
-            x=xs, y=med, mode="lines+markers", name=name, legendgroup=str(sv),
-            line=dict(color=colour, width=2), marker=dict(size=10, color=colour),
-            error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo,
-                         color=colour, thickness=1.5, width=4)))
-        if any(open_):
-            any_cens = True
-            fig.add_trace(go.Scatter(
-                x=[a for a, o in zip(xs, open_) if o], y=[b for b, o in zip(med, open_) if o],
-                mode="markers", showlegend=False, legendgroup=str(sv), hoverinfo="skip",
-                marker=dict(size=12, color="white", line=dict(width=2, color=colour))))
-        cens = sub[sub["grokked"].eq(False)]
-        if len(cens):
-            any_cens = True
-            fig.add_trace(go.Scatter(
-                x=[dodge(v) for v in cens[x]], y=cens["epoch"].fillna(cens["grokking_epoch"]),
-                mode="markers",
-                name="never grokked (at last epoch)", legendgroup="censored",
-                showlegend=False, marker=dict(symbol="triangle-up-open", size=11, color=colour,
-                                              line=dict(width=2))))
-    if any_cens:
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers",
-                                 name="run never grokked (at its last epoch)",
-                                 marker=dict(symbol="triangle-up-open", size=11, color="black",
-                                             line=dict(width=2))))
-        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers",
-                                 name="median never grokked (open)",
-                                 marker=dict(size=12, color="white",
-                                             line=dict(width=2, color="black"))))
-    fig.update_xaxes(title_text=UNITS.get(x, x), type="log" if log_x else "linear")
-    fig.update_yaxes(title_text=GROK_AXIS, type="log")
-    paper_style(fig, title=title, legend_title=series if series else None)
-    if n_s > 6:  # many series: a compact legend that still fits the paper height
-        fig.update_layout(legend=dict(font=dict(size=11), tracegroupgap=0))
-    return fig
-
-
-def _downsample(n: int, k: int = 150):
-    import numpy as np
-
-    if n <= k:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
-
-
-def _join(xs: list, ys: list):
-    """Concatenate several lines into one trace, separated by NaN gaps."""
-    import numpy as np
-
-    gap = np.array([np.nan])
-    x = np.concatenate([p for a in xs for p in (a, gap)][:-1])
-    y = np.concatenate([p for a in ys for p in (a, gap)][:-1])
-    return x, y
-
-
-def _by_colour(fin, colour_by: str | None):
-    if colour_by is None:
-        return [(None, fin)]
-    return [(cv, g) for cv, g in fin.groupby(colour_by, sort=True)]
-
-
-def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]):
-    """The cross-run figures as {name: plotly Figure}, and one note per figure skipped."""
-    import numpy as np
-    import plotly.graph_objects as go
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-    from plotly.subplots import make_subplots
-
-    from .figures import paper_style
-
-    runs = runs_table.to_pandas()
-    notes: list[str] = []
-    figs: dict[str, Any] = {}
-    fin = runs[runs["state"].isin(FINISHED) & runs["grokking_epoch"].notna()].copy()
-    if fin.empty:
-        return figs, ["figures skipped: no finished run with a grokking epoch yet"]
-
-    def varied(c: str) -> bool:
-        return c in fin.columns and fin[c].nunique(dropna=True) > 1
-
-    others = [s for s in swept if s not in SEED_FIELDS]
-    seeds = [s for s in swept if s in SEED_FIELDS]
-    seed_note = f" over {', '.join(seeds)}" if seeds else ""
-
-    # 1. grokking epoch vs weight decay, one series per train fraction
-    if varied("weight_decay"):
-        d = fin[fin["weight_decay"] > 0]
-        if len(d) < len(fin):
-            notes.append("grok_vs_weight_decay: runs with weight_decay = 0 left out (log axis)")
-        series = "train_frac" if varied("train_frac") else next(
-            (s for s in others if s not in ("weight_decay",) and varied(s)), None)
-        figs["grok_vs_weight_decay"] = _grok_vs(
-            d, "weight_decay", series, f"Grokking time vs weight decay (median, min–max{seed_note})",
-            log_x=True)
-    else:
-        notes.append("grok_vs_weight_decay skipped: weight_decay did not vary")
-
-    # 2. grokking epoch vs train fraction, one series per prime
-    if varied("train_frac"):
-        series = "p" if varied("p") else next(
-            (s for s in others if s not in ("train_frac",) and varied(s)), None)
-        figs["grok_vs_train_frac"] = _grok_vs(
-            fin, "train_frac", series,
-            f"Grokking time vs training fraction (median, min–max{seed_note})", log_x=False)
-    else:
-        notes.append("grok_vs_train_frac skipped: train_frac did not vary")
-
-    # 3. phase diagram weight decay x train fraction
-    if varied("weight_decay") and varied("train_frac"):
-        wds = sorted(fin["weight_decay"].unique())
-        tfs = sorted(fin["train_frac"].unique())
-        z = np.full((len(tfs), len(wds)), np.nan)
-        text = [["" for _ in wds] for _ in tfs]
-        never_x, never_y, part_x, part_y, part_t = [], [], [], [], []
-        for (tf, wd), g in fin.groupby(["train_frac", "weight_decay"]):
-            i, j = tfs.index(tf), wds.index(wd)
-            st = _group_stats(g["grokking_epoch"].tolist(), g["grokked"].eq(False).tolist(),
-                              g["epoch"].fillna(g["grokking_epoch"]).tolist())
-            n, nc = len(g), st[4]
-            frac = f"<br>({n - nc}/{n} grokked)" if nc else ""
-            if st[3]:
-                never_x.append(_fmt_val(wd))
-                never_y.append(_fmt_val(tf))
-                part_x.append(j)  # category positions (annotations take indices)
-                part_y.append(i)
-                part_t.append(f"{n - nc}/{n} grokked")
-            else:
-                z[i, j] = math.log10(max(st[0], 1))
-                text[i][j] = f"{st[0]:.0f}{frac}"
-        xs, ys = [_fmt_val(w) for w in wds], [_fmt_val(t) for t in tfs]
-        finite = z[np.isfinite(z)]
-        lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        if hi - lo < 1e-9:
-            hi = lo + 1
-        ticks = np.arange(math.floor(lo), math.ceil(hi) + 1)
-        fig = go.Figure(go.Heatmap(
-            x=xs, y=ys, z=z, text=text, texttemplate="%{text}", zmin=lo, zmax=hi,
-            colorscale="Viridis", hoverongaps=False,
-            colorbar=dict(title=dict(text="median grokking<br>epoch", side="right"),
-                          tickvals=ticks, ticktext=[f"{10 ** t:g}" for t in ticks])))
-        if never_x:
-            fig.add_trace(go.Scatter(x=never_x, y=never_y, mode="markers",
-                                     name="median run never grokked",
-                                     marker=dict(symbol="x-thin", size=22, color="black",
-                                                 line=dict(width=3))))
-        for px_, py_, pt_ in zip(part_x, part_y, part_t):  # under the cross
-            fig.add_annotation(x=px_, y=py_, text=pt_, showarrow=False, yshift=-24,
-                               font=dict(size=12, color="black"))
-        pooled = [s for s in others if s not in ("weight_decay", "train_frac") and varied(s)]
-        title = "Phase diagram: median grokking epoch"
-        if pooled:
-            title += f" (pooled over {', '.join(pooled)})"
-        paper_style(fig, title=title)
-        fig.update_xaxes(title_text=UNITS["weight_decay"], type="category", showgrid=False)
-        fig.update_yaxes(title_text=UNITS["train_frac"], type="category", showgrid=False)
-        fig.update_layout(legend=dict(orientation="h", y=-0.25, x=0), showlegend=bool(never_x))
-        figs["phase_diagram"] = fig
-    else:
-        notes.append("phase_diagram skipped: weight_decay and train_frac did not both vary")
-
-    colour_by = _primary(swept, fin) or next((s for s in seeds if varied(s)), None)
-    if colour_by and not varied(colour_by):
-        colour_by = None
-    cvals = sorted(fin[colour_by].dropna().unique()) if colour_by else [None]
-    cmap = dict(zip(cvals, _colours(len(cvals))))
-
-    # 4. overlaid test-loss curves: one trace per colour value (runs joined by gaps)
-    have = [rid for rid in fin["run_id"] if (curves_dir / f"{rid}.parquet").exists()]
-    if have:
-        ct = pq.read_table(str(curves_dir), columns=["run_id", "epoch", "test_loss"])
-        ct = ct.filter(pc.is_valid(ct.column("test_loss"))).to_pandas()
-        groups = dict(tuple(ct.groupby("run_id", sort=False)))
-        per_line = max(20, min(150, POINT_BUDGET // max(1, len(have))))
-        fig = go.Figure()
-        for cv, sub in _by_colour(fin, colour_by):
-            xs, ys = [], []
-            for rid in sub["run_id"]:
-                g = groups.get(rid)
-                if g is None or g.empty:
-                    continue
-                g = g.sort_values("epoch")
-                idx = _downsample(len(g), per_line)
-                xs.append(g["epoch"].to_numpy(dtype=float)[idx])
-                ys.append(g["test_loss"].to_numpy(dtype=float)[idx])
-            if not xs:
-                continue
-            x, y = _join(xs, ys)
-            fig.add_trace(go.Scatter(
-                x=x, y=y, mode="lines", connectgaps=False, opacity=0.75,
-                line=dict(color=cmap.get(cv, "#0072B2"), width=1.2),
-                name=_fmt_val(cv) if colour_by else f"{len(xs)} runs",
-                showlegend=len(cmap) <= 20))
-        fig.update_xaxes(title_text="epoch (full-batch steps)")
-        fig.update_yaxes(title_text="test loss (cross-entropy, nats)", type="log",
-                         exponentformat="power")
-        figs["test_loss_curves"] = paper_style(
-            fig, title=f"Test loss of {len(have)} runs", legend_title=colour_by)
-    else:
-        notes.append("test_loss_curves skipped: no curves of finished runs")
-
-    # 5. progress measures aligned on the grokking epoch
-    if ckpt_table is not None and ckpt_table.num_rows:
-        skip = set(config_scalar_columns()) | {"run_id", "epoch"}
-        numeric = [f.name for f in ckpt_table.schema
-                   if f.name not in skip and (pa.types.is_floating(f.type)
-                                              or pa.types.is_integer(f.type))]
-        prefer = ["restricted_loss", "excluded_loss", "test_loss", "train_loss",
-                  "weight_norm_sq", "gini_embed", "gini_logit", "cos_residual"]
-        chosen = ([m for m in prefer if m in numeric] or numeric)[:6]
-        if chosen:
-            ck = ckpt_table.select(["run_id", "epoch"] + chosen).to_pandas()
-            grok = dict(zip(fin["run_id"], fin["grokking_epoch"]))
-            ck = ck[ck["run_id"].isin(grok)]
-            ck["since"] = ck["epoch"] - ck["run_id"].map(grok)
-            ckg = dict(tuple(ck.groupby("run_id", sort=False)))
-            per_line = max(20, min(250, POINT_BUDGET // max(1, len(ckg) * len(chosen))))
-            ncol = 2 if len(chosen) > 1 else 1
-            nrow = math.ceil(len(chosen) / ncol)
-            fig = make_subplots(rows=nrow, cols=ncol, subplot_titles=chosen,
-                                horizontal_spacing=0.12, vertical_spacing=0.12)
-            for cv, sub in _by_colour(fin, colour_by):
-                for cens in (False, True):
-                    part = sub[sub["grokked"].eq(False) == cens]
-                    gs = [ckg[r].sort_values("epoch") for r in part["run_id"] if r in ckg]
-                    gs = [g.iloc[_downsample(len(g), per_line)] for g in gs]
-                    if not gs:
-                        continue
-                    for i, m in enumerate(chosen):
-                        x, y = _join([g["since"].to_numpy(dtype=float) for g in gs],
-                                     [g[m].to_numpy(dtype=float) for g in gs])
-                        fig.add_trace(go.Scatter(
-                            x=x, y=y, mode="lines", connectgaps=False, opacity=0.75,
-                            line=dict(color=cmap.get(cv, "#0072B2"), width=1.2,
-                                      dash="dot" if cens else "solid"),
-                            name=(_fmt_val(cv) if colour_by else "runs")
-                            + (" (never grokked)" if cens else ""),
-                            legendgroup=f"{cv}{cens}",
-                            showlegend=(i == 0 and len(cmap) <= 20)),
-                            row=i // ncol + 1, col=i % ncol + 1)
-            paper_style(fig, width=900, height=300 * nrow + 100,
-                        title="Progress measures aligned on each run's grokking epoch",
-                        legend_title=colour_by)
-            for i, m in enumerate(chosen):
-                r, c = i // ncol + 1, i % ncol + 1
-                if "loss" in m:
-                    fig.update_yaxes(type="log", exponentformat="power", row=r, col=c)
-                fig.add_vline(x=0, line=dict(color="grey", dash="dash", width=1), row=r, col=c)
-                if r == nrow or i + ncol >= len(chosen):
-                    fig.update_xaxes(title_text="epochs since grokking", row=r, col=c)
-            figs["measures_aligned"] = fig
-        else:
-            notes.append("measures_aligned skipped: no numeric measure columns")
-    else:
-        notes.append("measures_aligned skipped: no checkpoint rows (no measures.parquet)")
-    return figs, notes
-
-
 # ---- command line -----------------------------------------------------------------------------
+def _every_sweep_under_runs(args, argv: list[str] | None) -> int:
+    """Bare ``python -m grokhpc.aggregate``: each sweep under ./runs on its own, saying which."""
+    from .scheduler import find_sweeps
+
+    found = find_sweeps("runs") if not (args.sweep or args.out) else []
+    if not found:
+        print("aggregate: " + ("--sweep and --out need SWEEP_DIR" if args.sweep or args.out
+                               else f"no sweeps under {Path('runs').resolve()} (directories "
+                                    f"with {MANIFEST}); give SWEEP_DIR"), file=sys.stderr)
+        return 2
+    rest = list(sys.argv[1:] if argv is None else argv)
+    codes = []
+    for i, d in enumerate(found):
+        print(f"sweep {d} ({i + 1} of {len(found)})", flush=True)
+        codes.append(main([*rest, str(d)]))
+    return max(codes)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m grokhpc.aggregate",
@@ -1082,21 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="reread every run and redraw")
     args = ap.parse_args(argv)
     if args.sweep_dir is None:
-        from .scheduler import find_sweeps
-
-        found = find_sweeps("runs") if not (args.sweep or args.out) else []
-        if not found:
-            print("aggregate: " + ("--sweep and --out need SWEEP_DIR" if args.sweep or args.out
-                                   else f"no sweeps under {Path('runs').resolve()} (directories "
-                                        f"with {MANIFEST}); give SWEEP_DIR"), file=sys.stderr)
-            return 2
-        rest = list(sys.argv[1:] if argv is None else argv)
-        codes = []
-        for i, d in enumerate(found):
-            print(f"sweep {d} ({i + 1} of {len(found)})", flush=True)
-            codes.append(main([*rest, str(d)]))
-        return max(codes)
-
+        return _every_sweep_under_runs(args, argv)
     if not args.no_figures:
         from .figures import parse_formats
 

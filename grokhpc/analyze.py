@@ -50,17 +50,74 @@ PHASES = (("memorisation_end", "memorisation end", "dash"),
           ("grokking_epoch", "grokking (test acc 99%)", "dot"))
 
 
+LABEL_FONT = 11          # px, the phase labels
+LABEL_EM = 0.62          # average glyph width in font sizes (above Liberation Sans' lowercase)
+LABEL_PAD = 8            # px around a label
+PLOT_SHARE = 0.65        # the plot area's share of the figure width (margins, legend) at least
+
+
 # ---- helpers ----------------------------------------------------------------------------------
+def _x_span(fig, log: bool) -> tuple[float, float]:
+    """The data range of the x axis (log10 of it on a log axis)."""
+    import numpy as np
+
+    xs = [np.asarray(t.x, dtype=float) for t in fig.data if t.x is not None and len(t.x)]
+    v = np.concatenate(xs) if xs else np.array([0.0, 1.0])
+    v = v[np.isfinite(v)]
+    if log:
+        v = np.log10(v[v > 0])
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def phase_label_rows(fracs: list[float], widths: list[float]) -> list[tuple[int, str]]:
+    """(row, anchor) of each label, given its line's position and its width as fractions of
+    the axis, in the lines' x order: to the right of its line (anchor 'left') unless that
+    leaves the axis, on the first row (counted from the top) where it overlaps no label."""
+    rows: list[list[tuple[float, float]]] = []
+    out = []
+    for f, w in zip(fracs, widths):
+        right = f + w <= 1.0
+        span = (f, f + w) if right else (f - w, f)
+        for r, taken in enumerate(rows):
+            if all(span[1] <= a or span[0] >= b for a, b in taken):
+                taken.append(span)
+                break
+        else:
+            r = len(rows)
+            rows.append([span])
+        out.append((r, "left" if right else "right"))
+    return out
+
+
 def add_phase_lines(fig, summary: dict, row=None, col=None):
-    """Vertical lines at the detected phase boundaries (those that were found)."""
-    for key, label, dash in PHASES:
-        x = summary.get(key)
-        if x is None or (key == "grokking_epoch" and not summary.get("grokked")):
-            continue
-        kw = {} if row is None else {"row": row, "col": col}
-        fig.add_vline(x=x, line_dash=dash, line_color="grey", opacity=0.8,
-                      annotation_text=label, annotation_textangle=-90,
-                      annotation_position="top left", annotation_font_size=11, **kw)
+    """Vertical lines at the detected phase boundaries (those that were found), labelled in
+    rows at the top of the plot (of the first subplot when ``row`` is given) so that labels of
+    close boundaries never overlap."""
+    import math
+
+    marks = sorted((summary[key], label, dash) for key, label, dash in PHASES
+                   if summary.get(key) is not None
+                   and (key != "grokking_epoch" or summary.get("grokked")))
+    kw = {} if row is None else {"row": row, "col": col}
+    for x, _, dash in marks:
+        # width and opacity set here: the paper template's shape defaults draw no line
+        fig.add_vline(x=x, line=dict(dash=dash, color="grey", width=1.5), opacity=0.9, **kw)
+    log = fig.layout.xaxis.type == "log"
+    lo, hi = _x_span(fig, log)
+    plot_px = PLOT_SHARE * (fig.layout.width or 720)
+    fracs = [((math.log10(max(x, 1e-300)) if log else x) - lo) / (hi - lo) for x, _, _ in marks]
+    widths = [(len(label) * LABEL_EM * LABEL_FONT + LABEL_PAD) / plot_px for _, label, _ in marks]
+    domain = fig.layout.yaxis.domain or (0.0, 1.0)
+    plot_h = max((fig.layout.height or 480) - 130, 100) * (domain[1] - domain[0])
+    step = 1.5 * LABEL_FONT / plot_h
+    top = {} if row is None else {"row": 1, "col": col}
+    for (x, label, _), (r, anchor) in zip(marks, phase_label_rows(fracs, widths)):
+        fig.add_annotation(x=x, xref="x", y=1 - r * step, yref="y domain", text=label,
+                           showarrow=False, xanchor=anchor, yanchor="top",
+                           xshift=3 if anchor == "left" else -3,
+                           font=dict(size=LABEL_FONT, color="#444"),
+                           bgcolor="rgba(255,255,255,0.8)", **top)
     return fig
 
 
@@ -112,16 +169,24 @@ def final_state(run):
 
 
 def weight_figures(cfg, epoch, W, cache, key_freqs) -> dict:
+    """The figures of the weights at the last checkpoint (attention, SVD, Fourier)."""
+    import numpy as np
+
+    at = f" (epoch {epoch})"
+    W_E = np.asarray(W["embed.W_E"], np.float64)[:cfg.p]
+    figs = _attention_svd_figures(cfg.p, W_E, cache, at)
+    figs.update(_fourier_figures(cfg.p, W_E, W, cache, key_freqs, at))
+    return figs
+
+
+def _attention_svd_figures(p: int, W_E, cache, at: str) -> dict:
     import numpy as np
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     from .figures import paper_style
-    from .measures import fourier_basis, fourier_names
 
-    p = cfg.p
     figs = {}
-    at = f" (epoch {epoch})"
     pattern = cache["pattern", 0].numpy()               # (p^2, heads, q, k)
     heads = [f"head {h}" for h in range(pattern.shape[1])]
     figs["attention_mean_per_head"] = _heatmap(
@@ -131,7 +196,6 @@ def weight_figures(cfg, epoch, W, cache, key_freqs) -> dict:
         pattern[:, 0, -1, 0].reshape(p, p), "Attention of head 0 from = to a" + at, "b", "a",
         zmid=None, colorscale="Viridis")
 
-    W_E = np.asarray(W["embed.W_E"], np.float64)[:p]
     rng = np.random.default_rng(0)
     control = rng.normal(0, W_E.std(), size=W_E.shape)  # same shape and scale as W_E
     U, S, _ = np.linalg.svd(W_E, full_matrices=False)
@@ -152,7 +216,16 @@ def weight_figures(cfg, epoch, W, cache, key_freqs) -> dict:
     figs["svd_top_components"] = _lines(
         np.arange(p), {f"PC {i + 1}": U[:, i] for i in range(min(8, U.shape[1]))},
         "First 8 principal components of the embedding" + at, "input token", "value")
+    return figs
 
+
+def _fourier_figures(p: int, W_E, W, cache, key_freqs, at: str) -> dict:
+    import numpy as np
+    import plotly.graph_objects as go
+
+    from .measures import fourier_basis, fourier_names
+
+    figs = {}
     F = fourier_basis(p)
     names = fourier_names(p)
     figs["fourier_basis"] = _heatmap(F, "Fourier basis of Z_%d" % p, "input", "component",

@@ -446,6 +446,26 @@ def _num(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
+# the cleanup rule reads train loss and test accuracy through a running median over this
+# fraction of the run's epochs
+CLEANUP_WINDOW = 0.04
+
+
+def running_median(curves, column: str, epochs: np.ndarray) -> np.ndarray:
+    """``column`` at ``epochs``, as a centred running median over ``CLEANUP_WINDOW`` of the
+    run (over the epochs where the column has values).
+
+    A median keeps a monotone curve, and the epoch of a lasting step, as they are, but removes
+    a spike or blip shorter than half the window (a brief jump of the train loss late in
+    training; one evaluation at 100% test accuracy among 99.7%s)."""
+    tr = curves.dropna(subset=[column]).sort_values("epoch")
+    ep = tr["epoch"].to_numpy(np.int64)
+    step = float(np.median(np.diff(ep))) if len(ep) > 1 else 1.0
+    rows = max(1, int(round(CLEANUP_WINDOW * float(ep[-1] - ep[0]) / step))) | 1  # odd
+    smooth = tr[column].rolling(rows, center=True, min_periods=1).median()
+    return np.interp(epochs, ep, smooth.to_numpy(float))
+
+
 def detect_phases(curves, p: int) -> dict[str, Any]:
     """Phase epochs from a curves table (pandas: epoch, train_loss, train_acc, test_loss,
     test_acc; NaN where not evaluated). Rules, over the epochs where the test set
@@ -454,8 +474,10 @@ def detect_phases(curves, p: int) -> dict[str, Any]:
     * memorisation_end: the epoch of the test-loss peak; ``memorised`` says whether the train
       accuracy was 100% there (False flags a peak before memorisation was complete);
     * circuit_formation_end: the first epoch after the peak with test loss < ln p;
-    * cleanup_end: from circuit_formation_end on, the first epoch with test loss <= 10 x train
-      loss, or test accuracy 100%;
+    * cleanup_end: from circuit_formation_end on, the first epoch where test loss <= 10 x train
+      loss, or test accuracy 100%, with train loss and test accuracy read through
+      :func:`running_median` (so neither a brief train-loss spike, which puts train loss
+      within a tenth of test loss, nor one evaluation at 100% ends cleanup);
     * grokking_epoch: the first epoch with test accuracy >= 0.99; when never reached, the last
       epoch, with ``grokked`` False (censored).
 
@@ -467,7 +489,6 @@ def detect_phases(curves, p: int) -> dict[str, Any]:
     ep = c["epoch"].to_numpy(np.int64)
     test_loss = c["test_loss"].to_numpy(float)
     test_acc = c["test_acc"].to_numpy(float)
-    train_loss = c["train_loss"].to_numpy(float)
     train_acc = c["train_acc"].to_numpy(float)
     i_peak = int(np.argmax(test_loss))
     out: dict[str, Any] = {
@@ -482,8 +503,10 @@ def detect_phases(curves, p: int) -> dict[str, Any]:
     if len(after):
         i_c = int(after[0])
         out["circuit_formation_end"] = int(ep[i_c])
+        train_smooth = running_median(curves, "train_loss", ep)
+        acc_smooth = running_median(curves, "test_acc", ep)
         clean = np.nonzero((np.arange(len(ep)) >= i_c)
-                           & ((test_loss <= 10 * train_loss) | (test_acc >= 1.0)))[0]
+                           & ((test_loss <= 10 * train_smooth) | (acc_smooth >= 1.0)))[0]
         if len(clean):
             out["cleanup_end"] = int(ep[clean[0]])
     hit = np.nonzero(test_acc >= 0.99)[0]

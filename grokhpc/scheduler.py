@@ -347,6 +347,7 @@ def new_manifest(sweep, launcher, old: dict | None) -> dict:
         "updated": now,
         "axes": list(sweep.axes),
         "zip_groups": [list(g) for g in sweep.zip_groups],
+        "figures": {"phase": [list(pair) for pair in sweep.phase_pairs]},
         "base": to_dict(sweep.base),
         "launcher": launcher.to_dict(),
         # run directories relative to the sweep directory, so a copied sweep still reads

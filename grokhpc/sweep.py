@@ -12,6 +12,8 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       - train_frac: [0.3, 0.5]
         lr: [1.0e-3, 3.0e-3]
     out: runs/wd_sweep          # sweep directory, relative to the current directory
+    figures:                    # optional: phase diagrams over pairs of swept axes (aggregate)
+      phase: [lr, weight_decay]   # x and y axes; or a list of such pairs
     launcher:                   # how to run it (all optional)
       executor: auto            # auto | slurm | local | debug
       cluster: bouchet          # a profile in slurm/<name>.yaml
@@ -44,7 +46,8 @@ from typing import Any, Iterable, Mapping
 
 from .config import FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, to_dict
 
-SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher")
+SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher", "figures")
+FIGURE_KEYS = ("phase",)
 EXECUTORS = ("auto", "slurm", "local", "debug")
 LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
                  "partition", "array_parallelism", "runs_per_job", "max_timeouts", "extra")
@@ -482,6 +485,7 @@ class Sweep:
     launcher: LauncherSettings
     runs: tuple[SweepRun, ...]
     description: str = ""
+    phase_pairs: tuple[tuple[str, str], ...] = ()   # figures.phase: (x axis, y axis) pairs
 
     @property
     def name(self) -> str:
@@ -507,6 +511,31 @@ def split_overrides(items: Iterable[str], source: str = "--set") -> tuple[dict, 
         else:
             run_values[k] = v
     return run_values, launcher_values, out
+
+
+def parse_figures(figs: Any, source: str, axes: Iterable[str]) -> tuple[tuple[str, str], ...]:
+    """The spec's ``figures:`` mapping: ``phase`` is one pair of swept axes or a list of pairs."""
+    if figs is None:
+        return ()
+    _expect(isinstance(figs, Mapping), source, "figures", "a mapping (phase: [axis, axis])",
+            type(figs).__name__)
+    for k in figs:
+        if k not in FIGURE_KEYS:
+            raise ConfigError(f"{source}: figures.{k}: unknown key (expected one of "
+                              f"{', '.join(FIGURE_KEYS)})")
+    raw = figs.get("phase") or []
+    pairs = raw if raw and isinstance(raw, list) and isinstance(raw[0], list) else [raw]
+    swept = list(axes)
+    out = []
+    for pair in pairs if raw else []:
+        _expect(isinstance(pair, list) and len(pair) == 2 and pair[0] != pair[1], source,
+                "figures.phase", "two different swept axes, e.g. [lr, weight_decay]", pair)
+        for a in pair:
+            if a not in swept:
+                raise ConfigError(f"{source}: figures.phase: {a}: not a swept axis (swept: "
+                                  f"{', '.join(swept)})")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
 
 
 def _spec_mapping(text: str, source: str) -> Mapping[str, Any]:
@@ -658,7 +687,8 @@ def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
     return Sweep(spec=Path(spec_path).resolve() if spec_path else Path(source),
                  spec_hash=hashlib.sha256(text.encode()).hexdigest()[:16],
                  out=out, base=base, axes=tuple(axes.names), zip_groups=tuple(axes.zip_groups),
-                 launcher=launcher, runs=tuple(runs), description=description)
+                 launcher=launcher, runs=tuple(runs), description=description,
+                 phase_pairs=parse_figures(spec.get("figures"), source, axes.names))
 
 
 def read_spec_text(path: str | os.PathLike, what: str) -> str:

@@ -3,7 +3,9 @@ runs, cross-run figures, and one real (tiny) training run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -18,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grokhpc import aggregate as agg
+from grokhpc import sweep_figures
 from grokhpc.config import RunConfig, to_dict
 from grokhpc.figures import png_size
 from grokhpc.store import RunDir, atomic_write_json, atomic_write_table
@@ -37,11 +40,18 @@ def grok_epoch_for(wd: float, tf: float, seed: int) -> int | None:
     return min(95, int(60 / wd / (tf / 0.3) / 2) // EVAL_EVERY * EVAL_EVERY + 5 * seed)
 
 
-def make_run(sweep: Path, cfg: RunConfig, grok: int | None, *, finish: bool = True) -> Path:
-    """A run directory as the trainer would leave it, written with the store helpers."""
-    run = RunDir(sweep / "runs" / cfg.run_id)
-    conf = to_dict(cfg)
-    conf["run_id"] = cfg.run_id
+def make_run(sweep: Path, cfg: RunConfig, grok: int | None, *, finish: bool = True,
+             extra: dict | None = None) -> Path:
+    """A run directory as the trainer would leave it, written with the store helpers.
+
+    ``extra``: config fields RunConfig does not have (yet), e.g. init_scale; the run then gets
+    a run_id of its own, as a RunConfig holding them would."""
+    run_id = cfg.run_id
+    if extra:
+        run_id = hashlib.sha256(json.dumps([run_id, extra], sort_keys=True).encode()).hexdigest()[:12]
+    run = RunDir(sweep / "runs" / run_id)
+    conf = {**to_dict(cfg), **(extra or {})}
+    conf["run_id"] = run_id
     run.create(conf)
     ep = np.arange(cfg.n_epochs + 1)
     ev = ep % cfg.eval_every == 0
@@ -52,7 +62,7 @@ def make_run(sweep: Path, cfg: RunConfig, grok: int | None, *, finish: bool = Tr
         1.0, ep / 20), "test_loss": np.where(ev, test_loss, np.nan),
         "test_acc": np.where(ev, test_acc, np.nan)})
     ck = ep[:: cfg.checkpoint_every]
-    run.write_progress({"run_id": cfg.run_id, "epoch": int(ep[-1]), "n_epochs": cfg.n_epochs,
+    run.write_progress({"run_id": run_id, "epoch": int(ep[-1]), "n_epochs": cfg.n_epochs,
                         "checkpoint_epochs": ck.tolist(), "layout": [], "wall_time_s": 1.5,
                         "device": "cpu", "done": finish, "updated": "2026-01-01T00:00:00Z"})
     rng = np.random.default_rng(cfg.data_seed)
@@ -62,11 +72,12 @@ def make_run(sweep: Path, cfg: RunConfig, grok: int | None, *, finish: bool = Tr
         "excluded_loss": pa.array(np.where(ck >= g, 9.0, 0.5)),
         "gini_embed": pa.array(np.linspace(0.1, 0.8, len(ck))),
         "n_key_freqs": pa.array(np.full(len(ck), 3), pa.int64()),
+        "weight_norm_sq": pa.array(weight_norm_sq(ck, g)),
         "cos_sim": pa.array([list(rng.random(5)) for _ in ck], pa.list_(pa.float64())),
     }))
     if finish:
         atomic_write_json(run.file("summary.json"), {
-            "run_id": cfg.run_id, "grokked": grok is not None,
+            "run_id": run_id, "grokked": grok is not None,
             "grokking_epoch": grok if grok is not None else cfg.n_epochs,
             "memorisation_end": 20, "circuit_formation_end": None if grok is None else grok - 5,
             "cleanup_end": None if grok is None else grok, "key_freqs": [1, 4],
@@ -76,10 +87,15 @@ def make_run(sweep: Path, cfg: RunConfig, grok: int | None, *, finish: bool = Tr
     return run.path
 
 
+def weight_norm_sq(epochs, grok: int) -> np.ndarray:
+    """The synthetic truth of a run's sum of squared weights: 400 falling to 100 after grokking."""
+    return np.where(epochs >= grok, 100.0, 400.0 - epochs)
+
+
 def cfg_for(wd, tf, seed, **kw) -> RunConfig:
-    return RunConfig(p=11, d_model=32, d_head=8, d_mlp=64, weight_decay=wd, train_frac=tf,
-                     data_seed=seed, n_epochs=N_EPOCHS, checkpoint_every=CKPT_EVERY,
-                     eval_every=EVAL_EVERY, **kw)
+    return RunConfig(**{**dict(p=11, d_model=32, d_head=8, d_mlp=64, weight_decay=wd,
+                               train_frac=tf, data_seed=seed, n_epochs=N_EPOCHS,
+                               checkpoint_every=CKPT_EVERY, eval_every=EVAL_EVERY), **kw})
 
 
 def make_sweep(root: Path, manifest: bool = True) -> dict[str, tuple]:
@@ -328,47 +344,89 @@ def test_combined_sweeps_on_the_command_line(tmp_path):
 
 
 # ---- figures ----------------------------------------------------------------------------------
+DEFAULT_FIGURES = {"grok_vs_weight_decay", "grok_vs_train_frac", "phase_weight_decay_x_train_frac",
+                   "test_loss_curves", "measures_aligned", "weight_norm_and_test_acc"}
+
+
+def median_of(gs: list) -> int:
+    """The median grokking epoch of an odd number of seeds, a run that never grokked (None)
+    counting as later than any that did; a median that never grokked is drawn at the last
+    epoch."""
+    m = sorted(math.inf if g is None else g for g in gs)[(len(gs) - 1) // 2]
+    return N_EPOCHS if m == math.inf else m
+
+
+def figures_of(root: Path, swept: list[str], pairs=()):
+    runs = pq.read_table(root / "aggregate" / "runs.parquet")
+    ck = pq.read_table(root / "aggregate" / "checkpoints.parquet")
+    return sweep_figures.cross_run_figures(runs, ck, root / "aggregate" / "curves", swept, pairs)
+
+
+def joined(trace) -> list[np.ndarray]:
+    """The runs' lines of a trace that joins them with NaN gaps."""
+    y = np.asarray(trace.y, dtype=float)
+    cuts = np.flatnonzero(np.isnan(y))
+    parts = [part[~np.isnan(part)] for part in np.split(y, cuts)]
+    return [part for part in parts if len(part)]
+
+
 def test_cross_run_figures_medians_and_files(sweep):
     root, truth = sweep
     res = agg.aggregate([root], formats=("png", "html"), log=None)
     figdir = root / "aggregate" / "figures"
-    names = {"grok_vs_weight_decay", "grok_vs_train_frac", "phase_diagram", "test_loss_curves",
-             "measures_aligned"}
-    assert set(res.figures) == names
-    for n in names:
+    assert set(res.figures) == DEFAULT_FIGURES
+    for n in DEFAULT_FIGURES:
         w, h = png_size((figdir / f"{n}.png").read_bytes())
         assert w >= 1500 and h >= 900, (n, w, h)  # paper size x scale 3
         html = (figdir / f"{n}.html").read_text()
         assert "plotly.js v" in html and not re.search(r"<script[^>]+src=[\"']?https?:", html)
 
     # the medians drawn are the medians over seeds computed here from the truth
-    runs = pq.read_table(root / "aggregate" / "runs.parquet")
-    ck = pq.read_table(root / "aggregate" / "checkpoints.parquet")
-    figs, notes = agg.cross_run_figures(runs, ck, root / "aggregate" / "curves", res.swept)
+    figs, notes = figures_of(root, res.swept)
+    assert notes == []
     fig = figs["grok_vs_weight_decay"]
     for tf in TFS:
         tr = next(t for t in fig.data if t.name == f"{tf:g}")
         for xv, y in zip(tr.x, tr.y):
             wd = min(WDS, key=lambda w: abs(np.log(w / xv)))
             assert abs(np.log10(wd / xv)) < 0.03  # only dodged a little off its value
-            gs = [truth_g for (w, t, s, truth_g) in truth.values() if w == wd and t == tf]
-            if sum(g is None for g in gs) >= 2:  # median run never grokked: drawn at last epoch
-                assert y == N_EPOCHS
-            else:
-                assert y == sorted(gs)[1]
-    assert fig.layout.xaxis.type == "log" and "weight decay" in fig.layout.xaxis.title.text
+            assert y == median_of([v[3] for v in truth.values() if v[:2] == (wd, tf)])
+    # 0.3 to 1.0 spans less than a decade: a linear axis
+    assert fig.layout.xaxis.type == "linear" and "weight decay" in fig.layout.xaxis.title.text
     assert fig.layout.legend.title.text == "train_frac"
     # censored runs drawn as their own markers at the last epoch
     cens = [t for t in fig.data if t.marker.symbol == "triangle-up-open" and t.showlegend is False]
     assert sum(len(t.x) for t in cens) == sum(1 for v in truth.values() if v[3] is None)
-    # the phase diagram marks the cell whose median run never grokked
-    ph = figs["phase_diagram"]
+    # the other axis: series by weight decay, linear (0.3 to 0.5 is less than a decade)
+    assert figs["grok_vs_train_frac"].layout.legend.title.text == "weight_decay"
+    assert figs["grok_vs_train_frac"].layout.xaxis.type == "linear"
+    # the phase diagram marks the cell whose median run never grokked, with k/n grokked
+    ph = figs["phase_weight_decay_x_train_frac"]
     never = next(t for t in ph.data if t.name == "median run never grokked")
     assert list(zip(never.x, never.y)) == [("0.3", "0.3")]
+    assert [a.text for a in ph.layout.annotations] == ["1/3 grokked"]
     hm = ph.data[0]
     assert np.isclose(10 ** hm.z[TFS.index(0.5)][WDS.index(1.0)],
-                      sorted(v[3] for v in truth.values() if v[:2] == (1.0, 0.5))[1])
-    assert notes == []
+                      median_of([v[3] for v in truth.values() if v[:2] == (1.0, 0.5)]))
+
+
+def test_weight_norm_view_draws_each_runs_norm_on_a_log_epoch_axis(sweep):
+    root, truth = sweep
+    res = agg.aggregate([root], formats=None, log=None)
+    fig = figures_of(root, res.swept)[0]["weight_norm_and_test_acc"]
+    assert fig.layout.xaxis.type == fig.layout.xaxis2.type == "log"
+    assert fig.layout.legend.title.text == "weight_decay"    # coloured by the swept value
+    for wd in WDS:
+        norm, acc = [t for t in fig.data if t.name == f"{wd:g}"]
+        assert norm.xaxis == "x" and acc.xaxis == "x2" and acc.showlegend is False
+        ids = sorted(rid for rid, v in truth.items() if v[0] == wd)
+        ck = np.arange(CKPT_EVERY, N_EPOCHS + 1, CKPT_EVERY)       # epoch 0 has no log
+        want = [np.sqrt(weight_norm_sq(ck, truth[r][3] or 10 ** 9)) for r in ids]
+        got = joined(norm)
+        assert len(got) == len(ids)
+        assert sorted(map(tuple, got)) == sorted(map(tuple, want))
+        # test accuracy at the evaluated epochs: 1 from the grokking epoch on
+        assert {tuple(np.unique(a)) for a in joined(acc)} <= {(0.05,), (0.05, 1.0)}
 
 
 def test_figures_of_axes_that_did_not_vary_are_skipped(tmp_path):
@@ -377,13 +435,177 @@ def test_figures_of_axes_that_did_not_vary_are_skipped(tmp_path):
         make_run(root, cfg_for(1.0, 0.3, s), 30 + s)
     lines: list[str] = []
     res = agg.aggregate([root], formats=("png",), log=lines.append)
-    assert set(res.figures) == {"test_loss_curves", "measures_aligned"}
+    assert set(res.figures) == {"test_loss_curves", "measures_aligned", "weight_norm_and_test_acc"}
     skipped = [n for n in res.notes if "skipped" in n]
-    assert len(skipped) == 3 and any("weight_decay did not vary" in n for n in skipped)
+    assert len(skipped) == 2, skipped
+    assert any(n.startswith("grok_vs_") and "other than the seeds" in n for n in skipped)
+    assert any("phase_weight_decay_x_train_frac skipped: weight_decay and train_frac did not "
+               "vary" in n for n in skipped)
     # a second call with nothing changed neither reads nor redraws
     res2 = agg.aggregate([root], formats=("png",), log=None)
     assert res2.n_read == 0 and res2.figures == {}
     assert any("up to date" in n for n in res2.notes)
+
+
+def one_axis_sweep(root: Path, field: str, values: list) -> dict[str, tuple]:
+    """Runs over one field x three seeds; the second value's median run never groks. Fields
+    RunConfig lacks (init_scale) go into config.json as extra fields."""
+    truth = {}
+    for i, v in enumerate(values):
+        for s in SEEDS:
+            g = None if i == 1 and s != 1 else 20 + 15 * i + 5 * s
+            if field in RunConfig.__dataclass_fields__:
+                d = make_run(root, cfg_for(1.0, 0.5, s, **{field: v}), g)
+            else:
+                d = make_run(root, cfg_for(1.0, 0.5, s), g, extra={field: v})
+            truth[d.name] = (v, s, g)
+    return truth
+
+
+@pytest.mark.parametrize("field, values, kind", [
+    ("p", [11, 13, 17], "linear"),
+    ("lr", [1e-4, 1e-3, 1e-2], "log"),
+    ("init_scale", [0.5, 1.0, 2.0, 5.0, 10.0], "log"),   # not a RunConfig field yet
+    ("op", ["add", "sub", "mul"], "category"),
+])
+def test_grokking_epoch_against_any_swept_field(tmp_path, field, values, kind):
+    root = tmp_path / field
+    truth = one_axis_sweep(root, field, values)
+    res = agg.aggregate([root], formats=None, log=None)     # no manifest: swept is inferred
+    assert sorted(res.swept) == sorted([field, "data_seed"])
+    figs, notes = figures_of(root, res.swept)
+    assert [n for n in figs if n.startswith("grok_vs_")] == [f"grok_vs_{field}"]
+    fig = figs[f"grok_vs_{field}"]
+    med = next(t for t in fig.data if t.name == "median")
+    order = sorted(values)                                  # categories: add, mul, sub
+    for i, v in enumerate(order):
+        at = i if kind == "category" else v
+        y = dict(zip(med.x, med.y))[at]
+        assert y == median_of([g for (w, s, g) in truth.values() if w == v])
+    if kind == "category":
+        assert list(fig.layout.xaxis.ticktext) == order
+        assert list(fig.layout.xaxis.tickvals) == [0, 1, 2]
+    else:
+        assert fig.layout.xaxis.type == kind
+    # the value whose median run never grokked is drawn open, its two censored runs as triangles
+    opened = next(t for t in fig.data if t.marker.color == "white" and t.showlegend is False)
+    assert list(opened.x) == [order.index(values[1]) if kind == "category" else values[1]]
+    cens = next(t for t in fig.data if t.marker.symbol == "triangle-up-open" and t.showlegend is False)
+    assert len(cens.x) == 2 and set(cens.y) == {N_EPOCHS}
+    assert not any(n.startswith(f"grok_vs_{field} skipped") for n in notes)
+
+
+SPEC = """
+description: lr x weight decay
+base: {p: 11, d_model: 32, d_head: 8, d_mlp: 64, n_epochs: 100, checkpoint_every: 10,
+       eval_every: 5}
+grid:
+  lr: [1.0e-3, 1.0e-2]
+  weight_decay: [0.1, 1.0]
+  data_seed: [1, 2, 3]
+figures:
+  phase: [lr, weight_decay]
+"""
+
+
+def lr_wd_grok(lr: float, wd: float, seed: int) -> int | None:
+    """The synthetic truth: faster with more of either; the slow corner groks once in three."""
+    if (lr, wd) == (1e-3, 0.1) and seed != 1:
+        return None
+    return {(1e-3, 0.1): 80, (1e-3, 1.0): 60, (1e-2, 0.1): 40, (1e-2, 1.0): 20}[lr, wd] + 5 * seed
+
+
+def test_phase_diagram_over_the_pair_the_spec_names(tmp_path):
+    from grokhpc.launch import manifest_base
+    from grokhpc.sweep import parse_sweep
+
+    root = tmp_path / "lr_wd"
+    sw = parse_sweep(SPEC, "lr_wd.yaml", cwd=tmp_path, spec_path=tmp_path / "lr_wd.yaml")
+    assert sw.phase_pairs == (("lr", "weight_decay"),)
+    truth = {}
+    for r in sw.runs:
+        g = lr_wd_grok(r.config.lr, r.config.weight_decay, r.config.data_seed)
+        make_run(root, r.config, g)
+        truth[r.run_id] = (r.config.lr, r.config.weight_decay, g)
+    atomic_write_json(root / "manifest.json", manifest_base(sw, sw.launcher, None))
+    res = agg.aggregate([root], formats=("html",), log=None)
+    assert set(res.figures) == {"grok_vs_lr", "grok_vs_weight_decay", "phase_lr_x_weight_decay",
+                                "test_loss_curves", "measures_aligned", "weight_norm_and_test_acc"}
+    figs, _ = figures_of(root, res.swept, [("lr", "weight_decay")])
+    ph = figs["phase_lr_x_weight_decay"]
+    hm = ph.data[0]
+    assert list(hm.x) == ["0.001", "0.01"] and list(hm.y) == ["0.1", "1"]
+    for i, wd in enumerate((0.1, 1.0)):
+        for j, lr in enumerate((1e-3, 1e-2)):
+            m = median_of([g for (a, b, g) in truth.values() if (a, b) == (lr, wd)])
+            if (lr, wd) == (1e-3, 0.1):
+                assert np.isnan(hm.z[i][j])                 # never grokked: a cross instead
+            else:
+                assert np.isclose(10 ** hm.z[i][j], m)
+    assert [a.text for a in ph.layout.annotations] == ["1/3 grokked"]
+    assert "learning rate" in ph.layout.xaxis.title.text
+    assert figs["grok_vs_lr"].layout.legend.title.text == "weight_decay"
+
+    # a pair added to the manifest later redraws (no run changed); a field that did not vary
+    # is skipped with one line, and the figure files of a dropped pair are removed
+    man = json.loads((root / "manifest.json").read_text())
+    man["figures"]["phase"] = [["weight_decay", "lr"], ["lr", "p"]]
+    atomic_write_json(root / "manifest.json", man)
+    res2 = agg.aggregate([root], formats=("html",), log=None)
+    assert res2.n_read == 0 and "phase_weight_decay_x_lr" in res2.figures
+    assert [n for n in res2.notes if "skipped" in n] == ["phase_lr_x_p skipped: p did not vary"]
+    figdir = root / "aggregate" / "figures"
+    assert not (figdir / "phase_lr_x_weight_decay.html").exists()
+
+
+@pytest.mark.parametrize("figures, error", [
+    ("{phase: [lr, p]}", "lr_wd.yaml: figures.phase: p: not a swept axis (swept: lr, "
+                         "weight_decay, data_seed)"),
+    ("{phase: [lr]}", "lr_wd.yaml: figures.phase: expected two different swept axes"),
+    ("{phase: [lr, lr]}", "lr_wd.yaml: figures.phase: expected two different swept axes"),
+    ("{bars: [lr]}", "lr_wd.yaml: figures.bars: unknown key (expected one of phase)"),
+    ("[lr, weight_decay]", "lr_wd.yaml: figures: expected a mapping"),
+])
+def test_spec_figures_errors_are_one_line(figures, error):
+    from grokhpc.config import ConfigError
+    from grokhpc.sweep import parse_sweep
+
+    text = SPEC.replace("figures:\n  phase: [lr, weight_decay]", f"figures: {figures}")
+    with pytest.raises(ConfigError) as e:
+        parse_sweep(text, "lr_wd.yaml")
+    assert str(e.value).startswith(error) and "\n" not in str(e.value)
+
+
+# ---- defects seen while reading ------------------------------------------------------------------
+def test_damaged_previous_checkpoint_table_is_rebuilt_and_said(sweep):
+    root, truth = sweep
+    agg.aggregate([root], formats=None, log=None)
+    (root / "aggregate" / "checkpoints.parquet").write_bytes(b"PAR1 not a table PAR1")
+    summ = root / "runs" / sorted(truth)[0] / "summary.json"
+    os.utime(summ, ns=(summ.stat().st_atime_ns, summ.stat().st_mtime_ns + 10**9))
+    res = agg.aggregate([root], formats=None, log=None)
+    said = [n for n in res.notes if "checkpoints.parquet" in n]
+    assert len(said) == 1 and "unreadable" in said[0] and "rebuilt from all runs" in said[0]
+    assert res.n_read == 12
+    ck_ids = set(pq.read_table(root / "aggregate" / "checkpoints.parquet")
+                 .column("run_id").to_pylist())
+    assert ck_ids == set(truth)
+
+
+def test_failed_run_reports_the_exception_line_not_the_hints_after_it(tmp_path):
+    root = tmp_path / "s"
+    d = make_run(root, cfg_for(1.0, 0.3, 1), None, finish=False)
+    (d / "error.txt").write_text(
+        "Traceback (most recent call last):\n  File \"train.py\", line 1, in <module>\n"
+        "RuntimeError: CUDA error: device-side assert triggered\n"
+        "CUDA kernel errors might be asynchronously reported at some other API call.\n"
+        "For debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+        "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n\n")
+    res = agg.aggregate([root], formats=None, log=None)
+    row = pq.read_table(root / "aggregate" / "runs.parquet").to_pylist()[0]
+    assert row["state"] == "failed"
+    assert row["error"] == "RuntimeError: CUDA error: device-side assert triggered"
+    assert res.messages == [f"{d.name} (runs/{d.name}): failed: {row['error']}"]
 
 
 # ---- the real trainer ---------------------------------------------------------------------------
@@ -445,3 +667,10 @@ def test_docs_example_reproduces_the_medians_from_the_tables_alone(sweep, tmp_pa
             med = N_EPOCHS if sum(g is None for g in gs) >= 2 else sorted(gs)[1]
             assert f"wd={wd:g}: {med}" in line, (line, wd, med)
     assert "plotly.js v" in html.read_text()
+
+
+def test_log_axis_ticks_are_labelled_one_two_five():
+    assert sweep_figures.nice_ticks(150, 6000) == [200, 500, 1000, 2000, 5000]
+    # a range narrower than one 1-2-5 step: every digit
+    assert sweep_figures.nice_ticks(1250, 6000) == [2000, 3000, 4000, 5000, 6000]
+    assert sweep_figures.nice_ticks(0, 10) == []

@@ -114,3 +114,92 @@ def test_mul_run_leaves_out_the_fourier_measure_figures(tmp_path):
                         "restricted_test_ratio", "gini_weight_norm"}
     assert sorted(written) == sorted(set(EXPECTED) - fourier_measures)
     assert all((tmp_path / "figs" / f"{n}.html").exists() for n in written)
+
+
+# ---- phase labels that never overlap -------------------------------------------------------------
+# the seed run's boundaries: three of them within 3% of a 25,000-epoch axis
+SEED_SUMMARY = {"memorisation_end": 1_460, "circuit_formation_end": 22_080, "cleanup_end": 22_760,
+                "grokking_epoch": 22_560, "grokked": True}
+QUICK_SUMMARY = {"memorisation_end": 150, "circuit_formation_end": 600, "cleanup_end": 760,
+                 "grokking_epoch": 700, "grokked": True}
+GLYPH_EM = 0.6       # Liberation Sans / Arial: average advance of lowercase text below 0.6 em
+LINE_EM = 1.2        # line height of one label
+
+
+def curves_figure(n_epochs: int, log_x: bool):
+    import numpy as np
+    import pandas as pd
+
+    from grokhpc.analyze import training_figures
+
+    ep = np.arange(n_epochs + 1)
+    curves = pd.DataFrame({"epoch": ep, "train_loss": np.exp(-ep / n_epochs * 10) + 1e-6,
+                           "test_loss": np.where(ep % 10 == 0, 5.0 - 4.9 * ep / n_epochs, np.nan)})
+    summary = SEED_SUMMARY if n_epochs == 25_000 else QUICK_SUMMARY
+    fig = training_figures(curves, None, summary, 113, "mul")["training_curves"]
+    if log_x:  # the same lines and labels, drawn again on a log epoch axis
+        fig.layout.annotations = ()
+        fig.layout.shapes = ()
+        fig.update_xaxes(type="log")
+        from grokhpc.analyze import add_phase_lines
+
+        add_phase_lines(fig, summary)
+    return fig, summary
+
+
+def label_boxes(fig, plot_px: float, plot_h: float, log_x: bool):
+    """Each label's box in pixels, from its anchor, text and font with generous glyph widths."""
+    import math
+
+    xs = [x for t in fig.data for x in t.x if x is not None and (x > 0 or not log_x)]
+    f = (lambda v: math.log10(v)) if log_x else (lambda v: v)
+    lo, hi = f(min(xs)), f(max(xs))
+    boxes = []
+    for a in fig.layout.annotations:
+        w = len(a.text) * GLYPH_EM * a.font.size
+        x = (f(a.x) - lo) / (hi - lo) * plot_px + (a.xshift or 0)
+        x0 = x if a.xanchor == "left" else x - w
+        y1 = (1 - a.y) * plot_h                         # from the top, yanchor top
+        boxes.append((x0, x0 + w, y1, y1 + LINE_EM * a.font.size, a.text))
+    return boxes
+
+
+@pytest.mark.parametrize("n_epochs", [25_000, 1_500], ids=["seed", "quick"])
+@pytest.mark.parametrize("log_x", [False, True], ids=["linear", "log"])
+def test_phase_labels_of_close_boundaries_never_overlap(n_epochs, log_x):
+    fig, summary = curves_figure(n_epochs, log_x)
+    labels = sorted(a.text for a in fig.layout.annotations)
+    assert labels == sorted(["memorisation end", "circuit formation end", "cleanup end",
+                             "grokking (test acc 99%)"])
+    # the plot area: the 720 px figure less its margins and the legend (~540 px), 350 px high
+    boxes = label_boxes(fig, 540, 350, log_x)
+    for i, a in enumerate(boxes):
+        assert 0 <= a[0] and a[1] <= 540 + 3, a           # inside the axis
+        for b in boxes[i + 1:]:
+            apart = a[1] <= b[0] or b[1] <= a[0] or a[3] <= b[2] or b[3] <= a[2]
+            assert apart, (a, b)
+    # the three boundaries within 3% of the seed's axis sit on three different rows
+    if n_epochs == 25_000 and not log_x:
+        close = {"circuit formation end", "cleanup end", "grokking (test acc 99%)"}
+        assert len({a.y for a in fig.layout.annotations if a.text in close}) == 3
+    # and every label names the line it belongs to
+    at = {a.text: a.x for a in fig.layout.annotations}
+    assert at["cleanup end"] == summary["cleanup_end"]
+    assert at["memorisation end"] == summary["memorisation_end"]
+
+
+def test_phase_labels_of_subplots_sit_in_the_top_one():
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    from grokhpc.analyze import add_phase_lines
+    from grokhpc.figures import paper_style
+
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True)
+    for r in (1, 2):
+        fig.add_trace(go.Scatter(x=[0, 25_000], y=[1, 2]), r, 1)
+    add_phase_lines(paper_style(fig, height=640), SEED_SUMMARY, row="all", col=1)
+    assert {a.yref for a in fig.layout.annotations} == {"y domain"}
+    assert len(fig.layout.shapes) == 8                   # four lines in each subplot
+    # drawn with a width of their own: the paper template's shape default is width 0
+    assert all(s.line.width >= 1 for s in fig.layout.shapes)

@@ -358,12 +358,105 @@ def test_phases_flags_censored_and_unmemorised_runs():
 
 def test_cleanup_by_test_accuracy_and_not_before_circuit_formation():
     p, c = make_curves(clean=10**9)
-    c.loc[c["epoch"] == 800, "test_acc"] = 1.0
+    c.loc[c["epoch"] >= 800, "test_acc"] = 1.0
     # a test loss within 10x of train loss before the peak does not count
     c.loc[c["epoch"] == 0, "test_loss"] = 4.0
     c.loc[c["epoch"] == 0, "train_loss"] = 4.0
     ph = measures.detect_phases(c, p)
     assert ph["cleanup_end"] == 800
+
+
+def shaped_curves(n_epochs, p, peak, circuit, grok, clean, every=10, spikes=()):
+    """Curves shaped like a real run with known phase epochs (the rules' definitions applied by
+    construction): train loss falls log-linearly to 1e-2 at ``peak`` (train accuracy 100% from
+    there) and on to 1e-6 at the end; test loss rises to 20 at ``peak``, falls linearly to just
+    above ln p, is below ln p from ``circuit`` on, stays above 10 x train loss until ``clean``
+    and is 5 x train loss from then on; test accuracy 0.995 from ``grok``, 1.0 from ``clean``.
+    ``spikes``: (first, last, train_loss) stretches where train loss jumps to that value."""
+    ep = np.arange(n_epochs + 1)
+    log_tr = np.where(ep <= peak, np.log10(4.7) + (-2 - np.log10(4.7)) * ep / peak,
+                      -2 - 4 * (ep - peak) / (n_epochs - peak))
+    train_loss = 10.0 ** log_tr
+    test_loss = np.where(ep <= peak, 4.7 + (20 - 4.7) * ep / peak,
+                         20 - (20 - math.log(p) - 0.05) * (ep - peak) / (circuit - peak))
+    late = (ep >= circuit) & (ep < clean)      # log-linear from ln p - 0.05 to 20 x train loss
+    end = 20 * train_loss[clean - every]
+    frac = (ep - circuit) / max(1, clean - every - circuit)
+    test_loss = np.where(late, np.exp(np.log(math.log(p) - 0.05)
+                                      + (np.log(end) - np.log(math.log(p) - 0.05)) * frac),
+                         test_loss)
+    test_loss = np.where(ep >= clean, 5 * train_loss, test_loss)
+    test_acc = np.where(ep >= clean, 1.0, np.where(ep >= grok, 0.995, 0.01))
+    for first, last, value in spikes:
+        train_loss = np.where((ep >= first) & (ep <= last), value, train_loss)
+    evaluated = ep % every == 0
+    return pd.DataFrame({"epoch": ep, "train_loss": train_loss,
+                         "train_acc": np.where(ep >= peak, 1.0, 0.5),
+                         "test_loss": np.where(evaluated, test_loss, np.nan),
+                         "test_acc": np.where(evaluated, test_acc, np.nan)})
+
+
+# the seed run's phase epochs (25,000 epochs, p = 113) and a quick CPU run's (1,500, p = 31)
+SEED_PHASES = dict(n_epochs=25_000, p=113, peak=1_460, circuit=22_080, grok=22_560, clean=22_760)
+QUICK_PHASES = dict(n_epochs=1_500, p=31, peak=150, circuit=600, grok=700, clean=760)
+
+
+@pytest.mark.parametrize("shape", [SEED_PHASES, QUICK_PHASES], ids=["seed", "quick"])
+def test_phases_of_seed_and_quick_shaped_curves(shape):
+    ph = measures.detect_phases(shaped_curves(**shape), shape["p"])
+    assert (ph["memorisation_end"], ph["circuit_formation_end"], ph["cleanup_end"],
+            ph["grokking_epoch"]) == (shape["peak"], shape["circuit"], shape["clean"],
+                                      shape["grok"])
+    assert ph["memorised"] is True and ph["grokked"] is True
+
+
+@pytest.mark.parametrize("shape, spikes", [
+    # seed: train loss jumps to 1.0 for 100 epochs during circuit formation (test loss ~ 1e-1
+    # there, so test <= 10 x train for the length of the spike), and later, after cleanup,
+    # to 1e-9 for 40 epochs (test then 5,000 x train)
+    (SEED_PHASES, [(22_300, 22_400, 1.0), (23_500, 23_540, 1e-9)]),
+    # quick run: three evaluations of a spike between grokking and the end of cleanup
+    (QUICK_PHASES, [(650, 670, 1.0)]),
+], ids=["seed", "quick"])
+def test_cleanup_end_ignores_late_train_loss_spikes(shape, spikes):
+    c = shaped_curves(**shape, spikes=spikes)
+    first = spikes[0][0]
+    spiked = c[(c["epoch"] == first)].iloc[0]
+    assert spiked["test_loss"] <= 10 * spiked["train_loss"]   # the spike meets the condition
+    ph = measures.detect_phases(c, shape["p"])
+    assert ph["cleanup_end"] == shape["clean"]
+    assert ph["circuit_formation_end"] == shape["circuit"]
+    assert ph["grokking_epoch"] == shape["grok"]
+
+
+def test_cleanup_end_ignores_one_evaluation_at_full_test_accuracy():
+    # seen on a quick CPU run (p = 31, 70% train): test accuracy 99.65% (one pair wrong),
+    # once 100% at a single evaluation, then 99.65% again
+    c = shaped_curves(**QUICK_PHASES)
+    c.loc[c["epoch"] == 710, "test_acc"] = 1.0
+    assert measures.detect_phases(c, QUICK_PHASES["p"])["cleanup_end"] == QUICK_PHASES["clean"]
+    # a blip within half a window (30 epochs) of the lasting switch moves it by at most the
+    # blip's own length (one evaluation, 10 epochs) -- a running median's bound
+    c.loc[c["epoch"] == 710, "test_acc"] = 0.995
+    c.loc[c["epoch"] == 740, "test_acc"] = 1.0
+    got = measures.detect_phases(c, QUICK_PHASES["p"])["cleanup_end"]
+    assert QUICK_PHASES["clean"] - 10 <= got <= QUICK_PHASES["clean"]
+
+
+def test_running_median_keeps_a_falling_curve_and_drops_a_spike():
+    clean = shaped_curves(**QUICK_PHASES)
+    spiked = shaped_curves(**QUICK_PHASES, spikes=[(650, 670, 1.0)])
+    ep = np.arange(0, 1501, 10)
+    train = clean.set_index("epoch")["train_loss"]
+    # away from the ends, the running median of a falling curve is the curve itself
+    got = measures.running_median(clean, "train_loss", ep)
+    inner = (ep > 60) & (ep < 1440)
+    np.testing.assert_allclose(got[inner], train.loc[ep[inner]].to_numpy(), rtol=1e-12)
+    # a 21-epoch spike to 1.0 is replaced by the train loss of epochs near it: the median of
+    # a window holding 21 spiked values can move at most 21 places along the falling curve
+    at = measures.running_median(spiked, "train_loss", np.array([650, 660, 670]))
+    for e, v in zip((650, 660, 670), at):
+        assert train.loc[e + 21] <= v <= train.loc[e - 21]
 
 
 # ---- a whole run: measures.parquet, summary.json, the CLI -----------------------------------
