@@ -516,7 +516,7 @@ def lr_wd_grok(lr: float, wd: float, seed: int) -> int | None:
 
 
 def test_phase_diagram_over_the_pair_the_spec_names(tmp_path):
-    from grokhpc.launch import manifest_base
+    from grokhpc.scheduler import new_manifest as manifest_base
     from grokhpc.sweep import parse_sweep
 
     root = tmp_path / "lr_wd"
