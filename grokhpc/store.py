@@ -289,8 +289,9 @@ class RunLock:
     drops them: so the process keeps one descriptor per locked file, shared by every holder in
     it (counted), and reads the file through that descriptor (``read_json``)."""
 
-    def __init__(self, key: tuple[int, int]):
+    def __init__(self, key: tuple[int, int] | None, note: str | None = None):
         self.key, self.released = key, False
+        self.note = note   # why there is no lock (a file system without POSIX locks)
 
     def release(self) -> None:
         import fcntl
@@ -313,7 +314,8 @@ class RunLock:
 
 def lock_run(run: "RunDir") -> RunLock:
     """Take the run's lock (an exclusive ``lockf`` on its config.json), or raise
-    RunLockedError naming the holder. Several holders in one process share it."""
+    RunLockedError naming the holder. Several holders in one process share it. On a file
+    system that takes no locks, a RunLock without one whose ``note`` says so."""
     import fcntl
 
     path = run.file(CONFIG)
@@ -336,12 +338,21 @@ def lock_run(run: "RunDir") -> RunLock:
             except OSError as e:
                 holder = _lock_holder(run, fd) if e.errno in (errno.EACCES, errno.EAGAIN) else None
                 os.close(fd)
+                if e.errno in NO_LOCKS:
+                    return RunLock(None, f"note: {path}: this file system takes no locks "
+                                         f"({e.strerror}); nothing stops a second trainer on "
+                                         "this run")
                 if holder is None:
                     raise RunDirError(f"{path}: cannot lock the run ({e.strerror})") from None
                 raise RunLockedError(f"{run.path}: another trainer holds this run ({holder}); "
                                      "let it finish or stop it first") from None
             os.close(fd)
     raise RunDirError(f"{path}: replaced while being locked; try again")
+
+
+# What a file system without POSIX locks answers (an NFS mount without a lock manager, a Lustre
+# mount without -o flock): training goes on, unguarded, and says so.
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 
 
 def _lock_owner_pid(fd: int) -> int | None:
@@ -533,9 +544,27 @@ PROVENANCE_COLUMNS = {"host": "host", "slurm_job": "slurm_job", "device_name": "
                       "numpy": "numpy_version", "grokhpc": "grokhpc_version",
                       "grokhpc_commit": "grokhpc_commit"}
 # Attempt fields that change the numbers: a run trained under more than one is not one that
-# ran uninterrupted in any of them.
+# ran uninterrupted in any of them. The device counts by type (cuda:0 and cuda:1 alike), the
+# thread count on CPU only.
 RESULT_FIELDS = ("device", "device_name", "torch_threads", "python", "torch", "numpy",
                  "transformer_lens", "grokhpc", "grokhpc_commit")
+
+
+def result_environment(attempt: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an attempt that change a run's numbers, as compared between attempts."""
+    env = {k: attempt.get(k) for k in RESULT_FIELDS}
+    env["device"] = str(env["device"] or "").split(":")[0] or None
+    if env["device"] != "cpu":
+        env["torch_threads"] = None
+    return env
+
+
+def changed_environment(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The result-changing fields that differ between two attempts (thread counts only
+    between two CPU attempts)."""
+    a, b = result_environment(before), result_environment(after)
+    both_cpu = a["device"] == b["device"] == "cpu"
+    return [k for k in RESULT_FIELDS if a[k] != b[k] and (k != "torch_threads" or both_cpu)]
 
 
 def provenance_columns(progress: dict[str, Any] | None) -> dict[str, Any]:
@@ -548,14 +577,14 @@ def provenance_columns(progress: dict[str, Any] | None) -> dict[str, Any]:
     last = attempts[-1]
     out = {col: last.get(field) for field, col in PROVENANCE_COLUMNS.items()}
     out["n_attempts"] = int(last.get("attempt") or len(attempts))
-    differ = [f for f in RESULT_FIELDS if len({json.dumps(a.get(f)) for a in attempts}) > 1]
-    out["attempts_differ"] = ", ".join(differ) or None
+    differ = {k for a in attempts[:-1] for k in changed_environment(a, last)}
+    out["attempts_differ"] = ", ".join(k for k in RESULT_FIELDS if k in differ) or None
     return out
 
 
 def _n_cols(progress: dict[str, Any]) -> int:
     """Values per checkpoint row, from progress.json's parameter layout."""
-    return sum(int(np.prod(shape)) for _, shape in progress["layout"])
+    return sum(int(np.prod(shape)) for _, shape in progress.get("layout") or [])
 
 
 def curves_table(columns: dict[str, np.ndarray]):

@@ -29,9 +29,9 @@ import numpy as np
 
 from . import config as config_mod
 from .config import ConfigError, RunConfig
-from .store import (CHECKPOINTS, CURVE_COLUMNS, RESULT_FIELDS, STATE, SUMMARY, RunDir,
-                    RunDirError, RunLockedError, append_checkpoint_row, atomic_write_bytes,
-                    atomic_write_json, check_checkpoints, checkpoint_checksums, lock_run,
+from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirError,
+                    RunLockedError, append_checkpoint_row, atomic_write_bytes, atomic_write_json,
+                    changed_environment, check_checkpoints, checkpoint_checksums, lock_run,
                     provenance_columns, truncate_checkpoints)
 
 
@@ -202,7 +202,7 @@ class Trainer:
         self.wall_time = 0.0
         self.committed_epoch: int | None = None
         self.attempts: list[dict[str, Any]] = []   # provenance of each process that trained it
-        self.resume_note: str | None = None
+        self.notes: list[str] = []   # one line each, for the user: a changed environment, ...
         self._release = lambda: None
 
     # ---- one epoch ------------------------------------------------------------------------
@@ -372,13 +372,12 @@ class Trainer:
         before = [a for a in before if isinstance(a, dict)]
         now = {"attempt": int(before[-1].get("attempt", len(before))) + 1 if before else 1,
                "epoch": self.epoch, **provenance(self.device)}
-        if before:
-            changed = [k for k in RESULT_FIELDS if before[-1].get(k) != now.get(k)]
-            if changed:
-                self.resume_note = (
-                    f"note: run {self.cfg.run_id} resumes with a different "
-                    + ", ".join(f"{k} ({before[-1].get(k)} -> {now.get(k)})" for k in changed)
-                    + ": it will not be bit-identical to an uninterrupted run")
+        changed = changed_environment(before[-1], now) if before else []
+        if changed:
+            self.notes.append(
+                f"note: run {self.cfg.run_id} resumes with a different "
+                + ", ".join(f"{k} ({before[-1].get(k)} -> {now.get(k)})" for k in changed)
+                + ": it will not be bit-identical to an uninterrupted run")
         kept = before + [now]
         if len(kept) > MAX_ATTEMPTS_KEPT:
             kept = kept[:1] + kept[-(MAX_ATTEMPTS_KEPT - 1):]
@@ -394,6 +393,7 @@ class Trainer:
         try:
             run.remove_stale_temp_files()   # only the lock's holder may: they may be its writes
             trainer = cls(cfg, run, device if device is not None else resolve_device(cfg.device))
+            trainer.notes += [lock.note] if lock.note else []
             resumed = trainer.restore()
             trainer.begin_attempt()
             if resumed:
@@ -479,8 +479,8 @@ def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
         trainer = Trainer.open(cfg, out)
         if trainer.epoch > 0:
             log(f"run {cfg.run_id}: resuming at epoch {trainer.epoch}/{cfg.n_epochs}")
-        if trainer.resume_note:
-            log(trainer.resume_note)
+        for note in trainer.notes:
+            log(note)
         trainer.fit(progress_bar=progress_bar)
         finish(trainer)
         run.clear_error()

@@ -237,6 +237,22 @@ def test_the_lock_dies_with_its_holder_no_stale_lock(tmp_path):
             holder.wait()
 
 
+def test_a_file_system_without_locks_trains_unguarded_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    run, _ = make_run_dir(tmp_path / "run")
+
+    def no_locks(fd, cmd, *a):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    lock = lock_run(run)
+    assert lock.note == (f"note: {run.file('config.json')}: this file system takes no locks "
+                         f"({os.strerror(errno.ENOLCK)}); nothing stops a second trainer on "
+                         "this run")
+    lock.release()
+
+
 # ---- provenance ---------------------------------------------------------------------------------
 def test_provenance_columns_take_the_latest_attempt_and_flag_changed_environments():
     base = {"host": "n1", "slurm_job": "5_1", "device": "cpu", "device_name": "Xeon",
@@ -254,4 +270,11 @@ def test_provenance_columns_take_the_latest_attempt_and_flag_changed_environment
     cols = provenance_columns(moved)
     assert cols["n_attempts"] == 7 and cols["device_name"] == "H200"
     assert cols["attempts_differ"] == "device, device_name"
+    # GPUs: another index of the same model, or another CPU thread count, changes nothing
+    gpu = {**base, "device": "cuda:0", "device_name": "H200"}
+    cols = provenance_columns({"attempts": [gpu, {**gpu, "device": "cuda:3",
+                                                   "torch_threads": 16}]})
+    assert cols["attempts_differ"] is None
+    cols = provenance_columns({"attempts": [base, {**base, "torch_threads": 1}, base]})
+    assert cols["attempts_differ"] == "torch_threads"      # on CPU it does, in any attempt
     assert provenance_columns({"epoch": 3}) == {} and provenance_columns(None) == {}

@@ -371,6 +371,24 @@ print("closed", flush=True)
 sys.stdin.readline()
 """
 
+def test_resuming_with_another_thread_count_is_noted_and_recorded(tmp_path):
+    """On CPU the result depends on torch's thread count: a resume under another one says so."""
+    threads = torch.get_num_threads()
+    cfg = RunConfig(**SHORT)
+    try:
+        torch.set_num_threads(1)
+        Trainer.open(cfg, tmp_path / "run").close()
+        torch.set_num_threads(2)
+        t = Trainer.open(cfg, tmp_path / "run")
+        t.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert t.notes == [f"note: run {cfg.run_id} resumes with a different torch_threads (1 -> 2): "
+                       "it will not be bit-identical to an uninterrupted run"]
+    cols = provenance_columns(RunDir(tmp_path / "run").read_progress())
+    assert cols["n_attempts"] == 2 and cols["attempts_differ"] == "torch_threads"
+
+
 TRY_LOCK = """
 import sys
 from grokhpc.store import RunDir, RunLockedError, lock_run
