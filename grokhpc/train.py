@@ -10,11 +10,16 @@ appended to ``checkpoints.npy`` instead of a deep copy of the state dict.
 
 Curves row ``e`` holds the losses of the weights after ``e`` optimiser steps: row 0 is the
 initial model (the seed's 4.7322 / 4.7346), row ``n_epochs`` the final one.
+
+A run has one trainer at a time (``Trainer.open`` takes the run's lock, see grokhpc.store).
+Each commit's checkpoint row and state carry checksums, which a resume checks before it writes
+anything; each process that trains the run adds its provenance to progress.json's attempts.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import os
 import sys
@@ -61,6 +66,9 @@ def make_optimizer(model, cfg: RunConfig):
 
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                              betas=tuple(cfg.betas))
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # a full disk, a quota, a file size limit
 
 
 # ---- provenance ---------------------------------------------------------------------------------
@@ -258,13 +266,13 @@ class Trainer:
                                          self.n_cols)
                 except OSError:
                     pass
-            raise self.commit_failure(e) from None
+            raise self.commit_failure(e) from e
         self.checkpoint_epochs, self.checkpoint_crcs = epochs, crcs
         self.committed_epoch = self.epoch
         try:
             self.write_views()
         except OSError as e:
-            raise self.commit_failure(e) from None
+            raise self.commit_failure(e) from e
 
     @property
     def n_cols(self) -> int:
@@ -279,8 +287,9 @@ class Trainer:
             kept = f"the run is committed at epoch {self.epoch} (state.pt)"
         else:
             kept = f"the run keeps its last commit, epoch {self.committed_epoch}"
+        fix = "free some space" if e.errno in NO_SPACE else "fix the cause"
         return RunDirError(f"{where}: {e.strerror or e} while committing epoch {self.epoch}; "
-                           f"{kept}; free some space and rerun the same command to resume")
+                           f"{kept}; {fix} and rerun the same command to resume")
 
     def state_bytes(self, epochs: list[int], crcs: list[int]) -> bytes:
         import torch

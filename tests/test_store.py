@@ -3,13 +3,14 @@ that fail for want of space, the one-trainer lock between real processes, proven
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import zlib
 
 import numpy as np
@@ -238,9 +239,6 @@ def test_the_lock_dies_with_its_holder_no_stale_lock(tmp_path):
 
 
 def test_a_file_system_without_locks_trains_unguarded_and_says_so(tmp_path, monkeypatch):
-    import errno
-    import fcntl
-
     run, _ = make_run_dir(tmp_path / "run")
 
     def no_locks(fd, cmd, *a):

@@ -129,7 +129,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, refere
     # one record per process that trained the run, numbered, each from where it started
     attempts = RunDir(out).read_progress()["attempts"]
     assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1))
-    assert kills + 1 <= len(attempts) <= 4
+    assert 2 <= len(attempts) <= kills + 1   # a process killed while starting leaves none
     assert attempts[0]["epoch"] == 0 and attempts[-1]["epoch"] == resumed_epoch
     assert [a["epoch"] for a in attempts] == sorted(a["epoch"] for a in attempts)
     assert RunDir(out).read_summary()["n_attempts"] == len(attempts)
