@@ -271,7 +271,7 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
 
     With ``stage_dir``, a finished run's curves are written there (as a hidden temporary
     Parquet file, ``curves_tmp``) by the calling thread, instead of kept in memory."""
-    from .store import read_json
+    from .store import provenance_columns, read_json
 
     sig, stray = _sig(run_dir)
     try:
@@ -295,7 +295,13 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
     if found.state == CORRUPT:
         return _corrupt(out, rel, found.error)
     prog, summary, error = found.progress, found.summary, found.error
+    try:
+        RunDir(run_dir).verify_checkpoints(prog)   # every committed row against its checksum
+    except (RunDirError, OSError) as e:
+        return _corrupt(out, rel, str(e).replace(str(run_dir) + "/", ""))
     _progress_and_summary_columns(row, prog, summary)
+    for k, v in provenance_columns(prog).items():   # host, versions, device_name, ...
+        row.setdefault(k, v)
     if found.state == DONE:
         row["state"] = DONE          # grokked or not: the grokked column says
         try:
