@@ -41,7 +41,7 @@ from . import scheduler as sched
 from .config import ConfigError, from_dict, to_dict
 from .scheduler import (DEFAULT_MAX_ARRAY, JOBS_DIR, MANIFEST, chunks, max_array_size,
                         sbatch_preview)
-from .store import RunDir, RunDirError
+from .store import RunDir, RunDirError, RunLockedError
 from .sweep import (ClusterProfile, LauncherSettings, Sweep, SweepRun, fit_partition,
                     load_profile, load_sweep, pack, partition_limits, resolve_launcher,
                     shape_key)
@@ -115,6 +115,8 @@ def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = pri
         log(f"run {cfg.run_id} -> {d}")
         try:
             run_training(cfg, d, progress_bar=False, log=log)
+        except RunLockedError as e:   # another job trains it (a stale job beside its requeue)
+            log(f"run {cfg.run_id} skipped, nothing written: {e}")
         except Exception:
             text = traceback.format_exc()
             _record_error(d, text)
