@@ -27,6 +27,7 @@ import numpy as np
 
 from . import config as config_mod
 from .config import ConfigError, RunConfig
+from .lastpos import accuracy, cross_entropy
 from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, RunDir, RunDirError,
                     append_checkpoint_row, atomic_write_bytes, truncate_checkpoints)
 
@@ -39,16 +40,9 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def loss_fn(logits, labels, dtype: str = "float64"):
-    """Mean cross-entropy of ``logits`` (batch, p) against ``labels``, computed in ``dtype``."""
-    import torch
-
-    log_probs = logits.to(getattr(torch, dtype)).log_softmax(dim=-1)
-    return -log_probs.gather(dim=-1, index=labels[:, None])[:, 0].mean()
-
-
-def accuracy(logits, labels):
-    return (logits.argmax(dim=-1) == labels).double().mean()
+# The one cross-entropy and accuracy (float64 by default, as the seed's loss_fn), under the
+# names the trainer and its callers use.
+loss_fn = cross_entropy
 
 
 def make_optimizer(model, cfg: RunConfig):
