@@ -101,3 +101,11 @@ def test_stop_after_grok_ends_the_run_as_complete_at_its_own_epoch(tmp_path):
     # the same command again leaves the finished run alone
     again = _train(cfg, tmp_path / "run")
     assert again.read_progress()["epoch"] == 45
+
+
+def test_init_scale_multiplies_every_initial_weight():
+    from grokhpc.model import build_model, flat_weights
+
+    base = flat_weights(build_model(from_dict({**TINY})))
+    scaled = flat_weights(build_model(from_dict({**TINY, "init_scale": 3.0})))
+    assert torch.equal(scaled, base * 3.0)
