@@ -467,6 +467,7 @@ def build_summary(run: RunDir, table, key_freqs, curves=None) -> dict[str, Any]:
         summary[f"final_{col}"] = _num(last[col])
     prog = run.read_progress() or {}
     summary["wall_time_s"] = prog.get("wall_time_s")
+    summary["stopped_early"] = bool(prog.get("stopped_early"))
     return summary
 
 

@@ -186,7 +186,8 @@ class Transformer(HookedRootModule):
 
 def shape_of(cfg: RunConfig) -> ModelShape:
     return ModelShape(n_layers=1, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
-                      d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, d_vocab_out=cfg.p, n_ctx=cfg.n_ctx)
+                      d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, d_vocab_out=cfg.n_classes,
+                      n_ctx=cfg.n_ctx)
 
 
 def init_weights(model: Transformer, seed: int) -> None:
@@ -213,6 +214,10 @@ def build_model(cfg: RunConfig, device: str | torch.device = "cpu") -> Transform
     """A freshly initialised model for ``cfg`` (on CPU, then moved: init is device-independent)."""
     model = Transformer(shape_of(cfg))
     init_weights(model, cfg.model_seed)
+    if cfg.init_scale != 1.0:   # Omnigrok's alpha: every weight scaled at initialisation
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(cfg.init_scale)
     freeze_biases(model)
     return model.to(device)
 
