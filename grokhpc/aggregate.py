@@ -233,7 +233,8 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
 
     With ``stage_dir``, a finished run's curves are written there (as a hidden temporary
     Parquet file, ``curves_tmp``) by the calling thread, instead of kept in memory."""
-    from .store import ERROR, PROGRESS, SUMMARY, RunDirError, read_json
+    from .store import (ERROR, PROGRESS, SUMMARY, RunDir, RunDirError, provenance_columns,
+                        read_json)
 
     sig, stray = _sig(run_dir)
     try:
@@ -263,6 +264,7 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
     try:
         prog = read_json(run_dir / PROGRESS) if PROGRESS in sig else None
         summary = read_json(run_dir / SUMMARY) if SUMMARY in sig else None
+        RunDir(run_dir).verify_checkpoints(prog)   # every committed row against its checksum
     except (RunDirError, OSError) as e:
         return corrupt(str(e).replace(str(run_dir) + "/", ""))
     error = (run_dir / ERROR).read_text(errors="replace") if ERROR in sig else None
@@ -281,6 +283,8 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
             if k in row and k not in SUMMARY_INT + SUMMARY_FLOAT + ("wall_time_s",):
                 k = f"summary_{k}"
             row[k] = v
+    for k, v in provenance_columns(prog).items():   # host, versions, device_name, ...
+        row.setdefault(k, v)
     if done:
         grokked = row.get("grokked")
         row["state"] = "censored" if grokked is False else "done"

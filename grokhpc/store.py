@@ -20,14 +20,30 @@ that keeps writes linear in the run's length: rows are appended, and only the fi
 append and the commit, are cut off when the run resumes. The commit point of a training step is
 ``state.pt``; ``progress.json`` and ``curves.parquet`` are rewritten from it after each commit.
 
+Integrity: each checkpoint row's CRC-32 is taken as the row is written and kept with the commit
+(``state.pt``) and its view (``progress.json``, ``checkpoint_crc32``). Resuming, measuring,
+analysing and aggregating check the rows against it (``RunDir.verify_checkpoints``), so a file
+cut short by a full disk or damaged later is reported by file and rows, never used or extended.
+
+One trainer per run: a trainer holds an exclusive POSIX record lock (``fcntl.lockf``) on the
+run's ``config.json`` -- the one file written once and never replaced -- for as long as it
+trains (``lock_run``). The kernel (or the NFS lock manager) drops it when its holder dies, so
+there is never a stale lock to remove. The holder's host and pid are the last entry of
+``progress.json``'s ``attempts``, one record per process that trained the run (its provenance).
+
 This module imports neither torch nor plotly: aggregate and status read run directories fast.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import socket
 import tempfile
+import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +77,23 @@ def _umask() -> int:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as e:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if isinstance(e, OSError):
+            e.filename = str(path)   # name the file being written, not its temporary
         raise
 
 
@@ -94,10 +114,28 @@ def atomic_write_table(path: str | os.PathLike, table) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(_read_bytes(path))
     except json.JSONDecodeError as e:
         raise RunDirError(f"{path}: corrupt JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path}: corrupt JSON (not UTF-8 text)") from None
+
+
+def _read_bytes(path: Path) -> bytes:
+    """A file's bytes; a config.json this process holds locked is read through the lock's own
+    descriptor (closing any other descriptor of it would drop the lock: POSIX)."""
+    fd = _held_fd(path)
+    if fd is None:
+        with open(path, "rb") as f:
+            return f.read()
+    size, chunks, offset = os.fstat(fd).st_size, [], 0
+    while offset < size:
+        chunk = os.pread(fd, size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 # ---- checkpoints.npy: an appendable .npy ---------------------------------------------------
@@ -110,24 +148,39 @@ def _npy_header(n_rows: int, n_cols: int) -> bytes:
     return magic + len(header).to_bytes(2, "little") + header
 
 
-def append_checkpoint_row(path: str | os.PathLike, row: np.ndarray, n_valid: int) -> None:
-    """Append one float32 row after the first ``n_valid`` rows (dropping any stale tail)."""
+def row_checksum(data: bytes) -> int:
+    """The CRC-32 a checkpoint row is committed with (of its little-endian float32 bytes)."""
+    return zlib.crc32(data)
+
+
+def append_checkpoint_row(path: str | os.PathLike, row: np.ndarray, n_valid: int) -> int:
+    """Append one float32 row after the first ``n_valid`` rows (dropping any stale tail);
+    returns the row's checksum. A failed write (disk full) leaves the first ``n_valid`` rows."""
     path = Path(path)
-    row = np.ascontiguousarray(row, dtype="<f4").reshape(-1)
-    n_cols = row.size
+    data = np.ascontiguousarray(row, dtype="<f4").reshape(-1).tobytes()
+    n_cols = len(data) // 4
     start = NPY_HEADER_BYTES + n_valid * n_cols * 4
     mode = "r+b" if path.exists() else "w+b"
-    with open(path, mode) as f:
-        f.truncate(start)
-        if n_valid == 0:
+    try:
+        with open(path, mode) as f:
+            f.truncate(start)
+            if n_valid == 0:
+                f.seek(0)
+                f.write(_npy_header(0, n_cols))
+            f.seek(start)
+            f.write(data)
             f.seek(0)
-            f.write(_npy_header(0, n_cols))
-        f.seek(start)
-        f.write(row.tobytes())
-        f.seek(0)
-        f.write(_npy_header(n_valid + 1, n_cols))
-        f.flush()
-        os.fsync(f.fileno())
+            f.write(_npy_header(n_valid + 1, n_cols))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        e.filename = str(path)
+        try:   # shrinking needs no space: back to the committed rows
+            truncate_checkpoints(path, n_valid, n_cols)
+        except OSError:
+            pass
+        raise
+    return row_checksum(data)
 
 
 def truncate_checkpoints(path: str | os.PathLike, n_valid: int, n_cols: int) -> None:
@@ -141,6 +194,199 @@ def truncate_checkpoints(path: str | os.PathLike, n_valid: int, n_cols: int) -> 
         f.write(_npy_header(n_valid, n_cols))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _row_ranges(rows: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7"."""
+    parts, i = [], 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
+            j += 1
+        parts.append(f"{rows[i]}-{rows[j]}" if j > i else f"{rows[i]}")
+        i = j + 1
+    return ", ".join(parts)
+
+
+def checkpoint_checksums(path: str | os.PathLike, n_rows: int, n_cols: int) -> list[int | None]:
+    """The checksum of each of the first ``n_rows`` rows as the file holds them now (None for
+    a row the file is too short to hold), reading one row at a time."""
+    out: list[int | None] = []
+    size = n_cols * 4
+    with open(path, "rb") as f:
+        f.seek(NPY_HEADER_BYTES)
+        for _ in range(n_rows):
+            data = f.read(size)
+            out.append(row_checksum(data) if len(data) == size else None)
+    return out
+
+
+def check_checkpoints(path: str | os.PathLike, n_rows: int, n_cols: int,
+                      checksums: list[int] | None, header: bool = True) -> None:
+    """Raise RunDirError naming the file and its damaged rows (0-based, as numpy indexes them)
+    unless ``path`` holds ``n_rows`` rows matching ``checksums`` (only their presence is
+    checked for runs written before checksums were kept). ``header``: also check that the
+    .npy header describes at least those rows (a resume rewrites it)."""
+    path = Path(path)
+    if n_rows == 0 or n_cols == 0:   # no weights to check
+        return
+    need = NPY_HEADER_BYTES + n_rows * n_cols * 4
+    size = path.stat().st_size if path.exists() else None
+    if size is None:
+        raise RunDirError(f"{path}: missing; progress lists {n_rows} checkpoint rows")
+    if checksums is not None and len(checksums) != n_rows:
+        raise RunDirError(f"{path}: {len(checksums)} checksums recorded for {n_rows} rows")
+    found = checkpoint_checksums(path, n_rows, n_cols)
+    bad = [i for i, c in enumerate(found)
+           if c is None or (checksums is not None and c != checksums[i])]
+    if bad:
+        why = (f"the file ends at {size} of {need} bytes" if size < need
+               else "their checksums differ from those written at commit")
+        rows = f"row {bad[0]}" if len(bad) == 1 else f"rows {_row_ranges(bad)}"
+        raise RunDirError(f"{path}: {rows} of {n_rows} damaged ({why}); "
+                          "restore the file from a copy, or delete the run directory to "
+                          "train the run again")
+    if header and not _header_holds(path, n_rows, n_cols):
+        raise RunDirError(f"{path}: .npy header damaged (rows intact; resuming the run "
+                          "rewrites it)")
+
+
+def _header_holds(path: Path, n_rows: int, n_cols: int) -> bool:
+    """Whether the .npy header is ours, for ``n_cols`` columns and at least ``n_rows`` rows
+    (rows appended after the last commit may follow the committed ones)."""
+    with open(path, "rb") as f:
+        head = f.read(NPY_HEADER_BYTES)
+    m = re.search(rb"'shape': \((\d+), ", head)
+    return bool(m) and int(m.group(1)) >= n_rows and head == _npy_header(int(m.group(1)), n_cols)
+
+
+# ---- one trainer per run: a POSIX record lock on config.json ----------------------------------
+class RunLockedError(RunDirError):
+    """Another process trains this run."""
+
+
+_HELD: dict[tuple[int, int], list[int]] = {}   # (st_dev, st_ino) of a locked file -> [fd, users]
+_HELD_GUARD = threading.Lock()
+
+
+def _inode(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _held_fd(path: Path) -> int | None:
+    if not _HELD:
+        return None
+    try:
+        return _HELD.get(_inode(os.stat(path)), [None])[0]
+    except OSError:
+        return None
+
+
+class RunLock:
+    """This process's hold on one run (``lock_run``); ``release`` is idempotent.
+
+    POSIX record locks belong to the process, and closing *any* descriptor of the locked file
+    drops them: so the process keeps one descriptor per locked file, shared by every holder in
+    it (counted), and reads the file through that descriptor (``read_json``)."""
+
+    def __init__(self, key: tuple[int, int] | None, note: str | None = None):
+        self.key, self.released = key, False
+        self.note = note   # why there is no lock (a file system without POSIX locks)
+
+    def release(self) -> None:
+        import fcntl
+
+        with _HELD_GUARD:
+            if self.released:
+                return
+            self.released = True
+            entry = _HELD.get(self.key)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _HELD[self.key]
+                try:
+                    fcntl.lockf(entry[0], fcntl.LOCK_UN)
+                finally:
+                    os.close(entry[0])
+
+
+def lock_run(run: "RunDir") -> RunLock:
+    """Take the run's lock (an exclusive ``lockf`` on its config.json), or raise
+    RunLockedError naming the holder. Several holders in one process share it. On a file
+    system that takes no locks, a RunLock without one whose ``note`` says so."""
+    import fcntl
+
+    path = run.file(CONFIG)
+    for _ in range(8):   # a config.json replaced under us (two first runs racing): lock the new one
+        key = _inode(os.stat(path))
+        with _HELD_GUARD:
+            if key in _HELD:
+                _HELD[key][1] += 1
+                return RunLock(key)
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError as e:
+                raise RunDirError(f"{path}: cannot open to lock the run ({e.strerror})") from None
+            try:
+                if _inode(os.fstat(fd)) == key:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    if _inode(os.stat(path)) == key:
+                        _HELD[key] = [fd, 1]
+                        return RunLock(key)
+            except OSError as e:
+                holder = _lock_holder(run, fd) if e.errno in (errno.EACCES, errno.EAGAIN) else None
+                os.close(fd)
+                if e.errno in NO_LOCKS:
+                    return RunLock(None, f"note: {path}: this file system takes no locks "
+                                         f"({e.strerror}); nothing stops a second trainer on "
+                                         "this run")
+                if holder is None:
+                    raise RunDirError(f"{path}: cannot lock the run ({e.strerror})") from None
+                raise RunLockedError(f"{run.path}: another trainer holds this run ({holder}); "
+                                     "let it finish or stop it first") from None
+            os.close(fd)
+    raise RunDirError(f"{path}: replaced while being locked; try again")
+
+
+# What a file system without POSIX locks answers (an NFS mount without a lock manager, a Lustre
+# mount without -o flock): training goes on, unguarded, and says so.
+NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def _lock_owner_pid(fd: int) -> int | None:
+    """The pid the kernel reports for the conflicting lock (F_GETLK; Linux layout)."""
+    import fcntl
+    import struct
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    try:
+        l_type, _, _, _, pid = struct.unpack("hhqqi4x", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    except OSError:
+        return None
+    return pid if l_type != fcntl.F_UNLCK and pid > 0 else None
+
+
+def _lock_holder(run: "RunDir", fd: int) -> str:
+    """'host H, pid P, since T, SLURM job J' of the lock's holder: its record in progress.json
+    (the last attempt), checked against the pid the kernel reports where that is meaningful."""
+    pid = _lock_owner_pid(fd)
+    try:
+        attempts = (run.read_progress() or {}).get("attempts") or []
+    except (RunDirError, OSError):
+        attempts = []
+    last = attempts[-1] if attempts and isinstance(attempts[-1], dict) else {}
+    here = socket.gethostname()
+    if last.get("pid") and (pid is None or pid == last["pid"] or last.get("host") != here):
+        text = f"host {last.get('host')}, pid {last['pid']}, since {last.get('started')}"
+        return text + (f", SLURM job {last['slurm_job']}" if last.get("slurm_job") else "")
+    if pid is not None:
+        return f"pid {pid}, host not recorded yet"
+    return "holder not recorded yet"
 
 
 # ---- a run directory ------------------------------------------------------------------------
@@ -202,18 +448,36 @@ class RunDir:
         return bool(prog) and (prog["epoch"] >= prog["n_epochs"] or bool(prog.get("stopped_early")))
 
     def is_complete(self) -> bool:
-        """Trained, measured and summarised: nothing left to do for this run."""
+        """Trained, measured and summarised: nothing left to do for this run. Cheap (no read of
+        the rows): a checkpoints.npy too short for its committed rows makes a run incomplete;
+        ``verify_checkpoints`` reads every row."""
         prog = self.read_progress()
-        return bool(prog) and bool(prog.get("done")) and self.file(SUMMARY).exists()
+        if not (prog and prog.get("done") and self.file(SUMMARY).exists()):
+            return False
+        need = NPY_HEADER_BYTES + len(prog.get("checkpoint_epochs") or []) * _n_cols(prog) * 4
+        f = self.file(CHECKPOINTS)
+        return need == NPY_HEADER_BYTES or (f.exists() and f.stat().st_size >= need)
 
-    def checkpoints(self, mmap: bool = True) -> tuple[list[int], np.ndarray]:
-        """(epochs, weights) of the committed checkpoints; weights is (n_ckpt, n_params)."""
+    def verify_checkpoints(self, progress: dict[str, Any] | None = None) -> None:
+        """Check every committed checkpoint row against the checksum written with it (see
+        ``check_checkpoints``); raises RunDirError naming the file and the damaged rows."""
+        prog = self.read_progress() if progress is None else progress
+        if not prog or not prog.get("checkpoint_epochs"):
+            return
+        check_checkpoints(self.file(CHECKPOINTS), len(prog["checkpoint_epochs"]), _n_cols(prog),
+                          prog.get("checkpoint_crc32"))
+
+    def checkpoints(self, mmap: bool = True, verify: bool = True) -> tuple[list[int], np.ndarray]:
+        """(epochs, weights) of the committed checkpoints; weights is (n_ckpt, n_params).
+        ``verify``: check the rows' checksums first (one read of the file)."""
         prog = self.read_progress()
         if not prog or not prog.get("checkpoint_epochs"):
             return [], np.zeros((0, 0), dtype=np.float32)
         epochs = list(prog["checkpoint_epochs"])
-        n_cols = sum(int(np.prod(shape)) for _, shape in prog["layout"])
+        n_cols = _n_cols(prog)
         f = self.file(CHECKPOINTS)
+        if verify:
+            self.verify_checkpoints(prog)
         need = NPY_HEADER_BYTES + len(epochs) * n_cols * 4
         if not f.exists() or f.stat().st_size < need:
             raise RunDirError(f"{f}: holds fewer rows than progress.json lists ({len(epochs)})")
@@ -270,6 +534,57 @@ class RunDir:
             self.file(ERROR).unlink()
         except FileNotFoundError:
             pass
+
+
+# The environment a result depends on (device type and, on CPU, torch's thread count among it):
+# per attempt in progress.json, flattened into summary.json and runs.parquet as these columns.
+PROVENANCE_COLUMNS = {"host": "host", "slurm_job": "slurm_job", "device_name": "device_name",
+                      "torch_threads": "torch_threads", "python": "python_version",
+                      "torch": "torch_version", "transformer_lens": "transformer_lens_version",
+                      "numpy": "numpy_version", "grokhpc": "grokhpc_version",
+                      "grokhpc_commit": "grokhpc_commit"}
+# Attempt fields that change the numbers: a run trained under more than one is not one that
+# ran uninterrupted in any of them. The device counts by type (cuda:0 and cuda:1 alike), the
+# thread count on CPU only.
+RESULT_FIELDS = ("device", "device_name", "torch_threads", "python", "torch", "numpy",
+                 "transformer_lens", "grokhpc", "grokhpc_commit")
+
+
+def result_environment(attempt: dict[str, Any]) -> dict[str, Any]:
+    """The fields of an attempt that change a run's numbers, as compared between attempts."""
+    env = {k: attempt.get(k) for k in RESULT_FIELDS}
+    env["device"] = str(env["device"] or "").split(":")[0] or None
+    if env["device"] != "cpu":
+        env["torch_threads"] = None
+    return env
+
+
+def changed_environment(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The result-changing fields that differ between two attempts (thread counts only
+    between two CPU attempts)."""
+    a, b = result_environment(before), result_environment(after)
+    both_cpu = a["device"] == b["device"] == "cpu"
+    return [k for k in RESULT_FIELDS if a[k] != b[k] and (k != "torch_threads" or both_cpu)]
+
+
+def provenance_columns(progress: dict[str, Any] | None) -> dict[str, Any]:
+    """Flat provenance of a run from progress.json's ``attempts``: the latest attempt's
+    environment, ``n_attempts``, and ``attempts_differ`` (the result-changing fields that
+    differ between attempts, comma-separated; None when every attempt ran alike)."""
+    attempts = [a for a in ((progress or {}).get("attempts") or []) if isinstance(a, dict)]
+    if not attempts:
+        return {}
+    last = attempts[-1]
+    out = {col: last.get(field) for field, col in PROVENANCE_COLUMNS.items()}
+    out["n_attempts"] = int(last.get("attempt") or len(attempts))
+    differ = {k for a in attempts[:-1] for k in changed_environment(a, last)}
+    out["attempts_differ"] = ", ".join(k for k in RESULT_FIELDS if k in differ) or None
+    return out
+
+
+def _n_cols(progress: dict[str, Any]) -> int:
+    """Values per checkpoint row, from progress.json's parameter layout."""
+    return sum(int(np.prod(shape)) for _, shape in progress.get("layout") or [])
 
 
 def curves_table(columns: dict[str, np.ndarray]):

@@ -20,6 +20,8 @@ import os
 import sys
 import time
 import traceback
+import weakref
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,10 @@ import numpy as np
 from . import config as config_mod
 from .config import ConfigError, RunConfig
 from .lastpos import accuracy, cross_entropy
-from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, RunDir, RunDirError,
-                    append_checkpoint_row, atomic_write_bytes, truncate_checkpoints)
+from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirError,
+                    RunLockedError, append_checkpoint_row, atomic_write_bytes, atomic_write_json,
+                    changed_environment, check_checkpoints, checkpoint_checksums, lock_run,
+                    provenance_columns, truncate_checkpoints)
 
 
 GROK_ACC = 0.99  # the grokking threshold on test accuracy (as the measures' grokking_epoch)
@@ -56,11 +60,117 @@ def make_optimizer(model, cfg: RunConfig):
     return build(model.parameters(), cfg)
 
 
+# ---- provenance ---------------------------------------------------------------------------------
+MAX_ATTEMPTS_KEPT = 20   # progress.json keeps the first attempt and the latest ones
+
+
+def slurm_job_id() -> str | None:
+    """``ARRAYJOB_TASK`` for an array task, else the job id; None outside SLURM."""
+    env = os.environ
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID") or None
+
+
+def device_name(device) -> str | None:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (the platform's word elsewhere)."""
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.lower().startswith(("model name", "hardware", "cpu model")):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine() or None
+    return device.type
+
+
+def git_commit(root: Path) -> str | None:
+    """The commit checked out at ``root`` (a checkout or worktree), read from .git without
+    running git; None when there is none or it cannot be read."""
+    try:
+        dot = root / ".git"
+        if dot.is_file():   # a worktree or submodule: "gitdir: PATH"
+            gitdir = (root / dot.read_text().split("gitdir:", 1)[1].strip()).resolve()
+        elif dot.is_dir():
+            gitdir = dot
+        else:
+            return None
+        head = (gitdir / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head or None
+        ref = head[5:].strip()
+        common = gitdir
+        if (gitdir / "commondir").exists():
+            common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
+        for base in (gitdir, common):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip() or None
+        for line in (common / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def provenance(device) -> dict[str, Any]:
+    """Who trains, where, with what: recorded once per attempt (process) in progress.json."""
+    import platform
+    import socket
+    from importlib import metadata
+
+    import numpy
+    import torch
+
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+            "pid": os.getpid(), "slurm_job": slurm_job_id(), "device": str(device),
+            "device_name": device_name(device), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformer_lens": version("transformer_lens"), "numpy": numpy.__version__,
+            "grokhpc": version("grokhpc"),
+            "grokhpc_commit": git_commit(Path(__file__).resolve().parent.parent)}
+
+
+def state_checksum(obj: Any, crc: int = 0) -> int:
+    """CRC-32 over every tensor's bytes (with dtype and shape) and every other value's repr, in
+    a fixed order: torch.load does not notice a damaged tensor, so state.pt carries this."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        crc = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode(), crc)
+        return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy().tobytes(), crc)
+    if isinstance(obj, dict):
+        for k in sorted(obj, key=repr):
+            crc = state_checksum(obj[k], zlib.crc32(repr(k).encode(), crc))
+        return crc
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            crc = state_checksum(v, crc)
+        return zlib.crc32(b"]", crc)
+    return zlib.crc32(repr(obj).encode(), crc)
+
+
 class Trainer:
     """The state of one run between epochs: model, optimiser, curves, checkpoints.
 
-    ``step()`` does one epoch; ``commit()`` makes the state durable. ``Trainer.open`` builds a
-    fresh run or picks up an interrupted one from ``state.pt``.
+    ``step()`` does one epoch; ``commit()`` makes the state durable. ``Trainer.open`` takes the
+    run's lock and builds a fresh run or picks up an interrupted one from ``state.pt``;
+    ``close()`` (or the trainer's end) lets the lock go.
     """
 
     def __init__(self, cfg: RunConfig, run: RunDir, device):
@@ -85,7 +195,12 @@ class Trainer:
                        for k in CURVE_COLUMNS[1:]}
         self.epoch = 0
         self.checkpoint_epochs: list[int] = []
+        self.checkpoint_crcs: list[int] = []   # CRC-32 of each committed checkpoint row
         self.wall_time = 0.0
+        self.committed_epoch: int | None = None
+        self.attempts: list[dict[str, Any]] = []   # provenance of each process that trained it
+        self.notes: list[str] = []   # one line each, for the user: a changed environment, ...
+        self._release = lambda: None
         self._init_extras()
 
     def _init_extras(self) -> None:
@@ -175,28 +290,66 @@ class Trainer:
 
     def commit(self, checkpoint: bool) -> None:
         """Append a checkpoint row (if due), then write state.pt (the commit point), then the
-        derived progress.json and curves.parquet."""
-        import torch
-
+        derived progress.json and curves.parquet. A write that fails (disk full, quota) leaves
+        the last commit as it was and raises RunDirError saying so."""
         from .model import flat_weights
 
-        if checkpoint:
-            row = flat_weights(self.model).cpu().numpy()
-            append_checkpoint_row(self.run.file(CHECKPOINTS), row, len(self.checkpoint_epochs))
-            self.checkpoint_epochs.append(self.epoch)
-        buf = io.BytesIO()
-        torch.save({
+        epochs, crcs = list(self.checkpoint_epochs), list(self.checkpoint_crcs)
+        try:
+            if checkpoint:
+                row = flat_weights(self.model).cpu().numpy()
+                crcs.append(append_checkpoint_row(self.run.file(CHECKPOINTS), row, len(epochs)))
+                epochs.append(self.epoch)
+            atomic_write_bytes(self.run.file(STATE), self.state_bytes(epochs, crcs))
+        except OSError as e:
+            if checkpoint and len(epochs) > len(self.checkpoint_epochs):
+                try:   # the row is not committed: cut it (shrinking needs no space)
+                    truncate_checkpoints(self.run.file(CHECKPOINTS), len(self.checkpoint_epochs),
+                                         self.n_cols)
+                except OSError:
+                    pass
+            raise self.commit_failure(e) from None
+        self.checkpoint_epochs, self.checkpoint_crcs = epochs, crcs
+        self.committed_epoch = self.epoch
+        try:
+            self.write_views()
+        except OSError as e:
+            raise self.commit_failure(e) from None
+
+    @property
+    def n_cols(self) -> int:
+        return sum(int(np.prod(s)) for _, s in self.layout)
+
+    def commit_failure(self, e: OSError) -> RunDirError:
+        """One line for a commit's failed write: which file, why, what the run keeps."""
+        where = e.filename or self.run.path
+        if self.committed_epoch is None:
+            kept = "nothing was committed yet"
+        elif self.committed_epoch == self.epoch:   # state.pt is written; only its views failed
+            kept = f"the run is committed at epoch {self.epoch} (state.pt)"
+        else:
+            kept = f"the run keeps its last commit, epoch {self.committed_epoch}"
+        return RunDirError(f"{where}: {e.strerror or e} while committing epoch {self.epoch}; "
+                           f"{kept}; free some space and rerun the same command to resume")
+
+    def state_bytes(self, epochs: list[int], crcs: list[int]) -> bytes:
+        import torch
+
+        state = {
             "run_id": self.cfg.run_id,
             "epoch": self.epoch,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "curves": {k: v.cpu() for k, v in self.curves.items()},
-            "checkpoint_epochs": list(self.checkpoint_epochs),
+            "checkpoint_epochs": epochs,
+            "checkpoint_crc32": crcs,
             "wall_time": self.wall_time,
             **self._extra_state(),
-        }, buf)
-        atomic_write_bytes(self.run.file(STATE), buf.getvalue())
-        self.write_views()
+        }
+        state["checksum"] = state_checksum(state)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return buf.getvalue()
 
     def _extra_state(self) -> dict[str, Any]:
         """The optional fields' resumable state (absent for a default run)."""
@@ -222,52 +375,108 @@ class Trainer:
             "epoch": self.epoch,
             "n_epochs": self.cfg.n_epochs,
             "checkpoint_epochs": list(self.checkpoint_epochs),
+            "checkpoint_crc32": list(self.checkpoint_crcs),
             "layout": self.layout,
             "wall_time_s": round(self.wall_time, 3),
             "device": str(self.device),
             "stopped_early": self.stopped_early,
+            "attempts": self.attempts,
             "done": done,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
-    def restore(self) -> bool:
-        """Load state.pt if there is one; returns whether the run was resumed."""
+    def load_state(self) -> dict[str, Any] | None:
+        """state.pt, checked against the checksum written with it; None when there is none."""
         import torch
 
         f = self.run.file(STATE)
         if not f.exists():
-            return False
+            return None
         try:
             state = torch.load(f, map_location=self.device, weights_only=True)
         except Exception as e:
-            raise RunDirError(f"{f}: unreadable training state ({type(e).__name__}: {e}); "
-                              "delete the run directory to start the run over") from None
+            raise RunDirError(f"{f}: unreadable training state ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); delete the run "
+                              "directory to start the run over") from None
+        written = state.pop("checksum", None)   # absent in runs written before checksums
+        if written is not None and state_checksum(state) != written:
+            raise RunDirError(f"{f}: damaged (its contents differ from the checksum written with "
+                              "them); delete the run directory to start the run over")
         if state.get("run_id") != self.cfg.run_id:
             raise RunDirError(f"{f}: state of run {state.get('run_id')}, not {self.cfg.run_id}")
+        return state
+
+    def restore(self) -> bool:
+        """Load state.pt if there is one, after checking it and every committed checkpoint row
+        (nothing is written before both hold); returns whether the run was resumed."""
+        state = self.load_state()
+        if state is None:
+            return False
+        epochs = list(state["checkpoint_epochs"])
+        crcs = state.get("checkpoint_crc32")
+        f = self.run.file(CHECKPOINTS)
+        check_checkpoints(f, len(epochs), self.n_cols, crcs, header=False)
+        if crcs is None:   # a run from before checksums: adopt the rows as they are
+            crcs = checkpoint_checksums(f, len(epochs), self.n_cols) if epochs else []
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for k, v in state["curves"].items():
             self.curves[k] = v.to(self.device)
-        self.epoch = int(state["epoch"])
-        self.checkpoint_epochs = list(state["checkpoint_epochs"])
+        self.epoch = self.committed_epoch = int(state["epoch"])
+        self.checkpoint_epochs, self.checkpoint_crcs = epochs, list(crcs)
         self.wall_time = float(state["wall_time"])
         self._restore_extra(state)
-        n_cols = sum(int(np.prod(s)) for _, s in self.layout)
-        truncate_checkpoints(self.run.file(CHECKPOINTS), len(self.checkpoint_epochs), n_cols)
-        self.write_views()
+        truncate_checkpoints(f, len(epochs), self.n_cols)
         return True
+
+    def begin_attempt(self) -> None:
+        """Add this process to the run's attempts (kept in progress.json); note when it trains
+        under a different device, thread count or versions than the attempt before."""
+        try:
+            before = (self.run.read_progress() or {}).get("attempts") or []
+        except (RunDirError, OSError):
+            before = []
+        before = [a for a in before if isinstance(a, dict)]
+        now = {"attempt": int(before[-1].get("attempt", len(before))) + 1 if before else 1,
+               "epoch": self.epoch, **provenance(self.device)}
+        changed = changed_environment(before[-1], now) if before else []
+        if changed:
+            self.notes.append(
+                f"note: run {self.cfg.run_id} resumes with a different "
+                + ", ".join(f"{k} ({before[-1].get(k)} -> {now.get(k)})" for k in changed)
+                + ": it will not be bit-identical to an uninterrupted run")
+        kept = before + [now]
+        if len(kept) > MAX_ATTEMPTS_KEPT:
+            kept = kept[:1] + kept[-(MAX_ATTEMPTS_KEPT - 1):]
+        self.attempts = kept
 
     @classmethod
     def open(cls, cfg: RunConfig, out: str | Path, device=None) -> "Trainer":
-        """A trainer for ``cfg`` in ``out``: new, or resumed from its last commit."""
+        """A trainer for ``cfg`` in ``out``, holding the run's lock: new, or resumed from its
+        last commit. RunLockedError when another process trains the run."""
         run = RunDir(out)
         run.create({**config_mod.to_dict(cfg), "run_id": cfg.run_id})
-        run.remove_stale_temp_files()
-        trainer = cls(cfg, run, device if device is not None else resolve_device(cfg.device))
-        if not trainer.restore():
-            trainer.evaluate()
-            trainer.commit(checkpoint=True)
+        lock = lock_run(run)
+        try:
+            run.remove_stale_temp_files()   # only the lock's holder may: they may be its writes
+            trainer = cls(cfg, run, device if device is not None else resolve_device(cfg.device))
+            trainer.notes += [lock.note] if lock.note else []
+            resumed = trainer.restore()
+            trainer.begin_attempt()
+            if resumed:
+                trainer.write_views()
+            else:
+                trainer.evaluate()
+                trainer.commit(checkpoint=True)
+        except BaseException:
+            lock.release()
+            raise
+        trainer._release = weakref.finalize(trainer, lock.release)
         return trainer
+
+    def close(self) -> None:
+        """Let the run's lock go (also done when the trainer is garbage-collected)."""
+        self._release()
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, progress_bar: bool = True, until: int | None = None) -> None:
@@ -308,19 +517,26 @@ class Trainer:
 
 
 def finish(trainer: Trainer) -> dict[str, Any] | None:
-    """After the last epoch: progress measures and summary, then mark the run done."""
+    """After the last epoch: progress measures and summary (with the run's provenance), then
+    mark the run done."""
     from . import measures
 
     summary = measures.finalize_run(trainer.run, device=trainer.device)
+    if isinstance(summary, dict):
+        summary.update(provenance_columns(trainer.progress()))
+        atomic_write_json(trainer.run.file(SUMMARY), summary)
     trainer.write_views(done=True)
     return summary
 
 
 def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
                  log=print) -> RunDir:
-    """Train ``cfg`` into ``out`` (resuming if interrupted); a complete run is left alone."""
+    """Train ``cfg`` into ``out`` (resuming if interrupted); a complete run is left alone.
+    RunDirError for a directory that cannot be used as it is (another run's, damaged, held by
+    another trainer, a disk that filled up)."""
     run = RunDir(out)
     if run.exists() and run.read_config().get("run_id") == cfg.run_id and run.is_complete():
+        run.verify_checkpoints()   # a run with damaged rows is never called complete
         prog = run.read_progress()
         log(f"run {cfg.run_id} in {out} is already complete "
             f"({prog['epoch']}/{prog['n_epochs']} epochs); nothing to do")
@@ -328,16 +544,24 @@ def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
     import torch
 
     torch.set_float32_matmul_precision("highest")
+    trainer = None
     try:
         trainer = Trainer.open(cfg, out)
         if trainer.epoch > 0:
             log(f"run {cfg.run_id}: resuming at epoch {trainer.epoch}/{cfg.n_epochs}")
+        for note in trainer.notes:
+            log(note)
         trainer.fit(progress_bar=progress_bar)
         finish(trainer)
+        run.clear_error()
+    except RunLockedError:
+        raise   # the directory is another process's: leave it as it is
     except BaseException:
         _record_failure(run, cfg, traceback.format_exc())
         raise
-    run.clear_error()
+    finally:
+        if trainer is not None:
+            trainer.close()
     return run
 
 
@@ -373,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
         run_training(cfg, args.out, progress_bar=not args.no_progress)
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:   # e.g. no space for config.json itself; the traceback is in error.txt
+        print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     return 0
 

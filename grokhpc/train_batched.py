@@ -582,6 +582,8 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
             log(f"run {t.cfg.run_id}: finishing failed; see {t.run.file('error.txt')}")
             continue
         t.run.clear_error()
+    for t in trainers:   # each run's lock (on an exception, the trainers' end lets them go)
+        t.close()
     return runs
 
 

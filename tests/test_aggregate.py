@@ -396,6 +396,28 @@ def test_reads_what_the_trainer_writes(tmp_path):
     assert curves.num_rows == 81 and curves.column("epoch").to_pylist() == list(range(81))
     assert np.allclose(curves.column("train_loss").to_numpy(),
                        run.read_curves()["train_loss"].to_numpy())
+    # provenance: the environment of the run's (latest) attempt, one column each
+    import platform
+    import socket
+
+    from grokhpc.store import provenance_columns
+
+    assert row["host"] == socket.gethostname() and row["python_version"] == \
+        platform.python_version() and row["n_attempts"] == 1
+    assert {k: row[k] for k in provenance_columns(prog)} == provenance_columns(prog)
+    # checkpoint rows cut short: the run is listed as corrupt, every other run is kept
+    other = cfg_for(1.0, 0.3, 1)
+    make_run(root, other, 30)
+    os.truncate(run.file("checkpoints.npy"), 5000)
+    res = agg.aggregate([root], formats=None, log=None)
+    runs = pq.read_table(root / "aggregate" / "runs.parquet").to_pandas().set_index("run_id")
+    assert runs.loc[cfg.run_id, "state"] == "corrupt"
+    # 5 rows (epochs 0-80) of 9,259 float32s: 5,000 bytes hold none of them whole
+    assert runs.loc[cfg.run_id, "error"].startswith("checkpoints.npy: rows 0-4 of 5 damaged")
+    assert [m for m in res.messages if cfg.run_id in m and "checkpoints.npy: rows" in m]
+    assert runs.loc[other.run_id, "state"] == "done" and len(runs) == 2
+    ck = pq.read_table(root / "aggregate" / "checkpoints.parquet")
+    assert set(ck.column("run_id").to_pylist()) == {other.run_id}
 
 
 def test_import_and_help_are_light():

@@ -1,13 +1,22 @@
-"""Training into a run directory: files, curves, resume after SIGKILL, and errors."""
+"""Training into a run directory: files, curves, resume after SIGKILL, damaged files, a full
+disk, one trainer per run, provenance, and errors."""
 
+import errno
+import hashlib
+import importlib.metadata
 import json
 import math
 import os
+import platform
 import random
+import resource
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -15,8 +24,9 @@ import pytest
 import torch
 
 from grokhpc.config import RunConfig
-from grokhpc.store import (CHECKPOINTS, CURVE_COLUMNS, RUN_FILES, RunDir, RunDirError,
-                           append_checkpoint_row)
+from grokhpc.config import to_dict as config_to_dict
+from grokhpc.store import (CHECKPOINTS, CURVE_COLUMNS, NPY_HEADER_BYTES, RUN_FILES, RunDir,
+                           RunDirError, append_checkpoint_row, provenance_columns)
 from grokhpc.train import Trainer, run_training
 
 TINY = dict(p=13, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=240,
@@ -115,8 +125,19 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, refere
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resuming at epoch {resumed_epoch}/240" in done.stdout
 
-    c1, e1, w1, s1 = _snapshot(reference)
-    c2, e2, w2, s2 = _snapshot(RunDir(out))
+    assert_bit_identical(reference, RunDir(out))
+    # one record per process that trained the run, numbered, each from where it started
+    attempts = RunDir(out).read_progress()["attempts"]
+    assert [a["attempt"] for a in attempts] == list(range(1, len(attempts) + 1))
+    assert kills + 1 <= len(attempts) <= 4
+    assert attempts[0]["epoch"] == 0 and attempts[-1]["epoch"] == resumed_epoch
+    assert [a["epoch"] for a in attempts] == sorted(a["epoch"] for a in attempts)
+    assert RunDir(out).read_summary()["n_attempts"] == len(attempts)
+
+
+def assert_bit_identical(a: RunDir, b: RunDir) -> None:
+    c1, e1, w1, s1 = _snapshot(a)
+    c2, e2, w2, s2 = _snapshot(b)
     assert e1 == e2
     assert np.array_equal(w1, w2)                       # every checkpoint, bit for bit
     assert c1.equals(c2)                                # every logged number, NaNs in place
@@ -200,6 +221,317 @@ def test_bad_set_value_is_one_line(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip() == "error: --set: p: expected a prime >= 3, got 100"
     assert not (tmp_path / "r").exists()
+
+
+# ---- damaged files ------------------------------------------------------------------------------
+def _copy(reference: RunDir, dest) -> RunDir:
+    shutil.copytree(reference.path, dest)
+    return RunDir(dest)
+
+
+def _hashes(run: RunDir) -> dict[str, str]:
+    return {f: hashlib.sha256((run.path / f).read_bytes()).hexdigest()
+            for f in sorted(os.listdir(run.path))}
+
+
+def _n_cols(run: RunDir) -> int:
+    return sum(math.prod(s) for _, s in run.read_progress()["layout"])
+
+
+def _set_done(run: RunDir, done: bool) -> None:
+    prog = run.read_progress()
+    prog["done"] = done
+    run.file("progress.json").write_text(json.dumps(prog))
+
+
+def _quiet_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
+def test_truncated_checkpoints_are_reported_by_rows_and_never_extended(tmp_path, reference):
+    """A finished run's checkpoints.npy cut to 5,000 bytes, done set false, the same command."""
+    run = _copy(reference, tmp_path / "run")
+    n, row = len(run.read_progress()["checkpoint_epochs"]), _n_cols(run) * 4
+    os.truncate(run.file(CHECKPOINTS), 5000)
+    _set_done(run, False)
+    before = _hashes(run)
+    res = subprocess.run(_train_cmd(run.path), capture_output=True, text=True, timeout=300,
+                         env=_quiet_env())
+    assert res.returncode == 2
+    first = (5000 - NPY_HEADER_BYTES) // row          # the first row the file does not hold whole
+    line = (f"{run.file(CHECKPOINTS)}: rows {first}-{n - 1} of {n} damaged (the file ends at "
+            f"5000 of {NPY_HEADER_BYTES + n * row} bytes); restore the file from a copy, or "
+            "delete the run directory to train the run again")
+    assert res.stderr == f"error: {line}\n"
+    assert "resuming" not in res.stdout
+    after = _hashes(run)
+    assert line in run.read_error()                   # the failure is recorded beside the run,
+    del after["error.txt"]
+    assert after == before                            # and nothing else is touched
+    from grokhpc import analyze                       # nor drawn from
+    with pytest.raises(RunDirError, match="rows .* damaged"):
+        analyze.analyze(run.path, tmp_path / "figs", formats=("html",), log=lambda *_: None)
+
+
+def test_flipped_bits_in_a_complete_run_are_found_not_called_complete(tmp_path, reference):
+    run = _copy(reference, tmp_path / "run")
+    n, row = len(run.read_progress()["checkpoint_epochs"]), _n_cols(run) * 4
+    f = run.file(CHECKPOINTS)
+    data = bytearray(f.read_bytes())
+    data[NPY_HEADER_BYTES + (n - 1) * row + row // 2] ^= 0x01   # one bit of the last row
+    f.write_bytes(bytes(data))
+    res = subprocess.run(_train_cmd(run.path), capture_output=True, text=True, timeout=300,
+                         env=_quiet_env())
+    assert res.returncode == 2 and "already complete" not in res.stdout
+    assert res.stderr.startswith(f"error: {f}: row {n - 1} of {n} damaged (their checksums "
+                                 "differ from those written at commit)")
+    assert res.stderr.count("\n") == 1
+
+
+def test_damaged_or_truncated_state_is_one_line_and_kept(tmp_path, reference):
+    run = _copy(reference, tmp_path / "run")
+    _set_done(run, False)
+    f = run.file("state.pt")
+    good = f.read_bytes()
+    w_e = torch.load(f, weights_only=True)["model"]["embed.W_E"].numpy().tobytes()
+    at = good.index(w_e) + len(w_e) // 2              # inside a tensor: torch.load cannot tell
+    f.write_bytes(good[:at] + bytes([good[at] ^ 0x10]) + good[at + 1:])
+    torch.load(f, weights_only=True)                  # (loads without complaint)
+    with pytest.raises(RunDirError) as e:
+        Trainer.open(RunConfig(**TINY), run.path)
+    assert str(e.value).startswith(f"{f}: damaged (its contents differ from the checksum")
+    f.write_bytes(good[: len(good) // 2])             # a state.pt cut short
+    with pytest.raises(RunDirError) as e:
+        Trainer.open(RunConfig(**TINY), run.path)
+    assert str(e.value).startswith(f"{f}: unreadable training state") and "\n" not in str(e.value)
+    assert f.read_bytes() == good[: len(good) // 2]
+
+
+# ---- a disk that fills up -----------------------------------------------------------------------
+def test_full_disk_mid_commit_keeps_the_last_commit_and_the_same_command_resumes(
+        tmp_path, reference):
+    """RLIMIT_FSIZE stands in for a full disk or quota: a write past it raises EFBIG. The limit
+    leaves room for state.pt and for k checkpoint rows, so the commit of row k fails."""
+    row = _n_cols(reference) * 4
+    k = math.ceil(1.2 * reference.file("state.pt").stat().st_size / row)
+    limit = NPY_HEADER_BYTES + k * row + row // 2
+    every, n = TINY["checkpoint_every"], TINY["n_epochs"]
+    assert k * every < n
+
+    def full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "run"
+    res = subprocess.run(_train_cmd(out), capture_output=True, text=True, timeout=300,
+                         preexec_fn=full_disk, env=_quiet_env())
+    assert res.returncode == 2, res.stderr
+    last = (k - 1) * every
+    assert res.stderr == (f"error: {out / CHECKPOINTS}: {os.strerror(errno.EFBIG)} while "
+                          f"committing epoch {k * every}; the run keeps its last commit, epoch "
+                          f"{last}; free some space and rerun the same command to resume\n")
+    run = RunDir(out)                                 # every file as the last commit left it
+    prog = run.read_progress()
+    assert prog["epoch"] == last and prog["checkpoint_epochs"] == list(range(0, last + 1, every))
+    assert torch.load(run.file("state.pt"), weights_only=True)["epoch"] == last
+    assert run.file(CHECKPOINTS).stat().st_size == NPY_HEADER_BYTES + k * row
+    run.verify_checkpoints()
+    assert run.read_curves()["epoch"].tolist() == list(range(last + 1))
+    assert not list(out.glob(".*"))
+    # space is back: the same command, now in a SLURM array task, resumes and ends bit-identical
+    res = subprocess.run(_train_cmd(out), capture_output=True, text=True, timeout=300,
+                         env=_quiet_env(SLURM_ARRAY_JOB_ID="77", SLURM_ARRAY_TASK_ID="3",
+                                        SLURM_JOB_ID="80"))
+    assert res.returncode == 0, res.stderr
+    assert f"resuming at epoch {last}/{n}" in res.stdout
+    assert_bit_identical(reference, run)
+    attempts = run.read_progress()["attempts"]
+    assert [(a["attempt"], a["epoch"], a["slurm_job"]) for a in attempts] == \
+        [(1, 0, None), (2, last, "77_3")]
+    assert run.read_summary()["slurm_job"] == "77_3" and run.read_summary()["n_attempts"] == 2
+
+
+# ---- one trainer per run directory --------------------------------------------------------------
+HOLDER = """
+import json, sys
+from grokhpc.config import RunConfig
+from grokhpc.config import to_dict as config_to_dict
+from grokhpc.train import Trainer, finish
+t = Trainer.open(RunConfig(**json.loads(sys.argv[2])), sys.argv[1])
+print("open", flush=True)
+sys.stdin.readline()
+if sys.argv[3] == "train":
+    t.fit(progress_bar=False)
+    finish(t)                       # reads config.json in this process: the lock must survive
+    print("finished", flush=True)
+    sys.stdin.readline()
+t.close()
+print("closed", flush=True)
+sys.stdin.readline()
+"""
+
+def test_resuming_with_another_thread_count_is_noted_and_recorded(tmp_path):
+    """On CPU the result depends on torch's thread count: a resume under another one says so."""
+    threads = torch.get_num_threads()
+    cfg = RunConfig(**SHORT)
+    try:
+        torch.set_num_threads(1)
+        Trainer.open(cfg, tmp_path / "run").close()
+        torch.set_num_threads(2)
+        t = Trainer.open(cfg, tmp_path / "run")
+        t.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert t.notes == [f"note: run {cfg.run_id} resumes with a different torch_threads (1 -> 2): "
+                       "it will not be bit-identical to an uninterrupted run"]
+    cols = provenance_columns(RunDir(tmp_path / "run").read_progress())
+    assert cols["n_attempts"] == 2 and cols["attempts_differ"] == "torch_threads"
+
+
+TRY_LOCK = """
+import sys
+from grokhpc.store import RunDir, RunLockedError, lock_run
+try:
+    lock_run(RunDir(sys.argv[1]))
+except RunLockedError as e:
+    print(e)
+    sys.exit(3)
+"""
+
+SHORT = {**TINY, "n_epochs": 20}
+SHORT_SET = [f"--set={k}={v}" for k, v in SHORT.items()]
+
+
+def _holder(out, cfg: dict, mode: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), json.dumps(cfg), mode],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         env=_quiet_env())
+    return p
+
+
+def _step(p: subprocess.Popen, expect: str) -> None:
+    """Let the holder go on to its next stop, and wait until it is there."""
+    if expect != "open":
+        p.stdin.write("\n")
+        p.stdin.flush()
+    assert p.stdout.readline().strip() == expect
+
+
+def _holder_line(run: RunDir, pid: int) -> str:
+    rec = run.read_progress()["attempts"][-1]
+    assert rec["pid"] == pid and rec["host"] == socket.gethostname()
+    return (f"error: {run.path}: another trainer holds this run (host {socket.gethostname()}, "
+            f"pid {pid}, since {rec['started']}); let it finish or stop it first\n")
+
+
+def test_a_second_trainer_on_the_same_run_is_refused_naming_the_holder(tmp_path):
+    run = RunDir(tmp_path / "run")
+    cmd = [*_train_cmd(run.path)[:-len(TINY_SET)], *SHORT_SET]
+    holder = _holder(run.path, SHORT, "train")
+    try:
+        _step(holder, "open")
+        before = _hashes(run)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_quiet_env())
+        assert res.returncode == 2
+        assert res.stderr == _holder_line(run, holder.pid)
+        assert _hashes(run) == before                 # no error.txt, nothing rewritten
+        _step(holder, "finished")   # complete now (a trainer would leave it alone), still held
+        res = subprocess.run([sys.executable, "-c", TRY_LOCK, str(run.path)], capture_output=True,
+                             text=True, timeout=300, env=_quiet_env())
+        assert res.returncode == 3 and f"error: {res.stdout}" == _holder_line(run, holder.pid)
+        _step(holder, "closed")
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_quiet_env())
+        assert res.returncode == 0 and "already complete" in res.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+PACKED_HOLDER = """
+import json, sys
+from grokhpc import measures, train_batched
+from grokhpc.config import RunConfig
+from grokhpc.config import to_dict as config_to_dict
+real, stops = measures.finalize_run, []
+def finalize_run(run, **kw):        # the first finish: every run of the group is still held
+    if not stops:
+        stops.append(1)
+        print("finishing", flush=True)
+        sys.stdin.readline()
+    return real(run, **kw)
+measures.finalize_run = finalize_run
+cfgs = [RunConfig(**c) for c in json.loads(sys.argv[2])]
+train_batched.train_group(cfgs, sys.argv[1].split(","), progress_bar=False, log=lambda *a: None)
+print("done", flush=True)
+"""
+
+
+def test_the_packed_trainer_takes_each_runs_lock(tmp_path):
+    cfgs = [SHORT, {**SHORT, "model_seed": 2}]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for c, d in zip(cfgs, dirs):
+        RunDir(d).create({**config_to_dict(RunConfig(**c)), "run_id": RunConfig(**c).run_id})
+    solo_b = [*_train_cmd(dirs[1])[:-len(TINY_SET)],
+              *[f"--set={k}={v}" for k, v in cfgs[1].items()]]
+    # a solo trainer holds b: the packed trainer is refused
+    holder = _holder(dirs[1], cfgs[1], "hold")
+    try:
+        _step(holder, "open")
+        res = subprocess.run([sys.executable, "-m", "grokhpc.train_batched", *map(str, dirs),
+                              "--no-progress"], capture_output=True, text=True, timeout=300,
+                             env=_quiet_env())
+        assert res.returncode == 2
+        assert res.stderr == _holder_line(RunDir(dirs[1]), holder.pid)
+        _step(holder, "closed")
+    finally:
+        holder.kill()
+        holder.wait()
+    # the packed trainer holds both: a solo trainer is refused
+    packed = subprocess.Popen([sys.executable, "-c", PACKED_HOLDER, ",".join(map(str, dirs)),
+                               json.dumps(cfgs)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=_quiet_env())
+    try:
+        assert packed.stdout.readline().strip() == "finishing"
+        res = subprocess.run(solo_b, capture_output=True, text=True, timeout=300,
+                             env=_quiet_env())
+        assert res.returncode == 2
+        assert res.stderr == _holder_line(RunDir(dirs[1]), packed.pid)
+        _step(packed, "done")
+        assert packed.wait(timeout=300) == 0
+    finally:
+        packed.kill()
+        packed.wait()
+    assert all(RunDir(d).is_complete() for d in dirs)
+
+
+# ---- provenance ---------------------------------------------------------------------------------
+def test_provenance_of_each_attempt_in_progress_and_summary(reference):
+    import grokhpc
+
+    (rec,) = reference.read_progress()["attempts"]
+    assert rec["attempt"] == 1 and rec["epoch"] == 0 and rec["pid"] == os.getpid()
+    assert rec["host"] == socket.gethostname() and rec["device"] == "cpu"
+    assert rec["python"] == platform.python_version() and rec["torch"] == torch.__version__
+    assert rec["numpy"] == np.__version__
+    assert rec["transformer_lens"] == importlib.metadata.version("transformer_lens")
+    assert rec["grokhpc"] == importlib.metadata.version("grokhpc")
+    assert rec["torch_threads"] == torch.get_num_threads()
+    models = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+              .splitlines() if ln.startswith("model name")]
+    assert rec["device_name"] == (models[0] if models else rec["device_name"]) and \
+        rec["device_name"]
+    root = Path(grokhpc.__file__).resolve().parent.parent
+    if (root / ".git").exists() and shutil.which("git"):   # a checkout: git itself agrees
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True).stdout.strip()
+        assert rec["grokhpc_commit"] == head
+    else:
+        assert rec["grokhpc_commit"] is None
+    summary = reference.read_summary()
+    cols = provenance_columns(reference.read_progress())
+    assert cols["n_attempts"] == 1 and cols["attempts_differ"] is None
+    assert {k: summary[k] for k in cols} == cols
 
 
 HELP_PROBE = """

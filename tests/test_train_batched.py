@@ -86,8 +86,14 @@ def compare_runs(a: Path, b: Path, rel: float = 1e-13) -> dict[str, float]:
     assert files_of(a) == files_of(b)
     assert ra.read_config() == rb.read_config()
     pa, pb = ra.read_progress(), rb.read_progress()
-    assert {k: v for k, v in pa.items() if k not in TIME_KEYS} == \
-        {k: v for k, v in pb.items() if k not in TIME_KEYS}
+    assert {k: v for k, v in pa.items() if k not in TIME_KEYS + ("attempts",)} == \
+        {k: v for k, v in pb.items() if k not in TIME_KEYS + ("attempts",)}
+    # attempts: a kill adds one, but every attempt of both ran in the same environment
+    from grokhpc.store import result_environment
+
+    def environments(prog):
+        return {repr(result_environment(a)) for a in prog["attempts"]}
+    assert environments(pa) == environments(pb) and len(environments(pa)) == 1
     # curves: read with pyarrow and with pandas; same NaN pattern, values to ``rel``
     ta, tb = pq.read_table(ra.file("curves.parquet")), pq.read_table(rb.file("curves.parquet"))
     assert ta.schema == tb.schema
@@ -135,7 +141,7 @@ def compare_runs(a: Path, b: Path, rel: float = 1e-13) -> dict[str, float]:
         assert ya["grokking_epoch"] == yb["grokking_epoch"]
         assert ya["grokked"] == yb["grokked"]
         for k in ya:
-            if k in TIME_KEYS:
+            if k in TIME_KEYS + ("n_attempts",):   # a kill adds an attempt, not a difference
                 continue
             if isinstance(ya[k], float):
                 assert ya[k] == pytest.approx(yb[k], rel=1e-9, abs=1e-12), k

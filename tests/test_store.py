@@ -1,0 +1,280 @@
+"""Run-directory integrity without training: checkpoint checksums and what they catch, writes
+that fail for want of space, the one-trainer lock between real processes, provenance columns."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import numpy as np
+import pytest
+
+from grokhpc.store import (NPY_HEADER_BYTES, RunDir, RunDirError, RunLockedError,
+                           append_checkpoint_row, check_checkpoints, lock_run, provenance_columns,
+                           read_json)
+
+N_COLS = 50
+ROW = N_COLS * 4
+
+
+def write_rows(path, k: int, seed: int = 0):
+    rows = np.random.default_rng(seed).standard_normal((k, N_COLS)).astype(np.float32)
+    crcs = [append_checkpoint_row(path, r, i) for i, r in enumerate(rows)]
+    return rows, crcs
+
+
+def flip_byte(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x40]))
+
+
+# ---- checksums ----------------------------------------------------------------------------------
+def test_checksum_is_the_crc32_of_the_rows_little_endian_bytes(tmp_path):
+    f = tmp_path / "checkpoints.npy"
+    rows, crcs = write_rows(f, 4)
+    assert crcs == [zlib.crc32(r.astype("<f4").tobytes()) for r in rows]
+    assert np.array_equal(np.load(f), rows)
+    check_checkpoints(f, 4, N_COLS, crcs)       # intact: no error
+
+
+def test_truncated_file_names_the_missing_rows_and_is_not_touched(tmp_path):
+    f = tmp_path / "checkpoints.npy"
+    _, crcs = write_rows(f, 5)
+    cut = NPY_HEADER_BYTES + 2 * ROW + 10     # rows 0 and 1 whole, row 2 partly, 3-4 gone
+    os.truncate(f, cut)
+    with pytest.raises(RunDirError) as e:
+        check_checkpoints(f, 5, N_COLS, crcs)
+    need = NPY_HEADER_BYTES + 5 * ROW
+    assert str(e.value).startswith(f"{f}: rows 2-4 of 5 damaged (the file ends at {cut} of "
+                                   f"{need} bytes)")
+    assert "\n" not in str(e.value)
+    assert f.stat().st_size == cut              # checking only reads
+
+
+def test_flipped_bits_name_each_damaged_row(tmp_path):
+    f = tmp_path / "checkpoints.npy"
+    _, crcs = write_rows(f, 5)
+    flip_byte(f, NPY_HEADER_BYTES + 1 * ROW + 7)
+    with pytest.raises(RunDirError, match=r"checkpoints.npy: row 1 of 5 damaged \(their "
+                                          r"checksums differ from those written at commit\)"):
+        check_checkpoints(f, 5, N_COLS, crcs)
+    flip_byte(f, NPY_HEADER_BYTES + 3 * ROW + ROW - 1)
+    flip_byte(f, NPY_HEADER_BYTES + 4 * ROW)
+    with pytest.raises(RunDirError, match=r"rows 1, 3-4 of 5 damaged"):
+        check_checkpoints(f, 5, N_COLS, crcs)
+
+
+def test_header_is_checked_and_an_uncommitted_row_after_the_commit_is_fine(tmp_path):
+    f = tmp_path / "checkpoints.npy"
+    rows, crcs = write_rows(f, 4)
+    check_checkpoints(f, 3, N_COLS, crcs[:3])   # 4 rows on disk, 3 committed: a kill mid-commit
+    flip_byte(f, 30)                            # inside the header's dict text
+    with pytest.raises(RunDirError, match=r"\.npy header damaged \(rows intact"):
+        check_checkpoints(f, 4, N_COLS, crcs)
+    check_checkpoints(f, 4, N_COLS, crcs, header=False)   # a resume rewrites the header
+
+
+def test_runs_written_before_checksums_are_checked_for_presence_only(tmp_path):
+    f = tmp_path / "checkpoints.npy"
+    append_checkpoint_row(f, np.zeros(N_COLS, np.float32), 0)
+    append_checkpoint_row(f, np.zeros(N_COLS, np.float32), 1)
+    check_checkpoints(f, 2, N_COLS, None)
+    with pytest.raises(RunDirError, match="row 2 of 3 damaged"):
+        check_checkpoints(f, 3, N_COLS, None)
+
+
+def make_run_dir(path, k: int = 3, done: bool = True) -> tuple[RunDir, np.ndarray]:
+    run = RunDir(path)
+    run.create({"run_id": "abc123", "p": 11})
+    rows, crcs = write_rows(run.file("checkpoints.npy"), k)
+    run.write_progress({"run_id": "abc123", "epoch": 10 * (k - 1), "n_epochs": 10 * (k - 1),
+                        "checkpoint_epochs": [10 * i for i in range(k)],
+                        "checkpoint_crc32": crcs, "layout": [["w", [5, N_COLS // 5]]],
+                        "done": done})
+    run.file("summary.json").write_text("{}")
+    return run, rows
+
+
+def test_run_dir_reads_verify_and_a_short_file_makes_the_run_incomplete(tmp_path):
+    run, rows = make_run_dir(tmp_path / "run")
+    assert run.is_complete()
+    epochs, w = run.checkpoints(mmap=False)
+    assert epochs == [0, 10, 20] and np.array_equal(w, rows)
+    flip_byte(run.file("checkpoints.npy"), NPY_HEADER_BYTES + 2 * ROW + 3)
+    assert run.is_complete()                    # the cheap check sees sizes only
+    with pytest.raises(RunDirError, match="row 2 of 3 damaged"):
+        run.checkpoints()
+    with pytest.raises(RunDirError, match="row 2 of 3 damaged"):
+        run.verify_checkpoints()
+    assert run.checkpoints(verify=False)[1].shape == (3, N_COLS)
+    os.truncate(run.file("checkpoints.npy"), NPY_HEADER_BYTES + 2 * ROW)
+    assert not run.is_complete()
+
+
+# ---- writes that fail for want of space ---------------------------------------------------------
+FULL_DISK = """
+import errno, json, resource, signal, sys
+import numpy as np
+from grokhpc.store import append_checkpoint_row, atomic_write_bytes
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit raises EFBIG
+d, limit = sys.argv[1], int(sys.argv[2])
+with open(d + "/state.pt", "wb") as f:
+    f.write(b"old state")
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+out = {"crcs": []}
+rows = np.random.default_rng(0).standard_normal((5, 50)).astype(np.float32)
+for i, r in enumerate(rows):
+    try:
+        out["crcs"].append(append_checkpoint_row(d + "/checkpoints.npy", r, i))
+    except OSError as e:
+        out["append"] = [e.errno == errno.EFBIG, e.filename]
+        break
+try:
+    atomic_write_bytes(d + "/state.pt", b"x" * (limit + 1))
+except OSError as e:
+    out["state"] = [e.errno == errno.EFBIG, e.filename]
+print(json.dumps(out))
+"""
+
+
+def test_a_write_past_the_file_size_limit_keeps_the_committed_rows_and_the_old_file(tmp_path):
+    limit = NPY_HEADER_BYTES + 3 * ROW + ROW // 2     # room for three rows and half a fourth
+    res = subprocess.run([sys.executable, "-c", FULL_DISK, str(tmp_path), str(limit)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    f = tmp_path / "checkpoints.npy"
+    assert len(out["crcs"]) == 3
+    assert out["append"] == [True, str(f)]
+    assert f.stat().st_size == NPY_HEADER_BYTES + 3 * ROW      # the half row is cut back
+    assert np.load(f).shape == (3, N_COLS)
+    check_checkpoints(f, 3, N_COLS, out["crcs"])
+    assert out["state"] == [True, str(tmp_path / "state.pt")]  # named as itself, not its temp
+    assert (tmp_path / "state.pt").read_bytes() == b"old state"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints.npy", "state.pt"]
+
+
+# ---- one trainer per run directory --------------------------------------------------------------
+TRY_LOCK = """
+import sys
+from grokhpc.store import RunDir, RunLockedError, lock_run
+try:
+    lock_run(RunDir(sys.argv[1]))
+except RunLockedError as e:
+    print(e)
+    sys.exit(3)
+print("locked")
+"""
+
+HOLD_LOCK = """
+import sys
+from grokhpc.store import RunDir, lock_run
+lock = lock_run(RunDir(sys.argv[1]))
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+def try_lock(run: RunDir) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", TRY_LOCK, str(run.path)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_second_process_is_refused_naming_the_holder_until_it_lets_go(tmp_path):
+    run, _ = make_run_dir(tmp_path / "run", done=False)
+    prog = run.read_progress()
+    prog["attempts"] = [{"attempt": 1, "host": socket.gethostname(), "pid": os.getpid(),
+                         "started": "2026-01-02T03:04:05+0000", "slurm_job": "77_3"}]
+    run.write_progress(prog)
+    first, second = lock_run(run), lock_run(run)    # two holders in one process share it
+    res = try_lock(run)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert res.stdout.strip() == (
+        f"{run.path}: another trainer holds this run (host {socket.gethostname()}, pid "
+        f"{os.getpid()}, since 2026-01-02T03:04:05+0000, SLURM job 77_3); let it finish or "
+        "stop it first")
+    # reading config.json here must not drop the lock (closing any descriptor of a POSIX-locked
+    # file would): reads go through the lock's descriptor
+    assert run.read_config()["run_id"] == "abc123"
+    assert read_json(run.file("config.json"))["p"] == 11
+    first.release()
+    first.release()                                  # idempotent: still one holder left
+    assert try_lock(run).returncode == 3
+    second.release()
+    assert try_lock(run).stdout.strip() == "locked"
+
+
+def test_the_lock_dies_with_its_holder_no_stale_lock(tmp_path):
+    run, _ = make_run_dir(tmp_path / "run", done=False)
+    prog = run.read_progress()    # a record left by an earlier holder that is gone
+    prog["attempts"] = [{"attempt": 1, "host": socket.gethostname(), "pid": 2 ** 22 + 1,
+                         "started": "2026-01-01T00:00:00+0000"}]
+    run.write_progress(prog)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run.path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"     # the moment: it holds
+        with pytest.raises(RunLockedError) as e:
+            lock_run(run)
+        # the record is stale; the kernel names the real holder
+        assert f"(pid {holder.pid}, host not recorded yet)" in str(e.value)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+        lock = lock_run(run)    # no stale lock to delete
+        lock.release()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_a_file_system_without_locks_trains_unguarded_and_says_so(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    run, _ = make_run_dir(tmp_path / "run")
+
+    def no_locks(fd, cmd, *a):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(fcntl, "lockf", no_locks)
+    lock = lock_run(run)
+    assert lock.note == (f"note: {run.file('config.json')}: this file system takes no locks "
+                         f"({os.strerror(errno.ENOLCK)}); nothing stops a second trainer on "
+                         "this run")
+    lock.release()
+
+
+# ---- provenance ---------------------------------------------------------------------------------
+def test_provenance_columns_take_the_latest_attempt_and_flag_changed_environments():
+    base = {"host": "n1", "slurm_job": "5_1", "device": "cpu", "device_name": "Xeon",
+            "torch_threads": 4, "python": "3.11.7", "torch": "2.13.0", "numpy": "2.1.0",
+            "transformer_lens": "4.0", "grokhpc": "0.1.0", "grokhpc_commit": "ab" * 20}
+    same = {"attempts": [{**base, "attempt": 1}, {**base, "attempt": 2, "host": "n2"}]}
+    cols = provenance_columns(same)
+    assert cols == {"host": "n2", "slurm_job": "5_1", "device_name": "Xeon", "torch_threads": 4,
+                    "python_version": "3.11.7", "torch_version": "2.13.0",
+                    "transformer_lens_version": "4.0", "numpy_version": "2.1.0",
+                    "grokhpc_version": "0.1.0", "grokhpc_commit": "ab" * 20, "n_attempts": 2,
+                    "attempts_differ": None}                 # another host alone changes nothing
+    moved = {"attempts": [{**base, "attempt": 1},
+                          {**base, "attempt": 7, "device": "cuda:0", "device_name": "H200"}]}
+    cols = provenance_columns(moved)
+    assert cols["n_attempts"] == 7 and cols["device_name"] == "H200"
+    assert cols["attempts_differ"] == "device, device_name"
+    # GPUs: another index of the same model, or another CPU thread count, changes nothing
+    gpu = {**base, "device": "cuda:0", "device_name": "H200"}
+    cols = provenance_columns({"attempts": [gpu, {**gpu, "device": "cuda:3",
+                                                   "torch_threads": 16}]})
+    assert cols["attempts_differ"] is None
+    cols = provenance_columns({"attempts": [base, {**base, "torch_threads": 1}, base]})
+    assert cols["attempts_differ"] == "torch_threads"      # on CPU it does, in any attempt
+    assert provenance_columns({"epoch": 3}) == {} and provenance_columns(None) == {}
