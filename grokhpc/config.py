@@ -10,13 +10,30 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
-OPS = ("sub", "add", "mul", "div")
+# Binary operations over Z_p (names of the polynomial and mixed tasks as in Power et al. 2022)
+# and over the 120 permutations of S5.
+MODULAR_OPS = ("sub", "add", "mul", "div", "quad1", "quad2", "quad3", "cube1", "cube2", "mix1")
+GROUP_OPS = ("s5", "s5conj", "s5aba")
+OPS = MODULAR_OPS + GROUP_OPS
+S5_ORDER = 120
+OPTIMIZERS = ("adamw", "adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
+ACT_FNS = ("relu", "gelu")
+NORMALIZATIONS = ("none", "LN")
+MAX_LAYERS = 4
 LOSS_DTYPES = ("float64", "float32")
 # Fields that say where or how fast a run goes, not what it computes: left out of run_id.
 NON_IDENTITY_FIELDS = ("device",)
+# Fields newer than the first run ids, with their defaults: left out of run_id at the default.
+NEW_FIELD_DEFAULTS: dict[str, Any] = {
+    "optimizer": "adamw", "momentum": 0.0, "warmup_epochs": 0, "lr_schedule": "constant",
+    "batch_size": "full", "n_layers": 1, "act_fn": "relu", "normalization": "none",
+    "init_scale": 1.0, "fixed_weight_norm": False, "label_noise": 0.0, "stop_after_grok": None,
+}
 
 
 class ConfigError(ValueError):
@@ -61,15 +78,44 @@ class RunConfig:
     checkpoint_every: int = 100
     eval_every: int = 10
     device: str = "auto"
+    # Fields added after the first release. At its default each is left out of run_id
+    # (``NEW_FIELD_DEFAULTS``), so every run id from before stays the same.
+    optimizer: str = "adamw"
+    momentum: float = 0.0
+    warmup_epochs: int = 0
+    lr_schedule: str = "constant"
+    batch_size: int | str = "full"
+    n_layers: int = 1
+    act_fn: str = "relu"
+    normalization: str = "none"
+    init_scale: float = 1.0
+    fixed_weight_norm: bool = False
+    label_noise: float = 0.0
+    stop_after_grok: int | None = None
 
     def __post_init__(self) -> None:
         validate(self)
 
     # ---- derived ---------------------------------------------------------------------------
     @property
+    def n_classes(self) -> int:
+        """Size of the operands' set: p residues, or the 120 permutations of S5."""
+        return S5_ORDER if self.op in GROUP_OPS else self.p
+
+    @property
+    def n_pairs(self) -> int:
+        """Rows of the dataset: every (a, b), less b = 0 for div."""
+        n = self.n_classes
+        return n * (n - 1) if self.op == "div" else n * n
+
+    @property
     def d_vocab(self) -> int:
-        """Input vocabulary: the p residues plus the '=' token (id p)."""
-        return self.p + 1
+        """Input vocabulary: the operands plus the '=' token (id n_classes)."""
+        return self.n_classes + 1
+
+    @property
+    def full_batch(self) -> bool:
+        return self.batch_size == "full"
 
     @property
     def n_ctx(self) -> int:
@@ -80,6 +126,9 @@ class RunConfig:
         d = to_dict(self)
         for k in NON_IDENTITY_FIELDS:
             d.pop(k)
+        for k, default in NEW_FIELD_DEFAULTS.items():
+            if d[k] == default and type(d[k]) is type(default):
+                d.pop(k)
         return d
 
     @property
@@ -97,6 +146,10 @@ FIELD_TYPES: dict[str, type] = {
     "n_heads": int, "d_model": int, "d_head": int, "d_mlp": int, "lr": float,
     "weight_decay": float, "betas": tuple, "n_epochs": int, "loss_dtype": str,
     "checkpoint_every": int, "eval_every": int, "device": str,
+    "optimizer": str, "momentum": float, "warmup_epochs": int, "lr_schedule": str,
+    "batch_size": "batch", "n_layers": int, "act_fn": str, "normalization": str,
+    "init_scale": float, "fixed_weight_norm": bool, "label_noise": float,
+    "stop_after_grok": "optional_int",
 }
 assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}
 
@@ -114,7 +167,7 @@ def grid_bytes(cfg: RunConfig) -> int:
     """A lower bound on the bytes a run needs for its p x p grid of pairs: tokens and labels
     (int64), the MLP activations at the last position (float32), and p logits per pair in
     float32 plus the float64 log-softmax of the loss."""
-    p = cfg.p
+    p = cfg.n_classes
     return p * p * (4 * 8 + 4 * (2 * cfg.d_mlp + cfg.d_model) + (4 + 8 + 8) * p)
 
 
@@ -127,31 +180,83 @@ def validate(cfg: RunConfig, source: str = "run config") -> None:
     if isinstance(cfg.p, int) and grid_bytes(cfg) > MAX_GRID_BYTES:
         raise _fail(source, "p", f"a prime whose p x p grid fits in memory (this one needs about "
                     f"{_gib(grid_bytes(cfg))} GiB; at most {_gib(MAX_GRID_BYTES)} GiB)", cfg.p)
-    checks: list[tuple[bool, str, str]] = [
-        (is_prime(cfg.p) and cfg.p >= 3, "p", "a prime >= 3"),
+    for ok, key, expected in _task_checks(cfg) + _model_checks(cfg) + _optim_checks(cfg):
+        if not ok:
+            raise _fail(source, key, expected, getattr(cfg, key, None) if "/" not in key else
+                        (cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp))
+    if int(cfg.n_pairs * cfg.train_frac) < 1:
+        raise _fail(source, "train_frac", "a fraction leaving at least one training pair",
+                    cfg.train_frac)
+
+
+def _task_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    return [
+        (cfg.op in GROUP_OPS or (is_prime(cfg.p) and cfg.p >= 3), "p", "a prime >= 3"),
         (cfg.op in OPS, "op", f"one of {', '.join(OPS)}"),
         (0.0 < cfg.train_frac < 1.0, "train_frac", "a fraction in (0, 1)"),
-        (cfg.lr > 0, "lr", "a positive learning rate"),
-        (cfg.weight_decay >= 0, "weight_decay", "a non-negative weight decay"),
-        (len(cfg.betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.betas), "betas",
-         "two numbers in [0, 1)"),
+        (0.0 <= cfg.label_noise < 1.0, "label_noise", "a fraction in [0, 1)"),
         (cfg.n_epochs >= 1, "n_epochs", "an integer >= 1"),
         (cfg.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1"),
         (cfg.eval_every >= 1, "eval_every", "an integer >= 1"),
-        (cfg.n_heads >= 1 and cfg.d_head >= 1 and cfg.d_model >= 1 and cfg.d_mlp >= 1,
-         "n_heads/d_model/d_head/d_mlp", "positive sizes"),
+        (cfg.stop_after_grok is None or cfg.stop_after_grok >= 0, "stop_after_grok",
+         "off (null) or a number of epochs >= 0"),
         (cfg.loss_dtype in LOSS_DTYPES, "loss_dtype", f"one of {', '.join(LOSS_DTYPES)}"),
         (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")
          or cfg.device == "mps", "device", "auto, cpu, cuda or cuda:N"),
     ]
-    for ok, key, expected in checks:
-        if not ok:
-            raise _fail(source, key, expected, getattr(cfg, key, None) if "/" not in key else
-                        (cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp))
-    n_train = int(cfg.p * (cfg.p - (1 if cfg.op == "div" else 0)) * cfg.train_frac)
-    if n_train < 1:
-        raise _fail(source, "train_frac", "a fraction leaving at least one training pair",
-                    cfg.train_frac)
+
+
+def _model_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    return [
+        (cfg.n_heads >= 1 and cfg.d_head >= 1 and cfg.d_model >= 1 and cfg.d_mlp >= 1,
+         "n_heads/d_model/d_head/d_mlp", "positive sizes"),
+        (1 <= cfg.n_layers <= MAX_LAYERS, "n_layers", f"an integer in 1..{MAX_LAYERS}"),
+        (cfg.act_fn in ACT_FNS, "act_fn", f"one of {', '.join(ACT_FNS)}"),
+        (cfg.normalization in NORMALIZATIONS, "normalization",
+         f"one of {', '.join(NORMALIZATIONS)}"),
+        (cfg.init_scale > 0 and math.isfinite(cfg.init_scale), "init_scale",
+         "a positive number"),
+    ]
+
+
+def _optim_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    n_train = int(cfg.n_pairs * cfg.train_frac)
+    return [
+        (cfg.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}"),
+        (cfg.lr > 0, "lr", "a positive learning rate"),
+        (cfg.weight_decay >= 0, "weight_decay", "a non-negative weight decay"),
+        (len(cfg.betas) == 2 and all(0.0 <= b < 1.0 for b in cfg.betas), "betas",
+         "two numbers in [0, 1)"),
+        (0.0 <= cfg.momentum < 1.0, "momentum", "a number in [0, 1)"),
+        (cfg.momentum == 0.0 or cfg.optimizer == "sgd", "momentum",
+         "0 unless optimizer is sgd"),
+        (cfg.warmup_epochs >= 0, "warmup_epochs", "an integer >= 0"),
+        (cfg.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {', '.join(LR_SCHEDULES)}"),
+        (cfg.batch_size == "full" or (isinstance(cfg.batch_size, int)
+                                      and 1 <= cfg.batch_size <= max(n_train, 1)),
+         "batch_size", f"full or an integer in 1..{n_train} (the train set's size)"),
+    ]
+
+
+def _coerce_special(kind: str, value: Any, bad: ConfigError) -> Any:
+    """The fields whose type is a choice: batch_size ('full' or int), an optional int."""
+    if kind == "batch":
+        if value == "full":
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if value is None or (isinstance(value, str) and value.lower() in ("off", "none", "null")):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise bad
+
+
+_KIND_NAMES = {tuple: "a pair of numbers", bool: "true or false",
+               "batch": "full or an integer", "optional_int": "an integer or off"}
 
 
 def coerce(key: str, value: Any, source: str = "run config") -> Any:
@@ -160,8 +265,14 @@ def coerce(key: str, value: Any, source: str = "run config") -> Any:
         known = ", ".join(sorted(FIELD_TYPES))
         raise ConfigError(f"{source}: {key}: unknown field (known: {known})")
     kind = FIELD_TYPES[key]
-    bad = _fail(source, key, kind.__name__ if kind is not tuple else "a pair of numbers", value)
-    if kind is bool or isinstance(value, bool):
+    bad = _fail(source, key, _KIND_NAMES.get(kind) or kind.__name__, value)
+    if isinstance(kind, str):
+        return _coerce_special(kind, value, bad)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if isinstance(value, bool):
         raise bad
     if kind is int:
         if isinstance(value, int):
@@ -182,14 +293,12 @@ def coerce(key: str, value: Any, source: str = "run config") -> Any:
         if isinstance(value, str):
             return value
         raise bad
-    if kind is tuple:
-        if isinstance(value, (list, tuple)) and len(value) == 2:
-            try:
-                return tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                raise bad from None
-        raise bad
-    raise bad  # pragma: no cover
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise bad from None
+    raise bad
 
 
 def from_dict(d: Mapping[str, Any], source: str = "run config",
@@ -198,6 +307,10 @@ def from_dict(d: Mapping[str, Any], source: str = "run config",
     if not isinstance(d, Mapping):
         raise ConfigError(f"{source}: expected a mapping of run fields, got {type(d).__name__}")
     values = {k: coerce(k, v, source) for k, v in d.items()}
+    op = values.get("op", (base or RunConfig()).op)
+    if op in GROUP_OPS and "p" in values:
+        raise ConfigError(f"{source}: p: does not apply to op {op} (the {S5_ORDER} permutations "
+                          f"of S5); leave p out, got {values['p']!r}")
     try:
         return dataclasses.replace(base or RunConfig(), **values)
     except ConfigError as e:
@@ -206,8 +319,11 @@ def from_dict(d: Mapping[str, Any], source: str = "run config",
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain JSON types; ``p`` is left out for the S5 tasks, where it does not apply."""
     d = dataclasses.asdict(cfg)
     d["betas"] = list(d["betas"])
+    if cfg.op in GROUP_OPS:
+        d.pop("p")
     return d
 
 

@@ -45,11 +45,11 @@ measures (losses, accuracies, weight_norm_sq) are still written.
 Fast path
 ---------
 The query of the only position the loss reads is always the ``=`` token, so each head's
-attention score of ``a`` depends on a alone and that of ``b`` on b alone. The pattern, the
-attention output and the residual stream at the last position are therefore computed from
-per-token tables (O(p^2 h d) instead of a full forward), then ``resid_mid @ W_in``,
-``relu``, and ``post @ (W_out @ W_U)``. A test holds it against the hooked forward
-(``Transformer.run_with_cache``) and the seed's formulation.
+attention score of ``a`` depends on a alone and that of ``b`` on b alone. The last position's
+pattern, MLP input and logits on the whole grid therefore come from per-token tables
+(``grokhpc.lastpos``, the algebra the trainers use) in O(p^2 h d) plus
+``relu(pre) @ (W_out @ W_U)``, instead of a full forward. Tests hold it to the hooked forward
+(``Transformer.run_with_cache``) and to the seed's formulation.
 
 ``measures.parquet`` schema (one row per checkpoint, sorted by epoch)
 --------------------------------------------------------------------
@@ -266,69 +266,37 @@ class Evaluator:
         """(post, logits, W_logit, logit_const[, resid_mid]) at the last position for every
         (a, b) of the grid, rows a-major; ``post`` and ``logits`` are reused buffers.
 
-        With pa, pb, pc the attention of the last position to a, b and '=' (one per head,
-        pc = 1 - pa - pb) and o0[a], o1[b], o2 the heads' outputs for each token, the residual
-        stream is r[a, b] = x2 + b_O + sum_h pa o0[a, h] + pb o1[b, h] + pc o2[h]; any linear
-        map M of it (W_in, W_U) is base_M + sum_h pa (o0 - o2) M + pb (o1 - o2) M: eight
-        terms per pair instead of a (p^2 x d_model) @ (d_model x n) product."""
+        The algebra is ``grokhpc.lastpos``'s (:func:`~grokhpc.lastpos.grid_terms`,
+        :func:`~grokhpc.lastpos.read_out`): the residual stream is never formed per pair; each
+        linear map M of it (``W_in``, ``W_U``) is a pattern-weighted sum of table rows read
+        through M, two batched products per map (:meth:`_mix`). ``W_U``'s p columns are padded
+        to a multiple of 16, on which the BLAS kernels run faster; the padding stays zero."""
         import torch
+        import torch.nn.functional as F
+
+        from . import lastpos
 
         t = {k: torch.as_tensor(np.require(v, np.float32, ["W"]), device=self.device)
              for k, v in W.items()}
-        p = self.p
-        W_E, W_pos = t["embed.W_E"], t["pos_embed.W_pos"]
-        at = "blocks.0.attn."
-        W_Q, W_K, W_V, W_O = (t[at + n] for n in ("W_Q", "W_K", "W_V", "W_O"))
-        h, d_model, e = W_Q.shape
-        zero = torch.zeros((), device=self.device)
-        b_Q, b_K, b_V, b_O = (t.get(at + n, zero) for n in ("b_Q", "b_K", "b_V", "b_O"))
-        b_Q, b_K, b_V = (x.expand(h, e) for x in (b_Q, b_K, b_V))
-        x0 = W_E[:p] + W_pos[0]                                     # token a at position 0
-        x1 = W_E[:p] + W_pos[1]                                     # token b at position 1
-        x2 = W_E[p] + W_pos[2]                                      # '=' at position 2
-        q = torch.einsum("d,hde->he", x2, W_Q) + b_Q                # the only query: (h, e)
-        scale = math.sqrt(e)
-        s0 = (torch.einsum("ad,hde->ahe", x0, W_K) + b_K).mul(q).sum(-1) / scale   # (p, h)
-        s1 = (torch.einsum("ad,hde->ahe", x1, W_K) + b_K).mul(q).sum(-1) / scale
-        s2 = ((torch.einsum("d,hde->he", x2, W_K) + b_K) * q).sum(-1) / scale     # (h,)
-        s0b, s1b, s2b = torch.broadcast_tensors(s0[:, None], s1[None, :], s2)
-        pat = torch.softmax(torch.stack([s0b, s1b, s2b], -1), dim=-1)  # (a, b, h, 3)
-        ones = torch.ones(p, p, 1, device=self.device)
-        pa = torch.cat([pat[..., 0], ones], -1)                     # (a, b, h + 1)
-        pbT = pat[..., 1].transpose(0, 1).contiguous()              # (b, a, h)
-        vo = torch.einsum("he,hef->hf", b_V, W_O)
-        o0 = torch.einsum("ad,hde,hef->ahf", x0, W_V, W_O) + vo     # (p, h, d)
-        o1 = torch.einsum("ad,hde,hef->ahf", x1, W_V, W_O) + vo
-        o2 = torch.einsum("d,hde,hef->hf", x2, W_V, W_O) + vo       # (h, d)
-        base = x2 + b_O + o2.sum(0)                                 # r when pa = pb = 0
-        T0 = torch.cat([o0 - o2, base.expand(p, 1, d_model)], 1)    # (a, h + 1, d)
-        T1 = o1 - o2                                                # (b, h, d)
+        w, _ = lastpos.stacked(t)
+        g = lastpos.grid_terms(w, self.p)
+        maps = lastpos.read_out_maps(w)
 
         def mapped(M, name):
-            return self._mix(pa, pbT, T0 @ M, T1 @ M, name)
+            return self._mix(g.pa, g.pbT, g.T0 @ M, g.T1 @ M, name)
 
-        post = mapped(t["blocks.0.mlp.W_in"], "post")
-        if "blocks.0.mlp.b_in" in t:
-            post += t["blocks.0.mlp.b_in"]
-        post.relu_()
-        W_U = t["unembed.W_U"]
-        W_logit = t["blocks.0.mlp.W_out"] @ W_U
-        const = t.get("unembed.b_U", zero)                         # what the biases add
-        if "blocks.0.mlp.b_out" in t:
-            const = const + t["blocks.0.mlp.b_out"] @ W_U
-        # p columns padded to a multiple of 16: the BLAS kernels run ~1.5x faster on 128 than
-        # on 113; the padding columns stay zero and are sliced off.
-        n_out = W_U.shape[1]
+        n_out = maps.W_U.shape[-1]
         pad = -n_out % 16
-        W_U_pad = torch.nn.functional.pad(W_U, (0, pad))
-        logits = mapped(W_U_pad, "logits")                          # resid_mid @ W_U
-        logits.addmm_(post, torch.nn.functional.pad(W_logit, (0, pad)))
+        post = mapped(maps.W_in[0], "post").add_(maps.b_in[0])             # pre-activation
+        logits = mapped(F.pad(maps.W_U[0], (0, pad)), "logits")
+        logits += F.pad(maps.b_direct[0], (0, pad))
+        W_logit = maps.W_logit[0]
+        lastpos.read_out(post[None], logits[None], F.pad(W_logit, (0, pad))[None], inplace=True)
         logits = logits[:, :n_out].contiguous()
-        logits += const
         if resid:
-            eye = torch.eye(d_model, device=self.device)
-            return post, logits, W_logit, const, mapped(eye, "resid").clone()
-        return post, logits, W_logit, const
+            eye = torch.eye(w.W_E.shape[-1], device=self.device)
+            return post, logits, W_logit, maps.b_direct[0], mapped(eye, "resid").clone()
+        return post, logits, W_logit, maps.b_direct[0]
 
     def cos_sims(self, L):
         """(cosine similarity of the logit grid ``L`` (p^2, p) with cos(w_k (d - c)) for
@@ -353,16 +321,16 @@ class Evaluator:
             return self._measure(W)
 
     def _measure(self, W):
-        import torch
+        from .lastpos import accuracy, cross_entropy, row_losses
 
         out: dict[str, Any] = {}
         post, logits, W_logit, const = self._grid(W)
         by_pair = logits if self.identity_rows else logits[self.rows]   # dataset order
-        row_loss = _ce_rows(by_pair, self.labels)
-        row_hit = (by_pair.argmax(dim=-1) == self.labels).double()
+        row_loss = row_losses(by_pair, self.labels)             # once for all three splits
         for split, idx in (("train", self.train_idx), ("test", self.test_idx), ("all", None)):
-            out[f"{split}_loss"] = float(row_loss.mean() if idx is None else row_loss[idx].mean())
-            out[f"{split}_acc"] = float(row_hit.mean() if idx is None else row_hit[idx].mean())
+            rows = slice(None) if idx is None else idx
+            out[f"{split}_loss"] = float(row_loss[rows].mean())
+            out[f"{split}_acc"] = float(accuracy(by_pair[rows], self.labels[rows]))
         out["weight_norm_sq"] = float(sum(float(np.square(np.asarray(v, np.float64)).sum())
                                           for v in W.values()))
         if not self.fourier:
@@ -379,23 +347,10 @@ class Evaluator:
         # approx_acts = U U^T post; approx_acts @ W_logit = U (U^T post W_logit) = U @ CW
         CW = (self.U.T @ post) @ W_logit                             # (2 n_key, p)
         shift = logits.mean(0) - self.U_mean @ CW                     # re-centre the mean logit
-        out["restricted_loss"] = float(_ce_rows(self.U_test @ CW + shift, self.test_labels).mean())
+        out["restricted_loss"] = float(cross_entropy(self.U_test @ CW + shift, self.test_labels))
         excluded = logits[self.train_rows] - self.U_train @ CW - const
-        out["excluded_loss"] = float(_ce_rows(excluded, self.train_labels).mean())
+        out["excluded_loss"] = float(cross_entropy(excluded, self.train_labels))
         return out
-
-
-def _ce_rows(logits, labels):
-    """Per-row cross-entropy (float64) of float32 logits, as accurate as a float64 log-softmax:
-    loss = (max - logit[label]) + log1p(sum of exp(l - max) over all but the argmax), so a
-    loss of 1e-7 is not lost in 1 + 1e-7 (float32 keeps ~7 digits)."""
-    import torch
-
-    m, arg = logits.max(dim=-1)
-    e = torch.exp(logits - m[:, None])
-    e.scatter_(1, arg[:, None], 0.0)
-    rest = e.sum(-1).double()
-    return (m - logits.gather(1, labels[:, None])[:, 0]).double() + torch.log1p(rest)
 
 
 # ---- a run ----------------------------------------------------------------------------------
@@ -535,6 +490,7 @@ def build_summary(run: RunDir, table, key_freqs, curves=None) -> dict[str, Any]:
         summary[f"final_{col}"] = _num(last[col])
     prog = run.read_progress() or {}
     summary["wall_time_s"] = prog.get("wall_time_s")
+    summary["stopped_early"] = bool(prog.get("stopped_early"))
     return summary
 
 

@@ -9,10 +9,9 @@ but are frozen at zero.
 Two forward paths share the weights:
 
 * ``forward(tokens)`` -- the readable, hooked, all-positions forward (analysis, tests);
-* ``last_logits(tokens)`` -- the training path. The loss only reads the last position; its
-  attention and MLP input are assembled from per-(position, token, head) tables instead of
-  being computed per row (see its docstring). A test proves it equals ``forward`` (logits and
-  gradients).
+* ``last_logits(tokens)`` -- the training path: the last position only, from
+  per-(position, token, head) tables (``grokhpc.lastpos``, shared with packed training and the
+  progress measures). Tests hold it to ``forward`` (logits and gradients).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from . import lastpos
 from .config import RunConfig
 
 
@@ -178,69 +178,16 @@ class Transformer(HookedRootModule):
 
     # ---- the training path ----------------------------------------------------------------
     def last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits at the last position only, (batch, d_vocab_out); no hooks.
-
-        Equal to ``forward(tokens)[:, -1]`` (a test compares logits and gradients). Two facts
-        make it cheap:
-
-        * before the softmax, queries, keys and values are linear in a one-hot token, so the
-          score of every (query token, key position, key token, head) is one small table, and a
-          row's scores are looked up from it;
-        * after the softmax and up to the ReLU, everything is linear again: the last position's
-          residual is the '=' embedding plus, per key position j and head h, the pattern weight
-          times a value row that depends only on (j, token_j, h). Read through ``W_in`` (and,
-          for the residual's direct path to the logits, ``W_U``), each such row is precomputed
-          once per (j, token, h) and a row's MLP input is a weighted sum of 13 of them
-          (``embedding_bag``), instead of a d_model x d_mlp product per row.
-
-        What is left per row is the ReLU and ``post @ (W_out @ W_U)``.
-        """
-        attn, mlp, unembed = self.blocks[0].attn, self.blocks[0].mlp, self.unembed
-        b, n = tokens.shape
-        vocab, h = self.cfg.d_vocab, self.cfg.n_heads
-        table = self.embed.W_E[None, :, :] + self.pos_embed.W_pos[:n, None, :]   # (n, V, d)
-        read = torch.cat([mlp.W_in, unembed.W_U], dim=1)                         # (d, d_mlp + p)
-        o_read = torch.einsum("hed,df->hef", attn.W_O, read)                      # (h, e, d_mlp + p)
-
-        # The last position's own terms depend only on its token, shared by every row of a
-        # batch in training ('='): they are computed per distinct token and spread with a
-        # one-hot product, so their gradients are sums taken by a matmul rather than float32
-        # accumulations of thousands of rows one after another.
-        uniq, inv = torch.unique(tokens[:, -1], return_inverse=True)
-        onehot = F.one_hot(inv, len(uniq)).to(table.dtype)                      # (b, U)
-        x_last = table[-1][uniq]                                                 # (U, d)
-        q = torch.einsum("ud,hde->uhe", x_last, attn.W_Q) + attn.b_Q             # (U, h, e)
-        k_last = torch.einsum("ud,hde->uhe", x_last, attn.W_K) + attn.b_K
-        v_last = torch.einsum("ud,hde->uhe", x_last, attn.W_V) + attn.b_V
-
-        # Scores: one table over (query token, key position, key token, head), rows look up.
-        early = table[:-1]                                                       # (n-1, V, d)
-        k_tab = torch.einsum("pvd,hde->phve", early, attn.W_K) + attn.b_K[:, None]
-        s_tab = torch.einsum("uhe,phve->upvh", q, k_tab).flatten(1, 2)           # (U, (n-1) V, h)
-        flat = tokens[:, :-1] + torch.arange(n - 1, device=tokens.device) * vocab  # (b, n-1)
-        scores = torch.cat([s_tab[inv[:, None], flat],
-                            (onehot @ (q * k_last).sum(-1))[:, None]], dim=1)   # (b, n, h)
-        pattern = F.softmax(scores / attn.attn_scale, dim=1)
-
-        # Values read through W_O and [W_in | W_U]: a weighted sum of per-(position, token,
-        # head) rows for the earlier positions, and the one-hot product for the last one.
-        v_tab = torch.einsum("pvd,hde->pvhe", early, attn.W_V) + attn.b_V        # (n-1, V, h, e)
-        rows = torch.einsum("pvhe,hef->pvhf", v_tab, o_read).flatten(0, 2)       # ((n-1) V h, f)
-        idx = (flat[..., None] * h + torch.arange(h, device=tokens.device)).flatten(1)
-        mixed = F.embedding_bag(idx, rows, per_sample_weights=pattern[:, :-1].flatten(1),
-                                mode="sum")
-        last_rows = torch.cat([torch.einsum("uhe,hef->uhf", v_last, o_read),
-                               (x_last @ read)[:, None]], dim=1)                 # (U, h+1, f)
-        w_last = torch.cat([pattern[:, -1], pattern.new_ones(b, 1)], dim=1)      # (b, h+1)
-        mixed = mixed + (onehot[:, :, None] * w_last[:, None, :]).flatten(1) @ last_rows.flatten(0, 1)
-        mixed = mixed + attn.b_O @ read + torch.cat([mlp.b_in, unembed.b_U])
-        pre, direct = mixed.split([mlp.W_in.shape[1], unembed.W_U.shape[1]], dim=1)
-        return direct + F.relu(pre) @ (mlp.W_out @ unembed.W_U) + mlp.b_out @ unembed.W_U
+        """Logits at the last position only, (batch, d_vocab_out); no hooks. Equal to
+        ``forward(tokens)[:, -1]``, computed from per-(position, token, head) tables
+        (``grokhpc.lastpos``)."""
+        return lastpos.last_logits(dict(self.named_parameters()), tokens)
 
 
 def shape_of(cfg: RunConfig) -> ModelShape:
     return ModelShape(n_layers=1, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
-                      d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, d_vocab_out=cfg.p, n_ctx=cfg.n_ctx)
+                      d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, d_vocab_out=cfg.n_classes,
+                      n_ctx=cfg.n_ctx)
 
 
 def init_weights(model: Transformer, seed: int) -> None:
@@ -267,6 +214,10 @@ def build_model(cfg: RunConfig, device: str | torch.device = "cpu") -> Transform
     """A freshly initialised model for ``cfg`` (on CPU, then moved: init is device-independent)."""
     model = Transformer(shape_of(cfg))
     init_weights(model, cfg.model_seed)
+    if cfg.init_scale != 1.0:   # Omnigrok's alpha: every weight scaled at initialisation
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(cfg.init_scale)
     freeze_biases(model)
     return model.to(device)
 

@@ -445,7 +445,7 @@ class RunDir:
     def is_trained(self) -> bool:
         """All planned epochs done (measures may still be pending)."""
         prog = self.read_progress()
-        return bool(prog) and prog["epoch"] >= prog["n_epochs"]
+        return bool(prog) and (prog["epoch"] >= prog["n_epochs"] or bool(prog.get("stopped_early")))
 
     def is_complete(self) -> bool:
         """Trained, measured and summarised: nothing left to do for this run. Cheap (no read of

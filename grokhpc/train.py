@@ -34,10 +34,14 @@ import numpy as np
 
 from . import config as config_mod
 from .config import ConfigError, RunConfig
+from .lastpos import accuracy, cross_entropy
 from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirError,
                     RunLockedError, append_checkpoint_row, atomic_write_bytes, atomic_write_json,
                     changed_environment, check_checkpoints, checkpoint_checksums, lock_run,
                     provenance_columns, truncate_checkpoints)
+
+
+GROK_ACC = 0.99  # the grokking threshold on test accuracy (as the measures' grokking_epoch)
 
 
 def resolve_device(name: str):
@@ -48,24 +52,17 @@ def resolve_device(name: str):
     return torch.device(name)
 
 
-def loss_fn(logits, labels, dtype: str = "float64"):
-    """Mean cross-entropy of ``logits`` (batch, p) against ``labels``, computed in ``dtype``."""
-    import torch
-
-    log_probs = logits.to(getattr(torch, dtype)).log_softmax(dim=-1)
-    return -log_probs.gather(dim=-1, index=labels[:, None])[:, 0].mean()
-
-
-def accuracy(logits, labels):
-    return (logits.argmax(dim=-1) == labels).double().mean()
+# The one cross-entropy and accuracy (float64 by default, as the seed's loss_fn), under the
+# names the trainer and its callers use.
+loss_fn = cross_entropy
 
 
 def make_optimizer(model, cfg: RunConfig):
-    """AdamW over every parameter, as the seed (frozen biases get no gradient, so no update)."""
-    import torch
+    """The run's optimiser over every parameter (frozen biases get no gradient, so no update);
+    AdamW by default, as the seed."""
+    from .optim import make_optimizer as build
 
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                             betas=tuple(cfg.betas))
+    return build(model.parameters(), cfg)
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # a full disk, a quota, a file size limit
@@ -212,18 +209,52 @@ class Trainer:
         self.attempts: list[dict[str, Any]] = []   # provenance of each process that trained it
         self.notes: list[str] = []   # one line each, for the user: a changed environment, ...
         self._release = lambda: None
+        self._init_extras()
+
+    def _init_extras(self) -> None:
+        """State of the optional run fields: minibatch order, the weight norm to hold, the
+        epoch of the first logged test accuracy >= 99% (for ``stop_after_grok``)."""
+        from .optim import batch_generator, weight_norm
+
+        cfg = self.cfg
+        self.batch_gen = None if cfg.full_batch else batch_generator(cfg)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.init_norm = weight_norm(self.trainable) if cfg.fixed_weight_norm else None
+        self.grok_epoch: int | None = None
 
     # ---- one epoch ------------------------------------------------------------------------
     def step(self) -> None:
-        """One full-batch AdamW step; records the train loss of the weights before it."""
-        logits = self.model.last_logits(self.train_tokens)
-        loss = loss_fn(logits, self.train_labels, self.cfg.loss_dtype)
+        """One epoch: a full-batch step (the seed's; records the train loss of the weights
+        before it) or, with ``batch_size``, one pass of minibatch steps (records the mean
+        minibatch loss and accuracy over the pass)."""
+        from .optim import epoch_batches, set_lr
+
+        set_lr(self.optimizer, self.epoch, self.cfg)
+        if self.batch_gen is None:
+            loss, acc = self._update(self.train_tokens, self.train_labels)
+        else:
+            loss = acc = 0.0
+            n = len(self.train_labels)
+            for idx in epoch_batches(n, self.cfg, self.batch_gen):
+                idx = idx.to(self.device)
+                b_loss, b_acc = self._update(self.train_tokens[idx], self.train_labels[idx])
+                loss, acc = loss + b_loss * (len(idx) / n), acc + b_acc * (len(idx) / n)
+        self.curves["train_loss"][self.epoch] = loss
+        self.curves["train_acc"][self.epoch] = acc
+        self.epoch += 1
+
+    def _update(self, tokens, labels):
+        """One optimiser step on ``tokens``; returns the (detached) loss and accuracy."""
+        from .optim import rescale_to_norm
+
+        logits = self.model.last_logits(tokens)
+        loss = loss_fn(logits, labels, self.cfg.loss_dtype)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.curves["train_loss"][self.epoch] = loss.detach()
-        self.curves["train_acc"][self.epoch] = accuracy(logits.detach(), self.train_labels)
-        self.epoch += 1
+        if self.init_norm is not None:
+            rescale_to_norm(self.trainable, self.init_norm)
+        return loss.detach(), accuracy(logits.detach(), labels)
 
     def evaluate(self, train_too: bool = False) -> None:
         """Score the test set (and, at the last epoch, the train set) at the current epoch."""
@@ -238,6 +269,25 @@ class Trainer:
                 self.curves[f"{split}_loss"][self.epoch] = loss_fn(logits, labels,
                                                                   self.cfg.loss_dtype)
                 self.curves[f"{split}_acc"][self.epoch] = accuracy(logits, labels)
+        self.note_grok()
+
+    def note_grok(self) -> None:
+        """Remember the first epoch whose logged test accuracy is >= 99% (``stop_after_grok``
+        only: the default path never reads a value back from the device here)."""
+        if self.cfg.stop_after_grok is not None and self.grok_epoch is None \
+                and self.curves["test_acc"][self.epoch].item() >= GROK_ACC:
+            self.grok_epoch = self.epoch
+
+    def stop_epoch(self) -> int:
+        """The epoch this run ends at: n_epochs, or ``stop_after_grok`` epochs after its first
+        logged test accuracy >= 99% when that comes sooner."""
+        if self.grok_epoch is None:
+            return self.cfg.n_epochs
+        return min(self.cfg.n_epochs, self.grok_epoch + self.cfg.stop_after_grok)
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.epoch < self.cfg.n_epochs and self.epoch >= self.stop_epoch()
 
     # ---- durability ---------------------------------------------------------------------
     def curve_arrays(self) -> dict[str, np.ndarray]:
@@ -303,11 +353,26 @@ class Trainer:
             "checkpoint_epochs": epochs,
             "checkpoint_crc32": crcs,
             "wall_time": self.wall_time,
+            **self._extra_state(),
         }
         state["checksum"] = state_checksum(state)
         buf = io.BytesIO()
         torch.save(state, buf)
         return buf.getvalue()
+
+    def _extra_state(self) -> dict[str, Any]:
+        """The optional fields' resumable state (absent for a default run)."""
+        out: dict[str, Any] = {}
+        if self.batch_gen is not None:
+            out["batch_gen"] = self.batch_gen.get_state()
+        if self.cfg.stop_after_grok is not None:
+            out["grok_epoch"] = self.grok_epoch
+        return out
+
+    def _restore_extra(self, state: dict[str, Any]) -> None:
+        if self.batch_gen is not None:
+            self.batch_gen.set_state(state["batch_gen"])
+        self.grok_epoch = state.get("grok_epoch")
 
     def write_views(self, done: bool = False) -> None:
         self.run.write_progress(self.progress(done))
@@ -323,6 +388,7 @@ class Trainer:
             "layout": self.layout,
             "wall_time_s": round(self.wall_time, 3),
             "device": str(self.device),
+            "stopped_early": self.stopped_early,
             "attempts": self.attempts,
             "done": done,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -368,6 +434,7 @@ class Trainer:
         self.epoch = self.committed_epoch = int(state["epoch"])
         self.checkpoint_epochs, self.checkpoint_crcs = epochs, list(crcs)
         self.wall_time = float(state["wall_time"])
+        self._restore_extra(state)
         truncate_checkpoints(f, len(epochs), self.n_cols)
         return True
 
@@ -431,11 +498,14 @@ class Trainer:
                    desc=cfg.run_id, dynamic_ncols=True, mininterval=1.0)
         t0 = time.perf_counter()
         try:
-            while self.epoch < stop:
+            while self.epoch < min(stop, self.stop_epoch()):
                 self.step()
-                last = self.epoch == cfg.n_epochs
+                last = self.epoch == self.stop_epoch()
                 if self.epoch % cfg.eval_every == 0 or last:
                     self.evaluate(train_too=last)
+                if not last and self.epoch == self.stop_epoch():   # grokked just now
+                    last = True
+                    self.evaluate(train_too=True)
                 bar.update(1)
                 if self.epoch % cfg.checkpoint_every == 0 or last:
                     now = time.perf_counter()

@@ -10,20 +10,20 @@ How the runs are stacked:
 
 * parameters: every weight is one leaf tensor with a leading run axis, ``(R, *shape)``, built
   from ``grokhpc.model.build_model(cfg)`` of each run (the solo initialisation, run by run);
-* forward, two ways (``exact``):
-  - batched (the default on GPUs): the run axis carried through every kernel -- batched
-    einsums for the small tables, gathers offset per run, ``bmm`` for the row-sized products
-    (``stacked_last_logits_dense``, the default, or ``stacked_last_logits``, the solo fast
-    path's embedding-bag form) -- so run ``r`` only ever touches its own weights and rows (one
-    run turning NaN cannot reach another). It equals the solo logits and gradients up to
-    float32 rounding, not bit for bit: the kernels sum in other orders. Each run's train (and test) rows are gathered in the solo order and padded at the
-    end to the group's longest; padded rows are masked out of the loss and accuracy, which are
-    summed over a run's own rows and divided by its own row count (the solo ``mean``);
-  - exact (the default on CPU): ``Transformer.last_logits`` itself, run by run via
-    ``torch.func.functional_call`` on views of the stacked weights, each on its own unpadded
-    rows. Bit-identical to solo runs (tests check whole runs file by file), and it follows any
-    change of the solo fast path by construction. On a CPU the cores are busy at R = 1
-    already, so batching the forward buys little there;
+* forward, two ways (``exact``), both ``grokhpc.lastpos.last_logits`` -- the solo fast path's
+  code:
+  - batched (the default on GPUs): called once on the stacked weights, the run axis carried
+    through every kernel (batched einsums for the tables, gathers offset per run, ``bmm`` for
+    the row-sized products), so run ``r`` only ever touches its own weights and rows (one run
+    turning NaN cannot reach another). It equals the solo logits and gradients up to float32
+    rounding, not bit for bit: batched kernels sum in other orders. Each run's train (and
+    test) rows are gathered in the solo order and padded at the end to the group's longest;
+    padded rows are masked out of the loss and accuracy, which are each run's mean over its
+    own rows (the solo ``mean``);
+  - exact (the default on CPU): called run by run on views of the stacked weights, each on its
+    own unpadded rows, exactly as a solo run calls it. Bit-identical to solo runs (tests check
+    whole runs file by file). On a CPU the cores are busy at R = 1 already, so batching the
+    forward buys little there;
 * optimiser: ``StackedAdamW`` holds the stacked moments. In batched mode its step is
   ``torch.optim.AdamW``'s single-tensor math (decoupled weight decay, bias corrections per
   run) with per-run lr, weight decay and betas broadcast along the run axis, ~8 kernels per
@@ -59,7 +59,7 @@ import math
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from .config import RunConfig
 from .store import RunDir, RunDirError
@@ -97,160 +97,6 @@ def check_group(cfgs: Sequence[RunConfig], out_dirs: Sequence) -> None:
     if len(set(paths)) != len(paths):
         dup = next(x for x in paths if paths.count(x) > 1)
         raise GroupError(f"train_group: out_dirs: {dup} is given to two runs")
-
-
-# ---- the stacked model ------------------------------------------------------------------------
-PARAM_ORDER = ("embed.W_E", "pos_embed.W_pos", "blocks.0.attn.W_Q", "blocks.0.attn.W_K",
-               "blocks.0.attn.W_V", "blocks.0.attn.W_O", "blocks.0.mlp.W_in",
-               "blocks.0.mlp.W_out", "unembed.W_U", "blocks.0.attn.b_Q", "blocks.0.attn.b_K",
-               "blocks.0.attn.b_V", "blocks.0.attn.b_O", "blocks.0.mlp.b_in",
-               "blocks.0.mlp.b_out", "unembed.b_U")
-
-
-def _batched_tables(P: dict, n: int, vocab: int):
-    """The row-independent tables of ``Transformer.last_logits`` -- score table (R, V, n V, h),
-    embedding-bag rows (R, n V h + V, d_mlp + p), the constant rows ``b_O @ read`` and
-    ``[b_in, b_U]``, ``W_out @ W_U`` and ``b_out @ W_U`` -- for all runs at once: a few
-    kernels whatever R is, the solo expressions with a run axis."""
-    import torch
-
-    (W_E, W_pos, W_Q, W_K, W_V, W_O, W_in, W_out, W_U,
-     b_Q, b_K, b_V, b_O, b_in, b_out, b_U) = (P[k] for k in PARAM_ORDER)
-    R, h = W_Q.shape[0], W_Q.shape[1]
-    table = W_E[:, None, :, :] + W_pos[:, :n, None, :]                           # (R, n, V, d)
-    q_tab = torch.einsum("rvd,rhde->rhve", table[:, -1], W_Q) + b_Q[:, :, None]
-    k_tab = torch.einsum("rpvd,rhde->rhpve", table, W_K) + b_K[:, :, None, None]
-    s_tab = torch.einsum("rhqe,rhpve->rqpvh", q_tab, k_tab).reshape(R, vocab, n * vocab, h)
-    read = torch.cat([W_in, W_U], dim=2)                                         # (R, d, m + p)
-    v_tab = torch.einsum("rpvd,rhde->rpvhe", table, W_V) + b_V[:, None, None]
-    o_read = torch.einsum("rhed,rdf->rhef", W_O, read)
-    rows = torch.cat([torch.einsum("rpvhe,rhef->rpvhf", v_tab, o_read).flatten(1, 3),
-                      torch.bmm(table[:, -1], read)], dim=1)
-    const = torch.bmm(b_O[:, None, :], read)[:, 0]
-    const_b = torch.cat([b_in, b_U], dim=1)
-    return (s_tab, rows, const, const_b, torch.bmm(W_out, W_U),
-            torch.bmm(b_out[:, None, :], W_U)[:, 0])
-
-
-def stacked_last_logits(P: dict, tokens, d_vocab: int):
-    """``Transformer.last_logits`` for R runs at once, as batched kernels.
-
-    ``P`` maps TransformerLens parameter names to (R, *shape) tensors, ``tokens`` is (R, b, n)
-    long. Returns (R, b, d_vocab_out). The same math as the solo fast path -- score table,
-    per-(position, token, head) rows read through ``[W_in, W_U]``, one ``embedding_bag`` per
-    row, ReLU, ``post @ (W_out W_U)`` -- with the run axis in every kernel: the tables are
-    batched einsums, the bags of all runs are one ``embedding_bag`` over the stacked rows, the
-    last product one ``bmm``. Summation layouts differ from the solo kernels, so it equals
-    the solo logits and gradients up to float32 rounding (a test bounds it).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    R, b, n = tokens.shape
-    V = d_vocab
-    h = P["blocks.0.attn.W_Q"].shape[1]
-    scale = math.sqrt(P["blocks.0.attn.W_Q"].shape[-1])
-    m = P["blocks.0.mlp.W_in"].shape[-1]
-    flat = tokens + torch.arange(n, device=tokens.device) * V                    # (R, b, n)
-    last = tokens[:, :, -1]                                                      # (R, b)
-    s_tab, rows, const, const_b, wou, bou = _batched_tables(P, n, V)
-    run_off = torch.arange(R, device=tokens.device)[:, None]
-    scores = s_tab.reshape(R * V, n * V, h)[(last + run_off * V)[:, :, None], flat]
-    pattern = F.softmax(scores / scale, dim=2)                                   # (R, b, n, h)
-    n_rows = rows.shape[1]
-    heads = torch.arange(h, device=tokens.device)
-    idx = torch.cat([(flat[..., None] * h + heads).flatten(2),
-                     (n * V * h + last)[..., None]], dim=2)                      # (R, b, n h + 1)
-    idx = idx + (torch.arange(R, device=tokens.device) * n_rows)[:, None, None]
-    weights = torch.cat([pattern.flatten(2), pattern.new_ones(R, b, 1)], dim=2)
-    bag = F.embedding_bag(idx.reshape(R * b, -1), rows.reshape(R * n_rows, -1),
-                          per_sample_weights=weights.reshape(R * b, -1), mode="sum")
-    mixed = bag.view(R, b, -1) + const[:, None] + const_b[:, None]
-    pre, direct = mixed.split([m, mixed.shape[-1] - m], dim=2)
-    return direct + torch.bmm(F.relu(pre), wou) + bou[:, None]
-
-
-def stacked_last_logits_dense(P: dict, tokens, d_vocab: int):
-    """The same logits as ``stacked_last_logits``, the older way: per row, gather the three
-    value vectors (n h e floats), mix them by the pattern, then ``resid_mid @ W_in``, ReLU,
-    ``@ W_out`` and ``@ W_U`` as batched matmuls. More flops per row (d_model x d_mlp
-    products) but ~20x fewer gathered floats than the embedding-bag form (3 h e instead of
-    13 (d_mlp + p) per row at the seed shape); which is faster depends on the device
-    (``benchmarks/gpu_batched.py --kernels bag,dense`` times both)."""
-    import torch
-    import torch.nn.functional as F
-
-    (W_E, W_pos, W_Q, W_K, W_V, W_O, W_in, W_out, W_U,
-     b_Q, b_K, b_V, b_O, b_in, b_out, b_U) = (P[k] for k in PARAM_ORDER)
-    R, b, n = tokens.shape
-    V = d_vocab
-    h = W_Q.shape[1]
-    scale = math.sqrt(W_Q.shape[-1])
-    table = W_E[:, None, :, :] + W_pos[:, :n, None, :]                           # (R, n, V, d)
-    q_tab = torch.einsum("rvd,rhde->rhve", table[:, -1], W_Q) + b_Q[:, :, None]
-    k_tab = torch.einsum("rpvd,rhde->rhpve", table, W_K) + b_K[:, :, None, None]
-    v_tab = torch.einsum("rpvd,rhde->rpvhe", table, W_V) + b_V[:, None, None]     # (R,n,V,h,e)
-    s_tab = torch.einsum("rhqe,rhpve->rqpvh", q_tab, k_tab).reshape(R * V, n * V, h)
-    flat = tokens + torch.arange(n, device=tokens.device) * V                    # (R, b, n)
-    last = tokens[:, :, -1]
-    run_off = torch.arange(R, device=tokens.device)[:, None]
-    scores = s_tab[(last + run_off * V)[:, :, None], flat] / scale               # (R, b, n, h)
-    pattern = F.softmax(scores, dim=2)
-    v = F.embedding(flat + run_off[:, :, None] * (n * V),
-                    v_tab.reshape(R * n * V, -1)).view(R, b, n, h, -1)
-    z = (pattern[..., None] * v).sum(dim=2)                                      # (R, b, h, e)
-    attn_out = torch.bmm(z.flatten(2), W_O.flatten(1, 2)) + b_O[:, None]         # (R, b, d)
-    resid_mid = F.embedding(last + run_off * V, table[:, -1].reshape(R * V, -1)) + attn_out
-    post = F.relu(torch.bmm(resid_mid, W_in) + b_in[:, None])
-    resid_post = resid_mid + (torch.bmm(post, W_out) + b_out[:, None])
-    return torch.bmm(resid_post, W_U) + b_U[:, None]
-
-
-BATCHED_KERNELS = {"bag": stacked_last_logits, "dense": stacked_last_logits_dense}
-
-
-class _LastLogits:
-    """Run ``Transformer.last_logits`` of a template model with another run's weights
-    (``torch.func.functional_call``): the solo code, hence the solo bits, run by run."""
-
-    def __init__(self, model):
-        import torch.nn as nn
-
-        class Wrap(nn.Module):
-            def __init__(self, inner):
-                super().__init__()
-                self.m = inner
-
-            def forward(self, tokens):
-                return self.m.last_logits(tokens)
-
-        self.wrap = Wrap(model)
-
-    def __call__(self, params: dict, tokens):
-        from torch.func import functional_call
-
-        return functional_call(self.wrap, {f"m.{k}": v for k, v in params.items()}, (tokens,))
-
-
-def stacked_loss(logits, labels, counts, mask, dtype: str):
-    """Per-run mean cross-entropy (R,) in ``dtype``: ``grokhpc.train.loss_fn`` run by run.
-
-    ``mask`` (R, b) marks real rows (None: no padding); ``counts`` (R,) is each run's row count.
-    """
-    import torch
-
-    log_probs = logits.to(getattr(torch, dtype)).log_softmax(dim=-1)
-    nll = -log_probs.gather(dim=-1, index=labels[..., None])[..., 0]             # (R, b)
-    if mask is None:
-        return nll.mean(dim=1)
-    return torch.where(mask, nll, 0.0).sum(dim=1) / counts
-
-
-def stacked_accuracy(logits, labels, counts, mask):
-    hit = logits.argmax(dim=-1) == labels
-    if mask is None:
-        return hit.double().mean(dim=1)
-    return (hit & mask).double().sum(dim=1) / counts
 
 
 class StackedAdamW:
@@ -359,20 +205,31 @@ class StackedAdamW:
 
 
 # ---- a stack of runs at the same epoch ---------------------------------------------------------
+class Rows(NamedTuple):
+    """The rows of R runs for the batched forward, padded to the longest run's."""
+
+    tokens: Any        # (R, b, n) long
+    labels: Any        # (R, b) long
+    mask: Any          # (R, b) bool, real rows; None when no run is padded
+    queries: Any       # grokhpc.lastpos.Queries of ``tokens``
+
+    def runs(self, a: int, b: int) -> "Rows":
+        """Runs a..b-1 only."""
+        q = self.queries
+        return Rows(self.tokens[a:b], self.labels[a:b],
+                    None if self.mask is None else self.mask[a:b],
+                    type(q)(q.tokens, q.index[a:b], q.onehot[a:b]))
+
+
 class Stack:
     """Runs at the same epoch, stacked on one device; built from (and written back into) their
     solo ``Trainer`` shadows."""
 
-    def __init__(self, trainers: list, device, exact: bool | None = None,
-                 kernels: str = "dense"):
+    def __init__(self, trainers: list, device, exact: bool | None = None):
         import torch
 
         self.trainers, self.device = trainers, device
         self.exact = (torch.device(device).type == "cpu") if exact is None else bool(exact)
-        if kernels not in BATCHED_KERNELS:
-            raise ValueError(f"kernels: expected one of {', '.join(BATCHED_KERNELS)}, "
-                             f"got {kernels!r}")
-        self.kernels = BATCHED_KERNELS[kernels]
         cfg = trainers[0].cfg
         self.cfg = cfg
         epochs = {t.epoch for t in trainers}
@@ -409,7 +266,6 @@ class Stack:
         self.curves = {k: torch.stack([t.curves[k] for t in trainers]).to(device)
                        for k in trainers[0].curves}
         if self.exact:
-            self.forward = _LastLogits(models[0])
             self.train = [(t.train_tokens, t.train_labels) for t in trainers]
             self.test = [(t.test_tokens, t.test_labels) for t in trainers]
         else:
@@ -417,9 +273,11 @@ class Stack:
             self.test = self._rows([t.data.test_idx for t in trainers], trainers[0].data)
         self.last_commit = self.epoch
 
-    def _rows(self, idx_list, data):
-        """(tokens (R,b,3), labels (R,b), counts (R,) float64, mask (R,b) or None), solo order."""
+    def _rows(self, idx_list, data) -> Rows:
+        """Each run's rows in the solo order, padded at the end to the longest."""
         import torch
+
+        from .lastpos import queries_of
 
         sizes = [len(i) for i in idx_list]
         b = max(sizes)
@@ -430,31 +288,29 @@ class Stack:
         if min(sizes) != b:
             mask = torch.arange(b, device=self.device)[None, :] < torch.tensor(
                 sizes, device=self.device)[:, None]
-        counts = torch.tensor(sizes, dtype=torch.float64, device=self.device)
         tokens = data.tokens.to(self.device)[idx]
-        labels = data.labels.to(self.device)[idx]
-        return tokens, labels, counts, mask
+        return Rows(tokens, data.labels.to(self.device)[idx], mask,
+                    queries_of(tokens, self.P[self.names[0]].dtype))
 
     # -- one epoch
     def _losses(self, rows):
         """(per-run losses (R,), per-run accuracies (R,)) of the current weights on ``rows``."""
         import torch
 
-        from .train import accuracy, loss_fn
+        from .lastpos import accuracy, cross_entropy, last_logits
 
         dtype = self.cfg.loss_dtype
         if not self.exact:
-            tokens, labels, counts, mask = rows
-            logits = self.kernels(self.P, tokens, self.cfg.d_vocab)
-            return (stacked_loss(logits, labels, counts, mask, dtype),
-                    stacked_accuracy(logits.detach(), labels, counts, mask))
+            logits = last_logits(self.P, rows.tokens, rows.queries)
+            return (cross_entropy(logits, rows.labels, dtype, rows.mask),
+                    accuracy(logits.detach(), rows.labels, rows.mask))
         # the solo forward, run by run, on each run's own weights (views of the stack: the
         # backward writes every run's gradient into its slice of the stacked .grad)
         views = {n: self.P[n].unbind(0) for n in self.names}
         losses, accs = [], []
         for r, (tokens, labels) in enumerate(rows):
-            logits = self.forward({n: v[r] for n, v in views.items()}, tokens)
-            losses.append(loss_fn(logits, labels, dtype))
+            logits = last_logits({n: v[r] for n, v in views.items()}, tokens)
+            losses.append(cross_entropy(logits, labels, dtype))
             accs.append(accuracy(logits.detach(), labels))
         return torch.stack(losses), torch.stack(accs)
 
@@ -475,7 +331,7 @@ class Stack:
 
         if self.exact:
             return self._losses(rows)
-        n_train, n_rows = self.train[0].shape[1], rows[0].shape[1]
+        n_train, n_rows = self.train.tokens.shape[1], rows.tokens.shape[1]
         chunk = max(1, (self.R * n_train) // max(n_rows, 1))
         if chunk >= self.R:
             return self._losses(rows)
@@ -484,9 +340,7 @@ class Stack:
             for a in range(0, self.R, chunk):
                 b = min(a + chunk, self.R)
                 self.P = {k: v[a:b] for k, v in P.items()}
-                tokens, labels, counts, mask = rows
-                out.append(self._losses((tokens[a:b], labels[a:b], counts[a:b],
-                                         None if mask is None else mask[a:b])))
+                out.append(self._losses(rows.runs(a, b)))
         finally:
             self.P = P
         return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
@@ -630,8 +484,7 @@ def _is_diverged(run: RunDir) -> bool:
 def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
                 progress_bar: bool = True, log: Callable = print,
                 retry_diverged: bool = False, exact: bool | None = None,
-                kernels: str = "dense", background_commits: bool | None = None
-                ) -> list[RunDir]:
+                background_commits: bool | None = None) -> list[RunDir]:
     """Train ``cfgs`` into ``out_dirs`` as one stacked computation; resumes each run from its
     own state; returns each run's RunDir (in order). Complete runs are left alone; a run that
     diverges is marked failed (error.txt) and the others go on. Raises GroupError for runs
@@ -641,11 +494,8 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
 
     ``exact``: run each run's forward with the solo code, one run after another, on views of
     the stacked weights (bit-identical to solo runs; the default on CPU), or as one batched
-    computation over all runs (the default on GPUs) with ``kernels`` "dense"
-    (``stacked_last_logits_dense``, the default: on an H200 about 2x the run-epochs/s of "bag"
-    from R = 32 on, and its float32 gradients are closer to float64 ones) or "bag"
-    (``stacked_last_logits``, the solo fast path's embedding-bag math). The optimiser step,
-    evaluation bookkeeping and commits are stacked either way.
+    computation over all runs (the default on GPUs). The optimiser step, evaluation
+    bookkeeping and commits are stacked either way.
 
     ``background_commits`` (default: on for GPUs): a commit's file writes (checkpoint rows,
     state.pt, progress, curves of every run) overlap the next epochs' training in a thread;
@@ -707,7 +557,7 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
             target = ahead[0] if ahead else n_epochs
             if ahead:
                 log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
-            stack = Stack(lag, dev, exact=exact, kernels=kernels)
+            stack = Stack(lag, dev, exact=exact)
             try:
                 dropped = _fit_stack(stack, target, bar, log, background=background)
             except BaseException:
@@ -743,26 +593,28 @@ def bytes_per_run(cfg: RunConfig) -> int:
 
     * weights: stacked params + grads + two Adam moments + the shadow Trainer's params and two
       moments = ``7 * n_params``;
-    * tables (kept for the backward, with their gradients): the embedding-bag rows
-      ``(n V h + V) x (d_mlp + p)``, the score table ``V x n V x h`` and the value table
-      ``n V h e``: ``3 x`` their sum;
+    * tables (``grokhpc.lastpos.tables``, kept for the backward, with their gradients): the
+      embeddings ``n V d``, keys and values ``2 (n-1) V h e``, scores ``(n-1) V h`` and
+      ``W_out @ W_U``: ``3 x`` their sum;
     * train rows (padded to the group's longest; here ``p^2 * train_frac``), saved for the
-      backward and doubled for its transient gradients: per row the scores, pattern, bag
-      weights and indices (``4 (n h + 1)``), bag output, mixed input and its split
-      (``3 (d_mlp + p)``), ReLU in/out (``2 d_mlp``), logits in float32 and float64 and the
-      float64 log-softmax (``5 p``);
+      backward and doubled for its transient gradients: per row the scores and pattern
+      (``3 n h``), the gathered values and their pattern-weighted product (``2 (n-1) h e``),
+      the last token's spread terms and the mix (``2 h e + d + h``), attention output and
+      residual (``2 d``), the MLP's input and ReLU (``2 d_mlp``), and the direct read-out and
+      logits in float32, the logits in float64 and their log-softmax (``6 p``);
     * test rows, scored in inference mode (nothing saved) and, in a batched group, a chunk of
       runs at a time whose rows number no more than the group's train rows:
-      ``2 (d_mlp + p) + d_mlp + 5 p`` per row; the peak is the larger of the two terms.
+      ``2 (n-1) h e + 2 d_mlp + 6 p`` per row; the peak is the larger of the two terms.
     """
     n, h, e, d, m, p, V = 3, cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.p, cfg.d_vocab
     n_params = V * d + n * d + 4 * h * d * e + 2 * d * m + d * p
     n_all = p * (p - 1) if cfg.op == "div" else p * p
     n_train = math.ceil(n_all * cfg.train_frac)
     n_test = n_all - int(n_all * cfg.train_frac)
-    tables = (n * V * h + V) * (m + p) + V * n * V * h + n * V * h * e
-    train = n_train * 2 * (4 * (n * h + 1) + 3 * (m + p) + 2 * m + 5 * p)
-    test = min(n_test, n_train) * (2 * (m + p) + m + 5 * p)
+    tables = n * V * d + 2 * (n - 1) * V * h * e + (n - 1) * V * h + m * p
+    per_row = 3 * n * h + 2 * (n - 1) * h * e + 2 * h * e + d + h + 2 * d + 2 * m + 6 * p
+    train = n_train * 2 * per_row
+    test = min(n_test, n_train) * (2 * (n - 1) * h * e + 2 * m + 6 * p)
     return 4 * (7 * n_params + 3 * tables + max(train, test))
 
 
@@ -771,12 +623,10 @@ def auto_runs_per_job(cfg: RunConfig, device=None, safety: float = 0.7,
     """How many runs of ``cfg``'s shape to stack in one job on ``device``.
 
     CUDA: ``floor(safety * free_bytes / bytes_per_run(cfg))``, clamped to [1, cap], with
-    ``free_bytes`` from ``torch.cuda.mem_get_info``. The estimate is conservative: on an H200
-    the measured peak (``max_memory_allocated``) of a seed-shaped batched group was 0.43 of
-    ``R * bytes_per_run`` at every R from 4 to 512 (benchmarks/gpu_batched_table.md), and
-    throughput stops growing near R = 256 there, so ``cap`` rarely binds usefully above that. CPU (or anything else): ``cpu_default``
-    -- on a CPU the stacked step already keeps the cores busy at R = 1, so packing saves
-    per-job overhead, not compute.
+    ``free_bytes`` from ``torch.cuda.mem_get_info``. The estimate errs high (it counts every
+    gradient as live at once; ``benchmarks/gpu_batched.py`` prints it beside the measured
+    peak). CPU (or anything else): ``cpu_default`` -- on a CPU the stacked step already keeps
+    the cores busy at R = 1, so packing saves per-job overhead, not compute.
     """
     import torch
 
@@ -822,9 +672,6 @@ def build_parser():
     ap.add_argument("--mode", choices=("auto", "exact", "batched"), default="auto",
                     help="exact: solo forward run by run (bit-identical to solo runs); "
                          "batched: one batched computation; auto: exact on CPU, else batched")
-    ap.add_argument("--kernels", choices=("bag", "dense"), default="dense",
-                    help="batched mode's kernels: dense (batched matmuls per row; default) or "
-                         "bag (the solo fast path's embedding-bag form)")
     ap.add_argument("--retry-diverged", action="store_true",
                     help="train runs marked diverged (error.txt) again")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -842,8 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = train_group(cfgs, args.run_dirs, device=args.device,
                            progress_bar=not args.no_progress,
                            retry_diverged=args.retry_diverged,
-                           exact=None if args.mode == "auto" else args.mode == "exact",
-                           kernels=args.kernels)
+                           exact=None if args.mode == "auto" else args.mode == "exact")
     except (ConfigError, RunDirError, GroupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -854,8 +700,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["train_group", "auto_runs_per_job", "bytes_per_run", "check_group", "GroupError",
-           "stacked_last_logits", "stacked_last_logits_dense", "StackedAdamW", "Stack", "SHAPE_FIELDS", "configs_from_dirs",
-           "main"]
+           "StackedAdamW", "Stack", "Rows", "SHAPE_FIELDS", "configs_from_dirs", "main"]
 
 
 if __name__ == "__main__":

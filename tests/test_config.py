@@ -109,3 +109,77 @@ def test_a_grid_too_large_for_memory_is_refused_with_what_it_needs():
     with pytest.raises(ConfigError, match="grid fits in memory"):
         RunConfig(p=4_001)
     assert RunConfig(p=1_009).p == 1_009
+
+
+NEW_FIELDS = {"optimizer": "adam", "momentum": 0.0, "warmup_epochs": 50, "lr_schedule": "cosine",
+              "batch_size": 64, "n_layers": 2, "act_fn": "gelu", "normalization": "LN",
+              "init_scale": 3.0, "fixed_weight_norm": True, "label_noise": 0.1,
+              "stop_after_grok": 100}
+
+
+def test_new_fields_at_their_defaults_leave_run_ids_unchanged():
+    # run ids from before these fields existed (the seed's and two others)
+    assert RunConfig().run_id == "2c3d4cea9af7"
+    explicit = from_dict({"optimizer": "adamw", "momentum": 0, "warmup_epochs": 0,
+                          "lr_schedule": "constant", "batch_size": "full", "n_layers": 1,
+                          "act_fn": "relu", "normalization": "none", "init_scale": 1,
+                          "fixed_weight_norm": False, "label_noise": 0,
+                          "stop_after_grok": None})
+    assert explicit.run_id == "2c3d4cea9af7"
+    # and any new field away from its default gives a new id
+    ids = {RunConfig().run_id}
+    for k, v in NEW_FIELDS.items():
+        if k == "momentum":
+            cfg = RunConfig(optimizer="sgd", momentum=0.9)
+        else:
+            cfg = from_dict({k: v})
+        ids.add(cfg.run_id)
+    assert len(ids) == len(NEW_FIELDS) + 1
+
+
+def test_shipped_sweeps_keep_their_run_ids():
+    from pathlib import Path
+
+    from grokhpc.sweep import load_sweep
+
+    expected = {  # python -m grokhpc.launch SPEC --dry-run before the new fields
+        "quickstart.yaml": {"61ab0bc285d6", "c84c046f6b53", "ca2c266d67ae", "d2652fcfc07c"},
+    }
+    sweeps = Path(__file__).resolve().parent.parent / "sweeps"
+    for name, ids in expected.items():
+        assert {r.run_id for r in load_sweep(sweeps / name).runs} == ids
+    wd = load_sweep(sweeps / "wd_sweep.yaml")
+    assert "2c3d4cea9af7" in {r.run_id for r in wd.runs}
+
+
+@pytest.mark.parametrize("changes,field,words", [
+    ({"optimizer": "rmsprop"}, "optimizer", "one of adamw, adam, sgd"),
+    ({"momentum": 0.9}, "momentum", "0 unless optimizer is sgd"),
+    ({"optimizer": "sgd", "momentum": 1.0}, "momentum", "[0, 1)"),
+    ({"warmup_epochs": -1}, "warmup_epochs", ">= 0"),
+    ({"lr_schedule": "step"}, "lr_schedule", "constant, cosine"),
+    ({"batch_size": 0}, "batch_size", "full or an integer in 1..3830"),
+    ({"batch_size": 5000}, "batch_size", "1..3830"),
+    ({"batch_size": "half"}, "batch_size", "full or an integer"),
+    ({"n_layers": 0}, "n_layers", "1..4"), ({"n_layers": 5}, "n_layers", "1..4"),
+    ({"act_fn": "tanh"}, "act_fn", "relu, gelu"),
+    ({"normalization": "RMS"}, "normalization", "none, LN"),
+    ({"init_scale": 0}, "init_scale", "positive"),
+    ({"fixed_weight_norm": "yes"}, "fixed_weight_norm", "true or false"),
+    ({"label_noise": 1.0}, "label_noise", "[0, 1)"),
+    ({"stop_after_grok": -5}, "stop_after_grok", ">= 0"),
+    ({"op": "s5", "p": 7}, "p", "does not apply to op s5"),
+    ({"op": "quad9"}, "op", "quad1"),
+])
+def test_new_fields_refuse_impossible_values_in_one_line(changes, field, words):
+    with pytest.raises(ConfigError) as e:
+        from_dict(changes, source="spec.yaml: base")
+    msg = str(e.value)
+    assert msg.startswith(f"spec.yaml: base: {field}: ") and words in msg and "\n" not in msg
+
+
+def test_s5_runs_have_120_classes_and_no_p():
+    cfg = from_dict({"op": "s5aba"})
+    assert (cfg.n_classes, cfg.d_vocab, cfg.n_pairs) == (120, 121, 14400)
+    assert "p" not in cfg.identity()
+    assert from_dict({"stop_after_grok": "off"}).stop_after_grok is None

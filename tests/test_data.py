@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from grokhpc.config import RunConfig
-from grokhpc.data import all_pairs, make_dataset, split_indices
+from grokhpc.data import all_pairs, make_dataset, s5_elements, split_indices
 
 
 def test_seed_split_first_rows_match_the_notebook():
@@ -52,3 +52,61 @@ def test_split_is_a_partition_and_deterministic():
     assert torch.equal(tr, tr2)
     tr3, _ = split_indices(121, 0.5, 8)
     assert not torch.equal(tr, tr3)
+
+
+@pytest.mark.parametrize("op,formula", [
+    ("quad1", lambda x, y, p: (x * x + y * y) % p),
+    ("quad2", lambda x, y, p: (x * x + y * y + x * y) % p),
+    ("quad3", lambda x, y, p: (x * x + y * y + x * y + x) % p),
+    ("cube1", lambda x, y, p: (x ** 3 + x * y) % p),
+    ("cube2", lambda x, y, p: (x ** 3 + x * y * y + y) % p),
+    # y odd: the x with x = label * y (mod p); y even: x - y
+    ("mix1", lambda x, y, p: next(c for c in range(p) if (c * y) % p == x) if y % 2
+     else (x - y) % p),
+])
+def test_polynomial_and_mixed_tasks_match_their_formulas(op, formula):
+    p = 13
+    tokens, labels = all_pairs(p, op)
+    assert tokens.shape == (p * p, 3) and bool((tokens[:, 2] == p).all())
+    for (a, b, _), c in zip(tokens.tolist(), labels.tolist()):
+        assert c == formula(a, b, p), (op, a, b)
+
+
+def test_s5_tasks_are_the_group_laws_of_s5():
+    import itertools
+
+    elems = list(itertools.permutations(range(5)))
+    assert s5_elements() == elems and len(elems) == 120
+    tokens, labels = all_pairs(120, "s5")
+    assert tokens.shape == (120 * 120, 3) and bool((tokens[:, 2] == 120).all())
+    table = labels.view(120, 120)
+    # x then y: i -> y[x[i]], checked on a few pairs by hand-composed permutations
+    x, y = elems[7], elems[99]
+    assert elems[table[7, 99]] == tuple(y[x[i]] for i in range(5))
+    # a group: every row and column of the table is a permutation of the 120 elements
+    assert all(sorted(r.tolist()) == list(range(120)) for r in table)
+    assert all(sorted(c.tolist()) == list(range(120)) for c in table.T)
+    # non-abelian, with the identity (element 0) neutral on both sides
+    assert not torch.equal(table, table.T)
+    assert torch.equal(table[0], torch.arange(120)) and torch.equal(table[:, 0], torch.arange(120))
+    conj = all_pairs(120, "s5conj")[1].view(120, 120)
+    aba = all_pairs(120, "s5aba")[1].view(120, 120)
+    inv = [elems.index(tuple(sorted(range(5), key=lambda i: e[i]))) for e in elems]
+    for a, b in [(3, 50), (119, 1), (64, 64)]:
+        assert conj[a, b] == table[table[a, b], inv[a]]   # x then y then x^-1
+        assert aba[a, b] == table[table[a, b], a]         # x then y then x
+    # conjugation by x fixes the identity and preserves cycle type (order) of y
+    assert bool((conj[:, 0] == 0).all())
+
+
+def test_label_noise_replaces_the_asked_fraction_of_train_labels_only():
+    clean = make_dataset(RunConfig(p=31, train_frac=0.5))
+    noisy = make_dataset(RunConfig(p=31, train_frac=0.5, label_noise=0.2))
+    assert torch.equal(clean.train_idx, noisy.train_idx)          # same split
+    assert torch.equal(clean.test_labels, noisy.test_labels)      # test labels untouched
+    changed = (clean.train_labels != noisy.train_labels).sum().item()
+    k = round(0.2 * len(clean.train_idx))
+    # k labels redrawn uniformly over 31 classes: about k * 30/31 of them differ
+    assert 0.8 * k <= changed <= k
+    again = make_dataset(RunConfig(p=31, train_frac=0.5, label_noise=0.2))
+    assert torch.equal(again.train_labels, noisy.train_labels)     # seeded

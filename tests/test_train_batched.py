@@ -28,8 +28,9 @@ from grokhpc.data import make_dataset
 from grokhpc.model import build_model
 from grokhpc.store import RunDir
 from grokhpc.train import Trainer, loss_fn, run_training
-from grokhpc.train_batched import (BATCHED_KERNELS, GroupError, Stack, StackedAdamW,
-                                   auto_runs_per_job, bytes_per_run, stacked_loss, train_group)
+from grokhpc.lastpos import accuracy, cross_entropy, last_logits
+from grokhpc.train_batched import (GroupError, Stack, StackedAdamW, auto_runs_per_job,
+                                   bytes_per_run, train_group)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -201,9 +202,8 @@ def _stack_inputs():
     return models, data, names, P
 
 
-@pytest.mark.parametrize("kernels", ["bag", "dense"])
-def test_batched_forward_and_gradients_match_solo(kernels):
-    """The batched kernels (the GPU path) against each run's own ``Transformer.last_logits``
+def test_batched_forward_and_gradients_match_solo():
+    """The batched forward (the GPU path) against each run's own ``Transformer.last_logits``
     + ``loss_fn``, with different train sizes (padded, masked rows): logits, per-run losses
     and every weight gradient, to float32 rounding."""
     models, data, names, P = _stack_inputs()
@@ -215,10 +215,8 @@ def test_batched_forward_and_gradients_match_solo(kernels):
         idx[r, : sizes[r]] = d.train_idx
     mask = torch.arange(b)[None] < torch.tensor(sizes)[:, None]
     tokens, labels = data[0].tokens[idx], data[0].labels[idx]
-    counts = torch.tensor(sizes, dtype=torch.float64)
-    fn = BATCHED_KERNELS[kernels]
-    logits = fn(P, tokens, CFGS[0].d_vocab)
-    losses = stacked_loss(logits, labels, counts, mask, "float64")
+    logits = last_logits(P, tokens)
+    losses = cross_entropy(logits, labels, "float64", mask)
     losses.sum().backward()
     for r, (m, d) in enumerate(zip(models, data)):
         solo_logits = m.last_logits(d.train_tokens)
@@ -236,8 +234,9 @@ def test_batched_forward_and_gradients_match_solo(kernels):
     other = tokens.clone()
     other[~mask] = (other[~mask] + 1) % CFGS[0].p
     other[..., -1] = CFGS[0].p
-    relogits = fn({k: v.detach() for k, v in P.items()}, other, CFGS[0].d_vocab)
-    assert torch.equal(stacked_loss(relogits, labels, counts, mask, "float64"), losses.detach())
+    relogits = last_logits({k: v.detach() for k, v in P.items()}, other)
+    assert torch.equal(cross_entropy(relogits, labels, "float64", mask), losses.detach())
+    assert torch.equal(accuracy(relogits, labels, mask), accuracy(logits.detach(), labels, mask))
 
 
 def test_batched_scoring_in_run_chunks_equals_solo_scoring(tmp_path):
@@ -248,7 +247,7 @@ def test_batched_scoring_in_run_chunks_equals_solo_scoring(tmp_path):
     trainers = [Trainer(c, RunDir(tmp_path / f"r{i}"), torch.device("cpu"))
                 for i, c in enumerate(cfgs)]
     stack = Stack(trainers, torch.device("cpu"), exact=False)
-    n_train, n_test = stack.train[0].shape[1], stack.test[0].shape[1]
+    n_train, n_test = stack.train.tokens.shape[1], stack.test.tokens.shape[1]
     assert (3 * n_train) // n_test < 3  # chunked
     stack.evaluate(train_too=True)
     for r, t in enumerate(trainers):
@@ -282,17 +281,15 @@ def test_packed_runs_equal_solo_runs(solo, packed, capsys):
                                     for g in groks])
 
 
-@pytest.mark.parametrize("kernels", ["bag", "dense"])
-def test_batched_mode_tracks_solo_runs(tmp_path, solo, capsys, kernels):
-    """The batched kernels (the GPU path) trained end to end on CPU: same files and checkpoint
+def test_batched_mode_tracks_solo_runs(tmp_path, solo, capsys):
+    """Batched mode (the GPU path) trained end to end on CPU: same files and checkpoint
     epochs; curves close while rounding differences are small. These tiny runs are chaotic
     (a few hundred train pairs, Adam), so float32 rounding differences grow during training
     -- the solo run itself in float64 differs from float32 by 2% of a loss within 50 epochs.
-    Both kernel sets round differently from the solo fast path, so they are held to the first
+    The batched kernels round differently from one run's, so they are held to the first
     epochs; whole runs are compared bit for bit in exact mode (above)."""
     dirs = [tmp_path / f"r{i}" for i in range(3)]
-    train_group(CFGS, dirs, device="cpu", progress_bar=False, log=lambda *a: None, exact=False,
-                kernels=kernels)
+    train_group(CFGS, dirs, device="cpu", progress_bar=False, log=lambda *a: None, exact=False)
     worst = {"abs": 0.0, "rel": 0.0}
     early = 0.0
     horizon = 10
@@ -310,7 +307,7 @@ def test_batched_mode_tracks_solo_runs(tmp_path, solo, capsys, kernels):
             early = max(early, float(np.nanmax(rel[: horizon + 1])))
     assert early < 1e-3
     with capsys.disabled():
-        print(f"\nbatched {kernels} kernels vs solo: epochs 0-{horizon} max rel {early:.3g}; all "
+        print(f"\nbatched vs solo: epochs 0-{horizon} max rel {early:.3g}; all "
               f"{BASE.n_epochs} epochs max |d loss| = {worst['abs']:.3g}, max rel = "
               f"{worst['rel']:.3g}")
 

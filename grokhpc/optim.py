@@ -1,0 +1,93 @@
+"""Optimisers, learning-rate schedules and minibatch order of a run, from its config.
+
+* ``optimizer``: ``adamw`` (the seed's: decoupled weight decay), ``adam`` (weight decay added
+  to the gradient as an L2 term, torch.optim.Adam's meaning; Power et al. 2022 used it with
+  no decay), ``sgd`` (with ``momentum``; weight decay as an L2 term).
+* ``lr_factor``: the multiplier of ``lr`` during an epoch: a linear warmup over the first
+  ``warmup_epochs`` epochs (epoch e of the warmup runs at (e + 1) / warmup_epochs), then
+  constant or a cosine decay to zero at ``n_epochs``. Every optimiser step of an epoch uses
+  the epoch's factor.
+* ``epoch_batches``: with an integer ``batch_size``, an epoch is one pass over the train rows
+  in an order drawn from a seeded generator (its state is part of the run's resumable state),
+  cut into ``ceil(n_train / batch_size)`` minibatches, the last one possibly smaller.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .config import RunConfig
+
+
+def make_optimizer(params, cfg: RunConfig):
+    """The run's optimiser over ``params`` (an iterable of tensors or param groups)."""
+    import torch
+
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                 betas=tuple(cfg.betas))
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                betas=tuple(cfg.betas))
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+def has_schedule(cfg: RunConfig) -> bool:
+    return cfg.warmup_epochs > 0 or cfg.lr_schedule != "constant"
+
+
+def lr_factor(epoch: int, cfg: RunConfig) -> float:
+    """Multiplier of ``cfg.lr`` for the optimiser steps of ``epoch`` (0-based)."""
+    w = cfg.warmup_epochs
+    if epoch < w:
+        return (epoch + 1) / w
+    if cfg.lr_schedule == "cosine":
+        span = max(cfg.n_epochs - w, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - w) / span))
+    return 1.0
+
+
+def set_lr(optimizer, epoch: int, cfg: RunConfig) -> None:
+    """Set every param group's lr for ``epoch`` (a no-op without a schedule, so the default
+    path keeps the exact lr the optimiser was built with)."""
+    if not has_schedule(cfg):
+        return
+    lr = cfg.lr * lr_factor(epoch, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def batch_generator(cfg: RunConfig):
+    """The seeded generator that orders minibatches (on CPU; its state is saved with the run)."""
+    import torch
+
+    return torch.Generator().manual_seed(cfg.model_seed * 1_000_003 + cfg.data_seed)
+
+
+def epoch_batches(n_train: int, cfg: RunConfig, gen) -> list:
+    """Index tensors of one epoch's minibatches (None for full batch: all rows, in order)."""
+    import torch
+
+    if cfg.full_batch:
+        return [None]
+    order = torch.randperm(n_train, generator=gen)
+    return list(order.split(int(cfg.batch_size)))
+
+
+def weight_norm(params) -> "torch.Tensor":
+    """The total L2 norm of ``params`` (float64)."""
+    import torch
+
+    return torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))
+
+
+def rescale_to_norm(params, target) -> None:
+    """Scale ``params`` in place so that their total norm is ``target`` (Omnigrok's constrained
+    training at a fixed weight norm)."""
+    import torch
+
+    with torch.no_grad():
+        factor = (target / weight_norm(params)).to(torch.float32)
+        for p in params:
+            p.mul_(factor.to(p.device))
