@@ -243,7 +243,7 @@ def test_read_dir_names_the_unreadable_file(tmp_path):
 def test_manifest_reader(tmp_path):
     assert sched.read_manifest(tmp_path) is None
     f = tmp_path / sched.MANIFEST
-    for content, needle in ((b"\xff\xfe\x00\x01", "not UTF-8"),
+    for content, needle in ((b"\xff\xfe\x00\x01", "corrupt JSON"),
                             (b'{"runs": ', "corrupt JSON"),
                             (b"[1, 2]", "not a grokhpc manifest")):
         f.write_bytes(content)
