@@ -11,13 +11,18 @@
   cannot be read) is listed and left alone. Run states and the manifest are grokhpc.scheduler's.
 * Runs are packed into jobs by shape (``runs_per_job``); a job trains its runs with
   ``grokhpc.train_batched.train_group`` when it has more than one, else ``run_training``.
+  ``runs_per_job: auto`` on a GPU type with a throughput table sizes the jobs for the soonest
+  finish of the sweep within the partition's caps (grokhpc.plan); every GPU plan's predicted
+  wall time and GPU-hours are printed. ``gpus: N``: a job trains N groups of its runs at once,
+  one per GPU, each in its own process (``train_on_devices``).
 * ``auto`` executor: SLURM when ``sbatch`` is on PATH, else local. On SLURM the jobs form one
   array per launch (cut below the cluster's MaxArraySize), logs go to ``OUT/jobs/``, and a job
   that is preempted or times out is requeued and resumes from its last checkpoint (submitit's
   checkpointing; ``scontrol requeue`` works the same way). The command prints the job ids and
   returns. Locally it waits, with a progress bar over runs, and reports the runs that grokked.
 
-torch is imported only inside jobs (and for ``runs_per_job: auto``).
+torch is imported only inside jobs (and for ``runs_per_job: auto`` on a GPU of unknown type,
+sized on the device here).
 """
 
 from __future__ import annotations
@@ -153,10 +158,11 @@ def job_devices(gpus: int) -> list[str]:
 
 
 def _train_on_device(runs: Sequence[tuple[dict, str]], device: str, threads: int) -> None:
-    """One group of a several-GPU job, in its own process, seeing only ``device`` ("cpu":
-    no GPU); the job's own process handles SLURM's checkpoint signal."""
+    """One group of a several-GPU job, in its own process, seeing only ``device`` ("cpu" or
+    "cpu:N": no GPU, the CPU); the job's own process handles SLURM's checkpoint signal."""
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    os.environ["CUDA_VISIBLE_DEVICES"] = "" if device == "cpu" else str(device)
+    on_cpu = device == "cpu" or str(device).startswith("cpu:")
+    os.environ["CUDA_VISIBLE_DEVICES"] = "" if on_cpu else str(device)
     train_runs(runs, log=lambda m: print(f"[device {device}] {m}", flush=True), threads=threads)
 
 
@@ -193,21 +199,21 @@ def train_on_devices(runs: Sequence[tuple[dict, str]], devices: Sequence[str],
         procs.append(proc)
     for proc in procs:
         proc.join()
+    ids = {str(d): from_dict(c, source=f"{d}: config").run_id for c, d in runs}
     errors: dict[str, str] = {}
     for group, dev, proc in zip(groups, devices, procs):
+        ended = _ended(proc.exitcode)
         if proc.exitcode != 0:
-            log(f"device {dev}: training process {_ended(proc.exitcode)}")
-        for c, d in group:
-            run_id = from_dict(c, source=f"{d}: config").run_id
+            log(f"device {dev}: training process {ended}")
+        for _, d in group:
             if RunDir(d).is_complete():
                 continue
             if -(proc.exitcode or 0) not in INTERRUPTIONS:
-                _record_error(d, f"training process on device {dev} {_ended(proc.exitcode)} "
-                                 "before the run was complete")
-            errors[run_id] = _last_line(RunDir(d).read_error() or "") or \
-                f"interrupted: device {dev} {_ended(proc.exitcode)}"
-    return job_results([from_dict(c, source=f"{d}: config").run_id for c, d in runs],
-                       [str(d) for _, d in runs], errors)
+                _record_error(d, f"training process on device {dev} {ended} before the run "
+                                 "was complete")
+            errors[ids[str(d)]] = (_last_line(RunDir(d).read_error() or "")
+                                   or f"interrupted: device {dev} {ended}")
+    return job_results(list(ids.values()), list(ids), errors)
 
 
 class SweepJob(submitit.helpers.Checkpointable):
