@@ -481,8 +481,20 @@ def print_summary(plan: dict, out) -> None:
     for note in plan.get("notes", ()):
         print(note, file=out)
     if plan.get("forecast") is not None and groups:
-        for line in plan["forecast"].lines(groups) + idle_gpus_note(plan):
+        for line in plan["forecast"].lines(groups) + idle_gpus_note(plan) + time_note(plan):
             print(line, file=out)
+
+
+def time_note(plan: dict) -> list[str]:
+    """A line where the longest job is predicted to outlast its time limit (it times out and
+    resumes, at most max_timeouts times)."""
+    launcher, longest = plan["launcher"], max(plan["forecast"].job_seconds, default=0) / 60
+    limit = launcher.time or DEFAULT_TIME_MIN
+    if longest <= limit:
+        return []
+    return [f"  note: the longest job is predicted to take {longest:.0f} min, over launcher.time "
+            f"({limit} min): it times out and resumes, at most launcher.max_timeouts "
+            f"({launcher.max_timeouts}) times"]
 
 
 def idle_gpus_note(plan: dict) -> list[str]:

@@ -401,3 +401,19 @@ def test_a_failing_group_does_not_stop_the_others(tmp_path):
     solo = solo_reference(good, tmp_path)
     for _, d in good:
         assert_same_run(d, solo[Path(d).name])
+
+
+def test_dry_run_says_when_a_job_outlasts_its_time_limit(write_spec, tmp_path):
+    """gpu_devel takes one job: 16 seed runs in it, 120 + 25,000 x 16 / 1986.0 = 321 s on an
+    H200, over a 3-minute limit."""
+    spec = write_spec({"grid": {"model_seed": list(range(16))}, "out": str(tmp_path / "s"),
+                       "launcher": {"runs_per_job": "auto", "partition": "gpu_devel",
+                                    "gpu_type": "h200", "time": 3}})
+    buf = io.StringIO()
+    plan = launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=buf)
+    assert [len(g) for g in plan["groups"]] == [16]
+    job_min = (120 + 25_000 * 16 / 1986.0) / 60
+    assert ("  note: the longest job is predicted to take 5 min, over launcher.time (3 min): it "
+            "times out and resumes, at most launcher.max_timeouts (3) times"
+            ) in buf.getvalue().splitlines()
+    assert f"predicted {job_min:.1f} min to the last job's end" in buf.getvalue()
