@@ -137,18 +137,24 @@ def work_scale(cfgs: Sequence[RunConfig]) -> float:
     return _epoch_work(cfgs[0], n_train, n_test) / _epoch_work(SEED, *_rows(SEED))
 
 
+def _even_bounds(a: int, b: int, k: int) -> list[tuple[int, int]]:
+    """Index ranges cutting a..b-1 in order into k (at most b - a) parts whose sizes differ by
+    at most one, the larger first."""
+    k = max(1, min(k, b - a))
+    q, extra = divmod(b - a, k)
+    bounds, i = [], a
+    for j in range(k):
+        n = q + (j < extra)
+        bounds.append((i, i + n))
+        i += n
+    return bounds
+
+
 def split_even(items: Sequence, k: int) -> list[list]:
     """``items`` cut in order into ``k`` (at most len(items)) parts whose sizes differ by at
     most one, the larger first."""
     items = list(items)
-    k = max(1, min(k, len(items)))
-    q, extra = divmod(len(items), k)
-    parts, i = [], 0
-    for j in range(k):
-        n = q + (j < extra)
-        parts.append(items[i:i + n])
-        i += n
-    return [p for p in parts if p]
+    return [items[a:b] for a, b in _even_bounds(0, len(items), k) if b > a]
 
 
 def job_seconds(runs: Sequence[SweepRun], gpus: int, tp: Throughput) -> float:
@@ -205,18 +211,6 @@ def forecast(jobs: Sequence[Sequence[SweepRun]], gpus: int, parallelism: int,
     secs = tuple(job_seconds(j, gpus, tp) for j in jobs)
     return Forecast(tp, max(1, gpus), parallelism, secs, makespan(secs, parallelism),
                     sum(secs) * max(1, gpus) / 3600)
-
-
-def _even_bounds(a: int, b: int, k: int) -> list[tuple[int, int]]:
-    """The index ranges split_even gives for items a..b-1 cut into k parts."""
-    k = max(1, min(k, b - a))
-    q, extra = divmod(b - a, k)
-    bounds, i = [], a
-    for j in range(k):
-        n = q + (j < extra)
-        bounds.append((i, i + n))
-        i += n
-    return bounds
 
 
 class _Shape:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from grokhpc.config import RunConfig
-from grokhpc.plan import (GPU_DATASHEET, JOB_OVERHEAD_S, Throughput, forecast, makespan,
-                          plan_auto, split_even, throughput_for, work_scale)
+from grokhpc.plan import (GPU_DATASHEET, JOB_OVERHEAD_S, Throughput, forecast, job_seconds,
+                          makespan, plan_auto, split_even, throughput_for, work_scale)
 from grokhpc.sweep import SweepRun
 
 # run-epochs/s of R seed-config runs packed on one H200, from benchmarks/gpu_batched_table.md
@@ -163,3 +163,20 @@ def test_a_cap_on_queued_jobs_is_kept():
     jobs, fc = plan_auto(seed_runs(50), 1, 1, H200, no_memory_cap, max_jobs=1)
     assert sizes(jobs) == [50]
     assert plan_auto([], 1, 12, H200, no_memory_cap)[0] == []
+
+
+def test_the_planners_job_cost_is_job_seconds():
+    """The planner prices a slice of a shape's runs in O(1) per GPU; it must agree with
+    job_seconds, which reads every run."""
+    from grokhpc.plan import _Shape
+    from grokhpc.sweep import by_shape
+
+    runs = [SweepRun(RunConfig(model_seed=i, train_frac=(0.2, 0.35, 0.65)[i % 3]),
+                     Path(f"r{i}")) for i in range(30)]
+    (ordered,) = by_shape(runs)
+    tp = throughput_for("h100")
+    for gpus in (1, 2, 3):
+        shape = _Shape(ordered, gpus, tp, 10_000)
+        for a, b in [(0, 30), (0, 1), (3, 17), (9, 10), (12, 30)]:
+            assert shape.seconds(a, b) == pytest.approx(
+                job_seconds(ordered[a:b], gpus, tp), rel=1e-12), (gpus, a, b)
