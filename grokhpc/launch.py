@@ -588,7 +588,8 @@ def submit(plan: dict, out) -> None:
     ex = submitit.AutoExecutor(folder=sweep.out / JOBS_DIR / "%j", cluster=kind, **kwargs)
     ex.update_parameters(**plan["parameters"])
     threads = None if kind == "slurm" else local_threads(launcher)
-    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads) for g in groups]
+    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads, launcher.gpus or 0)
+           for g in groups]
     record.open()
     if kind == "slurm":
         submit_arrays(ex, fns, plan, record, out)

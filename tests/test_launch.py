@@ -417,3 +417,14 @@ def test_dry_run_says_when_a_job_outlasts_its_time_limit(write_spec, tmp_path):
             "times out and resumes, at most launcher.max_timeouts (3) times"
             ) in buf.getvalue().splitlines()
     assert f"predicted {job_min:.1f} min to the last job's end" in buf.getvalue()
+
+
+def test_a_launch_gives_each_job_its_gpus(write_spec, tmp_path, monkeypatch):
+    """The job function learns how many GPUs its job has (one group of runs on each)."""
+    jobs = []
+    monkeypatch.setattr(launch_mod, "run_locally", lambda ex, fns, *rest: jobs.extend(fns))
+    spec = write_spec({"base": {"p": 11, "n_epochs": 10}, "grid": {"model_seed": [1, 2, 3, 4]},
+                       "out": str(tmp_path / "s"),
+                       "launcher": {"executor": "local", "gpus": 2, "runs_per_job": 4}})
+    launch_mod.launch(str(spec), out=io.StringIO())
+    assert [(job.gpus, len(job.runs)) for job in jobs] == [(2, 4)]
