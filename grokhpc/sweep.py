@@ -209,11 +209,7 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
                         source, f"{k}.{ek}", "an option grokhpc does not set itself", ek)
             v = tuple(sorted(v.items()))
         values[key] = v
-    out = (base or LauncherSettings()).replace(**values)
-    _check_gpus_per_job(out, lambda k: f"{source}: launcher.{k}",
-                        "runs_per_job" if "runs_per_job" in values and "gpus" not in values
-                        else "gpus")
-    return out
+    return (base or LauncherSettings()).replace(**values)
 
 
 def _check_gpus_per_job(out: LauncherSettings, field, blame: str) -> None:
@@ -680,6 +676,10 @@ def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
     launcher = parse_launcher(spec.get("launcher"), source)
     if launcher_over:
         launcher = parse_launcher(launcher_over, "--set", base=launcher)
+    _check_gpus_per_job(launcher, lambda k: f"{'--set' if k in launcher_over else source}: "
+                                            f"launcher.{k}",
+                        "runs_per_job" if "runs_per_job" in launcher_over
+                        and "gpus" not in launcher_over else "gpus")
     runs = _expand(axes.factors, base, out, source)
     description = spec.get("description") or ""
     _expect(isinstance(description, str), source, "description", "a string", description)

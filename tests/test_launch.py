@@ -286,6 +286,10 @@ def test_bad_gpus_are_one_line_errors(write_spec, tmp_path, capsys):
     err, spec = error({"gpus": 2, "runs_per_job": "auto", "partition": "day"})
     assert err.startswith(f"error: {spec}: launcher.partition: expected a GPU partition for "
                           "gpus=2")
+    # the pair is checked after the overrides: --set can mend the spec
+    err, spec = error({"gpus": 4, "runs_per_job": 2, "gpu_type": "h100"})
+    assert launch_mod.main([str(spec), "--cluster", "bouchet", "--dry-run",
+                            "--set", "launcher.runs_per_job=auto"]) == 0
 
 
 # ---- several GPUs per job: one group per device, each in its own process ------------------
