@@ -11,6 +11,10 @@
   cannot be read) is listed and left alone. Run states and the manifest are grokhpc.scheduler's.
 * Runs are packed into jobs by shape (``runs_per_job``); a job trains its runs with
   ``grokhpc.train_batched.train_group`` when it has more than one, else ``run_training``.
+  ``runs_per_job: auto`` on a GPU type with a throughput table sizes the jobs for the soonest
+  finish of the sweep within the partition's caps (grokhpc.plan); every GPU plan's predicted
+  wall time and GPU-hours are printed. ``gpus: N``: a job trains N groups of its runs at once,
+  one per GPU, each in its own process (``train_on_devices``).
 * ``auto`` executor: SLURM when ``sbatch`` is on PATH, else local. On SLURM the jobs form one
   array per launch (cut below the cluster's MaxArraySize), logs go to ``OUT/jobs/``, and a job
   that is preempted or times out is requeued and resumes from its last checkpoint (submitit's
@@ -20,7 +24,8 @@
   still queued. The command prints the job ids and returns. Locally it waits, with a progress
   bar over runs, reports the runs that grokked and aggregates the sweep.
 
-torch is imported only inside jobs (and for ``runs_per_job: auto``).
+torch is imported only inside jobs (and for ``runs_per_job: auto`` on a GPU of unknown type,
+sized on the device here).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import argparse
 import importlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -41,10 +47,11 @@ from . import scheduler as sched
 from .config import ConfigError, from_dict, to_dict
 from .scheduler import (DEFAULT_MAX_ARRAY, JOBS_DIR, MANIFEST, chunks, max_array_size,
                         sbatch_preview)
+from .plan import Forecast, forecast, plan_auto, split_even, throughput_for
 from .store import RunDir, RunDirError, RunLockedError
 from .sweep import (ClusterProfile, LauncherSettings, Sweep, SweepRun, fit_partition,
-                    load_profile, load_sweep, pack, partition_limits, resolve_launcher,
-                    shape_key)
+                    load_profile, load_sweep, pack, parallelism_cap, partition_limits,
+                    resolve_launcher, shape_key)
 
 DEFAULT_ARRAY_PARALLELISM = 64
 DEFAULT_TIME_MIN = 60
@@ -122,18 +129,97 @@ def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = pri
             _record_error(d, text)
             errors[cfg.run_id] = _last_line(text)
             log(f"run {cfg.run_id} failed: {errors[cfg.run_id]}")
+    return job_results([c.run_id for c in cfgs], dirs, errors)
+
+
+def job_results(run_ids: Sequence[str], dirs: Sequence[str], errors: dict[str, str]
+                ) -> list[dict]:
+    """One line per run of a job (complete, grokked, its error); raises if any run failed, so
+    the scheduler marks the job failed."""
     results = []
-    for cfg, d in zip(cfgs, dirs):
+    for run_id, d in zip(run_ids, dirs):
         run = RunDir(d)
         summary = (run.read_summary() if run.is_complete() else None) or {}
-        results.append({"run_id": cfg.run_id, "dir": d, "complete": run.is_complete(),
+        results.append({"run_id": run_id, "dir": d, "complete": run.is_complete(),
                         "grokked": summary.get("grokked"),
                         "grokking_epoch": summary.get("grokking_epoch"),
-                        "error": errors.get(cfg.run_id)})
+                        "error": errors.get(run_id)})
     if errors:
-        raise RuntimeError(f"{len(errors)} of {len(runs)} runs failed: "
+        raise RuntimeError(f"{len(errors)} of {len(dirs)} runs failed: "
                            + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     return results
+
+
+# ---- several GPUs in one job ----------------------------------------------------------------
+INTERRUPTIONS = (signal.SIGTERM, signal.SIGINT)   # preemption and time-out: runs resume
+
+
+def job_devices(gpus: int) -> list[str]:
+    """The job's GPUs as CUDA_VISIBLE_DEVICES entries: the ones SLURM (or the user) made
+    visible, else 0..gpus-1; at most ``gpus``."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = [x.strip() for x in env.split(",") if x.strip()] if env is not None \
+        else [str(i) for i in range(gpus)]
+    return seen[:max(0, gpus)]
+
+
+def _train_on_device(runs: Sequence[tuple[dict, str]], device: str, threads: int) -> None:
+    """One group of a several-GPU job, in its own process, seeing only ``device`` ("cpu" or
+    "cpu:N": no GPU, the CPU); the job's own process handles SLURM's checkpoint signal."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    on_cpu = device == "cpu" or str(device).startswith("cpu:")
+    os.environ["CUDA_VISIBLE_DEVICES"] = "" if on_cpu else str(device)
+    train_runs(runs, log=lambda m: print(f"[device {device}] {m}", flush=True), threads=threads)
+
+
+def _job_cpus() -> int:
+    env = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    return int(env) if env.isdigit() else (os.cpu_count() or 1)
+
+
+def _ended(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"ended by signal {-code} ({signal.Signals(-code).name})"
+    return f"ended with exit code {code}"
+
+
+def train_on_devices(runs: Sequence[tuple[dict, str]], devices: Sequence[str],
+                     log: Callable[[str], Any] = print, threads: int | None = None,
+                     worker: Callable | None = None) -> list[dict]:
+    """Train a job's runs as one group per device (split_even, in order), all at once, each
+    group in its own process that sees only its device and trains and resumes as a one-GPU job
+    does (``train_runs``). A group that fails leaves error.txt in its unfinished runs (written
+    here for a process that died without one, unless SLURM interrupted it) and the others go
+    on; afterwards the job raises if any run failed."""
+    import multiprocessing
+
+    groups = split_even(list(runs), len(devices))
+    ctx = multiprocessing.get_context("spawn")
+    share = max(1, (threads or _job_cpus()) // len(groups))
+    procs = []
+    for group, dev in zip(groups, devices):
+        log(f"device {dev}: {len(group)} run(s)")
+        proc = ctx.Process(target=worker or _train_on_device, args=(group, dev, share),
+                           daemon=True)
+        proc.start()
+        procs.append(proc)
+    for proc in procs:
+        proc.join()
+    ids = {str(d): from_dict(c, source=f"{d}: config").run_id for c, d in runs}
+    errors: dict[str, str] = {}
+    for group, dev, proc in zip(groups, devices, procs):
+        ended = _ended(proc.exitcode)
+        if proc.exitcode != 0:
+            log(f"device {dev}: training process {ended}")
+        for _, d in group:
+            if RunDir(d).is_complete():
+                continue
+            if -(proc.exitcode or 0) not in INTERRUPTIONS:
+                _record_error(d, f"training process on device {dev} {ended} before the run "
+                                 "was complete")
+            errors[ids[str(d)]] = (_last_line(RunDir(d).read_error() or "")
+                                   or f"interrupted: device {dev} {ended}")
+    return job_results(list(ids.values()), list(ids), errors)
 
 
 class SweepJob(submitit.helpers.Checkpointable):
@@ -141,15 +227,23 @@ class SweepJob(submitit.helpers.Checkpointable):
     ``checkpoint()`` and requeues the same job, which resumes every run from its run directory
     (``run_training`` picks up ``state.pt``)."""
 
-    def __init__(self, runs: Sequence[tuple[dict, str]], threads: int | None = None):
+    def __init__(self, runs: Sequence[tuple[dict, str]], threads: int | None = None,
+                 gpus: int = 0):
         self.runs = [(dict(c), str(d)) for c, d in runs]
         self.threads = threads
+        self.gpus = gpus
 
     def __call__(self) -> list[dict]:
         env = submitit.JobEnvironment() if os.environ.get("SUBMITIT_EXECUTOR") else None
         if env is not None:
             print(f"job {env.job_id} on {env.hostname}: {len(self.runs)} run(s)", flush=True)
-        return train_runs(self.runs, log=lambda m: print(m, flush=True), threads=self.threads)
+        log = lambda m: print(m, flush=True)  # noqa: E731
+        devices = job_devices(self.gpus) if self.gpus > 1 else []
+        if len(devices) > 1 and len(self.runs) > 1:
+            if len(devices) < self.gpus:
+                log(f"{len(devices)} of the job's {self.gpus} GPUs are visible; using those")
+            return train_on_devices(self.runs, devices, log=log, threads=self.threads)
+        return train_runs(self.runs, log=log, threads=self.threads)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         print("checkpoint: requeueing; runs resume from their last checkpoint", flush=True)
@@ -178,24 +272,37 @@ AUTO_SAFETY = 0.7
 AUTO_CAP = 1024
 
 
+def gpu_memory_cap(launcher: LauncherSettings) -> Callable[[list], int] | None:
+    """cap(configs): the runs of these configs one GPU of the launcher's type holds, a group
+    padded to its largest run (AUTO_SAFETY of its memory, grokhpc.train_batched.bytes_per_run,
+    at most AUTO_CAP); None for a GPU type of unknown memory."""
+    mem = GPU_MEMORY_GB.get((launcher.gpu_type or "").lower()) if launcher.gpus else None
+    tb = _train_batched()
+    if not mem or tb is None or not hasattr(tb, "bytes_per_run"):
+        return None
+    return lambda cfgs: int(max(1, min(AUTO_CAP, AUTO_SAFETY * mem * 1e9
+                                       // max(tb.bytes_per_run(c) for c in cfgs))))
+
+
 def runs_per_job_for(launcher: LauncherSettings, log=None) -> Callable:
-    """size_for(cfg) for grokhpc.sweep.pack. ``auto``: for a GPU job of a known type, as many
-    runs as fit 70% of its memory (grokhpc.train_batched.bytes_per_run); otherwise
-    grokhpc.train_batched.auto_runs_per_job on the device here; 1 when neither can say."""
+    """size_for(cfg) for grokhpc.sweep.pack: a number as it is; ``auto`` where there is no
+    throughput table (plan_jobs): for a GPU of known memory, as many runs as fit it
+    (gpu_memory_cap), else grokhpc.train_batched.auto_runs_per_job on the device here; 1 when
+    neither can say."""
     if launcher.runs_per_job != "auto":
         n = int(launcher.runs_per_job)
         return lambda cfg: n
     gpus = launcher.gpus or 0
     device = "cuda" if gpus > 0 else "cpu"
     log = log or (lambda m: print(m, file=sys.stderr))
+    cap = gpu_memory_cap(launcher)
 
     def auto(cfg) -> int:
         tb = _train_batched()
         if tb is None:
             return 1
-        mem = GPU_MEMORY_GB.get((launcher.gpu_type or "").lower()) if gpus else None
-        if mem and hasattr(tb, "bytes_per_run"):
-            return int(max(1, min(AUTO_CAP, AUTO_SAFETY * mem * 1e9 // tb.bytes_per_run(cfg))))
+        if cap is not None:
+            return cap([cfg])
         try:
             return max(1, int(tb.auto_runs_per_job(cfg, device)))
         except Exception as e:  # no such device here (a login node): one run per job
@@ -203,6 +310,34 @@ def runs_per_job_for(launcher: LauncherSettings, log=None) -> Callable:
                 "set launcher.gpu_type or a number; using 1")
             return 1
     return auto
+
+
+def launch_parallelism(kind: str, launcher: LauncherSettings,
+                       profile: ClusterProfile | None) -> int:
+    """Jobs of this launch that run at once: the partition's caps on SLURM, the cores here
+    locally, one in the debug executor."""
+    if kind == "slurm":
+        part = profile.partition(launcher.partition) if profile and launcher.partition else None
+        return parallelism_cap(launcher, part, DEFAULT_ARRAY_PARALLELISM)[0]
+    return local_parallelism(launcher) if kind == "local" else 1
+
+
+def plan_jobs(todo: Sequence[SweepRun], launcher: LauncherSettings,
+              profile: ClusterProfile | None, kind: str
+              ) -> tuple[list[list[SweepRun]], Forecast | None]:
+    """The jobs of this launch and, for GPU jobs of a type with a throughput table, their
+    forecast (grokhpc.plan). ``auto`` with a table: the plan that finishes soonest over the
+    jobs the partition lets run at once (grokhpc.plan.plan_auto); otherwise ``pack``."""
+    gpus = launcher.gpus or 0
+    tp = throughput_for(launcher.gpu_type) if gpus > 0 else None
+    width = launch_parallelism(kind, launcher, profile)
+    cap = gpu_memory_cap(launcher)
+    if launcher.runs_per_job == "auto" and tp is not None and cap is not None:
+        part = profile.partition(launcher.partition) if profile and launcher.partition else None
+        max_jobs = part.max_submitted if part is not None and kind == "slurm" else None
+        return plan_auto(todo, gpus, width, tp, cap, max_jobs)
+    groups = pack(todo, runs_per_job_for(launcher))
+    return groups, (forecast(groups, gpus, width, tp) if tp is not None else None)
 
 
 def executor_parameters(kind: str, sweep: Sweep, launcher: LauncherSettings,
@@ -325,14 +460,14 @@ def make_plan(spec: str, executor: str | None, cluster: str | None, overrides: S
         print(f"note: {sweep.out / MANIFEST} was written from another version of the spec; "
               "updating it (run directories are kept)", file=out)
     state, action, todo = sort_runs(sweep, old)
-    groups = pack(todo, runs_per_job_for(launcher))
+    groups, outlook = plan_jobs(todo, launcher, profile, kind)
     fit = fit_partition(launcher, profile, len(groups), array_size(dry_run), str(spec),
                         DEFAULT_ARRAY_PARALLELISM) if kind == "slurm" else None
     if fit is not None:   # the partition's per-user caps; deferred jobs go out on a relaunch
         launcher, groups = fit.launcher, groups[:fit.jobs_now]
     return {"sweep": sweep, "launcher": launcher, "executor": kind, "profile": profile,
             "old_manifest": old, "state": state, "action": action, "todo": todo,
-            "groups": groups, "notes": fit.notes if fit else [],
+            "groups": groups, "notes": fit.notes if fit else [], "forecast": outlook,
             "parameters": executor_parameters(kind, sweep, launcher, profile), "jobs": []}
 
 
@@ -351,6 +486,40 @@ def print_summary(plan: dict, out) -> None:
             print(f"  {r.run_id} is corrupt: {sched.read_dir(RunDir(r.dir)).error}", file=out)
     for note in plan.get("notes", ()):
         print(note, file=out)
+    if plan.get("forecast") is not None and groups:
+        for line in plan["forecast"].lines(groups) + idle_gpus_note(plan) + time_note(plan):
+            print(line, file=out)
+
+
+def time_note(plan: dict) -> list[str]:
+    """A line where the longest job is predicted to outlast its time limit (it times out and
+    resumes, at most max_timeouts times)."""
+    launcher, longest = plan["launcher"], max(plan["forecast"].job_seconds, default=0) / 60
+    limit = launcher.time or DEFAULT_TIME_MIN
+    if longest <= limit:
+        return []
+    return [f"  note: the longest job is predicted to take {longest:.0f} min, over launcher.time "
+            f"({limit} min): it times out and resumes, at most launcher.max_timeouts "
+            f"({launcher.max_timeouts}) times"]
+
+
+def idle_gpus_note(plan: dict) -> list[str]:
+    """A line where the partition's cap on running jobs leaves GPUs a user may hold idle, with
+    the ``gpus`` per job that would hold more of them."""
+    launcher, profile, groups = plan["launcher"], plan["profile"], plan["groups"]
+    part = profile.partition(launcher.partition) if profile and launcher.partition else None
+    gpus, width = launcher.gpus or 0, launcher.array_parallelism or 0
+    if (plan["executor"] != "slurm" or part is None or part.max_gpus is None or gpus < 1
+            or part.max_running is None or width < part.max_running or len(groups) < width):
+        return []
+    held = width * gpus
+    better = next((g for g in range(gpus + 1, part.max_gpus + 1)
+                   if min(part.max_running, part.max_gpus // g) * g > held), None)
+    if better is None:
+        return []
+    more = min(part.max_running, part.max_gpus // better) * better
+    return [f"  note: {width} jobs x {gpus} GPU(s) hold {held} of the {part.max_gpus} GPUs per "
+            f"user on {part.name}; launcher.gpus: {better} would hold {more}"]
 
 
 def print_dry_run(plan: dict, out) -> None:
@@ -427,7 +596,8 @@ def submit(plan: dict, out) -> None:
     ex = submitit.AutoExecutor(folder=sweep.out / JOBS_DIR / "%j", cluster=kind, **kwargs)
     ex.update_parameters(**plan["parameters"])
     threads = None if kind == "slurm" else local_threads(launcher)
-    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads) for g in groups]
+    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads, launcher.gpus or 0)
+           for g in groups]
     record.open()
     if kind == "slurm":
         submit_arrays(ex, fns, plan, record, out)

@@ -18,13 +18,13 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       executor: auto            # auto | slurm | local | debug
       cluster: bouchet          # a profile in slurm/<name>.yaml
       time: 240                 # minutes per job
-      gpus: 1
+      gpus: 1                   # GPUs per job; each GPU trains one packed group of its runs
       gpu_type: h100
       cpus_per_task: 2
       mem_gb: 16
       partition: gpu_h100
       array_parallelism: 12
-      runs_per_job: 1           # or "auto": as many as fit the device (grokhpc.train_batched)
+      runs_per_job: 1           # or "auto": sized for the shortest sweep (grokhpc.plan)
       max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
       extra: {account: my_lab}  # any other sbatch option
 
@@ -106,13 +106,13 @@ class LauncherSettings:
     executor: str = "auto"
     cluster: str | None = None
     time: int | None = None            # minutes per job
-    gpus: int | None = None
+    gpus: int | None = None            # per job; a job trains one group of its runs per GPU
     gpu_type: str | None = None
     cpus_per_task: int | None = None
     mem_gb: float | None = None
     partition: str | None = None
     array_parallelism: int | None = None
-    runs_per_job: int | str = 1        # an int >= 1 or "auto"
+    runs_per_job: int | str = 1        # an int >= 1 (per job, all its GPUs) or "auto"
     max_timeouts: int = 3
     extra: tuple[tuple[str, Any], ...] = ()
 
@@ -213,6 +213,20 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
             v = tuple(sorted(v.items()))
         values[key] = v
     return (base or LauncherSettings()).replace(**values)
+
+
+def _check_gpus_per_job(out: LauncherSettings, field, blame: str) -> None:
+    """A job trains one packed group of its runs on each of its GPUs: a fixed runs_per_job
+    below gpus would leave GPUs idle. ``field(key)`` names where a key was set; ``blame`` is
+    the key the error names (the one set last)."""
+    gpus, n = out.gpus or 0, out.runs_per_job
+    if n == "auto" or gpus <= n:
+        return
+    if blame == "gpus":
+        raise ConfigError(f"{field('gpus')}: expected at most launcher.runs_per_job ({n}) GPUs "
+                          f"per job (each GPU trains a group of the job's runs), got {gpus}")
+    raise ConfigError(f"{field('runs_per_job')}: expected at least launcher.gpus ({gpus}) runs "
+                      f"per job (each GPU trains a group of the job's runs), got {n}")
 
 
 @dataclass(frozen=True)
@@ -393,6 +407,7 @@ def _check_partition(out: LauncherSettings, part: Partition, profile: ClusterPro
     if part.max_gpus is not None and gpus > part.max_gpus:
         raise ConfigError(f"{field('gpus')}: expected at most {part.max_gpus} GPUs per job on "
                           f"{on} (its limit per user), got {gpus}{hint('gpus')}")
+    _check_gpus_per_job(out, field, "gpus")
 
 
 def _jobs(n: int) -> str:
@@ -412,6 +427,22 @@ def partition_limits(part: Partition) -> str:
 
 
 # ---- keeping a launch inside a partition's per-user limits --------------------------------
+def parallelism_cap(launcher: LauncherSettings, part: Partition | None,
+                    default_parallelism: int = 64) -> tuple[int, str]:
+    """Jobs of this launch that may run at once on ``part``: the array parallelism asked (or the
+    default), cut by the partition's running jobs and GPUs per user (at ``launcher.gpus`` per
+    job); with the cap that cut it in words, or "" where nothing did."""
+    width = launcher.array_parallelism or default_parallelism
+    if part is None:
+        return width, ""
+    caps = [(part.max_running, f"at most {part.max_running} running jobs per user")]
+    if part.max_gpus is not None and (launcher.gpus or 0) > 0:
+        caps.append((max(1, part.max_gpus // launcher.gpus),
+                     f"{part.max_gpus} GPUs per user at {launcher.gpus} per job"))
+    cap, why = min(((c, w) for c, w in caps if c is not None), default=(width, ""))
+    return (cap, why) if cap < width else (width, "")
+
+
 @dataclass(frozen=True)
 class PartitionFit:
     """What a SLURM launch may submit now: the launcher (array parallelism cut to the caps),
@@ -438,16 +469,9 @@ def fit_partition(launcher: LauncherSettings, profile: ClusterProfile | None, n_
             f"queued or running (an array counts each task), this launch makes {n_jobs}; set "
             f"launcher.runs_per_job to train the runs together, or use another partition")
     asked = launcher.array_parallelism
-    caps = [(part.max_running, f"at most {part.max_running} running jobs per user")]
-    if part.max_gpus is not None and (launcher.gpus or 0) > 0:
-        caps.append((max(1, part.max_gpus // launcher.gpus),
-                     f"{part.max_gpus} GPUs per user at {launcher.gpus} per job"))
-    width = asked or default_parallelism
-    cap, why = min(((c, w) for c, w in caps if c is not None), default=(width, ""))
-    if cap < width:
-        if asked is not None and n_jobs > cap:   # said only where the cut changes the array
-            notes.append(f"{on}: {why}: array parallelism {asked} -> {cap}")
-        width = cap
+    width, why = parallelism_cap(launcher, part, default_parallelism)
+    if why and asked is not None and n_jobs > width:   # said only where the cut changes the array
+        notes.append(f"{on}: {why}: array parallelism {asked} -> {width}")
     jobs_now = n_jobs
     per_hour = profile.submissions_per_hour
     n_arrays = -(-n_jobs // max(1, max_array))
@@ -681,6 +705,10 @@ def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
     launcher = parse_launcher(spec.get("launcher"), source)
     if launcher_over:
         launcher = parse_launcher(launcher_over, "--set", base=launcher)
+    _check_gpus_per_job(launcher, lambda k: f"{'--set' if k in launcher_over else source}: "
+                                            f"launcher.{k}",
+                        "runs_per_job" if "runs_per_job" in launcher_over
+                        and "gpus" not in launcher_over else "gpus")
     runs = _expand(axes.factors, base, out, source)
     description = spec.get("description") or ""
     _expect(isinstance(description, str), source, "description", "a string", description)
@@ -725,14 +753,22 @@ def shape_key(cfg: RunConfig) -> tuple:
     return tuple(getattr(cfg, f) for f in SHAPE_FIELDS)
 
 
-def pack(runs: Iterable[SweepRun], size_for) -> list[list[SweepRun]]:
-    """Group runs by shape (first-seen order), then cut each group into jobs of
-    ``size_for(first_config_of_group)`` runs."""
+def by_shape(runs: Iterable[SweepRun]) -> list[list[SweepRun]]:
+    """Runs grouped by shape (groups in first-seen order), each group ordered by train fraction,
+    largest first (otherwise in sweep order): a packed group pads every run's rows to its
+    longest, so runs of like size packed together waste the least work, and an array's first
+    jobs are its longest."""
     groups: dict[tuple, list[SweepRun]] = {}
     for r in runs:
         groups.setdefault(shape_key(r.config), []).append(r)
+    return [sorted(g, key=lambda r: -r.config.train_frac) for g in groups.values()]
+
+
+def pack(runs: Iterable[SweepRun], size_for) -> list[list[SweepRun]]:
+    """Group runs by shape (``by_shape``), then cut each group into jobs of
+    ``size_for(first_config_of_group)`` runs."""
     jobs: list[list[SweepRun]] = []
-    for members in groups.values():
+    for members in by_shape(runs):
         n = max(1, int(size_for(members[0].config)))
         jobs += [members[i:i + n] for i in range(0, len(members), n)]
     return jobs
@@ -740,5 +776,6 @@ def pack(runs: Iterable[SweepRun], size_for) -> list[list[SweepRun]]:
 
 __all__ = ["Sweep", "SweepRun", "LauncherSettings", "ClusterProfile", "Partition", "load_sweep",
            "parse_sweep", "parse_launcher", "load_profile", "resolve_launcher", "fit_partition",
-           "PartitionFit", "partition_limits", "available_profiles", "pack", "shape_key",
+           "PartitionFit", "parallelism_cap", "partition_limits", "available_profiles", "pack",
+           "by_shape", "shape_key",
            "EXECUTORS"]

@@ -8,8 +8,10 @@ import json
 import os
 import shutil
 import re
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -382,3 +384,244 @@ def test_bare_aggregate_takes_every_sweep_under_runs(write_spec, tmp_path):
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr == (f"aggregate: no sweeps under {tmp_path / 'runs'} (directories with "
                         "manifest.json); give SWEEP_DIR\n")
+# ---- packing for time to result: the dry run's plan (numbers from the H200 table by hand) ----
+# run-epochs/s of R seed-config runs on one H200 (benchmarks/gpu_batched_table.md)
+R32, R64, R128, R256, R512 = 3193.8, 3576.3, 3811.2, 3982.5, 4071.8
+H100 = 3.35 / 4.8    # H100 SXM vs H200 memory bandwidth (3.35 vs 4.8 TB/s; both 67 TFLOPS FP32)
+
+
+def seed_1000_spec(write_spec, tmp_path, launcher):
+    """1,000 seed-config runs: 10 weight decays x 10 data seeds x 10 model seeds."""
+    return write_spec({"grid": {"weight_decay": [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0,
+                                                 5.0],
+                                "data_seed": list(range(10)), "model_seed": list(range(10))},
+                       "out": str(tmp_path / "s"),
+                       "launcher": {"partition": "gpu_h100", "gpu_type": "h100",
+                                    "array_parallelism": 12, **launcher}})
+
+
+def minutes_and_gpu_hours(job_s: dict, counts: dict, wall_s: float, gpus: int = 1) -> str:
+    gpu_h = gpus * sum(job_s[n] * k for n, k in counts.items()) / 3600
+    return f"predicted {wall_s / 60:.1f} min to the last job's end, {gpu_h:.2f} GPU-hours"
+
+
+def test_dry_run_plans_1000_seed_runs_for_the_soonest_finish(write_spec, tmp_path):
+    """gpu_h100 runs 12 jobs per user at once: 12 jobs (11 x 84 + 76 runs), one wave, instead
+    of the memory-sized 2 jobs of 610 + 390."""
+    t64, t128 = 64 / R64, 128 / R128
+    job = {n: 120 + 25_000 * (t64 + (n - 64) / 64 * (t128 - t64)) / H100 for n in (76, 84)}
+    spec = seed_1000_spec(write_spec, tmp_path, {"runs_per_job": "auto"})
+    buf = io.StringIO()
+    plan = launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=buf)
+    lines = buf.getvalue().splitlines()
+    assert sorted(len(g) for g in plan["groups"]) == [76] + [84] * 11
+    assert ("plan: 12 job(s) of 76-84 run(s), 1 GPU(s) each (up to 84 runs per GPU), 12 at "
+            "once: " + minutes_and_gpu_hours(job, {84: 11, 76: 1}, job[84])) in lines
+    assert any(ln.startswith("  model: h100: estimated, the H200's measured rates x 0.70")
+               and "knee R = 128" in ln and "120 s per job" in ln for ln in lines)
+    assert ("  note: 12 jobs x 1 GPU(s) hold 12 of the 16 GPUs per user on gpu_h100; "
+            "launcher.gpus: 2 would hold 16") in lines
+    assert "#SBATCH --array=0-11%12" in lines
+    # the memory-sized plan, as the same model predicts it (610 beyond R = 512, at its rate)
+    buf = io.StringIO()
+    launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=buf,
+                      overrides=["launcher.runs_per_job=610"])
+    t256, t512 = 256 / R256, 512 / R512
+    before = {610: 120 + 25_000 * 610 / R512 / H100,
+              390: 120 + 25_000 * (t256 + (390 - 256) / 256 * (t512 - t256)) / H100}
+    assert ("plan: 2 job(s) of 390-610 run(s), 1 GPU(s) each (up to 610 runs per GPU), 2 at "
+            "once: " + minutes_and_gpu_hours(before, {610: 1, 390: 1}, before[610])
+            ) in buf.getvalue().splitlines()
+
+
+def test_dry_run_with_two_gpus_per_job_holds_every_gpu_a_user_may(write_spec, tmp_path):
+    """gpus 2 on gpu_h100: 16 GPUs per user make 8 jobs at once; a job of 126 runs trains 63
+    on each GPU: 7 x 126 + 118 (59 + 59). 7 jobs would put 72 on a GPU, 10% slower."""
+    t32, t64 = 32 / R32, 64 / R64
+    job = {n: 120 + 25_000 * (t32 + (n - 32) / 32 * (t64 - t32)) / H100 for n in (59, 63, 72)}
+    assert job[72] / job[63] > 1.05
+    spec = seed_1000_spec(write_spec, tmp_path, {"runs_per_job": "auto", "gpus": 2})
+    buf = io.StringIO()
+    plan = launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=buf)
+    lines = buf.getvalue().splitlines()
+    assert sorted(len(g) for g in plan["groups"]) == [118] + [126] * 7
+    assert ("plan: 8 job(s) of 118-126 run(s), 2 GPU(s) each (up to 63 runs per GPU), 8 at "
+            "once: " + minutes_and_gpu_hours(job, {63: 7, 59: 1}, job[63], gpus=2)) in lines
+    assert "#SBATCH --gpus=h100:2" in lines and "#SBATCH --array=0-7%8" in lines
+    assert not any("note:" in ln for ln in lines)
+
+
+def test_bad_gpus_are_one_line_errors(write_spec, tmp_path, capsys):
+    def error(spec_launcher, *sets):
+        spec = write_spec({"base": {"p": 11, "n_epochs": 10}, "grid": {"model_seed": [1, 2]},
+                           "out": str(tmp_path / "s"),
+                           "launcher": {"partition": "gpu_h100", **spec_launcher}})
+        argv = [str(spec), "--cluster", "bouchet", "--dry-run"]
+        assert launch_mod.main(argv + [a for s in sets for a in ("--set", s)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1
+        return err.strip(), spec
+
+    err, spec = error({"gpus": "two"})
+    assert err == f"error: {spec}: launcher.gpus: expected an integer >= 0, got 'two'"
+    err, spec = error({"gpus": 4, "runs_per_job": 2})
+    assert err == (f"error: {spec}: launcher.gpus: expected at most launcher.runs_per_job (2) "
+                   "GPUs per job (each GPU trains a group of the job's runs), got 4")
+    err, spec = error({}, "launcher.gpus=4")
+    assert err == ("error: --set: launcher.gpus: expected at most launcher.runs_per_job (1) "
+                   "GPUs per job (each GPU trains a group of the job's runs), got 4")
+    err, spec = error({"gpus": 4, "runs_per_job": 8}, "launcher.runs_per_job=2")
+    assert err == ("error: --set: launcher.runs_per_job: expected at least launcher.gpus (4) "
+                   "runs per job (each GPU trains a group of the job's runs), got 2")
+    err, spec = error({"gpus": 32, "runs_per_job": "auto"})
+    assert err == (f"error: {spec}: launcher.gpus: expected at most 16 GPUs per job on bouchet "
+                   "gpu_h100 (its limit per user), got 32")
+    err, spec = error({"gpus": 2, "runs_per_job": "auto", "partition": "day"})
+    assert err.startswith(f"error: {spec}: launcher.partition: expected a GPU partition for "
+                          "gpus=2")
+    # the pair is checked after the overrides: --set can mend the spec
+    err, spec = error({"gpus": 4, "runs_per_job": 2, "gpu_type": "h100"})
+    assert launch_mod.main([str(spec), "--cluster", "bouchet", "--dry-run",
+                            "--set", "launcher.runs_per_job=auto"]) == 0
+
+
+# ---- several GPUs per job: one group per device, each in its own process ------------------
+# Addition mod 17, small enough for a shared 2-core machine
+SMALL = {"p": 17, "op": "add", "d_model": 32, "n_heads": 4, "d_head": 8, "d_mlp": 64,
+         "n_epochs": 80, "checkpoint_every": 40, "eval_every": 10, "train_frac": 0.8,
+         "lr": 1e-2}
+
+
+def small_runs(tmp_path, name, n=4, **changes):
+    """A job's runs, their directories made as a launch makes them (config.json only)."""
+    cfgs = [RunConfig(**{**SMALL, "model_seed": i, "data_seed": 10 + i, **changes})
+            for i in range(n)]
+    for c in cfgs:
+        RunDir(tmp_path / name / c.run_id).create({**to_dict(c), "run_id": c.run_id})
+    return [(to_dict(c), str(tmp_path / name / c.run_id)) for c in cfgs]
+
+
+def solo_reference(runs, tmp_path):
+    """Each run trained alone, in this process, on one thread (bit-reproducible)."""
+    import torch
+
+    from grokhpc.train import run_training
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for c, d in runs:
+            cfg = RunConfig(**{k: tuple(v) if k == "betas" else v for k, v in c.items()})
+            run_training(cfg, tmp_path / "solo" / cfg.run_id, progress_bar=False,
+                         log=lambda *a: None)
+    finally:
+        torch.set_num_threads(n)
+    return {Path(d).name: tmp_path / "solo" / Path(d).name for _, d in runs}
+
+
+def assert_same_run(a, b):
+    ra, rb = RunDir(a), RunDir(b)
+    assert ra.is_complete() and rb.is_complete() and ra.read_error() is None
+    ea, wa = ra.checkpoints(mmap=False)
+    eb, wb = rb.checkpoints(mmap=False)
+    assert ea == eb and np.array_equal(wa, wb)
+    ca, cb = ra.read_curves(), rb.read_curves()
+    for col in ("train_loss", "train_acc", "test_loss", "test_acc"):
+        assert np.array_equal(ca[col].to_numpy(), cb[col].to_numpy(), equal_nan=True), col
+    sa, sb = ra.read_summary(), rb.read_summary()
+    assert (sa["grokked"], sa["grokking_epoch"]) == (sb["grokked"], sb["grokking_epoch"])
+
+
+def test_job_devices_are_the_visible_gpus(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert launch_mod.job_devices(2) == ["2", "5"]
+    assert launch_mod.job_devices(1) == ["2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert launch_mod.job_devices(2) == ["3"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert launch_mod.job_devices(3) == ["0", "1", "2"]
+
+
+def test_a_two_gpu_job_trains_one_group_per_device_equal_to_solo_runs(tmp_path, monkeypatch,
+                                                                     capfd):
+    """SLURM makes the job's two GPUs visible as 0,1; here (no GPU) each group's process sees
+    its one "GPU" and trains on the CPU. Packed groups on CPU run the solo arithmetic, so every
+    run equals the same run trained alone, bit for bit."""
+    runs = small_runs(tmp_path, "job")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    results = launch_mod.SweepJob(runs, threads=2, gpus=2)()
+    out = capfd.readouterr().out
+    assert "device 0: 2 run(s)" in out and "device 1: 2 run(s)" in out
+    assert out.count("[device 0] training 2 runs together") == 1
+    assert out.count("[device 1] training 2 runs together") == 1
+    assert [r["complete"] for r in results] == [True] * 4
+    solo = solo_reference(runs, tmp_path)
+    for _, d in runs:
+        assert_same_run(d, solo[Path(d).name])
+
+
+def _end_some_devices(runs, device, threads):
+    """A group process that dies at once on device cpu:1 (killed: a failure) and cpu:2
+    (SIGTERM: SLURM's preemption or time-out), and trains elsewhere."""
+    if device in ("cpu:1", "cpu:2"):
+        os.kill(os.getpid(), signal.SIGKILL if device == "cpu:1" else signal.SIGTERM)
+    launch_mod._train_on_device(runs, device, threads)
+
+
+def test_a_failing_group_does_not_stop_the_others(tmp_path):
+    """Four groups of one run: cpu:0 trains; cpu:1 dies (error.txt written for its runs); cpu:2 is
+    interrupted (no error.txt: its run resumes on the requeue); cpu:3's run asks for a GPU
+    that is not there and fails (its own error.txt). Relaunched, every run completes and
+    equals the same run trained alone."""
+    good = small_runs(tmp_path, "g", n=3)
+    bad = small_runs(tmp_path, "b", n=1, device="cuda")
+    logged = []
+    with pytest.raises(RuntimeError) as e:
+        launch_mod.train_on_devices(good + bad, ["cpu:0", "cpu:1", "cpu:2", "cpu:3"],
+                                    log=logged.append, threads=4, worker=_end_some_devices)
+    assert str(e.value).startswith("3 of 4 runs failed")
+    trained, killed, stopped = good[:1], good[1:2], good[2:]
+    assert all(RunDir(d).is_complete() for _, d in trained)
+    for _, d in killed:
+        assert not RunDir(d).is_complete()
+        assert RunDir(d).read_error() == ("training process on device cpu:1 ended by signal 9 "
+                                          "(SIGKILL) before the run was complete")
+    assert all(RunDir(d).read_error() is None for _, d in stopped)
+    assert "interrupted: device cpu:2 ended by signal 15 (SIGTERM)" in str(e.value)
+    for _, d in bad:
+        err = RunDir(d).read_error()
+        assert err and "Traceback" in err and ("CUDA" in err or "cuda" in err)
+    assert "device cpu:1: training process ended by signal 9 (SIGKILL)" in logged
+    # the next launch takes up where this one stopped
+    results = launch_mod.train_on_devices(good, ["cpu:0"], threads=1)   # one thread: bitwise
+    assert [r["complete"] for r in results] == [True] * 3
+    solo = solo_reference(good, tmp_path)
+    for _, d in good:
+        assert_same_run(d, solo[Path(d).name])
+
+
+def test_dry_run_says_when_a_job_outlasts_its_time_limit(write_spec, tmp_path):
+    """gpu_devel takes one job: 16 seed runs in it, 120 + 25,000 x 16 / 1986.0 = 321 s on an
+    H200, over a 3-minute limit."""
+    spec = write_spec({"grid": {"model_seed": list(range(16))}, "out": str(tmp_path / "s"),
+                       "launcher": {"runs_per_job": "auto", "partition": "gpu_devel",
+                                    "gpu_type": "h200", "time": 3}})
+    buf = io.StringIO()
+    plan = launch_mod.launch(str(spec), cluster="bouchet", dry_run=True, out=buf)
+    assert [len(g) for g in plan["groups"]] == [16]
+    job_min = (120 + 25_000 * 16 / 1986.0) / 60
+    assert ("  note: the longest job is predicted to take 5 min, over launcher.time (3 min): it "
+            "times out and resumes, at most launcher.max_timeouts (3) times"
+            ) in buf.getvalue().splitlines()
+    assert f"predicted {job_min:.1f} min to the last job's end" in buf.getvalue()
+
+
+def test_a_launch_gives_each_job_its_gpus(write_spec, tmp_path, monkeypatch):
+    """The job function learns how many GPUs its job has (one group of runs on each)."""
+    jobs = []
+    monkeypatch.setattr(launch_mod, "run_locally", lambda ex, fns, *rest: jobs.extend(fns))
+    spec = write_spec({"base": {"p": 11, "n_epochs": 10}, "grid": {"model_seed": [1, 2, 3, 4]},
+                       "out": str(tmp_path / "s"),
+                       "launcher": {"executor": "local", "gpus": 2, "runs_per_job": 4}})
+    launch_mod.launch(str(spec), out=io.StringIO())
+    assert [(job.gpus, len(job.runs)) for job in jobs] == [(2, 4)]

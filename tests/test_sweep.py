@@ -303,7 +303,8 @@ def test_a_limit_broken_by_a_profile_default_names_the_profile_field():
         resolve_launcher(LauncherSettings(partition="gpu_devel", time=60, gpus=4), b, "s.yaml")
     assert str(e.value) == ("s.yaml: launcher.gpus: expected at most 2 GPUs per job on bouchet "
                             "gpu_devel (its limit per user), got 4")
-    ok = resolve_launcher(LauncherSettings(partition="gpu_devel", time=60, gpus=2), b, "s.yaml")
+    ok = resolve_launcher(LauncherSettings(partition="gpu_devel", time=60, gpus=2,
+                                           runs_per_job=2), b, "s.yaml")
     assert (ok.time, ok.gpus) == (60, 2)
 
 
@@ -389,8 +390,10 @@ def test_dry_run_cuts_array_parallelism_to_the_running_job_cap(write_spec, tmp_p
     assert "#SBATCH --array=0-11%6" in lines
     assert "partition gpu_h200: limit 2880 min, per user at most 6 running, 16 GPUs" in lines
     # GPUs per user: 16 at 8 a job leaves 2 at once, the tighter cap: one line names it
-    lines, plan = dry_run(write_spec, tmp_path, monkeypatch, ["launcher.gpus=8",
-                                                              "launcher.array_parallelism=12"])
+    # (a job trains a group of runs on each of its GPUs: 8 runs on 8 GPUs, 12 jobs)
+    lines, plan = dry_run(write_spec, tmp_path, monkeypatch,
+                          ["launcher.gpus=8", "launcher.runs_per_job=8",
+                           "launcher.array_parallelism=12"], n_seeds=96)
     assert [ln for ln in lines if "array parallelism" in ln] == [
         "bouchet gpu_h200: 16 GPUs per user at 8 per job: array parallelism 12 -> 2"]
     assert plan["parameters"]["slurm_array_parallelism"] == 2
