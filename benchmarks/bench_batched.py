@@ -10,9 +10,8 @@ the same per run either way). The R runs of a group differ in seeds, train fract
 weight decay like a sweep's. Blocks alternate (solo, then every R and mode) within a repeat so
 machine noise hits all alike; the table gives medians over repeats and the ratio of each
 group's run-epochs/s to the solo trainer's epochs/s. Modes: ``exact`` (the CPU default:
-solo forward run by run, stacked optimiser and bookkeeping), ``batched`` (one batched
-computation over all runs with the solo fast path's embedding-bag kernels; the GPU default)
-and ``dense`` (batched, with per-row matmul kernels).
+solo forward run by run, stacked optimiser and bookkeeping) and ``batched`` (one batched
+computation over all runs; the GPU default).
 """
 
 from __future__ import annotations
@@ -44,8 +43,7 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", default="1,2,4,8", help="comma-separated group sizes R")
     ap.add_argument("--epochs", type=int, default=20, help="epochs per timed block")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--modes", default="exact,batched,dense",
-                    help="exact, batched (bag kernels), dense (batched, dense kernels)")
+    ap.add_argument("--modes", default="exact,batched", help="exact, batched")
     ap.add_argument("--p", type=int, default=113)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args(argv)
@@ -78,8 +76,7 @@ def main(argv=None) -> None:
             cfgs = group_configs(base, r)
             trainers = [Trainer(c, RunDir(f"{tmp}/R{r}_{i}"), dev) for i, c in enumerate(cfgs)]
             for mode in modes:
-                stacks[(r, mode)] = Stack(trainers, dev, exact=(mode == "exact"),
-                                          kernels="bag" if mode == "batched" else "dense")
+                stacks[(r, mode)] = Stack(trainers, dev, exact=(mode == "exact"))
 
         def group_epochs(stack):
             def run(n):

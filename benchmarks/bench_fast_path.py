@@ -7,7 +7,8 @@ the test set every ``eval_every`` epochs as ``fit`` does, without commits; one o
 model replaced by the ``Transformer`` of ``grokhpc/model.py`` at ``--rev`` (that file alone,
 loaded from git as a separate module; it must need nothing newer than this checkout's
 ``grokhpc.config``). Both start from the same weights. Blocks alternate so machine noise hits
-both alike; the result is the median over repeats of each one's ms/epoch and of their ratio.
+both alike; the result is the median over repeats of each one's ms/epoch and of their ratio,
+in wall time and in the process's CPU time (all threads; on a loaded machine the steadier).
 """
 
 from __future__ import annotations
@@ -77,21 +78,25 @@ def main(argv=None) -> None:
         ways = {"before": epochs_of(before), "now": epochs_of(now)}
         for run in ways.values():
             run(2)  # warm-up
-        ms = {k: [] for k in ways}
+        ms = {(k, clock): [] for k in ways for clock in ("wall", "cpu")}
         for _ in range(args.repeats):
             for k, run in ways.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 run(args.epochs)
-                ms[k].append((time.perf_counter() - t0) * 1000 / args.epochs)
-    ratios = [n / b for n, b in zip(ms["now"], ms["before"])]
+                ms[k, "wall"].append((time.perf_counter() - t0) * 1000 / args.epochs)
+                ms[k, "cpu"].append((time.process_time() - c0) * 1000 / args.epochs)
     print(f"machine: {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; seed config, "
           f"{args.epochs} epochs per block, {args.repeats} repeats")
-    for k, v in ms.items():
-        print(f"{k + (' (' + args.rev + ')' if k == 'before' else ''):<20} ms/epoch median "
-              f"{statistics.median(v):8.1f}  (each: {', '.join(f'{x:.0f}' for x in v)})")
-    print(f"ratio now / before ms per epoch: median {statistics.median(ratios):.3f} "
-          f"(each: {', '.join(f'{r:.2f}' for r in ratios)})")
+    for clock in ("wall", "cpu"):
+        for k in ways:
+            v = ms[k, clock]
+            print(f"{k + (' (' + args.rev + ')' if k == 'before' else ''):<20} {clock:>4} "
+                  f"ms/epoch median {statistics.median(v):8.1f}  "
+                  f"(each: {', '.join(f'{x:.0f}' for x in v)})")
+        ratios = [n / b for n, b in zip(ms["now", clock], ms["before", clock])]
+        print(f"ratio now / before, {clock} ms per epoch: median "
+              f"{statistics.median(ratios):.3f} (each: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ train):
   ``copy.deepcopy(model.state_dict())`` every 100 epochs;
 * solo: one grokhpc ``Trainer`` (fast path, test every eval_every epochs), i.e. one run per job;
 * packed R: ``grokhpc.train_batched.Stack`` over R runs (different seeds, train fractions, lr,
-  weight decay), ``--mode batched`` (default on GPUs; each of ``--kernels`` bag, dense) or
-  ``exact``.
+  weight decay), ``--mode batched`` (default on GPUs) or ``exact``.
 
 Each way gets ``--warmup`` untimed epochs, then ``--epochs`` timed epochs between
 ``torch.cuda.synchronize()`` calls (commits excluded). For each R the table also gives
@@ -106,9 +105,6 @@ def main(argv=None) -> int:
                     help="timed epochs of the seed's way (default: 100 on GPU, --epochs on CPU)")
     ap.add_argument("--repeats", type=int, default=1, help="timed blocks per R (median)")
     ap.add_argument("--mode", choices=("batched", "exact"), default="batched")
-    ap.add_argument("--kernels", default="dense,bag",
-                    help="batched mode's kernels to time, comma-separated (dense, bag); "
-                         "--e2e uses the first")
     ap.add_argument("--p", type=int, default=113)
     ap.add_argument("--sweep-epochs", type=int, default=25_000)
     ap.add_argument("--e2e", type=int, default=0, metavar="R",
@@ -245,8 +241,7 @@ def main(argv=None) -> int:
     row("solo", 1, solo_rate, None, solo_mem, float("nan"), 0.0)
 
     # ---- packed groups -------------------------------------------------------------------------
-    kernels = [k for k in args.kernels.split(",") if k]
-    r, rate1 = 1, {}
+    r, rate1 = 1, None
     while r <= args.max_r:
         trainers = stack = None
         results = []
@@ -255,21 +250,19 @@ def main(argv=None) -> int:
                 cfgs = group_configs(base, r)
                 trainers = [Trainer(c, RunDir(Path(tmp) / f"r{i}"), dev)
                             for i, c in enumerate(cfgs)]
-                for kern in kernels:
-                    stack = None
-                    gc.collect()
-                    mem_reset()
-                    stack = Stack(trainers, dev, exact=(args.mode == "exact"), kernels=kern)
+                gc.collect()
+                mem_reset()
+                stack = Stack(trainers, dev, exact=(args.mode == "exact"))
 
-                    def packed(n):
-                        for _ in range(n):
-                            stack.step()
-                            if stack.epoch % base.eval_every == 0:
-                                stack.evaluate()
+                def packed(n):
+                    for _ in range(n):
+                        stack.step()
+                        if stack.epoch % base.eval_every == 0:
+                            stack.evaluate()
 
-                    packed(args.warmup)
-                    t = time_block(packed, args.epochs)
-                    results.append((kern, r * args.epochs / t, mem_peak()))
+                packed(args.warmup)
+                t = time_block(packed, args.epochs)
+                results.append((r * args.epochs / t, mem_peak()))
                 # one commit of every run, as train_group does at each checkpoint
                 for tr in trainers:
                     tr.run.create({"run_id": tr.cfg.run_id})
@@ -285,10 +278,9 @@ def main(argv=None) -> int:
         finally:
             del trainers, stack
             gc.collect()
-        for kern, rate, peak in results:
-            rate1.setdefault(kern, rate)
-            way = f"packed {args.mode}" + (f" {kern}" if args.mode == "batched" else "")
-            row(way, r, rate, rate1[kern], peak, bytes_per_run(base) * r, commit_s)
+        for rate, peak in results:
+            rate1 = rate if rate1 is None else rate1
+            row(f"packed {args.mode}", r, rate, rate1, peak, bytes_per_run(base) * r, commit_s)
         r *= 2
 
     # ---- end to end with commits: foreground vs background writes --------------------------
@@ -305,7 +297,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 trainers = [Trainer.open(c, Path(tmp) / f"r{i}", dev) for i, c in enumerate(cfgs)]
                 t_open = time.perf_counter() - t0
-                stack = Stack(trainers, dev, exact=False, kernels=kernels[0])
+                stack = Stack(trainers, dev, exact=False)
                 n = args.e2e_epochs
                 sync()
                 t0 = time.perf_counter()
@@ -315,7 +307,7 @@ def main(argv=None) -> int:
                 del stack, trainers
             rate = r * n / wall
             sweep = args.sweep_epochs * r / rate / 60
-            out(f"end to end, R={r}, {kernels[0]} kernels, {n} epochs with a commit every "
+            out(f"end to end, R={r}, {n} epochs with a commit every "
                 f"{base.checkpoint_every} ({'background' if background else 'foreground'} "
                 f"writes): {rate:.0f} run-epochs/s incl. commits -> {args.sweep_epochs} epochs "
                 f"of {r} runs in {sweep:.1f} min (+ {t_open:.0f} s to open the {r} runs)")

@@ -10,7 +10,7 @@ them cheap to compute without the all-positions forward:
   pattern weight times a value row read through ``W_O``.
 
 What is left per row is a look-up of its scores and values, the softmax, the pattern-weighted
-sum, the read-out ``resid_mid @ [W_in | W_U]``, the ReLU and ``post @ (W_out @ W_U)``.
+sum through ``W_O``, ``resid_mid @ W_in`` and ``@ W_U``, the ReLU and ``post @ (W_out @ W_U)``.
 
 Weights are a mapping of TransformerLens parameter names to tensors: one run's ``(*shape)``,
 or R runs' stacked ``(R, *shape)`` with tokens ``(R, b, n)`` (run r only meets its own weights
@@ -113,6 +113,7 @@ class ReadOut(NamedTuple):
 
 
 def read_out_maps(w: Weights) -> ReadOut:
+    """The maps of :class:`ReadOut` for ``w``: the MLP's output folded into the logits."""
     import torch
 
     return ReadOut(w.W_in, w.b_in, w.W_U, w.b_U + torch.bmm(w.b_out[:, None], w.W_U)[:, 0],
@@ -243,10 +244,15 @@ def cross_entropy(logits, labels, dtype: str = "float64", mask=None):
     return torch.where(mask, nll, 0.0).sum(dim=-1) / mask.sum(dim=-1)
 
 
+def row_hits(logits, labels):
+    """Whether each row's largest logit is its label, (..., b) float64."""
+    return (logits.argmax(dim=-1) == labels).double()
+
+
 def accuracy(logits, labels, mask=None):
     """Fraction of rows whose largest logit is the label (float64), masked as
     :func:`cross_entropy`."""
-    hit = logits.argmax(dim=-1) == labels
+    hit = row_hits(logits, labels)
     if mask is None:
-        return hit.double().mean(dim=-1)
-    return (hit & mask).double().sum(dim=-1) / mask.sum(dim=-1)
+        return hit.mean(dim=-1)
+    return (hit * mask).sum(dim=-1) / mask.sum(dim=-1)

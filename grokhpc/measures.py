@@ -321,16 +321,17 @@ class Evaluator:
             return self._measure(W)
 
     def _measure(self, W):
-        from .lastpos import accuracy, cross_entropy, row_losses
+        from .lastpos import cross_entropy, row_hits, row_losses
 
         out: dict[str, Any] = {}
         post, logits, W_logit, const = self._grid(W)
         by_pair = logits if self.identity_rows else logits[self.rows]   # dataset order
         row_loss = row_losses(by_pair, self.labels)             # once for all three splits
+        row_hit = row_hits(by_pair, self.labels)
         for split, idx in (("train", self.train_idx), ("test", self.test_idx), ("all", None)):
             rows = slice(None) if idx is None else idx
             out[f"{split}_loss"] = float(row_loss[rows].mean())
-            out[f"{split}_acc"] = float(accuracy(by_pair[rows], self.labels[rows]))
+            out[f"{split}_acc"] = float(row_hit[rows].mean())
         out["weight_norm_sq"] = float(sum(float(np.square(np.asarray(v, np.float64)).sum())
                                           for v in W.values()))
         if not self.fourier:

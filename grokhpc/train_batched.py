@@ -501,7 +501,7 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
     state.pt, progress, curves of every run) overlap the next epochs' training in a thread;
     each commit still completes before the next one starts and before this returns.
     """
-    from .train import Trainer, finish, resolve_device
+    from .train import Trainer, resolve_device
 
     cfgs = list(cfgs)
     out_dirs = [Path(d) for d in out_dirs]
@@ -517,8 +517,34 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
     torch.set_float32_matmul_precision("highest")
     dev = resolve_device(device if device is not None else cfgs[0].device) \
         if not isinstance(device, torch.device) else device
-
     background = (dev.type != "cpu") if background_commits is None else bool(background_commits)
+    trainers = []
+    for cfg, run in _runs_to_train(cfgs, runs, log, retry_diverged):
+        t = Trainer.open(cfg, run.path, dev)
+        if t.epoch > 0:
+            log(f"run {cfg.run_id}: resuming at epoch {t.epoch}/{cfg.n_epochs}")
+        trainers.append(t)
+    if not trainers:
+        return runs
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(cfgs[0].n_epochs - t.epoch for t in trainers), unit="run-epoch",
+                   desc=f"{len(trainers)} runs", dynamic_ncols=True, mininterval=1.0)
+    try:
+        diverged = _train_stacks(trainers, dev, exact, bar, log, background)
+    finally:
+        if bar is not None:
+            bar.close()
+    _finish_all([t for t in trainers if not any(t is d for d in diverged)], log)
+    for t in trainers:   # each run's lock (on an exception, the trainers' end lets them go)
+        t.close()
+    return runs
+
+
+def _runs_to_train(cfgs, runs, log, retry_diverged: bool) -> list:
+    """(cfg, run) of the runs neither complete nor (unless retried) marked diverged."""
     pending = []
     for cfg, run in zip(cfgs, runs):
         if run.exists() and run.is_complete():
@@ -530,50 +556,44 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
             log(f"run {cfg.run_id} in {run.path} diverged before (see error.txt); skipped")
             continue
         pending.append((cfg, run))
-    if not pending:
-        return runs
+    return pending
 
-    trainers = []
-    for cfg, run in pending:
-        t = Trainer.open(cfg, run.path, dev)
-        if t.epoch > 0:
-            log(f"run {cfg.run_id}: resuming at epoch {t.epoch}/{cfg.n_epochs}")
-        trainers.append(t)
 
-    n_epochs = cfgs[0].n_epochs
-    bar = None
-    if progress_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(n_epochs - t.epoch for t in trainers), unit="run-epoch",
-                   desc=f"{len(trainers)} runs", dynamic_ncols=True, mininterval=1.0)
+def _train_stacks(trainers: list, dev, exact, bar, log, background: bool) -> list:
+    """Train every trainer to n_epochs: the runs at the lowest epoch are stacked and trained
+    up to the next epoch another run sits at, until all meet. Returns the runs that diverged.
+    A failure of the stacked computation is written into each of its runs' error.txt."""
+    n_epochs = trainers[0].cfg.n_epochs
     active = [t for t in trainers if t.epoch < n_epochs]
     diverged: list = []
-    try:
-        while active:
-            low = min(t.epoch for t in active)
-            lag = [t for t in active if t.epoch == low]
-            ahead = sorted({t.epoch for t in active if t.epoch > low})
-            target = ahead[0] if ahead else n_epochs
-            if ahead:
-                log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
-            stack = Stack(lag, dev, exact=exact)
-            try:
-                dropped = _fit_stack(stack, target, bar, log, background=background)
-            except BaseException:
-                tb = traceback.format_exc()
-                for t in lag:
-                    t.run.write_error(tb)
-                raise
-            del stack
-            diverged += dropped
-            active = [t for t in active if t.epoch < n_epochs and t not in dropped]
-    finally:
-        if bar is not None:
-            bar.close()
+    while active:
+        low = min(t.epoch for t in active)
+        lag = [t for t in active if t.epoch == low]
+        ahead = sorted({t.epoch for t in active if t.epoch > low})
+        target = ahead[0] if ahead else n_epochs
+        if ahead:
+            log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
+        stack = Stack(lag, dev, exact=exact)
+        try:
+            dropped = _fit_stack(stack, target, bar, log, background=background)
+        except BaseException:
+            tb = traceback.format_exc()
+            for t in lag:
+                t.run.write_error(tb)
+            raise
+        del stack
+        diverged += dropped
+        active = [t for t in active if t.epoch < n_epochs and t not in dropped]
+    return diverged
+
+
+def _finish_all(trainers: list, log) -> None:
+    """``grokhpc.train.finish`` (measures, summary, done) for each run trained to the end; a
+    failure is written into that run's error.txt and the others go on."""
+    from .train import finish
 
     for t in trainers:
-        if t.epoch < n_epochs or any(t is d for d in diverged):
+        if t.epoch < t.cfg.n_epochs:
             continue
         try:
             finish(t)
@@ -582,9 +602,6 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
             log(f"run {t.cfg.run_id}: finishing failed; see {t.run.file('error.txt')}")
             continue
         t.run.clear_error()
-    for t in trainers:   # each run's lock (on an exception, the trainers' end lets them go)
-        t.close()
-    return runs
 
 
 # ---- sizing a job ------------------------------------------------------------------------------
