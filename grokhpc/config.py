@@ -308,7 +308,7 @@ def from_dict(d: Mapping[str, Any], source: str = "run config",
         raise ConfigError(f"{source}: expected a mapping of run fields, got {type(d).__name__}")
     values = {k: coerce(k, v, source) for k, v in d.items()}
     op = values.get("op", (base or RunConfig()).op)
-    if op in GROUP_OPS and "p" in values:
+    if op in GROUP_OPS and values.get("p", RunConfig.p) != RunConfig.p:
         raise ConfigError(f"{source}: p: does not apply to op {op} (the {S5_ORDER} permutations "
                           f"of S5); leave p out, got {values['p']!r}")
     try:
