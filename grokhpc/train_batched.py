@@ -238,10 +238,11 @@ class StackedAdamW:
         for p in self.params:
             p.grad = None
 
-    def store(self, r: int, i: int, state: dict, param) -> None:
-        """Write run ``r``'s state of weight ``i`` into a solo optimiser's ``state`` dict."""
+    def store(self, r: int, i: int, states, param) -> None:
+        """Write run ``r``'s state of weight ``i`` into a solo optimiser's ``states[param]``."""
         import torch
 
+        state = states[param]
         if not state:  # as torch.optim.Adam._init_group creates it
             state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
             state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
@@ -307,11 +308,12 @@ class StackedSGD:
         for p in self.params:
             p.grad = None
 
-    def store(self, r: int, i: int, state: dict, param) -> None:
-        """Write run ``r``'s momentum buffer of weight ``i`` into a solo SGD's ``state``
-        (torch keeps none without momentum)."""
+    def store(self, r: int, i: int, states, param) -> None:
+        """Write run ``r``'s momentum buffer of weight ``i`` into a solo SGD's ``states[param]``
+        (torch keeps no state at all without momentum)."""
         if self.momenta[r] == 0 or not self.started[r]:
             return
+        state = states[param]
         if "momentum_buffer" in state:
             state["momentum_buffer"].copy_(self.bufs[i][r])
         else:
@@ -685,7 +687,7 @@ class Stack:
                 t.model.get_parameter(n).copy_(self.P[n][r])
             for i, n in enumerate(self.trainable):
                 p = t.model.get_parameter(n)
-                self.opt.store(r, i, t.optimizer.state[p], p)
+                self.opt.store(r, i, t.optimizer.state, p)
             for k, v in self.curves.items():
                 t.curves[k] = v[r].to(t.curves[k].device).clone()
         if self.gens[r] is not None:
