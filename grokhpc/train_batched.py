@@ -1,41 +1,52 @@
 """Train a group of same-shaped runs in one process, as one stacked computation.
 
-``train_group(cfgs, out_dirs)`` trains R runs that share p, op, the model sizes, n_epochs,
-checkpoint_every, eval_every and loss_dtype, and may differ in everything else (data_seed,
-model_seed, train_frac, lr, weight_decay, betas). Each run's directory ends up exactly as
-``grokhpc.train.run_training`` leaves it -- same files, same ``state.pt`` contents -- so a solo
-``run_training`` can resume a packed run and ``train_group`` can resume a solo one.
+``train_group(cfgs, out_dirs)`` trains R runs that share the fields of ``SHAPE_FIELDS`` (the
+shapes, the commit schedule, the optimiser's kind and the minibatch schedule) and may differ in
+everything else (seeds, train_frac for full-batch runs, lr, weight_decay, betas, momentum,
+warmup and lr schedule, init_scale, fixed_weight_norm, label_noise, stop_after_grok). Each
+run's directory ends up exactly as ``grokhpc.train.run_training`` leaves it -- same files, same
+``state.pt`` contents -- so a solo ``run_training`` can resume a packed run and ``train_group``
+can resume a solo one.
 
 How the runs are stacked:
 
 * parameters: every weight is one leaf tensor with a leading run axis, ``(R, *shape)``, built
   from ``grokhpc.model.build_model(cfg)`` of each run (the solo initialisation, run by run);
-* forward, two ways (``exact``), both ``grokhpc.lastpos.last_logits`` -- the solo fast path's
-  code:
-  - batched (the default on GPUs): called once on the stacked weights, the run axis carried
-    through every kernel (batched einsums for the tables, gathers offset per run, ``bmm`` for
-    the row-sized products), so run ``r`` only ever touches its own weights and rows (one run
-    turning NaN cannot reach another). It equals the solo logits and gradients up to float32
-    rounding, not bit for bit: batched kernels sum in other orders. Each run's train (and
-    test) rows are gathered in the solo order and padded at the end to the group's longest;
-    padded rows are masked out of the loss and accuracy, which are each run's mean over its
-    own rows (the solo ``mean``);
-  - exact (the default on CPU): called run by run on views of the stacked weights, each on its
-    own unpadded rows, exactly as a solo run calls it. Bit-identical to solo runs (tests check
-    whole runs file by file). On a CPU the cores are busy at R = 1 already, so batching the
-    forward buys little there;
-* optimiser: ``StackedAdamW`` holds the stacked moments. In batched mode its step is
-  ``torch.optim.AdamW``'s single-tensor math (decoupled weight decay, bias corrections per
-  run) with per-run lr, weight decay and betas broadcast along the run axis, ~8 kernels per
-  weight whatever R is; each elementwise operation is the one torch's CPU kernel performs, so
-  it is bit-identical there (tests check this). In exact mode it calls torch's own functional
-  AdamW once per run on views of the stacks, so it takes the solo optimiser's path on every
-  device (foreach kernels on CUDA);
+* forward, two ways (``exact``):
+  - batched (the default on GPUs): one computation over the stacked weights, the run axis
+    carried through every kernel, so run ``r`` only ever touches its own weights and rows (one
+    run turning NaN cannot reach another). For one layer without LayerNorm (ReLU) that is
+    ``grokhpc.lastpos.last_logits`` -- the solo fast path's code -- with batched einsums,
+    gathers offset per run and ``bmm``; for other shapes it is the readable hooked
+    ``Transformer.forward`` called per run under ``torch.func.vmap``
+    (:func:`hooked_last_logits`). It equals the solo logits and gradients up to float32
+    rounding, not bit for bit: batched kernels sum in other orders. Full-batch runs' train
+    (and test) rows are gathered in the solo order and padded at the end to the group's
+    longest; padded rows are masked out of the loss and accuracy, which are each run's mean
+    over its own rows (the solo ``mean``). Minibatch runs share n_train, so each step gathers
+    every run's k-th minibatch (drawn from its own generator) without padding;
+  - exact (the default on CPU): the model's own ``last_logits`` (its choice of fast path or
+    hooked forward) called run by run through ``torch.func.functional_call`` with views of the
+    stacked weights, each on its own unpadded rows, exactly as a solo run calls it.
+    Bit-identical to solo runs (tests check whole runs file by file). On a CPU the cores are
+    busy at R = 1 already, so batching the forward buys little there;
+* optimiser: ``StackedAdamW`` (adamw; adam with ``decoupled=False``) or ``StackedSGD`` holds
+  the stacked state. In batched mode its step is torch's single-tensor math with per-run lr,
+  weight decay, betas or momentum broadcast along the run axis, a few kernels per weight
+  whatever R is; each elementwise operation is the one torch's CPU kernel performs, so it is
+  bit-identical there (tests check this). In exact mode it calls torch's own functional
+  optimiser once per run on views of the stacks, so it takes the solo optimiser's path on every
+  device (foreach kernels on CUDA). Each epoch sets each run's lr from its own schedule
+  (``grokhpc.optim.lr_factor``); after each step, ``fixed_weight_norm`` runs are rescaled to
+  their own initial norm;
+* early stop: a ``stop_after_grok`` run that reaches its stop epoch is evaluated and committed
+  there and finished (measures, summary) as a solo run would be; the others' state is synced
+  into their shadows and restacked without it, so the group shrinks as its runs finish;
 * bookkeeping: every run keeps a solo ``grokhpc.train.Trainer`` as its "shadow". At each commit
   the stacked weights, optimiser moments and curves are copied into the shadows and each
   shadow's own ``commit`` writes its directory, so files and state.pt are the solo ones by
-  construction. A stack is always (re)built from shadows that are at a commit point, which is
-  also how a killed job resumes.
+  construction. A stack is (re)built from shadows: at a commit point (which is also how a
+  killed job resumes), or synced in memory when a run leaves the group.
 
 Epoch alignment on resume: all runs of a group commit at the same epochs (same checkpoint_every
 and n_epochs), so they normally resume at the same epoch. When a kill lands between two runs'
@@ -833,6 +844,40 @@ def _is_diverged(run: RunDir) -> bool:
     return bool(err) and err.startswith(DIVERGED_PREFIX)
 
 
+def _train_all(trainers: list, dev, exact, background: bool, bar, log) -> tuple[list, list]:
+    """Train ``trainers`` to their last epochs, the lowest-epoch runs stacked first; finish each
+    run that stops early as soon as it does. Returns (diverged, finished) trainers."""
+    n_epochs = trainers[0].cfg.n_epochs
+    active = [t for t in trainers if t.epoch < t.stop_epoch()]
+    diverged: list = []
+    finished: list = []
+    while active:
+        low = min(t.epoch for t in active)
+        lag = [t for t in active if t.epoch == low]
+        ahead = sorted({t.epoch for t in active if t.epoch > low})
+        target = ahead[0] if ahead else n_epochs
+        if ahead:
+            log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
+        stack = Stack(lag, dev, exact=exact)
+        try:
+            dropped, done = _fit_stack(stack, target, bar, log, background=background)
+        except BaseException:
+            tb = traceback.format_exc()
+            for t in lag:
+                t.run.write_error(tb)
+            raise
+        del stack
+        diverged += dropped
+        for t in done:   # complete at its own last epoch, as a solo run leaves it
+            if t.epoch < n_epochs:
+                log(f"run {t.cfg.run_id}: stopped at epoch {t.epoch} ({t.cfg.stop_after_grok}"
+                    f" epochs after grokking at {t.grok_epoch}); the others go on")
+            _finish(t, log)
+            finished.append(t)
+        active = [t for t in active if t.epoch < t.stop_epoch() and t not in dropped]
+    return diverged, finished
+
+
 def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
                 progress_bar: bool = True, log: Callable = print,
                 retry_diverged: bool = False, exact: bool | None = None,
@@ -899,34 +944,8 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
 
         bar = tqdm(total=sum(n_epochs - t.epoch for t in trainers), unit="run-epoch",
                    desc=f"{len(trainers)} runs", dynamic_ncols=True, mininterval=1.0)
-    active = [t for t in trainers if t.epoch < t.stop_epoch()]
-    diverged: list = []
-    finished: list = []
     try:
-        while active:
-            low = min(t.epoch for t in active)
-            lag = [t for t in active if t.epoch == low]
-            ahead = sorted({t.epoch for t in active if t.epoch > low})
-            target = ahead[0] if ahead else n_epochs
-            if ahead:
-                log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
-            stack = Stack(lag, dev, exact=exact)
-            try:
-                dropped, done = _fit_stack(stack, target, bar, log, background=background)
-            except BaseException:
-                tb = traceback.format_exc()
-                for t in lag:
-                    t.run.write_error(tb)
-                raise
-            del stack
-            diverged += dropped
-            for t in done:   # complete at its own last epoch, as a solo run leaves it
-                if t.epoch < n_epochs:
-                    log(f"run {t.cfg.run_id}: stopped at epoch {t.epoch} ({t.cfg.stop_after_grok}"
-                        f" epochs after grokking at {t.grok_epoch}); the others go on")
-                _finish(t, log)
-                finished.append(t)
-            active = [t for t in active if t.epoch < t.stop_epoch() and t not in dropped]
+        diverged, finished = _train_all(trainers, dev, exact, background, bar, log)
     finally:
         if bar is not None:
             bar.close()
