@@ -1,41 +1,52 @@
 """Train a group of same-shaped runs in one process, as one stacked computation.
 
-``train_group(cfgs, out_dirs)`` trains R runs that share p, op, the model sizes, n_epochs,
-checkpoint_every, eval_every and loss_dtype, and may differ in everything else (data_seed,
-model_seed, train_frac, lr, weight_decay, betas). Each run's directory ends up exactly as
-``grokhpc.train.run_training`` leaves it -- same files, same ``state.pt`` contents -- so a solo
-``run_training`` can resume a packed run and ``train_group`` can resume a solo one.
+``train_group(cfgs, out_dirs)`` trains R runs that share the fields of ``SHAPE_FIELDS`` (the
+shapes, the commit schedule, the optimiser's kind and the minibatch schedule) and may differ in
+everything else (seeds, train_frac for full-batch runs, lr, weight_decay, betas, momentum,
+warmup and lr schedule, init_scale, fixed_weight_norm, label_noise, stop_after_grok). Each
+run's directory ends up exactly as ``grokhpc.train.run_training`` leaves it -- same files, same
+``state.pt`` contents -- so a solo ``run_training`` can resume a packed run and ``train_group``
+can resume a solo one.
 
 How the runs are stacked:
 
 * parameters: every weight is one leaf tensor with a leading run axis, ``(R, *shape)``, built
   from ``grokhpc.model.build_model(cfg)`` of each run (the solo initialisation, run by run);
-* forward, two ways (``exact``), both ``grokhpc.lastpos.last_logits`` -- the solo fast path's
-  code:
-  - batched (the default on GPUs): called once on the stacked weights, the run axis carried
-    through every kernel (batched einsums for the tables, gathers offset per run, ``bmm`` for
-    the row-sized products), so run ``r`` only ever touches its own weights and rows (one run
-    turning NaN cannot reach another). It equals the solo logits and gradients up to float32
-    rounding, not bit for bit: batched kernels sum in other orders. Each run's train (and
-    test) rows are gathered in the solo order and padded at the end to the group's longest;
-    padded rows are masked out of the loss and accuracy, which are each run's mean over its
-    own rows (the solo ``mean``);
-  - exact (the default on CPU): called run by run on views of the stacked weights, each on its
-    own unpadded rows, exactly as a solo run calls it. Bit-identical to solo runs (tests check
-    whole runs file by file). On a CPU the cores are busy at R = 1 already, so batching the
-    forward buys little there;
-* optimiser: ``StackedAdamW`` holds the stacked moments. In batched mode its step is
-  ``torch.optim.AdamW``'s single-tensor math (decoupled weight decay, bias corrections per
-  run) with per-run lr, weight decay and betas broadcast along the run axis, ~8 kernels per
-  weight whatever R is; each elementwise operation is the one torch's CPU kernel performs, so
-  it is bit-identical there (tests check this). In exact mode it calls torch's own functional
-  AdamW once per run on views of the stacks, so it takes the solo optimiser's path on every
-  device (foreach kernels on CUDA);
+* forward, two ways (``exact``):
+  - batched (the default on GPUs): one computation over the stacked weights, the run axis
+    carried through every kernel, so run ``r`` only ever touches its own weights and rows (one
+    run turning NaN cannot reach another). For one layer without LayerNorm (ReLU) that is
+    ``grokhpc.lastpos.last_logits`` -- the solo fast path's code -- with batched einsums,
+    gathers offset per run and ``bmm``; for other shapes it is the readable hooked
+    ``Transformer.forward`` called per run under ``torch.func.vmap``
+    (:func:`hooked_last_logits`). It equals the solo logits and gradients up to float32
+    rounding, not bit for bit: batched kernels sum in other orders. Full-batch runs' train
+    (and test) rows are gathered in the solo order and padded at the end to the group's
+    longest; padded rows are masked out of the loss and accuracy, which are each run's mean
+    over its own rows (the solo ``mean``). Minibatch runs share n_train, so each step gathers
+    every run's k-th minibatch (drawn from its own generator) without padding;
+  - exact (the default on CPU): the model's own ``last_logits`` (its choice of fast path or
+    hooked forward) called run by run through ``torch.func.functional_call`` with views of the
+    stacked weights, each on its own unpadded rows, exactly as a solo run calls it.
+    Bit-identical to solo runs (tests check whole runs file by file). On a CPU the cores are
+    busy at R = 1 already, so batching the forward buys little there;
+* optimiser: ``StackedAdamW`` (adamw; adam with ``decoupled=False``) or ``StackedSGD`` holds
+  the stacked state. In batched mode its step is torch's single-tensor math with per-run lr,
+  weight decay, betas or momentum broadcast along the run axis, a few kernels per weight
+  whatever R is; each elementwise operation is the one torch's CPU kernel performs, so it is
+  bit-identical there (tests check this). In exact mode it calls torch's own functional
+  optimiser once per run on views of the stacks, so it takes the solo optimiser's path on every
+  device (foreach kernels on CUDA). Each epoch sets each run's lr from its own schedule
+  (``grokhpc.optim.lr_factor``); after each step, ``fixed_weight_norm`` runs are rescaled to
+  their own initial norm;
+* early stop: a ``stop_after_grok`` run that reaches its stop epoch is evaluated and committed
+  there and finished (measures, summary) as a solo run would be; the others' state is synced
+  into their shadows and restacked without it, so the group shrinks as its runs finish;
 * bookkeeping: every run keeps a solo ``grokhpc.train.Trainer`` as its "shadow". At each commit
   the stacked weights, optimiser moments and curves are copied into the shadows and each
   shadow's own ``commit`` writes its directory, so files and state.pt are the solo ones by
-  construction. A stack is always (re)built from shadows that are at a commit point, which is
-  also how a killed job resumes.
+  construction. A stack is (re)built from shadows: at a commit point (which is also how a
+  killed job resumes), or synced in memory when a run leaves the group.
 
 Epoch alignment on resume: all runs of a group commit at the same epochs (same checkpoint_every
 and n_epochs), so they normally resume at the same epoch. When a kill lands between two runs'
@@ -64,9 +75,26 @@ from typing import Any, Callable, NamedTuple, Sequence
 from .config import RunConfig
 from .store import RunDir, RunDirError
 
-# Fields that must be equal across a group: they fix tensor shapes and the commit schedule.
-SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_epochs",
-                "checkpoint_every", "eval_every", "loss_dtype")
+# Fields that must be equal across a group. They fix tensor shapes (p and op the vocabulary
+# and classes, the sizes, n_layers, act_fn and normalization the parameters and the forward),
+# the commit schedule (n_epochs, checkpoint_every, eval_every), the loss's dtype, the kind of
+# optimiser state that is stacked (optimizer: Adam moments or SGD momentum buffers) and the
+# step schedule (batch_size: the number and size of minibatches per epoch). Everything else
+# -- lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale,
+# fixed_weight_norm, label_noise, seeds, stop_after_grok -- may differ run by run.
+SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_layers", "act_fn",
+                "normalization", "n_epochs", "checkpoint_every", "eval_every", "loss_dtype",
+                "optimizer", "batch_size")
+# With an integer batch_size, train_frac too: the runs take their k-th minibatch in the same
+# step, so each needs the same ceil(n_train / batch_size) steps of the same sizes per epoch.
+MINIBATCH_SHAPE_FIELDS = ("train_frac",)
+
+
+def shape_fields(cfg: RunConfig) -> tuple[str, ...]:
+    """The fields a group of runs shaped like ``cfg`` must share."""
+    return SHAPE_FIELDS + (() if cfg.full_batch else MINIBATCH_SHAPE_FIELDS)
+
+
 DIVERGED_PREFIX = "diverged:"
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which grokhpc.train.make_optimizer uses
 
@@ -83,7 +111,7 @@ def check_group(cfgs: Sequence[RunConfig], out_dirs: Sequence) -> None:
         raise GroupError(f"train_group: {len(cfgs)} configs but {len(out_dirs)} out_dirs")
     first = cfgs[0]
     for i, cfg in enumerate(cfgs):
-        for key in SHAPE_FIELDS:
+        for key in shape_fields(first):
             if getattr(cfg, key) != getattr(first, key):
                 raise GroupError(
                     f"train_group: {key}: expected the same value in every run of a group, "
@@ -99,50 +127,65 @@ def check_group(cfgs: Sequence[RunConfig], out_dirs: Sequence) -> None:
         raise GroupError(f"train_group: out_dirs: {dup} is given to two runs")
 
 
+def _col(values, like):
+    import torch
+
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+def _b(t, like):
+    """A per-run column ``t`` (R,) shaped to broadcast along ``like`` (R, ...)."""
+    return t.view((-1,) + (1,) * (like.dim() - 1))
+
+
 class StackedAdamW:
-    """``torch.optim.AdamW`` (single-tensor path, amsgrad off) for R runs stacked on dim 0.
+    """``torch.optim.AdamW`` (single-tensor path, amsgrad off) for R runs stacked on dim 0; with
+    ``decoupled=False``, ``torch.optim.Adam`` (weight decay added to the gradient).
 
     Per-run scalars become float32 (R, 1, ...) tensors holding exactly the value torch's CPU
     kernel would cast the Python scalar to; every elementwise op then matches torch's kernels:
-    ``mul_(1 - lr*wd)``, ``lerp_(g, 1 - b1)``, ``mul_(b2).addcmul_((1 - b2)*g, g)``,
-    ``sqrt / bc2_sqrt + eps``, ``addcdiv_((-step_size)*m, denom)`` -- addcmul/addcdiv with a
-    scalar ``value`` compute ``value*t1`` first and then the fused kernel, so folding a per-run
-    ``value`` into ``t1`` gives the same bits.
+    ``mul_(1 - lr*wd)`` (or ``grad.add(param, alpha=wd)``, which ``addcmul(grad, param, wd)``
+    computes with the same single rounding), ``lerp_(g, 1 - b1)``,
+    ``mul_(b2).addcmul_((1 - b2)*g, g)``, ``sqrt / bc2_sqrt + eps``,
+    ``addcdiv_((-step_size)*m, denom)`` -- addcmul/addcdiv with a scalar ``value`` compute
+    ``value*t1`` first and then the fused kernel, so folding a per-run ``value`` into ``t1``
+    gives the same bits.
     """
 
     def __init__(self, params: list, lrs, weight_decays, betas, steps, exp_avgs, exp_avg_sqs,
-                 host_scalars: bool | None = None, per_run_torch: bool = False):
+                 host_scalars: bool | None = None, per_run_torch: bool = False,
+                 decoupled: bool = True):
         import torch
 
         self.params = params
-        # per_run_torch: instead, call torch's own functional AdamW once per run on views of the
-        # stacks (foreach on CUDA, single-tensor on CPU, as a solo run's optimiser decides):
+        # per_run_torch: instead, call torch's own functional Adam(W) once per run on views of
+        # the stacks (foreach on CUDA, single-tensor on CPU, as a solo run's optimiser decides):
         # the solo bits on every device, at ~10 kernels per run per step
-        self.per_run_torch = per_run_torch
+        self.per_run_torch, self.decoupled = per_run_torch, bool(decoupled)
         self._step_ts = [[torch.tensor(float(s), dtype=torch.get_default_dtype())
                           for _ in params] for s in steps]
         self.host_scalars = (params[0].device.type == "cpu") if host_scalars is None \
             else bool(host_scalars)
         self.exp_avgs, self.exp_avg_sqs = exp_avgs, exp_avg_sqs
-        self.lrs = [float(x) for x in lrs]
         self.wds = [float(x) for x in weight_decays]
         self.b1 = [float(b[0]) for b in betas]
         self.b2 = [float(b[1]) for b in betas]
         self.steps = [int(s) for s in steps]
-        dev = params[0].device
+        self._wd = _col(self.wds, params[0])
+        self._w1 = _col([1 - b for b in self.b1], params[0])
+        self._b2 = _col(self.b2, params[0])
+        self._w2 = _col([1 - b for b in self.b2], params[0])
+        self.set_lrs(lrs)
 
-        def col(values):
-            return torch.tensor(values, dtype=params[0].dtype, device=dev)
+    def set_lrs(self, lrs) -> None:
+        """Each run's lr for the coming steps (a schedule changes it once per epoch)."""
+        import torch
 
-        self._decay = col([1 - lr * wd for lr, wd in zip(self.lrs, self.wds)])
-        self._w1 = col([1 - b for b in self.b1])
-        self._b2 = col(self.b2)
-        self._w2 = col([1 - b for b in self.b2])
-        self._col = col
-
-    @staticmethod
-    def _b(t, like):
-        return t.view((-1,) + (1,) * (like.dim() - 1))
+        self.lrs = [float(x) for x in lrs]
+        self._decay = _col([1 - lr * wd for lr, wd in zip(self.lrs, self.wds)], self.params[0])
+        c = getattr(self, "_dev64", None)
+        if c is not None:
+            c["lr"] = torch.tensor(self.lrs, dtype=torch.float64, device=c["lr"].device)
 
     def _corrections(self):
         """(-lr / (1 - b1^t), sqrt(1 - b2^t)) per run as float32 columns: from Python floats as
@@ -154,8 +197,8 @@ class StackedAdamW:
         if self.host_scalars:
             bc1 = [1 - b1 ** s for b1, s in zip(self.b1, self.steps)]
             bc2 = [1 - b2 ** s for b2, s in zip(self.b2, self.steps)]
-            return (self._col([-(lr / b) for lr, b in zip(self.lrs, bc1)]),
-                    self._col([b ** 0.5 for b in bc2]))
+            return (_col([-(lr / b) for lr, b in zip(self.lrs, bc1)], self.params[0]),
+                    _col([b ** 0.5 for b in bc2], self.params[0]))
         c = getattr(self, "_dev64", None)
         if c is None:  # first step: the counts already include it
             dev = self.params[0].device
@@ -178,7 +221,7 @@ class StackedAdamW:
                      [m[r] for m in self.exp_avgs], [v[r] for v in self.exp_avg_sqs], [],
                      self._step_ts[r], foreach=None, capturable=False, differentiable=False,
                      fused=None, grad_scale=None, found_inf=None, has_complex=False,
-                     decoupled_weight_decay=True, amsgrad=False, beta1=self.b1[r],
+                     decoupled_weight_decay=self.decoupled, amsgrad=False, beta1=self.b1[r],
                      beta2=self.b2[r], lr=self.lrs[r], weight_decay=self.wds[r], eps=ADAM_EPS,
                      maximize=False)
 
@@ -189,19 +232,166 @@ class StackedAdamW:
         if self.per_run_torch:
             return self._torch_step()
         neg_step, bc2_sqrt = self._corrections()
+        decay = any(wd != 0 for wd in self.wds)
         with torch.no_grad():
             for p, m, v in zip(self.params, self.exp_avgs, self.exp_avg_sqs):
                 g = p.grad
-                if any(wd != 0 for wd in self.wds):
-                    p.mul_(self._b(self._decay, p))
-                m.lerp_(g, self._b(self._w1, p))
-                v.mul_(self._b(self._b2, p)).addcmul_(self._b(self._w2, p) * g, g)
-                denom = (v.sqrt() / self._b(bc2_sqrt, p)).add_(ADAM_EPS)
-                p.addcdiv_(self._b(neg_step, p) * m, denom)
+                if decay and self.decoupled:
+                    p.mul_(_b(self._decay, p))
+                elif decay:
+                    g = torch.addcmul(g, p, _b(self._wd, p))
+                m.lerp_(g, _b(self._w1, p))
+                v.mul_(_b(self._b2, p)).addcmul_(_b(self._w2, p) * g, g)
+                denom = (v.sqrt() / _b(bc2_sqrt, p)).add_(ADAM_EPS)
+                p.addcdiv_(_b(neg_step, p) * m, denom)
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
+
+    def store(self, r: int, i: int, states, param) -> None:
+        """Write run ``r``'s state of weight ``i`` into a solo optimiser's ``states[param]``."""
+        import torch
+
+        state = states[param]
+        if not state:  # as torch.optim.Adam._init_group creates it
+            state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["step"].fill_(float(self.steps[r]))
+        state["exp_avg"].copy_(self.exp_avgs[i][r])
+        state["exp_avg_sq"].copy_(self.exp_avg_sqs[i][r])
+
+
+class StackedSGD:
+    """``torch.optim.SGD`` (single-tensor path; dampening 0, no Nesterov) for R runs stacked on
+    dim 0, per-run lr, weight decay and momentum. Its elementwise ops are torch's:
+    ``grad.add(param, alpha=wd)`` and ``param.add_(grad, alpha=-lr)`` as ``addcmul`` with a
+    per-run column (the same single rounding on CPU), ``buf.mul_(momentum).add_(grad)``. A
+    run's first step starts its buffer at zero, which gives torch's ``clone(grad)``. With
+    ``per_run_torch``, torch's own functional ``sgd`` is called run by run on views."""
+
+    def __init__(self, params: list, lrs, weight_decays, momenta, bufs, started,
+                 per_run_torch: bool = False):
+        self.params, self.bufs, self.per_run_torch = params, bufs, per_run_torch
+        self.wds = [float(x) for x in weight_decays]
+        self.momenta = [float(x) for x in momenta]
+        self.started = [bool(s) for s in started]   # a run's buffers hold its last step's
+        self._wd = _col(self.wds, params[0])
+        self._m = _col(self.momenta, params[0])
+        self.set_lrs(lrs)
+
+    def set_lrs(self, lrs) -> None:
+        self.lrs = [float(x) for x in lrs]
+        self._neg_lr = _col([-lr for lr in self.lrs], self.params[0])
+
+    def _torch_step(self) -> None:
+        import torch
+        from torch.optim.sgd import sgd
+
+        with torch.no_grad():
+            for r in range(len(self.lrs)):
+                use = self.momenta[r] != 0
+                bufs = [b[r] if use and self.started[r] else None for b in self.bufs]
+                sgd([p[r] for p in self.params], [p.grad[r] for p in self.params], bufs,
+                    weight_decay=self.wds[r], momentum=self.momenta[r], lr=self.lrs[r],
+                    dampening=0.0, nesterov=False, maximize=False, foreach=None)
+                for b, new in zip(self.bufs, bufs):
+                    if use and new is not None and new is not b[r]:
+                        b[r].copy_(new)
+
+    def step(self) -> None:
+        import torch
+
+        if self.per_run_torch:
+            self._torch_step()
+        else:
+            decay, momentum = any(self.wds), any(self.momenta)
+            with torch.no_grad():
+                for p, buf in zip(self.params, self.bufs):
+                    g = torch.addcmul(p.grad, p, _b(self._wd, p)) if decay else p.grad
+                    if momentum:
+                        g = buf.mul_(_b(self._m, p)).add_(g)
+                    p.addcmul_(g, _b(self._neg_lr, p))
+        self.started = [True] * len(self.started)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def store(self, r: int, i: int, states, param) -> None:
+        """Write run ``r``'s momentum buffer of weight ``i`` into a solo SGD's ``states[param]``
+        (torch keeps no state at all without momentum)."""
+        if self.momenta[r] == 0 or not self.started[r]:
+            return
+        state = states[param]
+        if "momentum_buffer" in state:
+            state["momentum_buffer"].copy_(self.bufs[i][r])
+        else:
+            state["momentum_buffer"] = self.bufs[i][r].clone()
+
+
+def stacked_optimizer(trainers: list, P: dict, names: list, device, per_run_torch: bool):
+    """The group's stacked optimiser over ``P[names]``, its state taken from each shadow's own
+    torch optimiser (zeros and step 0 when fresh)."""
+    import torch
+
+    cfgs = [t.cfg for t in trainers]
+    states = [[t.optimizer.state.get(t.model.get_parameter(n), {}) for n in names]
+              for t in trainers]
+    lrs = [t.optimizer.param_groups[0]["lr"] for t in trainers]
+    wds = [c.weight_decay for c in cfgs]
+    params = [P[n] for n in names]
+
+    def stack(key, i):
+        return torch.stack([st[i][key] if key in st[i] else torch.zeros_like(P[names[i]][r])
+                            for r, st in enumerate(states)]).to(device)
+
+    if cfgs[0].optimizer == "sgd":
+        return StackedSGD(params, lrs, wds, [c.momentum for c in cfgs],
+                          [stack("momentum_buffer", i) for i in range(len(names))],
+                          ["momentum_buffer" in st[0] for st in states], per_run_torch)
+    steps = [int(st[0]["step"].item()) if st[0] else 0 for st in states]
+    return StackedAdamW(params, lrs, wds, [c.betas for c in cfgs], steps,
+                        [stack("exp_avg", i) for i in range(len(names))],
+                        [stack("exp_avg_sq", i) for i in range(len(names))],
+                        per_run_torch=per_run_torch, decoupled=cfgs[0].optimizer == "adamw")
+
+
+# ---- the forward of a stack --------------------------------------------------------------------
+def uses_fast_path(cfg: RunConfig) -> bool:
+    """Whether the batched forward can call ``grokhpc.lastpos.last_logits`` on the stacked
+    weights: one layer, no LayerNorm, the ReLU read-out it implements. Other shapes go through
+    the readable hooked forward over the stacked weights (``torch.func.vmap``)."""
+    return cfg.n_layers == 1 and cfg.normalization == "none" and cfg.act_fn == "relu"
+
+
+def _solo_caller(template):
+    """A module whose forward is ``template.last_logits`` (the model's own dispatch between the
+    fast path and the hooked forward), for ``torch.func.functional_call`` with one run's
+    weights as ``model.<name>``."""
+    import torch
+
+    class LastLogits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens):
+            return self.model.last_logits(tokens)
+
+    return LastLogits(template)
+
+
+def hooked_last_logits(template, P: dict, tokens):
+    """``forward(tokens)[:, -1]`` of R stacked runs (tokens (R, b, n) -> (R, b, p)): the hooked
+    forward of ``template`` called with each run's weights under ``torch.func.vmap``."""
+    from torch.func import functional_call, vmap
+
+    def one(params, toks):
+        return functional_call(template, params, (toks,))[:, -1]
+
+    return vmap(one)(P, tokens)
 
 
 # ---- a stack of runs at the same epoch ---------------------------------------------------------
@@ -211,14 +401,14 @@ class Rows(NamedTuple):
     tokens: Any        # (R, b, n) long
     labels: Any        # (R, b) long
     mask: Any          # (R, b) bool, real rows; None when no run is padded
-    queries: Any       # grokhpc.lastpos.Queries of ``tokens``
+    queries: Any       # grokhpc.lastpos.Queries of ``tokens`` (None off the fast path)
 
     def runs(self, a: int, b: int) -> "Rows":
         """Runs a..b-1 only."""
         q = self.queries
         return Rows(self.tokens[a:b], self.labels[a:b],
                     None if self.mask is None else self.mask[a:b],
-                    type(q)(q.tokens, q.index[a:b], q.onehot[a:b]))
+                    None if q is None else type(q)(q.tokens, q.index[a:b], q.onehot[a:b]))
 
 
 class Stack:
@@ -226,18 +416,19 @@ class Stack:
     solo ``Trainer`` shadows."""
 
     def __init__(self, trainers: list, device, exact: bool | None = None):
+        import copy
+
         import torch
 
         self.trainers, self.device = trainers, device
         self.exact = (torch.device(device).type == "cpu") if exact is None else bool(exact)
-        cfg = trainers[0].cfg
-        self.cfg = cfg
+        self.cfg = cfg = trainers[0].cfg
+        self.cfgs = [t.cfg for t in trainers]
         epochs = {t.epoch for t in trainers}
         if len(epochs) != 1:
             raise RuntimeError(f"Stack: runs at different epochs {sorted(epochs)}")
         self.epoch = epochs.pop()
-        R = len(trainers)
-        self.R = R
+        self.R = len(trainers)
         models = [t.model for t in trainers]
         self.names = [n for n, _ in models[0].named_parameters()]
         self.trainable = [n for n, p in models[0].named_parameters() if p.requires_grad]
@@ -246,51 +437,61 @@ class Stack:
                       for n in self.names}
         for n in self.trainable:
             self.P[n].requires_grad_(True)
-        # optimiser moments from each shadow's torch.optim.AdamW (zeros and step 0 when fresh)
-        steps, ms, vs = [], {n: [] for n in self.trainable}, {n: [] for n in self.trainable}
-        for t, m in zip(trainers, models):
-            st = [t.optimizer.state.get(m.get_parameter(n), {}) for n in self.trainable]
-            steps.append(int(st[0]["step"].item()) if st[0] else 0)
-            for n, s in zip(self.trainable, st):
-                p = m.get_parameter(n)
-                ms[n].append(s["exp_avg"] if s else torch.zeros_like(p))
-                vs[n].append(s["exp_avg_sq"] if s else torch.zeros_like(p))
-        with torch.no_grad():
-            self.opt = StackedAdamW(
-                [self.P[n] for n in self.trainable],
-                [t.cfg.lr for t in trainers], [t.cfg.weight_decay for t in trainers],
-                [t.cfg.betas for t in trainers], steps,
-                [torch.stack(ms[n]).to(device) for n in self.trainable],
-                [torch.stack(vs[n]).to(device) for n in self.trainable],
-                per_run_torch=self.exact)
+        self.opt = stacked_optimizer(trainers, self.P, self.trainable, device, self.exact)
         self.curves = {k: torch.stack([t.curves[k] for t in trainers]).to(device)
                        for k in trainers[0].curves}
+        # the group's own copies of the runs' minibatch generators, handed back at each sync
+        # (a commit written in the background reads the shadows' while the stack draws on)
+        self.gens = [None if t.batch_gen is None else torch.Generator().manual_seed(0)
+                     for t in trainers]
+        for g, t in zip(self.gens, trainers):
+            if g is not None:
+                g.set_state(t.batch_gen.get_state())
+        self.init_norms = [t.init_norm for t in trainers]
+        self.grok = [t.grok_epoch for t in trainers]
+        self.fast = uses_fast_path(cfg)
+        self.template = copy.deepcopy(models[0]) if self.exact or not self.fast else None
+        self._solo = _solo_caller(self.template) if self.exact else None
+        self._set_rows(trainers)
+        self.last_commit = [self.epoch if t.committed_epoch is None else t.committed_epoch
+                            for t in trainers]
+        self.clock = None
+
+    def _set_rows(self, trainers: list) -> None:
+        import torch
+
         if self.exact:
             self.train = [(t.train_tokens, t.train_labels) for t in trainers]
             self.test = [(t.test_tokens, t.test_labels) for t in trainers]
-        else:
-            self.train = self._rows([t.data.train_idx for t in trainers], trainers[0].data)
-            self.test = self._rows([t.data.test_idx for t in trainers], trainers[0].data)
-        self.last_commit = self.epoch
+            return
+        self.test = self._rows([(t.test_tokens, t.test_labels) for t in trainers])
+        if self.cfg.full_batch:
+            self.train = self._rows([(t.train_tokens, t.train_labels) for t in trainers])
+        else:   # same n_train in every run (SHAPE_FIELDS): minibatches are gathered per step
+            self.train_all = (torch.stack([t.train_tokens for t in trainers]).to(self.device),
+                              torch.stack([t.train_labels for t in trainers]).to(self.device))
 
-    def _rows(self, idx_list, data) -> Rows:
-        """Each run's rows in the solo order, padded at the end to the longest."""
+    def _rows(self, pairs) -> Rows:
+        """Each run's rows in the solo order, padded at the end (with its own first row) to the
+        longest."""
         import torch
 
-        from .lastpos import queries_of
-
-        sizes = [len(i) for i in idx_list]
+        sizes = [len(y) for _, y in pairs]
         b = max(sizes)
-        idx = torch.zeros((self.R, b), dtype=torch.long, device=self.device)
-        for r, i in enumerate(idx_list):
-            idx[r, : len(i)] = i.to(self.device)
+        pad = [torch.cat([torch.arange(s), torch.zeros(b - s, dtype=torch.long)]) for s in sizes]
+        tokens = torch.stack([x[i.to(x.device)] for (x, _), i in zip(pairs, pad)]).to(self.device)
+        labels = torch.stack([y[i.to(y.device)] for (_, y), i in zip(pairs, pad)]).to(self.device)
         mask = None
         if min(sizes) != b:
             mask = torch.arange(b, device=self.device)[None, :] < torch.tensor(
                 sizes, device=self.device)[:, None]
-        tokens = data.tokens.to(self.device)[idx]
-        return Rows(tokens, data.labels.to(self.device)[idx], mask,
-                    queries_of(tokens, self.P[self.names[0]].dtype))
+        return self._with_queries(tokens, labels, mask)
+
+    def _with_queries(self, tokens, labels, mask) -> Rows:
+        from .lastpos import queries_of
+
+        q = queries_of(tokens, self.P[self.names[0]].dtype) if self.fast else None
+        return Rows(tokens, labels, mask, q)
 
     # -- one epoch
     def _losses(self, rows):
@@ -301,40 +502,123 @@ class Stack:
 
         dtype = self.cfg.loss_dtype
         if not self.exact:
-            logits = last_logits(self.P, rows.tokens, rows.queries)
+            if self.fast:
+                logits = last_logits(self.P, rows.tokens, rows.queries)
+            else:
+                logits = hooked_last_logits(self.template, self.P, rows.tokens)
             return (cross_entropy(logits, rows.labels, dtype, rows.mask),
                     accuracy(logits.detach(), rows.labels, rows.mask))
-        # the solo forward, run by run, on each run's own weights (views of the stack: the
-        # backward writes every run's gradient into its slice of the stacked .grad)
+        return self._solo_losses(rows, range(len(rows)))
+
+    def _solo_losses(self, rows, runs):
+        """The solo forward (the model's ``last_logits``), run by run, on each run's own weights
+        (views of the stack: the backward writes every run's gradient into its slice of the
+        stacked .grad)."""
+        import torch
+        from torch.func import functional_call
+
+        from .lastpos import accuracy, cross_entropy
+
         views = {n: self.P[n].unbind(0) for n in self.names}
         losses, accs = [], []
-        for r, (tokens, labels) in enumerate(rows):
-            logits = last_logits({n: v[r] for n, v in views.items()}, tokens)
-            losses.append(cross_entropy(logits, labels, dtype))
+        for r in runs:
+            tokens, labels = rows[r]
+            logits = functional_call(self._solo, {f"model.{n}": v[r] for n, v in views.items()},
+                                     (tokens,))
+            losses.append(cross_entropy(logits, labels, self.cfg.loss_dtype))
             accs.append(accuracy(logits.detach(), labels))
         return torch.stack(losses), torch.stack(accs)
 
-    def step(self) -> None:
-        losses, accs = self._losses(self.train)
+    def _update(self, rows):
+        """One optimiser step of every run on its ``rows``; (losses, accuracies) detached."""
+        losses, accs = self._losses(rows)
         losses.sum().backward()
         self.opt.step()
         self.opt.zero_grad()
+        self._hold_norms()
+        return losses.detach(), accs
+
+    def _hold_norms(self) -> None:
+        """``fixed_weight_norm``: each such run's weights rescaled to their norm at init (the
+        solo ``rescale_to_norm`` on views in exact mode; one stacked rescale otherwise)."""
+        import torch
+
+        from .optim import rescale_to_norm
+
+        if all(n is None for n in self.init_norms):
+            return
+        params = [self.P[n] for n in self.trainable]
+        if self.exact:
+            for r, norm in enumerate(self.init_norms):
+                if norm is not None:
+                    rescale_to_norm([p[r] for p in params], norm)
+            return
+        with torch.no_grad():
+            sq = sum((p.detach().double() ** 2).flatten(1).sum(1) for p in params)
+            target = torch.stack([sq.new_tensor(float("nan")) if n is None else n.to(sq)
+                                  for n in self.init_norms])
+            factor = torch.where(target.isnan(), 1.0, target / sq.sqrt()).to(params[0].dtype)
+            for p in params:
+                p.mul_(_b(factor, p))
+
+    def _batches(self):
+        """The rows of each minibatch of this epoch: run r's k-th minibatch from its own
+        generator, as the solo ``Trainer.step`` draws it."""
+        import torch
+
+        from .optim import epoch_batches
+
+        n = len(self.trainers[0].train_labels)
+        orders = [epoch_batches(n, c, g) for c, g in zip(self.cfgs, self.gens)]
+        for k in range(len(orders[0])):
+            idx = [o[k] for o in orders]
+            if self.exact:
+                rows = [(x[i.to(self.device)], y[i.to(self.device)])
+                        for (x, y), i in zip(self.train, idx)]
+            else:
+                i = torch.stack(idx).to(self.device)
+                runs = torch.arange(self.R, device=self.device)[:, None]
+                tokens, labels = self.train_all
+                rows = self._with_queries(tokens[runs, i], labels[runs, i], None)
+            yield rows, len(idx[0]) / n
+
+    def _set_lrs(self) -> None:
+        from .optim import has_schedule, lr_factor
+
+        if any(has_schedule(c) for c in self.cfgs):
+            self.opt.set_lrs([c.lr * lr_factor(self.epoch, c) if has_schedule(c) else c.lr
+                              for c in self.cfgs])
+
+    def step(self) -> None:
+        """One epoch of every run (the solo ``Trainer.step``)."""
+        self._set_lrs()
+        if self.cfg.full_batch:
+            losses, accs = self._update(self.train)
+        else:
+            losses = accs = 0.0
+            for rows, w in self._batches():
+                b_loss, b_acc = self._update(rows)
+                losses, accs = losses + b_loss * w, accs + b_acc * w
         e = self.epoch
-        self.curves["train_loss"][:, e] = losses.detach()
+        self.curves["train_loss"][:, e] = losses
         self.curves["train_acc"][:, e] = accs
         self.epoch += 1
 
-    def _scored(self, rows):
-        """``_losses`` in inference mode; the batched way goes through the runs in chunks so
-        that scoring the (larger) test split needs no more memory than a training step."""
+    def _scored(self, rows, runs):
+        """``_losses`` in inference mode of ``runs`` (exact) or of all runs (batched: a chunk
+        of runs at a time, so that scoring the larger test split needs no more memory than a
+        training step)."""
         import torch
 
         if self.exact:
-            return self._losses(rows)
-        n_train, n_rows = self.train.tokens.shape[1], rows.tokens.shape[1]
+            return self._solo_losses(rows, runs)
+        n_train = self.train.tokens.shape[1] if self.cfg.full_batch else \
+            self.train_all[0].shape[1]
+        n_rows = rows.tokens.shape[1]
         chunk = max(1, (self.R * n_train) // max(n_rows, 1))
         if chunk >= self.R:
-            return self._losses(rows)
+            losses, accs = self._losses(rows)
+            return losses[runs], accs[runs]
         P, out = self.P, []
         try:
             for a in range(0, self.R, chunk):
@@ -343,31 +627,70 @@ class Stack:
                 out.append(self._losses(rows.runs(a, b)))
         finally:
             self.P = P
-        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+        return torch.cat([o[0] for o in out])[runs], torch.cat([o[1] for o in out])[runs]
 
-    def evaluate(self, train_too: bool = False) -> None:
+    def evaluate(self, runs=None, train_runs=()) -> None:
+        """Score the test set of ``runs`` (default: all) and the train set of ``train_runs`` at
+        the current epoch, then note each run's first grokked epoch."""
         import torch
 
+        runs = list(range(self.R)) if runs is None else list(runs)
         with torch.inference_mode():
-            splits = [("test", self.test)] + ([("train", self.train)] if train_too else [])
-            for split, rows in splits:
-                losses, accs = self._scored(rows)
-                self.curves[f"{split}_loss"][:, self.epoch] = losses
-                self.curves[f"{split}_acc"][:, self.epoch] = accs
+            for split, which in (("test", runs), ("train", list(train_runs))):
+                if not which:
+                    continue
+                rows = self.test if split == "test" else self._train_rows()
+                losses, accs = self._scored(rows, which)
+                sel = torch.tensor(which, device=self.device)
+                self.curves[f"{split}_loss"][sel, self.epoch] = losses.to(torch.float64)
+                self.curves[f"{split}_acc"][sel, self.epoch] = accs
+        self.note_grok()
+
+    def _train_rows(self):
+        """The whole train split of every run (minibatch runs: all have n_train rows)."""
+        if self.exact or self.cfg.full_batch:
+            return self.train
+        tokens, labels = self.train_all
+        return self._with_queries(tokens, labels, None)
+
+    def note_grok(self) -> None:
+        """Each ``stop_after_grok`` run's first epoch with a logged test accuracy >= 99% (one
+        read from the device, only for such runs that have not grokked yet)."""
+        from .train import GROK_ACC
+
+        watch = [r for r, c in enumerate(self.cfgs)
+                 if c.stop_after_grok is not None and self.grok[r] is None]
+        if not watch:
+            return
+        accs = self.curves["test_acc"][watch, self.epoch].tolist()
+        for r, acc in zip(watch, accs):
+            if acc >= GROK_ACC:
+                self.grok[r] = self.epoch
+
+    def stop_epochs(self) -> list[int]:
+        """Each run's last epoch (``Trainer.stop_epoch``)."""
+        return [c.n_epochs if g is None else min(c.n_epochs, g + c.stop_after_grok)
+                for c, g in zip(self.cfgs, self.grok)]
 
     # -- durability
-    def diverged(self) -> list[int]:
-        """Runs with a non-finite train loss since the last commit (epochs last_commit..epoch)."""
+    def diverged(self, runs, last) -> list[int]:
+        """``runs`` with a non-finite train loss since their last commit (up to this epoch,
+        and this epoch's too for the runs in ``last``, scored on the train set just now)."""
         import torch
 
-        hi = self.epoch + (1 if self.epoch == self.cfg.n_epochs else 0)
-        window = self.curves["train_loss"][:, self.last_commit:hi]
-        bad = ~torch.isfinite(window).all(dim=1)
-        return [int(i) for i in torch.nonzero(bad).flatten().tolist()]
+        bad = []
+        for r in runs:
+            hi = self.epoch + (1 if r in last else 0)
+            if not bool(torch.isfinite(self.curves["train_loss"][r, self.last_commit[r]:hi])
+                        .all()):
+                bad.append(r)
+        return bad
 
     def sync(self, r: int) -> None:
         """Copy run ``r``'s stacked state into its shadow Trainer (same epoch, same values)."""
         import torch
+
+        from .optim import set_lr
 
         t = self.trainers[r]
         with torch.no_grad():
@@ -375,16 +698,14 @@ class Stack:
                 t.model.get_parameter(n).copy_(self.P[n][r])
             for i, n in enumerate(self.trainable):
                 p = t.model.get_parameter(n)
-                st = t.optimizer.state[p]
-                if not st:  # as torch.optim.Adam._init_group creates it
-                    st["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["step"].fill_(float(self.opt.steps[r]))
-                st["exp_avg"].copy_(self.opt.exp_avgs[i][r])
-                st["exp_avg_sq"].copy_(self.opt.exp_avg_sqs[i][r])
+                self.opt.store(r, i, t.optimizer.state, p)
             for k, v in self.curves.items():
                 t.curves[k] = v[r].to(t.curves[k].device).clone()
+        if self.gens[r] is not None:
+            t.batch_gen.set_state(self.gens[r].get_state())
+        if t.epoch != self.epoch:   # the lr the solo optimiser holds after this epoch's steps
+            set_lr(t.optimizer, self.epoch - 1, t.cfg)
+        t.grok_epoch = self.grok[r]
         t.epoch = self.epoch
 
 
@@ -415,16 +736,38 @@ def _commit_all(trainers: list, max_workers: int = 8) -> None:
             f.result()
 
 
-def _fit_stack(stack: Stack, target: int, bar, log, background: bool = False) -> list:
-    """Train ``stack`` up to epoch ``target`` (a commit epoch), committing on the solo schedule.
+def _epoch_end(stack: Stack) -> tuple[list[int], list[int]]:
+    """After an epoch's steps, the solo loop's evaluation for every run (test every
+    ``eval_every`` epochs; test and train at a run's last epoch, also when it has just grokked
+    its way there); returns (runs that commit now, runs at their last epoch)."""
+    cfg, e = stack.cfg, stack.epoch
+    stops = stack.stop_epochs()
+    last = [r for r in range(stack.R) if e == stops[r]]
+    if e % cfg.eval_every == 0:
+        stack.evaluate(None, last)
+    elif last:
+        stack.evaluate(last, last)
+    stops = stack.stop_epochs()
+    just = [r for r in range(stack.R) if r not in last and e == stops[r]]   # grokked just now
+    if just:
+        stack.evaluate(just, just)
+        last = sorted(last + just)
+    commit = list(range(stack.R)) if e % cfg.checkpoint_every == 0 else last
+    return commit, last
 
-    Returns the trainers that diverged (they are left at their last commit); stops right after
-    a commit that finds any, so the caller restacks the others. With ``background``, each
-    commit's file writes run in a thread while the stack trains on (the shadows are not
-    touched again until that commit is done; every commit is complete when this returns).
+
+def _fit_stack(stack: Stack, target: int, bar, log, background: bool = False):
+    """Train ``stack`` up to epoch ``target`` (a commit epoch), committing each run on its solo
+    schedule (every ``checkpoint_every`` epochs and at its own last epoch).
+
+    Returns (the trainers that diverged, the trainers that reached their last epoch). Diverged
+    runs are left at their last commit. Stops right after a commit that finds a divergence or
+    ends a run before ``target``; the other runs' shadows then hold this epoch's state (synced,
+    committed or not) and the caller restacks them. With ``background``, each commit's file
+    writes run in a thread while the stack trains on (the shadows are not touched again until
+    that commit is done; every commit is complete when this returns).
     """
-    cfg = stack.cfg
-    t0 = time.perf_counter()
+    stack.clock = [time.perf_counter()] * stack.R
     pool = pending = None
     if background:
         from concurrent.futures import ThreadPoolExecutor
@@ -433,42 +776,41 @@ def _fit_stack(stack: Stack, target: int, bar, log, background: bool = False) ->
     try:
         while stack.epoch < target:
             stack.step()
-            last = stack.epoch == cfg.n_epochs
-            if stack.epoch % cfg.eval_every == 0 or last:
-                stack.evaluate(train_too=last)
+            commit, last = _epoch_end(stack)
             if bar is not None:
                 bar.update(stack.R)
-            if stack.epoch % cfg.checkpoint_every == 0 or last:
-                now = time.perf_counter()
-                elapsed, t0 = now - t0, now
-                bad = stack.diverged()
-                start = stack.last_commit
-                if pending is not None:
-                    pending.result()  # the previous commit is on disk; shadows are free
-                    pending = None
-                good = [t for r, t in enumerate(stack.trainers) if r not in bad]
-                for r, t in enumerate(stack.trainers):
-                    if r not in bad:
-                        stack.sync(r)
-                        t.wall_time += elapsed
-                if pool is not None and not bad and stack.epoch < target:
-                    pending = pool.submit(_commit_all, good)
-                else:
-                    _commit_all(good)
-                stack.last_commit = stack.epoch
-                if bad:
-                    out = []
-                    for r in bad:
-                        t = stack.trainers[r]
-                        window = stack.curves["train_loss"][r, start:stack.epoch + 1]
-                        _mark_diverged(t, stack.epoch, start, window.cpu().numpy())
-                        log(f"run {t.cfg.run_id}: diverged (non-finite train loss); dropped "
-                            f"from the group, error.txt written")
-                        out.append(t)
-                    return out
-                if bar is not None:
-                    bar.set_postfix(epoch=stack.epoch, refresh=False)
-        return []
+            if not commit:
+                continue
+            bad = stack.diverged(commit, last)
+            if pending is not None:
+                pending.result()  # the previous commit is on disk; shadows are free
+                pending = None
+            good = [r for r in commit if r not in bad]
+            done = [r for r in good if r in last]
+            ends = bool(bad) or (bool(done) and stack.epoch < target)
+            for r in (range(stack.R) if ends else good):
+                if r not in bad:
+                    _sync_timed(stack, r)
+            runs = [stack.trainers[r] for r in good]
+            if pool is not None and not ends and stack.epoch < target:
+                pending = pool.submit(_commit_all, runs)
+            else:
+                _commit_all(runs)
+            for r in good:
+                stack.last_commit[r] = stack.epoch
+            for r in bad:
+                t = stack.trainers[r]
+                start = stack.last_commit[r]
+                window = stack.curves["train_loss"][r, start:stack.epoch + 1]
+                _mark_diverged(t, stack.epoch, start, window.cpu().numpy())
+                log(f"run {t.cfg.run_id}: diverged (non-finite train loss); dropped "
+                    f"from the group, error.txt written")
+            if bar is not None:
+                bar.set_postfix(epoch=stack.epoch, refresh=False)
+            if ends:
+                return [stack.trainers[r] for r in bad], [stack.trainers[r] for r in done]
+        return [], [stack.trainers[r] for r in range(stack.R)
+                    if stack.epoch >= stack.stop_epochs()[r]]
     finally:
         if pending is not None:
             pending.result()
@@ -476,9 +818,64 @@ def _fit_stack(stack: Stack, target: int, bar, log, background: bool = False) ->
             pool.shutdown(wait=True)
 
 
+def _sync_timed(stack: Stack, r: int) -> None:
+    """Sync run ``r`` into its shadow and add the time since its last sync to its wall time."""
+    now = time.perf_counter()
+    stack.sync(r)
+    stack.trainers[r].wall_time += now - stack.clock[r]
+    stack.clock[r] = now
+
+
+def _finish(t, log) -> None:
+    """The solo ``finish`` (measures, summary, done); a failure goes to the run's error.txt."""
+    from .train import finish
+
+    try:
+        finish(t)
+    except Exception:
+        t.run.write_error(traceback.format_exc())
+        log(f"run {t.cfg.run_id}: finishing failed; see {t.run.file('error.txt')}")
+        return
+    t.run.clear_error()
+
+
 def _is_diverged(run: RunDir) -> bool:
     err = run.read_error()
     return bool(err) and err.startswith(DIVERGED_PREFIX)
+
+
+def _train_all(trainers: list, dev, exact, background: bool, bar, log) -> tuple[list, list]:
+    """Train ``trainers`` to their last epochs, the lowest-epoch runs stacked first; finish each
+    run that stops early as soon as it does. Returns (diverged, finished) trainers."""
+    n_epochs = trainers[0].cfg.n_epochs
+    active = [t for t in trainers if t.epoch < t.stop_epoch()]
+    diverged: list = []
+    finished: list = []
+    while active:
+        low = min(t.epoch for t in active)
+        lag = [t for t in active if t.epoch == low]
+        ahead = sorted({t.epoch for t in active if t.epoch > low})
+        target = ahead[0] if ahead else n_epochs
+        if ahead:
+            log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
+        stack = Stack(lag, dev, exact=exact)
+        try:
+            dropped, done = _fit_stack(stack, target, bar, log, background=background)
+        except BaseException:
+            tb = traceback.format_exc()
+            for t in lag:
+                t.run.write_error(tb)
+            raise
+        del stack
+        diverged += dropped
+        for t in done:   # complete at its own last epoch, as a solo run leaves it
+            if t.epoch < n_epochs:
+                log(f"run {t.cfg.run_id}: stopped at epoch {t.epoch} ({t.cfg.stop_after_grok}"
+                    f" epochs after grokking at {t.grok_epoch}); the others go on")
+            _finish(t, log)
+            finished.append(t)
+        active = [t for t in active if t.epoch < t.stop_epoch() and t not in dropped]
+    return diverged, finished
 
 
 def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
@@ -517,34 +914,8 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
     torch.set_float32_matmul_precision("highest")
     dev = resolve_device(device if device is not None else cfgs[0].device) \
         if not isinstance(device, torch.device) else device
+
     background = (dev.type != "cpu") if background_commits is None else bool(background_commits)
-    trainers = []
-    for cfg, run in _runs_to_train(cfgs, runs, log, retry_diverged):
-        t = Trainer.open(cfg, run.path, dev)
-        if t.epoch > 0:
-            log(f"run {cfg.run_id}: resuming at epoch {t.epoch}/{cfg.n_epochs}")
-        trainers.append(t)
-    if not trainers:
-        return runs
-    bar = None
-    if progress_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(cfgs[0].n_epochs - t.epoch for t in trainers), unit="run-epoch",
-                   desc=f"{len(trainers)} runs", dynamic_ncols=True, mininterval=1.0)
-    try:
-        diverged = _train_stacks(trainers, dev, exact, bar, log, background)
-    finally:
-        if bar is not None:
-            bar.close()
-    _finish_all([t for t in trainers if not any(t is d for d in diverged)], log)
-    for t in trainers:   # each run's lock (on an exception, the trainers' end lets them go)
-        t.close()
-    return runs
-
-
-def _runs_to_train(cfgs, runs, log, retry_diverged: bool) -> list:
-    """(cfg, run) of the runs neither complete nor (unless retried) marked diverged."""
     pending = []
     for cfg, run in zip(cfgs, runs):
         if run.exists() and run.is_complete():
@@ -556,52 +927,36 @@ def _runs_to_train(cfgs, runs, log, retry_diverged: bool) -> list:
             log(f"run {cfg.run_id} in {run.path} diverged before (see error.txt); skipped")
             continue
         pending.append((cfg, run))
-    return pending
+    if not pending:
+        return runs
 
+    trainers = []
+    for cfg, run in pending:
+        t = Trainer.open(cfg, run.path, dev)
+        if t.epoch > 0:
+            log(f"run {cfg.run_id}: resuming at epoch {t.epoch}/{cfg.n_epochs}")
+        trainers.append(t)
 
-def _train_stacks(trainers: list, dev, exact, bar, log, background: bool) -> list:
-    """Train every trainer to n_epochs: the runs at the lowest epoch are stacked and trained
-    up to the next epoch another run sits at, until all meet. Returns the runs that diverged.
-    A failure of the stacked computation is written into each of its runs' error.txt."""
-    n_epochs = trainers[0].cfg.n_epochs
-    active = [t for t in trainers if t.epoch < n_epochs]
-    diverged: list = []
-    while active:
-        low = min(t.epoch for t in active)
-        lag = [t for t in active if t.epoch == low]
-        ahead = sorted({t.epoch for t in active if t.epoch > low})
-        target = ahead[0] if ahead else n_epochs
-        if ahead:
-            log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
-        stack = Stack(lag, dev, exact=exact)
-        try:
-            dropped = _fit_stack(stack, target, bar, log, background=background)
-        except BaseException:
-            tb = traceback.format_exc()
-            for t in lag:
-                t.run.write_error(tb)
-            raise
-        del stack
-        diverged += dropped
-        active = [t for t in active if t.epoch < n_epochs and t not in dropped]
-    return diverged
+    n_epochs = cfgs[0].n_epochs
+    bar = None
+    if progress_bar:
+        from tqdm.auto import tqdm
 
+        bar = tqdm(total=sum(n_epochs - t.epoch for t in trainers), unit="run-epoch",
+                   desc=f"{len(trainers)} runs", dynamic_ncols=True, mininterval=1.0)
+    try:
+        diverged, finished = _train_all(trainers, dev, exact, background, bar, log)
+    finally:
+        if bar is not None:
+            bar.close()
 
-def _finish_all(trainers: list, log) -> None:
-    """``grokhpc.train.finish`` (measures, summary, done) for each run trained to the end; a
-    failure is written into that run's error.txt and the others go on."""
-    from .train import finish
-
-    for t in trainers:
-        if t.epoch < t.cfg.n_epochs:
+    for t in trainers:   # runs that were already at their last epoch when opened
+        if t.epoch < t.stop_epoch() or any(t is d for d in diverged + finished):
             continue
-        try:
-            finish(t)
-        except Exception:
-            t.run.write_error(traceback.format_exc())
-            log(f"run {t.cfg.run_id}: finishing failed; see {t.run.file('error.txt')}")
-            continue
-        t.run.clear_error()
+        _finish(t, log)
+    for t in trainers:   # each run's lock (on an exception, the trainers' end lets them go)
+        t.close()
+    return runs
 
 
 # ---- sizing a job ------------------------------------------------------------------------------
@@ -717,7 +1072,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["train_group", "auto_runs_per_job", "bytes_per_run", "check_group", "GroupError",
-           "StackedAdamW", "Stack", "Rows", "SHAPE_FIELDS", "configs_from_dirs", "main"]
+           "StackedAdamW", "StackedSGD", "Stack", "Rows", "SHAPE_FIELDS", "shape_fields",
+           "uses_fast_path", "hooked_last_logits", "configs_from_dirs", "main"]
 
 
 if __name__ == "__main__":
