@@ -594,7 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one grokking run into a run directory (resumes if interrupted).")
     ap.add_argument("--out", required=True, help="run directory (created if missing)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a run field, e.g. --set weight_decay=0.3 (repeatable)")
+                    help="override a run field, e.g. --set weight_decay=0.3 (repeatable); the "
+                         "fields, defaults and checks are in docs/run_fields.md")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
