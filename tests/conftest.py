@@ -53,3 +53,27 @@ def slurm_cluster():
         if not shutil.which(cmd):
             pytest.fail(f"SLURM command {cmd} missing from PATH", pytrace=False)
     return True
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module (packed == solo comparisons), restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# A process that takes a run directory's lock and says whether it got it (exit 3: refused).
+TRY_LOCK = """
+import sys
+from grokhpc.store import RunDir, RunLockedError, lock_run
+try:
+    lock_run(RunDir(sys.argv[1]))
+except RunLockedError as e:
+    print(e)
+    sys.exit(3)
+print("locked")
+"""

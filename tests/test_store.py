@@ -16,6 +16,7 @@ import zlib
 import numpy as np
 import pytest
 
+from conftest import TRY_LOCK
 from grokhpc.store import (NPY_HEADER_BYTES, RunDir, RunDirError, RunLockedError,
                            append_checkpoint_row, check_checkpoints, lock_run, provenance_columns,
                            read_json)
@@ -165,16 +166,6 @@ def test_a_write_past_the_file_size_limit_keeps_the_committed_rows_and_the_old_f
 
 
 # ---- one trainer per run directory --------------------------------------------------------------
-TRY_LOCK = """
-import sys
-from grokhpc.store import RunDir, RunLockedError, lock_run
-try:
-    lock_run(RunDir(sys.argv[1]))
-except RunLockedError as e:
-    print(e)
-    sys.exit(3)
-print("locked")
-"""
 
 HOLD_LOCK = """
 import sys

@@ -25,6 +25,7 @@ import torch
 
 from grokhpc.config import RunConfig
 from grokhpc.config import to_dict as config_to_dict
+from conftest import TRY_LOCK
 from grokhpc.store import (CHECKPOINTS, CURVE_COLUMNS, NPY_HEADER_BYTES, RUN_FILES, RunDir,
                            RunDirError, append_checkpoint_row, provenance_columns)
 from grokhpc.train import Trainer, run_training
@@ -389,15 +390,6 @@ def test_resuming_with_another_thread_count_is_noted_and_recorded(tmp_path):
     assert cols["n_attempts"] == 2 and cols["attempts_differ"] == "torch_threads"
 
 
-TRY_LOCK = """
-import sys
-from grokhpc.store import RunDir, RunLockedError, lock_run
-try:
-    lock_run(RunDir(sys.argv[1]))
-except RunLockedError as e:
-    print(e)
-    sys.exit(3)
-"""
 
 SHORT = {**TINY, "n_epochs": 20}
 SHORT_SET = [f"--set={k}={v}" for k, v in SHORT.items()]
