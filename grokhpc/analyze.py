@@ -25,8 +25,13 @@ restricted_test_ratio        restricted / test loss over training (log y)
 gini_weight_norm             Gini of the Fourier norms of W_E and W_logit; sum of squared weights
 ===========================  ===================================================================
 
-The weight figures are drawn from the last checkpoint. For ``mul`` / ``div`` runs the figures
-built on the Fourier progress measures (the last four) are left out: those measures are null.
+The weight figures are drawn from the last checkpoint; with several blocks the attention
+figures show every block's heads (head 0 of block 0 over the grid) and the neuron and
+W_logit figures the last block's MLP (the one the progress measures read). The figures built on
+the Fourier progress measures (the last four) are drawn for ``sub`` and ``add`` only: for the
+other tasks those measures are null. The S5 tasks (``s5``, ``s5conj``, ``s5aba``) are not over
+Z_p, so the five Fourier weight figures are left out too. Each left-out group is one line of
+the log.
 
 Heavy imports (torch, transformer_lens, plotly) happen after the arguments are parsed.
 """
@@ -37,6 +42,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .config import GROUP_OPS
+
 FIGURES = ("training_curves", "attention_mean_per_head", "attention_head0", "svd_singular_values",
            "svd_principal_components", "svd_top_components", "fourier_basis", "fourier_embedding",
            "fourier_embedding_norms", "neuron_freq_fraction", "wlogit_fourier_norms",
@@ -44,6 +51,9 @@ FIGURES = ("training_curves", "attention_mean_per_head", "attention_head0", "svd
            "gini_weight_norm")
 FOURIER_MEASURE_FIGURES = ("cos_sim_over_training", "restricted_excluded_loss",
                            "restricted_test_ratio", "gini_weight_norm")
+FOURIER_WEIGHT_FIGURES = ("fourier_basis", "fourier_embedding", "fourier_embedding_norms",
+                          "neuron_freq_fraction", "wlogit_fourier_norms")
+
 PHASES = (("memorisation_end", "memorisation end", "dash"),
           ("circuit_formation_end", "circuit formation end", "dash"),
           ("cleanup_end", "cleanup end", "dash"),
@@ -148,61 +158,61 @@ def _lines(x, ys: dict, title, x_title, y_title, log_y=False):
 
 # ---- the model state: attention, SVD, Fourier ------------------------------------------------
 def final_state(run):
-    """(cfg, model at the last checkpoint, weights dict, cache over the full p x p grid)."""
+    """(cfg, epoch, weights dict, cache over every pair) at the last checkpoint."""
     import numpy as np
     import torch
 
-    from .config import from_dict
     from .data import all_pairs
+    from .measures import run_config
     from .model import build_model, load_flat
 
-    cfg_d = run.read_config()
-    cfg = from_dict({k: v for k, v in cfg_d.items() if k != "run_id"}, source="config.json")
+    cfg = run_config(run.read_config())
     epochs, ckpts = run.checkpoints()
     row = np.array(ckpts[-1])
     model = build_model(cfg, "cpu")
     load_flat(model, torch.from_numpy(row))
-    tokens, _ = all_pairs(cfg.p, "sub")          # every (a, b): the inputs, whatever the op
+    n = cfg.n_classes
+    tokens, _ = all_pairs(n, "sub")          # every (a, b): the inputs, whatever the op
     with torch.inference_mode():
         _, cache = model.run_with_cache(tokens)
     return cfg, epochs[-1], run.unflatten(row), cache
 
 
-def weight_figures(cfg, epoch, W, cache, key_freqs) -> dict:
-    """The figures of the weights at the last checkpoint (attention, SVD, Fourier)."""
+def attention_figures(cfg, at: str, cache) -> dict:
+    """Mean attention of the last position per (block, head), and head 0 of block 0 over the
+    a x b grid."""
     import numpy as np
 
-    at = f" (epoch {epoch})"
-    W_E = np.asarray(W["embed.W_E"], np.float64)[:cfg.p]
-    figs = _attention_svd_figures(cfg.p, W_E, cache, at)
-    figs.update(_fourier_figures(cfg.p, W_E, W, cache, key_freqs, at))
-    return figs
+    n = cfg.n_classes
+    patterns = [cache["pattern", i].numpy() for i in range(cfg.n_layers)]  # (n^2, h, q, k)
+    mean = np.concatenate([pat.mean(0)[:, -1, :] for pat in patterns])
+    heads = [f"head {h}" if cfg.n_layers == 1 else f"block {i} head {h}"
+             for i in range(cfg.n_layers) for h in range(cfg.n_heads)]
+    block = "" if cfg.n_layers == 1 else " (block 0)"
+    return {
+        "attention_mean_per_head": _heatmap(
+            mean, "Average attention pattern per head" + at, "source", "head",
+            x=["a", "b", "="], y=heads, zmid=None, colorscale="Viridis"),
+        "attention_head0": _heatmap(
+            patterns[0][:, 0, -1, 0].reshape(n, n), f"Attention of head 0{block} from = to a"
+            + at, "b", "a", zmid=None, colorscale="Viridis")}
 
 
-def _attention_svd_figures(p: int, W_E, cache, at: str) -> dict:
+def svd_figures(W_E, at: str) -> dict:
+    """Singular values and vectors of the operands' embedding, against a Gaussian control."""
     import numpy as np
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     from .figures import paper_style
 
-    figs = {}
-    pattern = cache["pattern", 0].numpy()               # (p^2, heads, q, k)
-    heads = [f"head {h}" for h in range(pattern.shape[1])]
-    figs["attention_mean_per_head"] = _heatmap(
-        pattern.mean(0)[:, -1, :], "Average attention pattern per head" + at, "source",
-        "head", x=["a", "b", "="], y=heads, zmid=None, colorscale="Viridis")
-    figs["attention_head0"] = _heatmap(
-        pattern[:, 0, -1, 0].reshape(p, p), "Attention of head 0 from = to a" + at, "b", "a",
-        zmid=None, colorscale="Viridis")
-
     rng = np.random.default_rng(0)
     control = rng.normal(0, W_E.std(), size=W_E.shape)  # same shape and scale as W_E
     U, S, _ = np.linalg.svd(W_E, full_matrices=False)
     Uc, Sc, _ = np.linalg.svd(control, full_matrices=False)
-    figs["svd_singular_values"] = _lines(
+    figs = {"svd_singular_values": _lines(
         np.arange(1, len(S) + 1), {"W_E": S, "random Gaussian (control)": Sc},
-        "Singular values of the embedding" + at, "index", "singular value")
+        "Singular values of the embedding" + at, "index", "singular value")}
     fig = make_subplots(rows=1, cols=2, subplot_titles=("W_E", "random Gaussian (control)"),
                         horizontal_spacing=0.08)
     fig.add_trace(go.Heatmap(z=U, coloraxis="coloraxis"), 1, 1)
@@ -214,23 +224,35 @@ def _attention_svd_figures(p: int, W_E, cache, at: str) -> dict:
     figs["svd_principal_components"] = paper_style(
         fig, title="Principal components on the input" + at, width=960)
     figs["svd_top_components"] = _lines(
-        np.arange(p), {f"PC {i + 1}": U[:, i] for i in range(min(8, U.shape[1]))},
+        np.arange(len(W_E)), {f"PC {i + 1}": U[:, i] for i in range(min(8, U.shape[1]))},
         "First 8 principal components of the embedding" + at, "input token", "value")
     return figs
 
 
-def _fourier_figures(p: int, W_E, W, cache, key_freqs, at: str) -> dict:
+def weight_figures(cfg, epoch, W, cache, key_freqs) -> dict:
+    """The figures of the last checkpoint's weights; the Fourier ones over Z_p only."""
+    import numpy as np
+
+    at = f" (epoch {epoch})"
+    figs = attention_figures(cfg, at, cache)
+    figs.update(svd_figures(np.asarray(W["embed.W_E"], np.float64)[:cfg.n_classes], at))
+    if cfg.op not in GROUP_OPS:
+        figs.update(fourier_figures(cfg, at, W, cache, key_freqs))
+    return figs
+
+
+def fourier_figures(cfg, at: str, W, cache, key_freqs) -> dict:
+    """The embedding, the last block's neurons and its W_out W_U in the Fourier basis of Z_p."""
     import numpy as np
     import plotly.graph_objects as go
 
     from .measures import fourier_basis, fourier_names
 
-    figs = {}
-    F = fourier_basis(p)
-    names = fourier_names(p)
-    figs["fourier_basis"] = _heatmap(F, "Fourier basis of Z_%d" % p, "input", "component",
-                                     y=names)
-    proj = F @ W_E
+    p, last = cfg.p, cfg.n_layers - 1
+    F, names = fourier_basis(p), fourier_names(p)
+    figs = {"fourier_basis": _heatmap(F, "Fourier basis of Z_%d" % p, "input", "component",
+                                      y=names)}
+    proj = F @ np.asarray(W["embed.W_E"], np.float64)[:p]
     figs["fourier_embedding"] = _heatmap(proj, "Embedding in the Fourier basis" + at,
                                          "residual stream", "Fourier component", y=names)
     norms = np.linalg.norm(proj, axis=1)
@@ -243,7 +265,7 @@ def _fourier_figures(p: int, W_E, W, cache, key_freqs, at: str) -> dict:
                                  name="key frequencies " + ", ".join(map(str, key_freqs))))
     figs["fourier_embedding_norms"] = fig
 
-    acts = cache["post", 0, "mlp"][:, -1, :].numpy().astype(np.float64)      # (p^2, d_mlp)
+    acts = cache["post", last, "mlp"][:, -1, :].numpy().astype(np.float64)   # (p^2, d_mlp)
     grid = acts.T.reshape(-1, p, p)                                           # (neuron, a, b)
     four = F @ grid @ F.T                                                     # (neuron, i, j)
     four[:, 0, 0] = 0.0
@@ -253,35 +275,38 @@ def _fourier_figures(p: int, W_E, W, cache, key_freqs, at: str) -> dict:
         idx = [0, 2 * k - 1, 2 * k]
         frac[k - 1] = (four[:, idx][:, :, idx] ** 2).sum(axis=(1, 2)) / np.maximum(total, 1e-30)
     order = np.lexsort((-frac.max(0), frac.argmax(0)))    # neurons grouped by their frequency
+    block = "" if cfg.n_layers == 1 else f" (block {last})"
     figs["neuron_freq_fraction"] = _heatmap(
-        frac[:, order], "Neuron fraction explained by frequency" + at,
+        frac[:, order], f"Neuron fraction explained by frequency{block}" + at,
         "neuron (grouped by dominant frequency)", "frequency", y=list(range(1, p // 2 + 1)),
         zmid=None, colorscale="Viridis")
 
-    W_logit = np.asarray(W["blocks.0.mlp.W_out"], np.float64) @ np.asarray(W["unembed.W_U"],
-                                                                         np.float64)
+    W_logit = (np.asarray(W[f"blocks.{last}.mlp.W_out"], np.float64)
+               @ np.asarray(W["unembed.W_U"], np.float64))
     figs["wlogit_fourier_norms"] = _lines(
         names, {"||W_logit F^T||": np.linalg.norm(W_logit @ F.T, axis=0)},
-        "W_logit in the Fourier basis" + at, "Fourier component", "norm")
+        f"W_logit{block} in the Fourier basis" + at, "Fourier component", "norm")
     return figs
 
 
 # ---- curves and measures over training ---------------------------------------------------------
-def training_figures(curves, measures, summary, p: int, op: str) -> dict:
+def training_figures(curves, measures, summary, task: str, op: str) -> dict:
+    """The training curves; over training, the Fourier measures (sub and add only)."""
     import numpy as np
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     from .figures import paper_style
+    from .measures import FOURIER_OPS
 
     figs = {}
     tr = curves.dropna(subset=["train_loss"])
     te = curves.dropna(subset=["test_loss"])
-    fig = _lines(tr["epoch"], {"train": tr["train_loss"]}, f"Training curve (p={p}, {op})",
+    fig = _lines(tr["epoch"], {"train": tr["train_loss"]}, f"Training curve ({task}, {op})",
                  "epoch", "loss", log_y=True)
     fig.add_trace(go.Scatter(x=te["epoch"], y=te["test_loss"], mode="lines", name="test"))
     figs["training_curves"] = add_phase_lines(fig, summary)
-    if op not in ("sub", "add"):
+    if op not in FOURIER_OPS:
         return figs
 
     ep = measures["epoch"].to_numpy()
@@ -328,15 +353,22 @@ def training_figures(curves, measures, summary, p: int, op: str) -> dict:
     return figs
 
 
-def build_figures(run) -> dict:
-    """Every figure of the run (see the module docstring), {name: plotly Figure}."""
-    from .measures import read_measures
+def build_figures(run, log=lambda *_: None) -> dict:
+    """Every figure of the run (see the module docstring) that its task defines,
+    {name: plotly Figure}; one line to ``log`` for each group left out."""
+    from .measures import FOURIER_OPS, read_measures
 
     summary = run.read_summary()
     cfg, epoch, W, cache = final_state(run)
     measures, key = read_measures(run)
-    figs = training_figures(run.read_curves(), measures, summary, cfg.p, cfg.op)
+    task = "S5" if cfg.op in GROUP_OPS else f"p={cfg.p}"
+    figs = training_figures(run.read_curves(), measures, summary, task, cfg.op)
     figs.update(weight_figures(cfg, epoch, W, cache, summary.get("key_freqs")))
+    if cfg.op in GROUP_OPS:
+        log(f"{run.path}: op {cfg.op} is over S5, not Z_p: Fourier figures left out")
+    elif cfg.op not in FOURIER_OPS:
+        log(f"{run.path}: op {cfg.op} is not a frequency of a +- b: Fourier measure figures "
+            f"left out")
     return {name: figs[name] for name in FIGURES if name in figs}
 
 
@@ -352,7 +384,7 @@ def analyze(run_dir, out=None, formats=("png", "html"), log=print) -> dict:
     if not run.file(MEASURES).exists() or not run.file(SUMMARY).exists():
         log(f"{run.path}: computing measures first")
         measures.finalize_run(run)
-    figs = build_figures(run)
+    figs = build_figures(run, log)
     out = Path(out) if out is not None else run.path / "figures"
     return figures.export(figs, out, formats=formats, log=log)
 

@@ -5,12 +5,14 @@ them cheap to compute without the all-positions forward:
 
 * up to the softmax, queries, keys and values are linear in a one-hot token: the score a query
   token gives each (key position, key token, head) is one small table, and so is each value;
-* after the softmax and up to the ReLU everything is linear again: the last position's
+* after the softmax and up to the MLP's activation everything is linear again: the last position's
   residual stream is its own embedding plus ``b_O`` plus, per key position and head, the
   pattern weight times a value row read through ``W_O``.
 
 What is left per row is a look-up of its scores and values, the softmax, the pattern-weighted
-sum through ``W_O``, ``resid_mid @ W_in`` and ``@ W_U``, the ReLU and ``post @ (W_out @ W_U)``.
+sum, the read-out ``resid_mid @ [W_in | W_U]``, the activation (ReLU or GELU) and
+``post @ (W_out @ W_U)``. The algebra needs one block and no LayerNorm (which is not linear);
+other shapes train through the hooked forward.
 
 Weights are a mapping of TransformerLens parameter names to tensors: one run's ``(*shape)``,
 or R runs' stacked ``(R, *shape)`` with tokens ``(R, b, n)`` (run r only meets its own weights
@@ -109,7 +111,7 @@ class ReadOut(NamedTuple):
     b_in: Any       # (R, d_mlp)
     W_U: Any        # (R, d, p): the residual stream's direct path to the logits
     b_direct: Any   # (R, p) = b_U + b_out @ W_U
-    W_logit: Any    # (R, d_mlp, p) = W_out @ W_U: the ReLU's output to the logits
+    W_logit: Any    # (R, d_mlp, p) = W_out @ W_U: the activation's output to the logits
 
 
 def read_out_maps(w: Weights) -> ReadOut:
@@ -120,15 +122,24 @@ def read_out_maps(w: Weights) -> ReadOut:
                    torch.bmm(w.W_out, w.W_U))
 
 
-def read_out(pre, direct, W_logit, inplace: bool = False):
-    """Logits ``direct + relu(pre) @ W_logit`` of (R, rows, .) tensors: ``pre`` the MLP's
-    pre-activation, ``direct`` the residual stream read through ``W_U`` (biases included). In
-    place (both overwritten) for callers that reuse buffers."""
+def activation(act_fn: str):
+    """The MLP's elementwise activation by its run-config name (gelu: exact, erf form)."""
+    import torch.nn.functional as F
+
+    return {"relu": F.relu, "gelu": F.gelu}[act_fn]
+
+
+def read_out(pre, direct, W_logit, inplace: bool = False, act_fn: str = "relu"):
+    """Logits ``direct + act(pre) @ W_logit`` of (R, rows, .) tensors: ``pre`` the MLP's
+    pre-activation, ``direct`` the residual stream read through ``W_U`` (biases included),
+    ``act_fn`` relu or gelu. In place (``pre`` overwritten by ``act(pre)``, ``direct`` by the
+    logits) for callers that reuse buffers."""
     import torch
 
     if inplace:
-        return direct.baddbmm_(pre.relu_(), W_logit)
-    return torch.baddbmm(direct, torch.relu(pre), W_logit)
+        post = pre.relu_() if act_fn == "relu" else pre.copy_(activation(act_fn)(pre))
+        return direct.baddbmm_(post, W_logit)
+    return torch.baddbmm(direct, activation(act_fn)(pre), W_logit)
 
 
 # ---- rows: any tokens --------------------------------------------------------------------------
@@ -173,9 +184,11 @@ def resid_mid(w: Weights, t: Tables, tokens, q: Queries):
     return x_own + torch.baddbmm(w.b_O[:, None], z.flatten(2), w.W_O.flatten(1, 2))
 
 
-def last_logits(P: Mapping[str, Any], tokens, queries: Queries | None = None):
+def last_logits(P: Mapping[str, Any], tokens, queries: Queries | None = None,
+                act_fn: str = "relu"):
     """Logits at the last position: ``Transformer.forward(tokens)[:, -1]`` of one run (tokens
-    (b, n) -> (b, p)) or of R stacked runs (tokens (R, b, n) -> (R, b, p)). ``queries``: from
+    (b, n) -> (b, p)) or of R stacked runs (tokens (R, b, n) -> (R, b, p)) of a one-block
+    model without LayerNorm whose MLP activation is ``act_fn``. ``queries``: from
     :func:`queries_of` for rows scored again and again (default: found here)."""
     import torch
 
@@ -186,7 +199,8 @@ def last_logits(P: Mapping[str, Any], tokens, queries: Queries | None = None):
     resid = resid_mid(w, tables(w, tokens.shape[-1], q.tokens), tokens, q)
     m = read_out_maps(w)
     pre = torch.baddbmm(m.b_in[:, None], resid, m.W_in)
-    logits = read_out(pre, torch.baddbmm(m.b_direct[:, None], resid, m.W_U), m.W_logit)
+    logits = read_out(pre, torch.baddbmm(m.b_direct[:, None], resid, m.W_U), m.W_logit,
+                      act_fn=act_fn)
     return logits[0] if solo else logits
 
 

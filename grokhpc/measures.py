@@ -5,6 +5,11 @@
 
 Definitions
 -----------
+Throughout, p is the run's number of classes (``RunConfig.n_classes``: the prime for the tasks
+over Z_p, 120 for the S5 tasks). "The MLP" is the MLP of the last block: its neuron activations
+at the last position (``blocks.{n_layers-1}.mlp.hook_post``) and its neuron-to-logit map
+``W_logit = W_out @ W_U`` with that block's ``W_out`` (the only MLP for the seed's one block).
+
 * **Fourier basis** of Z_p (:func:`fourier_basis`): row 0 the constant, then for k = 1..(p-1)/2
   ``Sin k`` before ``Cos k`` (the seed's order), each row of unit norm; an orthonormal p x p
   matrix.
@@ -25,8 +30,14 @@ Definitions
   mapped through ``W_out @ W_U``; the mean logit (over the grid) re-centred to the model's;
   cross-entropy on the test pairs.
 * **Excluded loss** (the seed's ``get_excluded_loss``): those components removed from the neuron
-  activations instead, ``(post - approx) @ W_out + resid_mid`` through ``W_U``; cross-entropy
-  on the train pairs.
+  activations instead, ``(post - approx) @ W_out + resid_mid`` (the last block's) through
+  ``W_U``; cross-entropy on the train pairs.
+* With **LayerNorm** both go through ``ln_final`` as the model does: the restricted residual
+  stream is ``approx @ W_out`` shifted so its grid mean is the model's ``resid_post``'s (the
+  same re-centring, done before ``ln_final`` instead of on the logits), the excluded one is
+  ``(post - approx) @ W_out + resid_mid``; each is read through ``ln_final``, then ``W_U``
+  (plus ``b_U`` for the restricted loss, as the re-centred mean logit includes it). Without
+  LayerNorm this is exactly the linear formulation above.
 * **Cosine similarity** with ``cos(w_k (d - c))`` over the logit cube L[a, b, c], for every
   k = 1..(p-1)/2: ``<L, C_k> / (||L|| ||C_k||)``, and the residual fraction
   ``||L - sum_k <L, C_k/||C_k||> C_k/||C_k||| / ||L||``. No (p-1)/2 x p^3 tensor is built:
@@ -38,18 +49,20 @@ Definitions
   seed's ``loss_fn``); **weight_norm_sq**: the sum of squares of every parameter.
 
 The Fourier measures (Gini, key frequencies, restricted/excluded loss, cosine similarities) are
-defined for ``sub`` and ``add`` only. For ``mul`` and ``div`` runs the answer is not a
+defined for ``sub`` and ``add`` over Z_p only, whatever the model's shape. For every other task
+(``mul``, ``div``, ``quad1-3``, ``cube1-2``, ``mix1`` and the S5 tasks) the answer is not a
 frequency of a +- b, so those columns are null and ``key_freqs`` is null; the op-independent
 measures (losses, accuracies, weight_norm_sq) are still written.
 
 Fast path
 ---------
-The query of the only position the loss reads is always the ``=`` token, so each head's
-attention score of ``a`` depends on a alone and that of ``b`` on b alone. The last position's
-pattern, MLP input and logits on the whole grid therefore come from per-token tables
-(``grokhpc.lastpos``, the algebra the trainers use) in O(p^2 h d) plus
-``relu(pre) @ (W_out @ W_U)``, instead of a full forward. Tests hold it to the hooked forward
-(``Transformer.run_with_cache``) and to the seed's formulation.
+For one block without LayerNorm: the query of the only position the loss reads is always the
+``=`` token, so each head's attention score of ``a`` depends on a alone and that of ``b`` on b
+alone. The last position's pattern, MLP input and logits on the whole grid therefore come from
+per-token tables (``grokhpc.lastpos``, the algebra the trainers use) in O(p^2 h d) plus
+``act(pre) @ (W_out @ W_U)``, instead of a full forward. Other shapes (more blocks, LayerNorm)
+read the same quantities from the hooked forward (``Transformer.run_with_cache``) over every
+pair, in chunks. Tests hold the fast path to the hooked forward and to the seed's formulation.
 
 ``measures.parquet`` schema (one row per checkpoint, sorted by epoch)
 --------------------------------------------------------------------
@@ -63,11 +76,11 @@ all_loss           float64         over every pair of the grid (div: b != 0)
 all_acc            float64
 weight_norm_sq     float64         sum of squared weights
 gini_embed         float64 / null  Gini of the Fourier norms of W_E[:p]
-gini_logit         float64 / null  Gini of the Fourier norms of W_out @ W_U
+gini_logit         float64 / null  Gini of the Fourier norms of W_out @ W_U (last block)
 restricted_loss    float64 / null  on test pairs, key frequencies only
 excluded_loss      float64 / null  on train pairs, key frequencies removed
 cos_residual       float64 / null  residual fraction of the logit cube's norm
-cos_sim            list<float64>   (p-1)/2 values, element k-1 for frequency k; null for mul/div
+cos_sim            list<float64>   (p-1)/2 values, element k-1 for frequency k; null off sub/add
 =================  ==============  ==========================================================
 
 The table's schema metadata holds ``key_freqs`` (JSON list, or null) and ``op``.
@@ -177,6 +190,15 @@ def parse_key_freqs(text: str, p: int) -> list[int]:
     return sorted(out)
 
 
+def run_config(cfg):
+    """A RunConfig from a RunConfig or a run directory's config.json mapping."""
+    from .config import RunConfig, from_dict
+
+    if isinstance(cfg, RunConfig):
+        return cfg
+    return from_dict({k: v for k, v in cfg.items() if k != "run_id"}, source="config.json")
+
+
 def answer_sign(op: str) -> int:
     """d = a + sign * b: the direction of the answer on the grid (a - b for sub)."""
     return {"sub": -1, "add": 1}[op]
@@ -190,17 +212,16 @@ class Evaluator:
     def __init__(self, cfg, key_freqs: Sequence[int] | None, device=None):
         import torch
 
-        from .config import RunConfig, from_dict
         from .data import make_dataset
 
-        if not isinstance(cfg, RunConfig):
-            cfg = from_dict({k: v for k, v in cfg.items() if k != "run_id"},
-                            source="config.json")
-        self.cfg = cfg
-        p = self.p = cfg.p
+        cfg = self.cfg = run_config(cfg)
+        p = self.p = cfg.n_classes
         self.op = cfg.op
         self.fourier = self.op in FOURIER_OPS
+        self.last = f"blocks.{cfg.n_layers - 1}"        # the block whose MLP is measured
+        self.layer_norm = cfg.normalization == "LN"
         self.device = dev = torch.device(device or "cpu")
+        self.model = None if cfg.n_layers == 1 and not self.layer_norm else self._hooked_model()
         data = make_dataset(cfg)
         self.rows = (data.tokens[:, 0] * p + data.tokens[:, 1]).to(dev)   # grid row of each pair
         self.labels = data.labels.to(dev)
@@ -264,7 +285,53 @@ class Evaluator:
 
     def _grid(self, W: Mapping[str, Any], resid: bool = False):
         """(post, logits, W_logit, logit_const[, resid_mid]) at the last position for every
-        (a, b) of the grid, rows a-major; ``post`` and ``logits`` are reused buffers.
+        (a, b) of the grid, rows a-major: the last block's MLP activations, the logits,
+        ``W_out @ W_U`` and ``b_U + b_out @ W_U`` of the last block, and its ``resid_mid``.
+        The fast grid where the model's shape allows it, else the hooked forward."""
+        if self.model is not None:
+            return self._hooked_grid(W, resid)
+        return self._fast_grid(W, resid)
+
+    def _hooked_model(self):
+        from .data import all_pairs
+        from .model import Transformer, shape_of
+
+        model = Transformer(shape_of(self.cfg)).to(self.device)
+        model.requires_grad_(False)
+        self.grid_tokens = all_pairs(self.p, "sub")[0].to(self.device)   # every (a, b, =)
+        c = self.cfg
+        per_row = 3 * (c.n_layers * (4 * c.d_model + 2 * c.d_mlp) + c.n_classes)
+        self.chunk = max(64, (1 << 24) // per_row)         # rows per forward: ~64 MB of floats
+        return model
+
+    def _load(self, W: Mapping[str, Any]):
+        """The hooked model holding the weights ``W``."""
+        import torch
+
+        for name, value in W.items():
+            self.model.get_parameter(name).copy_(torch.as_tensor(np.asarray(value)))
+        return self.model
+
+    def _hooked_grid(self, W: Mapping[str, Any], resid: bool = False):
+        """:meth:`_grid` through ``run_with_cache`` on every pair, ``self.chunk`` rows at a
+        time."""
+        import torch
+
+        model = self._load(W)
+        hooks = (f"{self.last}.mlp.hook_post", f"{self.last}.hook_resid_mid")
+        parts = []
+        for tokens in self.grid_tokens.split(self.chunk):
+            logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
+            parts.append((cache[hooks[0]][:, -1], logits[:, -1], cache[hooks[1]][:, -1]))
+        post, logits, resid_mid = (torch.cat(t) for t in zip(*parts))
+        mlp, W_U = model.get_submodule(f"{self.last}.mlp"), model.unembed.W_U
+        const = model.unembed.b_U + mlp.b_out @ W_U
+        out = (post, logits, mlp.W_out @ W_U, const)
+        return out + (resid_mid,) if resid else out
+
+    def _fast_grid(self, W: Mapping[str, Any], resid: bool = False):
+        """The last position on the grid of a one-block model without LayerNorm; ``post`` and
+        ``logits`` are reused buffers.
 
         The algebra is ``grokhpc.lastpos``'s (:func:`~grokhpc.lastpos.grid_terms`,
         :func:`~grokhpc.lastpos.read_out`): the residual stream is never formed per pair; each
@@ -291,7 +358,8 @@ class Evaluator:
         logits = mapped(F.pad(maps.W_U[0], (0, pad)), "logits")
         logits += F.pad(maps.b_direct[0], (0, pad))
         W_logit = maps.W_logit[0]
-        lastpos.read_out(post[None], logits[None], F.pad(W_logit, (0, pad))[None], inplace=True)
+        lastpos.read_out(post[None], logits[None], F.pad(W_logit, (0, pad))[None], inplace=True,
+                         act_fn=self.cfg.act_fn)
         logits = logits[:, :n_out].contiguous()
         if resid:
             eye = torch.eye(w.W_E.shape[-1], device=self.device)
@@ -324,7 +392,7 @@ class Evaluator:
         from .lastpos import cross_entropy, row_hits, row_losses
 
         out: dict[str, Any] = {}
-        post, logits, W_logit, const = self._grid(W)
+        post, logits, W_logit, const, *resid_mid = self._grid(W, resid=self.layer_norm)
         by_pair = logits if self.identity_rows else logits[self.rows]   # dataset order
         row_loss = row_losses(by_pair, self.labels)             # once for all three splits
         row_hit = row_hits(by_pair, self.labels)
@@ -338,20 +406,47 @@ class Evaluator:
             out.update({k: None for k in FOURIER_COLUMNS})
             return out
         out["gini_embed"] = gini(embed_fourier_norms(W["embed.W_E"], self.p))
-        out["gini_logit"] = gini(logit_fourier_norms(W["blocks.0.mlp.W_out"], W["unembed.W_U"]))
+        out["gini_logit"] = gini(logit_fourier_norms(W[f"{self.last}.mlp.W_out"],
+                                                     W["unembed.W_U"]))
         sims, residual = self.cos_sims(logits)
         out["cos_sim"] = sims.cpu().tolist()
         out["cos_residual"] = float(residual)
         if self.key_freqs is None:
             out["restricted_loss"] = out["excluded_loss"] = None
-            return out
+        elif self.layer_norm:
+            out.update(self._key_freq_losses_ln(post, resid_mid[0]))
+        else:
+            out.update(self._key_freq_losses(post, logits, W_logit, const))
+        return out
+
+    def _key_freq_losses(self, post, logits, W_logit, const) -> dict[str, float]:
+        """Restricted and excluded loss of a model without LayerNorm, on the logits."""
+        from .lastpos import cross_entropy
+
         # approx_acts = U U^T post; approx_acts @ W_logit = U (U^T post W_logit) = U @ CW
         CW = (self.U.T @ post) @ W_logit                             # (2 n_key, p)
         shift = logits.mean(0) - self.U_mean @ CW                     # re-centre the mean logit
-        out["restricted_loss"] = float(cross_entropy(self.U_test @ CW + shift, self.test_labels))
         excluded = logits[self.train_rows] - self.U_train @ CW - const
-        out["excluded_loss"] = float(cross_entropy(excluded, self.train_labels))
-        return out
+        return {"restricted_loss": float(cross_entropy(self.U_test @ CW + shift,
+                                                       self.test_labels)),
+                "excluded_loss": float(cross_entropy(excluded, self.train_labels))}
+
+    def _key_freq_losses_ln(self, post, resid_mid) -> dict[str, float]:
+        """Restricted and excluded loss with LayerNorm: the residual streams of the module
+        docstring, read through the loaded model's own ``ln_final`` and ``W_U``."""
+        from .lastpos import cross_entropy
+
+        model = self.model
+        mlp = model.get_submodule(f"{self.last}.mlp")
+        CW = (self.U.T @ post) @ mlp.W_out                            # (2 n_key, d)
+        resid_post_mean = resid_mid.mean(0) + post.mean(0) @ mlp.W_out + mlp.b_out
+        restricted = self.U_test @ CW + (resid_post_mean - self.U_mean @ CW)
+        rows = self.train_rows
+        excluded = resid_mid[rows] + post[rows] @ mlp.W_out - self.U_train @ CW
+        return {"restricted_loss": float(cross_entropy(model.unembed(model.ln_final(restricted)),
+                                                       self.test_labels)),
+                "excluded_loss": float(cross_entropy(model.ln_final(excluded) @ model.unembed.W_U,
+                                                     self.train_labels))}
 
 
 # ---- a run ----------------------------------------------------------------------------------
@@ -374,11 +469,11 @@ def compute_measures(run: RunDir, key_freqs: Sequence[int] | None = None, device
                      progress: bool = False):
     """(table, key_freqs) for every checkpoint of a trained run; key frequencies from the last
     checkpoint unless given."""
-    cfg = run.read_config()
+    cfg = run_config(run.read_config())
     epochs, ckpts = run.checkpoints()
     if not epochs:
         raise RunDirError(f"{run.path}: no checkpoints to measure")
-    p, op = int(cfg["p"]), cfg["op"]
+    p, op = cfg.n_classes, cfg.op
     if op in FOURIER_OPS:
         if key_freqs is None:
             key_freqs = choose_key_freqs(run.unflatten(ckpts[-1])["embed.W_E"], p)
@@ -422,14 +517,15 @@ def running_median(curves, column: str, epochs: np.ndarray) -> np.ndarray:
     return np.interp(epochs, ep, smooth.to_numpy(float))
 
 
-def detect_phases(curves, p: int) -> dict[str, Any]:
+def detect_phases(curves, n_classes: int) -> dict[str, Any]:
     """Phase epochs from a curves table (pandas: epoch, train_loss, train_acc, test_loss,
     test_acc; NaN where not evaluated). Rules, over the epochs where the test set
     was scored:
 
     * memorisation_end: the epoch of the test-loss peak; ``memorised`` says whether the train
       accuracy was 100% there (False flags a peak before memorisation was complete);
-    * circuit_formation_end: the first epoch after the peak with test loss < ln p;
+    * circuit_formation_end: the first epoch after the peak with test loss < ln n_classes
+      (the loss of a uniform guess: ln p over Z_p, ln 120 over S5);
     * cleanup_end: from circuit_formation_end on, the first epoch where test loss <= 10 x train
       loss, or test accuracy 100%, with train loss and test accuracy read through
       :func:`running_median` (so neither a brief train-loss spike, which puts train loss
@@ -455,7 +551,7 @@ def detect_phases(curves, p: int) -> dict[str, Any]:
         "circuit_formation_end": None,
         "cleanup_end": None,
     }
-    after = np.nonzero((np.arange(len(ep)) > i_peak) & (test_loss < math.log(p)))[0]
+    after = np.nonzero((np.arange(len(ep)) > i_peak) & (test_loss < math.log(n_classes)))[0]
     if len(after):
         i_c = int(after[0])
         out["circuit_formation_end"] = int(ep[i_c])
@@ -479,9 +575,9 @@ def _last(curves, col):
 def build_summary(run: RunDir, table, key_freqs, curves=None) -> dict[str, Any]:
     cfg = run.read_config()
     curves = run.read_curves() if curves is None else curves
-    summary: dict[str, Any] = {"run_id": cfg.get("run_id"), "p": cfg["p"], "op": cfg["op"],
+    summary: dict[str, Any] = {"run_id": cfg.get("run_id"), "p": cfg.get("p"), "op": cfg["op"],
                                "key_freqs": key_freqs}
-    summary.update(detect_phases(curves, int(cfg["p"])))
+    summary.update(detect_phases(curves, run_config(cfg).n_classes))
     for col in ("train_loss", "train_acc", "test_loss", "test_acc"):
         summary[f"final_{col}"] = _last(curves, col)
     last = table.slice(table.num_rows - 1).to_pylist()[0]
@@ -537,12 +633,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = RunDir(args.run_dir)
     try:
-        cfg = run.read_config()
+        cfg = run_config(run.read_config())
         if not run.is_trained():
             raise RunDirError(f"{run.path}: training is not finished (progress.json)")
-        key = parse_key_freqs(args.key_freqs, int(cfg["p"])) if args.key_freqs else None
-        if key is not None and cfg["op"] not in FOURIER_OPS:
-            raise ValueError(f"--key-freqs: op {cfg['op']!r} has no Fourier measures")
+        if args.key_freqs and cfg.op not in FOURIER_OPS:
+            raise ValueError(f"--key-freqs: op {cfg.op!r} has no Fourier measures")
+        key = parse_key_freqs(args.key_freqs, cfg.n_classes) if args.key_freqs else None
         summary = finalize_run(run, device=args.device, key_freqs=key)
     except (RunDirError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,17 +1,25 @@
-"""The one-layer transformer of the seed, as a TransformerLens ``HookedRootModule``.
+"""The seed's transformer, as a TransformerLens ``HookedRootModule``.
 
 Parameter and hook names are TransformerLens's (``embed.W_E``, ``blocks.0.attn.W_Q``,
-``blocks.0.attn.hook_pattern``, ``blocks.0.mlp.hook_post``, ...), so ``run_with_cache`` gives an
-``ActivationCache`` where ``cache["pattern", 0]`` works, and a state_dict has the keys and shapes
-of the seed's ``HookedTransformer``. There is no LayerNorm, the MLP is ReLU, and the biases exist
-but are frozen at zero.
+``blocks.0.attn.hook_pattern``, ``blocks.0.mlp.hook_post``, ``blocks.0.ln1.hook_scale``, ...),
+so ``run_with_cache`` gives an ``ActivationCache`` where ``cache["pattern", 0]`` works, and a
+state_dict has the keys and shapes of a ``HookedTransformer`` of the same shape (TransformerLens
+2.x; 4.x dropped that class).
+
+The seed's model is one block, no LayerNorm, a ReLU MLP, biases present but frozen at zero. A
+run may ask for ``n_layers`` blocks, ``act_fn`` gelu (torch's exact GELU, TransformerLens's
+``act_fn="gelu"``; not GPT-2's tanh ``gelu_new``) and ``normalization`` LN: TransformerLens's
+``LayerNorm`` (``ln1`` before attention, ``ln2`` before the MLP, ``ln_final`` before the
+unembedding; weight ``w`` initialised to 1, bias ``b`` to 0, both trained).
 
 Two forward paths share the weights:
 
 * ``forward(tokens)`` -- the readable, hooked, all-positions forward (analysis, tests);
-* ``last_logits(tokens)`` -- the training path: the last position only, from
-  per-(position, token, head) tables (``grokhpc.lastpos``, shared with packed training and the
-  progress measures). Tests hold it to ``forward`` (logits and gradients).
+* ``last_logits(tokens)`` -- the training path: the last position only. Where the algebra of
+  ``grokhpc.lastpos`` holds (one block, no LayerNorm, any elementwise activation) it is
+  computed from per-(position, token, head) tables, shared with packed training and the
+  progress measures; elsewhere it is ``forward(tokens)[:, -1]``. Tests hold it to ``forward``
+  (logits and gradients) for every shape.
 """
 
 from __future__ import annotations
@@ -42,8 +50,9 @@ class ModelShape:
     d_vocab_out: int
     n_ctx: int
     act_fn: str = "relu"
-    normalization_type: None = None
+    normalization_type: str | None = None     # None or "LN", TransformerLens's values
     device: str = "cpu"
+    eps: float = 1e-5                         # TransformerLens's LayerNorm epsilon
 
     @property
     def initializer_range(self) -> float:
@@ -106,9 +115,32 @@ class Attention(nn.Module):
         return torch.einsum("bqhe,hed->bqd", z, self.W_O) + self.b_O
 
 
+class LayerNorm(nn.Module):
+    """TransformerLens's LayerNorm: centre, divide by sqrt(var + eps), then ``* w + b``."""
+
+    def __init__(self, s: ModelShape):
+        super().__init__()
+        self.eps = s.eps
+        self.w = nn.Parameter(torch.ones(s.d_model))
+        self.b = nn.Parameter(torch.zeros(s.d_model))
+        self.hook_scale = HookPoint()
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x):
+        x = x - x.mean(-1, keepdim=True)
+        scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        return self.hook_normalized(x / scale * self.w + self.b)
+
+
+def layer_norm(s: ModelShape) -> nn.Module:
+    """A LayerNorm, or the identity where the model has none."""
+    return LayerNorm(s) if s.normalization_type == "LN" else nn.Identity()
+
+
 class MLP(nn.Module):
     def __init__(self, s: ModelShape):
         super().__init__()
+        self.act = lastpos.activation(s.act_fn)
         self.W_in = nn.Parameter(torch.empty(s.d_model, s.d_mlp))
         self.b_in = nn.Parameter(torch.zeros(s.d_mlp))
         self.W_out = nn.Parameter(torch.empty(s.d_mlp, s.d_model))
@@ -118,13 +150,14 @@ class MLP(nn.Module):
 
     def forward(self, x):
         pre = self.hook_pre(x @ self.W_in + self.b_in)
-        post = self.hook_post(F.relu(pre))
+        post = self.hook_post(self.act(pre))
         return post @ self.W_out + self.b_out
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, s: ModelShape):
         super().__init__()
+        self.ln1, self.ln2 = layer_norm(s), layer_norm(s)   # registered first, as in TL
         self.attn = Attention(s)
         self.mlp = MLP(s)
         self.hook_resid_pre = HookPoint()
@@ -135,8 +168,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, resid):
         resid = self.hook_resid_pre(resid)
-        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(resid)))
-        return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(resid)))
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn(self.ln1(resid))))
+        return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
 
 
 class Unembed(nn.Module):
@@ -150,7 +183,7 @@ class Unembed(nn.Module):
 
 
 class Transformer(HookedRootModule):
-    """One attention layer + one MLP, hooked like TransformerLens's HookedTransformer."""
+    """``n_layers`` blocks of attention + MLP, hooked like TransformerLens's HookedTransformer."""
 
     def __init__(self, shape: ModelShape):
         super().__init__()
@@ -159,7 +192,8 @@ class Transformer(HookedRootModule):
         self.hook_embed = HookPoint()
         self.pos_embed = PosEmbed(shape)
         self.hook_pos_embed = HookPoint()
-        self.blocks = nn.ModuleList([TransformerBlock(shape)])
+        self.blocks = nn.ModuleList([TransformerBlock(shape) for _ in range(shape.n_layers)])
+        self.ln_final = layer_norm(shape)
         self.unembed = Unembed(shape)
         self.setup()
 
@@ -169,7 +203,7 @@ class Transformer(HookedRootModule):
         resid = self.hook_embed(self.embed(tokens)) + self.hook_pos_embed(self.pos_embed(tokens))
         for block in self.blocks:
             resid = block(resid)
-        return self.unembed(resid)
+        return self.unembed(self.ln_final(resid))
 
     def run_with_cache(self, *args, **kwargs):
         """As HookedRootModule's, but the cache is an ``ActivationCache``."""
@@ -177,34 +211,52 @@ class Transformer(HookedRootModule):
         return out, ActivationCache(cache, self)
 
     # ---- the training path ----------------------------------------------------------------
+    @property
+    def fast_path(self) -> bool:
+        """Whether ``last_logits`` uses ``grokhpc.lastpos``: one block and no LayerNorm (the
+        softmax is the only non-linearity before the MLP's elementwise activation)."""
+        return self.cfg.n_layers == 1 and self.cfg.normalization_type is None
+
     def last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits at the last position only, (batch, d_vocab_out); no hooks. Equal to
-        ``forward(tokens)[:, -1]``, computed from per-(position, token, head) tables
-        (``grokhpc.lastpos``)."""
-        return lastpos.last_logits(dict(self.named_parameters()), tokens)
+        """Logits at the last position only, (batch, d_vocab_out); equal to
+        ``forward(tokens)[:, -1]``. On the fast path (see :attr:`fast_path`) computed from
+        per-(position, token, head) tables without hooks; otherwise the hooked forward."""
+        if self.fast_path:
+            return lastpos.last_logits(dict(self.named_parameters()), tokens,
+                                       act_fn=self.cfg.act_fn)
+        return self.forward(tokens)[:, -1]
 
 
 def shape_of(cfg: RunConfig) -> ModelShape:
-    return ModelShape(n_layers=1, n_heads=cfg.n_heads, d_model=cfg.d_model, d_head=cfg.d_head,
-                      d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab, d_vocab_out=cfg.n_classes,
-                      n_ctx=cfg.n_ctx)
+    return ModelShape(n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_model=cfg.d_model,
+                      d_head=cfg.d_head, d_mlp=cfg.d_mlp, d_vocab=cfg.d_vocab,
+                      d_vocab_out=cfg.n_classes, n_ctx=cfg.n_ctx, act_fn=cfg.act_fn,
+                      normalization_type=None if cfg.normalization == "none" else "LN")
 
 
 def init_weights(model: Transformer, seed: int) -> None:
     """TransformerLens "gpt2" init under ``seed``: every ``W_*`` ~ N(0, 0.8/sqrt(d_model)) in
-    parameter order, biases zero. Reproduces the seed's initial losses."""
+    parameter order, biases zero, LayerNorm weights one. Reproduces the seed's initial
+    losses."""
     gen = torch.Generator().manual_seed(seed)
     std = model.cfg.initializer_range
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "W_" in name:
                 param.copy_(torch.normal(0.0, std, size=param.shape, generator=gen))
+            elif is_layer_norm(name) and name.endswith(".w"):
+                param.fill_(1.0)
             else:
                 param.zero_()
 
 
+def is_layer_norm(name: str) -> bool:
+    return name.startswith("ln_final.") or ".ln1." in name or ".ln2." in name
+
+
 def freeze_biases(model: Transformer) -> None:
-    """The seed trains with every bias frozen at zero."""
+    """The seed trains with every bias of attention, MLP and unembedding frozen at zero
+    (LayerNorm weights and biases are trained)."""
     for name, param in model.named_parameters():
         if ".b_" in name or name.startswith("b_"):
             param.requires_grad_(False)
@@ -214,7 +266,7 @@ def build_model(cfg: RunConfig, device: str | torch.device = "cpu") -> Transform
     """A freshly initialised model for ``cfg`` (on CPU, then moved: init is device-independent)."""
     model = Transformer(shape_of(cfg))
     init_weights(model, cfg.model_seed)
-    if cfg.init_scale != 1.0:   # Omnigrok's alpha: every weight scaled at initialisation
+    if cfg.init_scale != 1.0:   # Omnigrok's alpha: every parameter (LayerNorm's too) scaled
         with torch.no_grad():
             for p in model.parameters():
                 p.mul_(cfg.init_scale)

@@ -203,3 +203,32 @@ def test_phase_labels_of_subplots_sit_in_the_top_one():
     assert len(fig.layout.shapes) == 8                   # four lines in each subplot
     # drawn with a width of their own: the paper template's shape default is width 0
     assert all(s.line.width >= 1 for s in fig.layout.shapes)
+
+
+@pytest.mark.parametrize("fields,left_out", [
+    ({"p": 7, "n_layers": 2, "normalization": "LN", "act_fn": "gelu"}, set()),
+    ({"op": "s5", "train_frac": 0.2},
+     {"cos_sim_over_training", "restricted_excluded_loss", "restricted_test_ratio",
+      "gini_weight_norm", "fourier_basis", "fourier_embedding", "fourier_embedding_norms",
+      "neuron_freq_fraction", "wlogit_fourier_norms"}),
+])
+def test_analyze_writes_the_figures_each_shape_and_task_defines(tmp_path, fields, left_out):
+    """A 2-block LayerNorm GELU run gets every figure (its neurons and W_logit are the last
+    block's); an S5 run, not over Z_p, gets no Fourier figure, and one log line says so."""
+    from grokhpc.analyze import analyze
+    from grokhpc.config import from_dict
+
+    base = {k: v for k, v in TINY.items() if k != "p"}
+    cfg = from_dict({**base, "n_epochs": 20, "checkpoint_every": 10, **fields})
+    run = run_training(cfg, tmp_path / "run", progress_bar=False, log=lambda *_: None)
+    lines = []
+    written = analyze(run.path, tmp_path / "figs", formats=("html",), log=lines.append)
+    assert sorted(written) == sorted(set(EXPECTED) - left_out)
+    assert all((tmp_path / "figs" / f"{n}.html").exists() for n in written)
+    skipped = [line for line in lines if "left out" in line]
+    assert len(skipped) == (1 if left_out else 0)
+    if cfg.n_layers == 2:
+        from grokhpc.analyze import build_figures
+        figs = build_figures(run)
+        assert "block 1" in figs["neuron_freq_fraction"].layout.title.text
+        assert len(figs["attention_mean_per_head"].data[0].y) == 2 * cfg.n_heads

@@ -524,3 +524,113 @@ def test_cli_recomputes_with_given_key_freqs(tiny_run):
                          env=ONE_THREAD, timeout=60)
     assert bad.returncode == 2 and "1..6" in bad.stderr
     assert json.loads(tiny_run.file("summary.json").read_text())["key_freqs"] == [2, 6]
+
+
+# ---- other model shapes and tasks -------------------------------------------------------------
+def shaped_model(p: int, n_layers: int, act_fn: str, normalization: str, seed: int = 7):
+    """A random model of the given shape; attention/MLP/unembed biases zero (as trained),
+    LayerNorm weights and biases random."""
+    cfg = RunConfig(p=p, model_seed=seed, n_layers=n_layers, act_fn=act_fn,
+                    normalization=normalization, **SMALL)
+    model = build_model(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, par in model.named_parameters():
+            r = torch.randn(par.shape, generator=gen)
+            if n.endswith(".w"):
+                par.copy_(1 + 0.3 * r)
+            elif n.endswith(".b"):
+                par.copy_(0.3 * r)
+            elif "W_" in n:
+                par.mul_(3.0)      # larger than at init: activations and LN scales away from 1
+    return cfg, model
+
+
+SHAPES = [(2, "relu", "none"), (2, "gelu", "LN"), (1, "relu", "LN"), (1, "gelu", "none")]
+
+
+@pytest.mark.parametrize("n_layers,act_fn,normalization", SHAPES)
+def test_measures_of_other_shapes_match_the_hooked_forward_with_patched_activations(
+        n_layers, act_fn, normalization):
+    """The grid quantities are the last block's, and the restricted / excluded losses are the
+    hooked forward's logits with the last block's neuron activations (and, for the restricted
+    loss, its resid_mid) replaced at the last position -- so with LayerNorm they go through
+    ln_final as the model does."""
+    p, key = 11, [1, 3]
+    cfg, model = shaped_model(p, n_layers, act_fn, normalization)
+    W = weights_of(model)
+    ev = measures.Evaluator(cfg, key)
+    assert (ev.model is None) == (n_layers == 1 and normalization == "none")
+    tokens, labels = all_pairs(p, "sub")
+    last = f"blocks.{n_layers - 1}"
+    with torch.no_grad():
+        full, cache = model.run_with_cache(tokens)
+    post, logits, _, _, resid_mid = ev.grid(W, resid=True)
+    for got, want in ((logits, full[:, -1]), (post, cache[f"{last}.mlp.hook_post"][:, -1]),
+                      (resid_mid, cache[f"{last}.hook_resid_mid"][:, -1])):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+    post = post.double()
+    d = (tokens[:, 0] - tokens[:, 1]).double() % p
+    U = torch.stack([f(2 * math.pi * k * d / p) for k in key for f in (torch.cos, torch.sin)], 1)
+    U = U / U.norm(dim=0)
+    approx = (U @ (U.T @ post)).float()
+
+    def patched(**last_position):
+        def hook(name):
+            return lambda act, hook: torch.cat([act[:, :-1], last_position[name][:, None]], 1)
+        hooks = [(f"{last}.{name.replace('__', '.')}", hook(name)) for name in last_position]
+        with torch.no_grad():
+            return model.run_with_hooks(tokens, fwd_hooks=hooks)[:, -1]
+
+    W_out = model.get_submodule(f"{last}.mlp").W_out
+    resid_post = cache[f"{last}.hook_resid_post"][:, -1]
+    centre = (resid_post.mean(0) - approx.mean(0) @ W_out).expand(len(tokens), -1)
+    restricted = patched(mlp__hook_post=approx, hook_resid_mid=centre)
+    excluded = patched(mlp__hook_post=post.float() - approx)
+    data = make_dataset(cfg)
+    te, tr = data.test_idx, data.train_idx
+    got = ev.measure(W)
+    assert got["restricted_loss"] == pytest.approx(
+        slow_ce(restricted[te].double().tolist(), labels[te]), rel=1e-5)
+    assert got["excluded_loss"] == pytest.approx(
+        slow_ce(excluded[tr].double().tolist(), labels[tr]), rel=1e-5)
+    W_logit = W[f"{last}.mlp.W_out"].astype(float) @ W["unembed.W_U"].astype(float)
+    F = measures.fourier_basis(p)
+    assert got["gini_logit"] == pytest.approx(
+        measures.gini(np.linalg.norm(W_logit @ F.T, axis=0)), rel=1e-6)
+
+
+def test_phase_rule_reads_ln_of_the_number_of_classes():
+    """A test loss between ln 113 and ln 120 ends circuit formation for S5, not for p = 113."""
+    c = pd.DataFrame({"epoch": [0, 10, 20], "train_loss": [4.0, 1e-3, 1e-4],
+                      "train_acc": [0.0, 1.0, 1.0], "test_loss": [4.8, 6.0, 4.75],
+                      "test_acc": [0.0, 0.0, 0.1]})
+    assert measures.detect_phases(c, 120)["circuit_formation_end"] == 20
+    assert measures.detect_phases(c, 113)["circuit_formation_end"] is None
+
+
+@pytest.mark.parametrize("task", [{"op": "s5", "train_frac": 0.2}, {"op": "quad1", "p": 7},
+                                  {"op": "sub", "p": 7, "n_layers": 2, "normalization": "LN"}])
+def test_runs_of_new_tasks_and_shapes_finalize(tmp_path, task):
+    """A run finalizes: measures.parquet and summary.json, the measures' losses at epoch 0 the
+    trainer's, Fourier columns null where undefined (S5: no p either)."""
+    from grokhpc.config import from_dict
+    from grokhpc.train import run_training
+
+    cfg = from_dict({"d_model": 16, "d_head": 8, "n_heads": 2, "d_mlp": 24, "n_epochs": 4,
+                     "checkpoint_every": 2, "eval_every": 2, "device": "cpu", **task})
+    run_training(cfg, tmp_path / "run", progress_bar=False, log=lambda *_: None)
+    run = RunDir(tmp_path / "run")
+    df = pd.read_parquet(run.file("measures.parquet"))
+    summary = json.loads(run.file("summary.json").read_text())
+    assert df["epoch"].tolist() == [0, 2, 4]
+    curves = run.read_curves().set_index("epoch")
+    assert df["train_loss"].iloc[0] == pytest.approx(curves.loc[0, "train_loss"], rel=1e-5)
+    assert df["test_loss"].iloc[-1] == pytest.approx(curves.loc[4, "test_loss"], rel=1e-5)
+    fourier = cfg.op == "sub"
+    for col in measures.FOURIER_COLUMNS:
+        assert df[col].notna().all() if fourier else df[col].isna().all(), col
+    assert (summary["key_freqs"] is not None) == fourier
+    assert summary["p"] == (None if cfg.op == "s5" else 7)
+    assert summary["final_epoch"] == 4 and summary["final_all_loss"] > 0
