@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 
 import submitit
 
+from . import tracking
 from .config import ConfigError, from_dict, to_dict
 from .store import RunDir, RunDirError, atomic_write_json, read_json
 from .sweep import (ClusterProfile, LauncherSettings, Sweep, SweepRun, load_profile, load_sweep,
@@ -137,15 +138,19 @@ class SweepJob(submitit.helpers.Checkpointable):
     ``checkpoint()`` and requeues the same job, which resumes every run from its run directory
     (``run_training`` picks up ``state.pt``)."""
 
-    def __init__(self, runs: Sequence[tuple[dict, str]], threads: int | None = None):
+    def __init__(self, runs: Sequence[tuple[dict, str]], threads: int | None = None,
+                 wandb: dict | None = None):
         self.runs = [(dict(c), str(d)) for c, d in runs]
         self.threads = threads
+        self.wandb = wandb   # launcher.wandb (grokhpc.tracking), None when off
 
     def __call__(self) -> list[dict]:
         env = submitit.JobEnvironment() if os.environ.get("SUBMITIT_EXECUTOR") else None
         if env is not None:
             print(f"job {env.job_id} on {env.hostname}: {len(self.runs)} run(s)", flush=True)
-        return train_runs(self.runs, log=lambda m: print(m, flush=True), threads=self.threads)
+        with tracking.enabled(getattr(self, "wandb", None)):
+            return train_runs(self.runs, log=lambda m: print(m, flush=True),
+                              threads=self.threads)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         print("checkpoint: requeueing; runs resume from their last checkpoint", flush=True)
@@ -356,6 +361,9 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
     kind = resolve_executor(executor or launcher.executor, dry_run, cluster)
     if kind not in ("slurm", "local", "debug"):
         raise ConfigError(f"--executor: expected auto, slurm, local or debug, got {kind!r}")
+    wandb = launcher.wandb and launcher.wandb.with_group(sweep.name)
+    if wandb:
+        tracking.check_installed(f"{spec}: launcher.wandb")
     if kind == "slurm" and not dry_run and not shutil.which("sbatch"):
         raise ConfigError("--executor: slurm: expected sbatch on PATH (no SLURM here); "
                           "use --executor local")
@@ -399,6 +407,8 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
             print(f"partition {part.name}: limit {part.max_time} min"
                   + (", preemptable (jobs requeue and resume)" if part.preemptable else ""),
                   file=out)
+        if wandb:
+            print(f"W&B: project {wandb.project}, group {wandb.group}, {wandb.mode}", file=out)
         print("submitit parameters:", file=out)
         for k in sorted(params):
             print(f"  {k} = {params[k]!r}", file=out)
@@ -432,7 +442,12 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
     ex = submitit.AutoExecutor(folder=folder, cluster=kind, **kwargs)
     ex.update_parameters(**params)
     threads = None if kind == "slurm" else local_threads(launcher)
-    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads) for g in groups]
+    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads,
+                    wandb and wandb.to_dict()) for g in groups]
+    if wandb and wandb.mode == "offline":
+        tracking.announce("W&B runs are written offline; after the jobs, upload them with: "
+                          + tracking.sync_command(sweep.out / "runs" / "*" / "wandb" /
+                                                  "offline-run-*"), file=out)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": kind,
               "cluster": profile.name if profile else None, "parameters": _jsonable(params),
               "jobs": []}

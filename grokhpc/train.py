@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import config as config_mod
+from . import tracking
 from .config import ConfigError, RunConfig
 from .store import (CHECKPOINTS, CURVE_COLUMNS, RESULT_FIELDS, STATE, SUMMARY, RunDir,
                     RunDirError, RunLockedError, append_checkpoint_row, atomic_write_bytes,
@@ -203,6 +204,7 @@ class Trainer:
         self.committed_epoch: int | None = None
         self.attempts: list[dict[str, Any]] = []   # provenance of each process that trained it
         self.resume_note: str | None = None
+        self.tracker = None   # the run's W&B run when tracking is on (grokhpc.tracking)
         self._release = lambda: None
 
     # ---- one epoch ------------------------------------------------------------------------
@@ -265,6 +267,7 @@ class Trainer:
             self.write_views()
         except OSError as e:
             raise self.commit_failure(e) from None
+        tracking.log_commit(self)
 
     @property
     def n_cols(self) -> int:
@@ -396,6 +399,7 @@ class Trainer:
             trainer = cls(cfg, run, device if device is not None else resolve_device(cfg.device))
             resumed = trainer.restore()
             trainer.begin_attempt()
+            trainer.tracker = tracking.start(trainer)
             if resumed:
                 trainer.write_views()
             else:
@@ -409,6 +413,7 @@ class Trainer:
 
     def close(self) -> None:
         """Let the run's lock go (also done when the trainer is garbage-collected)."""
+        tracking.stop(self)
         self._release()
 
     # ---- the loop -------------------------------------------------------------------------
@@ -455,6 +460,7 @@ def finish(trainer: Trainer) -> dict[str, Any] | None:
     if isinstance(summary, dict):
         summary.update(provenance_columns(trainer.progress()))
         atomic_write_json(trainer.run.file(SUMMARY), summary)
+    tracking.log_finish(trainer, summary)
     trainer.write_views(done=True)
     return summary
 
@@ -517,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a run field, e.g. --set weight_decay=0.3 (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--wandb", metavar="PROJECT", default=None,
+                    help="log curves, measures and summary to this Weights & Biases project "
+                         "(needs pip install -e '.[wandb]')")
+    ap.add_argument("--wandb-mode", choices=tracking.MODES, default="offline",
+                    help="offline (default: written under OUT/wandb for `wandb sync`) or online")
+    ap.add_argument("--wandb-entity", metavar="ENTITY", default=None, help="W&B entity (team)")
     return ap
 
 
@@ -524,7 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args.overrides)
-        run_training(cfg, args.out, progress_bar=not args.no_progress)
+        wandb = args.wandb and tracking.from_command_line(args.wandb, args.wandb_mode,
+                                                          args.wandb_entity)
+        with tracking.enabled(wandb or None):
+            run_training(cfg, args.out, progress_bar=not args.no_progress)
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
