@@ -15,6 +15,8 @@
   that is preempted or times out is requeued and resumes from its last checkpoint (submitit's
   checkpointing; ``scontrol requeue`` works the same way). The command prints the job ids and
   returns. Locally it waits, with a progress bar over runs, and reports the runs that grokked.
+* ``launcher.wandb``: each job trains its runs with W&B tracking on (grokhpc.tracking), grouped
+  under the sweep's name; offline, the launch prints the ``wandb sync`` command for them.
 
 torch is imported only inside jobs (and for ``runs_per_job: auto``).
 """
@@ -447,7 +449,7 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
     if wandb and wandb.mode == "offline":
         tracking.announce("W&B runs are written offline; after the jobs, upload them with: "
                           + tracking.sync_command(sweep.out / "runs" / "*" / "wandb" /
-                                                  "offline-run-*"), file=out)
+                                                  "offline-run-*"), file=out, always=True)
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "executor": kind,
               "cluster": profile.name if profile else None, "parameters": _jsonable(params),
               "jobs": []}

@@ -156,9 +156,10 @@ def sync_command(pattern: str | Path) -> str:
     return f"wandb sync {pattern}"
 
 
-def announce(line: str, file=None) -> None:
-    """Print how to upload offline W&B runs, once per process (a job trains many runs)."""
-    if not _announced:
+def announce(line: str, file=None, always: bool = False) -> None:
+    """Print how to upload offline W&B runs, once per process (a job trains many runs); a
+    launch says it ``always``, and its jobs run in this process then say nothing more."""
+    if always or not _announced:
         _announced.append(line)
         print(line, file=file if file is not None else sys.stdout, flush=True)
 
