@@ -179,7 +179,7 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
     dotted = {k[6:]: v for k, v in d.items() if isinstance(k, str) and k.startswith("wandb.")}
     for key, v in d.items():
         k = f"launcher.{key}"
-        if key in [f"wandb.{x}" for x in dotted]:   # --set launcher.wandb.mode=online
+        if isinstance(key, str) and key.startswith("wandb."):   # --set launcher.wandb.mode=...
             continue
         if key not in LAUNCHER_KEYS:
             raise ConfigError(f"{source}: {k}: unknown key (expected one of "
