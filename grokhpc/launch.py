@@ -23,6 +23,8 @@
   (tables and figures, ``python -m grokhpc.aggregate OUT``); a relaunch replaces it if it is
   still queued. The command prints the job ids and returns. Locally it waits, with a progress
   bar over runs, reports the runs that grokked and aggregates the sweep.
+* ``launcher.wandb``: each job trains its runs with W&B tracking on (grokhpc.tracking), grouped
+  under the sweep's name; offline, the launch prints the ``wandb sync`` command for them.
 
 torch is imported only inside jobs (and for ``runs_per_job: auto`` on a GPU of unknown type,
 sized on the device here).
@@ -44,6 +46,7 @@ from typing import Any, Callable, Sequence
 import submitit
 
 from . import scheduler as sched
+from . import tracking
 from .config import ConfigError, from_dict, to_dict
 from .scheduler import (DEFAULT_MAX_ARRAY, JOBS_DIR, MANIFEST, chunks, max_array_size,
                         sbatch_preview)
@@ -228,10 +231,11 @@ class SweepJob(submitit.helpers.Checkpointable):
     (``run_training`` picks up ``state.pt``)."""
 
     def __init__(self, runs: Sequence[tuple[dict, str]], threads: int | None = None,
-                 gpus: int = 0):
+                 gpus: int = 0, wandb: dict | None = None):
         self.runs = [(dict(c), str(d)) for c, d in runs]
         self.threads = threads
         self.gpus = gpus
+        self.wandb = wandb   # launcher.wandb (grokhpc.tracking), None when off
 
     def __call__(self) -> list[dict]:
         env = submitit.JobEnvironment() if os.environ.get("SUBMITIT_EXECUTOR") else None
@@ -239,11 +243,12 @@ class SweepJob(submitit.helpers.Checkpointable):
             print(f"job {env.job_id} on {env.hostname}: {len(self.runs)} run(s)", flush=True)
         log = lambda m: print(m, flush=True)  # noqa: E731
         devices = job_devices(self.gpus) if self.gpus > 1 else []
-        if len(devices) > 1 and len(self.runs) > 1:
-            if len(devices) < self.gpus:
-                log(f"{len(devices)} of the job's {self.gpus} GPUs are visible; using those")
-            return train_on_devices(self.runs, devices, log=log, threads=self.threads)
-        return train_runs(self.runs, log=log, threads=self.threads)
+        with tracking.enabled(getattr(self, "wandb", None)):
+            if len(devices) > 1 and len(self.runs) > 1:
+                if len(devices) < self.gpus:
+                    log(f"{len(devices)} of the job's {self.gpus} GPUs are visible; using those")
+                return train_on_devices(self.runs, devices, log=log, threads=self.threads)
+            return train_runs(self.runs, log=log, threads=self.threads)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         print("checkpoint: requeueing; runs resume from their last checkpoint", flush=True)
@@ -407,7 +412,15 @@ def settle(spec: str, executor: str | None, cluster: str | None, overrides: Sequ
     if kind == "slurm" and not dry_run and not shutil.which("sbatch"):
         raise ConfigError("--executor: slurm: expected sbatch on PATH (no SLURM here); "
                           "use --executor local")
+    if launcher.wandb:
+        tracking.check_installed(f"{spec}: launcher.wandb")
     return sweep, launcher, profile, kind
+
+
+def wandb_settings(plan: dict):
+    """The sweep's W&B settings (its runs grouped under the sweep's name), or None."""
+    wandb = plan["launcher"].wandb
+    return wandb and wandb.with_group(plan["sweep"].name)
 
 
 def held_run_id(run: RunDir) -> str | None:
@@ -535,6 +548,9 @@ def print_dry_run(plan: dict, out) -> None:
         print(f"partition {part.name}: {partition_limits(part)}"
               + (", preemptable (jobs requeue and resume)" if part.preemptable else ""),
               file=out)
+    wandb = wandb_settings(plan)
+    if wandb:
+        print(f"W&B: project {wandb.project}, group {wandb.group}, {wandb.mode}", file=out)
     print("submitit parameters:", file=out)
     for k in sorted(params):
         print(f"  {k} = {params[k]!r}", file=out)
@@ -596,8 +612,13 @@ def submit(plan: dict, out) -> None:
     ex = submitit.AutoExecutor(folder=sweep.out / JOBS_DIR / "%j", cluster=kind, **kwargs)
     ex.update_parameters(**plan["parameters"])
     threads = None if kind == "slurm" else local_threads(launcher)
-    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads, launcher.gpus or 0)
-           for g in groups]
+    wandb = wandb_settings(plan)
+    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads, launcher.gpus or 0,
+                    wandb and wandb.to_dict()) for g in groups]
+    if wandb and wandb.mode == "offline":
+        tracking.announce("W&B runs are written offline; after the jobs, upload them with: "
+                          + tracking.sync_command(sweep.out / "runs" / "*" / "wandb" /
+                                                  "offline-run-*"), file=out, always=True)
     record.open()
     if kind == "slurm":
         submit_arrays(ex, fns, plan, record, out)

@@ -27,6 +27,7 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       runs_per_job: 1           # or "auto": sized for the shortest sweep (grokhpc.plan)
       max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
       extra: {account: my_lab}  # any other sbatch option
+      wandb: {project: grokking}  # Weights & Biases (offline unless mode: online); off if unset
 
 Every error is one line naming the file, the key and what was expected. Each run gets the
 resolved RunConfig, its ``run_id`` and the directory ``OUT/runs/<run_id>``.
@@ -45,12 +46,14 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, to_dict
+from .tracking import WandbSettings, parse_wandb
 
 SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher", "figures")
 FIGURE_KEYS = ("phase",)
 EXECUTORS = ("auto", "slurm", "local", "debug")
 LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
-                 "partition", "array_parallelism", "runs_per_job", "max_timeouts", "extra")
+                 "partition", "array_parallelism", "runs_per_job", "max_timeouts", "extra",
+                 "wandb")
 PROFILE_KEYS = ("name", "description", "gpu_request", "cpu_partition", "gpu_partition",
                 "submissions_per_hour", "defaults", "partitions", "notes")
 PROFILE_DEFAULT_KEYS = ("time", "cpus_per_task", "mem_gb", "gpus", "gpu_type",
@@ -115,10 +118,12 @@ class LauncherSettings:
     runs_per_job: int | str = 1        # an int >= 1 (per job, all its GPUs) or "auto"
     max_timeouts: int = 3
     extra: tuple[tuple[str, Any], ...] = ()
+    wandb: WandbSettings | None = None  # experiment tracking, off when None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in LAUNCHER_KEYS}
         d["extra"] = dict(self.extra)
+        d["wandb"] = self.wandb.to_dict() if self.wandb else None
         return d
 
     def replace(self, **changes: Any) -> "LauncherSettings":
@@ -176,8 +181,11 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
     _expect(isinstance(d, Mapping), source, "launcher", "a mapping of launcher settings",
             type(d).__name__)
     values: dict[str, Any] = {}
+    dotted = {k[6:]: v for k, v in d.items() if isinstance(k, str) and k.startswith("wandb.")}
     for key, v in d.items():
         k = f"launcher.{key}"
+        if isinstance(key, str) and key.startswith("wandb."):   # --set launcher.wandb.mode=...
+            continue
         if key not in LAUNCHER_KEYS:
             raise ConfigError(f"{source}: {k}: unknown key (expected one of "
                               f"{', '.join(LAUNCHER_KEYS)})")
@@ -211,7 +219,12 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
                                                      "open_mode"),
                         source, f"{k}.{ek}", "an option grokhpc does not set itself", ek)
             v = tuple(sorted(v.items()))
+        elif key == "wandb":
+            v = parse_wandb(v, source, k)
         values[key] = v
+    if dotted:
+        start = values.get("wandb", (base or LauncherSettings()).wandb)
+        values["wandb"] = parse_wandb({**(start.to_dict() if start else {}), **dotted}, source)
     return (base or LauncherSettings()).replace(**values)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import config as config_mod
+from . import tracking
 from .config import ConfigError, RunConfig
 from .lastpos import accuracy, cross_entropy
 from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirError,
@@ -208,6 +209,7 @@ class Trainer:
         self.committed_epoch: int | None = None
         self.attempts: list[dict[str, Any]] = []   # provenance of each process that trained it
         self.notes: list[str] = []   # one line each, for the user: a changed environment, ...
+        self.tracker = None   # the run's W&B run when tracking is on (grokhpc.tracking)
         self._release = lambda: None
         self._init_extras()
 
@@ -323,6 +325,7 @@ class Trainer:
             self.write_views()
         except OSError as e:
             raise self.commit_failure(e) from e
+        tracking.log_commit(self)
 
     @property
     def n_cols(self) -> int:
@@ -472,6 +475,7 @@ class Trainer:
             trainer.notes += [lock.note] if lock.note else []
             resumed = trainer.restore()
             trainer.begin_attempt()
+            trainer.tracker = tracking.start(trainer)
             if resumed:
                 trainer.write_views()
             else:
@@ -485,6 +489,7 @@ class Trainer:
 
     def close(self) -> None:
         """Let the run's lock go (also done when the trainer is garbage-collected)."""
+        tracking.stop(self)
         self._release()
 
     # ---- the loop -------------------------------------------------------------------------
@@ -534,6 +539,7 @@ def finish(trainer: Trainer) -> dict[str, Any] | None:
     if isinstance(summary, dict):
         summary.update(provenance_columns(trainer.progress()))
         atomic_write_json(trainer.run.file(SUMMARY), summary)
+    tracking.log_finish(trainer, summary)
     trainer.write_views(done=True)
     return summary
 
@@ -597,6 +603,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a run field, e.g. --set weight_decay=0.3 (repeatable); the "
                          "fields, defaults and checks are in docs/run_fields.md")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--wandb", metavar="PROJECT", default=None,
+                    help="log curves, measures and summary to this Weights & Biases project "
+                         "(needs pip install -e '.[wandb]')")
+    ap.add_argument("--wandb-mode", choices=tracking.MODES, default="offline",
+                    help="offline (default: written under OUT/wandb for `wandb sync`) or online")
+    ap.add_argument("--wandb-entity", metavar="ENTITY", default=None, help="W&B entity (team)")
     return ap
 
 
@@ -604,7 +616,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(args.overrides)
-        run_training(cfg, args.out, progress_bar=not args.no_progress)
+        wandb = args.wandb and tracking.from_command_line(args.wandb, args.wandb_mode,
+                                                          args.wandb_entity)
+        with tracking.enabled(wandb or None):
+            run_training(cfg, args.out, progress_bar=not args.no_progress)
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
