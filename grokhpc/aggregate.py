@@ -70,7 +70,9 @@ def config_types() -> dict[str, Any]:
     pa = _arrow()
     from .config import FIELD_TYPES
 
-    m = {int: pa.int64(), float: pa.float64(), str: pa.string(), tuple: pa.list_(pa.float64())}
+    m = {int: pa.int64(), float: pa.float64(), str: pa.string(), tuple: pa.list_(pa.float64()),
+         bool: pa.bool_(), "optional_int": pa.int64(),
+         "batch": pa.string()}   # batch_size: "full", or the size as text ("64")
     return {k: m[t] for k, t in FIELD_TYPES.items()}
 
 

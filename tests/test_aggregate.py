@@ -696,3 +696,29 @@ def test_log_axis_ticks_are_labelled_one_two_five():
     # a range narrower than one 1-2-5 step: every digit
     assert sweep_figures.nice_ticks(1250, 6000) == [2000, 3000, 4000, 5000, 6000]
     assert sweep_figures.nice_ticks(0, 10) == []
+
+
+def test_runs_with_the_newer_fields_aggregate_with_their_types(tmp_path):
+    """batch_size is 'full' or an integer, stop_after_grok off or an integer, S5 runs have no
+    p: runs.parquet keeps each in one typed column."""
+    from grokhpc.config import from_dict
+
+    SMALL = dict(p=11, d_model=32, d_head=8, d_mlp=64, n_epochs=N_EPOCHS,
+                 checkpoint_every=CKPT_EVERY, eval_every=EVAL_EVERY)
+    sweep = tmp_path / "sweep"
+    cfgs = [from_dict({**SMALL, "batch_size": 16}), from_dict({**SMALL, "stop_after_grok": 5}),
+            from_dict({**{k: v for k, v in SMALL.items() if k != "p"}, "op": "s5",
+                       "optimizer": "sgd", "fixed_weight_norm": True})]
+    for cfg in cfgs:
+        make_run(sweep, cfg, grok=40)
+    res = agg.aggregate([sweep], formats=None, log=None)
+    assert res.n_runs == 3 and res.states == {"done": 3}
+    t = pq.read_table(sweep / "aggregate" / "runs.parquet")
+    assert str(t.schema.field("batch_size").type) == "string"
+    assert str(t.schema.field("stop_after_grok").type) == "int64"
+    assert str(t.schema.field("fixed_weight_norm").type) == "bool"
+    rows = {r["run_id"]: r for r in t.to_pylist()}
+    got = [(rows[c.run_id]["batch_size"], rows[c.run_id]["stop_after_grok"], rows[c.run_id]["p"],
+            rows[c.run_id]["op"]) for c in cfgs]
+    assert got == [("16", None, SMALL["p"], "sub"), ("full", 5, SMALL["p"], "sub"),
+                   ("full", None, None, "s5")]
