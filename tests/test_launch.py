@@ -89,7 +89,7 @@ def test_damaged_run_directories_are_left_alone_or_refused(write_spec, tmp_path,
     assert [[r.run_id for r in g] for g in plan["groups"]] == [[ok.run_id]]
     text = buf.getvalue()
     assert "1 to run in 1 job(s) of up to 1 run(s); 1 corrupt, left alone" in text
-    assert f"{bad.run_id} is corrupt: progress.json: unreadable" in text
+    assert f"{bad.run_id} is corrupt: progress.json: corrupt JSON" in text
     RunDir(bad.dir).file("config.json").write_bytes(b"\xff\xfe\x00\x01")
     assert launch_mod.main([str(spec), "--dry-run"]) == 2
     err = capsys.readouterr().err

@@ -111,13 +111,16 @@ def test_the_knee_bounds_runs_per_gpu():
     assert fc.gpu_hours == pytest.approx(24 * job / 3600)
 
 
-def test_memory_caps_runs_per_gpu():
-    """An 8 GB rtx2080 holds floor(0.7 x 8e9 / bytes_per_run) = 43 seed runs (bytes_per_run
-    127,599,448): 1,000 runs need 24 jobs, two waves of 12; the smallest longest job holds 42
+def test_memory_caps_runs_per_gpu(monkeypatch):
+    """An 8 GB rtx2080 holds floor(0.7 x 8e9 / bytes_per_run) = 43 seed runs at a
+    bytes_per_run of 127,599,448 (set here: the cap's arithmetic is under test, not the
+    estimate): 1,000 runs need 24 jobs, two waves of 12; the smallest longest job holds 42
     (23 x 42 + 34). Its speed: min(10.1 / 67, 0.448 / 4.8) x the H200's."""
+    import grokhpc.train_batched as tb
     from grokhpc.launch import gpu_memory_cap
     from grokhpc.sweep import LauncherSettings
 
+    monkeypatch.setattr(tb, "bytes_per_run", lambda cfg: 127_599_448)
     cap = gpu_memory_cap(LauncherSettings(gpus=1, gpu_type="rtx2080"))
     assert cap([RunConfig()]) == 43
     tp = throughput_for("rtx2080")

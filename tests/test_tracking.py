@@ -191,12 +191,19 @@ def test_command_line_errors_are_one_line_and_create_nothing(tmp_path):
 
 # ---- one W&B run per grokhpc run, across a SIGKILL ---------------------------------------------
 HOLDER = """
-import sys
-from grokhpc import train
+import sys, time
+from grokhpc import train, tracking
 commit = train.Trainer.commit
+def flushed(self):                     # wandb writes its log in the background: wait until the
+    for _ in range(600):               # run record is on disk, so the kill finds this attempt
+        for log in tracking.segments(self.run.path, self.cfg.run_id):   # named in its log
+            if any(r.get("type") == "run" for r in tracking.read_records(log)):
+                return
+        time.sleep(0.2)
 def held(self, checkpoint):            # after the commit at epoch 60 (and its W&B rows): wait
     commit(self, checkpoint)
     if self.epoch == 60:
+        flushed(self)
         print("committed", self.epoch, flush=True)
         sys.stdin.readline()
 train.Trainer.commit = held
