@@ -319,7 +319,7 @@ def test_non_utf8_manifest_and_progress_are_reported_not_raised(sweep):
     bad = sorted(truth)[5]
     (root / "runs" / bad / "progress.json").write_bytes(b"\xff\xfe\x00\x01")
     res = agg.aggregate([root], formats=None, log=None)
-    assert any(n.startswith(f"{root / 'manifest.json'}: unreadable manifest") and
+    assert any(n.startswith(f"{root / 'manifest.json'}: corrupt JSON") and
                "directory scan" in n for n in res.notes)
     assert res.n_runs == 12 and res.states == {"done": 11, "corrupt": 1}
     (line,) = [m for m in res.messages if bad in m]
