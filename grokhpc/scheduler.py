@@ -93,15 +93,21 @@ class DirRead:
     error: str | None = None      # error.txt (failed), or what could not be read (corrupt)
 
 
+def _read_json_named(f: Path, what: str) -> Any:
+    """store.read_json (whose RunDirError already names the file and says corrupt JSON or not
+    UTF-8); a file that cannot be read at all is a RunDirError starting with ``what``."""
+    try:
+        return read_json(f)
+    except OSError as e:
+        raise RunDirError(f"{what} ({type(e).__name__}: {e})") from None
+
+
 def _read_json_file(run: RunDir, name: str) -> dict | None:
     """A run's JSON file as a dict (None when absent); RunDirError naming it otherwise."""
     f = run.file(name)
     if not f.exists():
         return None
-    try:
-        obj = read_json(f)
-    except (OSError, ValueError) as e:       # UnicodeDecodeError is a ValueError
-        raise RunDirError(f"{name}: unreadable ({type(e).__name__}: {e})") from None
+    obj = _read_json_named(f, f"{name}: unreadable")
     if not isinstance(obj, dict):
         raise RunDirError(f"{name}: expected a JSON object")
     return obj
@@ -307,10 +313,7 @@ def read_manifest(sweep_dir: str | os.PathLike) -> dict | None:
     f = Path(sweep_dir) / MANIFEST
     if not f.exists():
         return None
-    try:
-        manifest = read_json(f)
-    except (OSError, ValueError) as e:    # UnicodeDecodeError is a ValueError
-        raise RunDirError(f"{f}: unreadable manifest ({type(e).__name__}: {e})") from None
+    manifest = _read_json_named(f, f"{f}: unreadable manifest")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("runs", []), list):
         raise RunDirError(f"{f}: not a grokhpc manifest (expected an object with a runs list)")
     return manifest
