@@ -77,3 +77,20 @@ except RunLockedError as e:
     sys.exit(3)
 print("locked")
 """
+
+
+def step_solo_and_stacked(opts, solo, opt, P, grads, it) -> None:
+    """One step of three solo torch optimisers and of the stacked one on the same gradients;
+    every run's weights must come out bit-identical."""
+    import torch
+
+    for r in range(len(opts)):
+        for i in range(len(P)):
+            solo[r][i].grad = grads[i][r].clone()
+        opts[r].step()
+    for i in range(len(P)):
+        P[i].grad = grads[i].clone()
+    opt.step()
+    for r in range(len(opts)):
+        for i in range(len(P)):
+            assert torch.equal(P[i][r], solo[r][i]), (it, r, i)

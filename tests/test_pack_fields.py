@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import step_solo_and_stacked
+
 from grokhpc import train_batched
 from grokhpc.config import from_dict
 from grokhpc.model import Transformer, build_model
@@ -119,16 +121,9 @@ def test_stacked_adam_and_sgd_are_torch_bit_for_bit(kind, per_run_torch):
             opt.set_lrs(lrs)
         scale = 10.0 ** (it % 9 - 6)
         grads = [torch.randn((3,) + s, generator=gen) * scale for s in shapes]
+        step_solo_and_stacked(opts, solo, opt, P, grads, it)
         for r in range(3):
             for i in range(len(shapes)):
-                solo[r][i].grad = grads[i][r].clone()
-            opts[r].step()
-        for i in range(len(shapes)):
-            P[i].grad = grads[i].clone()
-        opt.step()
-        for r in range(3):
-            for i in range(len(shapes)):
-                assert torch.equal(P[i][r], solo[r][i]), (it, r, i)
                 states = defaultdict(dict)   # as torch.optim.Optimizer.state
                 key = P[i][r]
                 opt.store(r, i, states, key)

@@ -23,6 +23,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from conftest import step_solo_and_stacked
+
 from grokhpc.config import RunConfig, to_dict
 from grokhpc.data import make_dataset
 from grokhpc.model import build_model
@@ -172,16 +174,9 @@ def test_stacked_adamw_is_torch_adamw_bit_for_bit(host_scalars, per_run_torch):
     for it in range(20):
         scale = 10.0 ** (it % 9 - 6)
         grads = [torch.randn((3,) + s, generator=gen) * scale for s in shapes]
+        step_solo_and_stacked(opts, solo, opt, P, grads, it)
         for r in range(3):
             for i in range(len(shapes)):
-                solo[r][i].grad = grads[i][r].clone()
-            opts[r].step()
-        for i in range(len(shapes)):
-            P[i].grad = grads[i].clone()
-        opt.step()
-        for r in range(3):
-            for i in range(len(shapes)):
-                assert torch.equal(P[i][r], solo[r][i]), (it, r, i)
                 st = opts[r].state[solo[r][i]]
                 assert torch.equal(opt.exp_avgs[i][r], st["exp_avg"])
                 assert torch.equal(opt.exp_avg_sqs[i][r], st["exp_avg_sq"])
