@@ -26,6 +26,8 @@ ACT_FNS = ("relu", "gelu")
 NORMALIZATIONS = ("none", "LN")
 MAX_LAYERS = 4
 LOSS_DTYPES = ("float64", "float32")
+CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
+MATMUL_PRECISIONS = ("highest", "high")
 # Fields that say where or how fast a run goes, not what it computes: left out of run_id.
 NON_IDENTITY_FIELDS = ("device",)
 # Fields newer than the first run ids, with their defaults: left out of run_id at the default.
@@ -33,6 +35,7 @@ NEW_FIELD_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamw", "momentum": 0.0, "warmup_epochs": 0, "lr_schedule": "constant",
     "batch_size": "full", "n_layers": 1, "act_fn": "relu", "normalization": "none",
     "init_scale": 1.0, "fixed_weight_norm": False, "label_noise": 0.0, "stop_after_grok": None,
+    "checkpoint_dtype": "float32", "matmul_precision": "highest",
 }
 
 
@@ -92,6 +95,8 @@ class RunConfig:
     fixed_weight_norm: bool = False
     label_noise: float = 0.0
     stop_after_grok: int | None = None
+    checkpoint_dtype: str = "float32"
+    matmul_precision: str = "highest"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -149,7 +154,7 @@ FIELD_TYPES: dict[str, type] = {
     "optimizer": str, "momentum": float, "warmup_epochs": int, "lr_schedule": str,
     "batch_size": "batch", "n_layers": int, "act_fn": str, "normalization": str,
     "init_scale": float, "fixed_weight_norm": bool, "label_noise": float,
-    "stop_after_grok": "optional_int",
+    "stop_after_grok": "optional_int", "checkpoint_dtype": str, "matmul_precision": str,
 }
 assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}
 
@@ -201,6 +206,10 @@ def _task_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (cfg.stop_after_grok is None or cfg.stop_after_grok >= 0, "stop_after_grok",
          "off (null) or a number of epochs >= 0"),
         (cfg.loss_dtype in LOSS_DTYPES, "loss_dtype", f"one of {', '.join(LOSS_DTYPES)}"),
+        (cfg.checkpoint_dtype in CHECKPOINT_DTYPES, "checkpoint_dtype",
+         f"one of {', '.join(CHECKPOINT_DTYPES)}"),
+        (cfg.matmul_precision in MATMUL_PRECISIONS, "matmul_precision",
+         f"one of {', '.join(MATMUL_PRECISIONS)}"),
         (cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda")
          or cfg.device == "mps", "device", "auto, cpu, cuda or cuda:N"),
     ]
