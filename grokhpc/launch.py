@@ -100,9 +100,10 @@ def _set_threads(threads: int | None = None) -> None:
 
 
 def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = print,
-               threads: int | None = None) -> list[dict]:
+               threads: int | None = None, state_every_s: float | None = None) -> list[dict]:
     """Train a job's runs: [(RunConfig dict, run directory), ...]. One run failing does not stop
-    the others; afterwards the job raises if any run failed (so the scheduler marks it failed)."""
+    the others; afterwards the job raises if any run failed (so the scheduler marks it failed).
+    ``state_every_s``: seconds between a run's state.pt writes (launcher.state_every)."""
     from .train import run_training
 
     _set_threads(threads)
@@ -116,7 +117,7 @@ def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = pri
             log(f"training {len(todo)} runs together: {', '.join(c.run_id for c, _ in todo)}")
             try:
                 tb.train_group([c for c, _ in todo], [d for _, d in todo], device=None,
-                               progress_bar=False, log=log)
+                               progress_bar=False, log=log, state_every_s=state_every_s)
             except Exception:
                 log("batched training failed; training the unfinished runs one by one:\n"
                     + traceback.format_exc())
@@ -124,7 +125,7 @@ def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = pri
     for cfg, d in todo:
         log(f"run {cfg.run_id} -> {d}")
         try:
-            run_training(cfg, d, progress_bar=False, log=log)
+            run_training(cfg, d, progress_bar=False, log=log, state_every_s=state_every_s)
         except RunLockedError as e:   # another job trains it (a stale job beside its requeue)
             log(f"run {cfg.run_id} skipped, nothing written: {e}")
         except Exception:
@@ -154,7 +155,9 @@ def job_results(run_ids: Sequence[str], dirs: Sequence[str], errors: dict[str, s
 
 
 # ---- several GPUs in one job ----------------------------------------------------------------
-INTERRUPTIONS = (signal.SIGTERM, signal.SIGINT)   # preemption and time-out: runs resume
+# preemption and time-out (USR2: SLURM's warning, after the runs' state is written): runs resume
+INTERRUPTIONS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+_GROUP_PROCS: list = []   # this job's training processes, one per device (train_on_devices)
 
 
 def job_devices(gpus: int) -> list[str]:
@@ -166,13 +169,30 @@ def job_devices(gpus: int) -> list[str]:
     return seen[:max(0, gpus)]
 
 
-def _train_on_device(runs: Sequence[tuple[dict, str]], device: str, threads: int) -> None:
+def _train_on_device(runs: Sequence[tuple[dict, str]], device: str, threads: int,
+                     state_every_s: float | None = None) -> None:
     """One group of a several-GPU job, in its own process, seeing only ``device`` ("cpu" or
-    "cpu:N": no GPU, the CPU); the job's own process handles SLURM's checkpoint signal."""
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    "cpu:N": no GPU, the CPU). USR2 (SLURM's warning, passed on by the job's process) writes
+    the runs' state, then ends this process."""
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
     on_cpu = device == "cpu" or str(device).startswith("cpu:")
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if on_cpu else str(device)
-    train_runs(runs, log=lambda m: print(f"[device {device}] {m}", flush=True), threads=threads)
+    train_runs(runs, log=lambda m: print(f"[device {device}] {m}", flush=True), threads=threads,
+               state_every_s=state_every_s)
+
+
+def stop_groups(timeout_s: float = 60.0) -> None:
+    """Pass SLURM's warning to each device's training process of this job: each writes its
+    runs' state and ends. Waits up to ``timeout_s`` for them all."""
+    live = [p for p in _GROUP_PROCS if p.is_alive()]
+    for p in live:
+        try:
+            os.kill(p.pid, signal.SIGUSR2)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout_s
+    for p in live:
+        p.join(max(0.0, deadline - time.monotonic()))
 
 
 def _job_cpus() -> int:
@@ -188,7 +208,8 @@ def _ended(code: int | None) -> str:
 
 def train_on_devices(runs: Sequence[tuple[dict, str]], devices: Sequence[str],
                      log: Callable[[str], Any] = print, threads: int | None = None,
-                     worker: Callable | None = None) -> list[dict]:
+                     worker: Callable | None = None,
+                     state_every_s: float | None = None) -> list[dict]:
     """Train a job's runs as one group per device (split_even, in order), all at once, each
     group in its own process that sees only its device and trains and resumes as a one-GPU job
     does (``train_runs``). A group that fails leaves error.txt in its unfinished runs (written
@@ -202,12 +223,14 @@ def train_on_devices(runs: Sequence[tuple[dict, str]], devices: Sequence[str],
     procs = []
     for group, dev in zip(groups, devices):
         log(f"device {dev}: {len(group)} run(s)")
-        proc = ctx.Process(target=worker or _train_on_device, args=(group, dev, share),
-                           daemon=True)
+        proc = ctx.Process(target=worker or _train_on_device,
+                           args=(group, dev, share, state_every_s), daemon=True)
         proc.start()
         procs.append(proc)
+    _GROUP_PROCS[:] = procs
     for proc in procs:
         proc.join()
+    _GROUP_PROCS.clear()
     ids = {str(d): from_dict(c, source=f"{d}: config").run_id for c, d in runs}
     errors: dict[str, str] = {}
     for group, dev, proc in zip(groups, devices, procs):
@@ -231,11 +254,12 @@ class SweepJob(submitit.helpers.Checkpointable):
     (``run_training`` picks up ``state.pt``)."""
 
     def __init__(self, runs: Sequence[tuple[dict, str]], threads: int | None = None,
-                 gpus: int = 0, wandb: dict | None = None):
+                 gpus: int = 0, wandb: dict | None = None, state_every_s: float | None = None):
         self.runs = [(dict(c), str(d)) for c, d in runs]
         self.threads = threads
         self.gpus = gpus
         self.wandb = wandb   # launcher.wandb (grokhpc.tracking), None when off
+        self.state_every_s = state_every_s   # launcher.state_every, in seconds
 
     def __call__(self) -> list[dict]:
         env = submitit.JobEnvironment() if os.environ.get("SUBMITIT_EXECUTOR") else None
@@ -243,15 +267,20 @@ class SweepJob(submitit.helpers.Checkpointable):
             print(f"job {env.job_id} on {env.hostname}: {len(self.runs)} run(s)", flush=True)
         log = lambda m: print(m, flush=True)  # noqa: E731
         devices = job_devices(self.gpus) if self.gpus > 1 else []
+        every = getattr(self, "state_every_s", None)
         with tracking.enabled(getattr(self, "wandb", None)):
             if len(devices) > 1 and len(self.runs) > 1:
                 if len(devices) < self.gpus:
                     log(f"{len(devices)} of the job's {self.gpus} GPUs are visible; using those")
-                return train_on_devices(self.runs, devices, log=log, threads=self.threads)
-            return train_runs(self.runs, log=log, threads=self.threads)
+                return train_on_devices(self.runs, devices, log=log, threads=self.threads,
+                                        state_every_s=every)
+            return train_runs(self.runs, log=log, threads=self.threads, state_every_s=every)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        print("checkpoint: requeueing; runs resume from their last checkpoint", flush=True)
+        """submitit's answer to SLURM's USR2 warning (a training loop in this process has
+        written its runs' state first, see grokhpc.preempt; device processes do it now)."""
+        stop_groups()
+        print("checkpoint: requeueing; runs resume from their last state", flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
 
@@ -614,7 +643,7 @@ def submit(plan: dict, out) -> None:
     threads = None if kind == "slurm" else local_threads(launcher)
     wandb = wandb_settings(plan)
     fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads, launcher.gpus or 0,
-                    wandb and wandb.to_dict()) for g in groups]
+                    wandb and wandb.to_dict(), launcher.state_every * 60) for g in groups]
     if wandb and wandb.mode == "offline":
         tracking.announce("W&B runs are written offline; after the jobs, upload them with: "
                           + tracking.sync_command(sweep.out / "runs" / "*" / "wandb" /

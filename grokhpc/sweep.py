@@ -26,6 +26,8 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       array_parallelism: 12
       runs_per_job: 1           # or "auto": sized for the shortest sweep (grokhpc.plan)
       max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
+      state_every: 10           # minutes between writes of each run's resumable state.pt
+                                # (also written on SLURM's warning and at the end; 0: every row)
       extra: {account: my_lab}  # any other sbatch option
       wandb: {project: grokking}  # Weights & Biases (offline unless mode: online); off if unset
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +56,7 @@ FIGURE_KEYS = ("phase",)
 EXECUTORS = ("auto", "slurm", "local", "debug")
 LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
                  "partition", "array_parallelism", "runs_per_job", "max_timeouts", "extra",
-                 "wandb")
+                 "wandb", "state_every")
 PROFILE_KEYS = ("name", "description", "gpu_request", "cpu_partition", "gpu_partition",
                 "submissions_per_hour", "defaults", "partitions", "notes")
 PROFILE_DEFAULT_KEYS = ("time", "cpus_per_task", "mem_gb", "gpus", "gpu_type",
@@ -119,6 +122,7 @@ class LauncherSettings:
     max_timeouts: int = 3
     extra: tuple[tuple[str, Any], ...] = ()
     wandb: WandbSettings | None = None  # experiment tracking, off when None
+    state_every: float = 10.0          # minutes between state.pt writes of a run; 0: every row
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in LAUNCHER_KEYS}
@@ -189,7 +193,8 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
         if key not in LAUNCHER_KEYS:
             raise ConfigError(f"{source}: {k}: unknown key (expected one of "
                               f"{', '.join(LAUNCHER_KEYS)})")
-        if v is None and key not in ("executor", "runs_per_job", "max_timeouts", "extra"):
+        if v is None and key not in ("executor", "runs_per_job", "max_timeouts", "extra",
+                                     "state_every"):
             values[key] = None
             continue
         if key == "executor":
@@ -204,6 +209,10 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
             _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1", v)
         elif key == "max_timeouts":
             _expect(_is_int(v) and v >= 0, source, k, "an integer >= 0", v)
+        elif key == "state_every":
+            _expect(_is_num(v) and 0 <= v < math.inf, source, k,
+                    "a number of minutes >= 0 (0: with every checkpoint row)", v)
+            v = float(v)
         elif key == "mem_gb":
             _expect(_is_num(v) and v > 0, source, k, "a positive number of GB", v)
             v = float(v)

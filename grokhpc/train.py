@@ -14,6 +14,13 @@ initial model (the seed's 4.7322 / 4.7346), row ``n_epochs`` the final one.
 A run has one trainer at a time (``Trainer.open`` takes the run's lock, see grokhpc.store).
 Each commit's checkpoint row and state carry checksums, which a resume checks before it writes
 anything; each process that trains the run adds its provenance to progress.json's attempts.
+
+What is durable when: a checkpoint row, and progress.json listing it, every ``checkpoint_every``
+epochs; ``state.pt`` (where a resume starts) and curves.parquet every ``state_every_s`` seconds
+(default 10 minutes), on SLURM's USR2 warning (grokhpc.preempt), where ``fit`` stops and at the
+run's last epoch. A resume from an older state.pt recomputes the same epochs and rows, bit for
+bit, and replaces the rows written after it. progress.json's ``state_epoch`` says where a
+resume would start.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from . import config as config_mod
-from . import tracking
+from . import preempt, tracking
 from .config import ConfigError, RunConfig
 from .lastpos import accuracy, cross_entropy
 from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirError,
@@ -43,6 +50,7 @@ from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirEr
 
 
 GROK_ACC = 0.99  # the grokking threshold on test accuracy (as the measures' grokking_epoch)
+DEFAULT_STATE_EVERY_S = 600.0   # state.pt at most this often; 0: with every checkpoint row
 
 
 def resolve_device(name: str):
@@ -206,7 +214,9 @@ class Trainer:
         self.checkpoint_epochs: list[int] = []
         self.checkpoint_crcs: list[int] = []   # CRC-32 of each committed checkpoint row
         self.wall_time = 0.0
-        self.committed_epoch: int | None = None
+        self.committed_epoch: int | None = None   # the epoch of the last state.pt
+        self.state_every_s = DEFAULT_STATE_EVERY_S
+        self.state_written_at = time.monotonic()
         self.attempts: list[dict[str, Any]] = []   # provenance of each process that trained it
         self.notes: list[str] = []   # one line each, for the user: a changed environment, ...
         self.tracker = None   # the run's W&B run when tracking is on (grokhpc.tracking)
@@ -298,19 +308,25 @@ class Trainer:
         out.update({k: v[: e + 1].cpu().numpy() for k, v in self.curves.items()})
         return out
 
-    def commit(self, checkpoint: bool) -> None:
-        """Append a checkpoint row (if due), then write state.pt (the commit point), then the
-        derived progress.json and curves.parquet. A write that fails (disk full, quota) leaves
-        the last commit as it was and raises RunDirError saying so."""
+    def state_due(self) -> bool:
+        return time.monotonic() - self.state_written_at >= self.state_every_s
+
+    def commit(self, checkpoint: bool, state: bool | None = None) -> None:
+        """Append a checkpoint row (if ``checkpoint``), then write state.pt (if ``state``; None:
+        when ``state_every_s`` has passed since the last) with curves.parquet, then
+        progress.json. A write that fails (disk full, quota) leaves the last commit as it was
+        and raises RunDirError saying so."""
         from .model import flat_weights
 
+        state = self.state_due() if state is None else state
         epochs, crcs = list(self.checkpoint_epochs), list(self.checkpoint_crcs)
         try:
             if checkpoint:
                 row = flat_weights(self.model).cpu().numpy()
                 crcs.append(append_checkpoint_row(self.run.file(CHECKPOINTS), row, len(epochs)))
                 epochs.append(self.epoch)
-            atomic_write_bytes(self.run.file(STATE), self.state_bytes(epochs, crcs))
+            if state:
+                atomic_write_bytes(self.run.file(STATE), self.state_bytes(epochs, crcs))
         except OSError as e:
             if checkpoint and len(epochs) > len(self.checkpoint_epochs):
                 try:   # the row is not committed: cut it (shrinking needs no space)
@@ -320,9 +336,10 @@ class Trainer:
                     pass
             raise self.commit_failure(e) from e
         self.checkpoint_epochs, self.checkpoint_crcs = epochs, crcs
-        self.committed_epoch = self.epoch
+        if state:
+            self.committed_epoch, self.state_written_at = self.epoch, time.monotonic()
         try:
-            self.write_views()
+            self.write_views(curves=state)
         except OSError as e:
             raise self.commit_failure(e) from e
         tracking.log_commit(self)
@@ -377,9 +394,10 @@ class Trainer:
             self.batch_gen.set_state(state["batch_gen"])
         self.grok_epoch = state.get("grok_epoch")
 
-    def write_views(self, done: bool = False) -> None:
+    def write_views(self, done: bool = False, curves: bool = True) -> None:
+        if curves:
+            self.run.write_curves(self.curve_arrays())
         self.run.write_progress(self.progress(done))
-        self.run.write_curves(self.curve_arrays())
 
     def progress(self, done: bool = False) -> dict[str, Any]:
         return {
@@ -388,6 +406,7 @@ class Trainer:
             "n_epochs": self.cfg.n_epochs,
             "checkpoint_epochs": list(self.checkpoint_epochs),
             "checkpoint_crc32": list(self.checkpoint_crcs),
+            "state_epoch": self.committed_epoch,
             "layout": self.layout,
             "wall_time_s": round(self.wall_time, 3),
             "device": str(self.device),
@@ -480,7 +499,7 @@ class Trainer:
                 trainer.write_views()
             else:
                 trainer.evaluate()
-                trainer.commit(checkpoint=True)
+                trainer.commit(checkpoint=True, state=True)
         except BaseException:
             lock.release()
             raise
@@ -494,7 +513,9 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, progress_bar: bool = True, until: int | None = None) -> None:
-        """Train to ``n_epochs`` (or to epoch ``until``), committing every ``checkpoint_every``."""
+        """Train to the run's last epoch (or to epoch ``until``): a checkpoint row every
+        ``checkpoint_every`` epochs, state.pt when due (``commit``), on USR2 (then the signal
+        goes on, see grokhpc.preempt) and where it stops."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -502,24 +523,34 @@ class Trainer:
         bar = tqdm(total=cfg.n_epochs, initial=self.epoch, unit="epoch", disable=not progress_bar,
                    desc=cfg.run_id, dynamic_ncols=True, mininterval=1.0)
         t0 = time.perf_counter()
-        try:
-            while self.epoch < min(stop, self.stop_epoch()):
-                self.step()
-                last = self.epoch == self.stop_epoch()
-                if self.epoch % cfg.eval_every == 0 or last:
-                    self.evaluate(train_too=last)
-                if not last and self.epoch == self.stop_epoch():   # grokked just now
-                    last = True
-                    self.evaluate(train_too=True)
-                bar.update(1)
-                if self.epoch % cfg.checkpoint_every == 0 or last:
-                    now = time.perf_counter()
-                    self.wall_time += now - t0
-                    t0 = now
-                    self.commit(checkpoint=True)
-                    bar.set_postfix(self.postfix(), refresh=False)
-        finally:
-            bar.close()
+        with preempt.armed():
+            try:
+                self._loop(stop, bar, t0)
+            finally:
+                bar.close()
+
+    def _loop(self, stop: int, bar, t0: float) -> None:
+        cfg = self.cfg
+        while self.epoch < min(stop, self.stop_epoch()):
+            self.step()
+            last = self.epoch == self.stop_epoch()
+            if self.epoch % cfg.eval_every == 0 or last:
+                self.evaluate(train_too=last)
+            if not last and self.epoch == self.stop_epoch():   # grokked just now
+                last = True
+                self.evaluate(train_too=True)
+            bar.update(1)
+            signalled = preempt.requested()
+            row = self.epoch % cfg.checkpoint_every == 0 or last
+            ends = last or signalled or self.epoch >= stop
+            if row or ends:
+                now = time.perf_counter()
+                self.wall_time += now - t0
+                t0 = now
+                self.commit(checkpoint=row, state=True if ends else None)
+                bar.set_postfix(self.postfix(), refresh=False)
+            if signalled:
+                preempt.hand_on()
 
     def postfix(self) -> dict[str, str]:
         e = self.epoch
@@ -545,10 +576,11 @@ def finish(trainer: Trainer) -> dict[str, Any] | None:
 
 
 def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
-                 log=print) -> RunDir:
+                 log=print, state_every_s: float | None = None) -> RunDir:
     """Train ``cfg`` into ``out`` (resuming if interrupted); a complete run is left alone.
     RunDirError for a directory that cannot be used as it is (another run's, damaged, held by
-    another trainer, a disk that filled up)."""
+    another trainer, a disk that filled up). ``state_every_s``: seconds between state.pt
+    writes (default DEFAULT_STATE_EVERY_S)."""
     run = RunDir(out)
     if run.exists() and run.read_config().get("run_id") == cfg.run_id and run.is_complete():
         run.verify_checkpoints()   # a run with damaged rows is never called complete
@@ -562,6 +594,8 @@ def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
     trainer = None
     try:
         trainer = Trainer.open(cfg, out)
+        if state_every_s is not None:
+            trainer.state_every_s = float(state_every_s)
         if trainer.epoch > 0:
             log(f"run {cfg.run_id}: resuming at epoch {trainer.epoch}/{cfg.n_epochs}")
         for note in trainer.notes:
@@ -569,8 +603,8 @@ def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
         trainer.fit(progress_bar=progress_bar)
         finish(trainer)
         run.clear_error()
-    except RunLockedError:
-        raise   # the directory is another process's: leave it as it is
+    except (RunLockedError, SystemExit):
+        raise   # another process's directory / a requeue after SLURM's warning: not a failure
     except BaseException:
         _record_failure(run, cfg, traceback.format_exc())
         raise
@@ -594,6 +628,16 @@ def config_from_args(overrides: list[str]) -> RunConfig:
     return config_mod.from_dict(config_mod.parse_overrides(overrides), source="--set")
 
 
+def _minutes(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of minutes >= 0, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m grokhpc.train",
@@ -603,6 +647,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a run field, e.g. --set weight_decay=0.3 (repeatable); the "
                          "fields, defaults and checks are in docs/run_fields.md")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--state-every", type=_minutes, default=DEFAULT_STATE_EVERY_S / 60,
+                    metavar="MINUTES",
+                    help="minutes between writes of the resumable state, state.pt (default "
+                         "%(default)g; 0: with every checkpoint row); it is also written on "
+                         "SIGUSR2 (then the process ends, or a handler before grokhpc's acts) "
+                         "and at the end")
     ap.add_argument("--wandb", metavar="PROJECT", default=None,
                     help="log curves, measures and summary to this Weights & Biases project "
                          "(needs pip install -e '.[wandb]')")
@@ -619,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         wandb = args.wandb and tracking.from_command_line(args.wandb, args.wandb_mode,
                                                           args.wandb_entity)
         with tracking.enabled(wandb or None):
-            run_training(cfg, args.out, progress_bar=not args.no_progress)
+            run_training(cfg, args.out, progress_bar=not args.no_progress,
+                         state_every_s=args.state_every * 60)
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

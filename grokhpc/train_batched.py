@@ -72,6 +72,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
+from . import preempt
 from .config import RunConfig
 from .store import RunDir, RunDirError
 
@@ -722,17 +723,18 @@ def _mark_diverged(t, epoch_hint: int, window_start: int, curve) -> None:
         f"directory keeps its last finite commit, epoch {window_start}\n")
 
 
-def _commit_all(trainers: list, max_workers: int = 8) -> None:
-    """Each trainer's solo ``commit`` (checkpoint row, state.pt, progress, curves). The runs'
-    files are independent, so their writes and fsyncs overlap in a few threads."""
-    if len(trainers) <= 1:
-        for t in trainers:
-            t.commit(checkpoint=True)
+def _commit_all(commits: list, max_workers: int = 8) -> None:
+    """Each (trainer, checkpoint, state) as the trainer's solo ``commit``. The runs' files are
+    independent, so their writes and fsyncs overlap in a few threads."""
+    if len(commits) <= 1:
+        for t, row, state in commits:
+            t.commit(checkpoint=row, state=state)
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=min(max_workers, len(trainers))) as pool:
-        for f in [pool.submit(t.commit, checkpoint=True) for t in trainers]:
+    with ThreadPoolExecutor(max_workers=min(max_workers, len(commits))) as pool:
+        for f in [pool.submit(t.commit, checkpoint=row, state=state)
+                  for t, row, state in commits]:
             f.result()
 
 
@@ -757,8 +759,11 @@ def _epoch_end(stack: Stack) -> tuple[list[int], list[int]]:
 
 
 def _fit_stack(stack: Stack, target: int, bar, log, background: bool = False):
-    """Train ``stack`` up to epoch ``target`` (a commit epoch), committing each run on its solo
-    schedule (every ``checkpoint_every`` epochs and at its own last epoch).
+    """Train ``stack`` up to epoch ``target`` (where another run sits), committing each run on its solo
+    schedule: a checkpoint row every ``checkpoint_every`` epochs and at its own last epoch,
+    state.pt when due (``Trainer.commit``) and at its last epoch. On SLURM's USR2 warning,
+    every run's state is written at the next epoch boundary, then the signal goes on
+    (grokhpc.preempt).
 
     Returns (the trainers that diverged, the trainers that reached their last epoch). Diverged
     runs are left at their last commit. Stops right after a commit that finds a divergence or
@@ -776,9 +781,11 @@ def _fit_stack(stack: Stack, target: int, bar, log, background: bool = False):
     try:
         while stack.epoch < target:
             stack.step()
-            commit, last = _epoch_end(stack)
+            rows, last = _epoch_end(stack)
             if bar is not None:
                 bar.update(stack.R)
+            signalled = preempt.requested()
+            commit = list(range(stack.R)) if signalled else rows
             if not commit:
                 continue
             bad = stack.diverged(commit, last)
@@ -791,24 +798,27 @@ def _fit_stack(stack: Stack, target: int, bar, log, background: bool = False):
             for r in (range(stack.R) if ends else good):
                 if r not in bad:
                     _sync_timed(stack, r)
-            runs = [stack.trainers[r] for r in good]
-            if pool is not None and not ends and stack.epoch < target:
+            runs = [(stack.trainers[r], r in rows, True if r in last or signalled else None)
+                    for r in good]
+            if pool is not None and not ends and not signalled and stack.epoch < target:
                 pending = pool.submit(_commit_all, runs)
             else:
                 _commit_all(runs)
             for r in good:
                 stack.last_commit[r] = stack.epoch
-            for r in bad:
-                t = stack.trainers[r]
-                start = stack.last_commit[r]
-                window = stack.curves["train_loss"][r, start:stack.epoch + 1]
-                _mark_diverged(t, stack.epoch, start, window.cpu().numpy())
-                log(f"run {t.cfg.run_id}: diverged (non-finite train loss); dropped "
-                    f"from the group, error.txt written")
+            _drop_diverged(stack, bad, log)
+            if signalled:
+                preempt.hand_on()
             if bar is not None:
                 bar.set_postfix(epoch=stack.epoch, refresh=False)
             if ends:
                 return [stack.trainers[r] for r in bad], [stack.trainers[r] for r in done]
+        if pending is not None:
+            pending.result()
+            pending = None
+        for r in range(stack.R):   # a target between rows (a state written on USR2)
+            if stack.trainers[r].epoch != stack.epoch:
+                _sync_timed(stack, r)
         return [], [stack.trainers[r] for r in range(stack.R)
                     if stack.epoch >= stack.stop_epochs()[r]]
     finally:
@@ -816,6 +826,17 @@ def _fit_stack(stack: Stack, target: int, bar, log, background: bool = False):
             pending.result()
         if pool is not None:
             pool.shutdown(wait=True)
+
+
+def _drop_diverged(stack: Stack, bad: list[int], log) -> None:
+    """error.txt in each diverged run (its directory keeps its last finite commit)."""
+    for r in bad:
+        t = stack.trainers[r]
+        start = stack.last_commit[r]
+        window = stack.curves["train_loss"][r, start:stack.epoch + 1]
+        _mark_diverged(t, stack.epoch, start, window.cpu().numpy())
+        log(f"run {t.cfg.run_id}: diverged (non-finite train loss); dropped from the group, "
+            "error.txt written")
 
 
 def _sync_timed(stack: Stack, r: int) -> None:
@@ -839,6 +860,22 @@ def _finish(t, log) -> None:
     t.run.clear_error()
 
 
+def _runs_to_train(cfgs: list, runs: list, retry_diverged: bool, log) -> list:
+    """(cfg, run) of each run that still has epochs to train (and did not diverge before)."""
+    out = []
+    for cfg, run in zip(cfgs, runs):
+        if run.exists() and run.is_complete():
+            prog = run.read_progress()
+            log(f"run {cfg.run_id} in {run.path} is already complete "
+                f"({prog['epoch']}/{prog['n_epochs']} epochs); nothing to do")
+            continue
+        if run.exists() and _is_diverged(run) and not retry_diverged:
+            log(f"run {cfg.run_id} in {run.path} diverged before (see error.txt); skipped")
+            continue
+        out.append((cfg, run))
+    return out
+
+
 def _is_diverged(run: RunDir) -> bool:
     err = run.read_error()
     return bool(err) and err.startswith(DIVERGED_PREFIX)
@@ -860,7 +897,10 @@ def _train_all(trainers: list, dev, exact, background: bool, bar, log) -> tuple[
             log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
         stack = Stack(lag, dev, exact=exact)
         try:
-            dropped, done = _fit_stack(stack, target, bar, log, background=background)
+            with preempt.armed():
+                dropped, done = _fit_stack(stack, target, bar, log, background=background)
+        except SystemExit:
+            raise   # a requeue after SLURM's warning: every run's state is written
         except BaseException:
             tb = traceback.format_exc()
             for t in lag:
@@ -881,7 +921,8 @@ def _train_all(trainers: list, dev, exact, background: bool, bar, log) -> tuple[
 def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
                 progress_bar: bool = True, log: Callable = print,
                 retry_diverged: bool = False, exact: bool | None = None,
-                background_commits: bool | None = None) -> list[RunDir]:
+                background_commits: bool | None = None,
+                state_every_s: float | None = None) -> list[RunDir]:
     """Train ``cfgs`` into ``out_dirs`` as one stacked computation; resumes each run from its
     own state; returns each run's RunDir (in order). Complete runs are left alone; a run that
     diverges is marked failed (error.txt) and the others go on. Raises GroupError for runs
@@ -897,6 +938,7 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
     ``background_commits`` (default: on for GPUs): a commit's file writes (checkpoint rows,
     state.pt, progress, curves of every run) overlap the next epochs' training in a thread;
     each commit still completes before the next one starts and before this returns.
+    ``state_every_s``: seconds between a run's state.pt writes (``run_training``'s).
     """
     from .train import Trainer, resolve_device
 
@@ -916,23 +958,15 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
         if not isinstance(device, torch.device) else device
 
     background = (dev.type != "cpu") if background_commits is None else bool(background_commits)
-    pending = []
-    for cfg, run in zip(cfgs, runs):
-        if run.exists() and run.is_complete():
-            prog = run.read_progress()
-            log(f"run {cfg.run_id} in {run.path} is already complete "
-                f"({prog['epoch']}/{prog['n_epochs']} epochs); nothing to do")
-            continue
-        if run.exists() and _is_diverged(run) and not retry_diverged:
-            log(f"run {cfg.run_id} in {run.path} diverged before (see error.txt); skipped")
-            continue
-        pending.append((cfg, run))
+    pending = _runs_to_train(cfgs, runs, retry_diverged, log)
     if not pending:
         return runs
 
     trainers = []
     for cfg, run in pending:
         t = Trainer.open(cfg, run.path, dev)
+        if state_every_s is not None:
+            t.state_every_s = float(state_every_s)
         if t.epoch > 0:
             log(f"run {cfg.run_id}: resuming at epoch {t.epoch}/{cfg.n_epochs}")
         trainers.append(t)

@@ -560,12 +560,12 @@ def test_a_two_gpu_job_trains_one_group_per_device_equal_to_solo_runs(tmp_path, 
         assert_same_run(d, solo[Path(d).name])
 
 
-def _end_some_devices(runs, device, threads):
+def _end_some_devices(runs, device, threads, state_every_s=None):
     """A group process that dies at once on device cpu:1 (killed: a failure) and cpu:2
     (SIGTERM: SLURM's preemption or time-out), and trains elsewhere."""
     if device in ("cpu:1", "cpu:2"):
         os.kill(os.getpid(), signal.SIGKILL if device == "cpu:1" else signal.SIGTERM)
-    launch_mod._train_on_device(runs, device, threads)
+    launch_mod._train_on_device(runs, device, threads, state_every_s)
 
 
 def test_a_failing_group_does_not_stop_the_others(tmp_path):
@@ -625,3 +625,121 @@ def test_a_launch_gives_each_job_its_gpus(write_spec, tmp_path, monkeypatch):
                        "launcher": {"executor": "local", "gpus": 2, "runs_per_job": 4}})
     launch_mod.launch(str(spec), out=io.StringIO())
     assert [(job.gpus, len(job.runs)) for job in jobs] == [(2, 4)]
+
+
+# ---- SLURM's warning (USR2): state written, then the requeue ---------------------------------
+JOB_HOLD = Path(__file__).resolve().parent / "job_hold"
+LONGER = {**SMALL, "n_epochs": 200, "checkpoint_every": 20}
+
+
+def _wait_for(path: Path, what: str, alive=lambda: True, timeout_s: float = 600) -> dict:
+    """A failure guard for a hung process, never a race: the file appears when it holds."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{what} did not happen"
+        assert alive(), f"{what}: the job ended first"
+        time.sleep(0.05)
+    return json.loads(path.read_text())
+
+
+def test_usr2_to_a_submitit_job_writes_the_state_then_submitit_requeues_it(tmp_path,
+                                                                          monkeypatch):
+    """A real submitit job (local executor) of two packed runs holds after its commit of epoch
+    40 (tests/job_hold); the test sends it USR2, as SLURM warns before a preemption, and lets
+    it go. The state is written at the next epoch, submitit's own handler requeues the job,
+    and the second attempt resumes there (not at 0: state by time would come after 10
+    minutes) and ends equal to runs trained alone."""
+    import submitit
+
+    runs = small_runs(tmp_path, "job", n=2, **{k: v for k, v in LONGER.items()
+                                              if k not in ("model_seed", "data_seed")})
+    hold = tmp_path / "hold"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(JOB_HOLD), os.environ.get(
+        "PYTHONPATH", "")]))
+    monkeypatch.setenv("GROKHPC_TEST_HOLD_DIR", str(hold))
+    monkeypatch.setenv("GROKHPC_TEST_HOLD_EPOCH", "40")
+    hold.mkdir()
+    ex = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="local")
+    ex.update_parameters(timeout_min=30)
+    job = ex.submit(launch_mod.SweepJob(runs, threads=1))
+    reached = _wait_for(hold / "reached", "the job holding at epoch 40",
+                        alive=lambda: not job.done())
+    os.kill(reached["pid"], signal.SIGUSR2)
+    (hold / "release").touch()
+    results = job.result()
+    assert [r["complete"] for r in results] == [True, True]
+    log = "".join(f.read_text() for f in (tmp_path / "jobs").rglob("*_log.out"))
+    resumed = sorted(set(int(e) for e in re.findall(r"resuming at epoch (\d+)/200", log)))
+    assert resumed == [41], log    # the epoch after the signal, for both runs
+    assert "checkpoint: requeueing" in log
+    for _, d in runs:
+        assert [a["epoch"] for a in RunDir(d).read_progress()["attempts"]] == [0, 41]
+    solo = solo_reference(runs, tmp_path)
+    for _, d in runs:
+        assert_same_run(d, solo[Path(d).name])
+
+
+def _held_on_device(runs, device, threads, state_every_s=None):
+    """A device's training process that holds after its commit of epoch 40 until released
+    (marker files in $GROKHPC_TEST_DEVICE_HOLDS/<device>)."""
+    import importlib.util
+
+    import grokhpc.train
+
+    spec = importlib.util.spec_from_file_location("job_hold", JOB_HOLD / "sitecustomize.py")
+    hold = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hold)
+    hold.hold_commits(grokhpc.train, os.path.join(os.environ["GROKHPC_TEST_DEVICE_HOLDS"],
+                                                  device.replace(":", "_")), 40)
+    launch_mod._train_on_device(runs, device, threads, state_every_s)
+
+
+def test_checkpoint_passes_the_warning_to_the_device_processes(monkeypatch):
+    called = []
+    monkeypatch.setattr(launch_mod, "stop_groups", lambda: called.append(True))
+    job = launch_mod.SweepJob([], gpus=2)
+    again = job.checkpoint()
+    assert called == [True] and again.function is job
+
+
+def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, monkeypatch):
+    """SLURM's warning passed to a job's two device processes (``stop_groups``, as
+    submitit's checkpoint() does), each held at epoch 40 then let go: each writes its run's
+    state at epoch 41 and ends, with no error.txt; the next launch resumes there and the
+    runs end equal to runs trained alone."""
+    import threading
+
+    runs = small_runs(tmp_path, "job", n=2, **{k: v for k, v in LONGER.items()
+                                              if k not in ("model_seed", "data_seed")})
+    monkeypatch.setenv("GROKHPC_TEST_DEVICE_HOLDS", str(tmp_path / "hold"))
+    holds = [tmp_path / "hold" / f"cpu_{i}" for i in range(2)]
+    for h in holds:
+        h.mkdir(parents=True)
+    ended = {}
+
+    def job():
+        try:
+            launch_mod.train_on_devices(runs, ["cpu:0", "cpu:1"], threads=2,
+                                        worker=_held_on_device)
+        except RuntimeError as e:
+            ended["error"] = str(e)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    for h in holds:
+        _wait_for(h / "reached", f"{h.name} holding at epoch 40", alive=thread.is_alive)
+    launch_mod.stop_groups(timeout_s=0)   # the signal goes out while both processes hold
+    for h in holds:
+        (h / "release").touch()
+    thread.join(timeout=600)
+    assert "interrupted: device cpu:0 ended by signal 12 (SIGUSR2)" in ended["error"]
+    for _, d in runs:
+        prog = RunDir(d).read_progress()
+        assert prog["state_epoch"] == prog["epoch"] == 41 and RunDir(d).read_error() is None
+    results = launch_mod.train_on_devices(runs, ["cpu:0"], threads=1)
+    assert [r["complete"] for r in results] == [True, True]
+    solo = solo_reference(runs, tmp_path)
+    for _, d in runs:
+        assert_same_run(d, solo[Path(d).name])

@@ -36,7 +36,9 @@ from grokhpc.store import RunDir
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
-LAUNCHER = {"time": 10, "cpus_per_task": 1, "mem_gb": 1}
+# state.pt with every checkpoint row: the held commit is where a scancel'd or requeued job
+# resumes (SLURM's USR2 warning, which writes the state too, is tested in test_launch.py)
+LAUNCHER = {"time": 10, "cpus_per_task": 1, "mem_gb": 1, "state_every": 0}
 LONG = {**TINY_RUN, "p": 13, "n_epochs": 300, "checkpoint_every": 20}
 HOLD_EPOCH = 100                     # a checkpoint epoch, with 200 epochs left after it
 GUARD_S = 600                        # a failure guard for a hung cluster, never a race

@@ -98,30 +98,42 @@ def test_curves_and_checkpoints_agree_with_an_independent_evaluation(reference):
         assert train == pytest.approx(curves.loc[epochs[i], "train_loss"], rel=1e-5, abs=1e-9)
 
 
-def _train_cmd(out):
-    return [sys.executable, "-m", "grokhpc.train", "--out", str(out), "--no-progress", *TINY_SET]
+def _train_cmd(out, *extra):
+    return [sys.executable, "-m", "grokhpc.train", "--out", str(out), "--no-progress", *TINY_SET,
+            *extra]
+
+
+def _wait_for_epoch(proc, out: Path, target: int) -> None:
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        prog = RunDir(out).read_progress() if (out / "progress.json").exists() else None
+        if prog and prog["epoch"] >= target:
+            return
+        time.sleep(0.02)
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, reference):
+    """The first process writes state.pt with every checkpoint row, the later ones only at
+    their start (state by time, with an interval no test reaches): the last one killed has
+    written rows past the last state. The resume starts from that state, recomputes those
+    epochs and rows, and ends bit-identical to the uninterrupted run."""
     out = tmp_path / "run"
     rng = random.Random(0)
     kills = 0
-    for target in (30, 110, 190):
-        proc = subprocess.Popen(_train_cmd(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            prog = RunDir(out).read_progress() if (out / "progress.json").exists() else None
-            if prog and prog["epoch"] >= target:
-                break
-            time.sleep(0.02)
+    for target, every in ((30, "0"), (110, "1000"), (190, "1000")):
+        proc = subprocess.Popen(_train_cmd(out, "--state-every", every), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        _wait_for_epoch(proc, out, target)
         time.sleep(rng.uniform(0.0, 0.15))   # land anywhere: mid-epoch, mid-commit
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
     assert kills >= 2
-    resumed_epoch = RunDir(out).read_progress()["epoch"]
-    assert 0 < resumed_epoch < 240
+    prog = RunDir(out).read_progress()
+    resumed_epoch = prog["state_epoch"]
+    assert 20 <= resumed_epoch < 110 <= prog["epoch"] < 240   # rows past the state
+    assert len(prog["checkpoint_epochs"]) > resumed_epoch // 20 + 1
     done = subprocess.run(_train_cmd(out), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"resuming at epoch {resumed_epoch}/240" in done.stdout
@@ -134,6 +146,26 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path, refere
     assert attempts[0]["epoch"] == 0 and attempts[-1]["epoch"] == resumed_epoch
     assert [a["epoch"] for a in attempts] == sorted(a["epoch"] for a in attempts)
     assert RunDir(out).read_summary()["n_attempts"] == len(attempts)
+
+
+def test_usr2_writes_the_state_then_ends_the_process(tmp_path, reference):
+    """SLURM's warning (USR2) to a plain ``python -m grokhpc.train``: the state is written at
+    the next epoch boundary, then the signal ends the process as it would have; the resume
+    starts exactly there and ends bit-identical."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(out, "--state-every", "1000"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    _wait_for_epoch(proc, out, 50)
+    proc.send_signal(signal.SIGUSR2)
+    assert proc.wait(timeout=120) == -signal.SIGUSR2
+    prog = RunDir(out).read_progress()
+    state = torch.load(out / "state.pt", weights_only=True)
+    assert prog["state_epoch"] == prog["epoch"] == state["epoch"] >= 50
+    assert not (out / "error.txt").exists()
+    done = subprocess.run(_train_cmd(out), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resuming at epoch {state['epoch']}/240" in done.stdout
+    assert_bit_identical(reference, RunDir(out))
 
 
 def assert_bit_identical(a: RunDir, b: RunDir) -> None:

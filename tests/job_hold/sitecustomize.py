@@ -37,8 +37,8 @@ def hold_commits(train_module, hold_dir: str, hold_epoch: int) -> None:
     release = os.path.join(hold_dir, "release")
 
     @functools.wraps(commit)
-    def held_commit(self, checkpoint: bool) -> None:
-        commit(self, checkpoint)
+    def held_commit(self, checkpoint: bool, state=None) -> None:
+        commit(self, checkpoint, state)
         if self.epoch != hold_epoch or os.path.exists(reached):
             return
         tmp = reached + ".tmp"
