@@ -568,12 +568,13 @@ class RunDir:
         epochs = list(prog["checkpoint_epochs"])
         n_cols, dtype = _n_cols(prog), self.checkpoint_dtype()
         f = self.file(CHECKPOINTS)
+        if f.exists():
+            check_storage(f, dtype)
         if verify:
             self.verify_checkpoints(prog)
         need = NPY_HEADER_BYTES + len(epochs) * n_cols * row_itemsize(dtype)
         if not f.exists() or f.stat().st_size < need:
             raise RunDirError(f"{f}: holds fewer rows than progress.json lists ({len(epochs)})")
-        check_storage(f, dtype)
         raw = np.memmap(f, dtype=CHECKPOINT_STORAGE[dtype], mode="r", offset=NPY_HEADER_BYTES,
                         shape=(len(epochs), n_cols))
         if dtype == "float32":
