@@ -164,7 +164,7 @@ def encode_row(row: np.ndarray, dtype: str = "float32") -> bytes:
 
 def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns: add half an ulp of the kept half (ties to even) and
-    keep the top 16 bits; a NaN becomes the quiet NaN 0x7FC0 (torch keeps some NaN, too)."""
+    keep the top 16 bits; a NaN stays a NaN (0x7FC0; torch may keep another NaN pattern)."""
     bits = x.view("<u4")
     kept = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
     return np.where(np.isnan(x), np.uint16(0x7FC0), kept.astype("<u2")).astype("<u2")
@@ -535,7 +535,8 @@ class RunDir:
         prog = self.read_progress()
         if not (prog and prog.get("done") and self.file(SUMMARY).exists()):
             return False
-        row = _n_cols(prog) * row_itemsize(self.checkpoint_dtype())
+        dtype = self.checkpoint_dtype() if self.exists() else "float32"
+        row = _n_cols(prog) * row_itemsize(dtype)
         need = NPY_HEADER_BYTES + len(prog.get("checkpoint_epochs") or []) * row
         f = self.file(CHECKPOINTS)
         return need == NPY_HEADER_BYTES or (f.exists() and f.stat().st_size >= need)
