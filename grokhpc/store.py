@@ -6,7 +6,8 @@ A run directory holds at most eight files, however many checkpoints it has (HPC 
 ``config.json``      the resolved RunConfig, plus ``run_id``
 ``progress.json``    epoch reached, planned epochs, checkpoint epochs, parameter layout, state
 ``state.pt``         the latest resumable training state (model, optimiser, curves so far)
-``checkpoints.npy``  one float32 row of flattened weights per checkpoint (``n_ckpt x n_params``)
+``checkpoints.npy``  one row of flattened weights per checkpoint (``n_ckpt x n_params``), float32
+                     or 16-bit as config.json's ``checkpoint_dtype`` says (``CHECKPOINT_STORAGE``)
 ``curves.parquet``   one row per epoch: epoch, train_loss, train_acc, test_loss, test_acc
 ``measures.parquet`` one row per checkpoint: progress measures (written by grokhpc.measures)
 ``summary.json``     phase epochs, grokking epoch, key frequencies (written at the end)
@@ -139,8 +140,65 @@ def _read_bytes(path: Path) -> bytes:
 
 
 # ---- checkpoints.npy: an appendable .npy ---------------------------------------------------
-def _npy_header(n_rows: int, n_cols: int) -> bytes:
-    d = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d, %d), }" % (n_rows, n_cols)
+# How each ``checkpoint_dtype`` stores its rows (the .npy header's descr). numpy has no
+# bfloat16: its rows hold the raw 16-bit patterns, the top half of the float32 rounded to
+# nearest even, so ``np.load`` gives them as uint16 (``decode_rows`` makes them float32).
+CHECKPOINT_STORAGE = {"float32": "<f4", "bfloat16": "<u2", "float16": "<f2"}
+
+
+def row_itemsize(dtype: str) -> int:
+    """Bytes per stored value of a ``checkpoint_dtype``."""
+    return np.dtype(CHECKPOINT_STORAGE[dtype]).itemsize
+
+
+def encode_row(row: np.ndarray, dtype: str = "float32") -> bytes:
+    """A row of weights as the little-endian bytes ``dtype`` stores: float32 as it is, float16
+    and bfloat16 rounded to nearest even (as torch's ``.to(dtype)`` rounds)."""
+    x = np.ascontiguousarray(row, dtype="<f4").reshape(-1)
+    if dtype == "float16":
+        return x.astype("<f2").tobytes()
+    if dtype == "bfloat16":
+        return _bfloat16_bits(x).tobytes()
+    return x.tobytes()
+
+
+def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns: add half an ulp of the kept half (ties to even) and
+    keep the top 16 bits; a NaN stays a NaN (0x7FC0; torch may keep another NaN pattern)."""
+    bits = x.view("<u4")
+    kept = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), kept.astype("<u2")).astype("<u2")
+
+
+def decode_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored values of ``dtype`` (as ``np.memmap`` reads them) as float32, exactly."""
+    if dtype == "bfloat16":
+        return (np.asarray(raw, dtype="<u2").astype("<u4") << np.uint32(16)).view("<f4")
+    return np.asarray(raw).astype(np.float32)
+
+
+class CheckpointRows:
+    """16-bit checkpoint rows on disk, read as float32 on indexing (``rows[i]``, ``rows[a:b]``)
+    so that a run's rows are never all in memory at once; ``np.array(rows)`` reads them all."""
+
+    def __init__(self, raw: np.ndarray, dtype: str):
+        self.raw, self.stored = raw, dtype
+        self.shape, self.dtype, self.ndim = raw.shape, np.dtype(np.float32), raw.ndim
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, key) -> np.ndarray:
+        return decode_rows(self.raw[key], self.stored)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = decode_rows(self.raw, self.stored)
+        return out if dtype is None else out.astype(dtype)
+
+
+def _npy_header(n_rows: int, n_cols: int, dtype: str = "float32") -> bytes:
+    d = "{'descr': '%s', 'fortran_order': False, 'shape': (%d, %d), }" % (
+        CHECKPOINT_STORAGE[dtype], n_rows, n_cols)
     magic = b"\x93NUMPY\x01\x00"
     body = d.encode("latin1")
     pad = NPY_HEADER_BYTES - len(magic) - 2 - len(body) - 1
@@ -149,49 +207,52 @@ def _npy_header(n_rows: int, n_cols: int) -> bytes:
 
 
 def row_checksum(data: bytes) -> int:
-    """The CRC-32 a checkpoint row is committed with (of its little-endian float32 bytes)."""
+    """The CRC-32 a checkpoint row is committed with (of its stored little-endian bytes)."""
     return zlib.crc32(data)
 
 
-def append_checkpoint_row(path: str | os.PathLike, row: np.ndarray, n_valid: int) -> int:
-    """Append one float32 row after the first ``n_valid`` rows (dropping any stale tail);
-    returns the row's checksum. A failed write (disk full) leaves the first ``n_valid`` rows."""
+def append_checkpoint_row(path: str | os.PathLike, row: np.ndarray, n_valid: int,
+                          dtype: str = "float32") -> int:
+    """Append one row, stored as ``dtype``, after the first ``n_valid`` rows (dropping any stale
+    tail); returns the row's checksum. A failed write (disk full) leaves the first ``n_valid``
+    rows."""
     path = Path(path)
-    data = np.ascontiguousarray(row, dtype="<f4").reshape(-1).tobytes()
-    n_cols = len(data) // 4
-    start = NPY_HEADER_BYTES + n_valid * n_cols * 4
+    data = encode_row(row, dtype)
+    n_cols = len(data) // row_itemsize(dtype)
+    start = NPY_HEADER_BYTES + n_valid * len(data)
     mode = "r+b" if path.exists() else "w+b"
     try:
         with open(path, mode) as f:
             f.truncate(start)
             if n_valid == 0:
                 f.seek(0)
-                f.write(_npy_header(0, n_cols))
+                f.write(_npy_header(0, n_cols, dtype))
             f.seek(start)
             f.write(data)
             f.seek(0)
-            f.write(_npy_header(n_valid + 1, n_cols))
+            f.write(_npy_header(n_valid + 1, n_cols, dtype))
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
         e.filename = str(path)
         try:   # shrinking needs no space: back to the committed rows
-            truncate_checkpoints(path, n_valid, n_cols)
+            truncate_checkpoints(path, n_valid, n_cols, dtype)
         except OSError:
             pass
         raise
     return row_checksum(data)
 
 
-def truncate_checkpoints(path: str | os.PathLike, n_valid: int, n_cols: int) -> None:
+def truncate_checkpoints(path: str | os.PathLike, n_valid: int, n_cols: int,
+                         dtype: str = "float32") -> None:
     """Cut ``checkpoints.npy`` back to its first ``n_valid`` rows (after a kill)."""
     path = Path(path)
     if not path.exists():
         return
     with open(path, "r+b") as f:
-        f.truncate(NPY_HEADER_BYTES + n_valid * n_cols * 4)
+        f.truncate(NPY_HEADER_BYTES + n_valid * n_cols * row_itemsize(dtype))
         f.seek(0)
-        f.write(_npy_header(n_valid, n_cols))
+        f.write(_npy_header(n_valid, n_cols, dtype))
         f.flush()
         os.fsync(f.fileno())
 
@@ -208,11 +269,12 @@ def _row_ranges(rows: list[int]) -> str:
     return ", ".join(parts)
 
 
-def checkpoint_checksums(path: str | os.PathLike, n_rows: int, n_cols: int) -> list[int | None]:
+def checkpoint_checksums(path: str | os.PathLike, n_rows: int, n_cols: int,
+                         dtype: str = "float32") -> list[int | None]:
     """The checksum of each of the first ``n_rows`` rows as the file holds them now (None for
     a row the file is too short to hold), reading one row at a time."""
     out: list[int | None] = []
-    size = n_cols * 4
+    size = n_cols * row_itemsize(dtype)
     with open(path, "rb") as f:
         f.seek(NPY_HEADER_BYTES)
         for _ in range(n_rows):
@@ -222,21 +284,23 @@ def checkpoint_checksums(path: str | os.PathLike, n_rows: int, n_cols: int) -> l
 
 
 def check_checkpoints(path: str | os.PathLike, n_rows: int, n_cols: int,
-                      checksums: list[int] | None, header: bool = True) -> None:
+                      checksums: list[int] | None, header: bool = True,
+                      dtype: str = "float32") -> None:
     """Raise RunDirError naming the file and its damaged rows (0-based, as numpy indexes them)
-    unless ``path`` holds ``n_rows`` rows matching ``checksums`` (only their presence is
-    checked for runs written before checksums were kept). ``header``: also check that the
-    .npy header describes at least those rows (a resume rewrites it)."""
+    unless ``path`` holds ``n_rows`` rows of ``dtype`` matching ``checksums`` (only their
+    presence is checked for runs written before checksums were kept). ``header``: also check
+    that the .npy header describes at least those rows (a resume rewrites it)."""
     path = Path(path)
     if n_rows == 0 or n_cols == 0:   # no weights to check
         return
-    need = NPY_HEADER_BYTES + n_rows * n_cols * 4
+    need = NPY_HEADER_BYTES + n_rows * n_cols * row_itemsize(dtype)
     size = path.stat().st_size if path.exists() else None
     if size is None:
         raise RunDirError(f"{path}: missing; progress lists {n_rows} checkpoint rows")
+    check_storage(path, dtype)
     if checksums is not None and len(checksums) != n_rows:
         raise RunDirError(f"{path}: {len(checksums)} checksums recorded for {n_rows} rows")
-    found = checkpoint_checksums(path, n_rows, n_cols)
+    found = checkpoint_checksums(path, n_rows, n_cols, dtype)
     bad = [i for i, c in enumerate(found)
            if c is None or (checksums is not None and c != checksums[i])]
     if bad:
@@ -246,18 +310,35 @@ def check_checkpoints(path: str | os.PathLike, n_rows: int, n_cols: int,
         raise RunDirError(f"{path}: {rows} of {n_rows} damaged ({why}); "
                           "restore the file from a copy, or delete the run directory to "
                           "train the run again")
-    if header and not _header_holds(path, n_rows, n_cols):
+    if header and not _header_holds(path, n_rows, n_cols, dtype):
         raise RunDirError(f"{path}: .npy header damaged (rows intact; resuming the run "
                           "rewrites it)")
 
 
-def _header_holds(path: Path, n_rows: int, n_cols: int) -> bool:
-    """Whether the .npy header is ours, for ``n_cols`` columns and at least ``n_rows`` rows
-    (rows appended after the last commit may follow the committed ones)."""
+def _read_header(path: Path) -> bytes:
     with open(path, "rb") as f:
-        head = f.read(NPY_HEADER_BYTES)
+        return f.read(NPY_HEADER_BYTES)
+
+
+def check_storage(path: str | os.PathLike, dtype: str) -> None:
+    """Raise RunDirError when the .npy header holds rows of another ``checkpoint_dtype`` than
+    ``dtype`` (config.json's, which rules); a header too damaged to say is left to the checks
+    of rows and header."""
+    m = re.search(rb"'descr': '([<>|][a-z]\d)'", _read_header(Path(path)))
+    held = m and m.group(1).decode()
+    if held in CHECKPOINT_STORAGE.values() and held != CHECKPOINT_STORAGE[dtype]:
+        name = next(k for k, v in CHECKPOINT_STORAGE.items() if v == held)
+        raise RunDirError(f"{path}: holds {name} rows ('{held}') but config.json says "
+                          f"checkpoint_dtype {dtype}; the file is not this run's")
+
+
+def _header_holds(path: Path, n_rows: int, n_cols: int, dtype: str = "float32") -> bool:
+    """Whether the .npy header is ours, for ``n_cols`` columns of ``dtype`` and at least
+    ``n_rows`` rows (rows appended after the last commit may follow the committed ones)."""
+    head = _read_header(path)
     m = re.search(rb"'shape': \((\d+), ", head)
-    return bool(m) and int(m.group(1)) >= n_rows and head == _npy_header(int(m.group(1)), n_cols)
+    return bool(m) and int(m.group(1)) >= n_rows \
+        and head == _npy_header(int(m.group(1)), n_cols, dtype)
 
 
 # ---- one trainer per run: a POSIX record lock on config.json ----------------------------------
@@ -454,9 +535,20 @@ class RunDir:
         prog = self.read_progress()
         if not (prog and prog.get("done") and self.file(SUMMARY).exists()):
             return False
-        need = NPY_HEADER_BYTES + len(prog.get("checkpoint_epochs") or []) * _n_cols(prog) * 4
+        dtype = self.checkpoint_dtype() if self.exists() else "float32"
+        row = _n_cols(prog) * row_itemsize(dtype)
+        need = NPY_HEADER_BYTES + len(prog.get("checkpoint_epochs") or []) * row
         f = self.file(CHECKPOINTS)
         return need == NPY_HEADER_BYTES or (f.exists() and f.stat().st_size >= need)
+
+    def checkpoint_dtype(self) -> str:
+        """How the run stores its checkpoint rows: config.json's ``checkpoint_dtype`` (float32
+        for runs written before the field). It rules; the .npy header must agree."""
+        dtype = self.read_config().get("checkpoint_dtype", "float32")
+        if dtype not in CHECKPOINT_STORAGE:
+            raise RunDirError(f"{self.file(CONFIG)}: checkpoint_dtype: expected one of "
+                              f"{', '.join(CHECKPOINT_STORAGE)}, got {dtype!r}")
+        return dtype
 
     def verify_checkpoints(self, progress: dict[str, Any] | None = None) -> None:
         """Check every committed checkpoint row against the checksum written with it (see
@@ -465,25 +557,30 @@ class RunDir:
         if not prog or not prog.get("checkpoint_epochs"):
             return
         check_checkpoints(self.file(CHECKPOINTS), len(prog["checkpoint_epochs"]), _n_cols(prog),
-                          prog.get("checkpoint_crc32"))
+                          prog.get("checkpoint_crc32"), dtype=self.checkpoint_dtype())
 
     def checkpoints(self, mmap: bool = True, verify: bool = True) -> tuple[list[int], np.ndarray]:
-        """(epochs, weights) of the committed checkpoints; weights is (n_ckpt, n_params).
-        ``verify``: check the rows' checksums first (one read of the file)."""
+        """(epochs, weights) of the committed checkpoints; weights is (n_ckpt, n_params),
+        float32 whatever the stored dtype (16-bit rows: a ``CheckpointRows`` read on indexing
+        when ``mmap``). ``verify``: check the rows' checksums first (one read of the file)."""
         prog = self.read_progress()
         if not prog or not prog.get("checkpoint_epochs"):
             return [], np.zeros((0, 0), dtype=np.float32)
         epochs = list(prog["checkpoint_epochs"])
-        n_cols = _n_cols(prog)
+        n_cols, dtype = _n_cols(prog), self.checkpoint_dtype()
         f = self.file(CHECKPOINTS)
+        if f.exists():
+            check_storage(f, dtype)
         if verify:
             self.verify_checkpoints(prog)
-        need = NPY_HEADER_BYTES + len(epochs) * n_cols * 4
+        need = NPY_HEADER_BYTES + len(epochs) * n_cols * row_itemsize(dtype)
         if not f.exists() or f.stat().st_size < need:
             raise RunDirError(f"{f}: holds fewer rows than progress.json lists ({len(epochs)})")
-        arr = np.memmap(f, dtype="<f4", mode="r", offset=NPY_HEADER_BYTES,
+        raw = np.memmap(f, dtype=CHECKPOINT_STORAGE[dtype], mode="r", offset=NPY_HEADER_BYTES,
                         shape=(len(epochs), n_cols))
-        return epochs, (arr if mmap else np.array(arr))
+        if dtype == "float32":
+            return epochs, (raw if mmap else np.array(raw))
+        return epochs, (CheckpointRows(raw, dtype) if mmap else decode_rows(raw, dtype))
 
     def unflatten(self, row: np.ndarray) -> dict[str, np.ndarray]:
         """A checkpoint row as {parameter name: array} (keys as in the model's state_dict)."""

@@ -323,7 +323,8 @@ class Trainer:
         try:
             if checkpoint:
                 row = flat_weights(self.model).cpu().numpy()
-                crcs.append(append_checkpoint_row(self.run.file(CHECKPOINTS), row, len(epochs)))
+                crcs.append(append_checkpoint_row(self.run.file(CHECKPOINTS), row, len(epochs),
+                                                  self.cfg.checkpoint_dtype))
                 epochs.append(self.epoch)
             if state:
                 atomic_write_bytes(self.run.file(STATE), self.state_bytes(epochs, crcs))
@@ -331,7 +332,7 @@ class Trainer:
             if checkpoint and len(epochs) > len(self.checkpoint_epochs):
                 try:   # the row is not committed: cut it (shrinking needs no space)
                     truncate_checkpoints(self.run.file(CHECKPOINTS), len(self.checkpoint_epochs),
-                                         self.n_cols)
+                                         self.n_cols, self.cfg.checkpoint_dtype)
                 except OSError:
                     pass
             raise self.commit_failure(e) from e
@@ -445,10 +446,10 @@ class Trainer:
             return False
         epochs = list(state["checkpoint_epochs"])
         crcs = state.get("checkpoint_crc32")
-        f = self.run.file(CHECKPOINTS)
-        check_checkpoints(f, len(epochs), self.n_cols, crcs, header=False)
+        f, dtype = self.run.file(CHECKPOINTS), self.cfg.checkpoint_dtype
+        check_checkpoints(f, len(epochs), self.n_cols, crcs, header=False, dtype=dtype)
         if crcs is None:   # a run from before checksums: adopt the rows as they are
-            crcs = checkpoint_checksums(f, len(epochs), self.n_cols) if epochs else []
+            crcs = checkpoint_checksums(f, len(epochs), self.n_cols, dtype) if epochs else []
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for k, v in state["curves"].items():
@@ -457,7 +458,7 @@ class Trainer:
         self.checkpoint_epochs, self.checkpoint_crcs = epochs, list(crcs)
         self.wall_time = float(state["wall_time"])
         self._restore_extra(state)
-        truncate_checkpoints(f, len(epochs), self.n_cols)
+        truncate_checkpoints(f, len(epochs), self.n_cols, dtype)
         return True
 
     def begin_attempt(self) -> None:
