@@ -1,6 +1,7 @@
 """Bytes a run writes per 1,000 epochs at the seed config, from the kernel's own count.
 
     python benchmarks/bench_commit_io.py [--epochs 1000] [--runs 1] [--state-every-min 10]
+                                         [--checkpoint-dtype float32]
 
 Trains the seed config (p = 113, checkpoint row every 100 epochs) for ``--epochs`` epochs into
 a temporary run directory -- one run with ``Trainer.fit``, or ``--runs R`` packed with
@@ -58,6 +59,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=1, help="1: solo Trainer; R > 1: packed group")
+    ap.add_argument("--checkpoint-dtype", default="float32")
     ap.add_argument("--state-every-min", type=float, default=None,
                     help="minutes between state.pt writes (default: the trainer's own)")
     args = ap.parse_args(argv)
@@ -71,14 +73,20 @@ def main(argv=None) -> int:
         root = Path(d)
         t0 = time.perf_counter()
         if args.runs == 1:
-            delta = solo(RunConfig(device="cpu"), root, args.epochs, every)
+            cfg = RunConfig(device="cpu")
+            if args.checkpoint_dtype != "float32":
+                cfg = cfg.replace(checkpoint_dtype=args.checkpoint_dtype)
+            delta = solo(cfg, root, args.epochs, every)
         else:   # n_epochs = the window: a group trains to the end
-            cfgs = [RunConfig(device="cpu", n_epochs=args.epochs, model_seed=999 + i)
+            extra = {} if args.checkpoint_dtype == "float32" else \
+                {"checkpoint_dtype": args.checkpoint_dtype}
+            cfgs = [RunConfig(device="cpu", n_epochs=args.epochs, model_seed=999 + i, **extra)
                     for i in range(args.runs)]
             delta = packed(cfgs, root, args.epochs, every)
         secs = time.perf_counter() - t0
         scale = 1000 / args.epochs / args.runs
-        print(f"{args.runs} run(s) x {args.epochs} epochs, seed config, {secs:.0f} s")
+        print(f"{args.runs} run(s) x {args.epochs} epochs, seed config, checkpoint_dtype "
+              f"{args.checkpoint_dtype}, {secs:.0f} s")
         print("| counter | bytes per run per 1,000 epochs |\n|---|---:|")
         for k in ("wchar", "write_bytes", "syscw"):
             print(f"| {k} | {delta[k] * scale:,.0f} |")

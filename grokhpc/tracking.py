@@ -217,12 +217,13 @@ class Tracker:
         self.run, self.settings, self.step = run, settings, step
 
     def log_curves(self, trainer) -> None:
-        """The curve rows after the last logged one up to the committed epoch; the committed
-        epoch's own row waits for its train loss (known after the next step) unless it is the
-        last epoch."""
-        e, n = trainer.committed_epoch, trainer.cfg.n_epochs
-        if e is None:
+        """The curve rows after the last logged one up to the epoch of the last commit (a row,
+        or a state); that epoch's own row waits for its train loss (known after the next step)
+        unless it is the last epoch. A resume from an older state recomputes the same rows and
+        starts logging after the W&B run's last step (``next_step``)."""
+        if trainer.committed_epoch is None:
             return
+        e, n = trainer.epoch, trainer.cfg.n_epochs
         upto = e if e >= n else e - 1
         if upto < self.step:
             return

@@ -209,11 +209,15 @@ def test_bfloat16_run_resumed_after_an_interruption_is_bit_identical(tmp_path, t
     cfg = from_dict({**TINY_RUN, "device": "cpu", "checkpoint_dtype": "bfloat16"})
     out = tmp_path / "cut"
     t = Trainer.open(cfg, out, torch.device("cpu"))
-    t.fit(progress_bar=False, until=50)          # committed at 40; epochs 41-50 are lost
+    t.fit(progress_bar=False, until=40)          # state.pt at 40 (where fit stops)
+    for _ in range(20):
+        t.step()
+    t.evaluate()
+    t.commit(checkpoint=True, state=False)       # row 60 past the state, as between states
     n_cols = t.n_cols
     t.close()
-    # a kill between appending the next row and committing it leaves a 16-bit tail
-    append_checkpoint_row(out / CHECKPOINTS, np.full(n_cols, 7.0, np.float32), 3, "bfloat16")
+    # a kill while appending the next row leaves a 16-bit tail past that
+    append_checkpoint_row(out / CHECKPOINTS, np.full(n_cols, 7.0, np.float32), 4, "bfloat16")
     cut = _train(cfg, out)
     ref = trained["bfloat16"]
     assert cut.read_progress()["attempts"][-1]["epoch"] == 40

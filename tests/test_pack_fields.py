@@ -276,6 +276,8 @@ def test_killed_minibatch_group_resumes_bit_identical(tmp_path, solo):
     cfgs = GROUPS["adamw_minibatch"]
     dirs = [tmp_path / f"r{i}" for i in range(3)]
     trainers = [Trainer.open(c, d, torch.device("cpu")) for c, d in zip(cfgs, dirs)]
+    for t in trainers:
+        t.state_every_s = 0.0   # state.pt with every row: the commit at 20 is a resume point
     stack = Stack(trainers, torch.device("cpu"), exact=True)
     _fit_stack(stack, 25, None, lambda *a: None)
     assert stack.epoch == 25
@@ -286,6 +288,31 @@ def test_killed_minibatch_group_resumes_bit_identical(tmp_path, solo):
     said = []
     run_training(cfgs[0], dirs[0], progress_bar=False, log=said.append)
     train_group(cfgs[1:], dirs[1:], device="cpu", progress_bar=False, log=said.append)
+    assert sum("resuming at epoch 20" in s for s in said) == 3
+    for d, s in zip(dirs, solo["adamw_minibatch"]):
+        assert compare_runs(d, s, rel=0.0) == {"abs": 0.0, "rel": 0.0}
+
+
+def test_packed_rows_past_the_state_are_recomputed_bit_identical(tmp_path, solo):
+    """State by time in a packed group: the test makes state.pt due once (at the commit of
+    epoch 20), so a group killed at epoch 45 has its row of epoch 40 past its state. The resume
+    starts at 20 and recomputes epochs and rows bit for bit."""
+    cfgs = GROUPS["adamw_minibatch"]
+    dirs = [tmp_path / f"r{i}" for i in range(3)]
+    trainers = [Trainer.open(c, d, torch.device("cpu")) for c, d in zip(cfgs, dirs)]
+    stack = Stack(trainers, torch.device("cpu"), exact=True)
+    _fit_stack(stack, 10, None, lambda *a: None)
+    for t in trainers:
+        t.state_written_at = float("-inf")   # the interval has passed: due at the next row
+    _fit_stack(stack, 45, None, lambda *a: None)
+    progress = [RunDir(d).read_progress() for d in dirs]
+    assert [(p["epoch"], p["state_epoch"]) for p in progress] == [(40, 20)] * 3
+    assert progress[0]["checkpoint_epochs"] == [0, 20, 40]
+    for t in trainers:
+        t.close()
+    del stack, trainers, t
+    said = []
+    train_group(cfgs, dirs, device="cpu", progress_bar=False, log=said.append)
     assert sum("resuming at epoch 20" in s for s in said) == 3
     for d, s in zip(dirs, solo["adamw_minibatch"]):
         assert compare_runs(d, s, rel=0.0) == {"abs": 0.0, "rel": 0.0}

@@ -199,7 +199,7 @@ def test_stale_checkpoint_tail_is_cut_on_resume(tmp_path):
     for _ in range(20):
         t.step()
     t.evaluate()
-    t.commit(checkpoint=True)                       # epochs 0 and 20 committed
+    t.commit(checkpoint=True, state=True)           # epochs 0 and 20 committed
     n_cols = sum(math.prod(s) for _, s in t.layout)
     append_checkpoint_row(out / CHECKPOINTS, np.full(n_cols, 7.0, np.float32), 2)  # orphan
     (out / ".state.pt.k1ll3d.tmp").write_bytes(b"half a state")        # a kill mid-rename
@@ -345,7 +345,8 @@ def test_damaged_or_truncated_state_is_one_line_and_kept(tmp_path, reference):
 def test_full_disk_mid_commit_keeps_the_last_commit_and_the_same_command_resumes(
         tmp_path, reference):
     """RLIMIT_FSIZE stands in for a full disk or quota: a write past it raises EFBIG. The limit
-    leaves room for state.pt and for k checkpoint rows, so the commit of row k fails."""
+    leaves room for state.pt and for k checkpoint rows, so the commit of row k fails (state.pt
+    with every row here, so the last commit is the row before)."""
     row = _n_cols(reference) * 4
     k = math.ceil(1.2 * reference.file("state.pt").stat().st_size / row)
     limit = NPY_HEADER_BYTES + k * row + row // 2
@@ -357,8 +358,8 @@ def test_full_disk_mid_commit_keeps_the_last_commit_and_the_same_command_resumes
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     out = tmp_path / "run"
-    res = subprocess.run(_train_cmd(out), capture_output=True, text=True, timeout=300,
-                         preexec_fn=full_disk, env=_quiet_env())
+    res = subprocess.run(_train_cmd(out, "--state-every", "0"), capture_output=True, text=True,
+                         timeout=300, preexec_fn=full_disk, env=_quiet_env())
     assert res.returncode == 2, res.stderr
     last = (k - 1) * every
     assert res.stderr == (f"error: {out / CHECKPOINTS}: {os.strerror(errno.EFBIG)} while "
