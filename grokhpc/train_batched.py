@@ -80,12 +80,13 @@ from .store import RunDir, RunDirError
 # and classes, the sizes, n_layers, act_fn and normalization the parameters and the forward),
 # the commit schedule (n_epochs, checkpoint_every, eval_every), the loss's dtype, the kind of
 # optimiser state that is stacked (optimizer: Adam moments or SGD momentum buffers) and the
-# step schedule (batch_size: the number and size of minibatches per epoch). Everything else
+# step schedule (batch_size: the number and size of minibatches per epoch) and the float32
+# matmul precision (one setting of the process for the whole stacked computation). Everything else
 # -- lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale,
 # fixed_weight_norm, label_noise, seeds, stop_after_grok -- may differ run by run.
 SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_layers", "act_fn",
                 "normalization", "n_epochs", "checkpoint_every", "eval_every", "loss_dtype",
-                "optimizer", "batch_size")
+                "optimizer", "batch_size", "matmul_precision")
 # With an integer batch_size, train_frac too: the runs take their k-th minibatch in the same
 # step, so each needs the same ceil(n_train / batch_size) steps of the same sizes per epoch.
 MINIBATCH_SHAPE_FIELDS = ("train_frac",)
@@ -666,26 +667,61 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
     ``background_commits`` (default: on for GPUs): a commit's file writes (checkpoint rows,
     state.pt, progress, curves of every run) overlap the next epochs' training in a thread;
     each commit still completes before the next one starts and before this returns.
+
+    Training runs at the group's ``matmul_precision`` (the process's own is restored after).
     """
-    from .train import Trainer, resolve_device
+    from .train import matmul_precision, resolve_device
 
     cfgs = list(cfgs)
     out_dirs = [Path(d) for d in out_dirs]
     check_group(cfgs, out_dirs)
     runs = [RunDir(d) for d in out_dirs]
-    for cfg, run in zip(cfgs, runs):  # refuse foreign directories before touching anything
+    _refuse_foreign_dirs(cfgs, runs)
+    import torch
+
+    dev = resolve_device(device if device is not None else cfgs[0].device) \
+        if not isinstance(device, torch.device) else device
+    background = (dev.type != "cpu") if background_commits is None else bool(background_commits)
+    with matmul_precision(cfgs[0].matmul_precision):   # recorded in each attempt's provenance
+        trainers = _open_unfinished(cfgs, runs, dev, retry_diverged, log)
+        if not trainers:
+            return runs
+        bar = None
+        if progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(t.cfg.n_epochs - t.epoch for t in trainers),
+                       unit="run-epoch", desc=f"{len(trainers)} runs", dynamic_ncols=True,
+                       mininterval=1.0)
+        try:
+            diverged, finished = _train_all(trainers, dev, exact, background, bar, log)
+        finally:
+            if bar is not None:
+                bar.close()
+    for t in trainers:   # runs that were already at their last epoch when opened
+        if t.epoch < t.stop_epoch() or any(t is d for d in diverged + finished):
+            continue
+        _finish(t, log)
+    for t in trainers:   # each run's lock (on an exception, the trainers' end lets them go)
+        t.close()
+    return runs
+
+
+def _refuse_foreign_dirs(cfgs: list, runs: list) -> None:
+    """RunDirError for a directory that holds another run, before anything is touched."""
+    for cfg, run in zip(cfgs, runs):
         if run.exists() and run.read_config().get("run_id") != cfg.run_id:
             raise RunDirError(f"{run.file('config.json')}: holds run "
                               f"{run.read_config().get('run_id')}, not {cfg.run_id}; "
                               "use another directory")
-    import torch
 
-    torch.set_float32_matmul_precision("highest")
-    dev = resolve_device(device if device is not None else cfgs[0].device) \
-        if not isinstance(device, torch.device) else device
 
-    background = (dev.type != "cpu") if background_commits is None else bool(background_commits)
-    pending = []
+def _open_unfinished(cfgs: list, runs: list, dev, retry_diverged: bool, log) -> list:
+    """A solo Trainer (new or resumed) for each run still to train; complete runs and runs
+    marked diverged (unless ``retry_diverged``) are left alone with one line each."""
+    from .train import Trainer
+
+    trainers = []
     for cfg, run in zip(cfgs, runs):
         if run.exists() and run.is_complete():
             prog = run.read_progress()
@@ -695,37 +731,11 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
         if run.exists() and _is_diverged(run) and not retry_diverged:
             log(f"run {cfg.run_id} in {run.path} diverged before (see error.txt); skipped")
             continue
-        pending.append((cfg, run))
-    if not pending:
-        return runs
-
-    trainers = []
-    for cfg, run in pending:
         t = Trainer.open(cfg, run.path, dev)
         if t.epoch > 0:
             log(f"run {cfg.run_id}: resuming at epoch {t.epoch}/{cfg.n_epochs}")
         trainers.append(t)
-
-    n_epochs = cfgs[0].n_epochs
-    bar = None
-    if progress_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(n_epochs - t.epoch for t in trainers), unit="run-epoch",
-                   desc=f"{len(trainers)} runs", dynamic_ncols=True, mininterval=1.0)
-    try:
-        diverged, finished = _train_all(trainers, dev, exact, background, bar, log)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    for t in trainers:   # runs that were already at their last epoch when opened
-        if t.epoch < t.stop_epoch() or any(t is d for d in diverged + finished):
-            continue
-        _finish(t, log)
-    for t in trainers:   # each run's lock (on an exception, the trainers' end lets them go)
-        t.close()
-    return runs
+    return trainers
 
 
 # ---- sizing a job ------------------------------------------------------------------------------

@@ -299,6 +299,7 @@ def test_killed_minibatch_group_resumes_bit_identical(tmp_path, solo):
     (dict(), dict(act_fn="gelu"), "act_fn"),
     (dict(), dict(normalization="LN"), "normalization"),
     (dict(), dict(n_layers=2), "n_layers"),
+    (dict(), dict(matmul_precision="high"), "matmul_precision"),
 ])
 def test_groups_that_differ_in_a_shape_field_are_refused(tmp_path, a, b, field):
     ca, cb = cfg_of(**a), cfg_of(model_seed=7, **b)
@@ -306,6 +307,39 @@ def test_groups_that_differ_in_a_shape_field_are_refused(tmp_path, a, b, field):
                                          r"every run of a group, got"):
         train_group([ca, cb], [tmp_path / "a", tmp_path / "b"], progress_bar=False)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_packed_group_trains_at_its_matmul_precision(tmp_path, monkeypatch):
+    """Each stacked step sees the group's precision (read from inside it), each run's attempt
+    records it, and the process's own setting is back afterwards."""
+    seen = set()
+    update = Stack._update
+
+    def spy(self, rows):
+        seen.add(torch.get_float32_matmul_precision())
+        return update(self, rows)
+
+    monkeypatch.setattr(Stack, "_update", spy)
+    cfgs = [cfg_of(model_seed=s, n_epochs=20, matmul_precision="high") for s in (1, 2)]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    before = torch.get_float32_matmul_precision()
+    train_group(cfgs, dirs, device="cpu", **QUIET)
+    assert seen == {"high"} and torch.get_float32_matmul_precision() == before
+    for d in dirs:
+        assert [a["matmul_precision"] for a in RunDir(d).read_progress()["attempts"]] == ["high"]
+
+
+def test_the_launcher_never_packs_what_a_group_refuses():
+    """sweep.shape_key (which runs a job packs) splits on every field check_group requires."""
+    from grokhpc.sweep import shape_key
+
+    base = cfg_of()
+    for field, value in [("matmul_precision", "high"), ("optimizer", "adam"), ("n_layers", 2),
+                         ("act_fn", "gelu"), ("batch_size", 16)]:
+        assert shape_key(base) != shape_key(base.replace(**{field: value})), field
+    mini = cfg_of(batch_size=16)
+    assert shape_key(mini) != shape_key(mini.replace(train_frac=0.6))
+    assert shape_key(base) == shape_key(base.replace(train_frac=0.6, model_seed=5, lr=1e-2))
 
 
 def test_full_batch_runs_may_differ_in_train_frac(tmp_path):
