@@ -29,6 +29,40 @@ def _b(t, like):
     return t.view((-1,) + (1,) * (like.dim() - 1))
 
 
+def flat_stack(tensors: list):
+    """(one (R, N) buffer holding the stacked ``tensors`` (each (R, *shape)) side by side, a
+    view of it shaped like each): every run's values of all of them in one row, so a per-run
+    column (R, 1) broadcasts over all of them in one elementwise kernel."""
+    import torch
+
+    R = tensors[0].shape[0]
+    flat = torch.cat([t.detach().reshape(R, -1) for t in tensors], dim=1)
+    views, at = [], 0
+    for t in tensors:
+        n = t[0].numel()
+        views.append(flat[:, at:at + n].view(t.shape))
+        at += n
+    return flat, views
+
+
+def adam_update(p, g, m, v, cols, neg_step, bc2_sqrt, decoupled: bool, decay: bool) -> None:
+    """One Adam(W) step in place of stacked weights ``p`` (R, ...) with gradient ``g`` and
+    moments ``m``, ``v``: ``cols`` the per-run columns (1 - lr*wd, wd, 1 - b1, b2, 1 - b2), the
+    step's (-lr / (1 - b1^t), sqrt(1 - b2^t)) columns, all (R,) and broadcast along the run
+    axis. The one place of the stacked Adam(W) math, per weight or over a flat buffer."""
+    import torch
+
+    one_minus_lr_wd, wd, w1, b2, w2 = cols
+    if decay and decoupled:
+        p.mul_(_b(one_minus_lr_wd, p))
+    elif decay:
+        g = torch.addcmul(g, p, _b(wd, p))
+    m.lerp_(g, _b(w1, p))
+    v.mul_(_b(b2, p)).addcmul_(_b(w2, p) * g, g)
+    denom = (v.sqrt() / _b(bc2_sqrt, p)).add_(ADAM_EPS)
+    p.addcdiv_(_b(neg_step, p) * m, denom)
+
+
 class StackedAdamW:
     """``torch.optim.AdamW`` (single-tensor path, amsgrad off) for R runs stacked on dim 0; with
     ``decoupled=False``, ``torch.optim.Adam`` (weight decay added to the gradient).
@@ -66,17 +100,24 @@ class StackedAdamW:
         self._w1 = _col([1 - b for b in self.b1], params[0])
         self._b2 = _col(self.b2, params[0])
         self._w2 = _col([1 - b for b in self.b2], params[0])
+        self._decays = any(wd != 0 for wd in self.wds)
+        self.update = adam_update
         self.set_lrs(lrs)
 
     def set_lrs(self, lrs) -> None:
-        """Each run's lr for the coming steps (a schedule changes it once per epoch)."""
+        """Each run's lr for the coming steps (a schedule changes it once per epoch). The
+        device tensors are rewritten in place, so a captured step reads the new values."""
         import torch
 
         self.lrs = [float(x) for x in lrs]
-        self._decay = _col([1 - lr * wd for lr, wd in zip(self.lrs, self.wds)], self.params[0])
+        decay = _col([1 - lr * wd for lr, wd in zip(self.lrs, self.wds)], self.params[0])
+        if hasattr(self, "_decay"):
+            self._decay.copy_(decay)
+        else:
+            self._decay = decay
         c = getattr(self, "_dev64", None)
         if c is not None:
-            c["lr"] = torch.tensor(self.lrs, dtype=torch.float64, device=c["lr"].device)
+            c["lr"].copy_(torch.tensor(self.lrs, dtype=torch.float64))
 
     def _corrections(self):
         """(-lr / (1 - b1^t), sqrt(1 - b2^t)) per run as float32 columns: from Python floats as
@@ -116,25 +157,25 @@ class StackedAdamW:
                      beta2=self.b2[r], lr=self.lrs[r], weight_decay=self.wds[r], eps=ADAM_EPS,
                      maximize=False)
 
+    def count_step(self) -> None:
+        """Advance each run's step count (kept on the host for the solo optimiser's state)."""
+        self.steps = [s + 1 for s in self.steps]
+
+    @property
+    def columns(self) -> tuple:
+        return self._decay, self._wd, self._w1, self._b2, self._w2
+
     def step(self) -> None:
         import torch
 
-        self.steps = [s + 1 for s in self.steps]
+        self.count_step()
         if self.per_run_torch:
             return self._torch_step()
         neg_step, bc2_sqrt = self._corrections()
-        decay = any(wd != 0 for wd in self.wds)
         with torch.no_grad():
             for p, m, v in zip(self.params, self.exp_avgs, self.exp_avg_sqs):
-                g = p.grad
-                if decay and self.decoupled:
-                    p.mul_(_b(self._decay, p))
-                elif decay:
-                    g = torch.addcmul(g, p, _b(self._wd, p))
-                m.lerp_(g, _b(self._w1, p))
-                v.mul_(_b(self._b2, p)).addcmul_(_b(self._w2, p) * g, g)
-                denom = (v.sqrt() / _b(bc2_sqrt, p)).add_(ADAM_EPS)
-                p.addcdiv_(_b(neg_step, p) * m, denom)
+                self.update(p, p.grad, m, v, self.columns, neg_step, bc2_sqrt, self.decoupled,
+                            self._decays)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -152,6 +193,43 @@ class StackedAdamW:
         state["step"].fill_(float(self.steps[r]))
         state["exp_avg"].copy_(self.exp_avgs[i][r])
         state["exp_avg_sq"].copy_(self.exp_avg_sqs[i][r])
+
+
+class FlatStackedAdamW(StackedAdamW):
+    """``StackedAdamW`` whose weights, gradients and moments are views of one (R, N) buffer
+    each (:func:`flat_stack`): a step copies the R runs' gradients into the flat gradient (one
+    ``cat``) and runs :func:`adam_update` once over all weights -- about ten elementwise
+    kernels for the whole group instead of about ten per weight. Per element the operations
+    are ``StackedAdamW``'s, hence its bits. ``params`` are copied into the flat buffer; use
+    the optimiser's ``params`` (leaf views that take gradients) from then on. ``compiled``:
+    the update runs through ``torch.compile`` (one generated kernel; rounding may differ)."""
+
+    def __init__(self, params: list, lrs, weight_decays, betas, steps, exp_avgs, exp_avg_sqs,
+                 host_scalars: bool | None = None, decoupled: bool = True,
+                 compiled: bool = False):
+        import torch
+
+        self.flat, views = flat_stack(params)
+        for view in views:
+            view.requires_grad_(True)
+        self.flat_m, m_views = flat_stack(exp_avgs)
+        self.flat_v, v_views = flat_stack(exp_avg_sqs)
+        self.flat_grad = torch.zeros_like(self.flat)
+        super().__init__(views, lrs, weight_decays, betas, steps, m_views, v_views,
+                         host_scalars=host_scalars, decoupled=decoupled)
+        if compiled:
+            self.update = torch.compile(adam_update, dynamic=False)
+
+    def step(self) -> None:
+        import torch
+
+        self.count_step()
+        neg_step, bc2_sqrt = self._corrections()
+        with torch.no_grad():
+            torch.cat([p.grad.reshape(p.shape[0], -1) for p in self.params], dim=1,
+                      out=self.flat_grad)
+            self.update(self.flat, self.flat_grad, self.flat_m, self.flat_v, self.columns,
+                        neg_step, bc2_sqrt, self.decoupled, self._decays)
 
 
 class StackedSGD:
@@ -173,8 +251,17 @@ class StackedSGD:
         self.set_lrs(lrs)
 
     def set_lrs(self, lrs) -> None:
+        """Each run's lr for the coming steps, rewritten in place (a captured step reads it)."""
         self.lrs = [float(x) for x in lrs]
-        self._neg_lr = _col([-lr for lr in self.lrs], self.params[0])
+        neg_lr = _col([-lr for lr in self.lrs], self.params[0])
+        if hasattr(self, "_neg_lr"):
+            self._neg_lr.copy_(neg_lr)
+        else:
+            self._neg_lr = neg_lr
+
+    def count_step(self) -> None:
+        """After a step every run's buffers hold its last step's (kept on the host)."""
+        self.started = [True] * len(self.started)
 
     def _torch_step(self) -> None:
         import torch
@@ -204,7 +291,7 @@ class StackedSGD:
                     if momentum:
                         g = buf.mul_(_b(self._m, p)).add_(g)
                     p.addcmul_(g, _b(self._neg_lr, p))
-        self.started = [True] * len(self.started)
+        self.count_step()
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -222,9 +309,12 @@ class StackedSGD:
             state["momentum_buffer"] = self.bufs[i][r].clone()
 
 
-def stacked_optimizer(trainers: list, P: dict, names: list, device, per_run_torch: bool):
+def stacked_optimizer(trainers: list, P: dict, names: list, device, per_run_torch: bool,
+                      flat: bool = False, compiled: bool = False):
     """The group's stacked optimiser over ``P[names]``, its state taken from each shadow's own
-    torch optimiser (zeros and step 0 when fresh)."""
+    torch optimiser (zeros and step 0 when fresh). ``flat``: Adam(W) as ``FlatStackedAdamW``
+    (``compiled``: its update through torch.compile), whose ``params`` replace ``P[names]``;
+    SGD and ``per_run_torch`` keep their per-weight steps."""
     import torch
 
     cfgs = [t.cfg for t in trainers]
@@ -243,7 +333,10 @@ def stacked_optimizer(trainers: list, P: dict, names: list, device, per_run_torc
                           [stack("momentum_buffer", i) for i in range(len(names))],
                           ["momentum_buffer" in st[0] for st in states], per_run_torch)
     steps = [int(st[0]["step"].item()) if st[0] else 0 for st in states]
-    return StackedAdamW(params, lrs, wds, [c.betas for c in cfgs], steps,
-                        [stack("exp_avg", i) for i in range(len(names))],
-                        [stack("exp_avg_sq", i) for i in range(len(names))],
-                        per_run_torch=per_run_torch, decoupled=cfgs[0].optimizer == "adamw")
+    args = (params, lrs, wds, [c.betas for c in cfgs], steps,
+            [stack("exp_avg", i) for i in range(len(names))],
+            [stack("exp_avg_sq", i) for i in range(len(names))])
+    decoupled = cfgs[0].optimizer == "adamw"
+    if flat and not per_run_torch:
+        return FlatStackedAdamW(*args, decoupled=decoupled, compiled=compiled)
+    return StackedAdamW(*args, per_run_torch=per_run_torch, decoupled=decoupled)

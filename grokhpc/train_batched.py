@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
 from .config import RunConfig
-from .stacked_optim import StackedAdamW, StackedSGD, _b, stacked_optimizer
+from .stacked_optim import FlatStackedAdamW, StackedAdamW, StackedSGD, _b, stacked_optimizer
 from .store import RunDir, RunDirError
 
 # Fields that must be equal across a group. They fix tensor shapes (p and op the vocabulary
@@ -181,11 +181,23 @@ class Rows(NamedTuple):
                     None if q is None else type(q)(q.tokens, q.index[a:b], q.onehot[a:b]))
 
 
+def fast_losses(P: dict, rows: Rows, dtype: str):
+    """(per-run losses (R,), per-run accuracies (R,)) of stacked weights ``P`` on ``rows`` by
+    the batched fast path (``grokhpc.lastpos.last_logits``)."""
+    from .lastpos import accuracy, cross_entropy, last_logits
+
+    logits = last_logits(P, rows.tokens, rows.queries)
+    return (cross_entropy(logits, rows.labels, dtype, rows.mask),
+            accuracy(logits.detach(), rows.labels, rows.mask))
+
+
 class Stack:
     """Runs at the same epoch, stacked on one device; built from (and written back into) their
-    solo ``Trainer`` shadows."""
+    solo ``Trainer`` shadows. ``step_mode`` (batched mode): how the step is issued, see
+    ``grokhpc.step_mode`` (resolved there; here it is taken as it comes)."""
 
-    def __init__(self, trainers: list, device, exact: bool | None = None):
+    def __init__(self, trainers: list, device, exact: bool | None = None,
+                 step_mode: str = "eager", log: Callable = print):
         import copy
 
         import torch
@@ -207,7 +219,7 @@ class Stack:
                       for n in self.names}
         for n in self.trainable:
             self.P[n].requires_grad_(True)
-        self.opt = stacked_optimizer(trainers, self.P, self.trainable, device, self.exact)
+        self._set_step_mode(trainers, "eager" if self.exact else step_mode, log)
         self.curves = {k: torch.stack([t.curves[k] for t in trainers]).to(device)
                        for k in trainers[0].curves}
         # the group's own copies of the runs' minibatch generators, handed back at each sync
@@ -226,6 +238,31 @@ class Stack:
         self.last_commit = [self.epoch if t.committed_epoch is None else t.committed_epoch
                             for t in trainers]
         self.clock = None
+
+    def _set_step_mode(self, trainers: list, mode: str, log: Callable) -> None:
+        """The optimiser (flat in every mode but eager: its buffer then holds the weights), the
+        batched loss (compiled or not) and the CUDA graphs of ``mode``."""
+        from .step_mode import GraphStep, compiled
+
+        self.step_mode = mode
+        self.opt = stacked_optimizer(trainers, self.P, self.trainable, self.device, self.exact,
+                                     flat=mode != "eager", compiled=mode == "compile")
+        if isinstance(self.opt, FlatStackedAdamW):
+            self.P.update(zip(self.trainable, self.opt.params))
+        self._fast_losses = compiled(fast_losses) if mode == "compile" else fast_losses
+        self.capture = GraphStep(self._host_counts, log) if mode == "graph" else None
+
+    def _host_counts(self) -> Callable:
+        """A function that puts the optimiser's host-side step counts (and its gradients) back
+        as they are now: a failed capture ran its Python but none of its kernels."""
+        opt = self.opt
+        saved = {k: list(getattr(opt, k)) for k in ("steps", "started") if hasattr(opt, k)}
+
+        def undo() -> None:
+            for k, v in saved.items():
+                setattr(opt, k, v)
+            opt.zero_grad()
+        return undo
 
     def _set_rows(self, trainers: list) -> None:
         import torch
@@ -266,19 +303,16 @@ class Stack:
     # -- one epoch
     def _losses(self, rows):
         """(per-run losses (R,), per-run accuracies (R,)) of the current weights on ``rows``."""
-        import torch
-
-        from .lastpos import accuracy, cross_entropy, last_logits
+        from .lastpos import accuracy, cross_entropy
 
         dtype = self.cfg.loss_dtype
-        if not self.exact:
-            if self.fast:
-                logits = last_logits(self.P, rows.tokens, rows.queries)
-            else:
-                logits = hooked_last_logits(self.template, self.P, rows.tokens)
-            return (cross_entropy(logits, rows.labels, dtype, rows.mask),
-                    accuracy(logits.detach(), rows.labels, rows.mask))
-        return self._solo_losses(rows, range(len(rows)))
+        if self.exact:
+            return self._solo_losses(rows, range(len(rows)))
+        if self.fast:
+            return self._fast_losses(self.P, rows, dtype)
+        logits = hooked_last_logits(self.template, self.P, rows.tokens)
+        return (cross_entropy(logits, rows.labels, dtype, rows.mask),
+                accuracy(logits.detach(), rows.labels, rows.mask))
 
     def _solo_losses(self, rows, runs):
         """The solo forward (the model's ``last_logits``), run by run, on each run's own weights
@@ -325,8 +359,11 @@ class Stack:
             return
         with torch.no_grad():
             sq = sum((p.detach().double() ** 2).flatten(1).sum(1) for p in params)
-            target = torch.stack([sq.new_tensor(float("nan")) if n is None else n.to(sq)
-                                  for n in self.init_norms])
+            if getattr(self, "_norm_targets", None) is None:   # once: a captured step copies
+                self._norm_targets = torch.stack(                # nothing from the host
+                    [sq.new_tensor(float("nan")) if n is None else n.to(sq)
+                     for n in self.init_norms])
+            target = self._norm_targets
             factor = torch.where(target.isnan(), 1.0, target / sq.sqrt()).to(params[0].dtype)
             for p in params:
                 p.mul_(_b(factor, p))
@@ -362,7 +399,10 @@ class Stack:
     def step(self) -> None:
         """One epoch of every run (the solo ``Trainer.step``)."""
         self._set_lrs()
-        if self.cfg.full_batch:
+        if self.cfg.full_batch and self.capture is not None:
+            losses, accs = self.capture("train", lambda: self._update(self.train),
+                                        on_replay=self.opt.count_step)
+        elif self.cfg.full_batch:
             losses, accs = self._update(self.train)
         else:
             losses = accs = 0.0
@@ -378,17 +418,25 @@ class Stack:
         """``_losses`` in inference mode of ``runs`` (exact) or of all runs (batched: a chunk
         of runs at a time, so that scoring the larger test split needs no more memory than a
         training step)."""
-        import torch
-
         if self.exact:
             return self._solo_losses(rows, runs)
+        if self.capture is not None and rows is self.test:
+            losses, accs = self.capture("test", lambda: self._scored_all(rows))
+        else:
+            losses, accs = self._scored_all(rows)
+        return losses[runs], accs[runs]
+
+    def _scored_all(self, rows):
+        """``_losses`` of every run on ``rows``, a chunk of runs at a time when ``rows`` has
+        more rows than the train split."""
+        import torch
+
         n_train = self.train.tokens.shape[1] if self.cfg.full_batch else \
             self.train_all[0].shape[1]
         n_rows = rows.tokens.shape[1]
         chunk = max(1, (self.R * n_train) // max(n_rows, 1))
         if chunk >= self.R:
-            losses, accs = self._losses(rows)
-            return losses[runs], accs[runs]
+            return self._losses(rows)
         P, out = self.P, []
         try:
             for a in range(0, self.R, chunk):
@@ -397,7 +445,7 @@ class Stack:
                 out.append(self._losses(rows.runs(a, b)))
         finally:
             self.P = P
-        return torch.cat([o[0] for o in out])[runs], torch.cat([o[1] for o in out])[runs]
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
     def evaluate(self, runs=None, train_runs=()) -> None:
         """Score the test set of ``runs`` (default: all) and the train set of ``train_runs`` at
@@ -614,7 +662,8 @@ def _is_diverged(run: RunDir) -> bool:
     return bool(err) and err.startswith(DIVERGED_PREFIX)
 
 
-def _train_all(trainers: list, dev, exact, background: bool, bar, log) -> tuple[list, list]:
+def _train_all(trainers: list, dev, exact, background: bool, bar, log,
+               step_mode: str = "eager") -> tuple[list, list]:
     """Train ``trainers`` to their last epochs, the lowest-epoch runs stacked first; finish each
     run that stops early as soon as it does. Returns (diverged, finished) trainers."""
     n_epochs = trainers[0].cfg.n_epochs
@@ -628,7 +677,7 @@ def _train_all(trainers: list, dev, exact, background: bool, bar, log) -> tuple[
         target = ahead[0] if ahead else n_epochs
         if ahead:
             log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
-        stack = Stack(lag, dev, exact=exact)
+        stack = Stack(lag, dev, exact=exact, step_mode=step_mode, log=log)
         try:
             dropped, done = _fit_stack(stack, target, bar, log, background=background)
         except BaseException:
@@ -651,7 +700,8 @@ def _train_all(trainers: list, dev, exact, background: bool, bar, log) -> tuple[
 def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
                 progress_bar: bool = True, log: Callable = print,
                 retry_diverged: bool = False, exact: bool | None = None,
-                background_commits: bool | None = None) -> list[RunDir]:
+                background_commits: bool | None = None,
+                step_mode: str | None = None) -> list[RunDir]:
     """Train ``cfgs`` into ``out_dirs`` as one stacked computation; resumes each run from its
     own state; returns each run's RunDir (in order). Complete runs are left alone; a run that
     diverges is marked failed (error.txt) and the others go on. Raises GroupError for runs
@@ -668,6 +718,9 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
     state.pt, progress, curves of every run) overlap the next epochs' training in a thread;
     each commit still completes before the next one starts and before this returns.
 
+    ``step_mode`` (batched mode): eager (the default), fused, graph or compile -- how the
+    step is issued to the device (``grokhpc.step_mode``); None: $GROKHPC_STEP_MODE or eager.
+
     Training runs at the group's ``matmul_precision`` (the process's own is restored after).
     """
     from .train import matmul_precision, resolve_device
@@ -682,6 +735,7 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
     dev = resolve_device(device if device is not None else cfgs[0].device) \
         if not isinstance(device, torch.device) else device
     background = (dev.type != "cpu") if background_commits is None else bool(background_commits)
+    mode = _step_mode(step_mode, cfgs[0], dev, exact, log)
     with matmul_precision(cfgs[0].matmul_precision):   # recorded in each attempt's provenance
         trainers = _open_unfinished(cfgs, runs, dev, retry_diverged, log)
         if not trainers:
@@ -694,7 +748,7 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
                        unit="run-epoch", desc=f"{len(trainers)} runs", dynamic_ncols=True,
                        mininterval=1.0)
         try:
-            diverged, finished = _train_all(trainers, dev, exact, background, bar, log)
+            diverged, finished = _train_all(trainers, dev, exact, background, bar, log, mode)
         finally:
             if bar is not None:
                 bar.close()
@@ -705,6 +759,18 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
     for t in trainers:   # each run's lock (on an exception, the trainers' end lets them go)
         t.close()
     return runs
+
+
+def _step_mode(step_mode: str | None, cfg: RunConfig, dev, exact: bool | None, log) -> str:
+    """The group's step mode (``grokhpc.step_mode.resolve_step_mode``); GroupError naming the
+    argument or the environment variable for a word that is none."""
+    from .step_mode import resolve_step_mode
+
+    exact = (dev.type == "cpu") if exact is None else bool(exact)
+    try:
+        return resolve_step_mode(step_mode, cfg, dev, exact, log)
+    except ValueError as e:
+        raise GroupError(f"train_group: {e}") from None
 
 
 def _refuse_foreign_dirs(cfgs: list, runs: list) -> None:
@@ -814,6 +880,8 @@ def configs_from_dirs(dirs: Sequence) -> list[RunConfig]:
 def build_parser():
     import argparse
 
+    from .step_mode import STEP_MODES
+
     ap = argparse.ArgumentParser(
         prog="python -m grokhpc.train_batched",
         description="Train the runs of existing run directories (each with its config.json) "
@@ -823,6 +891,10 @@ def build_parser():
     ap.add_argument("--mode", choices=("auto", "exact", "batched"), default="auto",
                     help="exact: solo forward run by run (bit-identical to solo runs); "
                          "batched: one batched computation; auto: exact on CPU, else batched")
+    ap.add_argument("--step-mode", choices=STEP_MODES, default=None,
+                    help="batched mode: how each step is issued (default: $GROKHPC_STEP_MODE "
+                         "or eager); fused: Adam(W) over one flat buffer; graph: fused, the "
+                         "step captured in a CUDA graph; compile: fused, with torch.compile")
     ap.add_argument("--retry-diverged", action="store_true",
                     help="train runs marked diverged (error.txt) again")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -840,7 +912,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = train_group(cfgs, args.run_dirs, device=args.device,
                            progress_bar=not args.no_progress,
                            retry_diverged=args.retry_diverged,
-                           exact=None if args.mode == "auto" else args.mode == "exact")
+                           exact=None if args.mode == "auto" else args.mode == "exact",
+                           step_mode=args.step_mode)
     except (ConfigError, RunDirError, GroupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

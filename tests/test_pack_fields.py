@@ -158,6 +158,43 @@ def test_batched_group_tracks_solo_runs(tmp_path, solo, group):
         assert early_rel(d, s, 10) < 1e-4
 
 
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_fused_step_equals_the_eager_step_bit_for_bit(tmp_path, group):
+    """Batched mode with the flat Adam(W) (step_mode fused; SGD keeps its per-weight step) and
+    with graph, which on a CPU falls back to fused saying so in one line: every file of every
+    run is the eager step's, bit for bit (state.pt's moments included)."""
+    dirs, said = {}, []
+    for mode in ("eager", "fused", "graph"):
+        dirs[mode] = [tmp_path / mode / f"r{i}" for i in range(3)]
+        train_group(GROUPS[group], dirs[mode], device="cpu", exact=False, step_mode=mode,
+                    progress_bar=False, log=said.append)
+    for eager, fused, graph in zip(*dirs.values()):
+        assert compare_runs(fused, eager, rel=0.0) == {"abs": 0.0, "rel": 0.0}
+        assert compare_runs(graph, eager, rel=0.0) == {"abs": 0.0, "rel": 0.0}
+    assert said == ["step_mode graph: CUDA graphs need a CUDA device, this group trains on cpu; "
+                    "the fused step is used"]
+
+
+def test_fused_group_killed_after_a_commit_resumes_bit_identical(tmp_path):
+    """A fused group that dies 5 epochs after its commit at epoch 20 resumes from the runs'
+    state.pt -- once fused, once eager -- and ends as the uninterrupted fused group."""
+    cfgs = GROUPS["adam_full"]
+    ref = [tmp_path / "ref" / f"r{i}" for i in range(3)]
+    train_group(cfgs, ref, device="cpu", exact=False, step_mode="fused", **QUIET)
+    for resume_mode in ("fused", "eager"):
+        dirs = [tmp_path / resume_mode / f"r{i}" for i in range(3)]
+        trainers = [Trainer.open(c, d, torch.device("cpu")) for c, d in zip(cfgs, dirs)]
+        stack = Stack(trainers, torch.device("cpu"), exact=False, step_mode="fused")
+        _fit_stack(stack, 25, None, lambda *a: None)
+        assert [RunDir(d).read_progress()["epoch"] for d in dirs] == [20, 20, 20]
+        for t in trainers:
+            t.close()
+        del stack, trainers, t
+        train_group(cfgs, dirs, device="cpu", exact=False, step_mode=resume_mode, **QUIET)
+        for d, s in zip(dirs, ref):
+            assert compare_runs(d, s, rel=0.0) == {"abs": 0.0, "rel": 0.0}
+
+
 # ---- the hooked forward off the fast path ------------------------------------------------------
 def _hooked_last_logits(self, tokens):
     return self.forward(tokens)[:, -1]
