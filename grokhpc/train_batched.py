@@ -740,13 +740,7 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
         trainers = _open_unfinished(cfgs, runs, dev, retry_diverged, log)
         if not trainers:
             return runs
-        bar = None
-        if progress_bar:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(t.cfg.n_epochs - t.epoch for t in trainers),
-                       unit="run-epoch", desc=f"{len(trainers)} runs", dynamic_ncols=True,
-                       mininterval=1.0)
+        bar = _run_epochs_bar(trainers) if progress_bar else None
         try:
             diverged, finished = _train_all(trainers, dev, exact, background, bar, log, mode)
         finally:
@@ -759,6 +753,14 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
     for t in trainers:   # each run's lock (on an exception, the trainers' end lets them go)
         t.close()
     return runs
+
+
+def _run_epochs_bar(trainers: list):
+    """A progress bar over the run-epochs left to train."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=sum(t.cfg.n_epochs - t.epoch for t in trainers), unit="run-epoch",
+                desc=f"{len(trainers)} runs", dynamic_ncols=True, mininterval=1.0)
 
 
 def _step_mode(step_mode: str | None, cfg: RunConfig, dev, exact: bool | None, log) -> str:
