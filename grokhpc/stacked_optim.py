@@ -45,22 +45,26 @@ def flat_stack(tensors: list):
     return flat, views
 
 
-def adam_update(p, g, m, v, cols, neg_step, bc2_sqrt, decoupled: bool, decay: bool) -> None:
+def adam_update(p, g, m, v, cols, neg_step, bc2_sqrt, decoupled: bool, decay: bool,
+                scratch=None) -> None:
     """One Adam(W) step in place of stacked weights ``p`` (R, ...) with gradient ``g`` and
     moments ``m``, ``v``: ``cols`` the per-run columns (1 - lr*wd, wd, 1 - b1, b2, 1 - b2), the
     step's (-lr / (1 - b1^t), sqrt(1 - b2^t)) columns, all (R,) and broadcast along the run
-    axis. The one place of the stacked Adam(W) math, per weight or over a flat buffer."""
+    axis. The one place of the stacked Adam(W) math, per weight or over a flat buffer.
+    ``scratch``: two tensors shaped like ``p`` for the intermediates (the same kernels
+    writing into them instead of fresh tensors)."""
     import torch
 
     one_minus_lr_wd, wd, w1, b2, w2 = cols
+    a, b = (None, None) if scratch is None else scratch
     if decay and decoupled:
         p.mul_(_b(one_minus_lr_wd, p))
     elif decay:
         g = torch.addcmul(g, p, _b(wd, p))
     m.lerp_(g, _b(w1, p))
-    v.mul_(_b(b2, p)).addcmul_(_b(w2, p) * g, g)
-    denom = (v.sqrt() / _b(bc2_sqrt, p)).add_(ADAM_EPS)
-    p.addcdiv_(_b(neg_step, p) * m, denom)
+    v.mul_(_b(b2, p)).addcmul_(torch.mul(_b(w2, p), g, out=a), g)
+    denom = torch.sqrt(v, out=b).div_(_b(bc2_sqrt, p)).add_(ADAM_EPS)
+    p.addcdiv_(torch.mul(_b(neg_step, p), m, out=a), denom)
 
 
 class StackedAdamW:
@@ -217,8 +221,11 @@ class FlatStackedAdamW(StackedAdamW):
         self.flat_grad = torch.zeros_like(self.flat)
         super().__init__(views, lrs, weight_decays, betas, steps, m_views, v_views,
                          host_scalars=host_scalars, decoupled=decoupled)
-        if compiled:
+        self.scratch = None
+        if compiled:   # one generated kernel, no intermediates to keep
             self.update = torch.compile(adam_update, dynamic=False)
+        else:
+            self.scratch = (torch.empty_like(self.flat), torch.empty_like(self.flat))
 
     def step(self) -> None:
         import torch
@@ -229,7 +236,7 @@ class FlatStackedAdamW(StackedAdamW):
             torch.cat([p.grad.reshape(p.shape[0], -1) for p in self.params], dim=1,
                       out=self.flat_grad)
             self.update(self.flat, self.flat_grad, self.flat_m, self.flat_v, self.columns,
-                        neg_step, bc2_sqrt, self.decoupled, self._decays)
+                        neg_step, bc2_sqrt, self.decoupled, self._decays, self.scratch)
 
 
 class StackedSGD:

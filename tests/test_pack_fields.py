@@ -175,6 +175,18 @@ def test_fused_step_equals_the_eager_step_bit_for_bit(tmp_path, group):
                     "the fused step is used"]
 
 
+def test_fused_step_off_the_fast_path_equals_the_eager_step(tmp_path):
+    """Two layers with LayerNorm (the hooked forward under vmap, on views of the flat buffer):
+    fused == eager bit for bit."""
+    cfgs = [cfg_of(n_layers=2, normalization="LN", act_fn="gelu", n_epochs=20, model_seed=s,
+                   weight_decay=w) for s, w in ((1, 1.0), (2, 0.3))]
+    dirs = {m: [tmp_path / m / f"r{i}" for i in range(2)] for m in ("eager", "fused")}
+    for mode, ds in dirs.items():
+        train_group(cfgs, ds, device="cpu", exact=False, step_mode=mode, **QUIET)
+    for fused, eager in zip(dirs["fused"], dirs["eager"]):
+        assert compare_runs(fused, eager, rel=0.0) == {"abs": 0.0, "rel": 0.0}
+
+
 def test_fused_group_killed_after_a_commit_resumes_bit_identical(tmp_path):
     """A fused group that dies 5 epochs after its commit at epoch 20 resumes from the runs'
     state.pt -- once fused, once eager -- and ends as the uninterrupted fused group."""
