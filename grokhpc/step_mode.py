@@ -114,8 +114,8 @@ class GraphStep:
         import torch
 
         graph, undo = torch.cuda.CUDAGraph(), self.counts()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
+        try:   # thread_local: a commit writing in the background may copy meanwhile
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = fn()
         except Exception as e:   # nothing ran: put the host state back, run it eagerly
             undo()

@@ -89,3 +89,63 @@ def test_compiled_step_tracks_the_fused_step(tmp_path):
         scale = fused.P[n].abs().max()
         assert (fused.P[n] - comp.P[n]).abs().max() <= 1e-5 * scale, n
     assert comp.opt.steps == fused.opt.steps == [5, 5]
+
+
+class _FailingCapture:
+    """torch.cuda.graph as a capture that breaks (a host sync inside the step, say): the
+    block's Python runs, its kernels do not (the stack's tensors are put back as they were),
+    and leaving the block raises."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def __call__(self, graph, pool=None, capture_error_mode="global"):
+        assert capture_error_mode == "thread_local"   # commits may copy from other threads
+        return self
+
+    def __enter__(self):
+        self.saved = [t.clone() for t in self.tensors]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for t, s in zip(self.tensors, self.saved):
+                t.copy_(s)
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_says_so_once_and_the_step_runs_eagerly(tmp_path, monkeypatch):
+    """graph mode on stand-ins for CUDA's streams and graphs whose captures fail: the first
+    calls run eagerly, each kind's capture fails once with one line, and the group goes on
+    exactly as the fused step does (weights, moments, step counts, curves)."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    stacks, said = {}, []
+    for mode in ("fused", "graph"):
+        trainers = [Trainer(c, RunDir(tmp_path / mode / str(i)), torch.device("cpu"))
+                    for i, c in enumerate(CFGS)]
+        stacks[mode] = Stack(trainers, torch.device("cpu"), exact=False, step_mode=mode,
+                             log=said.append)
+    graph = stacks["graph"]
+    stream = SimpleNamespace(wait_stream=lambda s: None)
+    for name, fake in {"Stream": lambda: stream, "stream": lambda s: nullcontext(),
+                       "current_stream": lambda: stream, "CUDAGraph": lambda: None,
+                       "synchronize": lambda: None,
+                       "graph": _FailingCapture([graph.opt.flat, graph.opt.flat_m,
+                                                 graph.opt.flat_v])}.items():
+        monkeypatch.setattr(torch.cuda, name, fake)
+    for stack in stacks.values():
+        for _ in range(8):
+            stack.step()
+            stack.evaluate()
+    assert said == [f"step_mode graph: capturing the {key} step failed (RuntimeError: CUDA "
+                    "error: operation not permitted when stream is capturing); it runs eagerly"
+                    for key in ("train", "test")]
+    fused = stacks["fused"]
+    assert graph.opt.steps == fused.opt.steps == [8, 8]
+    for a, b in ((graph.opt.flat, fused.opt.flat), (graph.opt.flat_m, fused.opt.flat_m),
+                 (graph.opt.flat_v, fused.opt.flat_v)):
+        assert torch.equal(a, b)
+    for k in ("train_loss", "test_loss", "test_acc"):
+        assert torch.equal(graph.curves[k][:, :9].nan_to_num(), fused.curves[k][:, :9]
+                           .nan_to_num()), k
