@@ -251,6 +251,8 @@ class Stack:
             self.P.update(zip(self.trainable, self.opt.params))
         self._fast_losses = compiled(fast_losses) if mode == "compile" else fast_losses
         self.capture = GraphStep(self._host_counts, log) if mode == "graph" else None
+        if self.capture is not None and hasattr(self.opt, "host_scalars"):
+            self.opt.host_scalars = False   # bias corrections on the device, inside the graph
 
     def _host_counts(self) -> Callable:
         """A function that puts the optimiser's host-side step counts (and its gradients) back

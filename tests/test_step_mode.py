@@ -91,32 +91,55 @@ def test_compiled_step_tracks_the_fused_step(tmp_path):
     assert comp.opt.steps == fused.opt.steps == [5, 5]
 
 
-class _FailingCapture:
-    """torch.cuda.graph as a capture that breaks (a host sync inside the step, say): the
-    block's Python runs, its kernels do not (the stack's tensors are put back as they were),
-    and leaving the block raises."""
+class _Capture:
+    """torch.cuda.graph on a CPU with CUDA's semantics for what matters here: the block's
+    Python runs but none of its kernels (the stack's tensors are put back as they were on
+    leaving it); with ``fail``, leaving the block raises (a host sync inside the step, say)."""
 
-    def __init__(self, tensors):
-        self.tensors = tensors
+    def __init__(self, tensors, fail: bool):
+        self.tensors, self.fail = tensors, fail   # tensors(): those a step writes in place
 
     def __call__(self, graph, pool=None, capture_error_mode="global"):
         assert capture_error_mode == "thread_local"   # commits may copy from other threads
         return self
 
     def __enter__(self):
-        self.saved = [t.clone() for t in self.tensors]
+        self.saved = [(t, t.clone()) for t in self.tensors()]
 
     def __exit__(self, *exc):
         with torch.no_grad():
-            for t, s in zip(self.tensors, self.saved):
+            for t, s in self.saved:
                 t.copy_(s)
-        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        if self.fail:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
 
 
-def test_a_failed_capture_says_so_once_and_the_step_runs_eagerly(tmp_path, monkeypatch):
-    """graph mode on stand-ins for CUDA's streams and graphs whose captures fail: the first
-    calls run eagerly, each kind's capture fails once with one line, and the group goes on
-    exactly as the fused step does (weights, moments, step counts, curves)."""
+class _Graph:
+    """A CUDA graph's replay on a CPU: the recorded work (``works``, in the order the graphs
+    are captured) runs again on the current tensors and writes the capture's output tensors;
+    Python's own side effects (the host step count) are not part of a replay."""
+
+    def __init__(self, stack, works: list):
+        self.stack, self.key = stack, works.pop(0)
+
+    def pool(self):
+        return "pool"
+
+    def replay(self):
+        stack, opt = self.stack, self.stack.opt
+        steps = list(opt.steps)
+        if self.key == "train":
+            new = stack._update(stack.train)
+        else:
+            new = stack._scored_all(stack.test)
+        opt.steps = steps
+        for static, value in zip(stack.capture.outputs[self.key], new):
+            static.copy_(value)
+
+
+def _graph_and_fused(tmp_path, monkeypatch, fail: bool):
+    """A fused stack and a graph stack on stand-ins for CUDA's streams and graphs, each
+    trained 8 epochs with its test set scored after each; (graph, fused, log lines)."""
     from contextlib import nullcontext
     from types import SimpleNamespace
 
@@ -126,26 +149,53 @@ def test_a_failed_capture_says_so_once_and_the_step_runs_eagerly(tmp_path, monke
                     for i, c in enumerate(CFGS)]
         stacks[mode] = Stack(trainers, torch.device("cpu"), exact=False, step_mode=mode,
                              log=said.append)
-    graph = stacks["graph"]
+    graph, works = stacks["graph"], ["train", "test"]
+    assert graph.opt.host_scalars is False   # a captured step's corrections are computed on
+    stacks["fused"].opt.host_scalars = False  # the device: the same way for the reference
     stream = SimpleNamespace(wait_stream=lambda s: None)
+    opt = graph.opt
+
+    def tensors():   # what a step writes in place: weights, moments, the step counters
+        return [opt.flat, opt.flat_m, opt.flat_v, *getattr(opt, "_dev64", {}).values()]
+
     for name, fake in {"Stream": lambda: stream, "stream": lambda s: nullcontext(),
-                       "current_stream": lambda: stream, "CUDAGraph": lambda: None,
-                       "synchronize": lambda: None,
-                       "graph": _FailingCapture([graph.opt.flat, graph.opt.flat_m,
-                                                 graph.opt.flat_v])}.items():
+                       "current_stream": lambda: stream, "synchronize": lambda: None,
+                       "CUDAGraph": lambda: _Graph(graph, works),
+                       "graph": _Capture(tensors, fail)}.items():
         monkeypatch.setattr(torch.cuda, name, fake)
     for stack in stacks.values():
         for _ in range(8):
             stack.step()
             stack.evaluate()
-    assert said == [f"step_mode graph: capturing the {key} step failed (RuntimeError: CUDA "
-                    "error: operation not permitted when stream is capturing); it runs eagerly"
-                    for key in ("train", "test")]
-    fused = stacks["fused"]
+    return graph, stacks["fused"], said
+
+
+def _assert_same_training(graph, fused) -> None:
     assert graph.opt.steps == fused.opt.steps == [8, 8]
     for a, b in ((graph.opt.flat, fused.opt.flat), (graph.opt.flat_m, fused.opt.flat_m),
                  (graph.opt.flat_v, fused.opt.flat_v)):
         assert torch.equal(a, b)
-    for k in ("train_loss", "test_loss", "test_acc"):
+    for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
         assert torch.equal(graph.curves[k][:, :9].nan_to_num(), fused.curves[k][:, :9]
                            .nan_to_num()), k
+
+
+def test_captured_steps_replay_as_the_fused_step(tmp_path, monkeypatch):
+    """graph mode's bookkeeping against CUDA's semantics emulated on a CPU: 3 eager calls of
+    each kind, one capture, replays after (the host step count advanced once per step); the
+    group trains exactly as the fused step does, silently."""
+    graph, fused, said = _graph_and_fused(tmp_path, monkeypatch, fail=False)
+    assert set(graph.capture.graphs) == {"train", "test"} and said == []
+    assert graph.capture.calls == {"train": 4, "test": 4}   # the 4th call is captured
+    _assert_same_training(graph, fused)
+
+
+def test_a_failed_capture_says_so_once_and_the_step_runs_eagerly(tmp_path, monkeypatch):
+    """Captures that fail: each kind's failure is one line, and the group goes on exactly as
+    the fused step does (weights, moments, step counts, curves)."""
+    graph, fused, said = _graph_and_fused(tmp_path, monkeypatch, fail=True)
+    assert said == [f"step_mode graph: capturing the {key} step failed (RuntimeError: CUDA "
+                    "error: operation not permitted when stream is capturing); it runs eagerly"
+                    for key in ("train", "test")]
+    assert graph.capture.graphs == {}
+    _assert_same_training(graph, fused)
