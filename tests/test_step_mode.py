@@ -16,7 +16,8 @@ from grokhpc.train_batched import GroupError, Stack, train_group
 BASE = RunConfig(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=20,
                  checkpoint_every=10, eval_every=10, lr=3e-3, device="cpu")
 CFGS = [BASE.replace(model_seed=1, data_seed=2),
-        BASE.replace(model_seed=3, data_seed=4, train_frac=0.6, weight_decay=0.3)]
+        BASE.replace(model_seed=3, data_seed=4, train_frac=0.6, weight_decay=0.3,
+                     warmup_epochs=6, lr_schedule="cosine")]   # lr changes every epoch
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
