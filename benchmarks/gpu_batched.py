@@ -565,6 +565,8 @@ def main(argv=None) -> int:
         return 2
     dev = Device(args.device)
     dev.torch.set_float32_matmul_precision("highest")
+    if args.smoke and not dev.cuda:   # tiny ops on a shared CPU: threads only contend
+        dev.torch.set_num_threads(1)
     from grokhpc.config import RunConfig
 
     base = RunConfig(p=args.p, device=str(dev.dev))
@@ -576,6 +578,7 @@ def main(argv=None) -> int:
         f"`python {' '.join(sys.argv)}`")
     out()
     t0 = time.perf_counter()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for part in parts:
         t = time.perf_counter()
         if part == "check":
@@ -588,8 +591,8 @@ def main(argv=None) -> int:
             e2e(base, dev, args, out)
         out(f"({part}: {time.perf_counter() - t:.0f} s)")
         out()
+        Path(args.out).write_text("\n".join(out.lines) + "\n")   # kept if a later part is cut
     out(f"total {time.perf_counter() - t0:.0f} s")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(out.lines) + "\n")
     print(f"written to {args.out}")
     return 0

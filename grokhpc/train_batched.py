@@ -36,9 +36,12 @@ How the runs are stacked:
   the run axis, a few kernels per weight whatever R is; each elementwise operation is the one
   torch's CPU kernel performs, so it is bit-identical there (tests check this). In exact mode
   it calls torch's own functional optimiser once per run on views of the stacks, so it takes
-  the solo optimiser's path on every device (foreach kernels on CUDA). Each epoch sets each run's lr from its own schedule
-  (``grokhpc.optim.lr_factor``); after each step, ``fixed_weight_norm`` runs are rescaled to
-  their own initial norm;
+  the solo optimiser's path on every device (foreach kernels on CUDA). Each epoch sets each
+  run's lr from its own schedule (``grokhpc.optim.lr_factor``); after each step,
+  ``fixed_weight_norm`` runs are rescaled to their own initial norm;
+* step mode (batched mode, ``grokhpc.step_mode``): how the step is issued -- per weight
+  (eager, the default), Adam(W) over one flat buffer (fused; bit-identical to eager on CPU),
+  captured in CUDA graphs (graph) or compiled (compile);
 * early stop: a ``stop_after_grok`` run that reaches its stop epoch is evaluated and committed
   there and finished (measures, summary) as a solo run would be; the others' state is synced
   into their shadows and restacked without it, so the group shrinks as its runs finish;
@@ -81,8 +84,8 @@ from .store import RunDir, RunDirError
 # the commit schedule (n_epochs, checkpoint_every, eval_every), the loss's dtype, the kind of
 # optimiser state that is stacked (optimizer: Adam moments or SGD momentum buffers) and the
 # step schedule (batch_size: the number and size of minibatches per epoch) and the float32
-# matmul precision (one setting of the process for the whole stacked computation). Everything else
-# -- lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale,
+# matmul precision (one setting of the process for the whole stacked computation). Everything
+# else -- lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale,
 # fixed_weight_norm, label_noise, seeds, stop_after_grok -- may differ run by run.
 SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_layers", "act_fn",
                 "normalization", "n_epochs", "checkpoint_every", "eval_every", "loss_dtype",
