@@ -219,8 +219,9 @@ def check(base, dev: Device, modes, out) -> None:
                 train_group(cfgs, dirs[way], device=dev.dev, progress_bar=False, log=out,
                             exact=way == "exact", step_mode=mode)
             wall = time.perf_counter() - t0
-            refs = ["solo"] + (["batched eager"] if way.startswith("batched ") and
-                               way != "batched eager" and "batched eager" in dirs else [])
+            earlier = ways[:ways.index(way)]   # batched modes against eager and fused
+            refs = ["solo"] + [r for r in ("batched eager", "batched fused")
+                               if way.startswith("batched ") and r in earlier]
             for ref in refs:
                 a, r, w, g = curve_and_weight_gaps(dirs[way], dirs[ref])
                 out(f"check on {dev.dev}, {way} vs {ref} (3 tiny runs, 300 epochs, {wall:.1f} s):"

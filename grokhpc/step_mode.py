@@ -11,7 +11,9 @@ launches and how:
 * ``graph``: ``fused``, with the whole full-batch training step (forward, backward, optimiser,
   fixed-norm rescale) and the test set's scoring each recorded once in a CUDA graph
   (``torch.cuda.graphs``) after a few eager calls, then replayed: one launch per step. The
-  same kernels as ``fused`` on the same data. CUDA and full-batch fast-path groups only;
+  kernels are ``fused``'s (Adam's bias corrections computed on the device), so its runs should
+  match ``fused``'s bit for bit (``benchmarks/gpu_batched.py --only check`` compares them on a
+  GPU). CUDA and full-batch fast-path groups only;
 * ``compile``: ``fused``, with the batched loss (forward) and the Adam(W) update compiled by
   ``torch.compile`` (generated kernels: equal to ``fused`` up to float32 rounding).
 
