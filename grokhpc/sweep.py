@@ -766,13 +766,12 @@ def load_sweep(path: str | os.PathLike, overrides: Iterable[str] = (),
 
 
 # ---- packing runs into jobs ----------------------------------------------------------------
-SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_epochs", "loss_dtype",
-                "checkpoint_every", "eval_every", "device")
-
-
 def shape_key(cfg: RunConfig) -> tuple:
-    """Runs with equal keys can be trained together as one batched computation."""
-    return tuple(getattr(cfg, f) for f in SHAPE_FIELDS)
+    """Runs with equal keys can be trained together as one batched computation: the device
+    and the fields a packed group must share (``grokhpc.train_batched.shape_fields``)."""
+    from .train_batched import shape_fields
+
+    return (cfg.device,) + tuple((f, getattr(cfg, f)) for f in shape_fields(cfg))
 
 
 def by_shape(runs: Iterable[SweepRun]) -> list[list[SweepRun]]:

@@ -26,6 +26,7 @@ resume would start.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import io
 import os
@@ -156,10 +157,26 @@ def provenance(device) -> dict[str, Any]:
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
             "pid": os.getpid(), "slurm_job": slurm_job_id(), "device": str(device),
             "device_name": device_name(device), "torch_threads": torch.get_num_threads(),
+            "matmul_precision": torch.get_float32_matmul_precision(),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformer_lens": version("transformer_lens"), "numpy": numpy.__version__,
             "grokhpc": version("grokhpc"),
             "grokhpc_commit": git_commit(Path(__file__).resolve().parent.parent)}
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """torch's float32 matmul precision set to ``precision`` (a run's ``matmul_precision``:
+    highest, or high for TF32 on GPUs that have it) for the block, the process's own restored
+    afterwards."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def state_checksum(obj: Any, crc: int = 0) -> int:
@@ -563,11 +580,13 @@ class Trainer:
 
 
 def finish(trainer: Trainer) -> dict[str, Any] | None:
-    """After the last epoch: progress measures and summary (with the run's provenance), then
-    mark the run done."""
+    """After the last epoch: progress measures (always at float32's highest matmul precision,
+    whatever the run trained at) and summary (with the run's provenance), then mark the run
+    done."""
     from . import measures
 
-    summary = measures.finalize_run(trainer.run, device=trainer.device)
+    with matmul_precision("highest"):
+        summary = measures.finalize_run(trainer.run, device=trainer.device)
     if isinstance(summary, dict):
         summary.update(provenance_columns(trainer.progress()))
         atomic_write_json(trainer.run.file(SUMMARY), summary)
@@ -589,19 +608,17 @@ def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
         log(f"run {cfg.run_id} in {out} is already complete "
             f"({prog['epoch']}/{prog['n_epochs']} epochs); nothing to do")
         return run
-    import torch
-
-    torch.set_float32_matmul_precision("highest")
     trainer = None
     try:
-        trainer = Trainer.open(cfg, out)
-        if state_every_s is not None:
-            trainer.state_every_s = float(state_every_s)
-        if trainer.epoch > 0:
-            log(f"run {cfg.run_id}: resuming at epoch {trainer.epoch}/{cfg.n_epochs}")
-        for note in trainer.notes:
-            log(note)
-        trainer.fit(progress_bar=progress_bar)
+        with matmul_precision(cfg.matmul_precision):   # recorded in the attempt's provenance
+            trainer = Trainer.open(cfg, out)
+            if state_every_s is not None:
+                trainer.state_every_s = float(state_every_s)
+            if trainer.epoch > 0:
+                log(f"run {cfg.run_id}: resuming at epoch {trainer.epoch}/{cfg.n_epochs}")
+            for note in trainer.notes:
+                log(note)
+            trainer.fit(progress_bar=progress_bar)
         finish(trainer)
         run.clear_error()
     except (RunLockedError, SystemExit):

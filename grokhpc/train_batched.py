@@ -30,15 +30,18 @@ How the runs are stacked:
     stacked weights, each on its own unpadded rows, exactly as a solo run calls it.
     Bit-identical to solo runs (tests check whole runs file by file). On a CPU the cores are
     busy at R = 1 already, so batching the forward buys little there;
-* optimiser: ``StackedAdamW`` (adamw; adam with ``decoupled=False``) or ``StackedSGD`` holds
-  the stacked state. In batched mode its step is torch's single-tensor math with per-run lr,
-  weight decay, betas or momentum broadcast along the run axis, a few kernels per weight
-  whatever R is; each elementwise operation is the one torch's CPU kernel performs, so it is
-  bit-identical there (tests check this). In exact mode it calls torch's own functional
-  optimiser once per run on views of the stacks, so it takes the solo optimiser's path on every
-  device (foreach kernels on CUDA). Each epoch sets each run's lr from its own schedule
-  (``grokhpc.optim.lr_factor``); after each step, ``fixed_weight_norm`` runs are rescaled to
-  their own initial norm;
+* optimiser (``grokhpc.stacked_optim``): ``StackedAdamW`` (adamw; adam with
+  ``decoupled=False``) or ``StackedSGD`` holds the stacked state. In batched mode its step is
+  torch's single-tensor math with per-run lr, weight decay, betas or momentum broadcast along
+  the run axis, a few kernels per weight whatever R is; each elementwise operation is the one
+  torch's CPU kernel performs, so it is bit-identical there (tests check this). In exact mode
+  it calls torch's own functional optimiser once per run on views of the stacks, so it takes
+  the solo optimiser's path on every device (foreach kernels on CUDA). Each epoch sets each
+  run's lr from its own schedule (``grokhpc.optim.lr_factor``); after each step,
+  ``fixed_weight_norm`` runs are rescaled to their own initial norm;
+* step mode (batched mode, ``grokhpc.step_mode``): how the step is issued -- per weight
+  (eager, the default), Adam(W) over one flat buffer (fused; bit-identical to eager on CPU),
+  captured in CUDA graphs (graph) or compiled (compile);
 * early stop: a ``stop_after_grok`` run that reaches its stop epoch is evaluated and committed
   there and finished (measures, summary) as a solo run would be; the others' state is synced
   into their shadows and restacked without it, so the group shrinks as its runs finish;
@@ -74,18 +77,20 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 from . import preempt
 from .config import RunConfig
+from .stacked_optim import FlatStackedAdamW, StackedAdamW, StackedSGD, _b, stacked_optimizer
 from .store import RunDir, RunDirError
 
 # Fields that must be equal across a group. They fix tensor shapes (p and op the vocabulary
 # and classes, the sizes, n_layers, act_fn and normalization the parameters and the forward),
 # the commit schedule (n_epochs, checkpoint_every, eval_every), the loss's dtype, the kind of
 # optimiser state that is stacked (optimizer: Adam moments or SGD momentum buffers) and the
-# step schedule (batch_size: the number and size of minibatches per epoch). Everything else
-# -- lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale,
+# step schedule (batch_size: the number and size of minibatches per epoch) and the float32
+# matmul precision (one setting of the process for the whole stacked computation). Everything
+# else -- lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale,
 # fixed_weight_norm, label_noise, seeds, stop_after_grok -- may differ run by run.
 SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_layers", "act_fn",
                 "normalization", "n_epochs", "checkpoint_every", "eval_every", "loss_dtype",
-                "optimizer", "batch_size")
+                "optimizer", "batch_size", "matmul_precision")
 # With an integer batch_size, train_frac too: the runs take their k-th minibatch in the same
 # step, so each needs the same ceil(n_train / batch_size) steps of the same sizes per epoch.
 MINIBATCH_SHAPE_FIELDS = ("train_frac",)
@@ -97,7 +102,6 @@ def shape_fields(cfg: RunConfig) -> tuple[str, ...]:
 
 
 DIVERGED_PREFIX = "diverged:"
-ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which grokhpc.train.make_optimizer uses
 
 
 class GroupError(ValueError):
@@ -126,237 +130,6 @@ def check_group(cfgs: Sequence[RunConfig], out_dirs: Sequence) -> None:
     if len(set(paths)) != len(paths):
         dup = next(x for x in paths if paths.count(x) > 1)
         raise GroupError(f"train_group: out_dirs: {dup} is given to two runs")
-
-
-def _col(values, like):
-    import torch
-
-    return torch.tensor(values, dtype=like.dtype, device=like.device)
-
-
-def _b(t, like):
-    """A per-run column ``t`` (R,) shaped to broadcast along ``like`` (R, ...)."""
-    return t.view((-1,) + (1,) * (like.dim() - 1))
-
-
-class StackedAdamW:
-    """``torch.optim.AdamW`` (single-tensor path, amsgrad off) for R runs stacked on dim 0; with
-    ``decoupled=False``, ``torch.optim.Adam`` (weight decay added to the gradient).
-
-    Per-run scalars become float32 (R, 1, ...) tensors holding exactly the value torch's CPU
-    kernel would cast the Python scalar to; every elementwise op then matches torch's kernels:
-    ``mul_(1 - lr*wd)`` (or ``grad.add(param, alpha=wd)``, which ``addcmul(grad, param, wd)``
-    computes with the same single rounding), ``lerp_(g, 1 - b1)``,
-    ``mul_(b2).addcmul_((1 - b2)*g, g)``, ``sqrt / bc2_sqrt + eps``,
-    ``addcdiv_((-step_size)*m, denom)`` -- addcmul/addcdiv with a scalar ``value`` compute
-    ``value*t1`` first and then the fused kernel, so folding a per-run ``value`` into ``t1``
-    gives the same bits.
-    """
-
-    def __init__(self, params: list, lrs, weight_decays, betas, steps, exp_avgs, exp_avg_sqs,
-                 host_scalars: bool | None = None, per_run_torch: bool = False,
-                 decoupled: bool = True):
-        import torch
-
-        self.params = params
-        # per_run_torch: instead, call torch's own functional Adam(W) once per run on views of
-        # the stacks (foreach on CUDA, single-tensor on CPU, as a solo run's optimiser decides):
-        # the solo bits on every device, at ~10 kernels per run per step
-        self.per_run_torch, self.decoupled = per_run_torch, bool(decoupled)
-        self._step_ts = [[torch.tensor(float(s), dtype=torch.get_default_dtype())
-                          for _ in params] for s in steps]
-        self.host_scalars = (params[0].device.type == "cpu") if host_scalars is None \
-            else bool(host_scalars)
-        self.exp_avgs, self.exp_avg_sqs = exp_avgs, exp_avg_sqs
-        self.wds = [float(x) for x in weight_decays]
-        self.b1 = [float(b[0]) for b in betas]
-        self.b2 = [float(b[1]) for b in betas]
-        self.steps = [int(s) for s in steps]
-        self._wd = _col(self.wds, params[0])
-        self._w1 = _col([1 - b for b in self.b1], params[0])
-        self._b2 = _col(self.b2, params[0])
-        self._w2 = _col([1 - b for b in self.b2], params[0])
-        self.set_lrs(lrs)
-
-    def set_lrs(self, lrs) -> None:
-        """Each run's lr for the coming steps (a schedule changes it once per epoch)."""
-        import torch
-
-        self.lrs = [float(x) for x in lrs]
-        self._decay = _col([1 - lr * wd for lr, wd in zip(self.lrs, self.wds)], self.params[0])
-        c = getattr(self, "_dev64", None)
-        if c is not None:
-            c["lr"] = torch.tensor(self.lrs, dtype=torch.float64, device=c["lr"].device)
-
-    def _corrections(self):
-        """(-lr / (1 - b1^t), sqrt(1 - b2^t)) per run as float32 columns: from Python floats as
-        torch's step computes them (``host_scalars``, the default on CPU), or in float64 on the
-        device (the default elsewhere: no host-to-device copy per step; equal to the Python
-        values up to float64 rounding)."""
-        import torch
-
-        if self.host_scalars:
-            bc1 = [1 - b1 ** s for b1, s in zip(self.b1, self.steps)]
-            bc2 = [1 - b2 ** s for b2, s in zip(self.b2, self.steps)]
-            return (_col([-(lr / b) for lr, b in zip(self.lrs, bc1)], self.params[0]),
-                    _col([b ** 0.5 for b in bc2], self.params[0]))
-        c = getattr(self, "_dev64", None)
-        if c is None:  # first step: the counts already include it
-            dev = self.params[0].device
-            c = self._dev64 = {k: torch.tensor(v, dtype=torch.float64, device=dev) for k, v in
-                               (("lr", self.lrs), ("b1", self.b1), ("b2", self.b2),
-                                ("t", self.steps))}
-        else:
-            c["t"] += 1
-        neg_step = -(c["lr"] / (1 - c["b1"] ** c["t"]))
-        bc2_sqrt = (1 - c["b2"] ** c["t"]).sqrt()
-        return neg_step.to(self.params[0].dtype), bc2_sqrt.to(self.params[0].dtype)
-
-    def _torch_step(self) -> None:
-        import torch
-        from torch.optim.adam import adam
-
-        with torch.no_grad():
-            for r in range(len(self.steps)):
-                adam([p[r] for p in self.params], [p.grad[r] for p in self.params],
-                     [m[r] for m in self.exp_avgs], [v[r] for v in self.exp_avg_sqs], [],
-                     self._step_ts[r], foreach=None, capturable=False, differentiable=False,
-                     fused=None, grad_scale=None, found_inf=None, has_complex=False,
-                     decoupled_weight_decay=self.decoupled, amsgrad=False, beta1=self.b1[r],
-                     beta2=self.b2[r], lr=self.lrs[r], weight_decay=self.wds[r], eps=ADAM_EPS,
-                     maximize=False)
-
-    def step(self) -> None:
-        import torch
-
-        self.steps = [s + 1 for s in self.steps]
-        if self.per_run_torch:
-            return self._torch_step()
-        neg_step, bc2_sqrt = self._corrections()
-        decay = any(wd != 0 for wd in self.wds)
-        with torch.no_grad():
-            for p, m, v in zip(self.params, self.exp_avgs, self.exp_avg_sqs):
-                g = p.grad
-                if decay and self.decoupled:
-                    p.mul_(_b(self._decay, p))
-                elif decay:
-                    g = torch.addcmul(g, p, _b(self._wd, p))
-                m.lerp_(g, _b(self._w1, p))
-                v.mul_(_b(self._b2, p)).addcmul_(_b(self._w2, p) * g, g)
-                denom = (v.sqrt() / _b(bc2_sqrt, p)).add_(ADAM_EPS)
-                p.addcdiv_(_b(neg_step, p) * m, denom)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def store(self, r: int, i: int, states, param) -> None:
-        """Write run ``r``'s state of weight ``i`` into a solo optimiser's ``states[param]``."""
-        import torch
-
-        state = states[param]
-        if not state:  # as torch.optim.Adam._init_group creates it
-            state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["step"].fill_(float(self.steps[r]))
-        state["exp_avg"].copy_(self.exp_avgs[i][r])
-        state["exp_avg_sq"].copy_(self.exp_avg_sqs[i][r])
-
-
-class StackedSGD:
-    """``torch.optim.SGD`` (single-tensor path; dampening 0, no Nesterov) for R runs stacked on
-    dim 0, per-run lr, weight decay and momentum. Its elementwise ops are torch's:
-    ``grad.add(param, alpha=wd)`` and ``param.add_(grad, alpha=-lr)`` as ``addcmul`` with a
-    per-run column (the same single rounding on CPU), ``buf.mul_(momentum).add_(grad)``. A
-    run's first step starts its buffer at zero, which gives torch's ``clone(grad)``. With
-    ``per_run_torch``, torch's own functional ``sgd`` is called run by run on views."""
-
-    def __init__(self, params: list, lrs, weight_decays, momenta, bufs, started,
-                 per_run_torch: bool = False):
-        self.params, self.bufs, self.per_run_torch = params, bufs, per_run_torch
-        self.wds = [float(x) for x in weight_decays]
-        self.momenta = [float(x) for x in momenta]
-        self.started = [bool(s) for s in started]   # a run's buffers hold its last step's
-        self._wd = _col(self.wds, params[0])
-        self._m = _col(self.momenta, params[0])
-        self.set_lrs(lrs)
-
-    def set_lrs(self, lrs) -> None:
-        self.lrs = [float(x) for x in lrs]
-        self._neg_lr = _col([-lr for lr in self.lrs], self.params[0])
-
-    def _torch_step(self) -> None:
-        import torch
-        from torch.optim.sgd import sgd
-
-        with torch.no_grad():
-            for r in range(len(self.lrs)):
-                use = self.momenta[r] != 0
-                bufs = [b[r] if use and self.started[r] else None for b in self.bufs]
-                sgd([p[r] for p in self.params], [p.grad[r] for p in self.params], bufs,
-                    weight_decay=self.wds[r], momentum=self.momenta[r], lr=self.lrs[r],
-                    dampening=0.0, nesterov=False, maximize=False, foreach=None)
-                for b, new in zip(self.bufs, bufs):
-                    if use and new is not None and new is not b[r]:
-                        b[r].copy_(new)
-
-    def step(self) -> None:
-        import torch
-
-        if self.per_run_torch:
-            self._torch_step()
-        else:
-            decay, momentum = any(self.wds), any(self.momenta)
-            with torch.no_grad():
-                for p, buf in zip(self.params, self.bufs):
-                    g = torch.addcmul(p.grad, p, _b(self._wd, p)) if decay else p.grad
-                    if momentum:
-                        g = buf.mul_(_b(self._m, p)).add_(g)
-                    p.addcmul_(g, _b(self._neg_lr, p))
-        self.started = [True] * len(self.started)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
-    def store(self, r: int, i: int, states, param) -> None:
-        """Write run ``r``'s momentum buffer of weight ``i`` into a solo SGD's ``states[param]``
-        (torch keeps no state at all without momentum)."""
-        if self.momenta[r] == 0 or not self.started[r]:
-            return
-        state = states[param]
-        if "momentum_buffer" in state:
-            state["momentum_buffer"].copy_(self.bufs[i][r])
-        else:
-            state["momentum_buffer"] = self.bufs[i][r].clone()
-
-
-def stacked_optimizer(trainers: list, P: dict, names: list, device, per_run_torch: bool):
-    """The group's stacked optimiser over ``P[names]``, its state taken from each shadow's own
-    torch optimiser (zeros and step 0 when fresh)."""
-    import torch
-
-    cfgs = [t.cfg for t in trainers]
-    states = [[t.optimizer.state.get(t.model.get_parameter(n), {}) for n in names]
-              for t in trainers]
-    lrs = [t.optimizer.param_groups[0]["lr"] for t in trainers]
-    wds = [c.weight_decay for c in cfgs]
-    params = [P[n] for n in names]
-
-    def stack(key, i):
-        return torch.stack([st[i][key] if key in st[i] else torch.zeros_like(P[names[i]][r])
-                            for r, st in enumerate(states)]).to(device)
-
-    if cfgs[0].optimizer == "sgd":
-        return StackedSGD(params, lrs, wds, [c.momentum for c in cfgs],
-                          [stack("momentum_buffer", i) for i in range(len(names))],
-                          ["momentum_buffer" in st[0] for st in states], per_run_torch)
-    steps = [int(st[0]["step"].item()) if st[0] else 0 for st in states]
-    return StackedAdamW(params, lrs, wds, [c.betas for c in cfgs], steps,
-                        [stack("exp_avg", i) for i in range(len(names))],
-                        [stack("exp_avg_sq", i) for i in range(len(names))],
-                        per_run_torch=per_run_torch, decoupled=cfgs[0].optimizer == "adamw")
 
 
 # ---- the forward of a stack --------------------------------------------------------------------
@@ -412,11 +185,23 @@ class Rows(NamedTuple):
                     None if q is None else type(q)(q.tokens, q.index[a:b], q.onehot[a:b]))
 
 
+def fast_losses(P: dict, rows: Rows, dtype: str):
+    """(per-run losses (R,), per-run accuracies (R,)) of stacked weights ``P`` on ``rows`` by
+    the batched fast path (``grokhpc.lastpos.last_logits``)."""
+    from .lastpos import accuracy, cross_entropy, last_logits
+
+    logits = last_logits(P, rows.tokens, rows.queries)
+    return (cross_entropy(logits, rows.labels, dtype, rows.mask),
+            accuracy(logits.detach(), rows.labels, rows.mask))
+
+
 class Stack:
     """Runs at the same epoch, stacked on one device; built from (and written back into) their
-    solo ``Trainer`` shadows."""
+    solo ``Trainer`` shadows. ``step_mode`` (batched mode): how the step is issued, see
+    ``grokhpc.step_mode`` (resolved there; here it is taken as it comes)."""
 
-    def __init__(self, trainers: list, device, exact: bool | None = None):
+    def __init__(self, trainers: list, device, exact: bool | None = None,
+                 step_mode: str = "eager", log: Callable = print):
         import copy
 
         import torch
@@ -438,7 +223,7 @@ class Stack:
                       for n in self.names}
         for n in self.trainable:
             self.P[n].requires_grad_(True)
-        self.opt = stacked_optimizer(trainers, self.P, self.trainable, device, self.exact)
+        self._set_step_mode(trainers, "eager" if self.exact else step_mode, log)
         self.curves = {k: torch.stack([t.curves[k] for t in trainers]).to(device)
                        for k in trainers[0].curves}
         # the group's own copies of the runs' minibatch generators, handed back at each sync
@@ -457,6 +242,33 @@ class Stack:
         self.last_commit = [self.epoch if t.committed_epoch is None else t.committed_epoch
                             for t in trainers]
         self.clock = None
+
+    def _set_step_mode(self, trainers: list, mode: str, log: Callable) -> None:
+        """The optimiser (flat in every mode but eager: its buffer then holds the weights), the
+        batched loss (compiled or not) and the CUDA graphs of ``mode``."""
+        from .step_mode import GraphStep, compiled
+
+        self.step_mode = mode
+        self.opt = stacked_optimizer(trainers, self.P, self.trainable, self.device, self.exact,
+                                     flat=mode != "eager", compiled=mode == "compile")
+        if isinstance(self.opt, FlatStackedAdamW):
+            self.P.update(zip(self.trainable, self.opt.params))
+        self._fast_losses = compiled(fast_losses) if mode == "compile" else fast_losses
+        self.capture = GraphStep(self._host_counts, log) if mode == "graph" else None
+        if self.capture is not None and hasattr(self.opt, "host_scalars"):
+            self.opt.host_scalars = False   # bias corrections on the device, inside the graph
+
+    def _host_counts(self) -> Callable:
+        """A function that puts the optimiser's host-side step counts (and its gradients) back
+        as they are now: a failed capture ran its Python but none of its kernels."""
+        opt = self.opt
+        saved = {k: list(getattr(opt, k)) for k in ("steps", "started") if hasattr(opt, k)}
+
+        def undo() -> None:
+            for k, v in saved.items():
+                setattr(opt, k, v)
+            opt.zero_grad()
+        return undo
 
     def _set_rows(self, trainers: list) -> None:
         import torch
@@ -497,19 +309,16 @@ class Stack:
     # -- one epoch
     def _losses(self, rows):
         """(per-run losses (R,), per-run accuracies (R,)) of the current weights on ``rows``."""
-        import torch
-
-        from .lastpos import accuracy, cross_entropy, last_logits
+        from .lastpos import accuracy, cross_entropy
 
         dtype = self.cfg.loss_dtype
-        if not self.exact:
-            if self.fast:
-                logits = last_logits(self.P, rows.tokens, rows.queries)
-            else:
-                logits = hooked_last_logits(self.template, self.P, rows.tokens)
-            return (cross_entropy(logits, rows.labels, dtype, rows.mask),
-                    accuracy(logits.detach(), rows.labels, rows.mask))
-        return self._solo_losses(rows, range(len(rows)))
+        if self.exact:
+            return self._solo_losses(rows, range(len(rows)))
+        if self.fast:
+            return self._fast_losses(self.P, rows, dtype)
+        logits = hooked_last_logits(self.template, self.P, rows.tokens)
+        return (cross_entropy(logits, rows.labels, dtype, rows.mask),
+                accuracy(logits.detach(), rows.labels, rows.mask))
 
     def _solo_losses(self, rows, runs):
         """The solo forward (the model's ``last_logits``), run by run, on each run's own weights
@@ -556,8 +365,11 @@ class Stack:
             return
         with torch.no_grad():
             sq = sum((p.detach().double() ** 2).flatten(1).sum(1) for p in params)
-            target = torch.stack([sq.new_tensor(float("nan")) if n is None else n.to(sq)
-                                  for n in self.init_norms])
+            if getattr(self, "_norm_targets", None) is None:   # once: a captured step copies
+                self._norm_targets = torch.stack(                # nothing from the host
+                    [sq.new_tensor(float("nan")) if n is None else n.to(sq)
+                     for n in self.init_norms])
+            target = self._norm_targets
             factor = torch.where(target.isnan(), 1.0, target / sq.sqrt()).to(params[0].dtype)
             for p in params:
                 p.mul_(_b(factor, p))
@@ -593,7 +405,10 @@ class Stack:
     def step(self) -> None:
         """One epoch of every run (the solo ``Trainer.step``)."""
         self._set_lrs()
-        if self.cfg.full_batch:
+        if self.cfg.full_batch and self.capture is not None:
+            losses, accs = self.capture("train", lambda: self._update(self.train),
+                                        on_replay=self.opt.count_step)
+        elif self.cfg.full_batch:
             losses, accs = self._update(self.train)
         else:
             losses = accs = 0.0
@@ -609,17 +424,25 @@ class Stack:
         """``_losses`` in inference mode of ``runs`` (exact) or of all runs (batched: a chunk
         of runs at a time, so that scoring the larger test split needs no more memory than a
         training step)."""
-        import torch
-
         if self.exact:
             return self._solo_losses(rows, runs)
+        if self.capture is not None and rows is self.test:
+            losses, accs = self.capture("test", lambda: self._scored_all(rows))
+        else:
+            losses, accs = self._scored_all(rows)
+        return losses[runs], accs[runs]
+
+    def _scored_all(self, rows):
+        """``_losses`` of every run on ``rows``, a chunk of runs at a time when ``rows`` has
+        more rows than the train split."""
+        import torch
+
         n_train = self.train.tokens.shape[1] if self.cfg.full_batch else \
             self.train_all[0].shape[1]
         n_rows = rows.tokens.shape[1]
         chunk = max(1, (self.R * n_train) // max(n_rows, 1))
         if chunk >= self.R:
-            losses, accs = self._losses(rows)
-            return losses[runs], accs[runs]
+            return self._losses(rows)
         P, out = self.P, []
         try:
             for a in range(0, self.R, chunk):
@@ -628,7 +451,7 @@ class Stack:
                 out.append(self._losses(rows.runs(a, b)))
         finally:
             self.P = P
-        return torch.cat([o[0] for o in out])[runs], torch.cat([o[1] for o in out])[runs]
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
 
     def evaluate(self, runs=None, train_runs=()) -> None:
         """Score the test set of ``runs`` (default: all) and the train set of ``train_runs`` at
@@ -860,28 +683,13 @@ def _finish(t, log) -> None:
     t.run.clear_error()
 
 
-def _runs_to_train(cfgs: list, runs: list, retry_diverged: bool, log) -> list:
-    """(cfg, run) of each run that still has epochs to train (and did not diverge before)."""
-    out = []
-    for cfg, run in zip(cfgs, runs):
-        if run.exists() and run.is_complete():
-            prog = run.read_progress()
-            log(f"run {cfg.run_id} in {run.path} is already complete "
-                f"({prog['epoch']}/{prog['n_epochs']} epochs); nothing to do")
-            continue
-        if run.exists() and _is_diverged(run) and not retry_diverged:
-            log(f"run {cfg.run_id} in {run.path} diverged before (see error.txt); skipped")
-            continue
-        out.append((cfg, run))
-    return out
-
-
 def _is_diverged(run: RunDir) -> bool:
     err = run.read_error()
     return bool(err) and err.startswith(DIVERGED_PREFIX)
 
 
-def _train_all(trainers: list, dev, exact, background: bool, bar, log) -> tuple[list, list]:
+def _train_all(trainers: list, dev, exact, background: bool, bar, log,
+               step_mode: str = "eager") -> tuple[list, list]:
     """Train ``trainers`` to their last epochs, the lowest-epoch runs stacked first; finish each
     run that stops early as soon as it does. Returns (diverged, finished) trainers."""
     n_epochs = trainers[0].cfg.n_epochs
@@ -895,7 +703,7 @@ def _train_all(trainers: list, dev, exact, background: bool, bar, log) -> tuple[
         target = ahead[0] if ahead else n_epochs
         if ahead:
             log(f"{len(lag)} run(s) at epoch {low} catch up to epoch {target} first")
-        stack = Stack(lag, dev, exact=exact)
+        stack = Stack(lag, dev, exact=exact, step_mode=step_mode, log=log)
         try:
             with preempt.armed():
                 dropped, done = _fit_stack(stack, target, bar, log, background=background)
@@ -922,7 +730,8 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
                 progress_bar: bool = True, log: Callable = print,
                 retry_diverged: bool = False, exact: bool | None = None,
                 background_commits: bool | None = None,
-                state_every_s: float | None = None) -> list[RunDir]:
+                state_every_s: float | None = None,
+                step_mode: str | None = None) -> list[RunDir]:
     """Train ``cfgs`` into ``out_dirs`` as one stacked computation; resumes each run from its
     own state; returns each run's RunDir (in order). Complete runs are left alone; a run that
     diverges is marked failed (error.txt) and the others go on. Raises GroupError for runs
@@ -939,51 +748,35 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
     state.pt, progress, curves of every run) overlap the next epochs' training in a thread;
     each commit still completes before the next one starts and before this returns.
     ``state_every_s``: seconds between a run's state.pt writes (``run_training``'s).
+
+    ``step_mode`` (batched mode): eager (the default), fused, graph or compile -- how the
+    step is issued to the device (``grokhpc.step_mode``); None: $GROKHPC_STEP_MODE or eager.
+
+    Training runs at the group's ``matmul_precision`` (the process's own is restored after).
     """
-    from .train import Trainer, resolve_device
+    from .train import matmul_precision, resolve_device
 
     cfgs = list(cfgs)
     out_dirs = [Path(d) for d in out_dirs]
     check_group(cfgs, out_dirs)
     runs = [RunDir(d) for d in out_dirs]
-    for cfg, run in zip(cfgs, runs):  # refuse foreign directories before touching anything
-        if run.exists() and run.read_config().get("run_id") != cfg.run_id:
-            raise RunDirError(f"{run.file('config.json')}: holds run "
-                              f"{run.read_config().get('run_id')}, not {cfg.run_id}; "
-                              "use another directory")
+    _refuse_foreign_dirs(cfgs, runs)
     import torch
 
-    torch.set_float32_matmul_precision("highest")
     dev = resolve_device(device if device is not None else cfgs[0].device) \
         if not isinstance(device, torch.device) else device
-
     background = (dev.type != "cpu") if background_commits is None else bool(background_commits)
-    pending = _runs_to_train(cfgs, runs, retry_diverged, log)
-    if not pending:
-        return runs
-
-    trainers = []
-    for cfg, run in pending:
-        t = Trainer.open(cfg, run.path, dev)
-        if state_every_s is not None:
-            t.state_every_s = float(state_every_s)
-        if t.epoch > 0:
-            log(f"run {cfg.run_id}: resuming at epoch {t.epoch}/{cfg.n_epochs}")
-        trainers.append(t)
-
-    n_epochs = cfgs[0].n_epochs
-    bar = None
-    if progress_bar:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(n_epochs - t.epoch for t in trainers), unit="run-epoch",
-                   desc=f"{len(trainers)} runs", dynamic_ncols=True, mininterval=1.0)
-    try:
-        diverged, finished = _train_all(trainers, dev, exact, background, bar, log)
-    finally:
-        if bar is not None:
-            bar.close()
-
+    mode = _step_mode(step_mode, cfgs[0], dev, exact, log)
+    with matmul_precision(cfgs[0].matmul_precision):   # recorded in each attempt's provenance
+        trainers = _open_unfinished(cfgs, runs, dev, retry_diverged, log, state_every_s)
+        if not trainers:
+            return runs
+        bar = _run_epochs_bar(trainers) if progress_bar else None
+        try:
+            diverged, finished = _train_all(trainers, dev, exact, background, bar, log, mode)
+        finally:
+            if bar is not None:
+                bar.close()
     for t in trainers:   # runs that were already at their last epoch when opened
         if t.epoch < t.stop_epoch() or any(t is d for d in diverged + finished):
             continue
@@ -991,6 +784,60 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
     for t in trainers:   # each run's lock (on an exception, the trainers' end lets them go)
         t.close()
     return runs
+
+
+def _run_epochs_bar(trainers: list):
+    """A progress bar over the run-epochs left to train."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=sum(t.cfg.n_epochs - t.epoch for t in trainers), unit="run-epoch",
+                desc=f"{len(trainers)} runs", dynamic_ncols=True, mininterval=1.0)
+
+
+def _step_mode(step_mode: str | None, cfg: RunConfig, dev, exact: bool | None, log) -> str:
+    """The group's step mode (``grokhpc.step_mode.resolve_step_mode``); GroupError naming the
+    argument or the environment variable for a word that is none."""
+    from .step_mode import resolve_step_mode
+
+    exact = (dev.type == "cpu") if exact is None else bool(exact)
+    try:
+        return resolve_step_mode(step_mode, cfg, dev, exact, log)
+    except ValueError as e:
+        raise GroupError(f"train_group: {e}") from None
+
+
+def _refuse_foreign_dirs(cfgs: list, runs: list) -> None:
+    """RunDirError for a directory that holds another run, before anything is touched."""
+    for cfg, run in zip(cfgs, runs):
+        if run.exists() and run.read_config().get("run_id") != cfg.run_id:
+            raise RunDirError(f"{run.file('config.json')}: holds run "
+                              f"{run.read_config().get('run_id')}, not {cfg.run_id}; "
+                              "use another directory")
+
+
+def _open_unfinished(cfgs: list, runs: list, dev, retry_diverged: bool, log,
+                     state_every_s: float | None = None) -> list:
+    """A solo Trainer (new or resumed) for each run still to train; complete runs and runs
+    marked diverged (unless ``retry_diverged``) are left alone with one line each."""
+    from .train import Trainer
+
+    trainers = []
+    for cfg, run in zip(cfgs, runs):
+        if run.exists() and run.is_complete():
+            prog = run.read_progress()
+            log(f"run {cfg.run_id} in {run.path} is already complete "
+                f"({prog['epoch']}/{prog['n_epochs']} epochs); nothing to do")
+            continue
+        if run.exists() and _is_diverged(run) and not retry_diverged:
+            log(f"run {cfg.run_id} in {run.path} diverged before (see error.txt); skipped")
+            continue
+        t = Trainer.open(cfg, run.path, dev)
+        if state_every_s is not None:
+            t.state_every_s = float(state_every_s)
+        if t.epoch > 0:
+            log(f"run {cfg.run_id}: resuming at epoch {t.epoch}/{cfg.n_epochs}")
+        trainers.append(t)
+    return trainers
 
 
 # ---- sizing a job ------------------------------------------------------------------------------
@@ -1069,6 +916,8 @@ def configs_from_dirs(dirs: Sequence) -> list[RunConfig]:
 def build_parser():
     import argparse
 
+    from .step_mode import STEP_MODES
+
     ap = argparse.ArgumentParser(
         prog="python -m grokhpc.train_batched",
         description="Train the runs of existing run directories (each with its config.json) "
@@ -1078,6 +927,10 @@ def build_parser():
     ap.add_argument("--mode", choices=("auto", "exact", "batched"), default="auto",
                     help="exact: solo forward run by run (bit-identical to solo runs); "
                          "batched: one batched computation; auto: exact on CPU, else batched")
+    ap.add_argument("--step-mode", choices=STEP_MODES, default=None,
+                    help="batched mode: how each step is issued (default: $GROKHPC_STEP_MODE "
+                         "or eager); fused: Adam(W) over one flat buffer; graph: fused, the "
+                         "step captured in a CUDA graph; compile: fused, with torch.compile")
     ap.add_argument("--retry-diverged", action="store_true",
                     help="train runs marked diverged (error.txt) again")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1095,7 +948,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = train_group(cfgs, args.run_dirs, device=args.device,
                            progress_bar=not args.no_progress,
                            retry_diverged=args.retry_diverged,
-                           exact=None if args.mode == "auto" else args.mode == "exact")
+                           exact=None if args.mode == "auto" else args.mode == "exact",
+                           step_mode=args.step_mode)
     except (ConfigError, RunDirError, GroupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -158,6 +158,55 @@ def test_batched_group_tracks_solo_runs(tmp_path, solo, group):
         assert early_rel(d, s, 10) < 1e-4
 
 
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_fused_step_equals_the_eager_step_bit_for_bit(tmp_path, group):
+    """Batched mode with the flat Adam(W) (step_mode fused; SGD keeps its per-weight step) and
+    with graph, which on a CPU falls back to fused saying so in one line: every file of every
+    run is the eager step's, bit for bit (state.pt's moments included)."""
+    dirs, said = {}, []
+    for mode in ("eager", "fused", "graph"):
+        dirs[mode] = [tmp_path / mode / f"r{i}" for i in range(3)]
+        train_group(GROUPS[group], dirs[mode], device="cpu", exact=False, step_mode=mode,
+                    progress_bar=False, log=said.append)
+    for eager, fused, graph in zip(*dirs.values()):
+        assert compare_runs(fused, eager, rel=0.0) == {"abs": 0.0, "rel": 0.0}
+        assert compare_runs(graph, eager, rel=0.0) == {"abs": 0.0, "rel": 0.0}
+    assert said == ["step_mode graph: CUDA graphs need a CUDA device, this group trains on cpu; "
+                    "the fused step is used"]
+
+
+def test_fused_step_off_the_fast_path_equals_the_eager_step(tmp_path):
+    """Two layers with LayerNorm (the hooked forward under vmap, on views of the flat buffer):
+    fused == eager bit for bit."""
+    cfgs = [cfg_of(n_layers=2, normalization="LN", act_fn="gelu", n_epochs=20, model_seed=s,
+                   weight_decay=w) for s, w in ((1, 1.0), (2, 0.3))]
+    dirs = {m: [tmp_path / m / f"r{i}" for i in range(2)] for m in ("eager", "fused")}
+    for mode, ds in dirs.items():
+        train_group(cfgs, ds, device="cpu", exact=False, step_mode=mode, **QUIET)
+    for fused, eager in zip(dirs["fused"], dirs["eager"]):
+        assert compare_runs(fused, eager, rel=0.0) == {"abs": 0.0, "rel": 0.0}
+
+
+def test_fused_group_killed_after_a_commit_resumes_bit_identical(tmp_path):
+    """A fused group that dies 5 epochs after its commit at epoch 20 resumes from the runs'
+    state.pt -- once fused, once eager -- and ends as the uninterrupted fused group."""
+    cfgs = GROUPS["adam_full"]
+    ref = [tmp_path / "ref" / f"r{i}" for i in range(3)]
+    train_group(cfgs, ref, device="cpu", exact=False, step_mode="fused", **QUIET)
+    for resume_mode in ("fused", "eager"):
+        dirs = [tmp_path / resume_mode / f"r{i}" for i in range(3)]
+        trainers = [Trainer.open(c, d, torch.device("cpu")) for c, d in zip(cfgs, dirs)]
+        stack = Stack(trainers, torch.device("cpu"), exact=False, step_mode="fused")
+        _fit_stack(stack, 25, None, lambda *a: None)
+        assert [RunDir(d).read_progress()["epoch"] for d in dirs] == [20, 20, 20]
+        for t in trainers:
+            t.close()
+        del stack, trainers, t
+        train_group(cfgs, dirs, device="cpu", exact=False, step_mode=resume_mode, **QUIET)
+        for d, s in zip(dirs, ref):
+            assert compare_runs(d, s, rel=0.0) == {"abs": 0.0, "rel": 0.0}
+
+
 # ---- the hooked forward off the fast path ------------------------------------------------------
 def _hooked_last_logits(self, tokens):
     return self.forward(tokens)[:, -1]
@@ -326,6 +375,7 @@ def test_packed_rows_past_the_state_are_recomputed_bit_identical(tmp_path, solo)
     (dict(), dict(act_fn="gelu"), "act_fn"),
     (dict(), dict(normalization="LN"), "normalization"),
     (dict(), dict(n_layers=2), "n_layers"),
+    (dict(), dict(matmul_precision="high"), "matmul_precision"),
 ])
 def test_groups_that_differ_in_a_shape_field_are_refused(tmp_path, a, b, field):
     ca, cb = cfg_of(**a), cfg_of(model_seed=7, **b)
@@ -333,6 +383,39 @@ def test_groups_that_differ_in_a_shape_field_are_refused(tmp_path, a, b, field):
                                          r"every run of a group, got"):
         train_group([ca, cb], [tmp_path / "a", tmp_path / "b"], progress_bar=False)
     assert not (tmp_path / "a").exists()
+
+
+def test_a_packed_group_trains_at_its_matmul_precision(tmp_path, monkeypatch):
+    """Each stacked step sees the group's precision (read from inside it), each run's attempt
+    records it, and the process's own setting is back afterwards."""
+    seen = set()
+    update = Stack._update
+
+    def spy(self, rows):
+        seen.add(torch.get_float32_matmul_precision())
+        return update(self, rows)
+
+    monkeypatch.setattr(Stack, "_update", spy)
+    cfgs = [cfg_of(model_seed=s, n_epochs=20, matmul_precision="high") for s in (1, 2)]
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    before = torch.get_float32_matmul_precision()
+    train_group(cfgs, dirs, device="cpu", **QUIET)
+    assert seen == {"high"} and torch.get_float32_matmul_precision() == before
+    for d in dirs:
+        assert [a["matmul_precision"] for a in RunDir(d).read_progress()["attempts"]] == ["high"]
+
+
+def test_the_launcher_never_packs_what_a_group_refuses():
+    """sweep.shape_key (which runs a job packs) splits on every field check_group requires."""
+    from grokhpc.sweep import shape_key
+
+    base = cfg_of()
+    for field, value in [("matmul_precision", "high"), ("optimizer", "adam"), ("n_layers", 2),
+                         ("act_fn", "gelu"), ("batch_size", 16)]:
+        assert shape_key(base) != shape_key(base.replace(**{field: value})), field
+    mini = cfg_of(batch_size=16)
+    assert shape_key(mini) != shape_key(mini.replace(train_frac=0.6))
+    assert shape_key(base) == shape_key(base.replace(train_frac=0.6, model_seed=5, lr=1e-2))
 
 
 def test_full_batch_runs_may_differ_in_train_frac(tmp_path):

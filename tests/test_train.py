@@ -542,6 +542,7 @@ def test_provenance_of_each_attempt_in_progress_and_summary(reference):
     assert rec["transformer_lens"] == importlib.metadata.version("transformer_lens")
     assert rec["grokhpc"] == importlib.metadata.version("grokhpc")
     assert rec["torch_threads"] == torch.get_num_threads()
+    assert rec["matmul_precision"] == "highest"   # the run's field, at its default
     models = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
               .splitlines() if ln.startswith("model name")]
     assert rec["device_name"] == (models[0] if models else rec["device_name"]) and \
@@ -557,6 +558,45 @@ def test_provenance_of_each_attempt_in_progress_and_summary(reference):
     cols = provenance_columns(reference.read_progress())
     assert cols["n_attempts"] == 1 and cols["attempts_differ"] is None
     assert {k: summary[k] for k in cols} == cols
+
+
+@pytest.mark.parametrize("precision", ["high", "highest"])
+def test_training_runs_at_the_runs_matmul_precision(tmp_path, monkeypatch, precision):
+    """Every step and evaluation sees the run's matmul_precision (read from inside them), the
+    attempt records it, the measures run at highest, and the process's own setting (here
+    "medium") is back afterwards."""
+    import grokhpc.measures
+
+    seen: dict[str, set] = {"step": set(), "evaluate": set(), "measures": set()}
+
+    def spy(name, fn):
+        def inner(*a, **kw):
+            seen[name].add(torch.get_float32_matmul_precision())
+            return fn(*a, **kw)
+        return inner
+
+    monkeypatch.setattr(Trainer, "_update", spy("step", Trainer._update))
+    monkeypatch.setattr(Trainer, "evaluate", spy("evaluate", Trainer.evaluate))
+    monkeypatch.setattr(grokhpc.measures, "finalize_run",
+                        spy("measures", grokhpc.measures.finalize_run))
+    cfg = RunConfig(**{**TINY, "n_epochs": 40, "matmul_precision": precision})
+    torch.set_float32_matmul_precision("medium")
+    try:
+        run_training(cfg, tmp_path / "run", progress_bar=False, log=lambda *_: None)
+        after = torch.get_float32_matmul_precision()
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    assert seen == {"step": {precision}, "evaluate": {precision}, "measures": {"highest"}}
+    assert after == "medium"
+    (rec,) = RunDir(tmp_path / "run").read_progress()["attempts"]
+    assert rec["matmul_precision"] == precision
+
+
+def test_matmul_precision_enters_run_id_only_when_high():
+    assert RunConfig(matmul_precision="highest").run_id == "2c3d4cea9af7"   # the seed's id
+    high = RunConfig(matmul_precision="high")
+    assert high.run_id != "2c3d4cea9af7" and high.identity()["matmul_precision"] == "high"
+    assert "matmul_precision" not in RunConfig().identity()
 
 
 HELP_PROBE = """
