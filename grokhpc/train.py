@@ -646,7 +646,8 @@ def config_from_args(overrides: list[str]) -> RunConfig:
     return config_mod.from_dict(config_mod.parse_overrides(overrides), source="--set")
 
 
-def _minutes(text: str) -> float:
+def minutes_arg(text: str) -> float:
+    """argparse type of --state-every: minutes >= 0."""
     try:
         v = float(text)
     except ValueError:
@@ -665,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override a run field, e.g. --set weight_decay=0.3 (repeatable); the "
                          "fields, defaults and checks are in docs/run_fields.md")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ap.add_argument("--state-every", type=_minutes, default=DEFAULT_STATE_EVERY_S / 60,
+    ap.add_argument("--state-every", type=minutes_arg, default=DEFAULT_STATE_EVERY_S / 60,
                     metavar="MINUTES",
                     help="minutes between writes of the resumable state, state.pt (default "
                          "%(default)g; 0: with every checkpoint row); it is also written on "

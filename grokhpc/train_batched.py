@@ -917,6 +917,7 @@ def build_parser():
     import argparse
 
     from .step_mode import STEP_MODES
+    from .train import DEFAULT_STATE_EVERY_S, minutes_arg
 
     ap = argparse.ArgumentParser(
         prog="python -m grokhpc.train_batched",
@@ -933,6 +934,11 @@ def build_parser():
                          "step captured in a CUDA graph; compile: fused, with torch.compile")
     ap.add_argument("--retry-diverged", action="store_true",
                     help="train runs marked diverged (error.txt) again")
+    ap.add_argument("--state-every", type=minutes_arg, default=DEFAULT_STATE_EVERY_S / 60,
+                    metavar="MINUTES",
+                    help="minutes between writes of each run's resumable state.pt (default "
+                         "%(default)g; 0: with every checkpoint row); also on SIGUSR2 and at "
+                         "each run's end")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -949,7 +955,7 @@ def main(argv: list[str] | None = None) -> int:
                            progress_bar=not args.no_progress,
                            retry_diverged=args.retry_diverged,
                            exact=None if args.mode == "auto" else args.mode == "exact",
-                           step_mode=args.step_mode)
+                           step_mode=args.step_mode, state_every_s=args.state_every * 60)
     except (ConfigError, RunDirError, GroupError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -345,7 +345,8 @@ def test_sigkilled_group_resumes_solo_and_packed(tmp_path, solo):
     for c, d in zip(CFGS, dirs):  # as the launcher leaves them: config.json only
         RunDir(d).create({**to_dict(c), "run_id": c.run_id})
     log = tmp_path / "job.log"
-    cmd = ["-m", "grokhpc.train_batched", *map(str, dirs), "--device", "cpu", "--no-progress"]
+    cmd = ["-m", "grokhpc.train_batched", *map(str, dirs), "--device", "cpu", "--no-progress",
+           "--state-every", "0"]   # state.pt with every row: the kill finds a resume point
     at_kill = _kill_when(_start(cmd, log), dirs, 50, log)
     assert max(at_kill) < CFGS[0].n_epochs  # the kill interrupted training
     assert not any(RunDir(d).is_complete() for d in dirs)
