@@ -200,8 +200,8 @@ def flushed(self):                     # wandb writes its log in the background:
             if any(r.get("type") == "run" for r in tracking.read_records(log)):
                 return
         time.sleep(0.2)
-def held(self, checkpoint):            # after the commit at epoch 60 (and its W&B rows): wait
-    commit(self, checkpoint)
+def held(self, checkpoint, state=None):  # after the commit at epoch 60 (and its W&B rows): wait
+    commit(self, checkpoint, state)
     if self.epoch == 60:
         flushed(self)
         print("committed", self.epoch, flush=True)
@@ -216,7 +216,8 @@ def test_sigkill_then_resume_continues_the_same_wandb_run(tmp_path, wandb_env):
     run_id = RunConfig(**RUN).run_id
     args = ["--out", str(out), "--no-progress", "--wandb", "grokhpc-test", *RUN_SET]
     sync = f"upload with: wandb sync {out / 'wandb' / 'offline-run-*'}"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, *args], stdin=subprocess.PIPE,
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, *args, "--state-every", "0"],
+                              stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True, env=wandb_env)
     try:
         lines = []
