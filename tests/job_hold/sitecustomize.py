@@ -30,6 +30,7 @@ def hold_commits(train_module, hold_dir: str, hold_epoch: int) -> None:
     """Wrap ``train_module.Trainer.commit`` to hold after the commit of ``hold_epoch``."""
     import functools
     import json
+    import threading
     import time
 
     commit = train_module.Trainer.commit
@@ -41,7 +42,8 @@ def hold_commits(train_module, hold_dir: str, hold_epoch: int) -> None:
         commit(self, checkpoint, state)
         if self.epoch != hold_epoch or os.path.exists(reached):
             return
-        tmp = reached + ".tmp"
+        # packed runs commit in threads: each writes its own temporary name
+        tmp = f"{reached}.{os.getpid()}.{threading.get_ident()}.tmp"
         with open(tmp, "w") as f:
             json.dump({"epoch": self.epoch, "pid": os.getpid()}, f)
         os.replace(tmp, reached)
