@@ -500,9 +500,11 @@ class Trainer:
         self.attempts = kept
 
     @classmethod
-    def open(cls, cfg: RunConfig, out: str | Path, device=None) -> "Trainer":
+    def open(cls, cfg: RunConfig, out: str | Path, device=None,
+             state_every_s: float | None = None) -> "Trainer":
         """A trainer for ``cfg`` in ``out``, holding the run's lock: new, or resumed from its
-        last commit. RunLockedError when another process trains the run."""
+        last commit. RunLockedError when another process trains the run. ``state_every_s``:
+        seconds between its state.pt writes (default DEFAULT_STATE_EVERY_S)."""
         run = RunDir(out)
         run.create({**config_mod.to_dict(cfg), "run_id": cfg.run_id})
         lock = lock_run(run)
@@ -510,6 +512,8 @@ class Trainer:
             run.remove_stale_temp_files()   # only the lock's holder may: they may be its writes
             trainer = cls(cfg, run, device if device is not None else resolve_device(cfg.device))
             trainer.notes += [lock.note] if lock.note else []
+            if state_every_s is not None:
+                trainer.state_every_s = float(state_every_s)
             resumed = trainer.restore()
             trainer.begin_attempt()
             trainer.tracker = tracking.start(trainer)
@@ -611,9 +615,7 @@ def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
     trainer = None
     try:
         with matmul_precision(cfg.matmul_precision):   # recorded in the attempt's provenance
-            trainer = Trainer.open(cfg, out)
-            if state_every_s is not None:
-                trainer.state_every_s = float(state_every_s)
+            trainer = Trainer.open(cfg, out, state_every_s=state_every_s)
             if trainer.epoch > 0:
                 log(f"run {cfg.run_id}: resuming at epoch {trainer.epoch}/{cfg.n_epochs}")
             for note in trainer.notes:

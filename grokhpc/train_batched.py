@@ -831,9 +831,7 @@ def _open_unfinished(cfgs: list, runs: list, dev, retry_diverged: bool, log,
         if run.exists() and _is_diverged(run) and not retry_diverged:
             log(f"run {cfg.run_id} in {run.path} diverged before (see error.txt); skipped")
             continue
-        t = Trainer.open(cfg, run.path, dev)
-        if state_every_s is not None:
-            t.state_every_s = float(state_every_s)
+        t = Trainer.open(cfg, run.path, dev, state_every_s)
         if t.epoch > 0:
             log(f"run {cfg.run_id}: resuming at epoch {t.epoch}/{cfg.n_epochs}")
         trainers.append(t)
