@@ -370,7 +370,7 @@ def joined(trace) -> list[np.ndarray]:
     return [part for part in parts if len(part)]
 
 
-def test_cross_run_figures_medians_and_files(sweep):
+def test_cross_run_figures_medians_and_files(sweep, chromium):
     root, truth = sweep
     res = agg.aggregate([root], formats=("png", "html"), log=None)
     figdir = root / "aggregate" / "figures"
@@ -429,7 +429,7 @@ def test_weight_norm_view_draws_each_runs_norm_on_a_log_epoch_axis(sweep):
         assert {tuple(np.unique(a)) for a in joined(acc)} <= {(0.05,), (0.05, 1.0)}
 
 
-def test_figures_of_axes_that_did_not_vary_are_skipped(tmp_path):
+def test_figures_of_axes_that_did_not_vary_are_skipped(tmp_path, chromium):
     root = tmp_path / "s"
     for s in (1, 2):
         make_run(root, cfg_for(1.0, 0.3, s), 30 + s)

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,6 @@ EXPECTED = [
     "cos_sim_over_training", "restricted_excluded_loss", "restricted_test_ratio",
     "gini_weight_norm",
 ]
-CHROMIUM = Path("/usr/bin/chromium-headless-shell")
 TINY = dict(p=13, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_epochs=300, checkpoint_every=50,
             eval_every=10, device="cpu")
 
@@ -44,12 +42,11 @@ def tiny_run(tmp_path_factory):
     return run_training(RunConfig(**TINY), out, progress_bar=False, log=lambda *_: None)
 
 
-def test_analyze_writes_every_figure_as_png_and_html(tiny_run, tmp_path):
-    assert CHROMIUM.exists(), "chromium-headless-shell is installed on CI machines"
+def test_analyze_writes_every_figure_as_png_and_html(tiny_run, tmp_path, chromium):
     out = tmp_path / "figs"
     r = subprocess.run([sys.executable, "-m", "grokhpc.analyze", str(tiny_run.path),
-                        "--out", str(out)],
-                       capture_output=True, text=True, env=ONE_THREAD, timeout=300)
+                        "--out", str(out)], capture_output=True, text=True,
+                       env={**ONE_THREAD, "BROWSER_PATH": chromium}, timeout=300)
     assert r.returncode == 0, r.stderr
     for name in EXPECTED:
         html = (out / f"{name}.html").read_text()

@@ -16,7 +16,8 @@ import pytest
 
 from grokhpc import figures
 
-CHROMIUM = "/usr/bin/chromium-headless-shell"
+# tests that render take the session's ``chromium`` fixture (tests/conftest.py): found or
+# installed once, or they fail saying what to install
 
 
 # ---- an independent PNG decoder (PNG spec, section 9: filters 0..4), for small images ----------
@@ -83,31 +84,37 @@ def red_figure():
     return figures.paper_style(fig, width=240, height=160, title="Red")
 
 
-def test_chromium_is_installed_and_found():
-    assert os.access(CHROMIUM, os.X_OK), "CI installs Debian's chromium-headless-shell"
-    env = {k: v for k, v in os.environ.items() if k != "BROWSER_PATH"}
+def test_the_sessions_chromium_is_what_a_fresh_process_finds(chromium):
+    assert os.access(chromium, os.X_OK)
     out = subprocess.run([sys.executable, "-c", "from grokhpc.figures import find_browser; "
-                          "print(find_browser())"], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == CHROMIUM
+                          "print(find_browser())"], capture_output=True, text=True)
+    assert out.stdout.strip() == chromium, out.stderr
 
 
-def test_browser_path_env_wins_and_bad_value_falls_back(tmp_path, monkeypatch):
-    fake = tmp_path / "my-chrome"
-    fake.write_text("#!/bin/sh\n")
-    fake.chmod(0o755)
+def executable(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_browser_path_env_wins_and_bad_value_falls_back(bare_machine, monkeypatch):
+    system = executable(bare_machine / "usr-bin" / "chromium-headless-shell")
+    monkeypatch.setattr(figures, "SYSTEM_BROWSERS", (str(system),))
+    fake = executable(bare_machine / "my-chrome")
     monkeypatch.setenv("BROWSER_PATH", str(fake))
     assert figures.find_browser() == str(fake)
-    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "missing"))
-    assert figures.find_browser() == CHROMIUM
+    monkeypatch.setenv("BROWSER_PATH", str(bare_machine / "missing"))
+    assert figures.find_browser() == str(system)
 
 
-def test_png_svg_pdf_html_rendered_and_checked(tmp_path):
+def test_png_svg_pdf_html_rendered_and_checked(tmp_path, chromium):
     import plotly.graph_objects as go
 
     fig_a = red_figure()
     fig_b = figures.paper_style(go.Figure(go.Bar(x=["a", "b"], y=[1, 2])), width=300, height=200)
     out = figures.export({"red": fig_a, "bars": fig_b}, tmp_path / "figs",
-                         formats="png,svg,pdf,html", scale=2, log=None)
+                         formats="png,svg,pdf,html", scale=2, log=None, html_js="embed")
     assert {p.name for p in out["red"]} == {"red.png", "red.svg", "red.pdf", "red.html"}
     assert {p.name for p in out["bars"]} == {"bars.png", "bars.svg", "bars.pdf", "bars.html"}
     # nothing half-written left behind
@@ -176,7 +183,8 @@ def test_without_any_chromium_the_cli_path_says_one_line(tmp_path):
         f.chrome_source = lambda: ("0", "http://127.0.0.1:%d/chrome.zip" % closed.getsockname()[1])
         f.export({{"x": go.Figure(go.Scatter(y=[1, 2]))}}, {str(tmp_path)!r})
         """)
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {k: v for k, v in os.environ.items() if k not in ("BROWSER_PATH", figures.NO_FETCH_ENV)}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env=env)
     assert out.returncode == 0, out.stderr
@@ -203,11 +211,11 @@ def bare_machine(tmp_path, monkeypatch):
     return tmp_path
 
 
-def place_chrome(root: Path) -> Path:
-    """A Chrome for Testing layout in ``root`` whose executable is the real headless shell."""
+def place_chrome(root: Path, target: str) -> Path:
+    """A Chrome for Testing layout in ``root`` whose executable links to ``target``."""
     exe = root / "chrome-linux64" / "chrome"
     exe.parent.mkdir(parents=True, exist_ok=True)
-    exe.symlink_to(os.path.realpath("/usr/lib/chromium/chromium-headless-shell"))
+    exe.symlink_to(os.path.realpath(target))
     (root / "version_tag.txt").write_text("142.0.7444.175\n1522585")
     return exe
 
@@ -252,9 +260,9 @@ def test_no_fetch_when_switched_off(bare_machine, monkeypatch):
     assert figures.obtain_browser(log=None) == (None, f"{figures.NO_FETCH_ENV} is set")
 
 
-def test_a_browser_placed_in_the_cache_is_found_and_renders(bare_machine):
+def test_a_browser_placed_in_the_cache_is_found_and_renders(bare_machine, chromium):
     root = figures.browser_cache()
-    exe = place_chrome(root)
+    exe = place_chrome(root, chromium)
     assert figures.find_browser() == str(exe)
     tag = (root / "version_tag.txt").read_text()
     (root / "version_tag.txt").unlink()           # a download cut short is not used
@@ -298,7 +306,7 @@ def test_fetched_once_with_a_message_and_a_progress_bar_then_used(bare_machine, 
             for i in range(0, len(zip_bytes), 100_000):
                 f.write(zip_bytes[i:i + 100_000])
                 f.flush()
-        place_chrome(root)
+        place_chrome(root, str(executable(bare_machine / "unzipped" / "chrome")))
         (root / "chrome.zip").unlink()
 
     monkeypatch.setattr(figures, "download_chrome", download)
