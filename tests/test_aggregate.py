@@ -341,6 +341,26 @@ def test_combined_sweeps_on_the_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "grokhpc.aggregate", str(a), "--format", "gif"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "gif" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "grokhpc.aggregate", str(a), "--html-js", "cdn"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "argument --html-js: invalid choice: 'cdn'" in bad.stderr
+    assert not (a / "aggregate" / "figures").exists()
+
+
+def test_html_js_embed_makes_self_contained_figures_and_redraws(tmp_path):
+    root = tmp_path / "s"
+    for wd in WDS:
+        make_run(root, cfg_for(wd, 0.3, 1), 30)
+    cli = [sys.executable, "-m", "grokhpc.aggregate", str(root), "--format", "html"]
+    assert subprocess.run(cli, capture_output=True, timeout=120).returncode == 0
+    figdir = root / "aggregate" / "figures"
+    light = (figdir / "grok_vs_weight_decay.html").stat().st_size
+    js = (figdir / "plotly.min.js").stat().st_size
+    out = subprocess.run(cli + ["--html-js", "embed"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr                  # no run changed, yet redrawn
+    html = (figdir / "grok_vs_weight_decay.html").read_text()
+    assert "plotly.js v" in html and not re.search(r"<script[^>]*\ssrc=", html)
+    assert len(html.encode()) > js > 100 * light
 
 
 # ---- figures ----------------------------------------------------------------------------------
@@ -375,11 +395,15 @@ def test_cross_run_figures_medians_and_files(sweep, chromium):
     res = agg.aggregate([root], formats=("png", "html"), log=None)
     figdir = root / "aggregate" / "figures"
     assert set(res.figures) == DEFAULT_FIGURES
+    # the HTML files share the folder's one plotly.js, loaded by its relative name
+    assert "plotly.js v" in (figdir / "plotly.min.js").read_text()[:500]
+    assert sorted(figdir.glob("*.js")) == [figdir / "plotly.min.js"]
     for n in DEFAULT_FIGURES:
         w, h = png_size((figdir / f"{n}.png").read_bytes())
         assert w >= 1500 and h >= 900, (n, w, h)  # paper size x scale 3
         html = (figdir / f"{n}.html").read_text()
-        assert "plotly.js v" in html and not re.search(r"<script[^>]+src=[\"']?https?:", html)
+        assert re.findall(r"<script[^>]*\ssrc=\"([^\"]*)\"", html) == ["plotly.min.js"], n
+        assert "plotly.js v" not in html and "Plotly.newPlot" in html, n
 
     # the medians drawn are the medians over seeds computed here from the truth
     figs, notes = figures_of(root, res.swept)

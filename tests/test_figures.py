@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import struct
 import subprocess
@@ -18,6 +19,7 @@ from grokhpc import figures
 
 # tests that render take the session's ``chromium`` fixture (tests/conftest.py): found or
 # installed once, or they fail saying what to install
+SCRIPT_SRC = re.compile(r"<script[^>]*\ssrc=[\"']([^\"']*)[\"']", re.I)
 
 
 # ---- an independent PNG decoder (PNG spec, section 9: filters 0..4), for small images ----------
@@ -142,26 +144,76 @@ def test_png_svg_pdf_html_rendered_and_checked(tmp_path, chromium):
     svg = (tmp_path / "figs" / "red.svg").read_text()
     assert "<svg" in svg and 'width="240"' in svg
 
-    # HTML: plotly.js embedded byte for byte, no script loaded from the network, no MathJax
+    # HTML with html_js="embed": plotly.js inside byte for byte (the folder holds no
+    # plotly.min.js: listed above), no script loaded from anywhere, no MathJax
     html = (tmp_path / "figs" / "red.html").read_text()
+    js = plotly_js().decode()
+    assert js[:2000] in html and js[-2000:] in html and len(html) > len(js)
+    assert SCRIPT_SRC.findall(html) == []
+
+
+def plotly_js() -> bytes:
+    """plotly.js as the installed plotly package ships it."""
     import plotly
 
-    js = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_text()
-    assert js[:2000] in html and js[-2000:] in html and len(html) > len(js)
-    assert not re.search(r"<script[^>]+src=[\"']?https?:", html)
-    assert not re.search(r"<script[^>]+src=[^>]*mathjax", html, re.I)
+    return (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_bytes()
 
 
-def test_html_directory_mode_writes_one_plotlyjs(tmp_path):
-    figs = {"one": red_figure(), "two": red_figure()}
-    out = figures.export(figs, tmp_path, formats=["html"], html_js="directory", log=None)
-    js = tmp_path / "plotly.min.js"
-    assert js.exists() and js.stat().st_size > 1_000_000
-    for name in figs:
-        html = out[name][0].read_text()
-        assert re.search(r"<script[^>]+src=\"plotly.min.js\"", html)
-        assert len(html) < 100_000  # the library is not embedded again
-        assert "cdn.plot.ly" not in html
+def test_html_figures_share_one_plotlyjs_by_default(tmp_path):
+    js = plotly_js()
+    folder = tmp_path / "figs"
+    out = figures.export({"one": red_figure(), "two": red_figure()}, folder, formats=["html"],
+                         log=None)
+    (folder / "plotly.min.js").write_bytes(b"// another plotly.js")   # replaced, not kept
+    out |= figures.export({"three": red_figure()}, folder, formats="html", log=None)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "one.html", "plotly.min.js", "three.html", "two.html"]
+    assert (folder / "plotly.min.js").read_bytes() == js
+    for name, (path,) in out.items():
+        html = path.read_bytes()
+        assert SCRIPT_SRC.findall(html.decode()) == ["plotly.min.js"], name   # relative
+        assert len(html) < len(js) // 100, (name, len(html))   # plotly.js not embedded
+        assert js[:2000] not in html and js[-2000:] not in html
+        assert b"Plotly.newPlot" in html
+
+
+def screenshot(chromium: str, html: Path, png: Path) -> None:
+    """Chromium's own --screenshot of an HTML file (virtual time: no race with the clock)."""
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                        "--hide-scrollbars", f"--user-data-dir={png.parent / 'profile'}",
+                        "--window-size=320,240", "--virtual-time-budget=10000",
+                        f"--screenshot={png}", html.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and png.exists(), r.stderr[-2000:]
+
+
+def red_pixels(png: Path) -> int:
+    w, h, ch, rows = decode_png(png.read_bytes())
+    return sum(1 for p in pixels(rows, ch) if p[0] > 200 and p[1] < 60 and p[2] < 60)
+
+
+def test_a_copied_figures_folder_draws_in_chromium(tmp_path, chromium):
+    made = tmp_path / "made" / "figs"
+    figures.export({"red": red_figure()}, made, formats="html", log=None)
+    copy = tmp_path / "elsewhere" / "figs"
+    shutil.copytree(made, copy)
+    shutil.rmtree(tmp_path / "made")             # nothing may point back at the original
+    html = (copy / "red.html").read_text()
+    for src in SCRIPT_SRC.findall(html):
+        assert not re.match(r"^(/|[a-z]+:)", src, re.I), src
+        assert (copy / src).is_file(), src
+    screenshot(chromium, copy / "red.html", tmp_path / "shot.png")
+    assert red_pixels(tmp_path / "shot.png") > 500, "the plot is drawn"
+    # the same page without its plotly.min.js draws nothing: the check above can fail
+    (copy / "plotly.min.js").unlink()
+    screenshot(chromium, copy / "red.html", tmp_path / "blank.png")
+    assert red_pixels(tmp_path / "blank.png") == 0
+
+
+def test_bad_html_js_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"--html-js: expected one of directory, embed, got 'cdn'"):
+        figures.export({"red": red_figure()}, tmp_path / "figs", formats="html", html_js="cdn")
+    assert not (tmp_path / "figs").exists()
 
 
 def test_without_a_browser_html_is_written_and_one_line_says_how(tmp_path):
