@@ -509,14 +509,43 @@ def test_grokking_epoch_against_any_swept_field(tmp_path, field, values, kind):
     if kind == "category":
         assert list(fig.layout.xaxis.ticktext) == order
         assert list(fig.layout.xaxis.tickvals) == [0, 1, 2]
+        # points, never a line from one category to the next; each grokked run is a point
+        assert [t.mode for t in fig.data if "lines" in (t.mode or "")] == []
+        each = next(t for t in fig.data if t.name == "median: each run")
+        assert sorted(zip(each.x, each.y)) == sorted(
+            (order.index(w), g) for (w, s, g) in truth.values() if g is not None)
+        for i, v in enumerate(order):              # the spread: min-max bars on the median
+            gs = [N_EPOCHS if g is None else g for (w, s, g) in truth.values() if w == v]
+            m, j = median_of([g for (w, s, g) in truth.values() if w == v]), list(med.x).index(i)
+            assert (med.error_y.arrayminus[j], med.error_y.array[j]) == (m - min(gs), max(gs) - m)
     else:
         assert fig.layout.xaxis.type == kind
+        assert med.mode == "lines+markers"       # a numeric axis keeps its line
+        assert not any("each run" in t.name for t in fig.data if t.name)
     # the value whose median run never grokked is drawn open, its two censored runs as triangles
     opened = next(t for t in fig.data if t.marker.color == "white" and t.showlegend is False)
     assert list(opened.x) == [order.index(values[1]) if kind == "category" else values[1]]
     cens = next(t for t in fig.data if t.marker.symbol == "triangle-up-open" and t.showlegend is False)
     assert len(cens.x) == 2 and set(cens.y) == {N_EPOCHS}
     assert not any(n.startswith(f"grok_vs_{field} skipped") for n in notes)
+
+
+def test_a_text_axis_is_points_and_a_numeric_axis_keeps_its_lines(tmp_path):
+    root = tmp_path / "op_wd"
+    for op in ("add", "sub"):
+        for wd in WDS:
+            for s in (1, 2):
+                make_run(root, cfg_for(wd, 0.5, s, op=op), 20 + 5 * s + 30 * (op == "sub"))
+    res = agg.aggregate([root], formats=None, log=None)
+    figs, _ = figures_of(root, res.swept)
+    by_op, by_wd = figs["grok_vs_op"], figs["grok_vs_weight_decay"]
+    # op on x, one series per weight decay: no trace draws a line
+    assert [t.mode for t in by_op.data] == ["markers"] * 5
+    assert [t.name for t in by_op.data] == ["0.3", "0.3: each run", "1", "1: each run",
+                                            "each run (grokked)"]
+    # weight decay on x, one series per op: each series is still a line over weight decay
+    assert [(t.name, t.mode) for t in by_wd.data] == [("add", "lines+markers"),
+                                                      ("sub", "lines+markers")]
 
 
 SPEC = """
