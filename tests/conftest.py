@@ -63,11 +63,11 @@ def slurm_cluster():
 CHROMIUM_PACKAGES = ("chromium-headless-shell", "fonts-liberation")
 CHROMIUM_HINT = ("install one: `apt-get install chromium-headless-shell` (as root), or run "
                  "`kaleido_get_chrome` where there is network, or set BROWSER_PATH to a Chromium")
-SESSION_NOTES: list[str] = []    # what the session fixtures did, printed after the tests
+PROVIDED: list[str] = []    # what the fixtures found or installed, printed after the tests
 
 
 def pytest_terminal_summary(terminalreporter):
-    for line in SESSION_NOTES:
+    for line in PROVIDED:
         terminalreporter.write_line(line)
 
 
@@ -94,31 +94,31 @@ def apt_install(packages) -> str:
 def chromium() -> str:
     """The Chromium kaleido renders with, as SLURM is provided: the one grokhpc.figures finds
     (BROWSER_PATH, Debian's packages, kaleido's cache), else Debian's installed with apt-get
-    (as root), else Chrome for Testing fetched with kaleido's helper. Tests that need it fail
-    (never skip) with one line when none can be had."""
+    (as root), else Chrome for Testing fetched with kaleido.get_chrome_sync. Tests that need it
+    fail (never skip) with one line when none can be had."""
     from grokhpc import figures
 
     t0 = time.monotonic()
     found = figures.find_browser()
     if found:
-        SESSION_NOTES.append(f"chromium: found {found}")
+        PROVIDED.append(f"chromium: found {found}")
         return found
     why = apt_install(CHROMIUM_PACKAGES)
     found = figures.find_browser()
     if found:
-        SESSION_NOTES.append(f"chromium: none found; installed {' '.join(CHROMIUM_PACKAGES)} "
-                             f"with apt-get in {time.monotonic() - t0:.0f} s: {found}")
+        PROVIDED.append(f"chromium: none found; installed {' '.join(CHROMIUM_PACKAGES)} "
+                        f"with apt-get in {time.monotonic() - t0:.0f} s: {found}")
         return found
     if os.environ.get(figures.NO_FETCH_ENV):
         fetch_why = f"{figures.NO_FETCH_ENV} is set"
     else:
         try:
             found = figures.fetch_browser(log=None)
-        except Exception as e:  # noqa: BLE001 -- no network, a changed helper
+        except Exception as e:  # noqa: BLE001 -- no network, a changed kaleido
             fetch_why = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}".splitlines()[0]
     if found:
-        SESSION_NOTES.append(f"chromium: none found, apt-get failed ({why}); fetched with "
-                             f"kaleido in {time.monotonic() - t0:.0f} s: {found}")
+        PROVIDED.append(f"chromium: none found, apt-get failed ({why}); fetched with "
+                        f"kaleido in {time.monotonic() - t0:.0f} s: {found}")
         return found
     why = why or "installed, yet not found"
     pytest.fail(f"no Chromium for PNG/SVG/PDF export: none found, apt-get failed ({why}), "

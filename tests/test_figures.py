@@ -17,7 +17,7 @@ import pytest
 
 from grokhpc import figures
 
-# tests that render take the session's ``chromium`` fixture (tests/conftest.py): found or
+# tests that render take the ``chromium`` fixture (tests/conftest.py): a Chromium found or
 # installed once, or they fail saying what to install
 SCRIPT_SRC = re.compile(r"<script[^>]*\ssrc=[\"']([^\"']*)[\"']", re.I)
 
@@ -86,7 +86,7 @@ def red_figure():
     return figures.paper_style(fig, width=240, height=160, title="Red")
 
 
-def test_the_sessions_chromium_is_what_a_fresh_process_finds(chromium):
+def test_the_provided_chromium_is_what_a_fresh_process_finds(chromium):
     assert os.access(chromium, os.X_OK)
     out = subprocess.run([sys.executable, "-c", "from grokhpc.figures import find_browser; "
                           "print(find_browser())"], capture_output=True, text=True)
