@@ -783,8 +783,8 @@ def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = N
               html_js: str = "directory") -> Result:
     """Aggregate ``sweeps`` into ``out`` (default: the first sweep's ``aggregate/``).
 
-    ``formats`` None draws no figures; ``html_js`` as in :func:`grokhpc.figures.export`. Reads only the run directories whose files changed
-    since the last call (``force`` rereads all). Returns a :class:`Result`. A previous
+    ``formats`` None draws no figures; ``html_js`` as in :func:`grokhpc.figures.export`. Reads
+    only the run directories whose files changed since the last call (``force`` rereads all). Returns a :class:`Result`. A previous
     checkpoints table that cannot be read is rebuilt from every run, with a note saying so.
     """
     try:

@@ -432,9 +432,9 @@ def export(figs: Mapping[str, "go.Figure"], out_dir: str | os.PathLike,
     ``formats``: any of png, svg, pdf, html. ``width``/``height`` (CSS px) default to each
     figure's layout size, else the paper size; PNGs are ``scale`` times that in pixels.
     ``html_js``: "directory" (one plotly.min.js beside the HTML files, the default) or "embed"
-    (plotly.js inside each HTML, one self-contained file). Returns {name: [paths written]}. Static formats need a
-    Chromium (``browser``, else one found or fetched: :func:`obtain_browser`); without one the
-    HTML is written and one line is logged. A figure whose render or check fails raises
+    (plotly.js inside each HTML, one self-contained file). Returns {name: [paths written]}.
+    Static formats need a Chromium (``browser``, else one found or fetched:
+    :func:`obtain_browser`); without one the HTML is written and one line is logged. A figure whose render or check fails raises
     ExportError naming the file, after every other file has been written.
     """
     formats = parse_formats(formats)
