@@ -1,6 +1,7 @@
 """Gather a sweep's run directories into Parquet tables and draw the cross-run figures.
 
 ``python -m grokhpc.aggregate SWEEP_DIR [--sweep DIR ...] [--format png,html] [--out DIR]``
+(``--html-js embed``: self-contained HTML figures)
 
 Tables (schema in docs/tables.md), written atomically into ``SWEEP_DIR/aggregate/``:
 
@@ -12,7 +13,7 @@ Tables (schema in docs/tables.md), written atomically into ``SWEEP_DIR/aggregate
 ``index.json``           per run: sizes and mtimes of its files and its runs.parquet row, so a
                          rerun reads only the run directories that changed
 ``figures/``             the cross-run figures (grokhpc.sweep_figures), PNG/SVG/PDF/HTML through
-                         grokhpc.figures
+                         grokhpc.figures (the HTML files share one plotly.min.js there)
 
 A run's state is grokhpc.scheduler's, read from its files alone: *done* when progress.json says
 done and summary.json exists (``grokked`` then says whether it grokked; a run that never did is
@@ -745,7 +746,8 @@ def _previous_swept(plan: Plan, config_keys) -> list[str]:
         return infer_swept(pq.read_table(plan.out_dir / RUNS_TABLE), plan.axes_hint, config_keys)
 
 
-def _draw_figures(plan: Plan, res: "Result", formats, runs_table, ckpt_table, say) -> None:
+def _draw_figures(plan: Plan, res: "Result", formats, runs_table, ckpt_table, say,
+                  html_js: str = "directory") -> None:
     """The cross-run figures, unless no run changed and the same ones are on disk."""
     import pyarrow.parquet as pq
 
@@ -753,7 +755,8 @@ def _draw_figures(plan: Plan, res: "Result", formats, runs_table, ckpt_table, sa
     from .sweep_figures import cross_run_figures
 
     fmts = parse_formats(formats)
-    record = {"formats": list(fmts), "phase": [list(p) for p in plan.phase_pairs]}
+    record = {"formats": list(fmts), "phase": [list(p) for p in plan.phase_pairs],
+              "html_js": html_js}
     prev = plan.index.get("figures", {}) if not plan.force else {}
     if (not res.changed and all(prev.get(k) == v for k, v in record.items())
             and all(Path(p).exists() for p in prev.get("files", []))):
@@ -766,7 +769,7 @@ def _draw_figures(plan: Plan, res: "Result", formats, runs_table, ckpt_table, sa
     figs, notes = cross_run_figures(runs_table, ckpt_table, plan.cdir, res.swept,
                                     plan.phase_pairs)
     res.notes.extend(notes)
-    res.figures = export(figs, plan.out_dir / FIG_DIR, formats=fmts, log=say)
+    res.figures = export(figs, plan.out_dir / FIG_DIR, formats=fmts, log=say, html_js=html_js)
     files = [str(p) for ps in res.figures.values() for p in ps]
     for old in set(prev.get("files", [])) - set(files):  # figures no longer drawn
         Path(old).unlink(missing_ok=True)
@@ -776,22 +779,24 @@ def _draw_figures(plan: Plan, res: "Result", formats, runs_table, ckpt_table, sa
 
 def aggregate(sweeps: list[str | os.PathLike], out: str | os.PathLike | None = None,
               formats: Iterable[str] | str | None = ("png", "html"), force: bool = False,
-              log: Callable[[str], None] | None = print, workers: int = 4) -> Result:
+              log: Callable[[str], None] | None = print, workers: int = 4,
+              html_js: str = "directory") -> Result:
     """Aggregate ``sweeps`` into ``out`` (default: the first sweep's ``aggregate/``).
 
-    ``formats`` None draws no figures. Reads only the run directories whose files changed
-    since the last call (``force`` rereads all). Returns a :class:`Result`. A previous
+    ``formats`` None draws no figures; ``html_js`` as in :func:`grokhpc.figures.export`. Reads
+    only the run directories whose files changed since the last call (``force`` rereads all). Returns a :class:`Result`. A previous
     checkpoints table that cannot be read is rebuilt from every run, with a note saying so.
     """
     try:
-        return _aggregate(sweeps, out, formats, force, log, workers)
+        return _aggregate(sweeps, out, formats, force, log, workers, html_js)
     except DamagedTable as e:
-        res = _aggregate(sweeps, out, formats, True, log, workers)
+        res = _aggregate(sweeps, out, formats, True, log, workers, html_js)
         res.notes.insert(0, f"{e}; rebuilt from all runs")
         return res
 
 
-def _aggregate(sweeps, out, formats, force: bool, log, workers: int) -> Result:
+def _aggregate(sweeps, out, formats, force: bool, log, workers: int,
+               html_js: str = "directory") -> Result:
     from .store import atomic_write_json
 
     t0 = time.perf_counter()
@@ -832,7 +837,8 @@ def _aggregate(sweeps, out, formats, force: bool, log, workers: int) -> Result:
     res.tables = {"runs": plan.out_dir / RUNS_TABLE, "checkpoints": plan.out_dir / CKPT_TABLE,
                   "curves": plan.cdir}
     if formats:
-        _draw_figures(plan, res, formats, runs_table, ckpt_table, log or (lambda s: None))
+        _draw_figures(plan, res, formats, runs_table, ckpt_table, log or (lambda s: None),
+                      html_js)
     # the index goes last: if anything above failed, the next call redoes the work
     plan.index["runs"] = entries
     if res.changed or res.figures:
@@ -872,6 +878,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="another sweep to combine with SWEEP_DIR (repeatable)")
     ap.add_argument("--format", default="png,html", metavar="LIST",
                     help="figure formats, a comma list of png, svg, pdf, html (default png,html)")
+    ap.add_argument("--html-js", choices=("directory", "embed"), default="directory",
+                    help="HTML figures load one plotly.min.js beside them (directory, the "
+                         "default) or each embeds plotly.js (embed: self-contained files)")
     ap.add_argument("--out", metavar="DIR", help="output directory (default SWEEP_DIR/aggregate)")
     ap.add_argument("--no-figures", action="store_true", help="write the tables only")
     ap.add_argument("--force", action="store_true", help="reread every run and redraw")
@@ -892,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(s).is_dir():
             print(f"aggregate: {s}: not a directory", file=sys.stderr)
             return 2
-    res = aggregate(sweeps, args.out, formats, force=args.force)
+    res = aggregate(sweeps, args.out, formats, force=args.force, html_js=args.html_js)
     if res.n_runs == 0:
         print(f"aggregate: no run directories (folders with config.json) under "
               f"{', '.join(sweeps)}", file=sys.stderr)

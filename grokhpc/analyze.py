@@ -1,11 +1,12 @@
 """The seed notebook's figures for one run, as PNG and HTML.
 
-``python -m grokhpc.analyze RUN_DIR [--out DIR] [--format png,html]``
+``python -m grokhpc.analyze RUN_DIR [--out DIR] [--format png,html] [--html-js embed]``
 
 Reads a finished run directory (config.json, curves.parquet, checkpoints.npy, measures.parquet,
 summary.json -- the last two are computed first if missing) and writes, through
 ``grokhpc.figures.export`` (one browser for the batch; HTML always), into ``RUN_DIR/figures`` by
-default:
+default (the HTML files share one plotly.min.js there; ``--html-js embed`` makes each file
+self-contained):
 
 ===========================  ===================================================================
 training_curves              train / test loss (log y) with the detected phase boundaries
@@ -372,8 +373,8 @@ def build_figures(run, log=lambda *_: None) -> dict:
     return {name: figs[name] for name in FIGURES if name in figs}
 
 
-def analyze(run_dir, out=None, formats=("png", "html"), log=print) -> dict:
-    """Write the run's figures; returns {name: [paths]}."""
+def analyze(run_dir, out=None, formats=("png", "html"), log=print, html_js="directory") -> dict:
+    """Write the run's figures; returns {name: [paths]}. ``html_js``: see figures.export."""
     from . import figures, measures
     from .store import MEASURES, SUMMARY, RunDir, RunDirError
 
@@ -386,7 +387,7 @@ def analyze(run_dir, out=None, formats=("png", "html"), log=print) -> dict:
         measures.finalize_run(run)
     figs = build_figures(run, log)
     out = Path(out) if out is not None else run.path / "figures"
-    return figures.export(figs, out, formats=formats, log=log)
+    return figures.export(figs, out, formats=formats, log=log, html_js=html_js)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -397,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output directory (default RUN_DIR/figures)")
     ap.add_argument("--format", default="png,html",
                     help="comma list of png, svg, pdf, html (default png,html)")
+    ap.add_argument("--html-js", choices=("directory", "embed"), default="directory",
+                    help="HTML figures load one plotly.min.js beside them (directory, the "
+                         "default) or each embeds plotly.js (embed: self-contained files)")
     return ap
 
 
@@ -407,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         formats = parse_formats(args.format)
-        written = analyze(args.run_dir, args.out, formats)
+        written = analyze(args.run_dir, args.out, formats, html_js=args.html_js)
     except (RunDirError, ValueError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

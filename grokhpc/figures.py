@@ -5,9 +5,10 @@
 * PNG / SVG / PDF through kaleido (>= 1) and a real Chromium -- one browser for the whole
   batch, MathJax off (no network), every file checked after rendering (PNG signature and the
   IHDR width/height, SVG/PDF headers);
-* standalone HTML that renders offline: plotly.js embedded in each file (``html_js="embed"``,
-  the default) or, with ``html_js="directory"``, one ``plotly.min.js`` next to the HTML files.
-  Never the CDN build.
+* HTML that renders offline: by default (``html_js="directory"``) one ``plotly.min.js`` next to
+  the HTML files, which load it by its relative name, so a figures folder opens anywhere it is
+  copied whole and each file stays small (plotly.js alone is several MB); with
+  ``html_js="embed"`` plotly.js inside each file, one self-contained file. Never the CDN build.
 
 Every file is written atomically (temporary name, then rename): a reader sees the previous
 figure or the new one, never half of one.
@@ -43,6 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 STATIC_FORMATS = ("png", "svg", "pdf")
 FORMATS = STATIC_FORMATS + ("html",)
+HTML_JS = ("directory", "embed")   # where an HTML figure's plotly.js lives (see export)
+PLOTLY_JS = "plotly.min.js"       # the name plotly's include_plotlyjs="directory" loads
 
 # Paper style: sizes are CSS pixels; PNGs are rendered at ``scale`` x these (scale 3 of a
 # 720 px wide figure = 2160 px, 300 dpi over 7.2 in -- a two-column figure).
@@ -384,7 +387,7 @@ def render_static(jobs: list[tuple[dict, dict]], browser: str, timeout: float = 
 
 
 def _html_bytes(fig: "go.Figure", html_js: str) -> bytes:
-    include = True if html_js == "embed" else "directory"
+    include = True if html_js == "embed" else "directory"   # "directory": src="plotly.min.js"
     html = fig.to_html(include_plotlyjs=include, full_html=True, include_mathjax=False,
                        config={"displaylogo": False,
                                "toImageButtonOptions": {"format": "png", "scale": PAPER_SCALE}})
@@ -392,11 +395,12 @@ def _html_bytes(fig: "go.Figure", html_js: str) -> bytes:
 
 
 def _write_plotlyjs(out_dir: Path) -> Path:
+    """The folder's one plotly.min.js, rewritten only when it is not this plotly's."""
     from plotly.offline import get_plotlyjs
 
     js = get_plotlyjs().encode("utf-8")
-    target = out_dir / "plotly.min.js"
-    if not (target.exists() and target.stat().st_size == len(js)):
+    target = out_dir / PLOTLY_JS
+    if not (target.is_file() and target.stat().st_size == len(js) and target.read_bytes() == js):
         atomic_write_bytes(target, js)
     return target
 
@@ -420,22 +424,22 @@ def parse_formats(spec: str | Iterable[str]) -> tuple[str, ...]:
 
 def export(figs: Mapping[str, "go.Figure"], out_dir: str | os.PathLike,
            formats: str | Iterable[str] = ("png", "html"), width: int | None = None,
-           height: int | None = None, scale: float = PAPER_SCALE, *, html_js: str = "embed",
+           height: int | None = None, scale: float = PAPER_SCALE, *, html_js: str = "directory",
            browser: str | None = None, log: Callable[[str], None] | None = print
            ) -> dict[str, list[Path]]:
     """Write every figure of ``figs`` ({file stem: plotly figure}) into ``out_dir``.
 
     ``formats``: any of png, svg, pdf, html. ``width``/``height`` (CSS px) default to each
     figure's layout size, else the paper size; PNGs are ``scale`` times that in pixels.
-    ``html_js``: "embed" (plotly.js inside each HTML, one self-contained file) or "directory"
-    (one plotly.min.js beside them). Returns {name: [paths written]}. Static formats need a
-    Chromium (``browser``, else one found or fetched: :func:`obtain_browser`); without one the
-    HTML is written and one line is logged. A figure whose render or check fails raises
+    ``html_js``: "directory" (one plotly.min.js beside the HTML files, the default) or "embed"
+    (plotly.js inside each HTML, one self-contained file). Returns {name: [paths written]}.
+    Static formats need a Chromium (``browser``, else one found or fetched:
+    :func:`obtain_browser`); without one the HTML is written and one line is logged. A figure whose render or check fails raises
     ExportError naming the file, after every other file has been written.
     """
     formats = parse_formats(formats)
-    if html_js not in ("embed", "directory"):
-        raise ValueError(f"html_js: expected 'embed' or 'directory', got {html_js!r}")
+    if html_js not in HTML_JS:
+        raise ValueError(f"--html-js: expected one of {', '.join(HTML_JS)}, got {html_js!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in figs:

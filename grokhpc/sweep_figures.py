@@ -6,7 +6,8 @@ Each is a plotly figure that ``grokhpc.aggregate`` writes through ``grokhpc.figu
 ===============================  ================================================================
 ``grok_vs_<axis>``               grokking epoch against one swept field (any run field that varies
                                  and is not a seed): median over the other runs of each value,
-                                 bars min-max; one series per value of the next swept field
+                                 bars min-max; one series per value of the next swept field;
+                                 categories as points (median and each run), never joined
 ``phase_<a>_x_<b>``              median grokking epoch over two swept fields (named in the spec's
                                  ``figures: {phase: [a, b]}``, else weight_decay x train_frac)
 ``test_loss_curves``             every finished run's test loss, coloured by a swept field
@@ -49,6 +50,7 @@ UNITS = {
     "model_seed": "model seed",
 }
 GROK_AXIS = "grokking epoch (first test acc ≥ 99%, epochs)"
+RUN_MARK = dict(symbol="line-ew-open", size=14, line=dict(width=2))   # one run on a category
 ALIGNED_MEASURES = ("restricted_loss", "excluded_loss", "test_loss", "train_loss",
                     "weight_norm_sq", "gini_embed", "gini_logit", "cos_residual")
 
@@ -233,11 +235,15 @@ def grok_vs(fin, x: str, series: str | None, seeds: list[str], pooled: list[str]
         shift = (i - (len(svals) - 1) / 2) * 0.012  # equal values side by side, not hidden
         any_cens |= _grok_series(fig, sub, x, scale, shift, span, colour,
                                  _fmt_val(sv) if series else "median")
+    if scale.kind == "category":   # what the dashes across the min-max bars are
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="each run (grokked)",
+                                 marker=dict(RUN_MARK, color="black")))
     if any_cens:
         _censored_legend(fig)
     ys = df["grokking_epoch"].tolist() + df["epoch"].fillna(df["grokking_epoch"]).tolist()
     _grok_axes(fig, x, scale, axis_order(keyed(df, x)), (min(ys), max(ys)))
-    title = f"Grokking time vs {x} (median, min–max{_over(seeds, pooled)})"
+    runs = " and each run" if scale.kind == "category" else ""
+    title = f"Grokking time vs {x} (median, min–max{runs}{_over(seeds, pooled)})"
     paper_style(fig, title=title, legend_title=series)
     if len(svals) <= 3:  # few series: the legend in one row below the plot, which keeps its width
         fig.update_layout(legend=dict(orientation="h", x=0, y=-0.22, yanchor="top"))
@@ -255,8 +261,10 @@ def _dodge(pos: float, shift: float, scale: Scale, span: float) -> float:
 
 
 def _grok_series(fig, sub, x, scale: Scale, shift, span, colour, name) -> bool:
-    """One series: medians with min-max bars, open medians and runs that never grokked.
-    Returns whether any run of it never grokked."""
+    """One series: medians with min-max bars, open medians and runs that never grokked; a
+    line joins the medians of a numeric axis only (categories have no order between them), and
+    a categorical axis shows each grokked run's point too. Returns whether any run of it never
+    grokked."""
     import plotly.graph_objects as go
 
     xs, med, lo, hi, open_ = [], [], [], [], []
@@ -267,8 +275,9 @@ def _grok_series(fig, sub, x, scale: Scale, shift, span, colour, name) -> bool:
         lo.append(st[0] - st[1])
         hi.append(st[2] - st[0])
         open_.append(st[3])
+    cat = scale.kind == "category"
     fig.add_trace(go.Scatter(
-        x=xs, y=med, mode="lines+markers", name=name, legendgroup=name,
+        x=xs, y=med, mode="markers" if cat else "lines+markers", name=name, legendgroup=name,
         line=dict(color=colour, width=2), marker=dict(size=10, color=colour),
         error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo,
                      color=colour, thickness=1.5, width=4)))
@@ -277,6 +286,12 @@ def _grok_series(fig, sub, x, scale: Scale, shift, span, colour, name) -> bool:
             x=[a for a, o in zip(xs, open_) if o], y=[b for b, o in zip(med, open_) if o],
             mode="markers", showlegend=False, legendgroup=name, hoverinfo="skip",
             marker=dict(size=12, color="white", line=dict(width=2, color=colour))))
+    done = sub[sub["grokked"].eq(True)]
+    if cat and len(done):
+        fig.add_trace(go.Scatter(
+            x=[_dodge(scale.position(v), shift, scale, span) for v in keyed(done, x)],
+            y=done["grokking_epoch"], mode="markers", name=f"{name}: each run",
+            legendgroup=name, showlegend=False, marker=dict(RUN_MARK, color=colour)))
     cens = sub[sub["grokked"].eq(False)]
     if len(cens):
         fig.add_trace(go.Scatter(

@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny sweep specs and the single-node SLURM (started on demand)."""
+"""Shared fixtures: tiny sweep specs, the single-node SLURM and a Chromium for kaleido (both
+found or provided on demand)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -53,6 +56,73 @@ def slurm_cluster():
         if not shutil.which(cmd):
             pytest.fail(f"SLURM command {cmd} missing from PATH", pytrace=False)
     return True
+
+
+# ---- a Chromium for PNG/SVG/PDF export ----------------------------------------------------------
+# Debian's headless shell and the paper font (grokhpc.figures.FONT_FAMILY); no recommends.
+CHROMIUM_PACKAGES = ("chromium-headless-shell", "fonts-liberation")
+CHROMIUM_HINT = ("install one: `apt-get install chromium-headless-shell` (as root), or run "
+                 "`kaleido_get_chrome` where there is network, or set BROWSER_PATH to a Chromium")
+PROVIDED: list[str] = []    # what the fixtures found or installed, printed after the tests
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in PROVIDED:
+        terminalreporter.write_line(line)
+
+
+def apt_install(packages) -> str:
+    """``apt-get install`` quietly and noninteractively, as slurm/start_slurm.sh does; '' on
+    success, else why not (one line)."""
+    if not shutil.which("apt-get") or os.geteuid() != 0:
+        return "apt-get needs root" if shutil.which("apt-get") else "no apt-get"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lock = ["-o", "DPkg::Lock::Timeout=600"]     # another apt-get (start_slurm.sh) may run
+    for cmd in (["apt-get", *lock, "update", "-qq"],
+                ["apt-get", *lock, "install", "-y", "-qq", "--no-install-recommends", *packages]):
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+        except subprocess.TimeoutExpired:
+            return f"`{' '.join(cmd)}` timed out"
+        if r.returncode != 0:
+            tail = (r.stderr.strip().splitlines() or [""])[-1]
+            return f"`{' '.join(cmd)}` exited {r.returncode}: {tail}"
+    return ""
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The Chromium kaleido renders with, as SLURM is provided: the one grokhpc.figures finds
+    (BROWSER_PATH, Debian's packages, kaleido's cache), else Debian's installed with apt-get
+    (as root), else Chrome for Testing fetched with kaleido.get_chrome_sync. Tests that need it
+    fail (never skip) with one line when none can be had."""
+    from grokhpc import figures
+
+    t0 = time.monotonic()
+    found = figures.find_browser()
+    if found:
+        PROVIDED.append(f"chromium: found {found}")
+        return found
+    why = apt_install(CHROMIUM_PACKAGES)
+    found = figures.find_browser()
+    if found:
+        PROVIDED.append(f"chromium: none found; installed {' '.join(CHROMIUM_PACKAGES)} "
+                        f"with apt-get in {time.monotonic() - t0:.0f} s: {found}")
+        return found
+    if os.environ.get(figures.NO_FETCH_ENV):
+        fetch_why = f"{figures.NO_FETCH_ENV} is set"
+    else:
+        try:
+            found = figures.fetch_browser(log=None)
+        except Exception as e:  # noqa: BLE001 -- no network, a changed kaleido
+            fetch_why = f"{type(e).__name__}: {getattr(e, 'reason', None) or e}".splitlines()[0]
+    if found:
+        PROVIDED.append(f"chromium: none found, apt-get failed ({why}); fetched with "
+                        f"kaleido in {time.monotonic() - t0:.0f} s: {found}")
+        return found
+    why = why or "installed, yet not found"
+    pytest.fail(f"no Chromium for PNG/SVG/PDF export: none found, apt-get failed ({why}), "
+                f"kaleido's fetch failed ({fetch_why[:160]}); {CHROMIUM_HINT}", pytrace=False)
 
 
 @pytest.fixture(scope="module")

@@ -341,6 +341,26 @@ def test_combined_sweeps_on_the_command_line(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "grokhpc.aggregate", str(a), "--format", "gif"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "gif" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "grokhpc.aggregate", str(a), "--html-js", "cdn"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "argument --html-js: invalid choice: 'cdn'" in bad.stderr
+    assert not (a / "aggregate" / "figures").exists()
+
+
+def test_html_js_embed_makes_self_contained_figures_and_redraws(tmp_path):
+    root = tmp_path / "s"
+    for wd in WDS:
+        make_run(root, cfg_for(wd, 0.3, 1), 30)
+    cli = [sys.executable, "-m", "grokhpc.aggregate", str(root), "--format", "html"]
+    assert subprocess.run(cli, capture_output=True, timeout=120).returncode == 0
+    figdir = root / "aggregate" / "figures"
+    light = (figdir / "grok_vs_weight_decay.html").stat().st_size
+    js = (figdir / "plotly.min.js").stat().st_size
+    out = subprocess.run(cli + ["--html-js", "embed"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr                  # no run changed, yet redrawn
+    html = (figdir / "grok_vs_weight_decay.html").read_text()
+    assert "plotly.js v" in html and not re.search(r"<script[^>]*\ssrc=", html)
+    assert len(html.encode()) > js > 100 * light
 
 
 # ---- figures ----------------------------------------------------------------------------------
@@ -370,16 +390,20 @@ def joined(trace) -> list[np.ndarray]:
     return [part for part in parts if len(part)]
 
 
-def test_cross_run_figures_medians_and_files(sweep):
+def test_cross_run_figures_medians_and_files(sweep, chromium):
     root, truth = sweep
     res = agg.aggregate([root], formats=("png", "html"), log=None)
     figdir = root / "aggregate" / "figures"
     assert set(res.figures) == DEFAULT_FIGURES
+    # the HTML files share the folder's one plotly.js, loaded by its relative name
+    assert "plotly.js v" in (figdir / "plotly.min.js").read_text()[:500]
+    assert sorted(figdir.glob("*.js")) == [figdir / "plotly.min.js"]
     for n in DEFAULT_FIGURES:
         w, h = png_size((figdir / f"{n}.png").read_bytes())
         assert w >= 1500 and h >= 900, (n, w, h)  # paper size x scale 3
         html = (figdir / f"{n}.html").read_text()
-        assert "plotly.js v" in html and not re.search(r"<script[^>]+src=[\"']?https?:", html)
+        assert re.findall(r"<script[^>]*\ssrc=\"([^\"]*)\"", html) == ["plotly.min.js"], n
+        assert "plotly.js v" not in html and "Plotly.newPlot" in html, n
 
     # the medians drawn are the medians over seeds computed here from the truth
     figs, notes = figures_of(root, res.swept)
@@ -429,7 +453,7 @@ def test_weight_norm_view_draws_each_runs_norm_on_a_log_epoch_axis(sweep):
         assert {tuple(np.unique(a)) for a in joined(acc)} <= {(0.05,), (0.05, 1.0)}
 
 
-def test_figures_of_axes_that_did_not_vary_are_skipped(tmp_path):
+def test_figures_of_axes_that_did_not_vary_are_skipped(tmp_path, chromium):
     root = tmp_path / "s"
     for s in (1, 2):
         make_run(root, cfg_for(1.0, 0.3, s), 30 + s)
@@ -485,14 +509,43 @@ def test_grokking_epoch_against_any_swept_field(tmp_path, field, values, kind):
     if kind == "category":
         assert list(fig.layout.xaxis.ticktext) == order
         assert list(fig.layout.xaxis.tickvals) == [0, 1, 2]
+        # points, never a line from one category to the next; each grokked run is a point
+        assert [t.mode for t in fig.data if "lines" in (t.mode or "")] == []
+        each = next(t for t in fig.data if t.name == "median: each run")
+        assert sorted(zip(each.x, each.y)) == sorted(
+            (order.index(w), g) for (w, s, g) in truth.values() if g is not None)
+        for i, v in enumerate(order):              # the spread: min-max bars on the median
+            gs = [N_EPOCHS if g is None else g for (w, s, g) in truth.values() if w == v]
+            m, j = median_of([g for (w, s, g) in truth.values() if w == v]), list(med.x).index(i)
+            assert (med.error_y.arrayminus[j], med.error_y.array[j]) == (m - min(gs), max(gs) - m)
     else:
         assert fig.layout.xaxis.type == kind
+        assert med.mode == "lines+markers"       # a numeric axis keeps its line
+        assert not any("each run" in t.name for t in fig.data if t.name)
     # the value whose median run never grokked is drawn open, its two censored runs as triangles
     opened = next(t for t in fig.data if t.marker.color == "white" and t.showlegend is False)
     assert list(opened.x) == [order.index(values[1]) if kind == "category" else values[1]]
     cens = next(t for t in fig.data if t.marker.symbol == "triangle-up-open" and t.showlegend is False)
     assert len(cens.x) == 2 and set(cens.y) == {N_EPOCHS}
     assert not any(n.startswith(f"grok_vs_{field} skipped") for n in notes)
+
+
+def test_a_text_axis_is_points_and_a_numeric_axis_keeps_its_lines(tmp_path):
+    root = tmp_path / "op_wd"
+    for op in ("add", "sub"):
+        for wd in WDS:
+            for s in (1, 2):
+                make_run(root, cfg_for(wd, 0.5, s, op=op), 20 + 5 * s + 30 * (op == "sub"))
+    res = agg.aggregate([root], formats=None, log=None)
+    figs, _ = figures_of(root, res.swept)
+    by_op, by_wd = figs["grok_vs_op"], figs["grok_vs_weight_decay"]
+    # op on x, one series per weight decay: no trace draws a line
+    assert [t.mode for t in by_op.data] == ["markers"] * 5
+    assert [t.name for t in by_op.data] == ["0.3", "0.3: each run", "1", "1: each run",
+                                            "each run (grokked)"]
+    # weight decay on x, one series per op: each series is still a line over weight decay
+    assert [(t.name, t.mode) for t in by_wd.data] == [("add", "lines+markers"),
+                                                      ("sub", "lines+markers")]
 
 
 SPEC = """

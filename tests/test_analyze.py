@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +27,6 @@ EXPECTED = [
     "cos_sim_over_training", "restricted_excluded_loss", "restricted_test_ratio",
     "gini_weight_norm",
 ]
-CHROMIUM = Path("/usr/bin/chromium-headless-shell")
 TINY = dict(p=13, d_model=32, d_head=8, n_heads=4, d_mlp=64, n_epochs=300, checkpoint_every=50,
             eval_every=10, device="cpu")
 
@@ -44,20 +43,38 @@ def tiny_run(tmp_path_factory):
     return run_training(RunConfig(**TINY), out, progress_bar=False, log=lambda *_: None)
 
 
-def test_analyze_writes_every_figure_as_png_and_html(tiny_run, tmp_path):
-    assert CHROMIUM.exists(), "chromium-headless-shell is installed on CI machines"
+def test_analyze_writes_every_figure_as_png_and_html(tiny_run, tmp_path, chromium):
     out = tmp_path / "figs"
     r = subprocess.run([sys.executable, "-m", "grokhpc.analyze", str(tiny_run.path),
-                        "--out", str(out)],
-                       capture_output=True, text=True, env=ONE_THREAD, timeout=300)
+                        "--out", str(out)], capture_output=True, text=True,
+                       env={**ONE_THREAD, "BROWSER_PATH": chromium}, timeout=300)
     assert r.returncode == 0, r.stderr
+    js = (out / "plotly.min.js").read_bytes()     # one plotly.js for the folder, offline
     for name in EXPECTED:
         html = (out / f"{name}.html").read_text()
         assert "<html" in html and "Plotly.newPlot" in html, name
-        assert 'src="https://cdn.plot.ly' not in html, name      # renders offline
+        assert re.findall(r'<script[^>]*\ssrc="([^"]*)"', html) == ["plotly.min.js"], name
+        assert len(html) < len(js) // 20, name                  # not embedded again
         w, h = png_dims((out / f"{name}.png").read_bytes())
         assert w > 0 and h > 0, name
     assert len(list(out.glob("*.png"))) == len(EXPECTED)
+    assert sorted(p.name for p in out.iterdir() if p.suffix not in (".png", ".html")) == \
+        ["plotly.min.js"]
+
+
+def test_html_js_embed_writes_self_contained_files(tiny_run, tmp_path):
+    out = tmp_path / "figs"
+    r = subprocess.run([sys.executable, "-m", "grokhpc.analyze", str(tiny_run.path), "--out",
+                        str(out), "--format", "html", "--html-js", "embed"],
+                       capture_output=True, text=True, env=ONE_THREAD, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}.html" for n in EXPECTED)
+    for name in EXPECTED:
+        html = (out / f"{name}.html").read_text()
+        assert "plotly.js v" in html and not re.search(r"<script[^>]*\ssrc=", html), name
+    bad = subprocess.run([sys.executable, "-m", "grokhpc.analyze", str(tiny_run.path),
+                          "--html-js", "cdn"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "argument --html-js: invalid choice: 'cdn'" in bad.stderr
 
 
 def test_phase_lines_sit_at_the_summary_epochs(tiny_run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import struct
 import subprocess
@@ -16,7 +17,9 @@ import pytest
 
 from grokhpc import figures
 
-CHROMIUM = "/usr/bin/chromium-headless-shell"
+# tests that render take the ``chromium`` fixture (tests/conftest.py): a Chromium found or
+# installed once, or they fail saying what to install
+SCRIPT_SRC = re.compile(r"<script[^>]*\ssrc=[\"']([^\"']*)[\"']", re.I)
 
 
 # ---- an independent PNG decoder (PNG spec, section 9: filters 0..4), for small images ----------
@@ -83,31 +86,37 @@ def red_figure():
     return figures.paper_style(fig, width=240, height=160, title="Red")
 
 
-def test_chromium_is_installed_and_found():
-    assert os.access(CHROMIUM, os.X_OK), "CI installs Debian's chromium-headless-shell"
-    env = {k: v for k, v in os.environ.items() if k != "BROWSER_PATH"}
+def test_the_provided_chromium_is_what_a_fresh_process_finds(chromium):
+    assert os.access(chromium, os.X_OK)
     out = subprocess.run([sys.executable, "-c", "from grokhpc.figures import find_browser; "
-                          "print(find_browser())"], env=env, capture_output=True, text=True)
-    assert out.stdout.strip() == CHROMIUM
+                          "print(find_browser())"], capture_output=True, text=True)
+    assert out.stdout.strip() == chromium, out.stderr
 
 
-def test_browser_path_env_wins_and_bad_value_falls_back(tmp_path, monkeypatch):
-    fake = tmp_path / "my-chrome"
-    fake.write_text("#!/bin/sh\n")
-    fake.chmod(0o755)
+def executable(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_browser_path_env_wins_and_bad_value_falls_back(bare_machine, monkeypatch):
+    system = executable(bare_machine / "usr-bin" / "chromium-headless-shell")
+    monkeypatch.setattr(figures, "SYSTEM_BROWSERS", (str(system),))
+    fake = executable(bare_machine / "my-chrome")
     monkeypatch.setenv("BROWSER_PATH", str(fake))
     assert figures.find_browser() == str(fake)
-    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "missing"))
-    assert figures.find_browser() == CHROMIUM
+    monkeypatch.setenv("BROWSER_PATH", str(bare_machine / "missing"))
+    assert figures.find_browser() == str(system)
 
 
-def test_png_svg_pdf_html_rendered_and_checked(tmp_path):
+def test_png_svg_pdf_html_rendered_and_checked(tmp_path, chromium):
     import plotly.graph_objects as go
 
     fig_a = red_figure()
     fig_b = figures.paper_style(go.Figure(go.Bar(x=["a", "b"], y=[1, 2])), width=300, height=200)
     out = figures.export({"red": fig_a, "bars": fig_b}, tmp_path / "figs",
-                         formats="png,svg,pdf,html", scale=2, log=None)
+                         formats="png,svg,pdf,html", scale=2, log=None, html_js="embed")
     assert {p.name for p in out["red"]} == {"red.png", "red.svg", "red.pdf", "red.html"}
     assert {p.name for p in out["bars"]} == {"bars.png", "bars.svg", "bars.pdf", "bars.html"}
     # nothing half-written left behind
@@ -135,26 +144,76 @@ def test_png_svg_pdf_html_rendered_and_checked(tmp_path):
     svg = (tmp_path / "figs" / "red.svg").read_text()
     assert "<svg" in svg and 'width="240"' in svg
 
-    # HTML: plotly.js embedded byte for byte, no script loaded from the network, no MathJax
+    # HTML with html_js="embed": plotly.js inside byte for byte (the folder holds no
+    # plotly.min.js: listed above), no script loaded from anywhere, no MathJax
     html = (tmp_path / "figs" / "red.html").read_text()
+    js = plotly_js().decode()
+    assert js[:2000] in html and js[-2000:] in html and len(html) > len(js)
+    assert SCRIPT_SRC.findall(html) == []
+
+
+def plotly_js() -> bytes:
+    """plotly.js as the installed plotly package ships it."""
     import plotly
 
-    js = (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_text()
-    assert js[:2000] in html and js[-2000:] in html and len(html) > len(js)
-    assert not re.search(r"<script[^>]+src=[\"']?https?:", html)
-    assert not re.search(r"<script[^>]+src=[^>]*mathjax", html, re.I)
+    return (Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_bytes()
 
 
-def test_html_directory_mode_writes_one_plotlyjs(tmp_path):
-    figs = {"one": red_figure(), "two": red_figure()}
-    out = figures.export(figs, tmp_path, formats=["html"], html_js="directory", log=None)
-    js = tmp_path / "plotly.min.js"
-    assert js.exists() and js.stat().st_size > 1_000_000
-    for name in figs:
-        html = out[name][0].read_text()
-        assert re.search(r"<script[^>]+src=\"plotly.min.js\"", html)
-        assert len(html) < 100_000  # the library is not embedded again
-        assert "cdn.plot.ly" not in html
+def test_html_figures_share_one_plotlyjs_by_default(tmp_path):
+    js = plotly_js()
+    folder = tmp_path / "figs"
+    out = figures.export({"one": red_figure(), "two": red_figure()}, folder, formats=["html"],
+                         log=None)
+    (folder / "plotly.min.js").write_bytes(b"// another plotly.js")   # replaced, not kept
+    out |= figures.export({"three": red_figure()}, folder, formats="html", log=None)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "one.html", "plotly.min.js", "three.html", "two.html"]
+    assert (folder / "plotly.min.js").read_bytes() == js
+    for name, (path,) in out.items():
+        html = path.read_bytes()
+        assert SCRIPT_SRC.findall(html.decode()) == ["plotly.min.js"], name   # relative
+        assert len(html) < len(js) // 100, (name, len(html))   # plotly.js not embedded
+        assert js[:2000] not in html and js[-2000:] not in html
+        assert b"Plotly.newPlot" in html
+
+
+def screenshot(chromium: str, html: Path, png: Path) -> None:
+    """Chromium's own --screenshot of an HTML file (virtual time: no race with the clock)."""
+    r = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                        "--hide-scrollbars", f"--user-data-dir={png.parent / 'profile'}",
+                        "--window-size=320,240", "--virtual-time-budget=10000",
+                        f"--screenshot={png}", html.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and png.exists(), r.stderr[-2000:]
+
+
+def red_pixels(png: Path) -> int:
+    w, h, ch, rows = decode_png(png.read_bytes())
+    return sum(1 for p in pixels(rows, ch) if p[0] > 200 and p[1] < 60 and p[2] < 60)
+
+
+def test_a_copied_figures_folder_draws_in_chromium(tmp_path, chromium):
+    made = tmp_path / "made" / "figs"
+    figures.export({"red": red_figure()}, made, formats="html", log=None)
+    copy = tmp_path / "elsewhere" / "figs"
+    shutil.copytree(made, copy)
+    shutil.rmtree(tmp_path / "made")             # nothing may point back at the original
+    html = (copy / "red.html").read_text()
+    for src in SCRIPT_SRC.findall(html):
+        assert not re.match(r"^(/|[a-z]+:)", src, re.I), src
+        assert (copy / src).is_file(), src
+    screenshot(chromium, copy / "red.html", tmp_path / "shot.png")
+    assert red_pixels(tmp_path / "shot.png") > 500, "the plot is drawn"
+    # the same page without its plotly.min.js draws nothing: the check above can fail
+    (copy / "plotly.min.js").unlink()
+    screenshot(chromium, copy / "red.html", tmp_path / "blank.png")
+    assert red_pixels(tmp_path / "blank.png") == 0
+
+
+def test_bad_html_js_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match=r"--html-js: expected one of directory, embed, got 'cdn'"):
+        figures.export({"red": red_figure()}, tmp_path / "figs", formats="html", html_js="cdn")
+    assert not (tmp_path / "figs").exists()
 
 
 def test_without_a_browser_html_is_written_and_one_line_says_how(tmp_path):
@@ -176,7 +235,8 @@ def test_without_any_chromium_the_cli_path_says_one_line(tmp_path):
         f.chrome_source = lambda: ("0", "http://127.0.0.1:%d/chrome.zip" % closed.getsockname()[1])
         f.export({{"x": go.Figure(go.Scatter(y=[1, 2]))}}, {str(tmp_path)!r})
         """)
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env = {k: v for k, v in os.environ.items() if k not in ("BROWSER_PATH", figures.NO_FETCH_ENV)}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env=env)
     assert out.returncode == 0, out.stderr
@@ -203,11 +263,11 @@ def bare_machine(tmp_path, monkeypatch):
     return tmp_path
 
 
-def place_chrome(root: Path) -> Path:
-    """A Chrome for Testing layout in ``root`` whose executable is the real headless shell."""
+def place_chrome(root: Path, target: str) -> Path:
+    """A Chrome for Testing layout in ``root`` whose executable links to ``target``."""
     exe = root / "chrome-linux64" / "chrome"
     exe.parent.mkdir(parents=True, exist_ok=True)
-    exe.symlink_to(os.path.realpath("/usr/lib/chromium/chromium-headless-shell"))
+    exe.symlink_to(os.path.realpath(target))
     (root / "version_tag.txt").write_text("142.0.7444.175\n1522585")
     return exe
 
@@ -252,9 +312,9 @@ def test_no_fetch_when_switched_off(bare_machine, monkeypatch):
     assert figures.obtain_browser(log=None) == (None, f"{figures.NO_FETCH_ENV} is set")
 
 
-def test_a_browser_placed_in_the_cache_is_found_and_renders(bare_machine):
+def test_a_browser_placed_in_the_cache_is_found_and_renders(bare_machine, chromium):
     root = figures.browser_cache()
-    exe = place_chrome(root)
+    exe = place_chrome(root, chromium)
     assert figures.find_browser() == str(exe)
     tag = (root / "version_tag.txt").read_text()
     (root / "version_tag.txt").unlink()           # a download cut short is not used
@@ -298,7 +358,7 @@ def test_fetched_once_with_a_message_and_a_progress_bar_then_used(bare_machine, 
             for i in range(0, len(zip_bytes), 100_000):
                 f.write(zip_bytes[i:i + 100_000])
                 f.flush()
-        place_chrome(root)
+        place_chrome(root, str(executable(bare_machine / "unzipped" / "chrome")))
         (root / "chrome.zip").unlink()
 
     monkeypatch.setattr(figures, "download_chrome", download)

@@ -266,22 +266,32 @@ for id in $ids; do grep -E "^${id}(_[0-9]+)? " "$FAKE/queue"; done; true
     "scancel": 'echo "$@" >> "$FAKE/scancelled"\n',
     "sacct": "true\n",
     "scontrol": "true\n",
+    # submitit's SlurmExecutor only looks for srun on PATH; the jobs never run
+    "srun": 'echo "srun: a fake, jobs never run here" >&2; exit 1\n',
 }
+FAKE_TOOLS = ("bash", "cat", "cp", "grep", "tr")   # what the fake commands call
 
 
 @pytest.fixture
 def fake_slurm(tmp_path, monkeypatch):
-    """sbatch, squeue, scancel, sacct and scontrol as small scripts over files in a folder:
-    ``queue`` is what squeue prints, ``sbatch_N.sh`` each script submitted as job N."""
-    fake = tmp_path / "fake_slurm"
+    """sbatch, squeue, scancel, sacct, scontrol and srun as small scripts over files in a
+    folder: ``queue`` is what squeue prints, ``sbatch_N.sh`` each script submitted as job N.
+    PATH holds them and the few tools they call, nothing else: a real SLURM on this machine
+    (or its absence) changes nothing."""
+    fake, tools = tmp_path / "fake_slurm", tmp_path / "fake_tools"
     fake.mkdir()
+    tools.mkdir()
     for name, body in FAKE_SLURM.items():
         (fake / name).write_text("#!/bin/bash\n" + body)
         (fake / name).chmod(0o755)
+    for tool in FAKE_TOOLS:
+        (tools / tool).symlink_to(shutil.which(tool) or pytest.fail(f"{tool} not on PATH"))
     (fake / "next").write_text("100\n")
     (fake / "queue").write_text("")
     monkeypatch.setenv("FAKE", str(fake))
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{tools}")
+    for name in FAKE_SLURM:
+        assert shutil.which(name) == str(fake / name), name
     return fake
 
 
