@@ -345,12 +345,17 @@ def task_basis(op: str, n_classes: int) -> TaskBasis:
 
 
 # ---- measures read in a basis ---------------------------------------------------------------
+def component_norms(basis: TaskBasis, X) -> np.ndarray:
+    """(n,) ||b @ X|| for each basis row b, X (n, m) holding functions' values at the group's
+    elements in index order (the norms the Gini measures read; over Z_p, with X = W_E[:p],
+    ``measures.embed_fourier_norms``)."""
+    return np.linalg.norm(basis.components()[0] @ np.asarray(X, np.float64), axis=1)
+
+
 def component_energy(basis: TaskBasis, X) -> np.ndarray:
-    """(n_keys,) the energy of each key in X (n, m), whose rows are functions' values at the
-    group's elements in index order: sum over the key's rows b of ||b @ X||^2."""
-    B, keys = basis.components()
-    sq = ((B @ np.asarray(X, np.float64)) ** 2).sum(1)
-    return np.bincount(keys, weights=sq)
+    """(n_keys,) the energy of each key in X (as :func:`component_norms`): the sum of the
+    squared norms of the key's rows."""
+    return np.bincount(basis.components()[1], weights=component_norms(basis, X) ** 2)
 
 
 def embedding_energy(basis: TaskBasis, W_E) -> np.ndarray:

@@ -110,6 +110,22 @@ def test_fourier_basis_of_odd_n_is_the_seeds(p):
     assert bases.fourier_names(p) == measures.fourier_names(p)
 
 
+@pytest.mark.parametrize("p", (11, 31))
+def test_component_norms_over_z_p_are_the_seeds_fourier_norms(p):
+    rng = np.random.default_rng(p)
+    W_E, W_logit = rng.normal(size=(p + 1, 8)), rng.normal(size=(24, p))
+    basis = bases.task_basis("sub", p)
+    assert np.allclose(bases.component_norms(basis, W_E[:p]),
+                       measures.embed_fourier_norms(W_E, p), atol=1e-12)
+    assert np.allclose(bases.component_norms(basis, W_logit.T),
+                       measures.logit_fourier_norms(W_logit, np.eye(p)), atol=1e-12)
+    energy = bases.embedding_energy(basis, W_E)
+    assert np.allclose(energy[1:], measures.frequency_energy(W_E, p), atol=1e-10)
+    assert np.allclose(bases.unembedding_energy(basis, W_logit),
+                       np.bincount(basis.components()[1],
+                                   measures.logit_fourier_norms(W_logit, np.eye(p)) ** 2))
+
+
 # ---- S5 -------------------------------------------------------------------------------------
 def test_irreps_are_homomorphisms_for_every_pair():
     """rho(x then y) = rho(x) rho(y) for all 120^2 pairs, products from data.s5_table."""
