@@ -442,7 +442,10 @@ class Trainer:
         if not f.exists():
             return None
         try:
-            state = torch.load(f, map_location=self.device, weights_only=True)
+            # on the host: the batch generator's state must be a CPU tensor, and torch keeps
+            # the optimiser's step counters on the host (reading one on a GPU is a sync);
+            # restore moves the rest to the device
+            state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
             raise RunDirError(f"{f}: unreadable training state ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); delete the run "
