@@ -206,8 +206,11 @@ class Stack:
 
         import torch
 
+        from .train import deterministic_for
+
         self.trainers, self.device = trainers, device
         self.exact = (torch.device(device).type == "cpu") if exact is None else bool(exact)
+        self.deterministic = deterministic_for(device)   # as each run's solo step
         self.cfg = cfg = trainers[0].cfg
         self.cfgs = [t.cfg for t in trainers]
         epochs = {t.epoch for t in trainers}
@@ -341,8 +344,11 @@ class Stack:
 
     def _update(self, rows):
         """One optimiser step of every run on its ``rows``; (losses, accuracies) detached."""
-        losses, accs = self._losses(rows)
-        losses.sum().backward()
+        from .train import deterministic_kernels
+
+        with deterministic_kernels(self.deterministic):   # forward too: a compiled
+            losses, accs = self._losses(rows)                # backward is made with it
+            losses.sum().backward()
         self.opt.step()
         self.opt.zero_grad()
         self._hold_norms()

@@ -6,6 +6,7 @@ process that sees one GPU."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from grokhpc.config import RunConfig
 from grokhpc.store import STATE, RunDir
 from grokhpc.train import Trainer
-from grokhpc.train_batched import Stack
+from grokhpc.train_batched import Stack, train_group
 
 TINY = RunConfig(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=20,
                  checkpoint_every=10, eval_every=5, lr=3e-3, device="cpu")
@@ -57,3 +58,55 @@ def test_a_resume_on_another_device_keeps_generator_and_step_counters_on_the_hos
     for g, s in zip(stack.gens, saved):
         assert torch.equal(g.get_state(), s["batch_gen"])
     assert stack.opt.steps == [steps, steps]
+
+
+# ---- process-wide settings ---------------------------------------------------------------------
+class _FlagAtIndexPut(torch.utils._python_dispatch.TorchDispatchMode):
+    """torch's deterministic setting as each backward of an index (index_put) sees it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__.startswith("index_put"):
+            self.seen.append(torch.are_deterministic_algorithms_enabled())
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_leaves_the_process_settings_as_it_found_them(tmp_path, monkeypatch):
+    """On a CPU each step runs with deterministic algorithms (a resume is bit-identical only
+    so), and the attempt says so; before and after, and between steps, the process has its own
+    setting, and no CUBLAS_WORKSPACE_CONFIG is added to its environment."""
+    from grokhpc.train import deterministic_for
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    t = Trainer.open(TINY, tmp_path / "solo")
+    spy = _FlagAtIndexPut()
+    with spy:
+        t.step()
+    t.close()
+    assert spy.seen and all(spy.seen)
+    train_group([TINY.replace(model_seed=2), TINY.replace(model_seed=3)],
+                [tmp_path / "a", tmp_path / "b"], progress_bar=False, log=lambda *a: None)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    attempt = RunDir(tmp_path / "a").read_progress()["attempts"][-1]
+    assert attempt["deterministic_algorithms"] is True
+    assert deterministic_for(torch.device("cuda", 1)) is False   # no slower kernels on CUDA
+
+
+def test_cpu_steps_are_bit_reproducible_on_two_threads_where_index_backward_is_parallel(
+        tmp_path):
+    """At 60% of p = 113 a step's index backward is large enough for torch's CPU kernel to add
+    in parallel with atomics (below about 32k values it adds in order): two trainers from the
+    same state must still take bit-identical steps on two threads."""
+    cfg = RunConfig(n_epochs=3, device="cpu", train_frac=0.6)
+    a, b = Trainer(cfg, RunDir(tmp_path / "a"), "cpu"), Trainer(cfg, RunDir(tmp_path / "b"), "cpu")
+    torch.set_num_threads(2)   # the module's fixture restores the count
+    for _ in range(2):
+        a.step()
+        b.step()
+    for (name, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
+        assert torch.equal(p, q), name
