@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from grokhpc import lastpos
 from grokhpc.config import RunConfig
+from grokhpc.model import build_model
 from grokhpc.store import STATE, RunDir
 from grokhpc.train import Trainer
 from grokhpc.train_batched import Stack, train_group
@@ -110,3 +112,31 @@ def test_cpu_steps_are_bit_reproducible_on_two_threads_where_index_backward_is_p
         b.step()
     for (name, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(p, q), name
+
+
+# ---- the query tokens, found once --------------------------------------------------------------
+def test_the_model_finds_the_query_tokens_of_a_row_tensor_once(monkeypatch):
+    """``torch.unique`` waits for the device: the model keeps each row tensor's queries while
+    the tensor lives unchanged, and its logits equal those computed afresh."""
+    from grokhpc.data import make_dataset
+
+    calls = []
+    real = lastpos.queries_of
+    monkeypatch.setattr(lastpos, "queries_of", lambda *a: calls.append(1) or real(*a))
+    model = build_model(TINY)
+    tokens = make_dataset(TINY).train_tokens.clone()
+    params = dict(model.named_parameters())
+    with torch.inference_mode():   # found while scoring, then used for training
+        first = model.last_logits(tokens)
+    again = model.last_logits(tokens)
+    again.sum().backward()   # kept queries may be saved for a backward
+    assert len(calls) == 1
+    assert torch.equal(first, again.detach())
+    assert torch.equal(again, lastpos.last_logits(params, tokens))
+    tokens[:, 0] = tokens[:, 1]   # changed in place: found again
+    assert torch.equal(model.last_logits(tokens), lastpos.last_logits(params, tokens))
+    assert len(calls) == 4   # 2 by the model, 2 by the references computed afresh
+    import copy
+    assert copy.deepcopy(model)._queries.entries == {}
+    del tokens
+    assert model._queries.entries == {}   # nothing kept for rows that are gone
