@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import errno
 import io
+import math
 import os
 import sys
 import time
@@ -608,12 +609,18 @@ class Trainer:
                 preempt.hand_on()
 
     def postfix(self) -> dict[str, str]:
-        e = self.epoch
-        c = {k: v[: e + 1] for k, v in self.curves.items()}
-        train = c["train_loss"][~c["train_loss"].isnan()]
-        test = c["test_loss"][~c["test_loss"].isnan()]
-        return {"train": f"{train[-1].item():.3g}" if len(train) else "-",
-                "test": f"{test[-1].item():.3g}" if len(test) else "-"}
+        """The latest logged train and test loss, read back in one copy: train at this epoch
+        (scored at a run's end) or the last step's, test at this epoch or the last multiple of
+        ``eval_every``."""
+        import torch
+
+        e, train, test = self.epoch, self.curves["train_loss"], self.curves["test_loss"]
+        at = [train[e], train[max(e - 1, 0)], test[e], test[e - e % self.cfg.eval_every]]
+        t_now, t_step, s_now, s_eval = torch.stack(at).tolist()
+
+        def fmt(*values: float) -> str:
+            return next((f"{v:.3g}" for v in values if not math.isnan(v)), "-")
+        return {"train": fmt(t_now, t_step), "test": fmt(s_now, s_eval)}
 
 
 def finish(trainer: Trainer) -> dict[str, Any] | None:

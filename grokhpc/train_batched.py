@@ -402,11 +402,20 @@ class Stack:
             yield rows, len(idx[0]) / n
 
     def _set_lrs(self) -> None:
+        """Each run's lr for this epoch, where a schedule changes it: on the host as Python
+        floats and, where the optimiser's columns live on a device, computed there as well
+        (``LrSchedules``: no host-to-device copy, which would wait for the device)."""
         from .optim import has_schedule, lr_factor
+        from .stacked_optim import LrSchedules
 
-        if any(has_schedule(c) for c in self.cfgs):
-            self.opt.set_lrs([c.lr * lr_factor(self.epoch, c) if has_schedule(c) else c.lr
-                              for c in self.cfgs])
+        if not any(has_schedule(c) for c in self.cfgs):
+            return
+        lrs = [c.lr * lr_factor(self.epoch, c) if has_schedule(c) else c.lr for c in self.cfgs]
+        if getattr(self.opt, "host_scalars", self.device.type == "cpu"):
+            return self.opt.set_lrs(lrs)
+        if getattr(self, "_schedules", None) is None:
+            self._schedules = LrSchedules(self.cfgs, self.epoch, self.opt.params[0].device)
+        self.opt.set_lrs(lrs, self._schedules.next())
 
     def step(self) -> None:
         """One epoch of every run (the solo ``Trainer.step``)."""
@@ -426,17 +435,17 @@ class Stack:
         self.curves["train_acc"][:, e] = accs
         self.epoch += 1
 
-    def _scored(self, rows, runs):
+    def _scored(self, rows, runs, sel):
         """``_losses`` in inference mode of ``runs`` (exact) or of all runs (batched: a chunk
         of runs at a time, so that scoring the larger test split needs no more memory than a
-        training step)."""
+        training step), then those at ``sel``."""
         if self.exact:
             return self._solo_losses(rows, runs)
         if self.capture is not None and rows is self.test:
             losses, accs = self.capture("test", lambda: self._scored_all(rows))
         else:
             losses, accs = self._scored_all(rows)
-        return losses[runs], accs[runs]
+        return losses[sel], accs[sel]
 
     def _scored_all(self, rows):
         """``_losses`` of every run on ``rows``, a chunk of runs at a time when ``rows`` has
@@ -470,8 +479,11 @@ class Stack:
                 if not which:
                     continue
                 rows = self.test if split == "test" else self._train_rows()
-                losses, accs = self._scored(rows, which)
-                sel = torch.tensor(which, device=self.device)
+                # every run (an eval epoch): a slice; some runs (at their ends): an index
+                # made from host data, a copy the device waits for
+                sel = slice(None) if which == list(range(self.R)) else \
+                    torch.tensor(which, device=self.device)
+                losses, accs = self._scored(rows, which, sel)
                 self.curves[f"{split}_loss"][sel, self.epoch] = losses.to(torch.float64)
                 self.curves[f"{split}_acc"][sel, self.epoch] = accs
         self.note_grok()
@@ -505,16 +517,21 @@ class Stack:
     # -- durability
     def diverged(self, runs, last) -> list[int]:
         """``runs`` with a non-finite train loss since their last commit (up to this epoch,
-        and this epoch's too for the runs in ``last``, scored on the train set just now)."""
+        and this epoch's too for the runs in ``last``, scored on the train set just now).
+        One read from the device for all of them: each distinct window (runs that committed
+        together share one) is checked for every run, and each run's own is picked out."""
         import torch
 
-        bad = []
+        windows: dict[tuple[int, int], list[int]] = {}
         for r in runs:
             hi = self.epoch + (1 if r in last else 0)
-            if not bool(torch.isfinite(self.curves["train_loss"][r, self.last_commit[r]:hi])
-                        .all()):
-                bad.append(r)
-        return bad
+            windows.setdefault((self.last_commit[r], hi), []).append(r)
+        if not windows:
+            return []
+        curve = self.curves["train_loss"]
+        finite = torch.stack([torch.isfinite(curve[:, lo:hi]).all(1)
+                              for lo, hi in windows]).tolist()
+        return sorted(r for ok, rs in zip(finite, windows.values()) for r in rs if not ok[r])
 
     def sync(self, r: int) -> None:
         """Copy run ``r``'s stacked state into its shadow Trainer (same epoch, same values)."""

@@ -15,6 +15,7 @@ import torch
 from grokhpc import lastpos
 from grokhpc.config import RunConfig
 from grokhpc.model import build_model
+from grokhpc.optim import lr_factor
 from grokhpc.store import STATE, RunDir
 from grokhpc.train import Trainer
 from grokhpc.train_batched import Stack, train_group
@@ -140,3 +141,35 @@ def test_the_model_finds_the_query_tokens_of_a_row_tensor_once(monkeypatch):
     assert copy.deepcopy(model)._queries.entries == {}
     del tokens
     assert model._queries.entries == {}   # nothing kept for rows that are gone
+
+
+# ---- the lr schedule on the device ------------------------------------------------------------
+def test_the_lr_schedule_computed_on_the_device_is_the_hosts():
+    """Warmup and constant phases exactly, the cosine within float64 rounding of cos."""
+    from grokhpc.stacked_optim import LrSchedules
+
+    cfgs = [TINY.replace(n_epochs=50, warmup_epochs=7, lr_schedule="cosine"),
+            TINY.replace(n_epochs=50, warmup_epochs=5), TINY.replace(n_epochs=50, lr=1e-3)]
+    sched = LrSchedules(cfgs, 3, torch.device("cpu"))
+    for e in range(3, 50):
+        got = sched.next().tolist()
+        want = [c.lr * lr_factor(e, c) for c in cfgs]
+        assert got[1:] == want[1:], e
+        assert got[0] == want[0] if e < 7 else math.isclose(got[0], want[0], rel_tol=1e-14)
+
+
+def test_device_lrs_give_the_hosts_decay_column_bit_for_bit(tmp_path):
+    """An optimiser's per-run decay column from lrs on the device equals the one from Python
+    floats (1 - lr * wd in float64, rounded once)."""
+    cfgs = [TINY.replace(warmup_epochs=6, weight_decay=w, model_seed=i)
+            for i, w in enumerate((1.0, 0.3))]
+    stacks = [Stack([Trainer(c, RunDir(tmp_path / f"{k}{i}"), torch.device("cpu"))
+                     for i, c in enumerate(cfgs)], torch.device("cpu"), exact=False)
+              for k in "hd"]
+    stacks[1].opt.host_scalars = False   # as on a GPU: the schedule runs on the device
+    for _ in range(4):
+        for s in stacks:
+            s._set_lrs()
+            s.epoch += 1
+        assert torch.equal(stacks[0].opt._decay, stacks[1].opt._decay)
+    assert stacks[0].opt.lrs == stacks[1].opt.lrs
