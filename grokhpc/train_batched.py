@@ -69,6 +69,7 @@ lived through all of it); a run's share of the device is ``wall_time_s / R``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -169,6 +170,18 @@ def hooked_last_logits(template, P: dict, tokens):
 
 
 # ---- a stack of runs at the same epoch ---------------------------------------------------------
+def host_counts(opt) -> Callable:
+    """A function that puts ``opt``'s host-side step counts (and its gradients) back as they
+    are now: a failed capture ran its Python but none of its kernels."""
+    saved = {k: list(getattr(opt, k)) for k in ("steps", "started") if hasattr(opt, k)}
+
+    def undo() -> None:
+        for k, v in saved.items():
+            setattr(opt, k, v)
+        opt.zero_grad()
+    return undo
+
+
 class Rows(NamedTuple):
     """The rows of R runs for the batched forward, padded to the longest run's."""
 
@@ -257,21 +270,12 @@ class Stack:
         if isinstance(self.opt, FlatStackedAdamW):
             self.P.update(zip(self.trainable, self.opt.params))
         self._fast_losses = compiled(fast_losses) if mode == "compile" else fast_losses
-        self.capture = GraphStep(self._host_counts, log) if mode == "graph" else None
+        # the optimiser's, not a method of the stack: a stack must not hold itself in a
+        # cycle, or its graphs' memory pool would outlive it until the next garbage collection
+        self.capture = GraphStep(functools.partial(host_counts, self.opt), log) \
+            if mode == "graph" else None
         if self.capture is not None and hasattr(self.opt, "host_scalars"):
             self.opt.host_scalars = False   # bias corrections on the device, inside the graph
-
-    def _host_counts(self) -> Callable:
-        """A function that puts the optimiser's host-side step counts (and its gradients) back
-        as they are now: a failed capture ran its Python but none of its kernels."""
-        opt = self.opt
-        saved = {k: list(getattr(opt, k)) for k in ("steps", "started") if hasattr(opt, k)}
-
-        def undo() -> None:
-            for k, v in saved.items():
-                setattr(opt, k, v)
-            opt.zero_grad()
-        return undo
 
     def _set_rows(self, trainers: list) -> None:
         import torch

@@ -5,8 +5,10 @@ process that sees one GPU."""
 
 from __future__ import annotations
 
+import gc
 import math
 import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -113,6 +115,23 @@ def test_cpu_steps_are_bit_reproducible_on_two_threads_where_index_backward_is_p
         b.step()
     for (name, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(p, q), name
+
+
+# ---- a stack that leaves ----------------------------------------------------------------------
+def test_a_dropped_stack_is_freed_at_once_without_the_garbage_collector(tmp_path):
+    """A stack in graph mode (its CUDA graphs' memory pool lives as long as it does) is freed
+    the moment the group lets it go: no reference cycle waits for the collector."""
+    trainers = [Trainer(c, RunDir(tmp_path / str(i)), torch.device("cpu"))
+                for i, c in enumerate([TINY, TINY.replace(model_seed=2)])]
+    stack = Stack(trainers, torch.device("cpu"), exact=False, step_mode="graph")
+    assert stack.capture is not None
+    gone = weakref.ref(stack)
+    gc.disable()
+    try:
+        del stack
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 # ---- the query tokens, found once --------------------------------------------------------------
