@@ -134,6 +134,63 @@ def test_a_dropped_stack_is_freed_at_once_without_the_garbage_collector(tmp_path
         gc.enable()
 
 
+# ---- sizing a group ---------------------------------------------------------------------------
+def _saved_bytes(cfgs, tmp: Path) -> tuple[int, int]:
+    """(bytes autograd keeps for the backward of one batched training step of ``cfgs``, the
+    padded train rows of that step): measured, every saved tensor's storage counted once."""
+    trainers = [Trainer(c, RunDir(tmp / str(i)), torch.device("cpu")) for i, c in enumerate(cfgs)]
+    stack = Stack(trainers, torch.device("cpu"), exact=False)
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        stack._losses(stack.train)
+    return sum(seen.values()), stack.train.tokens.shape[1]
+
+
+def test_a_mixed_train_frac_group_is_sized_at_its_padded_rows(tmp_path):
+    """A batched group pads every run's train rows to its longest split, whichever run comes
+    first. The estimate must cover R x the padded rows x the bytes each row keeps for the
+    backward (measured: the saved bytes of two groups of different row counts, per row)."""
+    from grokhpc.train_batched import bytes_per_run, group_bytes, padded_rows
+
+    base = TINY.replace(p=31)
+    small = [base.replace(train_frac=0.2, model_seed=s) for s in (1, 2)]
+    large = [base.replace(train_frac=0.7, model_seed=s) for s in (1, 2)]
+    (s_bytes, s_rows), (l_bytes, l_rows) = (_saved_bytes(small, tmp_path / "s"),
+                                            _saved_bytes(large, tmp_path / "l"))
+    per_row = (l_bytes - s_bytes) / (2 * (l_rows - s_rows))   # per run and row
+    mixed = [small[0], large[1]]   # the small run first
+    m_bytes, padded = _saved_bytes(mixed, tmp_path / "m")
+    assert padded == l_rows == math.floor(31 * 31 * 0.7)
+    assert padded_rows(mixed)[0] >= padded
+    assert group_bytes(mixed) >= 2 * padded * per_row
+    assert group_bytes(mixed) >= m_bytes   # and what the mixed group keeps, all of it
+    # sized by its first run's own rows, the rows' part would be 3.5 times too small
+    fixed = bytes_per_run(mixed[0], (0, 0))
+    rows_part = (bytes_per_run(mixed[0], padded_rows(mixed)) - fixed,
+                 bytes_per_run(mixed[0]) - fixed)
+    assert rows_part[0] / rows_part[1] == pytest.approx(padded / s_rows, rel=0.01)
+
+
+def test_the_launchers_memory_cap_holds_a_mixed_group_at_its_padded_rows():
+    """runs_per_job auto: the runs one GPU holds of a shape's configs (train fractions listed
+    smallest first) fit AUTO_SAFETY of its memory at the group's padded rows, one more would
+    not."""
+    from grokhpc import launch as launch_mod
+    from grokhpc.sweep import LauncherSettings
+    from grokhpc.train_batched import bytes_per_run, padded_rows
+
+    launcher = LauncherSettings(runs_per_job="auto", gpu_type="rtx2080", gpus=1)
+    cfgs = [RunConfig(d_mlp=4096, train_frac=f) for f in (0.2, 0.45, 0.7)]
+    n = launch_mod.gpu_memory_cap(launcher)(cfgs)
+    per_run = bytes_per_run(cfgs[0], padded_rows(cfgs))
+    memory = launch_mod.AUTO_SAFETY * launch_mod.GPU_MEMORY_GB["rtx2080"] * 1e9
+    assert n * per_run <= memory < (n + 1) * per_run
+
+
 # ---- the query tokens, found once --------------------------------------------------------------
 def test_the_model_finds_the_query_tokens_of_a_row_tensor_once(monkeypatch):
     """``torch.unique`` waits for the device: the model keeps each row tensor's queries while
