@@ -19,7 +19,8 @@ Two forward paths share the weights:
   ``grokhpc.lastpos`` holds (one block, no LayerNorm, any elementwise activation) it is
   computed from per-(position, token, head) tables, shared with packed training and the
   progress measures; elsewhere it is ``forward(tokens)[:, -1]``. Tests hold it to ``forward``
-  (logits and gradients) for every shape.
+  (logits and gradients) for every shape. The distinct query tokens of a row tensor are found
+  once while the tensor lives (``QueryCache``: ``torch.unique`` waits for a GPU).
 """
 
 from __future__ import annotations

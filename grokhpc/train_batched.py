@@ -37,7 +37,9 @@ How the runs are stacked:
   torch's CPU kernel performs, so it is bit-identical there (tests check this). In exact mode
   it calls torch's own functional optimiser once per run on views of the stacks, so it takes
   the solo optimiser's path on every device (foreach kernels on CUDA). Each epoch sets each
-  run's lr from its own schedule (``grokhpc.optim.lr_factor``); after each step,
+  run's lr from its own schedule (``grokhpc.optim.lr_factor``; where the optimiser's columns
+  live on a GPU, the same formula is computed there, ``stacked_optim.LrSchedules``, so that no
+  epoch copies from the host); after each step,
   ``fixed_weight_norm`` runs are rescaled to their own initial norm;
 * step mode (batched mode, ``grokhpc.step_mode``): how the step is issued -- per weight
   (eager, the default), Adam(W) over one flat buffer (fused; bit-identical to eager on CPU),
