@@ -4,14 +4,15 @@ batched mode to runs trained alone.
 
     python benchmarks/gpu_batched.py                        # check, speed, fidelity
     python benchmarks/gpu_batched.py --only speed           # parts: check speed fidelity e2e
-    python benchmarks/gpu_batched.py --device cpu --smoke   # every part, tiny, in < 1 minute
+    python benchmarks/gpu_batched.py --device cpu --smoke   # every part, tiny, about a minute
 
 Parts (``--only``, comma-separated):
 
-* check: 3 tiny runs (p = 17, add, 300 epochs) trained alone twice, packed in exact mode and
-  packed in batched mode in each step mode; the largest curve and weight differences to the
-  solo runs, grokking epochs (the device's own determinism; exact == solo; fused and graph
-  against eager).
+* check: benchmarks/gpu_checks.py, one verdict line per check: 3 tiny runs (p = 17, add)
+  alone twice, packed exact and packed batched in each step mode (the device's own
+  determinism; exact == solo; batched within 1e-3 early on; graph == fused), minibatch runs
+  resumed alone and packed, host syncs per epoch, a config naming cuda:1 in a one-GPU device
+  process, process settings left as found (``--smoke``: its CPU sizes).
 * speed: run-epochs/s of packed groups of R seed-config runs (different seeds, train
   fractions, lr, weight decay) in batched mode at R = --rs, the step modes of --modes side by
   side (eager: today's step; fused: flat Adam(W); graph: fused in CUDA graphs; compile:
@@ -28,7 +29,8 @@ Parts (``--only``, comma-separated):
 * e2e: --e2e runs trained end to end for --e2e-epochs epochs with commits into run
   directories (foreground and background writes).
 
-Everything printed is also written to --out (markdown).
+Everything printed is also written to --out (markdown), line by line: a part cut short by a
+time limit leaves what it measured.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from gpu_checks import Lines  # noqa: E402  (beside this file)
+
 PARTS = ("check", "speed", "fidelity", "e2e")
 
 
@@ -52,7 +56,7 @@ def parse_args(argv=None):
     a = ap.add_argument
     a("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if any)")
     a("--only", default="check,speed,fidelity", help=f"parts to run, of {','.join(PARTS)}")
-    a("--smoke", action="store_true", help="tiny sizes for every part (CPU: under a minute)")
+    a("--smoke", action="store_true", help="tiny sizes for every part (CPU: about a minute)")
     a("--p", type=int, default=113, help="p of the speed part's runs (seed config: 113)")
     a("--rs", default="1,32,128,512", help="group sizes R of the speed table")
     a("--modes", default="eager,fused,graph", help="step modes side by side (also: compile)")
@@ -93,7 +97,7 @@ SMOKE_FIDELITY = {"p": 17, "op": "add", "d_model": 32, "n_heads": 4, "d_head": 8
 def shrink_for_smoke(args) -> None:
     args.device = args.device or "cpu"
     if args.only == "check,speed,fidelity":
-        args.only = "speed,fidelity,e2e"
+        args.only = ",".join(PARTS)
     args.p, args.rs, args.tf32_rs, args.project_r = 23, "1,2", "2", 2
     args.epochs, args.warmup, args.repeats, args.seed_epochs = 2, 1, 1, 2
     args.fid_runs, args.fid_workers, args.e2e, args.e2e_epochs = 2, 2, 2, 20
@@ -144,17 +148,6 @@ class Device:
         return statistics.median(times)
 
 
-class Report:
-    """Lines printed as they come and kept for --out."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, s: str = "") -> None:
-        print(s, flush=True)
-        self.lines.append(s)
-
-
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
@@ -168,65 +161,12 @@ def group_configs(base, r: int):
 
 
 # ---- check -------------------------------------------------------------------------------------
-def curve_and_weight_gaps(dirs, ref) -> tuple[float, float, float, list]:
-    """(max |d loss|, max relative d loss, max |d weight|, [(grokking epoch, reference's)])."""
-    import numpy as np
+def check(dev: Device, args, out) -> None:
+    """The correctness checks of benchmarks/gpu_checks.py (tiny runs alone and packed in each
+    way, minibatch resumes, host syncs, a one-GPU device process, process settings)."""
+    from gpu_checks import check_all
 
-    from grokhpc.store import RunDir
-
-    d_abs = d_rel = d_w = 0.0
-    groks = []
-    for d, s in zip(dirs, ref):
-        a, b = RunDir(d).read_curves(), RunDir(s).read_curves()
-        for col in ("train_loss", "test_loss"):
-            x, y = a[col].to_numpy(), b[col].to_numpy()
-            m = ~np.isnan(y)
-            d_abs = max(d_abs, float(np.abs(x[m] - y[m]).max()))
-            d_rel = max(d_rel, float((np.abs(x[m] - y[m]) / np.abs(y[m])).max()))
-        wa, wb = RunDir(d).checkpoints(mmap=False)[1], RunDir(s).checkpoints(mmap=False)[1]
-        d_w = max(d_w, float(np.abs(wa - wb).max()))
-        groks.append((RunDir(d).read_summary()["grokking_epoch"],
-                      RunDir(s).read_summary()["grokking_epoch"]))
-    return d_abs, d_rel, d_w, groks
-
-
-def check(base, dev: Device, modes, out) -> None:
-    """Three tiny runs trained alone, again alone, packed exact and packed batched in each
-    step mode on the device, against the solo runs (and batched modes against eager)."""
-    from grokhpc.train import run_training
-    from grokhpc.train_batched import train_group
-
-    tiny = base.replace(p=17, op="add", d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=300,
-                        checkpoint_every=50, eval_every=10)
-    cfgs = [tiny.replace(model_seed=1, data_seed=2, train_frac=0.9, lr=1e-2, weight_decay=1.0),
-            tiny.replace(model_seed=3, data_seed=4, train_frac=0.7, lr=5e-3, weight_decay=0.3,
-                         betas=(0.85, 0.99)),
-            tiny.replace(model_seed=5, data_seed=6, train_frac=0.8, lr=1e-2, weight_decay=2.0)]
-    quiet = lambda *a: None  # noqa: E731
-    ways = ["solo again", "exact"] + [f"batched {m}" for m in modes]
-    with tempfile.TemporaryDirectory() as tmp:
-        dirs = {w: [Path(tmp) / w.replace(" ", "_") / str(i) for i in range(3)]
-                for w in ["solo"] + ways}
-        for c, d in zip(cfgs, dirs["solo"]):
-            run_training(c, d, progress_bar=False, log=quiet)
-        for way in ways:
-            t0 = time.perf_counter()
-            if way == "solo again":
-                for c, d in zip(cfgs, dirs[way]):
-                    run_training(c, d, progress_bar=False, log=quiet)
-            else:
-                mode = way.split()[-1] if way != "exact" else None
-                train_group(cfgs, dirs[way], device=dev.dev, progress_bar=False, log=out,
-                            exact=way == "exact", step_mode=mode)
-            wall = time.perf_counter() - t0
-            earlier = ways[:ways.index(way)]   # batched modes against eager and fused
-            refs = ["solo"] + [r for r in ("batched eager", "batched fused")
-                               if way.startswith("batched ") and r in earlier]
-            for ref in refs:
-                a, r, w, g = curve_and_weight_gaps(dirs[way], dirs[ref])
-                out(f"check on {dev.dev}, {way} vs {ref} (3 tiny runs, 300 epochs, {wall:.1f} s):"
-                    f" max |d loss| {a:.3g}, max rel {r:.3g}, max |d weight| {w:.3g}, "
-                    f"grokking epochs (this, {ref}) {g}")
+    check_all(dev.dev, args.smoke, out)
     out()
 
 
@@ -325,7 +265,7 @@ def commit_seconds(trainers, dev: Device) -> float:
     t0 = time.perf_counter()
     for r in range(stack.R):
         stack.sync(r)
-    _commit_all(trainers)
+    _commit_all([(t, True, True) for t in trainers])
     return time.perf_counter() - t0
 
 
@@ -344,6 +284,7 @@ def speed(base, dev: Device, args, out) -> None:
     """The speed table: run-epochs/s per R and step mode, TF32, memory; then the projection."""
     from grokhpc.store import RunDir
     from grokhpc.train import Trainer
+    from grokhpc.train_batched import group_bytes
 
     modes = effective_modes(base, dev, args.modes.split(","), out)
     tf32 = effective_modes(base, dev, [args.tf32_mode], out)[args.tf32_mode]
@@ -365,8 +306,9 @@ def speed(base, dev: Device, args, out) -> None:
                 if r in ints(args.tf32_rs) else None
             if r == args.project_r:
                 projected = (r, rates, commit_seconds(trainers, dev))
+            est = group_bytes([t.cfg for t in trainers])
             del trainers
-        speed_row(r, rates, high, args, base, out)
+        speed_row(r, rates, high, args, est, out)
         if all(v is None for v in rates.values()):
             break
     if projected is not None:
@@ -374,9 +316,8 @@ def speed(base, dev: Device, args, out) -> None:
     out()
 
 
-def speed_row(r, rates, high, args, base, out) -> None:
-    from grokhpc.train_batched import bytes_per_run
-
+def speed_row(r, rates, high, args, est_bytes, out) -> None:
+    """One row of the speed table; ``est_bytes``: the group's estimate at its padded rows."""
     ok = {m: v for m, v in rates.items() if v is not None}
     best = max(ok, key=lambda m: ok[m][0]) if ok else None
     eager = rates.get("eager")
@@ -386,7 +327,7 @@ def speed_row(r, rates, high, args, base, out) -> None:
     tf_ratio = f"{high[0] / at_mode[0]:.2f}" if high and at_mode else "-"
     mem = f"{eager[1]:,.0f}, {ok[best][1]:,.0f}" if best and eager else "-"
     out(f"| {r} | " + " | ".join(fmt_rate(v) for v in rates.values())
-        + f" | {ratio} | {tf} | {tf_ratio} | {mem} | {bytes_per_run(base) * r / 2**20:,.0f} |")
+        + f" | {ratio} | {tf} | {tf_ratio} | {mem} | {est_bytes / 2**20:,.0f} |")
 
 
 def projection(r, rates, commit_s, base, args, dev: Device, out) -> None:
@@ -571,7 +512,8 @@ def main(argv=None) -> int:
     from grokhpc.config import RunConfig
 
     base = RunConfig(p=args.p, device=str(dev.dev))
-    out = Report()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out = Lines(args.out)
     out(f"# Packed training on {dev.name} ({dev.dev})")
     out()
     out(f"torch {dev.torch.__version__}; free/total memory {dev.free / 2**30:.1f}/"
@@ -579,11 +521,10 @@ def main(argv=None) -> int:
         f"`python {' '.join(sys.argv)}`")
     out()
     t0 = time.perf_counter()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for part in parts:
         t = time.perf_counter()
         if part == "check":
-            check(base, dev, args.modes.split(","), out)
+            check(dev, args, out)
         elif part == "speed":
             speed(base, dev, args, out)
         elif part == "fidelity":
@@ -592,9 +533,7 @@ def main(argv=None) -> int:
             e2e(base, dev, args, out)
         out(f"({part}: {time.perf_counter() - t:.0f} s)")
         out()
-        Path(args.out).write_text("\n".join(out.lines) + "\n")   # kept if a later part is cut
     out(f"total {time.perf_counter() - t0:.0f} s")
-    Path(args.out).write_text("\n".join(out.lines) + "\n")
     print(f"written to {args.out}")
     return 0
 

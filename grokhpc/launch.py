@@ -177,6 +177,9 @@ def _train_on_device(runs: Sequence[tuple[dict, str]], device: str, threads: int
     signal.signal(signal.SIGUSR2, signal.SIG_DFL)
     on_cpu = device == "cpu" or str(device).startswith("cpu:")
     os.environ["CUDA_VISIBLE_DEVICES"] = "" if on_cpu else str(device)
+    if not on_cpu:   # the one GPU this process sees is cuda:0, whichever a run's config names
+        runs = [({**c, "device": "cuda"} if str(c.get("device", "")).startswith("cuda:") else c,
+                 d) for c, d in runs]
     train_runs(runs, log=lambda m: print(f"[device {device}] {m}", flush=True), threads=threads,
                state_every_s=state_every_s)
 

@@ -19,12 +19,14 @@ Two forward paths share the weights:
   ``grokhpc.lastpos`` holds (one block, no LayerNorm, any elementwise activation) it is
   computed from per-(position, token, head) tables, shared with packed training and the
   progress measures; elsewhere it is ``forward(tokens)[:, -1]``. Tests hold it to ``forward``
-  (logits and gradients) for every shape.
+  (logits and gradients) for every shape. The distinct query tokens of a row tensor are found
+  once while the tensor lives (``QueryCache``: ``torch.unique`` waits for a GPU).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -222,9 +224,44 @@ class Transformer(HookedRootModule):
         ``forward(tokens)[:, -1]``. On the fast path (see :attr:`fast_path`) computed from
         per-(position, token, head) tables without hooks; otherwise the hooked forward."""
         if self.fast_path:
-            return lastpos.last_logits(dict(self.named_parameters()), tokens,
-                                       act_fn=self.cfg.act_fn)
+            params = dict(self.named_parameters())
+            queries = self._queries(tokens[None], params["embed.W_E"].dtype)
+            return lastpos.last_logits(params, tokens, queries, act_fn=self.cfg.act_fn)
         return self.forward(tokens)[:, -1]
+
+    @property
+    def _queries(self) -> "QueryCache":
+        cache = self.__dict__.get("_query_cache")
+        if cache is None:
+            cache = self.__dict__["_query_cache"] = QueryCache()
+        return cache
+
+
+class QueryCache:
+    """``lastpos.queries_of`` of the row tensors a model is called on, kept while each tensor
+    lives and is unchanged: finding the distinct query tokens takes ``torch.unique``, which
+    waits for the device on a GPU, so a trainer scoring the same train and test rows every
+    epoch finds them once. A copy of the model starts with an empty cache."""
+
+    def __init__(self):
+        self.entries: dict[int, tuple] = {}
+
+    def __call__(self, tokens: torch.Tensor, dtype) -> lastpos.Queries:
+        base = tokens._base if tokens._base is not None else tokens
+        key = (id(base), tokens.data_ptr(), tuple(tokens.shape), tokens.stride(), tokens.device,
+               dtype)
+        hit = self.entries.get(key)
+        if hit is not None and hit[0]() is base and hit[1] == base._version:
+            return hit[2]
+        with torch.inference_mode(False):   # kept for training as well as scoring
+            queries = lastpos.queries_of(tokens, dtype)
+        entries = self.entries
+        ref = weakref.ref(base, lambda _, k=key: entries.pop(k, None))
+        entries[key] = (ref, base._version, queries)
+        return queries
+
+    def __deepcopy__(self, memo) -> "QueryCache":
+        return QueryCache()
 
 
 def shape_of(cfg: RunConfig) -> ModelShape:

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import math
+
 ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which grokhpc.train.make_optimizer uses
 
 
@@ -101,6 +103,7 @@ class StackedAdamW:
         self.b2 = [float(b[1]) for b in betas]
         self.steps = [int(s) for s in steps]
         self._wd = _col(self.wds, params[0])
+        self._wd64 = torch.tensor(self.wds, dtype=torch.float64, device=params[0].device)
         self._w1 = _col([1 - b for b in self.b1], params[0])
         self._b2 = _col(self.b2, params[0])
         self._w2 = _col([1 - b for b in self.b2], params[0])
@@ -108,20 +111,28 @@ class StackedAdamW:
         self.update = adam_update
         self.set_lrs(lrs)
 
-    def set_lrs(self, lrs) -> None:
-        """Each run's lr for the coming steps (a schedule changes it once per epoch). The
-        device tensors are rewritten in place, so a captured step reads the new values."""
+    def set_lrs(self, lrs, device_lrs=None) -> None:
+        """Each run's lr for the coming steps (a schedule changes it once per epoch), as
+        Python floats and, optionally, the same values already on the device (float64, from
+        ``LrSchedules``): then the device columns are computed there, without a copy from the
+        host. The device tensors are rewritten in place, so a captured step reads the new
+        values."""
         import torch
 
         self.lrs = [float(x) for x in lrs]
-        decay = _col([1 - lr * wd for lr, wd in zip(self.lrs, self.wds)], self.params[0])
+        if device_lrs is None:
+            decay = _col([1 - lr * wd for lr, wd in zip(self.lrs, self.wds)], self.params[0])
+            lr64 = torch.tensor(self.lrs, dtype=torch.float64)
+        else:   # 1 - lr * wd in float64, then rounded once: the host's arithmetic
+            decay = (1 - device_lrs * self._wd64).to(self.params[0].dtype)
+            lr64 = device_lrs
         if hasattr(self, "_decay"):
             self._decay.copy_(decay)
         else:
             self._decay = decay
         c = getattr(self, "_dev64", None)
         if c is not None:
-            c["lr"].copy_(torch.tensor(self.lrs, dtype=torch.float64))
+            c["lr"].copy_(lr64)
 
     def _corrections(self):
         """(-lr / (1 - b1^t), sqrt(1 - b2^t)) per run as float32 columns: from Python floats as
@@ -239,6 +250,37 @@ class FlatStackedAdamW(StackedAdamW):
                         neg_step, bc2_sqrt, self.decoupled, self._decays, self.scratch)
 
 
+class LrSchedules:
+    """Each run's lr, epoch after epoch, computed on ``device`` in float64 as
+    ``grokhpc.optim.lr_factor`` computes it on the host (warmup ``(e + 1) / w``, then constant
+    or ``0.5 (1 + cos(pi (e - w) / span))``; runs without a schedule keep their lr): an epoch's
+    lrs reach a device optimiser without a copy from the host, which waits for the device. Equal
+    to the host's values up to the device's rounding of cos. ``next()`` gives the lrs of the
+    epoch it is at (``epoch`` first) and moves to the next."""
+
+    def __init__(self, cfgs: list, epoch: int, device):
+        import torch
+
+        def col(values, dtype=torch.float64):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        self.lr = col([c.lr for c in cfgs])
+        self.warmup = col([float(c.warmup_epochs) for c in cfgs])
+        self.span = col([float(max(c.n_epochs - c.warmup_epochs, 1)) for c in cfgs])
+        self.cosine = col([c.lr_schedule == "cosine" for c in cfgs], torch.bool)
+        self.epoch = col(float(epoch))
+
+    def next(self):
+        import torch
+
+        e, w = self.epoch, self.warmup
+        warm = (e + 1) / w.clamp(min=1)
+        cosine = 0.5 * (1.0 + torch.cos(math.pi * (e - w) / self.span))
+        factor = torch.where(e < w, warm, torch.where(self.cosine, cosine, 1.0))
+        self.epoch += 1
+        return self.lr * factor
+
+
 class StackedSGD:
     """``torch.optim.SGD`` (single-tensor path; dampening 0, no Nesterov) for R runs stacked on
     dim 0, per-run lr, weight decay and momentum. Its elementwise ops are torch's:
@@ -257,10 +299,12 @@ class StackedSGD:
         self._m = _col(self.momenta, params[0])
         self.set_lrs(lrs)
 
-    def set_lrs(self, lrs) -> None:
-        """Each run's lr for the coming steps, rewritten in place (a captured step reads it)."""
+    def set_lrs(self, lrs, device_lrs=None) -> None:
+        """Each run's lr for the coming steps, rewritten in place (a captured step reads it);
+        ``device_lrs``: the same values on the device (see ``StackedAdamW.set_lrs``)."""
         self.lrs = [float(x) for x in lrs]
-        neg_lr = _col([-lr for lr in self.lrs], self.params[0])
+        neg_lr = _col([-lr for lr in self.lrs], self.params[0]) if device_lrs is None \
+            else (-device_lrs).to(self.params[0].dtype)
         if hasattr(self, "_neg_lr"):
             self._neg_lr.copy_(neg_lr)
         else:

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import errno
 import io
+import math
 import os
 import sys
 import time
@@ -158,6 +159,7 @@ def provenance(device) -> dict[str, Any]:
             "pid": os.getpid(), "slurm_job": slurm_job_id(), "device": str(device),
             "device_name": device_name(device), "torch_threads": torch.get_num_threads(),
             "matmul_precision": torch.get_float32_matmul_precision(),
+            "deterministic_algorithms": deterministic_for(device),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformer_lens": version("transformer_lens"), "numpy": numpy.__version__,
             "grokhpc": version("grokhpc"),
@@ -177,6 +179,35 @@ def matmul_precision(precision: str):
         yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def deterministic_for(device) -> bool:
+    """Whether training steps on ``device`` run with torch's deterministic algorithms: on a CPU,
+    where the backward of an index with repeated rows otherwise adds with atomics across
+    threads (a resume would not be bit-identical); not on CUDA, whose index backward sorts
+    anyway and where the setting would send scatter and index_put through slower paths and
+    fill every ``torch.empty`` with NaN."""
+    import torch
+
+    return torch.device(device).type == "cpu"
+
+
+@contextlib.contextmanager
+def deterministic_kernels(on: bool):
+    """torch's deterministic algorithms (warn only) for the block when ``on``, the process's
+    own setting restored afterwards; nothing is touched when not ``on``."""
+    if not on:
+        yield
+        return
+    import torch
+
+    before = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
 
 
 def state_checksum(obj: Any, crc: int = 0) -> int:
@@ -214,10 +245,9 @@ class Trainer:
         from .model import build_model, param_layout
 
         self.cfg, self.run, self.device = cfg, run, device
-        # Bit-identical resumes need reproducible kernels: CPU index/embedding backward
-        # otherwise accumulates with atomics across threads, in a varying order.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        # Bit-identical resumes need reproducible kernels: on a CPU each step's backward runs
+        # with deterministic algorithms (scoped, see deterministic_for)
+        self.deterministic = deterministic_for(device)
         self.data = make_dataset(cfg).to(device)
         self.train_tokens, self.train_labels = self.data.train_tokens, self.data.train_labels
         self.test_tokens, self.test_labels = self.data.test_tokens, self.data.test_labels
@@ -276,9 +306,10 @@ class Trainer:
         """One optimiser step on ``tokens``; returns the (detached) loss and accuracy."""
         from .optim import rescale_to_norm
 
-        logits = self.model.last_logits(tokens)
-        loss = loss_fn(logits, labels, self.cfg.loss_dtype)
-        loss.backward()
+        with deterministic_kernels(self.deterministic):
+            logits = self.model.last_logits(tokens)
+            loss = loss_fn(logits, labels, self.cfg.loss_dtype)
+            loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.init_norm is not None:
@@ -442,7 +473,10 @@ class Trainer:
         if not f.exists():
             return None
         try:
-            state = torch.load(f, map_location=self.device, weights_only=True)
+            # on the host: the batch generator's state must be a CPU tensor, and torch keeps
+            # the optimiser's step counters on the host (reading one on a GPU is a sync);
+            # restore moves the rest to the device
+            state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:
             raise RunDirError(f"{f}: unreadable training state ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); delete the run "
@@ -575,12 +609,18 @@ class Trainer:
                 preempt.hand_on()
 
     def postfix(self) -> dict[str, str]:
-        e = self.epoch
-        c = {k: v[: e + 1] for k, v in self.curves.items()}
-        train = c["train_loss"][~c["train_loss"].isnan()]
-        test = c["test_loss"][~c["test_loss"].isnan()]
-        return {"train": f"{train[-1].item():.3g}" if len(train) else "-",
-                "test": f"{test[-1].item():.3g}" if len(test) else "-"}
+        """The latest logged train and test loss, read back in one copy: train at this epoch
+        (scored at a run's end) or the last step's, test at this epoch or the last multiple of
+        ``eval_every``."""
+        import torch
+
+        e, train, test = self.epoch, self.curves["train_loss"], self.curves["test_loss"]
+        at = [train[e], train[max(e - 1, 0)], test[e], test[e - e % self.cfg.eval_every]]
+        t_now, t_step, s_now, s_eval = torch.stack(at).tolist()
+
+        def fmt(*values: float) -> str:
+            return next((f"{v:.3g}" for v in values if not math.isnan(v)), "-")
+        return {"train": fmt(t_now, t_step), "test": fmt(s_now, s_eval)}
 
 
 def finish(trainer: Trainer) -> dict[str, Any] | None:

@@ -37,7 +37,9 @@ How the runs are stacked:
   torch's CPU kernel performs, so it is bit-identical there (tests check this). In exact mode
   it calls torch's own functional optimiser once per run on views of the stacks, so it takes
   the solo optimiser's path on every device (foreach kernels on CUDA). Each epoch sets each
-  run's lr from its own schedule (``grokhpc.optim.lr_factor``); after each step,
+  run's lr from its own schedule (``grokhpc.optim.lr_factor``; where the optimiser's columns
+  live on a GPU, the same formula is computed there, ``stacked_optim.LrSchedules``, so that no
+  epoch copies from the host); after each step,
   ``fixed_weight_norm`` runs are rescaled to their own initial norm;
 * step mode (batched mode, ``grokhpc.step_mode``): how the step is issued -- per weight
   (eager, the default), Adam(W) over one flat buffer (fused; bit-identical to eager on CPU),
@@ -69,6 +71,7 @@ lived through all of it); a run's share of the device is ``wall_time_s / R``.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import traceback
@@ -169,6 +172,18 @@ def hooked_last_logits(template, P: dict, tokens):
 
 
 # ---- a stack of runs at the same epoch ---------------------------------------------------------
+def host_counts(opt) -> Callable:
+    """A function that puts ``opt``'s host-side step counts (and its gradients) back as they
+    are now: a failed capture ran its Python but none of its kernels."""
+    saved = {k: list(getattr(opt, k)) for k in ("steps", "started") if hasattr(opt, k)}
+
+    def undo() -> None:
+        for k, v in saved.items():
+            setattr(opt, k, v)
+        opt.zero_grad()
+    return undo
+
+
 class Rows(NamedTuple):
     """The rows of R runs for the batched forward, padded to the longest run's."""
 
@@ -206,8 +221,11 @@ class Stack:
 
         import torch
 
+        from .train import deterministic_for
+
         self.trainers, self.device = trainers, device
         self.exact = (torch.device(device).type == "cpu") if exact is None else bool(exact)
+        self.deterministic = deterministic_for(device)   # as each run's solo step
         self.cfg = cfg = trainers[0].cfg
         self.cfgs = [t.cfg for t in trainers]
         epochs = {t.epoch for t in trainers}
@@ -254,21 +272,12 @@ class Stack:
         if isinstance(self.opt, FlatStackedAdamW):
             self.P.update(zip(self.trainable, self.opt.params))
         self._fast_losses = compiled(fast_losses) if mode == "compile" else fast_losses
-        self.capture = GraphStep(self._host_counts, log) if mode == "graph" else None
+        # the optimiser's, not a method of the stack: a stack must not hold itself in a
+        # cycle, or its graphs' memory pool would outlive it until the next garbage collection
+        self.capture = GraphStep(functools.partial(host_counts, self.opt), log) \
+            if mode == "graph" else None
         if self.capture is not None and hasattr(self.opt, "host_scalars"):
             self.opt.host_scalars = False   # bias corrections on the device, inside the graph
-
-    def _host_counts(self) -> Callable:
-        """A function that puts the optimiser's host-side step counts (and its gradients) back
-        as they are now: a failed capture ran its Python but none of its kernels."""
-        opt = self.opt
-        saved = {k: list(getattr(opt, k)) for k in ("steps", "started") if hasattr(opt, k)}
-
-        def undo() -> None:
-            for k, v in saved.items():
-                setattr(opt, k, v)
-            opt.zero_grad()
-        return undo
 
     def _set_rows(self, trainers: list) -> None:
         import torch
@@ -341,8 +350,11 @@ class Stack:
 
     def _update(self, rows):
         """One optimiser step of every run on its ``rows``; (losses, accuracies) detached."""
-        losses, accs = self._losses(rows)
-        losses.sum().backward()
+        from .train import deterministic_kernels
+
+        with deterministic_kernels(self.deterministic):   # forward too: a compiled
+            losses, accs = self._losses(rows)                # backward is made with it
+            losses.sum().backward()
         self.opt.step()
         self.opt.zero_grad()
         self._hold_norms()
@@ -396,11 +408,20 @@ class Stack:
             yield rows, len(idx[0]) / n
 
     def _set_lrs(self) -> None:
+        """Each run's lr for this epoch, where a schedule changes it: on the host as Python
+        floats and, where the optimiser's columns live on a device, computed there as well
+        (``LrSchedules``: no host-to-device copy, which would wait for the device)."""
         from .optim import has_schedule, lr_factor
+        from .stacked_optim import LrSchedules
 
-        if any(has_schedule(c) for c in self.cfgs):
-            self.opt.set_lrs([c.lr * lr_factor(self.epoch, c) if has_schedule(c) else c.lr
-                              for c in self.cfgs])
+        if not any(has_schedule(c) for c in self.cfgs):
+            return
+        lrs = [c.lr * lr_factor(self.epoch, c) if has_schedule(c) else c.lr for c in self.cfgs]
+        if getattr(self.opt, "host_scalars", self.device.type == "cpu"):
+            return self.opt.set_lrs(lrs)
+        if getattr(self, "_schedules", None) is None:
+            self._schedules = LrSchedules(self.cfgs, self.epoch, self.opt.params[0].device)
+        self.opt.set_lrs(lrs, self._schedules.next())
 
     def step(self) -> None:
         """One epoch of every run (the solo ``Trainer.step``)."""
@@ -420,17 +441,17 @@ class Stack:
         self.curves["train_acc"][:, e] = accs
         self.epoch += 1
 
-    def _scored(self, rows, runs):
+    def _scored(self, rows, runs, sel):
         """``_losses`` in inference mode of ``runs`` (exact) or of all runs (batched: a chunk
         of runs at a time, so that scoring the larger test split needs no more memory than a
-        training step)."""
+        training step), then those at ``sel``."""
         if self.exact:
             return self._solo_losses(rows, runs)
         if self.capture is not None and rows is self.test:
             losses, accs = self.capture("test", lambda: self._scored_all(rows))
         else:
             losses, accs = self._scored_all(rows)
-        return losses[runs], accs[runs]
+        return losses[sel], accs[sel]
 
     def _scored_all(self, rows):
         """``_losses`` of every run on ``rows``, a chunk of runs at a time when ``rows`` has
@@ -464,8 +485,11 @@ class Stack:
                 if not which:
                     continue
                 rows = self.test if split == "test" else self._train_rows()
-                losses, accs = self._scored(rows, which)
-                sel = torch.tensor(which, device=self.device)
+                # every run (an eval epoch): a slice; some runs (at their ends): an index
+                # made from host data, a copy the device waits for
+                sel = slice(None) if which == list(range(self.R)) else \
+                    torch.tensor(which, device=self.device)
+                losses, accs = self._scored(rows, which, sel)
                 self.curves[f"{split}_loss"][sel, self.epoch] = losses.to(torch.float64)
                 self.curves[f"{split}_acc"][sel, self.epoch] = accs
         self.note_grok()
@@ -499,16 +523,21 @@ class Stack:
     # -- durability
     def diverged(self, runs, last) -> list[int]:
         """``runs`` with a non-finite train loss since their last commit (up to this epoch,
-        and this epoch's too for the runs in ``last``, scored on the train set just now)."""
+        and this epoch's too for the runs in ``last``, scored on the train set just now).
+        One read from the device for all of them: each distinct window (runs that committed
+        together share one) is checked for every run, and each run's own is picked out."""
         import torch
 
-        bad = []
+        windows: dict[tuple[int, int], list[int]] = {}
         for r in runs:
             hi = self.epoch + (1 if r in last else 0)
-            if not bool(torch.isfinite(self.curves["train_loss"][r, self.last_commit[r]:hi])
-                        .all()):
-                bad.append(r)
-        return bad
+            windows.setdefault((self.last_commit[r], hi), []).append(r)
+        if not windows:
+            return []
+        curve = self.curves["train_loss"]
+        finite = torch.stack([torch.isfinite(curve[:, lo:hi]).all(1)
+                              for lo, hi in windows]).tolist()
+        return sorted(r for ok, rs in zip(finite, windows.values()) for r in rs if not ok[r])
 
     def sync(self, r: int) -> None:
         """Copy run ``r``'s stacked state into its shadow Trainer (same epoch, same values)."""
@@ -839,15 +868,36 @@ def _open_unfinished(cfgs: list, runs: list, dev, retry_diverged: bool, log,
 
 
 # ---- sizing a job ------------------------------------------------------------------------------
-def bytes_per_run(cfg: RunConfig) -> int:
-    """Estimated device bytes one run adds to a batched group (float32 weights), in floats x 4:
+def split_rows(cfg: RunConfig) -> tuple[int, int]:
+    """(train rows, test rows) of a run, rounded as ``bytes_per_run`` counts them (up)."""
+    n_all = cfg.p * (cfg.p - 1) if cfg.op == "div" else cfg.p * cfg.p
+    return math.ceil(n_all * cfg.train_frac), n_all - int(n_all * cfg.train_frac)
+
+
+def padded_rows(cfgs: Sequence[RunConfig]) -> tuple[int, int]:
+    """(train rows, test rows) every run of a group of ``cfgs`` holds: a batched group pads
+    each split to its longest run's (``Stack._rows``), whichever run comes first."""
+    rows = [split_rows(c) for c in cfgs]
+    return max(r[0] for r in rows), max(r[1] for r in rows)
+
+
+def group_bytes(cfgs: Sequence[RunConfig]) -> int:
+    """Estimated device bytes of a batched group of ``cfgs``: each run at the group's padded
+    rows (``bytes_per_run(cfg, padded_rows(cfgs))``)."""
+    cfgs = list(cfgs)
+    return len(cfgs) * bytes_per_run(cfgs[0], padded_rows(cfgs))
+
+
+def bytes_per_run(cfg: RunConfig, rows: tuple[int, int] | None = None) -> int:
+    """Estimated device bytes one run adds to a batched group (float32 weights), in floats x 4,
+    its rows padded to ``rows`` (the group's ``padded_rows``; default: its own split):
 
     * weights: stacked params + grads + two Adam moments + the shadow Trainer's params and two
       moments = ``7 * n_params``;
     * tables (``grokhpc.lastpos.tables``, kept for the backward, with their gradients): the
       embeddings ``n V d``, keys and values ``2 (n-1) V h e``, scores ``(n-1) V h`` and
       ``W_out @ W_U``: ``3 x`` their sum;
-    * train rows (padded to the group's longest; here ``p^2 * train_frac``), saved for the
+    * train rows (padded to the group's longest, ``rows``), saved for the
       backward and doubled for its transient gradients: per row the scores and pattern
       (``3 n h``), the gathered values and their pattern-weighted product (``2 (n-1) h e``),
       the last token's spread terms and the mix (``2 h e + d + h``), attention output and
@@ -859,9 +909,7 @@ def bytes_per_run(cfg: RunConfig) -> int:
     """
     n, h, e, d, m, p, V = 3, cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.p, cfg.d_vocab
     n_params = V * d + n * d + 4 * h * d * e + 2 * d * m + d * p
-    n_all = p * (p - 1) if cfg.op == "div" else p * p
-    n_train = math.ceil(n_all * cfg.train_frac)
-    n_test = n_all - int(n_all * cfg.train_frac)
+    n_train, n_test = split_rows(cfg) if rows is None else rows
     tables = n * V * d + 2 * (n - 1) * V * h * e + (n - 1) * V * h + m * p
     per_row = 3 * n * h + 2 * (n - 1) * h * e + 2 * h * e + d + h + 2 * d + 2 * m + 6 * p
     train = n_train * 2 * per_row
@@ -869,11 +917,12 @@ def bytes_per_run(cfg: RunConfig) -> int:
     return 4 * (7 * n_params + 3 * tables + max(train, test))
 
 
-def auto_runs_per_job(cfg: RunConfig, device=None, safety: float = 0.7,
+def auto_runs_per_job(cfg: RunConfig | Sequence[RunConfig], device=None, safety: float = 0.7,
                       cpu_default: int = 4, cap: int = 1024) -> int:
-    """How many runs of ``cfg``'s shape to stack in one job on ``device``.
+    """How many runs of ``cfg``'s shape to stack in one job on ``device``; ``cfg`` may be the
+    runs to be cut into jobs, a job then sized for their longest splits (``padded_rows``).
 
-    CUDA: ``floor(safety * free_bytes / bytes_per_run(cfg))``, clamped to [1, cap], with
+    CUDA: ``floor(safety * free_bytes / bytes_per_run(cfg, rows))``, clamped to [1, cap], with
     ``free_bytes`` from ``torch.cuda.mem_get_info``. The estimate errs high (it counts every
     gradient as live at once; ``benchmarks/gpu_batched.py`` prints it beside the measured
     peak). CPU (or anything else): ``cpu_default`` -- on a CPU the stacked step already keeps
@@ -883,12 +932,14 @@ def auto_runs_per_job(cfg: RunConfig, device=None, safety: float = 0.7,
 
     from .train import resolve_device
 
-    dev = resolve_device(device if device is not None else cfg.device) \
+    cfgs = [cfg] if isinstance(cfg, RunConfig) else list(cfg)
+    dev = resolve_device(device if device is not None else cfgs[0].device) \
         if not isinstance(device, torch.device) else device
     if dev.type != "cuda":
         return cpu_default
     free, _total = torch.cuda.mem_get_info(dev)
-    return int(max(1, min(cap, math.floor(safety * free / bytes_per_run(cfg)))))
+    per_run = bytes_per_run(cfgs[0], padded_rows(cfgs))
+    return int(max(1, min(cap, math.floor(safety * free / per_run))))
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -963,7 +1014,8 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["train_group", "auto_runs_per_job", "bytes_per_run", "check_group", "GroupError",
+__all__ = ["train_group", "auto_runs_per_job", "bytes_per_run", "group_bytes", "padded_rows",
+           "split_rows", "check_group", "GroupError",
            "StackedAdamW", "StackedSGD", "Stack", "Rows", "SHAPE_FIELDS", "shape_fields",
            "uses_fast_path", "hooked_last_logits", "configs_from_dirs", "main"]
 
