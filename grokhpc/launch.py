@@ -52,9 +52,9 @@ from .scheduler import (DEFAULT_MAX_ARRAY, JOBS_DIR, MANIFEST, chunks, max_array
                         sbatch_preview)
 from .plan import Forecast, forecast, plan_auto, split_even, throughput_for
 from .store import RunDir, RunDirError, RunLockedError
-from .sweep import (ClusterProfile, LauncherSettings, Sweep, SweepRun, fit_partition,
-                    load_profile, load_sweep, pack, parallelism_cap, partition_limits,
-                    resolve_launcher, shape_key)
+from .sweep import (ClusterProfile, LauncherSettings, Sweep, SweepRun, cut_text,
+                    fit_partition, load_profile, load_sweep, pack, parallelism_cap,
+                    partition_limits, resolve_launcher, shape_key, shown)
 
 DEFAULT_ARRAY_PARALLELISM = 64
 DEFAULT_TIME_MIN = 60
@@ -476,7 +476,7 @@ def sort_runs(sweep: Sweep, manifest: dict | None) -> tuple[dict, dict, list[Swe
         run = RunDir(r.dir)
         held = held_run_id(run) if run.exists() else r.run_id
         if held != r.run_id:
-            raise RunDirError(f"{r.dir}: holds run {held}, not {r.run_id}")
+            raise RunDirError(f"{r.dir}: holds run {shown(held)}, not {r.run_id}")
         found = sched.read_dir(run)
         job = flying.get(r.run_id, sched.NO_JOB)   # not live: this launch takes the run over
         state[r.run_id] = sched.run_state(found.state, job)
@@ -894,7 +894,7 @@ def report(sweep: Sweep, failures: list[str], out) -> None:
         label = ", ".join(f"{k}={_fmt(v)}" for k, v in r.swept.items())
         print(f"  {r.run_id}  {label}: grokked at epoch {e}", file=out)
     for f in failures:
-        print(f"  failed job: {f}", file=out)
+        print(f"  failed job: {cut_text(f)}", file=out)
     if failures:
         print(f"details: python -m grokhpc.status {sweep.out}", file=out)
 

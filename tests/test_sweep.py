@@ -442,3 +442,73 @@ def test_dry_run_time_above_the_partition_limit_is_one_line(write_spec, tmp_path
     assert launch_mod.main([str(spec), "--dry-run", "--set", "launcher.partition=gpu_devel"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "slurm/bouchet.yaml: defaults.time: expected at most 360" in err
+
+
+# ---- bad inputs that used to hang, flood or slip through ----------------------------------------
+def laughs(levels: int) -> str:
+    """A list nested ``levels`` deep through YAML aliases: 9^levels strings from a few lines."""
+    names = [f"l{i}" for i in range(levels)]
+    items = ["&l0 [" + ", ".join(["lol"] * 9) + "]"]
+    items += [f"&{b} [" + ", ".join([f"*{a}"] * 9) + "]" for a, b in zip(names, names[1:])]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("where", ["description", "zip", "launcher.extra", "figures"])
+def test_a_huge_value_is_echoed_in_at_most_about_200_characters(write_spec, where):
+    """A value nested through aliases (9^7 strings, a 40 MB repr) or a 20,000-character key is
+    cut with an ellipsis in the one error line."""
+    bomb = laughs(7)
+    text = {"description": f"description: {bomb}\ngrid: {{model_seed: [1, 2]}}\n",
+            "zip": f"zip: [{bomb}]\n",
+            "launcher.extra": f"grid: {{model_seed: [1]}}\nlauncher: {{extra: {{x: {bomb}}}}}\n",
+            "figures": f"grid: {{model_seed: [1]}}\nfigures:\n  ? {'f' * 20_000}\n  : 1\n"
+            }[where]
+    msg = fails(write_spec, text)
+    path = str(write_spec(text))
+    assert len(msg) < len(path) + 400, len(msg)
+    assert msg.endswith("\u2026") or "\u2026:" in msg, msg
+    if where != "figures":
+        assert "got [['lol', 'lol'" in msg
+
+
+def test_huge_integers_are_one_short_line(write_spec):
+    """Past Python's 4300 digits a decimal integer cannot be read (PyYAML's ValueError) and a
+    hexadecimal one cannot be shown."""
+    msg = fails(write_spec, "grid: {model_seed: [1]}\nlauncher: {gpus: -" + "9" * 5000 + "}\n")
+    assert msg.endswith(": line 2: an integer of 5,001 characters, too long to read")
+    msg = fails(write_spec, "grid: {model_seed: [1]}\nlauncher: {gpus: -0x" + "f" * 5000 + "}\n",
+                "launcher.gpus: expected an integer >= 0, got <int too large to show>")
+    assert len(msg) < 300, msg
+
+
+MERGE_BOMB = """\
+grid: {model_seed: [1]}
+description: [&m0 {k0: 0}, MERGES]
+"""
+
+
+def test_yaml_merge_keys_cannot_blow_up_the_load(write_spec, tmp_path):
+    """Each mapping merges the one before it twice: 2^40 entries if merges were copied. The load
+    stays small (RLIMIT_AS of 1 GB, so a blow-up is a MemoryError, not a hang) and the spec is
+    refused in one line: PyYAML >= 6.0.4 merges each key once (the description, a list of
+    mappings, is no string); an older one meets grokhpc's cap on a mapping's keys."""
+    import subprocess
+    import sys
+
+    merges = ", ".join(f"&m{i} {{<<: [*m{i - 1}, *m{i - 1}], k{i}: {i}}}" for i in range(1, 41))
+    path = write_spec(MERGE_BOMB.replace("MERGES", merges))
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30)); "
+            "from grokhpc import launch; sys.exit(launch.main([sys.argv[1], '--dry-run', "
+            "'--executor', 'local']))")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and len(r.stderr) < len(str(path)) + 400
+    assert (f"{path}: description: expected a string, got [{{'k0': 0}}, {{'k0': 0, 'k1': 1}}"
+            in r.stderr) or "keys (merge keys << included), over 10,000" in r.stderr
+
+
+def test_a_mapping_over_the_key_cap_is_one_line(write_spec):
+    keys = ", ".join(f"k{i}: {i}" for i in range(10_001))
+    msg = fails(write_spec, f"grid: {{model_seed: [1]}}\nbase: {{<<: {{{keys}}}}}\n")
+    assert msg.endswith("line 2: a mapping of 10,001 keys (merge keys << included), over 10,000")
