@@ -28,6 +28,7 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
       state_every: 10           # minutes between writes of each run's resumable state.pt
                                 # (also written on SLURM's warning and at the end; 0: every row)
+      max_runs: 100000          # a bigger grid is refused before it is expanded
       extra: {account: my_lab}  # any other sbatch option
       wandb: {project: grokking}  # Weights & Biases (offline unless mode: online); off if unset
 
@@ -58,7 +59,7 @@ FIGURE_KEYS = ("phase",)
 EXECUTORS = ("auto", "slurm", "local", "debug")
 LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
                  "partition", "array_parallelism", "runs_per_job", "max_timeouts", "extra",
-                 "wandb", "state_every")
+                 "wandb", "state_every", "max_runs")
 PROFILE_KEYS = ("name", "description", "gpu_request", "cpu_partition", "gpu_partition",
                 "submissions_per_hour", "defaults", "partitions", "notes")
 PROFILE_DEFAULT_KEYS = ("time", "cpus_per_task", "mem_gb", "gpus", "gpu_type",
@@ -67,6 +68,7 @@ PARTITION_KEYS = ("max_time", "gpus", "gpu_types", "preemptable", "max_running",
                   "max_submitted", "max_gpus", "description")
 PARTITION_CAPS = ("max_running", "max_submitted", "max_gpus")   # per user
 GPU_REQUESTS = ("gpus", "gres")
+DEFAULT_MAX_RUNS = 100_000
 ECHO_LIMIT = 200           # characters of a bad value an error line repeats
 MAX_MAPPING_KEYS = 10_000  # keys of one YAML mapping, merge keys (<<) included
 
@@ -164,6 +166,7 @@ class LauncherSettings:
     extra: tuple[tuple[str, Any], ...] = ()
     wandb: WandbSettings | None = None  # experiment tracking, off when None
     state_every: float = 10.0          # minutes between state.pt writes of a run; 0: every row
+    max_runs: int = DEFAULT_MAX_RUNS   # a grid of more runs is refused before it is expanded
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in LAUNCHER_KEYS}
@@ -236,7 +239,7 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
             raise ConfigError(f"{source}: {cut_text(str(k))}: unknown key (expected one of "
                               f"{', '.join(LAUNCHER_KEYS)})")
         if v is None and key not in ("executor", "runs_per_job", "max_timeouts", "extra",
-                                     "state_every"):
+                                     "state_every", "max_runs"):
             values[key] = None
             continue
         if key == "executor":
@@ -251,6 +254,8 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
             _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1", v)
         elif key == "max_timeouts":
             _expect(_is_int(v) and v >= 0, source, k, "an integer >= 0", v)
+        elif key == "max_runs":
+            _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1 (runs in a sweep)", v)
         elif key == "state_every":
             _expect(_is_num(v) and 0 <= v < math.inf, source, k,
                     "a number of minutes >= 0 (0: with every checkpoint row)", v)
@@ -744,6 +749,16 @@ def _expand(factors: list[list[dict[str, Any]]], base: RunConfig, out: Path,
     return runs
 
 
+def _check_size(factors: list[list], launcher: LauncherSettings, source: str) -> None:
+    """Refuse a sweep of more than launcher.max_runs runs before expanding it: the size is
+    the product of the axis lengths."""
+    n = math.prod(len(f) for f in factors)
+    if n > launcher.max_runs:
+        raise ConfigError(f"{source}: grid: expected at most launcher.max_runs "
+                          f"({launcher.max_runs:,}) runs, got {n:,}; to launch that many, set "
+                          f"launcher.max_runs: {n} in the spec (or --set launcher.max_runs={n})")
+
+
 def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
                 spec_path: str | os.PathLike | None = None,
                 cwd: str | os.PathLike | None = None) -> Sweep:
@@ -774,6 +789,7 @@ def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
                                             f"launcher.{k}",
                         "runs_per_job" if "runs_per_job" in launcher_over
                         and "gpus" not in launcher_over else "gpus")
+    _check_size(axes.factors, launcher, source)
     runs = _expand(axes.factors, base, out, source)
     description = spec.get("description") or ""
     _expect(isinstance(description, str), source, "description", "a string", description)

@@ -445,6 +445,55 @@ def test_dry_run_time_above_the_partition_limit_is_one_line(write_spec, tmp_path
 
 
 # ---- bad inputs that used to hang, flood or slip through ----------------------------------------
+NINE_AXES = """\
+base: {p: 11, n_epochs: 100}
+grid:
+  model_seed: &ten [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+  data_seed: *ten
+  d_model: &wide [16, 32, 48, 64, 80, 96, 112, 128, 144, 160]
+  d_mlp: *wide
+  n_epochs: [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+  eval_every: *ten
+  checkpoint_every: *ten
+  warmup_epochs: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+  lr: [0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01]
+"""
+
+
+def test_a_grid_over_max_runs_is_refused_before_it_is_expanded(write_spec, monkeypatch,
+                                                                 capsys):
+    """9 axes x 10 values (anchors reused) are 10^9 runs: refused from the product of the axis
+    lengths, never expanded (expanding would hang), in one line naming the key to raise."""
+    import grokhpc.sweep as sweep_mod
+    from grokhpc import launch as launch_mod
+
+    monkeypatch.setattr(sweep_mod, "_expand", lambda *a: pytest.fail("the grid was expanded"))
+    path = write_spec(NINE_AXES)
+    assert launch_mod.main([str(path), "--dry-run", "--executor", "local"]) == 2
+    n = 10 ** 9
+    assert capsys.readouterr().err == (
+        f"error: {path}: grid: expected at most launcher.max_runs (100,000) runs, got {n:,}; to "
+        f"launch that many, set launcher.max_runs: {n} in the spec (or --set "
+        f"launcher.max_runs={n})\n")
+
+
+def test_max_runs_counts_grid_and_zip_and_can_be_raised_as_the_error_says(write_spec):
+    """3 weight decays x 2 zipped (train_frac, lr) pairs = 6 runs, over a cap of 5; the
+    advice (the spec's launcher.max_runs, or --set) lets the 6 through."""
+    text = GOOD.replace("runs_per_job: 2", "runs_per_job: 2\n  max_runs: 5").replace(
+        "model_seed: [1, 2, 3]", "model_seed: [1]").replace("[0.1, 1.0]", "[0.1, 0.3, 1.0]")
+    msg = fails(write_spec, text, "grid: expected at most launcher.max_runs (5) runs, got 6")
+    assert msg.endswith("set launcher.max_runs: 6 in the spec (or --set launcher.max_runs=6)")
+    path = write_spec(text)
+    assert len(load_sweep(path, ["launcher.max_runs=6"]).runs) == 6
+    assert len(load_sweep(write_spec(text.replace("max_runs: 5", "max_runs: 6"))).runs) == 6
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path, ["launcher.max_runs=0"])
+    assert str(e.value) == ("--set: launcher.max_runs: expected an integer >= 1 (runs in a "
+                            "sweep), got 0")
+    assert LauncherSettings().max_runs == 100_000
+
+
 def laughs(levels: int) -> str:
     """A list nested ``levels`` deep through YAML aliases: 9^levels strings from a few lines."""
     names = [f"l{i}" for i in range(levels)]
