@@ -594,14 +594,17 @@ def _swept_value(v: Any) -> Any:
 
 
 def split_overrides(items: Iterable[str], source: str = "--set") -> tuple[dict, dict, Any]:
-    """``--set`` items as (run field values, launcher values, out or None)."""
-    values = parse_overrides(list(items), source)
+    """``--set`` items as (run field values, launcher values, out or None). ``out`` is taken
+    as typed (a directory named 2024 is a path, not a number); an empty one is refused."""
+    items = list(items)
+    values = parse_overrides(items, source)
     run_values, launcher_values, out = {}, {}, None
     for k, v in values.items():
         if k.startswith("launcher."):
             launcher_values[k[len("launcher."):]] = v
         elif k == "out":
-            out = v
+            out = [i.split("=", 1)[1] for i in items if i.split("=", 1)[0].strip() == k][-1]
+            _expect(out.strip() != "", source, "out", "a directory path", out)
         else:
             run_values[k] = v
     return run_values, launcher_values, out
@@ -716,15 +719,26 @@ class _Axes:
 
 def _out_dir(spec: Mapping[str, Any], out_over: Any, source: str,
              spec_path: str | os.PathLike | None, cwd: str | os.PathLike | None) -> Path:
-    """The sweep directory: ``--set out=``, else the spec's ``out``, else runs/<spec stem>."""
+    """The sweep directory: ``--set out=``, else the spec's ``out``, else runs/<spec stem>.
+    A path through an existing file (the file itself, or a file as a parent) is refused."""
     out_raw = out_over if out_over is not None else spec.get("out")
+    source = "--set" if out_over is not None else source
     if out_raw is None:
         stem = Path(spec_path).stem if spec_path else "sweep"
         out_raw = f"runs/{stem}"
     _expect(isinstance(out_raw, str) and out_raw.strip() != "", source, "out",
             "a directory path", out_raw)
     out = Path(os.path.expanduser(out_raw))
-    return out if out.is_absolute() else Path(cwd or os.getcwd()) / out
+    out = out if out.is_absolute() else Path(cwd or os.getcwd()) / out
+    try:
+        blocker = next((d for d in (out, *out.parents) if d.exists() or d.is_symlink()), None)
+    except OSError:   # a parent that cannot be searched: the launch says so when it writes
+        blocker = None
+    if blocker is not None and not blocker.is_dir():
+        what = "" if blocker == out else f"{cut_text(str(blocker))} is "
+        raise ConfigError(f"{source}: out: expected a directory path, got {shown(out_raw)}: "
+                          f"{what}an existing file")
+    return out
 
 
 def _expand(factors: list[list[dict[str, Any]]], base: RunConfig, out: Path,

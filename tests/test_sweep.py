@@ -561,3 +561,28 @@ def test_a_mapping_over_the_key_cap_is_one_line(write_spec):
     keys = ", ".join(f"k{i}: {i}" for i in range(10_001))
     msg = fails(write_spec, f"grid: {{model_seed: [1]}}\nbase: {{<<: {{{keys}}}}}\n")
     assert msg.endswith("line 2: a mapping of 10,001 keys (merge keys << included), over 10,000")
+
+
+def test_out_through_an_existing_file_and_an_empty_out_are_refused(write_spec, tmp_path,
+                                                                  capsys):
+    """out naming a file passed the dry run and the launch raised FileExistsError; an empty
+    --set out= was ignored. Both are one line, dry run or not, and the file is left as it was."""
+    from grokhpc import launch as launch_mod
+
+    f = tmp_path / "results.txt"
+    f.write_text("keep me\n")
+    spec = write_spec(GOOD.replace("out: runs/good", f"out: {f}"))
+    for extra in (["--dry-run"], []):
+        assert launch_mod.main([str(spec), *extra]) == 2
+        assert capsys.readouterr().err == (f"error: {spec}: out: expected a directory path, got "
+                                           f"'{f}': an existing file\n")
+    assert launch_mod.main([str(spec), "--dry-run", "--set", f"out={f}/sweep"]) == 2
+    assert capsys.readouterr().err == (f"error: --set: out: expected a directory path, got "
+                                       f"'{f}/sweep': {f} is an existing file\n")
+    assert f.read_text() == "keep me\n" and sorted(tmp_path.iterdir()) == [f, spec]
+    for empty in ("out=", "out= "):
+        assert launch_mod.main([str(spec), "--dry-run", "--set", empty]) == 2
+        assert capsys.readouterr().err == (f"error: --set: out: expected a directory path, got "
+                                           f"{empty[4:]!r}\n")
+    # out is taken as typed: a directory named 2024, relative to the current directory
+    assert load_sweep(spec, ["out=2024"], cwd=tmp_path).out == tmp_path / "2024"
