@@ -21,6 +21,9 @@ training or half-written (*running*), without progress yet (*pending*), with an 
 (*failed*) or with an unreadable file (*corrupt*) are listed in runs.parquet with their state and
 reported one line each; they never put partial rows into the other tables.
 
+A directory without run directories (an empty one, a run directory) is refused before anything
+is written into it.
+
 Imports neither torch nor plotly at module level; ``--help`` is instant.
 """
 
@@ -193,6 +196,21 @@ def discover(sweep_dir: str | os.PathLike) -> Sweep:
                     os.path.exists(os.path.join(e2.path, "config.json")):
                 found[Path(e2.path).resolve()] = None
     return Sweep(root, list(found), axes, manifest_error, phase_pairs)
+
+
+def not_a_sweep(path: str | os.PathLike) -> str | None:
+    """One line saying why ``path`` is no sweep to aggregate (no run directories in it; a run
+    directory itself), or None. Reads only."""
+    root = Path(path)
+    if not root.is_dir():
+        return f"{path}: not a directory"
+    if discover(root).run_dirs:
+        return None
+    why = f"{path}: no run directories (folders with config.json) in it"
+    if (root / "config.json").exists():
+        why += (f"; it is a run directory: open it with grokhpc.open_run, draw its figures with "
+                f"python -m grokhpc.analyze {path}")
+    return why
 
 
 def _phase_pairs(manifest: dict, source: str) -> tuple[list[tuple[str, str]], str | None]:
@@ -842,6 +860,16 @@ def _aggregate(sweeps, out, formats, force: bool, log, workers: int) -> Result:
 
 
 # ---- command line -----------------------------------------------------------------------------
+def _refuse(sweeps: list[str]) -> tuple[str, int] | None:
+    """(one line, exit code) for sweep directories that hold no runs: refused before anything
+    is written."""
+    for s in sweeps:
+        why = not_a_sweep(s)
+        if why:
+            return why, 2 if not Path(s).is_dir() else 1
+    return None
+
+
 def _every_sweep_under_runs(args, argv: list[str] | None) -> int:
     """Bare ``python -m grokhpc.aggregate``: each sweep under ./runs on its own, saying which."""
     from .scheduler import find_sweeps
@@ -888,15 +916,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         formats = None
     sweeps = [args.sweep_dir] + args.sweep
-    for s in sweeps:
-        if not Path(s).is_dir():
-            print(f"aggregate: {s}: not a directory", file=sys.stderr)
-            return 2
+    refused = _refuse(sweeps)
+    if refused:
+        print(f"aggregate: {refused[0]}", file=sys.stderr)
+        return refused[1]
     res = aggregate(sweeps, args.out, formats, force=args.force)
-    if res.n_runs == 0:
-        print(f"aggregate: no run directories (folders with config.json) under "
-              f"{', '.join(sweeps)}", file=sys.stderr)
-        return 1
     for m in res.messages[:MAX_REPORT_LINES]:
         print(m)
     if len(res.messages) > MAX_REPORT_LINES:

@@ -722,3 +722,26 @@ def test_runs_with_the_newer_fields_aggregate_with_their_types(tmp_path):
             rows[c.run_id]["op"]) for c in cfgs]
     assert got == [("16", None, SMALL["p"], "sub"), ("full", 5, SMALL["p"], "sub"),
                    ("full", None, None, "s5")]
+
+
+# ---- bad inputs and a file system that fails: one line, nothing damaged ------------------------
+def _cli(*args, preexec=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "grokhpc.aggregate", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, preexec_fn=preexec)
+
+
+def test_a_directory_without_runs_is_refused_and_left_untouched(tmp_path):
+    """An empty directory and a run directory got empty tables (aggregate/ written into them)
+    and exit 1: now one line, exit 1, nothing written."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = make_run(tmp_path / "s", cfg_for(1.0, 0.3, 1), 30)
+    for d, why in ((empty, ""),
+                   (run, f"; it is a run directory: open it with grokhpc.open_run, draw its "
+                         f"figures with python -m grokhpc.analyze {run}")):
+        before = sorted(p.name for p in d.iterdir())
+        r = _cli(d, "--no-figures")
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr == f"aggregate: {d}: no run directories (folders with config.json) " \
+                           f"in it{why}\n"
+        assert sorted(p.name for p in d.iterdir()) == before
