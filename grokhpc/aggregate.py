@@ -22,7 +22,9 @@ training or half-written (*running*), without progress yet (*pending*), with an 
 reported one line each; they never put partial rows into the other tables.
 
 A directory without run directories (an empty one, a run directory) is refused before anything
-is written into it.
+is written into it. The two tables are written side by side and put in place together, so a
+disk that fills up, or a folder that cannot be written, leaves the previous tables whole; the
+command then says so in one line.
 
 Imports neither torch nor plotly at module level; ``--help`` is instant.
 """
@@ -30,6 +32,7 @@ Imports neither torch nor plotly at module level; ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -93,7 +96,7 @@ def write_parquet(path: Path, table, fsync: bool = True, dictionary: Iterable[st
         dictionary = [f.name for f in table.schema
                       if pa.types.is_string(f.type) or pa.types.is_integer(f.type)
                       or pa.types.is_boolean(f.type)]
-    target = tmp or path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    target = tmp or _tmp_name(path)
     try:
         pq.write_table(table, target, compression="zstd", use_dictionary=list(dictionary),
                        write_statistics=statistics if isinstance(statistics, bool)
@@ -106,12 +109,23 @@ def write_parquet(path: Path, table, fsync: bool = True, dictionary: Iterable[st
                 os.close(fd)
         if tmp is None:
             os.replace(target, path)
-    except BaseException:
+    except BaseException as e:
         try:
             target.unlink()
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None and e.errno:   # pyarrow names no file
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from e
         raise
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+class WriteError(Exception):
+    """Writing the aggregation's own files failed (a full disk, a folder that cannot be
+    written): never a damaged run. ``args[0]`` is the OSError."""
 
 
 def _sig(run_dir: Path) -> tuple[dict[str, list[int]], list[str]]:
@@ -345,8 +359,11 @@ def _read_finished(out: RunRead, run_dir: Path, stage_dir: Path | None) -> None:
     out.curves = curves
     if stage_dir is not None:
         tmp = stage_dir / f".{row['run_id']}.{abs(hash(out.key)):x}.tmp"
-        write_parquet(tmp, _canonical_curves(curves, row["run_id"]), fsync=False,
-                      dictionary=["run_id"], tmp=tmp, statistics=["run_id", "epoch"])
+        try:
+            write_parquet(tmp, _canonical_curves(curves, row["run_id"]), fsync=False,
+                          dictionary=["run_id"], tmp=tmp, statistics=["run_id", "epoch"])
+        except OSError as e:   # the run is fine: the aggregation's own folder is not
+            raise WriteError(OSError(e.errno, e.strerror, str(stage_dir))) from e
         out.curves, out.curves_tmp = None, tmp
     if "measures.parquet" in out.sig:
         m = _read_table(run_dir / "measures.parquet")
@@ -719,9 +736,18 @@ def _write_tables(plan: Plan, res: "Result", rows, new, chosen, config_keys):
             parts.append(_measures_with_id(r.measures, r.row["run_id"]))
     ckpt_table = build_checkpoints_table(parts, runs_table)
     md = {b"grokhpc.swept": json.dumps(res.swept).encode(), b"grokhpc.table": b"checkpoints"}
-    write_parquet(ckpt_path, ckpt_table.replace_schema_metadata(md))
-    md[b"grokhpc.table"] = b"runs"
-    write_parquet(plan.out_dir / RUNS_TABLE, runs_table.replace_schema_metadata(md))
+    runs_path = plan.out_dir / RUNS_TABLE
+    staged = {ckpt_path: _tmp_name(ckpt_path), runs_path: _tmp_name(runs_path)}
+    try:   # both written before either replaces the previous one
+        write_parquet(ckpt_path, ckpt_table.replace_schema_metadata(md), tmp=staged[ckpt_path])
+        md[b"grokhpc.table"] = b"runs"
+        write_parquet(runs_path, runs_table.replace_schema_metadata(md), tmp=staged[runs_path])
+    except BaseException:   # nothing replaced; nothing staged left to fill a disk
+        for tmp in [*staged.values(), *(r.curves_tmp for r in new.values() if r.curves_tmp)]:
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in staged.items():
+        os.replace(tmp, path)
     _place_curves(plan.cdir, new, chosen, finished_ids)
     return runs_table, ckpt_table
 
@@ -822,7 +848,12 @@ def _aggregate(sweeps, out, formats, force: bool, log, workers: int) -> Result:
     res.timings["scan_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    new = _read_runs(to_read, plan.cdir, workers)
+    try:
+        new = _read_runs(to_read, plan.cdir, workers)
+    except WriteError:
+        for f in plan.cdir.glob(".*.tmp"):   # the curves staged before the write failed
+            f.unlink(missing_ok=True)
+        raise
     res.n_read = len(new)
     res.timings["read_s"] = time.perf_counter() - t1
     entries = {str(d): _entry(new[str(d)]) if str(d) in new else plan.old[str(d)]
@@ -860,14 +891,44 @@ def _aggregate(sweeps, out, formats, force: bool, log, workers: int) -> Result:
 
 
 # ---- command line -----------------------------------------------------------------------------
-def _refuse(sweeps: list[str]) -> tuple[str, int] | None:
-    """(one line, exit code) for sweep directories that hold no runs: refused before anything
-    is written."""
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def out_problem(out: str | os.PathLike | None) -> str | None:
+    """One line when ``--out`` cannot be a directory (an existing file, or a path through
+    one), else None."""
+    if not out:
+        return None
+    p = Path(out).absolute()
+    found = next((d for d in (p, *p.parents) if d.exists() or d.is_symlink()), None)
+    if found is None or found.is_dir():
+        return None
+    return f"--out {out}: expected a directory, got " + (
+        "an existing file" if found == p else f"a path under the file {found}")
+
+
+def _refuse(sweeps: list[str], out: str | None) -> tuple[str, int] | None:
+    """(one line, exit code) for sweep directories that hold no runs and an --out that cannot
+    be a directory: refused before anything is written."""
     for s in sweeps:
         why = not_a_sweep(s)
         if why:
             return why, 2 if not Path(s).is_dir() else 1
-    return None
+    why = out_problem(out)
+    return (why, 2) if why else None
+
+
+def write_failure(e: BaseException, out_dir) -> str:
+    """One line for an OSError while aggregating (a full disk, a folder that cannot be
+    written), and what to do; the tables are never left half-written (see the module doc)."""
+    e = e.args[0] if isinstance(e, WriteError) else e
+    code = getattr(e, "errno", None)
+    what = os.strerror(code) if code else str(e)
+    todo = ("; free some space and run the same command again" if code in NO_SPACE else
+            "; write them elsewhere with --out DIR" if code in NOT_ALLOWED else "")
+    return (f"{getattr(e, 'filename', None) or out_dir}: {what}; no table was left "
+            f"half-written{todo}")
 
 
 def _every_sweep_under_runs(args, argv: list[str] | None) -> int:
@@ -916,11 +977,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         formats = None
     sweeps = [args.sweep_dir] + args.sweep
-    refused = _refuse(sweeps)
+    refused = _refuse(sweeps, args.out)
     if refused:
         print(f"aggregate: {refused[0]}", file=sys.stderr)
         return refused[1]
-    res = aggregate(sweeps, args.out, formats, force=args.force)
+    try:
+        res = aggregate(sweeps, args.out, formats, force=args.force)
+    except (OSError, WriteError) as e:
+        print(f"aggregate: {write_failure(e, args.out or Path(sweeps[0]) / AGG_DIR)}",
+              file=sys.stderr)
+        return 1
     for m in res.messages[:MAX_REPORT_LINES]:
         print(m)
     if len(res.messages) > MAX_REPORT_LINES:
