@@ -227,6 +227,21 @@ def not_a_sweep(path: str | os.PathLike) -> str | None:
     return why
 
 
+def stale_tables(sweep_dir: str | os.PathLike) -> str | None:
+    """Why SWEEP_DIR/aggregate/'s tables do not show the sweep's run directories as they are
+    ("missing", "out of date (N runs changed)"), or None when they do. Reads only."""
+    root = Path(sweep_dir).resolve()
+    out_dir = root / AGG_DIR
+    if not ((out_dir / RUNS_TABLE).exists() and (out_dir / CKPT_TABLE).exists()):
+        return "missing"
+    old = _load_index(out_dir)["runs"]
+    dirs = {str(d) for d in discover(root).run_dirs}
+    changed = [d for d in dirs if old.get(d, {}).get("sig") != _sig(Path(d))[0]]
+    gone = [k for k in old if k.startswith(f"{root}{os.sep}") and k not in dirs]
+    n = len(changed) + len(gone)
+    return f"out of date ({n} run{'s' if n > 1 else ''} changed)" if n else None
+
+
 def _phase_pairs(manifest: dict, source: str) -> tuple[list[tuple[str, str]], str | None]:
     """The phase-diagram pairs a manifest records (``figures: {phase: [[a, b], ...]}``), and a
     one-line note when they cannot be read."""

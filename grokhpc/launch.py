@@ -22,7 +22,8 @@
   once every live array of the sweep has ended (``--dependency=afterany``), aggregates the sweep
   (tables and figures, ``python -m grokhpc.aggregate OUT``); a relaunch replaces it if it is
   still queued. The command prints the job ids and returns. Locally it waits, with a progress
-  bar over runs, reports the runs that grokked and aggregates the sweep.
+  bar over runs, reports the runs that grokked and aggregates the sweep. A relaunch with
+  nothing left to train aggregates a sweep whose tables are missing or out of date.
 * ``launcher.wandb``: each job trains its runs with W&B tracking on (grokhpc.tracking), grouped
   under the sweep's name; offline, the launch prints the ``wandb sync`` command for them.
 
@@ -595,6 +596,13 @@ def print_dry_run(plan: dict, out) -> None:
             print(f"  (preview unavailable: {type(e).__name__}: {e})", file=out)
     if plan["executor"] == "slurm" and plan["groups"]:
         print_aggregation_preview(plan, out)
+    if not plan["groups"]:
+        from .aggregate import stale_tables
+
+        why = stale_tables(sweep.out)
+        if why:
+            print(f"nothing to train; the sweep's tables are {why}: a launch aggregates it",
+                  file=out)
     print("dry run: nothing written, nothing submitted", file=out)
 
 
@@ -634,6 +642,7 @@ def submit(plan: dict, out) -> None:
     record.write()
     if not groups:
         print("nothing to submit", file=out)
+        aggregate_if_stale(plan, record, out)
         return
     for r in plan["todo"]:   # config.json up front: status can name every run from its directory
         RunDir(r.dir).create({**to_dict(r.config), "run_id": r.run_id})
@@ -715,8 +724,9 @@ def aggregation_parameters(plan: dict, after: Sequence[str]) -> dict[str, Any]:
     p: dict[str, Any] = {"timeout_min": min(AGGREGATE_TIME_MIN, (part and part.max_time)
                                             or AGGREGATE_TIME_MIN),
                          "slurm_job_name": f"grokhpc-{sweep.name}-aggregate",
-                         "cpus_per_task": 1, "mem_gb": AGGREGATE_MEM_GB,
-                         "slurm_dependency": "afterany:" + ":".join(after)}
+                         "cpus_per_task": 1, "mem_gb": AGGREGATE_MEM_GB}
+    if after:
+        p["slurm_dependency"] = "afterany:" + ":".join(after)
     if partition:
         p["slurm_partition"] = partition
     account = dict(launcher.extra).get("account")
@@ -760,7 +770,8 @@ def submit_aggregation(plan: dict, record: "LaunchRecord", out) -> None:
     record.write()
     plan["aggregation"] = record.record["aggregation"]
     print(f"aggregation job {job.job_id} ({params.get('slurm_partition', 'default partition')})"
-          f" aggregates the sweep and draws its figures once job(s) {', '.join(after)} end"
+          f" aggregates the sweep and draws its figures "
+          + (f"once job(s) {', '.join(after)} end" if after else "as soon as it starts")
           + (f"; it replaces queued aggregation job {replaced}, cancelled" if replaced else ""),
           file=out)
 
@@ -780,6 +791,30 @@ def print_aggregation_preview(plan: dict, out) -> None:
         print(sbatch_preview(params, sweep.out / JOBS_DIR, 1), file=out)
     except Exception as e:  # the preview uses submitit internals
         print(f"  (preview unavailable: {type(e).__name__}: {e})", file=out)
+
+
+def aggregate_if_stale(plan: dict, record: "LaunchRecord", out) -> None:
+    """Nothing to train: aggregate a sweep whose tables are missing or out of date (it ended
+    without its aggregation) as a launch does: here locally; on SLURM with the aggregation
+    job, unless one is queued or running."""
+    from .aggregate import stale_tables
+
+    sweep, job = plan["sweep"], sched.latest_aggregation(plan["old_manifest"])
+    why = stale_tables(sweep.out)
+    if why is None:
+        return
+    if plan["executor"] != "slurm":
+        print(f"the sweep's tables are {why}: aggregating", file=out)
+        aggregate_here(sweep, out)
+        return
+    info = sched.query_jobs([job["job_id"]], history=False).get(job["job_id"]) if job else None
+    if info is not None and info.live:
+        print(f"the sweep's tables are {why}; aggregation job {job['job_id']} ({info.state}) "
+              "aggregates it", file=out)
+        return
+    print(f"the sweep's tables are {why}: submitting its aggregation job", file=out)
+    record.open()
+    submit_aggregation(plan, record, out)
 
 
 def aggregate_here(sweep: Sweep, out) -> None:

@@ -133,11 +133,30 @@ def test_local_executor_end_to_end(write_spec, tmp_path, capsys):
 
     # relaunch: nothing to do, nothing submitted, results untouched
     before = (out / "runs" / ids[0] / "curves.parquet").read_bytes()
+    tables = (agg / "runs.parquet").read_bytes()
     assert launch_mod.main([str(spec)]) == 0
-    assert "nothing to submit" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1] == "nothing to submit"
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["launches"]) == 1
     assert (out / "runs" / ids[0] / "curves.parquet").read_bytes() == before
+    assert (agg / "runs.parquet").read_bytes() == tables         # up to date: left alone
+
+    # a finished sweep never aggregated (tables gone), or changed since: the relaunch aggregates
+    for change, why in ((lambda: shutil.rmtree(agg), "missing"),
+                        (lambda: os.utime(out / "runs" / ids[1] / "summary.json"),
+                         "out of date (1 run changed)")):
+        change()
+        assert launch_mod.main([str(spec), "--dry-run"]) == 0
+        assert (f"nothing to train; the sweep's tables are {why}: a launch aggregates it"
+                in capsys.readouterr().out.splitlines())
+        assert launch_mod.main([str(spec)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[2:4] == ["nothing to submit",
+                              f"the sweep's tables are {why}: aggregating"], lines
+        assert f"aggregated 2 runs: tables in {agg}, figures in {agg / 'figures'}" in lines
+        runs = pd.read_parquet(agg / "runs.parquet")
+        assert sorted(zip(runs["run_id"], runs["state"])) == sorted((r, "done") for r in ids)
+    assert len(json.loads((out / "manifest.json").read_text())["launches"]) == 1
 
     # a sweep copied elsewhere (cluster -> laptop) reads its own copies, not the originals
     assert [r["dir"] for r in manifest["runs"]] == [f"runs/{r}" for r in ids]
@@ -348,6 +367,45 @@ def test_a_refused_aggregation_job_is_a_warning(write_spec, tmp_path, fake_slurm
     manifest = json.loads((out / "manifest.json").read_text())
     assert [j["job_id"] for j in manifest["launches"][-1]["jobs"]] == ["100"] \
         and "aggregation" not in manifest["launches"][-1]
+
+
+def test_a_finished_sweep_never_aggregated_gets_its_aggregation_job(write_spec, tmp_path,
+                                                                    fake_slurm):
+    """Every run done (trained here), no tables: a relaunch on SLURM submits the aggregation job
+    alone, with no dependency, and records it; while it is queued a relaunch submits no other;
+    once the tables are there, nothing."""
+    from grokhpc.aggregate import aggregate
+    from grokhpc.train import run_training
+
+    out = tmp_path / "sweep"
+    spec = write_spec({"base": {**TINY_RUN, "n_epochs": 20}, "grid": {"model_seed": [1]},
+                       "out": str(out)})
+    (run,) = load_sweep(spec).runs
+    run_training(run.config, run.dir, progress_bar=False, log=lambda *a: None)
+
+    def relaunch() -> list[str]:
+        buf = io.StringIO()
+        plan = launch_mod.launch(str(spec), executor="slurm", out=buf)
+        assert plan["groups"] == [] and plan["jobs"] == []
+        return buf.getvalue().splitlines()[2:]
+
+    assert relaunch() == ["nothing to submit",
+                          "the sweep's tables are missing: submitting its aggregation job",
+                          "aggregation job 100 (default partition) aggregates the sweep and "
+                          "draws its figures as soon as it starts"]
+    script = (fake_slurm / "sbatch_100.sh").read_text().splitlines()
+    assert "#SBATCH --cpus-per-task=1" in script and not any("--dependency" in ln
+                                                             for ln in script)
+    (launch,) = json.loads((out / "manifest.json").read_text())["launches"]
+    assert (launch["jobs"], launch["aggregation"]["job_id"], launch["aggregation"]["after"]) == \
+        ([], "100", [])
+    (fake_slurm / "queue").write_text("100 PENDING\n")
+    assert relaunch() == ["nothing to submit", "the sweep's tables are missing; aggregation "
+                                               "job 100 (PENDING) aggregates it"]
+    (fake_slurm / "queue").write_text("")
+    aggregate([out], formats=None, log=None)      # what job 100 does
+    assert relaunch() == ["nothing to submit"]
+    assert not (fake_slurm / "sbatch_101.sh").exists()
 
 
 def test_bare_aggregate_takes_every_sweep_under_runs(write_spec, tmp_path):
@@ -743,3 +801,4 @@ def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, 
     solo = solo_reference(runs, tmp_path)
     for _, d in runs:
         assert_same_run(d, solo[Path(d).name])
+
