@@ -22,8 +22,9 @@
   once every live array of the sweep has ended (``--dependency=afterany``), aggregates the sweep
   (tables and figures, ``python -m grokhpc.aggregate OUT``); a relaunch replaces it if it is
   still queued. The command prints the job ids and returns. Locally it waits, with a progress
-  bar over runs, reports the runs that grokked and aggregates the sweep. A relaunch with
-  nothing left to train aggregates a sweep whose tables are missing or out of date.
+  bar over runs, reports the runs that grokked and aggregates the sweep; its jobs end with it
+  (grokhpc.lifeline), each writing its runs' state first. A relaunch with nothing left to
+  train aggregates a sweep whose tables are missing or out of date.
 * ``launcher.wandb``: each job trains its runs with W&B tracking on (grokhpc.tracking), grouped
   under the sweep's name; offline, the launch prints the ``wandb sync`` command for them.
 
@@ -46,6 +47,7 @@ from typing import Any, Callable, Sequence
 
 import submitit
 
+from . import lifeline as lifelines
 from . import scheduler as sched
 from . import tracking
 from .config import ConfigError, from_dict, to_dict
@@ -255,18 +257,23 @@ class SweepJob(submitit.helpers.Checkpointable):
     (``run_training`` picks up ``state.pt``)."""
 
     def __init__(self, runs: Sequence[tuple[dict, str]], threads: int | None = None,
-                 gpus: int = 0, wandb: dict | None = None, state_every_s: float | None = None):
+                 gpus: int = 0, wandb: dict | None = None, state_every_s: float | None = None,
+                 lifeline: str | None = None):
         self.runs = [(dict(c), str(d)) for c, d in runs]
         self.threads = threads
         self.gpus = gpus
         self.wandb = wandb   # launcher.wandb (grokhpc.tracking), None when off
         self.state_every_s = state_every_s   # launcher.state_every, in seconds
+        self.lifeline = lifeline   # a local launch's lifeline file: the job ends with the launch
+        self.orphaned = False
 
     def __call__(self) -> list[dict]:
         env = submitit.JobEnvironment() if os.environ.get("SUBMITIT_EXECUTOR") else None
         if env is not None:
             print(f"job {env.job_id} on {env.hostname}: {len(self.runs)} run(s)", flush=True)
         log = lambda m: print(m, flush=True)  # noqa: E731
+        if getattr(self, "lifeline", None):
+            lifelines.watch(self.lifeline, self.launch_ended)
         devices = job_devices(self.gpus) if self.gpus > 1 else []
         every = getattr(self, "state_every_s", None)
         with tracking.enabled(getattr(self, "wandb", None)):
@@ -277,10 +284,21 @@ class SweepJob(submitit.helpers.Checkpointable):
                                         state_every_s=every)
             return train_runs(self.runs, log=log, threads=self.threads, state_every_s=every)
 
+    def launch_ended(self) -> None:
+        """The local launch that started this job has ended: stop as on SLURM's warning (USR2:
+        the runs' state is written at the next epoch), but end instead of requeueing."""
+        self.orphaned = True
+        os.kill(os.getpid(), signal.SIGUSR2)
+        print("the launch that started this job has ended: the job stops once its runs' state "
+              "is written", flush=True)
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """submitit's answer to SLURM's USR2 warning (a training loop in this process has
         written its runs' state first, see grokhpc.preempt; device processes do it now)."""
         stop_groups()
+        if getattr(self, "orphaned", False):
+            print("the runs' state is written; launch again to resume them", flush=True)
+            raise SystemExit(1)
         print("checkpoint: requeueing; runs resume from their last state", flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
@@ -651,8 +669,10 @@ def submit(plan: dict, out) -> None:
     ex.update_parameters(**plan["parameters"])
     threads = None if kind == "slurm" else local_threads(launcher)
     wandb = wandb_settings(plan)
+    line = plan["lifeline"] = lifelines.hold(sweep.out / JOBS_DIR) if kind == "local" else None
     fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads, launcher.gpus or 0,
-                    wandb and wandb.to_dict(), launcher.state_every * 60) for g in groups]
+                    wandb and wandb.to_dict(), launcher.state_every * 60,
+                    str(line.path) if line else None) for g in groups]
     if wandb and wandb.mode == "offline":
         tracking.announce("W&B runs are written offline; after the jobs, upload them with: "
                           + tracking.sync_command(sweep.out / "runs" / "*" / "wandb" /
@@ -660,9 +680,13 @@ def submit(plan: dict, out) -> None:
     record.open()
     if kind == "slurm":
         submit_arrays(ex, fns, plan, record, out)
-    else:
+        return
+    try:
         run_locally(ex, fns, groups, plan, record.add, launcher, out)
-        aggregate_here(sweep, out)
+    finally:
+        if line is not None:
+            line.release()
+    aggregate_here(sweep, out)
 
 
 def submit_arrays(ex, fns: list, plan: dict, record: LaunchRecord, out) -> None:
@@ -906,12 +930,28 @@ def run_locally(ex, fns, groups, plan, save_jobs, launcher, out) -> None:
             if running:
                 time.sleep(1.0)
     except KeyboardInterrupt:
-        for job, _ in running:
-            job.cancel()
+        bar.close()
+        stop_local_jobs([job for job, _ in running], plan.get("lifeline"))
         raise
     finally:
         bar.close()
     report(plan["sweep"], failures, out)
+
+
+def stop_local_jobs(jobs: list, line: "lifelines.Lifeline | None") -> None:
+    """Ctrl-C: let the running jobs go (each writes its runs' state and ends, see
+    grokhpc.lifeline) and wait for them; Ctrl-C again, or no lifeline, stops them at once."""
+    try:
+        if line is None:
+            raise KeyboardInterrupt
+        line.release()
+        print(f"interrupted: {len(jobs)} running job(s) write their runs' state and stop "
+              "(Ctrl-C again: at once)", file=sys.stderr, flush=True)
+        while any(not job.done() for job in jobs):
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        for job in jobs:
+            job.cancel()
 
 
 def report(sweep: Sweep, failures: list[str], out) -> None:
@@ -966,6 +1006,9 @@ def main(argv: list[str] | None = None) -> int:
     except submitit.core.utils.FailedJobError as e:  # pragma: no cover - submission failure
         print(f"error: submission failed: {_last_line(str(e))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: launch the same command again to resume", file=sys.stderr)
+        return 130
     if plan["executor"] in ("local", "debug") and not args.dry_run:
         return 0 if all(RunDir(r.dir).is_complete() for r in plan["sweep"].runs) else 1
     return 0

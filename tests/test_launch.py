@@ -802,3 +802,72 @@ def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, 
     for _, d in runs:
         assert_same_run(d, solo[Path(d).name])
 
+
+# ---- a local launch's jobs end with it ----------------------------------------------------------
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie nobody reaps has ended too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_until(cond, what: str, timeout_s: float = 600) -> None:
+    """A failure guard for a hung process, never a race: ``cond`` comes true when it works."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} did not happen"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGINT", "SIGKILL"])
+def test_local_jobs_end_with_their_launcher(write_spec, tmp_path, capsys, sig):
+    """A real local launch whose job holds after its commit of epoch 40 (tests/job_hold). The
+    test signals the launch's process, waits for the job to say its launch has ended, then
+    lets it go: the job writes its run's state at epoch 41 and ends, with no error.txt. A
+    relaunch counts nothing in flight, resumes the run at 41 and completes it."""
+    out = tmp_path / "sweep"
+    spec = write_spec({"base": {**LONGER, "n_epochs": 400}, "grid": {"model_seed": [1]},
+                       "out": str(out), "launcher": {"executor": "local"}})
+    (run,) = load_sweep(spec).runs
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    env = {**os.environ, "GROKHPC_TEST_HOLD_DIR": str(hold), "GROKHPC_TEST_HOLD_EPOCH": "40",
+           "PYTHONPATH": os.pathsep.join([str(JOB_HOLD), os.environ.get("PYTHONPATH", "")])}
+    launcher = subprocess.Popen([sys.executable, "-m", "grokhpc.launch", str(spec)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        worker = _wait_for(hold / "reached", "the job holding at epoch 40",
+                           alive=lambda: launcher.poll() is None)["pid"]
+        (controller,) = [int(j["job_id"]) for j in json.loads(
+            (out / "manifest.json").read_text())["launches"][-1]["jobs"]]
+        launcher.send_signal(sig)
+        logs = lambda: "".join(f.read_text() for f in (out / "jobs").glob("*/*_log.out"))  # noqa
+        _wait_until(lambda: "the launch that started this job has ended" in logs(),
+                    "the job noticing its launch's end")
+        (hold / "release").touch()
+        _wait_until(lambda: _gone(worker) and _gone(controller), "the job's end")
+        stdout, stderr = launcher.communicate(timeout=600)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == (130 if sig == signal.SIGINT else -sig)
+    if sig == signal.SIGINT:
+        assert stderr.splitlines()[-1] == "interrupted: launch the same command again to resume"
+    assert "the runs' state is written; launch again to resume them" in logs()
+    prog = RunDir(run.dir).read_progress()
+    assert (prog["epoch"], prog["state_epoch"], prog["done"]) == (41, 41, False)
+    assert RunDir(run.dir).read_error() is None
+    # the launch's lifeline file: removed by an interrupted launch, left by a killed one
+    assert bool(list((out / "jobs").glob("launch.*.lifeline"))) == (sig != signal.SIGINT)
+
+    assert launch_mod.main([str(spec), "--dry-run"]) == 0
+    assert ("1 runs over model_seed: 0 complete, 0 in flight, 1 to run in 1 job(s) of up to 1 "
+            "run(s)") in capsys.readouterr().out.splitlines()
+    assert launch_mod.main([str(spec)]) == 0
+    assert RunDir(run.dir).is_complete() and "resuming at epoch 41/400" in logs()
+    assert not list((out / "jobs").glob("launch.*.lifeline"))   # a dead launch's is cleared
