@@ -941,17 +941,18 @@ def run_locally(ex, fns, groups, plan, save_jobs, launcher, out) -> None:
 def stop_local_jobs(jobs: list, line: "lifelines.Lifeline | None") -> None:
     """Ctrl-C: let the running jobs go (each writes its runs' state and ends, see
     grokhpc.lifeline) and wait for them; Ctrl-C again, or no lifeline, stops them at once."""
-    try:
-        if line is None:
-            raise KeyboardInterrupt
+    if line is not None:
         line.release()
         print(f"interrupted: {len(jobs)} running job(s) write their runs' state and stop "
               "(Ctrl-C again: at once)", file=sys.stderr, flush=True)
-        while any(not job.done() for job in jobs):
-            time.sleep(0.2)
-    except KeyboardInterrupt:
-        for job in jobs:
-            job.cancel()
+        try:
+            while any(not job.done() for job in jobs):
+                time.sleep(0.2)
+            return
+        except KeyboardInterrupt:
+            pass
+    for job in jobs:
+        job.cancel()
 
 
 def report(sweep: Sweep, failures: list[str], out) -> None:
