@@ -22,12 +22,18 @@ training or half-written (*running*), without progress yet (*pending*), with an 
 (*failed*) or with an unreadable file (*corrupt*) are listed in runs.parquet with their state and
 reported one line each; they never put partial rows into the other tables.
 
+A directory without run directories (an empty one, a run directory) is refused before anything
+is written into it. The two tables are written side by side and put in place together, so a
+disk that fills up, or a folder that cannot be written, leaves the previous tables whole; the
+command then says so in one line.
+
 Imports neither torch nor plotly at module level; ``--help`` is instant.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -91,7 +97,7 @@ def write_parquet(path: Path, table, fsync: bool = True, dictionary: Iterable[st
         dictionary = [f.name for f in table.schema
                       if pa.types.is_string(f.type) or pa.types.is_integer(f.type)
                       or pa.types.is_boolean(f.type)]
-    target = tmp or path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    target = tmp or _tmp_name(path)
     try:
         pq.write_table(table, target, compression="zstd", use_dictionary=list(dictionary),
                        write_statistics=statistics if isinstance(statistics, bool)
@@ -104,12 +110,23 @@ def write_parquet(path: Path, table, fsync: bool = True, dictionary: Iterable[st
                 os.close(fd)
         if tmp is None:
             os.replace(target, path)
-    except BaseException:
+    except BaseException as e:
         try:
             target.unlink()
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.filename is None and e.errno:   # pyarrow names no file
+            raise OSError(e.errno, os.strerror(e.errno), str(path)) from e
         raise
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+class WriteError(Exception):
+    """Writing the aggregation's own files failed (a full disk, a folder that cannot be
+    written): never a damaged run. ``args[0]`` is the OSError."""
 
 
 def _sig(run_dir: Path) -> tuple[dict[str, list[int]], list[str]]:
@@ -194,6 +211,36 @@ def discover(sweep_dir: str | os.PathLike) -> Sweep:
                     os.path.exists(os.path.join(e2.path, "config.json")):
                 found[Path(e2.path).resolve()] = None
     return Sweep(root, list(found), axes, manifest_error, phase_pairs)
+
+
+def not_a_sweep(path: str | os.PathLike) -> str | None:
+    """One line saying why ``path`` is no sweep to aggregate (no run directories in it; a run
+    directory itself), or None. Reads only."""
+    root = Path(path)
+    if not root.is_dir():
+        return f"{path}: not a directory"
+    if discover(root).run_dirs:
+        return None
+    why = f"{path}: no run directories (folders with config.json) in it"
+    if (root / "config.json").exists():
+        why += (f"; it is a run directory: open it with grokhpc.open_run, draw its figures with "
+                f"python -m grokhpc.analyze {path}")
+    return why
+
+
+def stale_tables(sweep_dir: str | os.PathLike) -> str | None:
+    """Why SWEEP_DIR/aggregate/'s tables do not show the sweep's run directories as they are
+    ("missing", "out of date (N runs changed)"), or None when they do. Reads only."""
+    root = Path(sweep_dir).resolve()
+    out_dir = root / AGG_DIR
+    if not ((out_dir / RUNS_TABLE).exists() and (out_dir / CKPT_TABLE).exists()):
+        return "missing"
+    old = _load_index(out_dir)["runs"]
+    dirs = {str(d) for d in discover(root).run_dirs}
+    changed = [d for d in dirs if old.get(d, {}).get("sig") != _sig(Path(d))[0]]
+    gone = [k for k in old if k.startswith(f"{root}{os.sep}") and k not in dirs]
+    n = len(changed) + len(gone)
+    return f"out of date ({n} run{'s' if n > 1 else ''} changed)" if n else None
 
 
 def _phase_pairs(manifest: dict, source: str) -> tuple[list[tuple[str, str]], str | None]:
@@ -328,8 +375,11 @@ def _read_finished(out: RunRead, run_dir: Path, stage_dir: Path | None) -> None:
     out.curves = curves
     if stage_dir is not None:
         tmp = stage_dir / f".{row['run_id']}.{abs(hash(out.key)):x}.tmp"
-        write_parquet(tmp, _canonical_curves(curves, row["run_id"]), fsync=False,
-                      dictionary=["run_id"], tmp=tmp, statistics=["run_id", "epoch"])
+        try:
+            write_parquet(tmp, _canonical_curves(curves, row["run_id"]), fsync=False,
+                          dictionary=["run_id"], tmp=tmp, statistics=["run_id", "epoch"])
+        except OSError as e:   # the run is fine: the aggregation's own folder is not
+            raise WriteError(OSError(e.errno, e.strerror, str(stage_dir))) from e
         out.curves, out.curves_tmp = None, tmp
     if "measures.parquet" in out.sig:
         m = _read_table(run_dir / "measures.parquet")
@@ -702,9 +752,18 @@ def _write_tables(plan: Plan, res: "Result", rows, new, chosen, config_keys):
             parts.append(_measures_with_id(r.measures, r.row["run_id"]))
     ckpt_table = build_checkpoints_table(parts, runs_table)
     md = {b"grokhpc.swept": json.dumps(res.swept).encode(), b"grokhpc.table": b"checkpoints"}
-    write_parquet(ckpt_path, ckpt_table.replace_schema_metadata(md))
-    md[b"grokhpc.table"] = b"runs"
-    write_parquet(plan.out_dir / RUNS_TABLE, runs_table.replace_schema_metadata(md))
+    runs_path = plan.out_dir / RUNS_TABLE
+    staged = {ckpt_path: _tmp_name(ckpt_path), runs_path: _tmp_name(runs_path)}
+    try:   # both written before either replaces the previous one
+        write_parquet(ckpt_path, ckpt_table.replace_schema_metadata(md), tmp=staged[ckpt_path])
+        md[b"grokhpc.table"] = b"runs"
+        write_parquet(runs_path, runs_table.replace_schema_metadata(md), tmp=staged[runs_path])
+    except BaseException:   # nothing replaced; nothing staged left to fill a disk
+        for tmp in [*staged.values(), *(r.curves_tmp for r in new.values() if r.curves_tmp)]:
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in staged.items():
+        os.replace(tmp, path)
     _place_curves(plan.cdir, new, chosen, finished_ids)
     return runs_table, ckpt_table
 
@@ -809,7 +868,12 @@ def _aggregate(sweeps, out, formats, force: bool, log, workers: int,
     res.timings["scan_s"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    new = _read_runs(to_read, plan.cdir, workers)
+    try:
+        new = _read_runs(to_read, plan.cdir, workers)
+    except WriteError:
+        for f in plan.cdir.glob(".*.tmp"):   # the curves staged before the write failed
+            f.unlink(missing_ok=True)
+        raise
     res.n_read = len(new)
     res.timings["read_s"] = time.perf_counter() - t1
     entries = {str(d): _entry(new[str(d)]) if str(d) in new else plan.old[str(d)]
@@ -848,6 +912,46 @@ def _aggregate(sweeps, out, formats, force: bool, log, workers: int,
 
 
 # ---- command line -----------------------------------------------------------------------------
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def out_problem(out: str | os.PathLike | None) -> str | None:
+    """One line when ``--out`` cannot be a directory (an existing file, or a path through
+    one), else None."""
+    if not out:
+        return None
+    p = Path(out).absolute()
+    found = next((d for d in (p, *p.parents) if d.exists() or d.is_symlink()), None)
+    if found is None or found.is_dir():
+        return None
+    return f"--out {out}: expected a directory, got " + (
+        "an existing file" if found == p else f"a path under the file {found}")
+
+
+def _refuse(sweeps: list[str], out: str | None) -> tuple[str, int] | None:
+    """(one line, exit code) for sweep directories that hold no runs and an --out that cannot
+    be a directory: refused before anything is written."""
+    for s in sweeps:
+        why = not_a_sweep(s)
+        if why:
+            return why, 2 if not Path(s).is_dir() else 1
+    why = out_problem(out)
+    return (why, 2) if why else None
+
+
+def write_failure(e: BaseException, out_dir) -> str:
+    """One line for an OSError while aggregating (a full disk, a folder that cannot be
+    written), and what to do; the tables are never left half-written (see the module doc)."""
+    e = e.args[0] if isinstance(e, WriteError) else e
+    code = getattr(e, "errno", None)
+    what = os.strerror(code) if code else str(e)
+    todo = ("; free some space and run the same command again" if code in NO_SPACE else
+            "; write them elsewhere with --out DIR" if code in NOT_ALLOWED else "")
+    return (f"{getattr(e, 'filename', None) or out_dir}: {what}; no table was left "
+            f"half-written{todo}")
+
+
 def _every_sweep_under_runs(args, argv: list[str] | None) -> int:
     """Bare ``python -m grokhpc.aggregate``: each sweep under ./runs on its own, saying which."""
     from .scheduler import find_sweeps
@@ -897,14 +1001,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         formats = None
     sweeps = [args.sweep_dir] + args.sweep
-    for s in sweeps:
-        if not Path(s).is_dir():
-            print(f"aggregate: {s}: not a directory", file=sys.stderr)
-            return 2
-    res = aggregate(sweeps, args.out, formats, force=args.force, html_js=args.html_js)
-    if res.n_runs == 0:
-        print(f"aggregate: no run directories (folders with config.json) under "
-              f"{', '.join(sweeps)}", file=sys.stderr)
+    refused = _refuse(sweeps, args.out)
+    if refused:
+        print(f"aggregate: {refused[0]}", file=sys.stderr)
+        return refused[1]
+    try:
+        res = aggregate(sweeps, args.out, formats, force=args.force, html_js=args.html_js)
+    except (OSError, WriteError) as e:
+        print(f"aggregate: {write_failure(e, args.out or Path(sweeps[0]) / AGG_DIR)}",
+              file=sys.stderr)
         return 1
     for m in res.messages[:MAX_REPORT_LINES]:
         print(m)

@@ -40,6 +40,7 @@ Heavy imports (torch, transformer_lens, plotly) happen after the arguments are p
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -382,11 +383,12 @@ def analyze(run_dir, out=None, formats=("png", "html"), log=print, html_js="dire
     run.read_config()
     if not run.is_trained():
         raise RunDirError(f"{run.path}: training is not finished (progress.json)")
+    out = Path(out) if out is not None else run.path / "figures"
+    out.mkdir(parents=True, exist_ok=True)   # a folder that cannot be written fails here, early
     if not run.file(MEASURES).exists() or not run.file(SUMMARY).exists():
         log(f"{run.path}: computing measures first")
         measures.finalize_run(run)
     figs = build_figures(run, log)
-    out = Path(out) if out is not None else run.path / "figures"
     return figures.export(figs, out, formats=formats, log=log, html_js=html_js)
 
 
@@ -404,17 +406,36 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def os_error_line(e: OSError, args) -> str:
+    """One line for a file operation that failed, with what to do: --out for a folder that
+    cannot be written (a read-only run), space for a full disk."""
+    from .aggregate import NO_SPACE, NOT_ALLOWED
+
+    where = e.filename or args.out or Path(args.run_dir) / "figures"
+    what = os.strerror(e.errno) if e.errno else str(e)
+    todo = (f"; write the figures elsewhere: python -m grokhpc.analyze {args.run_dir} --out DIR"
+            if e.errno in NOT_ALLOWED else "; free some space and run it again"
+            if e.errno in NO_SPACE else "")
+    return f"{where}: {what}{todo}"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .aggregate import out_problem
     from .figures import ExportError, parse_formats
     from .store import RunDirError
 
     try:
         formats = parse_formats(args.format)
+        if out_problem(args.out):   # a file: refused before any work
+            raise ValueError(out_problem(args.out))
         written = analyze(args.run_dir, args.out, formats, html_js=args.html_js)
     except (RunDirError, ValueError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:   # a run directory that cannot be written, a full disk
+        print(f"error: {os_error_line(e, args)}", file=sys.stderr)
+        return 1
     n = sum(len(v) for v in written.values())
     where = {p.parent for v in written.values() for p in v}
     print(f"{len(written)} figures, {n} files written to {', '.join(map(str, sorted(where)))}")

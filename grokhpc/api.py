@@ -228,23 +228,40 @@ class Sweep:
                          f"gone (looked under {self.path} and {row['sweep']})")
 
 
+def _lists_runs(sweep: Sweep) -> bool:
+    """Whether the sweep's tables list any run (meta.json's count)."""
+    import json
+
+    from .aggregate import META
+
+    try:
+        return json.loads((sweep.tables_dir / META).read_text()).get("n_runs", 0) > 0
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False
+
+
 def open_sweep(path: str | os.PathLike, log: Callable[[str], None] | None = print) -> Sweep:
     """Open a sweep directory's aggregated tables.
 
     A sweep never aggregated is aggregated here, tables only, saying so in one line. Tables
     that exist are read as they are: ``python -m grokhpc.aggregate SWEEP_DIR`` brings them and
-    the figures up to date (rereading only the runs that changed)."""
-    from .aggregate import CKPT_TABLE, RUNS_TABLE, aggregate, discover
+    the figures up to date (rereading only the runs that changed). A directory that is no
+    sweep (a run directory, one without run directories) raises SweepError in the words of
+    ``python -m grokhpc.aggregate``, and nothing is written into it."""
+    from .aggregate import CKPT_TABLE, RUNS_TABLE, aggregate, not_a_sweep
 
     root = Path(path)
     if not root.is_dir():
         raise SweepError(f"{root}: no such directory")
     sweep = Sweep(root)
-    if all((sweep.tables_dir / t).exists() for t in (RUNS_TABLE, CKPT_TABLE)):
+    tables = all((sweep.tables_dir / t).exists() for t in (RUNS_TABLE, CKPT_TABLE))
+    if tables and not (root / CONFIG).exists() and _lists_runs(sweep):
+        return sweep          # tables of runs (their directories may have been left behind)
+    why = not_a_sweep(root)
+    if why:
+        raise SweepError(why)
+    if tables:
         return sweep
-    if not discover(root).run_dirs:
-        hint = "; open it with grokhpc.open_run" if (root / CONFIG).exists() else ""
-        raise SweepError(f"{root}: no run directories (folders with {CONFIG}) in it{hint}")
     if log:
         log(f"{root}: not aggregated yet; writing its tables now (no figures: "
             f"`python -m grokhpc.aggregate {root}` draws them)")

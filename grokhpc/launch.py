@@ -22,7 +22,9 @@
   once every live array of the sweep has ended (``--dependency=afterany``), aggregates the sweep
   (tables and figures, ``python -m grokhpc.aggregate OUT``); a relaunch replaces it if it is
   still queued. The command prints the job ids and returns. Locally it waits, with a progress
-  bar over runs, reports the runs that grokked and aggregates the sweep.
+  bar over runs, reports the runs that grokked and aggregates the sweep; its jobs end with it
+  (grokhpc.lifeline), each writing its runs' state first. A relaunch with nothing left to
+  train aggregates a sweep whose tables are missing or out of date.
 * ``launcher.wandb``: each job trains its runs with W&B tracking on (grokhpc.tracking), grouped
   under the sweep's name; offline, the launch prints the ``wandb sync`` command for them.
 
@@ -45,6 +47,7 @@ from typing import Any, Callable, Sequence
 
 import submitit
 
+from . import lifeline as lifelines
 from . import scheduler as sched
 from . import tracking
 from .config import ConfigError, from_dict, to_dict
@@ -52,9 +55,9 @@ from .scheduler import (DEFAULT_MAX_ARRAY, JOBS_DIR, MANIFEST, chunks, max_array
                         sbatch_preview)
 from .plan import Forecast, forecast, plan_auto, split_even, throughput_for
 from .store import RunDir, RunDirError, RunLockedError
-from .sweep import (ClusterProfile, LauncherSettings, Sweep, SweepRun, fit_partition,
-                    load_profile, load_sweep, pack, parallelism_cap, partition_limits,
-                    resolve_launcher, shape_key)
+from .sweep import (ClusterProfile, LauncherSettings, Sweep, SweepRun, cut_text,
+                    fit_partition, load_profile, load_sweep, pack, parallelism_cap,
+                    partition_limits, resolve_launcher, shape_key, shown)
 
 DEFAULT_ARRAY_PARALLELISM = 64
 DEFAULT_TIME_MIN = 60
@@ -257,18 +260,23 @@ class SweepJob(submitit.helpers.Checkpointable):
     (``run_training`` picks up ``state.pt``)."""
 
     def __init__(self, runs: Sequence[tuple[dict, str]], threads: int | None = None,
-                 gpus: int = 0, wandb: dict | None = None, state_every_s: float | None = None):
+                 gpus: int = 0, wandb: dict | None = None, state_every_s: float | None = None,
+                 lifeline: str | None = None):
         self.runs = [(dict(c), str(d)) for c, d in runs]
         self.threads = threads
         self.gpus = gpus
         self.wandb = wandb   # launcher.wandb (grokhpc.tracking), None when off
         self.state_every_s = state_every_s   # launcher.state_every, in seconds
+        self.lifeline = lifeline   # a local launch's lifeline file: the job ends with the launch
+        self.orphaned = False
 
     def __call__(self) -> list[dict]:
         env = submitit.JobEnvironment() if os.environ.get("SUBMITIT_EXECUTOR") else None
         if env is not None:
             print(f"job {env.job_id} on {env.hostname}: {len(self.runs)} run(s)", flush=True)
         log = lambda m: print(m, flush=True)  # noqa: E731
+        if getattr(self, "lifeline", None):
+            lifelines.watch(self.lifeline, self.launch_ended)
         devices = job_devices(self.gpus) if self.gpus > 1 else []
         every = getattr(self, "state_every_s", None)
         with tracking.enabled(getattr(self, "wandb", None)):
@@ -279,10 +287,21 @@ class SweepJob(submitit.helpers.Checkpointable):
                                         state_every_s=every)
             return train_runs(self.runs, log=log, threads=self.threads, state_every_s=every)
 
+    def launch_ended(self) -> None:
+        """The local launch that started this job has ended: stop as on SLURM's warning (USR2:
+        the runs' state is written at the next epoch), but end instead of requeueing."""
+        self.orphaned = True
+        os.kill(os.getpid(), signal.SIGUSR2)
+        print("the launch that started this job has ended: the job stops once its runs' state "
+              "is written", flush=True)
+
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """submitit's answer to SLURM's USR2 warning (a training loop in this process has
         written its runs' state first, see grokhpc.preempt; device processes do it now)."""
         stop_groups()
+        if getattr(self, "orphaned", False):
+            print("the runs' state is written; launch again to resume them", flush=True)
+            raise SystemExit(1)
         print("checkpoint: requeueing; runs resume from their last state", flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
 
@@ -479,7 +498,7 @@ def sort_runs(sweep: Sweep, manifest: dict | None) -> tuple[dict, dict, list[Swe
         run = RunDir(r.dir)
         held = held_run_id(run) if run.exists() else r.run_id
         if held != r.run_id:
-            raise RunDirError(f"{r.dir}: holds run {held}, not {r.run_id}")
+            raise RunDirError(f"{r.dir}: holds run {shown(held)}, not {r.run_id}")
         found = sched.read_dir(run)
         job = flying.get(r.run_id, sched.NO_JOB)   # not live: this launch takes the run over
         state[r.run_id] = sched.run_state(found.state, job)
@@ -598,6 +617,13 @@ def print_dry_run(plan: dict, out) -> None:
             print(f"  (preview unavailable: {type(e).__name__}: {e})", file=out)
     if plan["executor"] == "slurm" and plan["groups"]:
         print_aggregation_preview(plan, out)
+    if not plan["groups"]:
+        from .aggregate import stale_tables
+
+        why = stale_tables(sweep.out)
+        if why:
+            print(f"nothing to train; the sweep's tables are {why}: a launch aggregates it",
+                  file=out)
     print("dry run: nothing written, nothing submitted", file=out)
 
 
@@ -637,6 +663,7 @@ def submit(plan: dict, out) -> None:
     record.write()
     if not groups:
         print("nothing to submit", file=out)
+        aggregate_if_stale(plan, record, out)
         return
     for r in plan["todo"]:   # config.json up front: status can name every run from its directory
         RunDir(r.dir).create({**to_dict(r.config), "run_id": r.run_id})
@@ -645,8 +672,10 @@ def submit(plan: dict, out) -> None:
     ex.update_parameters(**plan["parameters"])
     threads = None if kind == "slurm" else local_threads(launcher)
     wandb = wandb_settings(plan)
+    line = plan["lifeline"] = lifelines.hold(sweep.out / JOBS_DIR) if kind == "local" else None
     fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads, launcher.gpus or 0,
-                    wandb and wandb.to_dict(), launcher.state_every * 60) for g in groups]
+                    wandb and wandb.to_dict(), launcher.state_every * 60,
+                    str(line.path) if line else None) for g in groups]
     if wandb and wandb.mode == "offline":
         tracking.announce("W&B runs are written offline; after the jobs, upload them with: "
                           + tracking.sync_command(sweep.out / "runs" / "*" / "wandb" /
@@ -654,9 +683,13 @@ def submit(plan: dict, out) -> None:
     record.open()
     if kind == "slurm":
         submit_arrays(ex, fns, plan, record, out)
-    else:
+        return
+    try:
         run_locally(ex, fns, groups, plan, record.add, launcher, out)
-        aggregate_here(sweep, out)
+    finally:
+        if line is not None:
+            line.release()
+    aggregate_here(sweep, out)
 
 
 def submit_arrays(ex, fns: list, plan: dict, record: LaunchRecord, out) -> None:
@@ -718,8 +751,9 @@ def aggregation_parameters(plan: dict, after: Sequence[str]) -> dict[str, Any]:
     p: dict[str, Any] = {"timeout_min": min(AGGREGATE_TIME_MIN, (part and part.max_time)
                                             or AGGREGATE_TIME_MIN),
                          "slurm_job_name": f"grokhpc-{sweep.name}-aggregate",
-                         "cpus_per_task": 1, "mem_gb": AGGREGATE_MEM_GB,
-                         "slurm_dependency": "afterany:" + ":".join(after)}
+                         "cpus_per_task": 1, "mem_gb": AGGREGATE_MEM_GB}
+    if after:
+        p["slurm_dependency"] = "afterany:" + ":".join(after)
     if partition:
         p["slurm_partition"] = partition
     account = dict(launcher.extra).get("account")
@@ -763,7 +797,8 @@ def submit_aggregation(plan: dict, record: "LaunchRecord", out) -> None:
     record.write()
     plan["aggregation"] = record.record["aggregation"]
     print(f"aggregation job {job.job_id} ({params.get('slurm_partition', 'default partition')})"
-          f" aggregates the sweep and draws its figures once job(s) {', '.join(after)} end"
+          f" aggregates the sweep and draws its figures "
+          + (f"once job(s) {', '.join(after)} end" if after else "as soon as it starts")
           + (f"; it replaces queued aggregation job {replaced}, cancelled" if replaced else ""),
           file=out)
 
@@ -783,6 +818,30 @@ def print_aggregation_preview(plan: dict, out) -> None:
         print(sbatch_preview(params, sweep.out / JOBS_DIR, 1), file=out)
     except Exception as e:  # the preview uses submitit internals
         print(f"  (preview unavailable: {type(e).__name__}: {e})", file=out)
+
+
+def aggregate_if_stale(plan: dict, record: "LaunchRecord", out) -> None:
+    """Nothing to train: aggregate a sweep whose tables are missing or out of date (it ended
+    without its aggregation) as a launch does: here locally; on SLURM with the aggregation
+    job, unless one is queued or running."""
+    from .aggregate import stale_tables
+
+    sweep, job = plan["sweep"], sched.latest_aggregation(plan["old_manifest"])
+    why = stale_tables(sweep.out)
+    if why is None:
+        return
+    if plan["executor"] != "slurm":
+        print(f"the sweep's tables are {why}: aggregating", file=out)
+        aggregate_here(sweep, out)
+        return
+    info = sched.query_jobs([job["job_id"]], history=False).get(job["job_id"]) if job else None
+    if info is not None and info.live:
+        print(f"the sweep's tables are {why}; aggregation job {job['job_id']} ({info.state}) "
+              "aggregates it", file=out)
+        return
+    print(f"the sweep's tables are {why}: submitting its aggregation job", file=out)
+    record.open()
+    submit_aggregation(plan, record, out)
 
 
 def aggregate_here(sweep: Sweep, out) -> None:
@@ -874,12 +933,29 @@ def run_locally(ex, fns, groups, plan, save_jobs, launcher, out) -> None:
             if running:
                 time.sleep(1.0)
     except KeyboardInterrupt:
-        for job, _ in running:
-            job.cancel()
+        bar.close()
+        stop_local_jobs([job for job, _ in running], plan.get("lifeline"))
         raise
     finally:
         bar.close()
     report(plan["sweep"], failures, out)
+
+
+def stop_local_jobs(jobs: list, line: "lifelines.Lifeline | None") -> None:
+    """Ctrl-C: let the running jobs go (each writes its runs' state and ends, see
+    grokhpc.lifeline) and wait for them; Ctrl-C again, or no lifeline, stops them at once."""
+    if line is not None:
+        line.release()
+        print(f"interrupted: {len(jobs)} running job(s) write their runs' state and stop "
+              "(Ctrl-C again: at once)", file=sys.stderr, flush=True)
+        try:
+            while any(not job.done() for job in jobs):
+                time.sleep(0.2)
+            return
+        except KeyboardInterrupt:
+            pass
+    for job in jobs:
+        job.cancel()
 
 
 def report(sweep: Sweep, failures: list[str], out) -> None:
@@ -897,7 +973,7 @@ def report(sweep: Sweep, failures: list[str], out) -> None:
         label = ", ".join(f"{k}={_fmt(v)}" for k, v in r.swept.items())
         print(f"  {r.run_id}  {label}: grokked at epoch {e}", file=out)
     for f in failures:
-        print(f"  failed job: {f}", file=out)
+        print(f"  failed job: {cut_text(f)}", file=out)
     if failures:
         print(f"details: python -m grokhpc.status {sweep.out}", file=out)
 
@@ -934,6 +1010,9 @@ def main(argv: list[str] | None = None) -> int:
     except submitit.core.utils.FailedJobError as e:  # pragma: no cover - submission failure
         print(f"error: submission failed: {_last_line(str(e))}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: launch the same command again to resume", file=sys.stderr)
+        return 130
     if plan["executor"] in ("local", "debug") and not args.dry_run:
         return 0 if all(RunDir(r.dir).is_complete() for r in plan["sweep"].runs) else 1
     return 0

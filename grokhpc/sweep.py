@@ -28,10 +28,12 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
       state_every: 10           # minutes between writes of each run's resumable state.pt
                                 # (also written on SLURM's warning and at the end; 0: every row)
+      max_runs: 100000          # a bigger grid is refused before it is expanded
       extra: {account: my_lab}  # any other sbatch option
       wandb: {project: grokking}  # Weights & Biases (offline unless mode: online); off if unset
 
-Every error is one line naming the file, the key and what was expected. Each run gets the
+Every error is one line naming the file, the key and what was expected (a value it echoes
+is cut to about ECHO_LIMIT characters). Each run gets the
 resolved RunConfig, its ``run_id`` and the directory ``OUT/runs/<run_id>``.
 
 Cluster profiles (``slurm/<name>.yaml``) are read here too: they are launcher configuration.
@@ -44,6 +46,7 @@ import hashlib
 import itertools
 import math
 import os
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -56,7 +59,7 @@ FIGURE_KEYS = ("phase",)
 EXECUTORS = ("auto", "slurm", "local", "debug")
 LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
                  "partition", "array_parallelism", "runs_per_job", "max_timeouts", "extra",
-                 "wandb", "state_every")
+                 "wandb", "state_every", "max_runs")
 PROFILE_KEYS = ("name", "description", "gpu_request", "cpu_partition", "gpu_partition",
                 "submissions_per_hour", "defaults", "partitions", "notes")
 PROFILE_DEFAULT_KEYS = ("time", "cpus_per_task", "mem_gb", "gpus", "gpu_type",
@@ -65,6 +68,27 @@ PARTITION_KEYS = ("max_time", "gpus", "gpu_types", "preemptable", "max_running",
                   "max_submitted", "max_gpus", "description")
 PARTITION_CAPS = ("max_running", "max_submitted", "max_gpus")   # per user
 GPU_REQUESTS = ("gpus", "gres")
+DEFAULT_MAX_RUNS = 100_000
+ECHO_LIMIT = 200           # characters of a bad value an error line repeats
+MAX_MAPPING_KEYS = 10_000  # keys of one YAML mapping, merge keys (<<) included
+
+
+def cut_text(text: str, limit: int = ECHO_LIMIT) -> str:
+    """``text`` cut to ``limit`` characters, an ellipsis where it was cut."""
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
+def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
+    """repr of a value for an error line, cut to ``limit`` characters without building the
+    whole repr of a huge one (a list nested through YAML aliases)."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = 12
+    r.maxlevel = 4
+    try:
+        return cut_text(r.repr(value), limit)
+    except ValueError:   # an integer beyond Python's int-to-text limit
+        return f"<{type(value).__name__} too large to show>"
 
 
 # ---- YAML with line numbers and duplicate-key detection -------------------------------------
@@ -81,11 +105,30 @@ def _loader():
             key = loader.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if key in seen:
-                raise ConfigError(f"line {line}: duplicate key {key!r} (first at line {seen[key]})")
+                raise ConfigError(f"line {line}: duplicate key {shown(key)} (first at line "
+                                  f"{seen[key]})")
             seen[key] = line
         return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
+    def flatten_mapping(loader, node):
+        """Merge keys (``<<``), bounded: nested merges pass through here first, so a mapping
+        that merges another twice per level stops growing at the first one too big."""
+        yaml.SafeLoader.flatten_mapping(loader, node)
+        if len(node.value) > MAX_MAPPING_KEYS:
+            raise ConfigError(f"line {node.start_mark.line + 1}: a mapping of "
+                              f"{len(node.value):,} keys (merge keys << included), over "
+                              f"{MAX_MAPPING_KEYS:,}")
+
+    def construct_int(loader, node):
+        try:
+            return yaml.SafeLoader.construct_yaml_int(loader, node)
+        except ValueError:   # past Python's limit on digits of a decimal integer
+            raise ConfigError(f"line {node.start_mark.line + 1}: an integer of "
+                              f"{len(node.value):,} characters, too long to read") from None
+
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    Loader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    Loader.flatten_mapping = flatten_mapping
     return Loader
 
 
@@ -123,6 +166,7 @@ class LauncherSettings:
     extra: tuple[tuple[str, Any], ...] = ()
     wandb: WandbSettings | None = None  # experiment tracking, off when None
     state_every: float = 10.0          # minutes between state.pt writes of a run; 0: every row
+    max_runs: int = DEFAULT_MAX_RUNS   # a grid of more runs is refused before it is expanded
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in LAUNCHER_KEYS}
@@ -138,7 +182,7 @@ class LauncherSettings:
 
 def _expect(cond: bool, source: str, key: str, expected: str, got: Any) -> None:
     if not cond:
-        raise ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
+        raise ConfigError(f"{source}: {cut_text(str(key))}: expected {expected}, got {shown(got)}")
 
 
 def _is_int(v: Any) -> bool:
@@ -164,7 +208,8 @@ def parse_minutes(value: Any, source: str, key: str) -> int:
             days = int(d)
         parts = [int(x) for x in s.split(":")]
     except ValueError:
-        raise ConfigError(f"{source}: {bad[0]}: expected {bad[1]}, got {value!r}") from None
+        raise ConfigError(f"{source}: {bad[0]}: expected {bad[1]}, got {shown(value)}") \
+            from None
     if len(parts) == 1:
         h, m, sec = (parts[0], 0, 0) if days else (0, parts[0], 0)
     elif len(parts) == 2:
@@ -172,7 +217,7 @@ def parse_minutes(value: Any, source: str, key: str) -> int:
     elif len(parts) == 3:
         h, m, sec = parts
     else:
-        raise ConfigError(f"{source}: {bad[0]}: expected {bad[1]}, got {value!r}")
+        raise ConfigError(f"{source}: {bad[0]}: expected {bad[1]}, got {shown(value)}")
     minutes = days * 1440 + h * 60 + m + (1 if sec else 0)
     _expect(minutes >= 1, source, *bad, value)
     return minutes
@@ -187,14 +232,14 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
     values: dict[str, Any] = {}
     dotted = {k[6:]: v for k, v in d.items() if isinstance(k, str) and k.startswith("wandb.")}
     for key, v in d.items():
-        k = f"launcher.{key}"
+        k = f"launcher.{cut_text(str(key))}"
         if isinstance(key, str) and key.startswith("wandb."):   # --set launcher.wandb.mode=...
             continue
         if key not in LAUNCHER_KEYS:
-            raise ConfigError(f"{source}: {k}: unknown key (expected one of "
+            raise ConfigError(f"{source}: {cut_text(str(k))}: unknown key (expected one of "
                               f"{', '.join(LAUNCHER_KEYS)})")
         if v is None and key not in ("executor", "runs_per_job", "max_timeouts", "extra",
-                                     "state_every"):
+                                     "state_every", "max_runs"):
             values[key] = None
             continue
         if key == "executor":
@@ -209,6 +254,8 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
             _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1", v)
         elif key == "max_timeouts":
             _expect(_is_int(v) and v >= 0, source, k, "an integer >= 0", v)
+        elif key == "max_runs":
+            _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1 (runs in a sweep)", v)
         elif key == "state_every":
             _expect(_is_num(v) and 0 <= v < math.inf, source, k,
                     "a number of minutes >= 0 (0: with every checkpoint row)", v)
@@ -223,7 +270,7 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
             _expect(isinstance(v, Mapping), source, k, "a mapping of sbatch options", v)
             for ek, ev in v.items():
                 _expect(isinstance(ek, str) and (isinstance(ev, (str, int, float)) or ev is True),
-                        source, f"{k}.{ek}", "a string, number or true", ev)
+                        source, f"{k}.{cut_text(str(ek))}", "a string, number or true", ev)
                 _expect(ek.replace("-", "_") not in ("array", "output", "error", "signal",
                                                      "open_mode"),
                         source, f"{k}.{ek}", "an option grokhpc does not set itself", ek)
@@ -315,7 +362,8 @@ def load_profile(name: str, source: str = "--cluster") -> ClusterProfile:
         if f.is_file():
             return parse_profile(read_spec_text(f, "cluster profile"), str(f), name, f)
     known = ", ".join(available_profiles()) or "none found"
-    raise ConfigError(f"{source}: cluster: expected a cluster profile name ({known}), got {name!r}")
+    raise ConfigError(f"{source}: cluster: expected a cluster profile name ({known}), got "
+                      f"{shown(name)}")
 
 
 def _positive_int(d: Mapping, key: str, source: str, where: str) -> int | None:
@@ -329,7 +377,7 @@ def _parse_partition(name: Any, pd: Any, source: str) -> Partition:
     _expect(isinstance(pd, Mapping), source, key, "a mapping", pd)
     for k in pd:
         if k not in PARTITION_KEYS:
-            raise ConfigError(f"{source}: {key}.{k}: unknown key (expected one of "
+            raise ConfigError(f"{source}: {key}.{cut_text(str(k))}: unknown key (expected one of "
                               f"{', '.join(PARTITION_KEYS)})")
     types = pd.get("gpu_types") or []
     _expect(isinstance(types, list) and all(isinstance(t, str) and t for t in types), source,
@@ -349,7 +397,7 @@ def parse_profile(text: str, source: str, name: str, path: Path) -> ClusterProfi
     _expect(isinstance(d, Mapping), source, "(top level)", "a mapping", type(d).__name__)
     for k in d:
         if k not in PROFILE_KEYS:
-            raise ConfigError(f"{source}: {k}: unknown key (expected one of "
+            raise ConfigError(f"{source}: {cut_text(str(k))}: unknown key (expected one of "
                               f"{', '.join(PROFILE_KEYS)})")
     gpu_request = d.get("gpu_request", "gpus")
     _expect(gpu_request in GPU_REQUESTS, source, "gpu_request", " | ".join(GPU_REQUESTS),
@@ -367,8 +415,8 @@ def parse_profile(text: str, source: str, name: str, path: Path) -> ClusterProfi
     _expect(isinstance(defaults, Mapping), source, "defaults", "a mapping", defaults)
     for k in defaults:
         if k not in PROFILE_DEFAULT_KEYS:
-            raise ConfigError(f"{source}: defaults.{k}: unknown key (expected one of "
-                              f"{', '.join(PROFILE_DEFAULT_KEYS)})")
+            raise ConfigError(f"{source}: defaults.{cut_text(str(k))}: unknown key (expected "
+                              f"one of {', '.join(PROFILE_DEFAULT_KEYS)})")
     # the defaults obey the launcher's rules
     parse_launcher(dict(defaults), source)
     if "time" in defaults:
@@ -399,7 +447,7 @@ def resolve_launcher(launcher: LauncherSettings, profile: ClusterProfile | None,
     if out.partition is not None and part is None:
         known = ", ".join(p.name for p in profile.partitions)
         raise ConfigError(f"{source}: launcher.partition: expected a partition of {profile.name} "
-                          f"({known}), got {out.partition!r}")
+                          f"({known}), got {shown(out.partition)}")
     if part is not None:
         _check_partition(out, part, profile, source, set(filled))
     return out
@@ -419,13 +467,13 @@ def _check_partition(out: LauncherSettings, part: Partition, profile: ClusterPro
     if gpus > 0 and not part.gpus:
         raise ConfigError(f"{source}: launcher.partition: expected a GPU partition for "
                           f"gpus={gpus} ({', '.join(p.name for p in profile.partitions if p.gpus)})"
-                          f", got {part.name!r}")
+                          f", got {shown(part.name)}")
     if part.max_time is not None and out.time is not None and out.time > part.max_time:
         raise ConfigError(f"{field('time')}: expected at most {part.max_time} minutes on {on}, "
                           f"got {out.time}{hint('time')}")
     if out.gpu_type is not None and part.gpu_types and out.gpu_type not in part.gpu_types:
         raise ConfigError(f"{field('gpu_type')}: expected one of {', '.join(part.gpu_types)} on "
-                          f"{part.name}, got {out.gpu_type!r}{hint('gpu_type')}")
+                          f"{part.name}, got {shown(out.gpu_type)}{hint('gpu_type')}")
     if part.max_gpus is not None and gpus > part.max_gpus:
         raise ConfigError(f"{field('gpus')}: expected at most {part.max_gpus} GPUs per job on "
                           f"{on} (its limit per user), got {gpus}{hint('gpus')}")
@@ -546,14 +594,17 @@ def _swept_value(v: Any) -> Any:
 
 
 def split_overrides(items: Iterable[str], source: str = "--set") -> tuple[dict, dict, Any]:
-    """``--set`` items as (run field values, launcher values, out or None)."""
-    values = parse_overrides(list(items), source)
+    """``--set`` items as (run field values, launcher values, out or None). ``out`` is taken
+    as typed (a directory named 2024 is a path, not a number); an empty one is refused."""
+    items = list(items)
+    values = parse_overrides(items, source)
     run_values, launcher_values, out = {}, {}, None
     for k, v in values.items():
         if k.startswith("launcher."):
             launcher_values[k[len("launcher."):]] = v
         elif k == "out":
-            out = v
+            out = [i.split("=", 1)[1] for i in items if i.split("=", 1)[0].strip() == k][-1]
+            _expect(out.strip() != "", source, "out", "a directory path", out)
         else:
             run_values[k] = v
     return run_values, launcher_values, out
@@ -567,7 +618,7 @@ def parse_figures(figs: Any, source: str, axes: Iterable[str]) -> tuple[tuple[st
             type(figs).__name__)
     for k in figs:
         if k not in FIGURE_KEYS:
-            raise ConfigError(f"{source}: figures.{k}: unknown key (expected one of "
+            raise ConfigError(f"{source}: figures.{cut_text(str(k))}: unknown key (expected one of "
                               f"{', '.join(FIGURE_KEYS)})")
     raw = figs.get("phase") or []
     pairs = raw if raw and isinstance(raw, list) and isinstance(raw[0], list) else [raw]
@@ -578,8 +629,8 @@ def parse_figures(figs: Any, source: str, axes: Iterable[str]) -> tuple[tuple[st
                 "figures.phase", "two different swept axes, e.g. [lr, weight_decay]", pair)
         for a in pair:
             if a not in swept:
-                raise ConfigError(f"{source}: figures.phase: {a}: not a swept axis (swept: "
-                                  f"{', '.join(swept)})")
+                raise ConfigError(f"{source}: figures.phase: {cut_text(str(a))}: not a swept axis "
+                                  f"(swept: {', '.join(swept)})")
         out.append((pair[0], pair[1]))
     return tuple(out)
 
@@ -593,7 +644,7 @@ def _spec_mapping(text: str, source: str) -> Mapping[str, Any]:
             "a mapping with base, grid, zip, out and launcher", type(spec).__name__)
     for k in spec:
         if k not in SPEC_KEYS:
-            raise ConfigError(f"{source}: {k}: unknown key (expected one of "
+            raise ConfigError(f"{source}: {cut_text(str(k))}: unknown key (expected one of "
                               f"{', '.join(SPEC_KEYS)})")
     return spec
 
@@ -644,7 +695,7 @@ class _Axes:
         out = [getattr(from_dict({axis: v}, source=f"{source}: {where}", base=self.base), axis)
                for v in values]
         if len(set(map(repr, out))) != len(out):
-            raise ConfigError(f"{source}: {key}: expected distinct values, got {values!r}")
+            raise ConfigError(f"{source}: {key}: expected distinct values, got {shown(values)}")
         self.names.append(axis)
         return out
 
@@ -668,15 +719,26 @@ class _Axes:
 
 def _out_dir(spec: Mapping[str, Any], out_over: Any, source: str,
              spec_path: str | os.PathLike | None, cwd: str | os.PathLike | None) -> Path:
-    """The sweep directory: ``--set out=``, else the spec's ``out``, else runs/<spec stem>."""
+    """The sweep directory: ``--set out=``, else the spec's ``out``, else runs/<spec stem>.
+    A path through an existing file (the file itself, or a file as a parent) is refused."""
     out_raw = out_over if out_over is not None else spec.get("out")
+    source = "--set" if out_over is not None else source
     if out_raw is None:
         stem = Path(spec_path).stem if spec_path else "sweep"
         out_raw = f"runs/{stem}"
     _expect(isinstance(out_raw, str) and out_raw.strip() != "", source, "out",
             "a directory path", out_raw)
     out = Path(os.path.expanduser(out_raw))
-    return out if out.is_absolute() else Path(cwd or os.getcwd()) / out
+    out = out if out.is_absolute() else Path(cwd or os.getcwd()) / out
+    try:
+        blocker = next((d for d in (out, *out.parents) if d.exists() or d.is_symlink()), None)
+    except OSError:   # a parent that cannot be searched: the launch says so when it writes
+        blocker = None
+    if blocker is not None and not blocker.is_dir():
+        what = "" if blocker == out else f"{cut_text(str(blocker))} is "
+        raise ConfigError(f"{source}: out: expected a directory path, got {shown(out_raw)}: "
+                          f"{what}an existing file")
+    return out
 
 
 def _expand(factors: list[list[dict[str, Any]]], base: RunConfig, out: Path,
@@ -699,6 +761,16 @@ def _expand(factors: list[list[dict[str, Any]]], base: RunConfig, out: Path,
         by_id[cfg.run_id] = i
         runs.append(SweepRun(config=cfg, dir=out / "runs" / cfg.run_id, swept=swept))
     return runs
+
+
+def _check_size(factors: list[list], launcher: LauncherSettings, source: str) -> None:
+    """Refuse a sweep of more than launcher.max_runs runs before expanding it: the size is
+    the product of the axis lengths."""
+    n = math.prod(len(f) for f in factors)
+    if n > launcher.max_runs:
+        raise ConfigError(f"{source}: grid: expected at most launcher.max_runs "
+                          f"({launcher.max_runs:,}) runs, got {n:,}; to launch that many, set "
+                          f"launcher.max_runs: {n} in the spec (or --set launcher.max_runs={n})")
 
 
 def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
@@ -731,6 +803,7 @@ def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
                                             f"launcher.{k}",
                         "runs_per_job" if "runs_per_job" in launcher_over
                         and "gpus" not in launcher_over else "gpus")
+    _check_size(axes.factors, launcher, source)
     runs = _expand(axes.factors, base, out, source)
     description = spec.get("description") or ""
     _expect(isinstance(description, str), source, "description", "a string", description)

@@ -775,3 +775,81 @@ def test_runs_with_the_newer_fields_aggregate_with_their_types(tmp_path):
             rows[c.run_id]["op"]) for c in cfgs]
     assert got == [("16", None, SMALL["p"], "sub"), ("full", 5, SMALL["p"], "sub"),
                    ("full", None, None, "s5")]
+
+
+# ---- bad inputs and a file system that fails: one line, nothing damaged ------------------------
+def _cli(*args, preexec=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "grokhpc.aggregate", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, preexec_fn=preexec)
+
+
+def test_a_directory_without_runs_is_refused_and_left_untouched(tmp_path):
+    """An empty directory and a run directory got empty tables (aggregate/ written into them)
+    and exit 1: now one line, exit 1, nothing written."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = make_run(tmp_path / "s", cfg_for(1.0, 0.3, 1), 30)
+    for d, why in ((empty, ""),
+                   (run, f"; it is a run directory: open it with grokhpc.open_run, draw its "
+                         f"figures with python -m grokhpc.analyze {run}")):
+        before = sorted(p.name for p in d.iterdir())
+        r = _cli(d, "--no-figures")
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr == f"aggregate: {d}: no run directories (folders with config.json) " \
+                           f"in it{why}\n"
+        assert sorted(p.name for p in d.iterdir()) == before
+
+
+def test_out_naming_a_file_is_one_line(sweep, tmp_path):
+    root, _ = sweep
+    f = tmp_path / "tables.parquet"
+    f.write_bytes(b"keep")
+    for out, got in ((f, "an existing file"), (f / "sub", f"a path under the file {f}")):
+        r = _cli(root, "--out", out, "--no-figures")
+        assert (r.returncode, r.stdout) == (2, "")
+        assert r.stderr == f"aggregate: --out {out}: expected a directory, got {got}\n"
+    assert f.read_bytes() == b"keep" and not (root / "aggregate").exists()
+
+
+def test_a_full_disk_keeps_the_previous_tables_whole(sweep):
+    """``aggregate --force`` with its folder on a full disk (tests/fs_faults.py): one line,
+    exit 1, the previous tables byte for byte and no temporary file left; the advice (free
+    space, the same command again) writes them."""
+    from fs_faults import full_disk
+
+    root, truth = sweep
+    out = root / "aggregate"
+    assert _cli(root, "--no-figures").returncode == 0
+    before = {p.name: p.read_bytes() for p in out.glob("*.parquet")}
+    assert sorted(before) == ["checkpoints.parquet", "runs.parquet"]
+    with full_disk(out) as (free, code, preexec):
+        r = _cli(root, "--no-figures", "--force", preexec=preexec)
+        assert (r.returncode, r.stderr.count("\n")) == (1, 1), r.stderr
+        assert r.stderr.startswith(f"aggregate: {out}")
+        assert r.stderr.endswith(f": {os.strerror(code)}; no table was left half-written; "
+                                 "free some space and run the same command again\n")
+        assert {p.name: p.read_bytes() for p in out.glob("*.parquet")} == before
+        assert not list(out.rglob(".*.tmp"))
+        free()
+        r = _cli(root, "--no-figures", "--force", preexec=preexec)
+        assert r.returncode == 0, r.stderr
+        runs = pq.read_table(out / "runs.parquet").to_pandas()
+        assert sorted(runs["run_id"]) == sorted(truth) and set(runs["state"]) == {"done"}
+        assert pq.read_table(out / "checkpoints.parquet").num_rows == \
+            len(truth) * (N_EPOCHS // CKPT_EVERY + 1)
+
+
+def test_a_sweep_that_cannot_be_written_says_to_use_out(sweep, tmp_path):
+    """A read-only sweep: one line naming the folder, and the advice (--out DIR) works."""
+    from fs_faults import read_only
+
+    root, truth = sweep
+    with read_only(root, tmp_path / "ro") as (ro, code):
+        r = _cli(ro, "--no-figures")
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr == (f"aggregate: {ro / 'aggregate'}: {os.strerror(code)}; no table was "
+                            "left half-written; write them elsewhere with --out DIR\n")
+        r = _cli(ro, "--no-figures", "--out", tmp_path / "tables")
+        assert r.returncode == 0, r.stderr
+    runs = pq.read_table(tmp_path / "tables" / "runs.parquet").to_pandas()
+    assert sorted(runs["run_id"]) == sorted(truth)

@@ -119,6 +119,44 @@ def test_not_a_run_directory_is_a_one_line_error(tmp_path):
     assert r.returncode == 2 and "gif" in r.stderr
 
 
+def _analyze(*args, preexec=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "grokhpc.analyze", *map(str, args), "--format",
+                           "html"], capture_output=True, text=True, env=ONE_THREAD, timeout=300,
+                          preexec_fn=preexec)
+
+
+def test_a_read_only_run_and_a_full_disk_are_one_line_whose_advice_works(tiny_run, tmp_path):
+    """A read-only run raised PermissionError: one line saying --out DIR; followed onto a full
+    disk, one line saying to free space; with space again the same command writes the
+    figures. --out naming a file is refused before any work. The run is never changed."""
+    from fs_faults import full_disk, read_only
+
+    run_files = {f.name: f.read_bytes() for f in tiny_run.path.iterdir()}
+    with read_only(tiny_run.path, tmp_path / "ro") as (ro, code):
+        r = _analyze(ro)
+        assert (r.returncode, r.stdout) == (1, "")
+        assert r.stderr == (f"error: {ro / 'figures'}: {os.strerror(code)}; write the figures "
+                            f"elsewhere: python -m grokhpc.analyze {ro} --out DIR\n")
+        figs = tmp_path / "figs"
+        figs.mkdir()
+        with full_disk(figs, size_mb=256) as (free, code, preexec):   # room for 15 figures
+            r = _analyze(ro, "--out", figs, preexec=preexec)
+            assert (r.returncode, r.stderr.count("\n")) == (1, 1), r.stderr
+            assert r.stderr.startswith(f"error: {figs}")
+            assert r.stderr.endswith(f": {os.strerror(code)}; free some space and run it again\n")
+            free()
+            r = _analyze(ro, "--out", figs, preexec=preexec)
+            assert r.returncode == 0, r.stderr
+            assert sorted(f.stem for f in figs.glob("*.html")) == sorted(EXPECTED)
+        note = tmp_path / "note.txt"
+        note.write_text("keep\n")
+        r = _analyze(ro, "--out", note)
+        assert (r.returncode, r.stderr) == (2, f"error: --out {note}: expected a directory, "
+                                               "got an existing file\n")
+        assert note.read_text() == "keep\n"
+    assert {f.name: f.read_bytes() for f in tiny_run.path.iterdir()} == run_files
+
+
 def test_mul_run_leaves_out_the_fourier_measure_figures(tmp_path):
     from grokhpc.analyze import analyze
 

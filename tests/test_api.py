@@ -239,6 +239,41 @@ def test_open_sweep_errors_name_the_directory(run, tmp_path):
     assert not (tmp_path / "aggregate").exists()
 
 
+def test_open_sweep_refuses_what_aggregate_refuses_in_its_words(run, tmp_path):
+    """A run directory and an empty directory: SweepError with the very line that
+    ``python -m grokhpc.aggregate`` prints, and nothing written into them, even where an older
+    grokhpc left empty tables there. The advice for a run directory (open_run, analyze) works."""
+    from grokhpc.aggregate import aggregate
+
+    copy = shutil.copytree(run.path, tmp_path / "run")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for d in (copy, empty):
+        before = sorted(os.listdir(d))
+        r = subprocess.run([sys.executable, "-m", "grokhpc.aggregate", str(d)], env=_env(),
+                           capture_output=True, text=True)
+        assert r.returncode == 1 and r.stdout == ""
+        with pytest.raises(SweepError) as e:
+            grokhpc.open_sweep(d)
+        assert r.stderr == f"aggregate: {_one_line(e, d)}\n"
+        aggregate([d], formats=None, log=None)   # the empty tables older versions wrote
+        left = sorted(os.listdir(d))
+        assert left == sorted(before + ["aggregate"])
+        with pytest.raises(SweepError) as again:
+            grokhpc.open_sweep(d)
+        assert str(again.value) == str(e.value) and sorted(os.listdir(d)) == left
+    with pytest.raises(SweepError) as e:
+        grokhpc.open_sweep(copy)
+    assert str(e.value).endswith(f"; it is a run directory: open it with grokhpc.open_run, draw "
+                                 f"its figures with python -m grokhpc.analyze {copy}")
+    assert grokhpc.open_run(copy).run_id == run.run_id
+    r = subprocess.run([sys.executable, "-m", "grokhpc.analyze", str(copy), "--format", "html"],
+                       env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith(f"files written to {copy / 'figures'}\n")
+    assert (copy / "figures" / "training_curves.html").exists()
+
+
 def test_reading_runs_and_sweeps_never_imports_torch(run, tmp_path):
     root = _sweep_of(run, tmp_path / "sweep")
     code = f"""

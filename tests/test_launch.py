@@ -133,11 +133,30 @@ def test_local_executor_end_to_end(write_spec, tmp_path, capsys):
 
     # relaunch: nothing to do, nothing submitted, results untouched
     before = (out / "runs" / ids[0] / "curves.parquet").read_bytes()
+    tables = (agg / "runs.parquet").read_bytes()
     assert launch_mod.main([str(spec)]) == 0
-    assert "nothing to submit" in capsys.readouterr().out
+    assert capsys.readouterr().out.splitlines()[-1] == "nothing to submit"
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["launches"]) == 1
     assert (out / "runs" / ids[0] / "curves.parquet").read_bytes() == before
+    assert (agg / "runs.parquet").read_bytes() == tables         # up to date: left alone
+
+    # a finished sweep never aggregated (tables gone), or changed since: the relaunch aggregates
+    for change, why in ((lambda: shutil.rmtree(agg), "missing"),
+                        (lambda: os.utime(out / "runs" / ids[1] / "summary.json"),
+                         "out of date (1 run changed)")):
+        change()
+        assert launch_mod.main([str(spec), "--dry-run"]) == 0
+        assert (f"nothing to train; the sweep's tables are {why}: a launch aggregates it"
+                in capsys.readouterr().out.splitlines())
+        assert launch_mod.main([str(spec)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[2:4] == ["nothing to submit",
+                              f"the sweep's tables are {why}: aggregating"], lines
+        assert f"aggregated 2 runs: tables in {agg}, figures in {agg / 'figures'}" in lines
+        runs = pd.read_parquet(agg / "runs.parquet")
+        assert sorted(zip(runs["run_id"], runs["state"])) == sorted((r, "done") for r in ids)
+    assert len(json.loads((out / "manifest.json").read_text())["launches"]) == 1
 
     # a sweep copied elsewhere (cluster -> laptop) reads its own copies, not the originals
     assert [r["dir"] for r in manifest["runs"]] == [f"runs/{r}" for r in ids]
@@ -358,6 +377,45 @@ def test_a_refused_aggregation_job_is_a_warning(write_spec, tmp_path, fake_slurm
     manifest = json.loads((out / "manifest.json").read_text())
     assert [j["job_id"] for j in manifest["launches"][-1]["jobs"]] == ["100"] \
         and "aggregation" not in manifest["launches"][-1]
+
+
+def test_a_finished_sweep_never_aggregated_gets_its_aggregation_job(write_spec, tmp_path,
+                                                                    fake_slurm):
+    """Every run done (trained here), no tables: a relaunch on SLURM submits the aggregation job
+    alone, with no dependency, and records it; while it is queued a relaunch submits no other;
+    once the tables are there, nothing."""
+    from grokhpc.aggregate import aggregate
+    from grokhpc.train import run_training
+
+    out = tmp_path / "sweep"
+    spec = write_spec({"base": {**TINY_RUN, "n_epochs": 20}, "grid": {"model_seed": [1]},
+                       "out": str(out)})
+    (run,) = load_sweep(spec).runs
+    run_training(run.config, run.dir, progress_bar=False, log=lambda *a: None)
+
+    def relaunch() -> list[str]:
+        buf = io.StringIO()
+        plan = launch_mod.launch(str(spec), executor="slurm", out=buf)
+        assert plan["groups"] == [] and plan["jobs"] == []
+        return buf.getvalue().splitlines()[2:]
+
+    assert relaunch() == ["nothing to submit",
+                          "the sweep's tables are missing: submitting its aggregation job",
+                          "aggregation job 100 (default partition) aggregates the sweep and "
+                          "draws its figures as soon as it starts"]
+    script = (fake_slurm / "sbatch_100.sh").read_text().splitlines()
+    assert "#SBATCH --cpus-per-task=1" in script and not any("--dependency" in ln
+                                                             for ln in script)
+    (launch,) = json.loads((out / "manifest.json").read_text())["launches"]
+    assert (launch["jobs"], launch["aggregation"]["job_id"], launch["aggregation"]["after"]) == \
+        ([], "100", [])
+    (fake_slurm / "queue").write_text("100 PENDING\n")
+    assert relaunch() == ["nothing to submit", "the sweep's tables are missing; aggregation "
+                                               "job 100 (PENDING) aggregates it"]
+    (fake_slurm / "queue").write_text("")
+    aggregate([out], formats=None, log=None)      # what job 100 does
+    assert relaunch() == ["nothing to submit"]
+    assert not (fake_slurm / "sbatch_101.sh").exists()
 
 
 def test_bare_aggregate_takes_every_sweep_under_runs(write_spec, tmp_path):
@@ -753,3 +811,73 @@ def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, 
     solo = solo_reference(runs, tmp_path)
     for _, d in runs:
         assert_same_run(d, solo[Path(d).name])
+
+
+# ---- a local launch's jobs end with it ----------------------------------------------------------
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie nobody reaps has ended too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _wait_until(cond, what: str, timeout_s: float = 600) -> None:
+    """A failure guard for a hung process, never a race: ``cond`` comes true when it works."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} did not happen"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL],
+                         ids=["SIGTERM", "SIGINT", "SIGKILL"])
+def test_local_jobs_end_with_their_launcher(write_spec, tmp_path, capsys, sig):
+    """A real local launch whose job holds after its commit of epoch 40 (tests/job_hold). The
+    test signals the launch's process, waits for the job to say its launch has ended, then
+    lets it go: the job writes its run's state at epoch 41 and ends, with no error.txt. A
+    relaunch counts nothing in flight, resumes the run at 41 and completes it."""
+    out = tmp_path / "sweep"
+    spec = write_spec({"base": {**LONGER, "n_epochs": 400}, "grid": {"model_seed": [1]},
+                       "out": str(out), "launcher": {"executor": "local"}})
+    (run,) = load_sweep(spec).runs
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    env = {**os.environ, "GROKHPC_TEST_HOLD_DIR": str(hold), "GROKHPC_TEST_HOLD_EPOCH": "40",
+           "PYTHONPATH": os.pathsep.join([str(JOB_HOLD), os.environ.get("PYTHONPATH", "")])}
+    launcher = subprocess.Popen([sys.executable, "-m", "grokhpc.launch", str(spec)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        worker = _wait_for(hold / "reached", "the job holding at epoch 40",
+                           alive=lambda: launcher.poll() is None)["pid"]
+        (controller,) = [int(j["job_id"]) for j in json.loads(
+            (out / "manifest.json").read_text())["launches"][-1]["jobs"]]
+        launcher.send_signal(sig)
+        logs = lambda: "".join(f.read_text() for f in (out / "jobs").glob("*/*_log.out"))  # noqa
+        _wait_until(lambda: "the launch that started this job has ended" in logs(),
+                    "the job noticing its launch's end")
+        (hold / "release").touch()
+        _wait_until(lambda: _gone(worker) and _gone(controller), "the job's end")
+        stdout, stderr = launcher.communicate(timeout=600)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == (130 if sig == signal.SIGINT else -sig)
+    if sig == signal.SIGINT:
+        assert stderr.splitlines()[-1] == "interrupted: launch the same command again to resume"
+    assert "the runs' state is written; launch again to resume them" in logs()
+    prog = RunDir(run.dir).read_progress()
+    assert (prog["epoch"], prog["state_epoch"], prog["done"]) == (41, 41, False)
+    assert RunDir(run.dir).read_error() is None
+    # the launch's lifeline file: removed by an interrupted launch, left by a killed one
+    assert bool(list((out / "jobs").glob("launch.*.lifeline"))) == (sig != signal.SIGINT)
+
+    assert launch_mod.main([str(spec), "--dry-run"]) == 0
+    assert ("1 runs over model_seed: 0 complete, 0 in flight, 1 to run in 1 job(s) of up to 1 "
+            "run(s)") in capsys.readouterr().out.splitlines()
+    assert launch_mod.main([str(spec)]) == 0
+    assert RunDir(run.dir).is_complete() and "resuming at epoch 41/400" in logs()
+    assert not list((out / "jobs").glob("launch.*.lifeline"))   # a dead launch's is cleared

@@ -442,3 +442,147 @@ def test_dry_run_time_above_the_partition_limit_is_one_line(write_spec, tmp_path
     assert launch_mod.main([str(spec), "--dry-run", "--set", "launcher.partition=gpu_devel"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "slurm/bouchet.yaml: defaults.time: expected at most 360" in err
+
+
+# ---- bad inputs that used to hang, flood or slip through ----------------------------------------
+NINE_AXES = """\
+base: {p: 11, n_epochs: 100}
+grid:
+  model_seed: &ten [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+  data_seed: *ten
+  d_model: &wide [16, 32, 48, 64, 80, 96, 112, 128, 144, 160]
+  d_mlp: *wide
+  n_epochs: [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+  eval_every: *ten
+  checkpoint_every: *ten
+  warmup_epochs: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+  lr: [0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.007, 0.008, 0.009, 0.01]
+"""
+
+
+def test_a_grid_over_max_runs_is_refused_before_it_is_expanded(write_spec, monkeypatch,
+                                                                 capsys):
+    """9 axes x 10 values (anchors reused) are 10^9 runs: refused from the product of the axis
+    lengths, never expanded (expanding would hang), in one line naming the key to raise."""
+    import grokhpc.sweep as sweep_mod
+    from grokhpc import launch as launch_mod
+
+    monkeypatch.setattr(sweep_mod, "_expand", lambda *a: pytest.fail("the grid was expanded"))
+    path = write_spec(NINE_AXES)
+    assert launch_mod.main([str(path), "--dry-run", "--executor", "local"]) == 2
+    n = 10 ** 9
+    assert capsys.readouterr().err == (
+        f"error: {path}: grid: expected at most launcher.max_runs (100,000) runs, got {n:,}; to "
+        f"launch that many, set launcher.max_runs: {n} in the spec (or --set "
+        f"launcher.max_runs={n})\n")
+
+
+def test_max_runs_counts_grid_and_zip_and_can_be_raised_as_the_error_says(write_spec):
+    """3 weight decays x 2 zipped (train_frac, lr) pairs = 6 runs, over a cap of 5; the
+    advice (the spec's launcher.max_runs, or --set) lets the 6 through."""
+    text = GOOD.replace("runs_per_job: 2", "runs_per_job: 2\n  max_runs: 5").replace(
+        "model_seed: [1, 2, 3]", "model_seed: [1]").replace("[0.1, 1.0]", "[0.1, 0.3, 1.0]")
+    msg = fails(write_spec, text, "grid: expected at most launcher.max_runs (5) runs, got 6")
+    assert msg.endswith("set launcher.max_runs: 6 in the spec (or --set launcher.max_runs=6)")
+    path = write_spec(text)
+    assert len(load_sweep(path, ["launcher.max_runs=6"]).runs) == 6
+    assert len(load_sweep(write_spec(text.replace("max_runs: 5", "max_runs: 6"))).runs) == 6
+    with pytest.raises(ConfigError) as e:
+        load_sweep(path, ["launcher.max_runs=0"])
+    assert str(e.value) == ("--set: launcher.max_runs: expected an integer >= 1 (runs in a "
+                            "sweep), got 0")
+    assert LauncherSettings().max_runs == 100_000
+
+
+def laughs(levels: int) -> str:
+    """A list nested ``levels`` deep through YAML aliases: 9^levels strings from a few lines."""
+    names = [f"l{i}" for i in range(levels)]
+    items = ["&l0 [" + ", ".join(["lol"] * 9) + "]"]
+    items += [f"&{b} [" + ", ".join([f"*{a}"] * 9) + "]" for a, b in zip(names, names[1:])]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("where", ["description", "zip", "launcher.extra", "figures"])
+def test_a_huge_value_is_echoed_in_at_most_about_200_characters(write_spec, where):
+    """A value nested through aliases (9^7 strings, a 40 MB repr) or a 20,000-character key is
+    cut with an ellipsis in the one error line."""
+    bomb = laughs(7)
+    text = {"description": f"description: {bomb}\ngrid: {{model_seed: [1, 2]}}\n",
+            "zip": f"zip: [{bomb}]\n",
+            "launcher.extra": f"grid: {{model_seed: [1]}}\nlauncher: {{extra: {{x: {bomb}}}}}\n",
+            "figures": f"grid: {{model_seed: [1]}}\nfigures:\n  ? {'f' * 20_000}\n  : 1\n"
+            }[where]
+    msg = fails(write_spec, text)
+    path = str(write_spec(text))
+    assert len(msg) < len(path) + 400, len(msg)
+    assert msg.endswith("\u2026") or "\u2026:" in msg, msg
+    if where != "figures":
+        assert "got [['lol', 'lol'" in msg
+
+
+def test_huge_integers_are_one_short_line(write_spec):
+    """Past Python's 4300 digits a decimal integer cannot be read (PyYAML's ValueError) and a
+    hexadecimal one cannot be shown."""
+    msg = fails(write_spec, "grid: {model_seed: [1]}\nlauncher: {gpus: -" + "9" * 5000 + "}\n")
+    assert msg.endswith(": line 2: an integer of 5,001 characters, too long to read")
+    msg = fails(write_spec, "grid: {model_seed: [1]}\nlauncher: {gpus: -0x" + "f" * 5000 + "}\n",
+                "launcher.gpus: expected an integer >= 0, got <int too large to show>")
+    assert len(msg) < 300, msg
+
+
+MERGE_BOMB = """\
+grid: {model_seed: [1]}
+description: [&m0 {k0: 0}, MERGES]
+"""
+
+
+def test_yaml_merge_keys_cannot_blow_up_the_load(write_spec, tmp_path):
+    """Each mapping merges the one before it twice: 2^40 entries if merges were copied. The load
+    stays small (RLIMIT_AS of 1 GB, so a blow-up is a MemoryError, not a hang) and the spec is
+    refused in one line: PyYAML >= 6.0.4 merges each key once (the description, a list of
+    mappings, is no string); an older one meets grokhpc's cap on a mapping's keys."""
+    import subprocess
+    import sys
+
+    merges = ", ".join(f"&m{i} {{<<: [*m{i - 1}, *m{i - 1}], k{i}: {i}}}" for i in range(1, 41))
+    path = write_spec(MERGE_BOMB.replace("MERGES", merges))
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (2**30, 2**30)); "
+            "from grokhpc import launch; sys.exit(launch.main([sys.argv[1], '--dry-run', "
+            "'--executor', 'local']))")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and len(r.stderr) < len(str(path)) + 400
+    assert (f"{path}: description: expected a string, got [{{'k0': 0}}, {{'k0': 0, 'k1': 1}}"
+            in r.stderr) or "keys (merge keys << included), over 10,000" in r.stderr
+
+
+def test_a_mapping_over_the_key_cap_is_one_line(write_spec):
+    keys = ", ".join(f"k{i}: {i}" for i in range(10_001))
+    msg = fails(write_spec, f"grid: {{model_seed: [1]}}\nbase: {{<<: {{{keys}}}}}\n")
+    assert msg.endswith("line 2: a mapping of 10,001 keys (merge keys << included), over 10,000")
+
+
+def test_out_through_an_existing_file_and_an_empty_out_are_refused(write_spec, tmp_path,
+                                                                  capsys):
+    """out naming a file passed the dry run and the launch raised FileExistsError; an empty
+    --set out= was ignored. Both are one line, dry run or not, and the file is left as it was."""
+    from grokhpc import launch as launch_mod
+
+    f = tmp_path / "results.txt"
+    f.write_text("keep me\n")
+    spec = write_spec(GOOD.replace("out: runs/good", f"out: {f}"))
+    for extra in (["--dry-run"], []):
+        assert launch_mod.main([str(spec), *extra]) == 2
+        assert capsys.readouterr().err == (f"error: {spec}: out: expected a directory path, got "
+                                           f"'{f}': an existing file\n")
+    assert launch_mod.main([str(spec), "--dry-run", "--set", f"out={f}/sweep"]) == 2
+    assert capsys.readouterr().err == (f"error: --set: out: expected a directory path, got "
+                                       f"'{f}/sweep': {f} is an existing file\n")
+    assert f.read_text() == "keep me\n" and sorted(tmp_path.iterdir()) == [f, spec]
+    for empty in ("out=", "out= "):
+        assert launch_mod.main([str(spec), "--dry-run", "--set", empty]) == 2
+        assert capsys.readouterr().err == (f"error: --set: out: expected a directory path, got "
+                                           f"{empty[4:]!r}\n")
+    # out is taken as typed: a directory named 2024, relative to the current directory
+    assert load_sweep(spec, ["out=2024"], cwd=tmp_path).out == tmp_path / "2024"
