@@ -562,9 +562,9 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, progress_bar: bool = True, until: int | None = None) -> None:
         """Train to the run's last epoch (or to epoch ``until``): a checkpoint row every
-        ``checkpoint_every`` epochs, state.pt when due (``commit``), on USR2 (then the signal
-        goes on, see grokhpc.preempt) and where it stops. A loss or weight gone non-finite
-        stops it at the next commit: RunDiverged, the run marked."""
+        ``checkpoint_every`` epochs, state.pt when due (``commit``), on USR2, SIGTERM or
+        SIGINT (then the signal goes on, see grokhpc.preempt) and where it stops. A loss or
+        weight gone non-finite stops it at the next commit: RunDiverged, the run marked."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -655,8 +655,8 @@ def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
             trainer.fit(progress_bar=progress_bar)
         finish(trainer)
         run.clear_error()
-    except (RunLockedError, RunDiverged, SystemExit):
-        raise   # another trainer's run / marked diverged / a requeue after SLURM's warning
+    except (RunLockedError, RunDiverged, SystemExit, KeyboardInterrupt):
+        raise   # another trainer's run / marked diverged / a requeue or an interrupt: state kept
     except BaseException:
         _record_failure(run, cfg, traceback.format_exc())
         raise
@@ -721,8 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="MINUTES",
                     help="minutes between writes of the resumable state, state.pt (default "
                          "%(default)g; 0: with every checkpoint row); it is also written on "
-                         "SIGUSR2 (then the process ends, or a handler before grokhpc's acts) "
-                         "and at the end")
+                         "SIGUSR2, SIGTERM and SIGINT (Ctrl-C; then the process ends, or a "
+                         "handler before grokhpc's acts) and at the end")
     ap.add_argument("--retry-diverged", action="store_true",
                     help="train a run marked diverged (error.txt) again from its last finite "
                          "commit")
@@ -757,7 +757,21 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:   # e.g. no space for config.json itself; the traceback is in error.txt
         print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(interrupted_line(args.out), file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_line(out: str) -> str:
+    """What an interrupted ``train`` leaves: where a rerun of the same command resumes."""
+    try:
+        prog = RunDir(out).read_progress() or {}
+    except (RunDirError, OSError):
+        prog = {}
+    at = prog.get("state_epoch")
+    kept = f"its state is saved at epoch {at}" if at is not None else "no state saved yet"
+    return f"interrupted: {out}: {kept}; rerun the same command to resume"
 
 
 if __name__ == "__main__":

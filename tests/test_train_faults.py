@@ -1,14 +1,16 @@
 """Bad inputs and faults of one run, each answered in one line with the right exit status and
-nothing lost: divergence, an empty or a sweep's --out, a field given twice, files of two runs,
-a deleted state.pt, damaged files -- and each error's advice, followed, works."""
+nothing lost: divergence, an interrupt, an empty or a sweep's --out, a field given twice, files
+of two runs, a deleted state.pt, damaged files -- and each error's advice, followed, works."""
 
 import hashlib
 import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,9 @@ from grokhpc.train import Trainer, run_training
 TINY = dict(p=13, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=240,
             checkpoint_every=20, eval_every=10, lr=3e-3, device="cpu")
 SHORT = {**TINY, "n_epochs": 40}
+JOB_HOLD = Path(__file__).resolve().parent / "job_hold"
+# grokhpc.train imported as a module (not run as __main__), so tests/job_hold can hold it
+HELD_MAIN = "import sys; from grokhpc.train import main; sys.exit(main(sys.argv[1:]))"
 
 
 def sets(fields: dict) -> list[str]:
@@ -166,6 +171,52 @@ def test_finiteness_is_checked_once_per_commit_never_per_epoch(tmp_path, monkeyp
                         or real(t, row))
     run_training(RunConfig(**SHORT), tmp_path / "run", progress_bar=False, log=lambda *_: None)
     assert calls == [0, 20, 40]          # the checkpoint commits: every 20 epochs of 40
+
+
+# ---- signals ------------------------------------------------------------------------------------
+def held_train(out, hold: Path, epoch: int, *extra) -> subprocess.Popen:
+    """``grokhpc.train``'s main on TINY, holding after its commit of ``epoch`` until released."""
+    hold.mkdir()
+    env = {**os.environ, "GROKHPC_TEST_HOLD_DIR": str(hold), "GROKHPC_TEST_HOLD_EPOCH": str(epoch),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(JOB_HOLD),
+                                                     os.environ.get("PYTHONPATH")) if p)}
+    return subprocess.Popen([sys.executable, "-c", HELD_MAIN, "--out", str(out), "--no-progress",
+                             *sets(TINY), "--state-every", "1000", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(path: Path, proc: subprocess.Popen) -> None:
+    """A guard against a hung process, never a race: the file appears when the run holds."""
+    deadline = time.monotonic() + 300
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never held"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_writes_the_state_at_the_next_epoch_and_the_same_command_resumes(
+        tmp_path, reference, sig):
+    """Ctrl-C (SIGINT) or SIGTERM while the run holds after its commit of epoch 40: the state
+    is written at epoch 41; SIGINT ends in one line and exit status 130, SIGTERM by the signal,
+    as before; no error.txt. The same command resumes at 41 and ends bit-identical."""
+    out, hold = tmp_path / "run", tmp_path / "hold"
+    proc = held_train(out, hold, 40)
+    wait_for(hold / "reached", proc)
+    proc.send_signal(sig)
+    (hold / "release").touch()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert torch.load(out / "state.pt", weights_only=True)["epoch"] == 41
+    assert RunDir(out).read_progress()["state_epoch"] == 41 and not (out / "error.txt").exists()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and stderr == (
+            f"interrupted: {out}: its state is saved at epoch 41; rerun the same command to "
+            "resume\n")
+    else:
+        assert proc.returncode == -signal.SIGTERM and "Traceback" not in stderr
+    res = run_cmd(train_cmd(out, TINY, "--state-every", "1000"))
+    assert res.returncode == 0 and "resuming at epoch 41/240" in res.stdout, res.stderr
+    assert_same(reference, RunDir(out))
 
 
 # ---- --out, --set -------------------------------------------------------------------------------
