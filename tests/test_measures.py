@@ -666,3 +666,23 @@ def test_a_half_finished_run_says_what_writes_its_measures_and_that_works(tmp_pa
     assert r.returncode == 0 and "resuming at epoch 20/40" in r.stdout, r.stderr
     assert grokhpc.open_run(out).measures["epoch"].tolist() == [0, 20, 40]
     assert measures.main([str(out)]) == 0
+
+
+def test_a_trained_run_without_measures_says_to_run_the_measures_command_and_that_works(
+        tiny_run, tmp_path):
+    import shutil
+
+    import grokhpc
+    from grokhpc.store import RunDirError
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run.path, out)
+    (out / "measures.parquet").unlink()
+    with pytest.raises(RunDirError) as e:
+        grokhpc.open_run(out).measures
+    assert str(e.value) == (f"{out}: no measures.parquet yet (run `python -m grokhpc.measures "
+                            f"{out}`)")
+    r = subprocess.run([sys.executable, "-m", "grokhpc.measures", str(out)], capture_output=True,
+                       text=True, env=ONE_THREAD, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert grokhpc.open_run(out).measures["epoch"].tolist() == tiny_run.checkpoints()[0]

@@ -148,7 +148,7 @@ def test_a_damaged_header_makes_a_run_incomplete_so_training_it_again_rewrites_i
                             "launch) to rewrite it")
 
 
-# ---- strict JSON, and what a run directory may be --------------------------------------------------
+# ---- strict JSON, and what a run directory may be -------------------------------------------
 def test_run_files_are_strict_json(tmp_path):
     from grokhpc.store import atomic_write_json
 

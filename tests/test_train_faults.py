@@ -297,6 +297,8 @@ def test_a_directory_named_for_another_run_is_refused_and_moving_it_works(tmp_pa
     assert res.returncode == 2 and res.stderr == (
         f"error: {wrong}: named for run {oid}, not {sid}; use another --out directory\n")
     assert not wrong.exists()
+    res = run_cmd(train_cmd(tmp_path / "solo", {**SHORT, "n_epochs": 20}))   # the advice
+    assert res.returncode == 0
 
 
 # ---- a deleted state.pt -------------------------------------------------------------------------
@@ -350,24 +352,66 @@ def test_damaged_rows_restored_from_a_copy_or_trained_again(tmp_path, short):
     shutil.copy(short.file("checkpoints.npy"), f)          # restored from a copy
     res = run_cmd(train_cmd(run.path, SHORT))
     assert res.returncode == 0 and "already complete" in res.stdout
+    f.write_bytes(bytes(data))
+    shutil.rmtree(run.path)                                # or the directory deleted
+    res = run_cmd(train_cmd(run.path, SHORT))
+    assert res.returncode == 0 and "already complete" not in res.stdout
+    assert_same(short, run)
 
 
-def test_an_unreadable_state_trained_again_after_deleting_the_directory(tmp_path, short):
-    """state.pt cut short in a half-finished run: one line saying to delete the directory to
-    start the run over; done, the same command trains it whole."""
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_a_bad_state_is_one_line_and_deleting_the_directory_trains_the_run_again(
+        tmp_path, short, damage):
+    """state.pt of a half-finished run cut short (unreadable) or with a flipped byte inside a
+    tensor (torch.load cannot tell; its checksum can): one line saying to delete the directory
+    to start the run over; done, the same command trains it whole."""
     cfg = RunConfig(**SHORT)
     out = tmp_path / "run"
     t = Trainer.open(cfg, out)
     t.fit(progress_bar=False, until=20)
     t.close()
     state = out / "state.pt"
-    state.write_bytes(state.read_bytes()[:100])
+    good = state.read_bytes()
+    if damage == "cut":
+        state.write_bytes(good[:100])
+        why = "unreadable training state ("
+    else:
+        w = torch.load(state, weights_only=True)["model"]["embed.W_E"].numpy().tobytes()
+        at = good.index(w) + len(w) // 2
+        state.write_bytes(good[:at] + bytes([good[at] ^ 0x10]) + good[at + 1:])
+        why = "damaged (its contents differ from the checksum written with them)"
     res = run_cmd(train_cmd(out, SHORT))
-    assert res.returncode == 2 and res.stderr.startswith(f"error: {state}: unreadable training "
-                                                         "state")
+    assert res.returncode == 2 and res.stderr.startswith(f"error: {state}: {why}")
     assert res.stderr.endswith("; delete the run directory to start the run over\n")
     assert res.stderr.count("\n") == 1
     shutil.rmtree(out)                                     # the advice
     res = run_cmd(train_cmd(out, SHORT))
     assert res.returncode == 0
     assert_same(short, RunDir(out))
+
+
+def test_another_run_in_the_directory_and_another_out_works(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--no-progress", *sets({**SHORT, "n_epochs": 20})]
+    assert train.main(["--out", str(out), *args]) == 0
+    before = hashes(out)
+    assert train.main(["--out", str(out), *args, "--set", "weight_decay=0.5"]) == 2
+    assert capsys.readouterr().err.endswith("; use another --out directory\n")
+    assert hashes(out) == before
+    assert train.main(["--out", str(tmp_path / "other"), *args,                # the advice
+                       "--set", "weight_decay=0.5"]) == 0
+
+
+def test_a_config_replaced_while_being_locked_says_try_again_and_trying_again_works(
+        tmp_path, monkeypatch):
+    from grokhpc import store
+
+    run = RunDir(tmp_path / "run")
+    run.create({"run_id": "abc123"})
+    seen = iter(range(10**6))
+    monkeypatch.setattr(store, "_inode", lambda st: (0, next(seen)))   # a new file every look
+    with pytest.raises(RunDirError) as e:
+        store.lock_run(run)
+    assert str(e.value) == f"{run.file('config.json')}: replaced while being locked; try again"
+    monkeypatch.undo()
+    store.lock_run(run).release()                          # the advice
