@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import socket
@@ -101,12 +102,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Strict JSON (no NaN or Infinity, which other JSON readers refuse), atomically."""
-    try:
-        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    """Strict JSON, atomically: a non-finite float (which strict JSON readers refuse, and which
+    means "no value" wherever grokhpc writes one) is written as null."""
+    text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False)
     atomic_write_bytes(path, (text + "\n").encode())
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def atomic_write_table(path: str | os.PathLike, table) -> None:
