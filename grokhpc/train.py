@@ -17,10 +17,13 @@ anything; each process that trains the run adds its provenance to progress.json'
 
 What is durable when: a checkpoint row, and progress.json listing it, every ``checkpoint_every``
 epochs; ``state.pt`` (where a resume starts) and curves.parquet every ``state_every_s`` seconds
-(default 10 minutes), on SLURM's USR2 warning (grokhpc.preempt), where ``fit`` stops and at the
-run's last epoch. A resume from an older state.pt recomputes the same epochs and rows, bit for
-bit, and replaces the rows written after it. progress.json's ``state_epoch`` says where a
-resume would start.
+(default 10 minutes), on SLURM's USR2 warning, SIGTERM and Ctrl-C (grokhpc.preempt), where
+``fit`` stops and at the run's last epoch. A resume from an older state.pt recomputes the same
+epochs and rows, bit for bit, and replaces the rows written after it. progress.json's
+``state_epoch`` says where a resume would start.
+
+A run whose train loss or weights become non-finite is stopped at its next commit and marked
+diverged instead of committed (grokhpc.divergence).
 """
 
 from __future__ import annotations
