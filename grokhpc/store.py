@@ -328,7 +328,7 @@ def check_checkpoints(path: str | os.PathLike, n_rows: int, n_cols: int,
         raise RunDirError(f"{path}: {rows} of {n_rows} damaged ({why}); "
                           "restore the file from a copy, or delete the run directory to "
                           "train the run again")
-    if header and not _header_holds(path, n_rows, n_cols, dtype):
+    if header and not header_holds(path, n_rows, n_cols, dtype):
         raise RunDirError(HEADER_DAMAGED.format(path=path))
 
 
@@ -357,7 +357,7 @@ def check_storage(path: str | os.PathLike, dtype: str) -> None:
                           f"checkpoint_dtype {dtype}; the file is not this run's")
 
 
-def _header_holds(path: Path, n_rows: int, n_cols: int, dtype: str = "float32") -> bool:
+def header_holds(path: Path, n_rows: int, n_cols: int, dtype: str = "float32") -> bool:
     """Whether the .npy header is ours, for ``n_cols`` columns of ``dtype`` and at least
     ``n_rows`` rows (rows appended after the last commit may follow the committed ones)."""
     head = _read_header(path)
@@ -573,7 +573,7 @@ class RunDir:
         need = NPY_HEADER_BYTES + n_rows * n_cols * row_itemsize(dtype)
         f = self.file(CHECKPOINTS)
         return need == NPY_HEADER_BYTES or (f.exists() and f.stat().st_size >= need
-                                            and _header_holds(f, n_rows, n_cols, dtype))
+                                            and header_holds(f, n_rows, n_cols, dtype))
 
     def checkpoint_dtype(self) -> str:
         """How the run stores its checkpoint rows: config.json's ``checkpoint_dtype`` (float32

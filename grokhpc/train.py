@@ -51,8 +51,8 @@ from .lastpos import accuracy, cross_entropy
 from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirError,
                     RunLockedError, append_checkpoint_row, atomic_write_bytes, atomic_write_json,
                     changed_environment, check_checkpoints, check_identity,
-                    checkpoint_checksums, lock_run, provenance_columns, refuse_sweep_root,
-                    truncate_checkpoints)
+                    checkpoint_checksums, header_holds, lock_run, provenance_columns,
+                    refuse_sweep_root, truncate_checkpoints)
 
 
 GROK_ACC = 0.99  # the grokking threshold on test accuracy (as the measures' grokking_epoch)
@@ -487,7 +487,9 @@ class Trainer:
         self.checkpoint_epochs, self.checkpoint_crcs = epochs, list(crcs)
         self.wall_time = float(state["wall_time"])
         self._restore_extra(state)
-        truncate_checkpoints(f, len(epochs), self.n_cols, dtype)
+        if epochs and not header_holds(f, len(epochs), self.n_cols, dtype):
+            self.notes.append(f"note: {f}: .npy header damaged (rows intact); rewritten")
+        truncate_checkpoints(f, len(epochs), self.n_cols, dtype)   # rewrites the header
         return True
 
     def note_start_over(self) -> None:

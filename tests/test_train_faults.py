@@ -332,6 +332,7 @@ def test_a_damaged_npy_header_is_rewritten_by_the_same_command(tmp_path, short):
         run.verify_checkpoints()
     res = run_cmd(train_cmd(run.path, SHORT))              # the advice
     assert res.returncode == 0, res.stderr
+    assert f"note: {f}: .npy header damaged (rows intact); rewritten" in res.stdout
     run.verify_checkpoints()
     assert np.array_equal(np.load(f), np.load(short.file("checkpoints.npy")))
     res = run_cmd(train_cmd(run.path, SHORT))
