@@ -28,8 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .config import RunConfig, load_json
-from .store import CONFIG, RunDir, RunDirError
+from .config import RunConfig, load_json, shown
+from .store import CONFIG, RunDir, RunDirError, check_identity
 
 
 class NearestCheckpointWarning(UserWarning):
@@ -52,6 +52,7 @@ class Run:
         if not self.dir.exists():
             raise RunDirError(f"{self.path}: not a run directory (no {CONFIG})")
         self.config: RunConfig = load_json(self.dir.file(CONFIG))
+        check_identity(self.dir)   # config, progress, summary and the name agree on the run
 
     def __repr__(self) -> str:
         prog = self.progress
@@ -104,7 +105,7 @@ class Run:
         if epoch is None:
             return epochs[-1], np.array(rows[-1])
         if isinstance(epoch, bool) or not isinstance(epoch, numbers.Integral):
-            raise TypeError(f"{self.path}: epoch must be an integer, got {epoch!r}")
+            raise TypeError(f"{self.path}: epoch must be an integer, got {shown(epoch)}")
         epoch = int(epoch)
         if not epochs[0] <= epoch <= epochs[-1]:
             trained = self.progress.get("epoch", epochs[-1])

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import reprlib
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
@@ -159,8 +160,42 @@ FIELD_TYPES: dict[str, type] = {
 assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}
 
 
+# A value echoed in an error is cut beyond this many characters, so that one line stays one
+# line (a YAML value of nested aliases can expand to millions of characters).
+SHOWN_CHARS = 200
+
+
+class _Shown(reprlib.Repr):
+    """reprlib's bounded repr (it never builds the whole text of a big value), with strings cut
+    at their end rather than in their middle."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxtuple, self.maxdict = 4, 12, 12, 12
+        self.maxset = self.maxfrozenset = self.maxdeque = 12
+        self.maxstring = self.maxother = self.maxlong = SHOWN_CHARS
+
+    def repr_str(self, x: str, level: int) -> str:
+        return repr(x) if len(x) <= self.maxstring else repr(x[:self.maxstring]) + "..."
+
+
+_SHOWN = _Shown()
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error line, cut with an ellipsis beyond ``limit`` characters."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def clip(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` (a name or a line of a message) cut with an ellipsis beyond ``limit`` characters."""
+    text = str(text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _fail(source: str, key: str, expected: str, got: Any) -> ConfigError:
-    return ConfigError(f"{source}: {key}: expected {expected}, got {got!r}")
+    return ConfigError(f"{source}: {clip(key)}: expected {expected}, got {shown(got)}")
 
 
 # The largest memory a run may need: a big cluster node's RAM. Beyond it no machine can train
@@ -180,8 +215,27 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:,.0f}" if n >= 2**30 else f"{n / 2**30:.2g}"
 
 
+FLOAT_FIELDS = tuple(k for k, kind in FIELD_TYPES.items() if kind in (float, tuple))
+
+
+def _is_finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_finite(cfg: RunConfig, source: str) -> None:
+    """Every float field a finite number (inf and nan are refused before any other check)."""
+    for key in FLOAT_FIELDS:
+        v = getattr(cfg, key)
+        if key == "betas":
+            if not (isinstance(v, (list, tuple)) and all(_is_finite_number(b) for b in v)):
+                raise _fail(source, key, "two finite numbers in [0, 1)", v)
+        elif not _is_finite_number(v):
+            raise _fail(source, key, "a finite number", v)
+
+
 def validate(cfg: RunConfig, source: str = "run config") -> None:
     """Raise ConfigError on the first value that makes no sense."""
+    _check_finite(cfg, source)
     if isinstance(cfg.p, int) and grid_bytes(cfg) > MAX_GRID_BYTES:
         raise _fail(source, "p", f"a prime whose p x p grid fits in memory (this one needs about "
                     f"{_gib(grid_bytes(cfg))} GiB; at most {_gib(MAX_GRID_BYTES)} GiB)", cfg.p)
@@ -272,7 +326,7 @@ def coerce(key: str, value: Any, source: str = "run config") -> Any:
     """Turn a YAML/JSON/command-line value into the field's type, or raise ConfigError."""
     if key not in FIELD_TYPES:
         known = ", ".join(sorted(FIELD_TYPES))
-        raise ConfigError(f"{source}: {key}: unknown field (known: {known})")
+        raise ConfigError(f"{source}: {clip(key)}: unknown field (known: {known})")
     kind = FIELD_TYPES[key]
     bad = _fail(source, key, _KIND_NAMES.get(kind) or kind.__name__, value)
     if isinstance(kind, str):
@@ -319,7 +373,7 @@ def from_dict(d: Mapping[str, Any], source: str = "run config",
     op = values.get("op", (base or RunConfig()).op)
     if op in GROUP_OPS and values.get("p", RunConfig.p) != RunConfig.p:
         raise ConfigError(f"{source}: p: does not apply to op {op} (the {S5_ORDER} permutations "
-                          f"of S5); leave p out, got {values['p']!r}")
+                          f"of S5); leave p out, got {shown(values['p'])}")
     try:
         return dataclasses.replace(base or RunConfig(), **values)
     except ConfigError as e:
@@ -337,15 +391,21 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 
 def parse_overrides(items: Iterable[str], source: str = "--set") -> dict[str, Any]:
-    """Parse ``key=value`` strings; values are read as YAML scalars (``1e-3``, ``[0.9, 0.98]``)."""
+    """Parse ``key=value`` strings; values are read as YAML scalars (``1e-3``, ``[0.9, 0.98]``).
+    A field given twice is refused (the last one would otherwise win without a word)."""
     import yaml  # only the command line needs it
 
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"{source}: {item!r}: expected key=value")
+            raise ConfigError(f"{source}: {shown(item)}: expected key=value")
         key, raw = item.split("=", 1)
         key = key.strip()
+        if key in given:
+            raise ConfigError(f"{source}: {clip(key)}: given twice ({shown(given[key], 80)} and "
+                              f"{shown(item, 80)}); give each field once")
+        given[key] = item
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -372,7 +432,7 @@ def from_run_dict(d: Mapping[str, Any], source: str = "config.json") -> RunConfi
     stored = d.get("run_id")
     if stored is not None and stored != cfg.run_id:
         raise ConfigError(f"{source}: run_id: expected {cfg.run_id} (the hash of its fields), "
-                          f"got {stored!r}")
+                          f"got {shown(stored)}")
     return cfg
 
 
@@ -389,5 +449,5 @@ def load_json(path) -> RunConfig:
 
 
 __all__ = ["RunConfig", "ConfigError", "from_dict", "from_run_dict", "to_dict",
-           "parse_overrides", "load_json",
+           "parse_overrides", "load_json", "shown", "clip",
            "is_prime", "OPS"]

@@ -97,7 +97,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .store import MEASURES, SUMMARY, RunDir, RunDirError, atomic_write_json, atomic_write_table
+from .config import shown
+from .store import (MEASURES, RERUN_TRAINING, SUMMARY, RunDir, RunDirError, atomic_write_json,
+                    atomic_write_table)
 
 FOURIER_OPS = ("sub", "add")
 MAX_KEY_FREQS = 8
@@ -180,7 +182,7 @@ def parse_key_freqs(text: str, p: int) -> list[int]:
             k = int(item)
         except ValueError:
             raise ValueError(
-                f"--key-freqs: expected comma-separated integers, got {item!r}") from None
+                f"--key-freqs: expected comma-separated integers, got {shown(item)}") from None
         if not 1 <= k <= p // 2:
             raise ValueError(f"--key-freqs: expected frequencies in 1..{p // 2}, got {k}")
         if k not in out:
@@ -603,14 +605,22 @@ def finalize_run(run: RunDir, device=None, key_freqs: Sequence[int] | None = Non
     return summary
 
 
+def _unfinished(run: RunDir) -> str:
+    """'training is not finished (E/N epochs); run ...': what finishes it."""
+    prog = run.read_progress() or {}
+    return (f"training is not finished ({prog.get('epoch', 0)}/{prog.get('n_epochs', '?')} "
+            f"epochs); run {RERUN_TRAINING} to finish it")
+
+
 def read_measures(run: RunDir):
     """measures.parquet as a pandas DataFrame (cos_sim as arrays), and its key frequencies."""
     import pyarrow.parquet as pq
 
     f = run.file(MEASURES)
     if not f.exists():
-        raise RunDirError(f"{run.path}: no {MEASURES} yet (run `python -m grokhpc.measures "
-                          f"{run.path}`)")
+        raise RunDirError(f"{run.path}: no {MEASURES} yet" + (
+            f" (run `python -m grokhpc.measures {run.path}`)" if run.is_trained()
+            else f": {_unfinished(run)} and write it"))
     t = pq.read_table(f)
     meta = t.schema.metadata or {}
     key = json.loads(meta.get(b"key_freqs", b"null"))
@@ -635,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = run_config(run.read_config())
         if not run.is_trained():
-            raise RunDirError(f"{run.path}: training is not finished (progress.json)")
+            raise RunDirError(f"{run.path}: {_unfinished(run)}")
         if args.key_freqs and cfg.op not in FOURIER_OPS:
             raise ValueError(f"--key-freqs: op {cfg.op!r} has no Fourier measures")
         key = parse_key_freqs(args.key_freqs, cfg.n_classes) if args.key_freqs else None

@@ -1,11 +1,14 @@
-"""SLURM's warning before a preemption or time-out becomes a state commit.
+"""Signals that end a training process become a state commit first.
 
 SLURM sends USR2 a little before it preempts or times out a job (submitit asks for it, and
-handles it by requeueing the job and exiting). A training loop that is running when it comes
-writes every run's ``state.pt`` at the next epoch boundary and only then hands the signal on
-to whoever handled it before: submitit (requeue and exit), the default action (the process
-ends, as it would have), or nothing when it was ignored. Outside a training loop the signal
-is handed on at once. Only the main thread can install the handler; elsewhere this is a no-op.
+handles it by requeueing the job and exiting), and SIGTERM when it ends one; Ctrl-C sends
+SIGINT. A training loop that is running when one comes writes every run's ``state.pt`` at the
+next epoch boundary and only then hands the signal on to whoever handled it before: submitit
+(requeue and exit, or ignore SIGTERM), Python's own SIGINT handler (KeyboardInterrupt, which
+``python -m grokhpc.train`` turns into one line and exit status 130), the default action (the
+process ends, as it would have), or nothing when it was ignored. Outside a training loop a
+signal is handed on at once. Only the main thread can install the handlers; elsewhere this is
+a no-op.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import signal
 import threading
 from typing import Any, Iterator
 
-SIGNAL = signal.SIGUSR2
-_state: dict[str, Any] = {"armed": 0, "pending": None, "previous": None}
+SIGNAL = signal.SIGUSR2   # SLURM's warning
+SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
+_state: dict[str, Any] = {"armed": 0, "pending": [], "previous": {}}
 
 
 def _main_thread() -> bool:
@@ -26,13 +30,14 @@ def _main_thread() -> bool:
 
 def _handler(signum: int, frame: Any) -> None:
     if _state["armed"]:
-        _state["pending"] = signum
+        if signum not in _state["pending"]:
+            _state["pending"].append(signum)
     else:
         _hand_on(signum, frame)
 
 
 def _hand_on(signum: int, frame: Any) -> None:
-    previous = _state["previous"]
+    previous = _state["previous"].get(signum)
     if callable(previous):
         previous(signum, frame)
     elif previous in (None, signal.SIG_DFL):   # end the process by the signal, as before
@@ -42,33 +47,36 @@ def _hand_on(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def armed() -> Iterator[None]:
-    """While a training loop runs: USR2 is remembered for the loop (``requested``) instead of
-    acting at once. The outermost loop puts the previous handler back when it leaves, and
-    hands on a signal still pending."""
+    """While a training loop runs: USR2, SIGTERM and SIGINT are remembered for the loop
+    (``requested``) instead of acting at once. The outermost loop puts the previous handlers
+    back when it leaves, and hands on a signal still pending."""
     if not _main_thread():
         yield
         return
     if not _state["armed"]:
-        _state["previous"] = signal.getsignal(SIGNAL)
-        signal.signal(SIGNAL, _handler)
+        _state["previous"] = {s: signal.getsignal(s) for s in SIGNALS}
+        for s in SIGNALS:
+            signal.signal(s, _handler)
     _state["armed"] += 1
     try:
         yield
     finally:
         _state["armed"] -= 1
-        if not _state["armed"]:   # the handler from before, then the signal if one came
-            signal.signal(SIGNAL, _state["previous"] if _state["previous"] is not None
-                          else signal.SIG_DFL)
+        if not _state["armed"]:   # the handlers from before, then the signals that came
+            for s in SIGNALS:
+                previous = _state["previous"].get(s)
+                signal.signal(s, previous if previous is not None else signal.SIG_DFL)
             hand_on()
 
 
 def requested() -> bool:
-    """Whether USR2 came and waits for the loop to write its state."""
-    return _state["pending"] is not None
+    """Whether a signal came and waits for the loop to write its state."""
+    return bool(_state["pending"])
 
 
 def hand_on() -> None:
-    """After the state is written: act on a pending USR2 as its previous handler would."""
-    signum, _state["pending"] = _state["pending"], None
-    if signum is not None:
+    """After the state is written: act on each pending signal as its previous handler would
+    (in the order they came; one that ends the process or raises ends it there)."""
+    pending, _state["pending"] = _state["pending"], []
+    for signum in pending:
         _hand_on(signum, None)

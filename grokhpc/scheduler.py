@@ -19,7 +19,9 @@ of ``runs.parquet`` (``grokhpc.aggregate``). Whether a finished run grokked is a
                run finished. Launching the sweep resumes it.
 ``failed``     ``error.txt`` holds its traceback, or its job ended FAILED, TIMEOUT,
                OUT_OF_MEMORY, NODE_FAIL, BOOT_FAIL or DEADLINE.
-``corrupt``    one of its files cannot be read (whatever its job does): it needs a look.
+``corrupt``    one of its files cannot be read, its files name different runs, or (done) its
+               last checkpoint row -- every row with ``status --verify`` -- differs from its
+               checksum (whatever its job does): it needs a look.
 =============  ==========================================================================
 
 A run directory alone gives one of pending / running / failed / corrupt / done
@@ -42,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .store import PROGRESS, SUMMARY, RunDir, RunDirError, atomic_write_json, read_json
+from .store import (PROGRESS, SUMMARY, RunDir, RunDirError, atomic_write_json, check_identity,
+                    read_json)
 
 # ---- run states -------------------------------------------------------------------------------
 PENDING, RUNNING, REQUEUED, CANCELLED = "pending", "running", "requeued", "cancelled"
@@ -113,15 +116,22 @@ def _read_json_file(run: RunDir, name: str) -> dict | None:
     return obj
 
 
-def read_dir(run: RunDir) -> DirRead:
-    """Read a run directory's progress, summary and error; an unreadable one is ``corrupt``."""
+def read_dir(run: RunDir, verify_all: bool = False) -> DirRead:
+    """Read a run directory's progress, summary and error. It is ``corrupt`` when one cannot be
+    read, when its files name different runs (``store.check_identity``), or when it is done
+    and its last checkpoint row (``verify_all``: any row) differs from its checksum."""
     try:
         progress = _read_json_file(run, PROGRESS)
         summary = _read_json_file(run, SUMMARY)
         error = run.read_error()
-    except (RunDirError, OSError) as e:
-        return DirRead(CORRUPT, error=str(e).replace(f"{run.path}{os.sep}", ""))
-    state = dir_state(progress, summary is not None, error)
+        if run.exists():
+            check_identity(run, progress=progress or {}, summary=summary or {})
+        state = dir_state(progress, summary is not None, error)
+        if state == DONE:   # no longer written: its rows can be read without a race
+            run.verify_checkpoints(progress, last_only=not verify_all)
+    except (RunDirError, OSError) as e:   # its row names the run: the file names suffice
+        msg = str(e).replace(f"{run.path}{os.sep}", "")
+        return DirRead(CORRUPT, error=msg.removeprefix(f"{run.path}: "))
     return DirRead(state, progress, summary, error if state == FAILED else None)
 
 

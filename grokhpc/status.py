@@ -4,7 +4,8 @@ Reads ``SWEEP_DIR/manifest.json`` and each run directory, and -- where the sched
 (``squeue``/``sacct`` on PATH) -- the state of the SLURM jobs the manifest lists. Each run is
 pending, running, requeued, cancelled, failed, corrupt or done (the table of what each means is
 in grokhpc.scheduler), with the epochs done out of planned, whether it grokked and, for failed
-runs, the last line of the error (from error.txt, else from the job's submitit log). A last
+runs, the last line of the error (from error.txt, else from the job's submitit log). A done
+run's last checkpoint row is checked against its checksum (``--verify``: every row). A last
 line gives the state of the sweep's aggregation job, where launch submitted one. No torch
 import: this answers in a blink.
 """
@@ -70,8 +71,9 @@ def log_error(sweep_dir: Path, job_id: str) -> str | None:
 def load_manifest(sweep_dir: Path) -> dict:
     manifest = sched.read_manifest(sweep_dir)
     if manifest is None:
-        raise RunDirError(f"{sweep_dir}: not a sweep directory (no {MANIFEST}); "
-                          "launch the sweep first")
+        what = ("a run directory; open it with grokhpc.open_run" if RunDir(sweep_dir).exists()
+                else "launch the sweep first")
+        raise RunDirError(f"{sweep_dir}: not a sweep directory (no {MANIFEST}); {what}")
     return manifest
 
 
@@ -87,10 +89,12 @@ def job_of(job: dict | None, jobs: dict[str, JobInfo]) -> JobInfo:
     return sched.NO_JOB           # a local or debug job whose process is gone
 
 
-def run_status(sweep_dir: Path, entry: dict, job: dict | None, info: JobInfo) -> RunStatus:
-    """One run's RunStatus from its directory and its latest job."""
+def run_status(sweep_dir: Path, entry: dict, job: dict | None, info: JobInfo,
+               verify_all: bool = False) -> RunStatus:
+    """One run's RunStatus from its directory and its latest job (``verify_all``: check every
+    checkpoint row of a done run, not only the last)."""
     run = RunDir(sweep_dir / entry["dir"])   # relative to the sweep (an absolute one stays)
-    found = sched.read_dir(run)
+    found = sched.read_dir(run, verify_all)
     prog = found.progress or {}
     st = RunStatus(run_id=entry["run_id"], state=found.state, epoch=prog.get("epoch"),
                    n_epochs=prog.get("n_epochs"), swept=entry.get("swept", {}), dir=str(run.path),
@@ -117,7 +121,8 @@ def run_status(sweep_dir: Path, entry: dict, job: dict | None, info: JobInfo) ->
     return st
 
 
-def collect(sweep_dir: str | os.PathLike, use_scheduler: bool = True) -> list[RunStatus]:
+def collect(sweep_dir: str | os.PathLike, use_scheduler: bool = True,
+            verify_all: bool = False) -> list[RunStatus]:
     """One RunStatus per run of the manifest, in manifest order."""
     sweep_dir = Path(sweep_dir)
     manifest = load_manifest(sweep_dir)
@@ -127,7 +132,7 @@ def collect(sweep_dir: str | os.PathLike, use_scheduler: bool = True) -> list[Ru
     out = []
     for entry in manifest.get("runs", []):
         job = jobs.get(entry["run_id"])
-        out.append(run_status(sweep_dir, entry, job, job_of(job, infos)))
+        out.append(run_status(sweep_dir, entry, job, job_of(job, infos), verify_all))
     return out
 
 
@@ -190,13 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="one JSON object per run")
     ap.add_argument("--hide-done", action="store_true", help="leave finished runs out")
     ap.add_argument("--no-scheduler", action="store_true", help="do not ask squeue/sacct")
+    ap.add_argument("--verify", action="store_true",
+                    help="check every checkpoint row of finished runs against its checksum "
+                         "(default: the last row only)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rows = collect(args.sweep_dir, use_scheduler=not args.no_scheduler)
+        rows = collect(args.sweep_dir, use_scheduler=not args.no_scheduler,
+                       verify_all=args.verify)
         manifest = load_manifest(Path(args.sweep_dir))
     except RunDirError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import socket
@@ -49,6 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .config import clip, shown
 
 CONFIG = "config.json"
 PROGRESS = "progress.json"
@@ -99,7 +102,20 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Strict JSON, atomically: a non-finite float (which strict JSON readers refuse, and which
+    means "no value" wherever grokhpc writes one) is written as null."""
+    text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
+
+
+def _finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def atomic_write_table(path: str | os.PathLike, table) -> None:
@@ -270,14 +286,14 @@ def _row_ranges(rows: list[int]) -> str:
 
 
 def checkpoint_checksums(path: str | os.PathLike, n_rows: int, n_cols: int,
-                         dtype: str = "float32") -> list[int | None]:
-    """The checksum of each of the first ``n_rows`` rows as the file holds them now (None for
-    a row the file is too short to hold), reading one row at a time."""
+                         dtype: str = "float32", first: int = 0) -> list[int | None]:
+    """The checksum of each of rows ``first``..``n_rows - 1`` as the file holds them now (None
+    for a row the file is too short to hold), reading one row at a time."""
     out: list[int | None] = []
     size = n_cols * row_itemsize(dtype)
     with open(path, "rb") as f:
-        f.seek(NPY_HEADER_BYTES)
-        for _ in range(n_rows):
+        f.seek(NPY_HEADER_BYTES + first * size)
+        for _ in range(first, n_rows):
             data = f.read(size)
             out.append(row_checksum(data) if len(data) == size else None)
     return out
@@ -285,11 +301,12 @@ def checkpoint_checksums(path: str | os.PathLike, n_rows: int, n_cols: int,
 
 def check_checkpoints(path: str | os.PathLike, n_rows: int, n_cols: int,
                       checksums: list[int] | None, header: bool = True,
-                      dtype: str = "float32") -> None:
+                      dtype: str = "float32", last_only: bool = False) -> None:
     """Raise RunDirError naming the file and its damaged rows (0-based, as numpy indexes them)
     unless ``path`` holds ``n_rows`` rows of ``dtype`` matching ``checksums`` (only their
     presence is checked for runs written before checksums were kept). ``header``: also check
-    that the .npy header describes at least those rows (a resume rewrites it)."""
+    that the .npy header describes at least those rows (a resume rewrites it). ``last_only``:
+    read only the last row (with the file's length and header: a cheap check)."""
     path = Path(path)
     if n_rows == 0 or n_cols == 0:   # no weights to check
         return
@@ -300,9 +317,10 @@ def check_checkpoints(path: str | os.PathLike, n_rows: int, n_cols: int,
     check_storage(path, dtype)
     if checksums is not None and len(checksums) != n_rows:
         raise RunDirError(f"{path}: {len(checksums)} checksums recorded for {n_rows} rows")
-    found = checkpoint_checksums(path, n_rows, n_cols, dtype)
-    bad = [i for i, c in enumerate(found)
-           if c is None or (checksums is not None and c != checksums[i])]
+    first = n_rows - 1 if last_only and size >= need else 0
+    found = checkpoint_checksums(path, n_rows, n_cols, dtype, first)
+    bad = [first + i for i, c in enumerate(found)
+           if c is None or (checksums is not None and c != checksums[first + i])]
     if bad:
         why = (f"the file ends at {size} of {need} bytes" if size < need
                else "their checksums differ from those written at commit")
@@ -310,9 +328,16 @@ def check_checkpoints(path: str | os.PathLike, n_rows: int, n_cols: int,
         raise RunDirError(f"{path}: {rows} of {n_rows} damaged ({why}); "
                           "restore the file from a copy, or delete the run directory to "
                           "train the run again")
-    if header and not _header_holds(path, n_rows, n_cols, dtype):
-        raise RunDirError(f"{path}: .npy header damaged (rows intact; resuming the run "
-                          "rewrites it)")
+    if header and not header_holds(path, n_rows, n_cols, dtype):
+        raise RunDirError(HEADER_DAMAGED.format(path=path))
+
+
+# How a user trains a run again (to resume it, finish it, or repair what training rewrites).
+RERUN_TRAINING = "its python -m grokhpc.train command again (or the sweep's launch)"
+# A damaged .npy header (rows intact): training the run again (resumed, or complete: then
+# RunDir.is_complete says no) rewrites the header from progress.json before anything else.
+HEADER_DAMAGED = "{path}: .npy header damaged (rows intact); run " + RERUN_TRAINING + \
+    " to rewrite it"
 
 
 def _read_header(path: Path) -> bytes:
@@ -332,7 +357,7 @@ def check_storage(path: str | os.PathLike, dtype: str) -> None:
                           f"checkpoint_dtype {dtype}; the file is not this run's")
 
 
-def _header_holds(path: Path, n_rows: int, n_cols: int, dtype: str = "float32") -> bool:
+def header_holds(path: Path, n_rows: int, n_cols: int, dtype: str = "float32") -> bool:
     """Whether the .npy header is ours, for ``n_cols`` columns of ``dtype`` and at least
     ``n_rows`` rows (rows appended after the last commit may follow the committed ones)."""
     head = _read_header(path)
@@ -425,8 +450,8 @@ def lock_run(run: "RunDir") -> RunLock:
                                          "this run")
                 if holder is None:
                     raise RunDirError(f"{path}: cannot lock the run ({e.strerror})") from None
-                raise RunLockedError(f"{run.path}: another trainer holds this run ({holder}); "
-                                     "let it finish or stop it first") from None
+                raise RunLockedError(f"{run.path}: another trainer holds this run "
+                                     f"({clip(holder)}); let it finish or stop it first") from None
             os.close(fd)
     raise RunDirError(f"{path}: replaced while being locked; try again")
 
@@ -485,7 +510,13 @@ class RunDir:
 
     # -- creation
     def create(self, config: dict[str, Any]) -> None:
-        """Make the directory and write config.json; refuse a directory holding another run."""
+        """Make the directory and write config.json; refuse a sweep's directory, a directory
+        holding another run or named for another run (``check_identity``)."""
+        refuse_sweep_root(self.path)
+        other = _named_for_another(self.path, config.get("run_id"))
+        if other and not self.exists():
+            raise RunDirError(f"{self.path}: named for run {other}, not {config.get('run_id')}; "
+                              "use another --out directory")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -497,8 +528,9 @@ class RunDir:
             old = self.read_config()
             if old.get("run_id") != config.get("run_id"):
                 raise RunDirError(
-                    f"{existing}: holds run {old.get('run_id')}, not {config.get('run_id')}; "
-                    "use another --out directory")
+                    f"{existing}: holds run {clip(old.get('run_id'))}, not "
+                    f"{config.get('run_id')}; use another --out directory")
+            check_identity(self, old)
             return
         atomic_write_json(existing, config)
 
@@ -530,16 +562,18 @@ class RunDir:
 
     def is_complete(self) -> bool:
         """Trained, measured and summarised: nothing left to do for this run. Cheap (no read of
-        the rows): a checkpoints.npy too short for its committed rows makes a run incomplete;
-        ``verify_checkpoints`` reads every row."""
+        the rows): a checkpoints.npy too short for its committed rows, or with a damaged .npy
+        header (which training rewrites), makes a run incomplete; ``verify_checkpoints`` reads
+        every row."""
         prog = self.read_progress()
         if not (prog and prog.get("done") and self.file(SUMMARY).exists()):
             return False
         dtype = self.checkpoint_dtype() if self.exists() else "float32"
-        row = _n_cols(prog) * row_itemsize(dtype)
-        need = NPY_HEADER_BYTES + len(prog.get("checkpoint_epochs") or []) * row
+        n_rows, n_cols = len(prog.get("checkpoint_epochs") or []), _n_cols(prog)
+        need = NPY_HEADER_BYTES + n_rows * n_cols * row_itemsize(dtype)
         f = self.file(CHECKPOINTS)
-        return need == NPY_HEADER_BYTES or (f.exists() and f.stat().st_size >= need)
+        return need == NPY_HEADER_BYTES or (f.exists() and f.stat().st_size >= need
+                                            and header_holds(f, n_rows, n_cols, dtype))
 
     def checkpoint_dtype(self) -> str:
         """How the run stores its checkpoint rows: config.json's ``checkpoint_dtype`` (float32
@@ -547,17 +581,20 @@ class RunDir:
         dtype = self.read_config().get("checkpoint_dtype", "float32")
         if dtype not in CHECKPOINT_STORAGE:
             raise RunDirError(f"{self.file(CONFIG)}: checkpoint_dtype: expected one of "
-                              f"{', '.join(CHECKPOINT_STORAGE)}, got {dtype!r}")
+                              f"{', '.join(CHECKPOINT_STORAGE)}, got {shown(dtype)}")
         return dtype
 
-    def verify_checkpoints(self, progress: dict[str, Any] | None = None) -> None:
-        """Check every committed checkpoint row against the checksum written with it (see
-        ``check_checkpoints``); raises RunDirError naming the file and the damaged rows."""
+    def verify_checkpoints(self, progress: dict[str, Any] | None = None,
+                           last_only: bool = False) -> None:
+        """Check every committed checkpoint row (``last_only``: the last one, the file's length
+        and header) against the checksum written with it (see ``check_checkpoints``); raises
+        RunDirError naming the file and the damaged rows."""
         prog = self.read_progress() if progress is None else progress
         if not prog or not prog.get("checkpoint_epochs"):
             return
         check_checkpoints(self.file(CHECKPOINTS), len(prog["checkpoint_epochs"]), _n_cols(prog),
-                          prog.get("checkpoint_crc32"), dtype=self.checkpoint_dtype())
+                          prog.get("checkpoint_crc32"), dtype=self.checkpoint_dtype(),
+                          last_only=last_only)
 
     def checkpoints(self, mmap: bool = True, verify: bool = True) -> tuple[list[int], np.ndarray]:
         """(epochs, weights) of the committed checkpoints; weights is (n_ckpt, n_params),
@@ -631,6 +668,56 @@ class RunDir:
             self.file(ERROR).unlink()
         except FileNotFoundError:
             pass
+
+
+# ---- what a run directory is, and whose ------------------------------------------------------
+RUN_ID_NAME = re.compile(r"[0-9a-f]{12}")   # a directory named like a run id, as sweeps name them
+SWEEP_MARKERS = ("manifest.json", "runs")    # what a sweep's own directory holds
+
+
+def refuse_sweep_root(path: str | os.PathLike) -> None:
+    """RunDirError when ``path`` is a sweep's directory (it holds manifest.json or runs/): a
+    run trained there would mix its files into the sweep's."""
+    path = Path(path)
+    held = [m + ("/" if m == "runs" else "") for m in SWEEP_MARKERS if (path / m).exists()]
+    if held:
+        raise RunDirError(f"{path}: a sweep directory (holds {' and '.join(held)}), not a run "
+                          "directory; use another --out directory")
+
+
+def check_identity(run: "RunDir", config: dict[str, Any] | None = None,
+                   progress: dict[str, Any] | None = None,
+                   summary: dict[str, Any] | None = None) -> None:
+    """RunDirError naming the file that disagrees unless progress.json, summary.json and -- when
+    it is named like a run id (12 hex digits, as sweeps name run directories) -- the directory
+    all name the run config.json holds. Files not given are read (``{}``: leave it out)."""
+    cfg = run.read_config() if config is None else config
+    rid = cfg.get("run_id")
+    name = _named_for_another(run.path, rid)
+    if name:
+        raise RunDirError(f"{run.path}: named for run {name} but holds run {clip(rid)} "
+                          "(config.json); move it to a directory named for its run")
+    for fname, given in ((PROGRESS, progress), (SUMMARY, summary)):
+        obj = given if given is not None else _read_if_readable(run.file(fname))
+        other = obj.get("run_id") if isinstance(obj, dict) else None
+        if other is not None and other != rid:
+            raise RunDirError(f"{run.file(fname)}: belongs to run {clip(other)}, but config.json "
+                              f"holds run {clip(rid)}; restore the run directory from a copy, or "
+                              "delete it to train the run again")
+
+
+def _named_for_another(path: Path, run_id: Any) -> str | None:
+    """The directory's name when it is a run id other than ``run_id``; else None."""
+    name = Path(path).resolve().name
+    return name if RUN_ID_NAME.fullmatch(name) and name != run_id else None
+
+
+def _read_if_readable(f: Path) -> Any:
+    """A JSON file's contents; None when absent or unreadable (reported where it is read)."""
+    try:
+        return read_json(f) if f.exists() else None
+    except (RunDirError, OSError):
+        return None
 
 
 # The environment a result depends on (device type and, on CPU, torch's thread count among it):

@@ -17,10 +17,13 @@ anything; each process that trains the run adds its provenance to progress.json'
 
 What is durable when: a checkpoint row, and progress.json listing it, every ``checkpoint_every``
 epochs; ``state.pt`` (where a resume starts) and curves.parquet every ``state_every_s`` seconds
-(default 10 minutes), on SLURM's USR2 warning (grokhpc.preempt), where ``fit`` stops and at the
-run's last epoch. A resume from an older state.pt recomputes the same epochs and rows, bit for
-bit, and replaces the rows written after it. progress.json's ``state_epoch`` says where a
-resume would start.
+(default 10 minutes), on SLURM's USR2 warning, SIGTERM and Ctrl-C (grokhpc.preempt), where
+``fit`` stops and at the run's last epoch. A resume from an older state.pt recomputes the same
+epochs and rows, bit for bit, and replaces the rows written after it. progress.json's
+``state_epoch`` says where a resume would start.
+
+A run whose train loss or weights become non-finite is stopped at its next commit and marked
+diverged instead of committed (grokhpc.divergence).
 """
 
 from __future__ import annotations
@@ -44,11 +47,13 @@ import numpy as np
 from . import config as config_mod
 from . import preempt, tracking
 from .config import ConfigError, RunConfig
+from .divergence import RunDiverged, check_trainer, clear_diverged, refuse_diverged_before
 from .lastpos import accuracy, cross_entropy
 from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirError,
                     RunLockedError, append_checkpoint_row, atomic_write_bytes, atomic_write_json,
-                    changed_environment, check_checkpoints, checkpoint_checksums, lock_run,
-                    provenance_columns, truncate_checkpoints)
+                    changed_environment, check_checkpoints, check_identity,
+                    checkpoint_checksums, header_holds, lock_run, provenance_columns,
+                    refuse_sweep_root, truncate_checkpoints)
 
 
 GROK_ACC = 0.99  # the grokking threshold on test accuracy (as the measures' grokking_epoch)
@@ -238,6 +243,10 @@ class Trainer:
     ``close()`` (or the trainer's end) lets the lock go.
     """
 
+    # Whether ``commit`` refuses non-finite losses or weights (marking the run diverged): on for
+    # a solo run (``fit``, ``run_training``); a packed group checks its runs itself.
+    check_finite = False
+
     def __init__(self, cfg: RunConfig, run: RunDir, device):
         import torch
 
@@ -368,9 +377,11 @@ class Trainer:
 
         state = self.state_due() if state is None else state
         epochs, crcs = list(self.checkpoint_epochs), list(self.checkpoint_crcs)
+        row = flat_weights(self.model).cpu().numpy() if checkpoint else None
+        if self.check_finite:
+            check_trainer(self, row)   # a run gone non-finite is marked diverged, not committed
         try:
             if checkpoint:
-                row = flat_weights(self.model).cpu().numpy()
                 crcs.append(append_checkpoint_row(self.run.file(CHECKPOINTS), row, len(epochs),
                                                   self.cfg.checkpoint_dtype))
                 epochs.append(self.epoch)
@@ -494,6 +505,7 @@ class Trainer:
         (nothing is written before both hold); returns whether the run was resumed."""
         state = self.load_state()
         if state is None:
+            self.note_start_over()
             return False
         epochs = list(state["checkpoint_epochs"])
         crcs = state.get("checkpoint_crc32")
@@ -509,8 +521,25 @@ class Trainer:
         self.checkpoint_epochs, self.checkpoint_crcs = epochs, list(crcs)
         self.wall_time = float(state["wall_time"])
         self._restore_extra(state)
-        truncate_checkpoints(f, len(epochs), self.n_cols, dtype)
+        if epochs and not header_holds(f, len(epochs), self.n_cols, dtype):
+            self.notes.append(f"note: {f}: .npy header damaged (rows intact); rewritten")
+        truncate_checkpoints(f, len(epochs), self.n_cols, dtype)   # rewrites the header
         return True
+
+    def note_start_over(self) -> None:
+        """One line when a run that progress.json says was trained has no state.pt: it starts
+        over from epoch 0, and its first commit replaces the rows and curves it had."""
+        try:
+            prog = self.run.read_progress() or {}
+        except (RunDirError, OSError):
+            prog = {}
+        rows = len(prog.get("checkpoint_epochs") or [])
+        if isinstance(prog.get("epoch"), int) and prog["epoch"] > 0 or rows > 1:
+            self.notes.append(
+                f"note: run {self.cfg.run_id}: {self.run.file(STATE)} is missing, but "
+                f"progress.json lists {prog.get('epoch')}/{self.cfg.n_epochs} epochs trained; "
+                f"the run starts over from epoch 0 (its {rows} checkpoint row(s) and curves are "
+                "replaced)")
 
     def begin_attempt(self) -> None:
         """Add this process to the run's attempts (kept in progress.json); note when it trains
@@ -535,10 +564,11 @@ class Trainer:
 
     @classmethod
     def open(cls, cfg: RunConfig, out: str | Path, device=None,
-             state_every_s: float | None = None) -> "Trainer":
+             state_every_s: float | None = None, check_finite: bool = False) -> "Trainer":
         """A trainer for ``cfg`` in ``out``, holding the run's lock: new, or resumed from its
         last commit. RunLockedError when another process trains the run. ``state_every_s``:
-        seconds between its state.pt writes (default DEFAULT_STATE_EVERY_S)."""
+        seconds between its state.pt writes (default DEFAULT_STATE_EVERY_S). ``check_finite``:
+        refuse non-finite values from the first commit on (RunDiverged; ``fit`` turns it on)."""
         run = RunDir(out)
         run.create({**config_mod.to_dict(cfg), "run_id": cfg.run_id})
         lock = lock_run(run)
@@ -548,6 +578,7 @@ class Trainer:
             trainer.notes += [lock.note] if lock.note else []
             if state_every_s is not None:
                 trainer.state_every_s = float(state_every_s)
+            trainer.check_finite = check_finite
             resumed = trainer.restore()
             trainer.begin_attempt()
             trainer.tracker = tracking.start(trainer)
@@ -570,11 +601,13 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def fit(self, progress_bar: bool = True, until: int | None = None) -> None:
         """Train to the run's last epoch (or to epoch ``until``): a checkpoint row every
-        ``checkpoint_every`` epochs, state.pt when due (``commit``), on USR2 (then the signal
-        goes on, see grokhpc.preempt) and where it stops."""
+        ``checkpoint_every`` epochs, state.pt when due (``commit``), on USR2, SIGTERM or
+        SIGINT (then the signal goes on, see grokhpc.preempt) and where it stops. A loss or
+        weight gone non-finite stops it at the next commit: RunDiverged, the run marked."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        self.check_finite = True   # a solo loop stops where its values go non-finite
         stop = cfg.n_epochs if until is None else min(until, cfg.n_epochs)
         bar = tqdm(total=cfg.n_epochs, initial=self.epoch, unit="epoch", disable=not progress_bar,
                    desc=cfg.run_id, dynamic_ncols=True, mininterval=1.0)
@@ -640,12 +673,15 @@ def finish(trainer: Trainer) -> dict[str, Any] | None:
 
 
 def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
-                 log=print, state_every_s: float | None = None) -> RunDir:
+                 log=print, state_every_s: float | None = None,
+                 retry_diverged: bool = False) -> RunDir:
     """Train ``cfg`` into ``out`` (resuming if interrupted); a complete run is left alone.
-    RunDirError for a directory that cannot be used as it is (another run's, damaged, held by
-    another trainer, a disk that filled up). ``state_every_s``: seconds between state.pt
-    writes (default DEFAULT_STATE_EVERY_S)."""
-    run = RunDir(out)
+    RunDirError for a directory that cannot be used as it is (another run's, a sweep's, with
+    files of two runs, damaged, held by another trainer, a disk that filled up). RunDiverged
+    when the run goes non-finite, or was marked so before (``retry_diverged``: train it again
+    from its last finite commit). ``state_every_s``: seconds between state.pt writes (default
+    DEFAULT_STATE_EVERY_S)."""
+    run = _usable_run_dir(cfg, out, retry_diverged)
     if run.exists() and run.read_config().get("run_id") == cfg.run_id and run.is_complete():
         run.verify_checkpoints()   # a run with damaged rows is never called complete
         prog = run.read_progress()
@@ -655,7 +691,8 @@ def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
     trainer = None
     try:
         with matmul_precision(cfg.matmul_precision):   # recorded in the attempt's provenance
-            trainer = Trainer.open(cfg, out, state_every_s=state_every_s)
+            trainer = Trainer.open(cfg, out, state_every_s=state_every_s, check_finite=True)
+            clear_diverged(run)   # trained again (retry_diverged): a new divergence marks anew
             if trainer.epoch > 0:
                 log(f"run {cfg.run_id}: resuming at epoch {trainer.epoch}/{cfg.n_epochs}")
             for note in trainer.notes:
@@ -663,14 +700,30 @@ def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
             trainer.fit(progress_bar=progress_bar)
         finish(trainer)
         run.clear_error()
-    except (RunLockedError, SystemExit):
-        raise   # another process's directory / a requeue after SLURM's warning: not a failure
+    except (RunLockedError, RunDiverged, SystemExit, KeyboardInterrupt):
+        raise   # another trainer's run / marked diverged / a requeue or an interrupt: state kept
     except BaseException:
         _record_failure(run, cfg, traceback.format_exc())
         raise
     finally:
         if trainer is not None:
             trainer.close()
+    return run
+
+
+def _usable_run_dir(cfg: RunConfig, out: str | Path, retry_diverged: bool) -> RunDir:
+    """``out`` as a RunDir, or RunDirError before anything is written: an empty path (the
+    current directory), a sweep's directory, the files of two runs; RunDiverged for this run
+    marked diverged before (unless ``retry_diverged``)."""
+    if not str(out).strip():
+        raise RunDirError("out: expected a run directory, got ''")
+    run = RunDir(out)
+    refuse_sweep_root(run.path)
+    if not (run.exists() and run.read_config().get("run_id") == cfg.run_id):
+        return run   # new, or another run's: Trainer.open says which
+    check_identity(run)
+    if not retry_diverged:
+        refuse_diverged_before(run, cfg.run_id)
     return run
 
 
@@ -695,7 +748,8 @@ def minutes_arg(text: str) -> float:
     except ValueError:
         v = -1.0
     if not v >= 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of minutes >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number of minutes >= 0, got "
+                                         f"{config_mod.shown(text)}")
     return v
 
 
@@ -705,15 +759,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one grokking run into a run directory (resumes if interrupted).")
     ap.add_argument("--out", required=True, help="run directory (created if missing)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a run field, e.g. --set weight_decay=0.3 (repeatable); the "
-                         "fields, defaults and checks are in docs/run_fields.md")
+                    help="override a run field, e.g. --set weight_decay=0.3 (repeatable, each "
+                         "field once); the fields, defaults and checks are in docs/run_fields.md")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--state-every", type=minutes_arg, default=DEFAULT_STATE_EVERY_S / 60,
                     metavar="MINUTES",
                     help="minutes between writes of the resumable state, state.pt (default "
                          "%(default)g; 0: with every checkpoint row); it is also written on "
-                         "SIGUSR2 (then the process ends, or a handler before grokhpc's acts) "
-                         "and at the end")
+                         "SIGUSR2, SIGTERM and SIGINT (Ctrl-C; then the process ends, or a "
+                         "handler before grokhpc's acts) and at the end")
+    ap.add_argument("--retry-diverged", action="store_true",
+                    help="train a run marked diverged (error.txt) again from its last finite "
+                         "commit")
     ap.add_argument("--wandb", metavar="PROJECT", default=None,
                     help="log curves, measures and summary to this Weights & Biases project "
                          "(needs pip install -e '.[wandb]')")
@@ -725,20 +782,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.out.strip():
+        print(f"error: --out: expected a run directory, got {config_mod.shown(args.out)}",
+              file=sys.stderr)
+        return 2
     try:
         cfg = config_from_args(args.overrides)
         wandb = args.wandb and tracking.from_command_line(args.wandb, args.wandb_mode,
                                                           args.wandb_entity)
         with tracking.enabled(wandb or None):
             run_training(cfg, args.out, progress_bar=not args.no_progress,
-                         state_every_s=args.state_every * 60)
+                         state_every_s=args.state_every * 60, retry_diverged=args.retry_diverged)
+    except RunDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ConfigError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:   # e.g. no space for config.json itself; the traceback is in error.txt
         print(f"error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(interrupted_line(args.out), file=sys.stderr)
+        return 130
     return 0
+
+
+def interrupted_line(out: str) -> str:
+    """What an interrupted ``train`` leaves: where a rerun of the same command resumes."""
+    try:
+        prog = RunDir(out).read_progress() or {}
+    except (RunDirError, OSError):
+        prog = {}
+    at = prog.get("state_epoch")
+    kept = f"its state is saved at epoch {at}" if at is not None else "no state saved yet"
+    return f"interrupted: {out}: {kept}; rerun the same command to resume"
 
 
 if __name__ == "__main__":

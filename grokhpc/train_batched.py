@@ -81,6 +81,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 from . import preempt
 from .config import RunConfig
 from .stacked_optim import FlatStackedAdamW, StackedAdamW, StackedSGD, _b, stacked_optimizer
+from .divergence import first_nonfinite, is_diverged, mark_diverged
 from .store import RunDir, RunDirError
 
 # Fields that must be equal across a group. They fix tensor shapes (p and op the vocabulary
@@ -102,9 +103,6 @@ MINIBATCH_SHAPE_FIELDS = ("train_frac",)
 def shape_fields(cfg: RunConfig) -> tuple[str, ...]:
     """The fields a group of runs shaped like ``cfg`` must share."""
     return SHAPE_FIELDS + (() if cfg.full_batch else MINIBATCH_SHAPE_FIELDS)
-
-
-DIVERGED_PREFIX = "diverged:"
 
 
 class GroupError(ValueError):
@@ -563,16 +561,9 @@ class Stack:
 
 
 def _mark_diverged(t, epoch_hint: int, window_start: int, curve) -> None:
-    import numpy as np
-
-    vals = np.asarray(curve)
-    bad = np.nonzero(~np.isfinite(vals))[0]
-    first = window_start + int(bad[0]) if len(bad) else epoch_hint
-    cfg = t.cfg
-    t.run.write_error(
-        f"{DIVERGED_PREFIX} run {cfg.run_id}: non-finite train loss first at epoch {first} "
-        f"(lr={cfg.lr}, weight_decay={cfg.weight_decay}, betas={list(cfg.betas)}); the run "
-        f"directory keeps its last finite commit, epoch {window_start}\n")
+    """The run marked diverged by the rule a solo run follows (grokhpc.divergence)."""
+    mark_diverged(t.run, t.cfg, first_nonfinite(curve, window_start, epoch_hint), "train loss",
+                  window_start)
 
 
 def _commit_all(commits: list, max_workers: int = 8) -> None:
@@ -712,9 +703,7 @@ def _finish(t, log) -> None:
     t.run.clear_error()
 
 
-def _is_diverged(run: RunDir) -> bool:
-    err = run.read_error()
-    return bool(err) and err.startswith(DIVERGED_PREFIX)
+_is_diverged = is_diverged   # grokhpc.divergence's rule
 
 
 def _train_all(trainers: list, dev, exact, background: bool, bar, log,

@@ -182,6 +182,24 @@ def test_errors_are_one_line_and_name_the_directory(run, tmp_path):
     _one_line(e, run.path)
 
 
+def test_a_run_directory_holding_two_runs_files_is_refused(run, tmp_path):
+    """Another run's config.json copied over this run's: open_run names progress.json, which
+    names the other run, instead of showing one run's config over another's curves; the
+    advice (restore the directory from a copy) opens it again."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run.path, mixed)
+    other = run.config.replace(weight_decay=0.5)
+    (mixed / "config.json").write_text(json.dumps({**to_dict(other), "run_id": other.run_id}))
+    with pytest.raises(RunDirError) as e:
+        grokhpc.open_run(mixed)
+    assert _one_line(e, mixed) == (
+        f"{mixed}/progress.json: belongs to run {run.run_id}, but config.json holds run "
+        f"{other.run_id}; restore the run directory from a copy, or delete it to train the run "
+        "again")
+    shutil.copy(run.path / "config.json", mixed / "config.json")
+    assert grokhpc.open_run(mixed).run_id == run.run_id
+
+
 def _sweep_of(run, root: Path) -> Path:
     """A fresh sweep directory holding a copy of ``run`` (not aggregated)."""
     shutil.copytree(run.path, root / "runs" / run.run_id)

@@ -183,3 +183,76 @@ def test_s5_runs_have_120_classes_and_no_p():
     assert (cfg.n_classes, cfg.d_vocab, cfg.n_pairs) == (120, 121, 14400)
     assert "p" not in cfg.identity()
     assert from_dict({"stop_after_grok": "off"}).stop_after_grok is None
+
+
+# ---- non-finite numbers, long values, a field given twice ---------------------------------------
+# The float fields, from the defaults themselves: a float, or a pair of floats.
+FLOAT_DEFAULTS = [f.name for f in __import__("dataclasses").fields(RunConfig)
+                  if isinstance(f.default, float) or (isinstance(f.default, tuple)
+                                                      and all(isinstance(x, float)
+                                                              for x in f.default))]
+
+
+def test_the_float_fields_are_the_ones_checked():
+    assert set(FLOAT_DEFAULTS) == {"train_frac", "lr", "weight_decay", "betas", "momentum",
+                                   "init_scale", "label_noise"}
+
+
+@pytest.mark.parametrize("field", FLOAT_DEFAULTS)
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", ".inf", "1e999"])
+def test_non_finite_numbers_are_refused_in_every_float_field(field, text):
+    value = f"[{text}, 0.9]" if field == "betas" else text
+    with pytest.raises(ConfigError) as e:
+        from_dict(parse_overrides([f"{field}={value}"]), source="--set")
+    msg = str(e.value)
+    expected = "two finite numbers in [0, 1)" if field == "betas" else "a finite number"
+    assert msg.startswith(f"--set: {field}: expected {expected}, got ") and "\n" not in msg
+    number = float(text.lstrip("."))
+    with pytest.raises(ConfigError, match=f"{field}: expected"):   # the API alike
+        RunConfig(**{field: (number, 0.9) if field == "betas" else number})
+
+
+def billion_laughs(levels: int) -> str:
+    """A YAML list whose aliases expand to 9**levels items (shared, so cheap to load)."""
+    anchors = ["&a0 [x,x,x,x,x,x,x,x,x]"]
+    anchors += [f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "[" + ",".join(anchors) + "]"
+
+
+def test_a_value_echoed_in_an_error_is_cut_to_a_short_line():
+    import yaml
+
+    laughs = billion_laughs(9)                       # 9**9 = 387 million leaves if expanded
+    assert len(yaml.safe_load(laughs)[-1]) == 9       # YAML shares them: no expansion here
+    with pytest.raises(ConfigError) as e:
+        from_dict(parse_overrides([f"p={laughs}"]), source="--set")
+    msg = str(e.value)
+    assert msg.startswith("--set: p: expected int, got [['x', ") and msg.endswith("...")
+    assert len(msg) <= len("--set: p: expected int, got ") + 200 and "\n" not in msg
+    for bad in ({"op": "x" * 5000}, {"y" * 5000: 1}):
+        with pytest.raises(ConfigError) as e:
+            from_dict(bad, source="spec.yaml")
+        got = str(e.value)
+        assert "x" * 201 not in got and "y" * 201 not in got and ("x" * 150 in got
+                                                                  or "y" * 150 in got)
+    with pytest.raises(ConfigError) as e:
+        parse_overrides(["z" * 5000])                 # no "=": the item itself is echoed
+    assert len(str(e.value)) < 260 and str(e.value).endswith(": expected key=value")
+
+
+def test_shown_and_clip_cut_with_an_ellipsis():
+    from grokhpc.config import clip, shown
+
+    assert shown("abc") == "'abc'" and shown(1.5) == "1.5" and clip("abc") == "abc"
+    assert shown("a" * 500) == "'" + "a" * 196 + "..." and len(shown("a" * 500)) == 200
+    assert clip("b" * 500, 20) == "b" * 17 + "..."
+    assert len(shown(list(range(10**6)))) <= 200
+
+
+def test_a_field_given_twice_is_refused_and_giving_it_once_works():
+    with pytest.raises(ConfigError) as e:
+        parse_overrides(["weight_decay=0.1", "lr=3e-3", " weight_decay =0.2"])
+    assert str(e.value) == ("--set: weight_decay: given twice ('weight_decay=0.1' and "
+                            "' weight_decay =0.2'); give each field once")
+    once = from_dict(parse_overrides(["weight_decay=0.2", "lr=3e-3"]), source="--set")
+    assert (once.weight_decay, once.lr) == (0.2, 3e-3)

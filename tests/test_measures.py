@@ -634,3 +634,55 @@ def test_runs_of_new_tasks_and_shapes_finalize(tmp_path, task):
     assert (summary["key_freqs"] is not None) == fourier
     assert summary["p"] == (None if cfg.op == "s5" else 7)
     assert summary["final_epoch"] == 4 and summary["final_all_loss"] > 0
+
+
+# ---- advice that works -------------------------------------------------------------------------
+HALF = dict(p=13, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=40,
+            checkpoint_every=20, eval_every=10, lr=3e-3, device="cpu")
+
+
+def test_a_half_finished_run_says_what_writes_its_measures_and_that_works(tmp_path, capsys):
+    """open_run(...).measures and ``python -m grokhpc.measures`` on a run trained 20 of 40
+    epochs: both say training is not finished and to run its training command again; doing
+    so writes the measures, and the measures command then works too."""
+    import grokhpc
+    from grokhpc.store import RunDirError
+    from grokhpc.train import Trainer
+
+    out = tmp_path / "half"
+    t = Trainer.open(RunConfig(**HALF), out)
+    t.fit(progress_bar=False, until=20)
+    t.close()
+    advice = ("training is not finished (20/40 epochs); run its python -m grokhpc.train command "
+              "again (or the sweep's launch) to finish it")
+    with pytest.raises(RunDirError) as e:
+        grokhpc.open_run(out).measures
+    assert str(e.value) == f"{out}: no measures.parquet yet: {advice} and write it"
+    assert measures.main([str(out)]) == 2
+    assert capsys.readouterr().err == f"error: {out}: {advice}\n"
+    cmd = [sys.executable, "-m", "grokhpc.train", "--out", str(out), "--no-progress",
+           *[f"--set={k}={v}" for k, v in HALF.items()]]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ONE_THREAD, timeout=300)
+    assert r.returncode == 0 and "resuming at epoch 20/40" in r.stdout, r.stderr
+    assert grokhpc.open_run(out).measures["epoch"].tolist() == [0, 20, 40]
+    assert measures.main([str(out)]) == 0
+
+
+def test_a_trained_run_without_measures_says_to_run_the_measures_command_and_that_works(
+        tiny_run, tmp_path):
+    import shutil
+
+    import grokhpc
+    from grokhpc.store import RunDirError
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run.path, out)
+    (out / "measures.parquet").unlink()
+    with pytest.raises(RunDirError) as e:
+        grokhpc.open_run(out).measures
+    assert str(e.value) == (f"{out}: no measures.parquet yet (run `python -m grokhpc.measures "
+                            f"{out}`)")
+    r = subprocess.run([sys.executable, "-m", "grokhpc.measures", str(out)], capture_output=True,
+                       text=True, env=ONE_THREAD, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert grokhpc.open_run(out).measures["epoch"].tolist() == tiny_run.checkpoints()[0]

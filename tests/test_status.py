@@ -2,6 +2,7 @@
 epochs done/planned, the error line of failed runs, and the command line table."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -97,6 +98,78 @@ def test_command_line_table(sweep_dir):
 def test_not_a_sweep_dir(tmp_path, capsys):
     assert status.main([str(tmp_path)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def _copy(sweep_dir, tmp_path):
+    """A copy of the module's sweep to damage: (its directory, the sweep)."""
+    out, sweep = sweep_dir
+    shutil.copytree(out, tmp_path / "sweep")
+    return tmp_path / "sweep", sweep
+
+
+def _states(out, verify=False) -> list[tuple[str, str | None]]:
+    return [(r.state, r.error) for r in status.collect(out, use_scheduler=False,
+                                                      verify_all=verify)]
+
+
+def test_a_done_run_with_a_flipped_checkpoint_byte_is_corrupt(sweep_dir, tmp_path):
+    """The last row is checked by default, every row with --verify; restoring the file from a
+    copy (the advice) makes the run done again."""
+    out, sweep = _copy(sweep_dir, tmp_path)
+    f = out / "runs" / sweep.runs[0].run_id / "checkpoints.npy"
+    good = f.read_bytes()
+    n = len(json.loads(f.with_name("progress.json").read_text())["checkpoint_epochs"])
+    row = (len(good) - 128) // n
+    damaged = bytearray(good)
+    damaged[128 + (n - 1) * row + row // 2] ^= 0x01           # one bit of the last row
+    f.write_bytes(bytes(damaged))
+    state, error = _states(out)[0]
+    assert state == "corrupt" and error == (
+        f"checkpoints.npy: row {n - 1} of {n} damaged (their checksums differ from those "
+        "written at commit); restore the file from a copy, or delete the run directory to "
+        "train the run again")
+    r = subprocess.run([sys.executable, "-m", "grokhpc.status", str(out), "--no-scheduler"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "1 corrupt" in r.stdout.splitlines()[-1]
+    f.write_bytes(good)                                        # restored from a copy
+    assert _states(out)[0] == ("done", None)
+    damaged = bytearray(good)
+    damaged[128 + row // 2] ^= 0x01                            # one bit of the first row
+    f.write_bytes(bytes(damaged))
+    assert _states(out)[0] == ("done", None)                   # the cheap check: last row only
+    state, error = _states(out, verify=True)[0]
+    assert state == "corrupt" and error.startswith(f"checkpoints.npy: row 0 of {n} damaged")
+    r = subprocess.run([sys.executable, "-m", "grokhpc.status", str(out), "--no-scheduler",
+                        "--verify"], capture_output=True, text=True)
+    assert r.returncode == 0 and "1 corrupt" in r.stdout.splitlines()[-1]
+    assert "row 0 of" in r.stdout
+
+
+def test_a_run_directory_holding_another_run_is_corrupt_until_moved_back(sweep_dir, tmp_path):
+    """The done run's directory moved to where the manifest expects a run never started:
+    that entry is corrupt (its directory holds another run), the moved run pending; moving
+    it back to a directory named for its run (the advice) mends both."""
+    out, sweep = _copy(sweep_dir, tmp_path)
+    done, never = sweep.runs[0].run_id, sweep.runs[3].run_id
+    (out / "runs" / done).rename(out / "runs" / never)
+    got = _states(out)
+    assert got[0] == ("pending", None) and got[3] == (
+        "corrupt", f"named for run {never} but holds run {done} (config.json); move it to a "
+                   "directory named for its run")
+    (out / "runs" / never).rename(out / "runs" / done)
+    got = _states(out)
+    assert got[0] == ("done", None) and got[3] == ("pending", None)
+
+
+def test_a_run_directory_given_to_status_says_how_to_open_it(sweep_dir, capsys):
+    import grokhpc
+
+    out, sweep = sweep_dir
+    run = sweep.runs[0].dir
+    assert status.main([str(run)]) == 2
+    assert capsys.readouterr().err == (f"error: {run}: not a sweep directory (no manifest.json); "
+                                       "a run directory; open it with grokhpc.open_run\n")
+    assert grokhpc.open_run(run).summary["run_id"] == sweep.runs[0].run_id   # the advice
 
 
 def test_error_line_from_a_submitit_log(tmp_path):

@@ -122,6 +122,103 @@ def test_run_dir_reads_verify_and_a_short_file_makes_the_run_incomplete(tmp_path
     assert not run.is_complete()
 
 
+def test_the_cheap_check_reads_the_last_row_length_and_header_only(tmp_path):
+    f = tmp_path / "checkpoints.npy"
+    _, crcs = write_rows(f, 4)
+    flip_byte(f, NPY_HEADER_BYTES + 1 * ROW + 5)            # row 1: only a full check sees it
+    check_checkpoints(f, 4, N_COLS, crcs, last_only=True)
+    with pytest.raises(RunDirError, match="row 1 of 4 damaged"):
+        check_checkpoints(f, 4, N_COLS, crcs)
+    flip_byte(f, NPY_HEADER_BYTES + 3 * ROW + 9)            # the last row: both see it
+    with pytest.raises(RunDirError, match=r"checkpoints.npy: row 3 of 4 damaged \(their"):
+        check_checkpoints(f, 4, N_COLS, crcs, last_only=True)
+    os.truncate(f, NPY_HEADER_BYTES + 2 * ROW)              # cut short: every row is read
+    with pytest.raises(RunDirError, match="rows 1-3 of 4 damaged .the file ends at"):
+        check_checkpoints(f, 4, N_COLS, crcs, last_only=True)
+
+
+def test_a_damaged_header_makes_a_run_incomplete_so_training_it_again_rewrites_it(tmp_path):
+    run, _ = make_run_dir(tmp_path / "run")
+    flip_byte(run.file("checkpoints.npy"), 30)
+    assert not run.is_complete()                # launch and train take it up again
+    with pytest.raises(RunDirError) as e:
+        run.verify_checkpoints()
+    assert str(e.value) == (f"{run.file('checkpoints.npy')}: .npy header damaged (rows intact); "
+                            "run its python -m grokhpc.train command again (or the sweep's "
+                            "launch) to rewrite it")
+
+
+# ---- strict JSON, and what a run directory may be -------------------------------------------
+def test_run_files_are_strict_json(tmp_path):
+    """A non-finite float (numpy's too) is written as null: a strict JSON reader (here one
+    that refuses NaN and Infinity) reads every file grokhpc writes."""
+    from grokhpc.store import atomic_write_json
+
+    f = tmp_path / "summary.json"
+    atomic_write_json(f, {"a": float("nan"), "b": [1.5, float("inf"), (np.float64("-inf"),)],
+                          "c": {"d": np.float64("nan"), "e": 2}, "g": "nan"})
+    strict = json.loads(f.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))
+    assert strict == {"a": None, "b": [1.5, None, [None]], "c": {"d": None, "e": 2}, "g": "nan"}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]   # no temporary left
+
+
+@pytest.mark.parametrize("marker", ["manifest.json", "runs"])
+def test_a_sweep_directory_is_not_a_run_directory(tmp_path, marker):
+    sweep = tmp_path / "sweep"
+    (sweep / "runs").mkdir(parents=True) if marker == "runs" else \
+        (sweep.mkdir(), (sweep / marker).write_text("{}"))
+    before = sorted(os.listdir(sweep))
+    with pytest.raises(RunDirError) as e:
+        RunDir(sweep).create({"run_id": "abc123"})
+    held = "runs/" if marker == "runs" else "manifest.json"
+    assert str(e.value) == (f"{sweep}: a sweep directory (holds {held}), not a run directory; "
+                            "use another --out directory")
+    assert sorted(os.listdir(sweep)) == before
+    RunDir(tmp_path / "elsewhere").create({"run_id": "abc123"})   # the advice: another one
+
+
+def test_files_naming_another_run_are_refused_naming_the_file(tmp_path):
+    from grokhpc.store import check_identity
+
+    run, _ = make_run_dir(tmp_path / "run")
+    check_identity(run)                           # config, progress and summary agree
+    prog = run.read_progress()
+    run.write_progress({**prog, "run_id": "def456"})
+    with pytest.raises(RunDirError) as e:
+        check_identity(run)
+    assert str(e.value) == (f"{run.file('progress.json')}: belongs to run def456, but "
+                            "config.json holds run abc123; restore the run directory from a "
+                            "copy, or delete it to train the run again")
+    run.write_progress(prog)
+    run.file("summary.json").write_text('{"run_id": "def456"}')
+    with pytest.raises(RunDirError, match=r"summary.json: belongs to run def456"):
+        check_identity(run)
+
+
+def test_a_directory_named_for_another_run_is_refused(tmp_path):
+    from grokhpc.store import check_identity
+
+    named = tmp_path / "0123456789ab"
+    with pytest.raises(RunDirError) as e:            # a new one
+        RunDir(named).create({"run_id": "ba9876543210"})
+    assert str(e.value) == (f"{named}: named for run 0123456789ab, not ba9876543210; use "
+                            "another --out directory")
+    assert not named.exists()
+    run, _ = make_run_dir(tmp_path / "x")
+    run.path.rename(named)                           # an existing one, moved under that name
+    with pytest.raises(RunDirError) as e:
+        check_identity(RunDir(named))
+    assert str(e.value) == (f"{named}: named for run 0123456789ab but holds run abc123 "
+                            "(config.json); move it to a directory named for its run")
+    with pytest.raises(RunDirError, match="named for run 0123456789ab"):
+        RunDir(named).create({"run_id": "abc123"})
+    named.rename(tmp_path / "abc123")                # the advice (abc123: not 12 hex, any name)
+    check_identity(RunDir(tmp_path / "abc123"))
+    good = tmp_path / "ba9876543210"                 # a directory named for its own run
+    RunDir(good).create({"run_id": "ba9876543210"})
+    check_identity(RunDir(good))
+
+
 # ---- writes that fail for want of space ---------------------------------------------------------
 FULL_DISK = """
 import errno, json, resource, signal, sys

@@ -395,7 +395,9 @@ def test_diverged_run_is_marked_and_the_others_go_on(tmp_path, solo):
     assert err.startswith("diverged:") and bad.run_id in err
     prog = RunDir(dirs[1]).read_progress()
     assert prog["epoch"] == 0 and not prog["done"]  # keeps its last finite commit
-    assert not RunDir(dirs[1]).file("summary.json").exists()
+    assert prog["diverged_epoch"] == int(err.split("first at epoch ")[1].split(" ")[0])
+    summary = RunDir(dirs[1]).read_summary()     # says so, and reports no final values
+    assert summary["diverged"] is True and not [k for k in summary if k.startswith("final_")]
     curves = RunDir(dirs[1]).read_curves()
     assert np.isfinite(curves["test_loss"].dropna()).all()
     # a later call leaves it alone (deterministic: it would diverge again)
