@@ -89,7 +89,8 @@ def test_solo_default_path_syncs_only_at_commits(tmp_path, count_reads):
     """A solo run (full batch, test scored every 5 epochs, a row every 20): no host sync in
     any epoch without a commit (epoch 0 finds the train split's query tokens, once; the test
     split's were found when the run was opened), and the progress bar's postfix at a commit
-    reads the device once, beside the commit's own copies."""
+    reads the device once and the divergence check once (grokhpc.divergence), beside the
+    commit's own copies."""
     trainer = Trainer.open(BASE, tmp_path / "solo", state_every_s=1e9)
     counter = HostSyncs(lambda: trainer.epoch, lambda: step_counters(trainer.optimizer))
     count_reads(counter)
@@ -102,9 +103,10 @@ def test_solo_default_path_syncs_only_at_commits(tmp_path, count_reads):
     assert commits == [20, 40]
     assert per_epoch(counter, quiet) == {e: 0 for e in quiet}, counter.by_epoch
     assert counter.by_epoch[0]["_unique2"] == 1   # the train split's queries
-    for e in commits:   # beside the commit's copies, the postfix's one read
+    for e in commits:   # beside the commit's copies, the postfix's and the check's reads
         c = counter.by_epoch[e]
-        assert c["tolist"] == 1 and c["_local_scalar_dense"] == c["boolean mask"] == 0, c
+        assert c["tolist"] == 1 and c["_local_scalar_dense"] == 1, c
+        assert c["boolean mask"] == 0, c
 
 
 def _packed(tmp_path, schedule: bool):
