@@ -234,7 +234,7 @@ def packed_rate(trainers, dev: Device, mode: str, args, log, precision="highest"
     """(run-epochs/s, peak MiB) of a batched Stack over ``trainers`` (weights from their
     shadows, so every mode starts from the same state) in step ``mode`` at matmul
     ``precision``; None when the device runs out of memory."""
-    from grokhpc.train import matmul_precision
+    from grokhpc.runtime import matmul_precision
     from grokhpc.train_batched import Stack
 
     dev.reset()

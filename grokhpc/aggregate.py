@@ -321,7 +321,8 @@ def read_run(run_dir: Path, sweep: Path, stage_dir: Path | None = None) -> RunRe
 
     With ``stage_dir``, a finished run's curves are written there (as a hidden temporary
     Parquet file, ``curves_tmp``) by the calling thread, instead of kept in memory."""
-    from .store import provenance_columns, read_json
+    from .runtime import provenance_columns
+    from .store import read_json
 
     sig, stray = _sig(run_dir)
     try:

@@ -40,6 +40,31 @@ NEW_FIELD_DEFAULTS: dict[str, Any] = {
 }
 
 
+# The grokking threshold: a run has grokked at its first logged epoch with test accuracy
+# at or above it (Power et al. 2022); stop_after_grok, the measures and the tables use it.
+GROK_ACC = 0.99
+
+# Fields that must be equal across a group. They fix tensor shapes (p and op the vocabulary
+# and classes, the sizes, n_layers, act_fn and normalization the parameters and the forward),
+# the commit schedule (n_epochs, checkpoint_every, eval_every), the loss's dtype, the kind of
+# optimiser state that is stacked (optimizer: Adam moments or SGD momentum buffers) and the
+# step schedule (batch_size: the number and size of minibatches per epoch) and the float32
+# matmul precision (one setting of the process for the whole stacked computation). Everything
+# else -- lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale,
+# fixed_weight_norm, label_noise, seeds, stop_after_grok -- may differ run by run.
+SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_layers", "act_fn",
+                "normalization", "n_epochs", "checkpoint_every", "eval_every", "loss_dtype",
+                "optimizer", "batch_size", "matmul_precision")
+# With an integer batch_size, train_frac too: the runs take their k-th minibatch in the same
+# step, so each needs the same ceil(n_train / batch_size) steps of the same sizes per epoch.
+MINIBATCH_SHAPE_FIELDS = ("train_frac",)
+
+
+def shape_fields(cfg: "RunConfig") -> tuple[str, ...]:
+    """The fields a group of runs shaped like ``cfg`` must share."""
+    return SHAPE_FIELDS + (() if cfg.full_batch else MINIBATCH_SHAPE_FIELDS)
+
+
 class ConfigError(ValueError):
     """A bad value typed by the user; the message names the source, the field and what was expected."""
 
@@ -113,6 +138,16 @@ class RunConfig:
         """Rows of the dataset: every (a, b), less b = 0 for div."""
         n = self.n_classes
         return n * (n - 1) if self.op == "div" else n * n
+
+    @property
+    def n_train(self) -> int:
+        """Training rows: the first ``int(n_pairs * train_frac)`` of the seeded permutation."""
+        return int(self.n_pairs * self.train_frac)
+
+    @property
+    def n_test(self) -> int:
+        """Test rows: the rest of the pairs."""
+        return self.n_pairs - self.n_train
 
     @property
     def d_vocab(self) -> int:
@@ -243,7 +278,7 @@ def validate(cfg: RunConfig, source: str = "run config") -> None:
         if not ok:
             raise _fail(source, key, expected, getattr(cfg, key, None) if "/" not in key else
                         (cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp))
-    if int(cfg.n_pairs * cfg.train_frac) < 1:
+    if cfg.n_train < 1:
         raise _fail(source, "train_frac", "a fraction leaving at least one training pair",
                     cfg.train_frac)
 
@@ -283,7 +318,7 @@ def _model_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
 
 
 def _optim_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
-    n_train = int(cfg.n_pairs * cfg.train_frac)
+    n_train = cfg.n_train
     return [
         (cfg.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}"),
         (cfg.lr > 0, "lr", "a positive learning rate"),

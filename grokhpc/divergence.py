@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .store import (SUMMARY, RunDir, RunDirError, atomic_write_json, provenance_columns,
+from .runtime import provenance_columns
+from .store import (SUMMARY, RunDir, RunDirError, atomic_write_json,
                     read_json)
 
 DIVERGED_PREFIX = "diverged:"

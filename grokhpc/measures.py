@@ -97,7 +97,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .config import shown
+from .config import GROK_ACC, shown
 from .store import (MEASURES, RERUN_TRAINING, SUMMARY, RunDir, RunDirError, atomic_write_json,
                     atomic_write_table)
 
@@ -532,8 +532,8 @@ def detect_phases(curves, n_classes: int) -> dict[str, Any]:
       loss, or test accuracy 100%, with train loss and test accuracy read through
       :func:`running_median` (so neither a brief train-loss spike, which puts train loss
       within a tenth of test loss, nor one evaluation at 100% ends cleanup);
-    * grokking_epoch: the first epoch with test accuracy >= 0.99; when never reached, the last
-      epoch, with ``grokked`` False (censored).
+    * grokking_epoch: the first epoch with test accuracy >= GROK_ACC (0.99); when never
+      reached, the last epoch, with ``grokked`` False (censored).
 
     A boundary not reached is None.
     """
@@ -563,7 +563,7 @@ def detect_phases(curves, n_classes: int) -> dict[str, Any]:
                            & ((test_loss <= 10 * train_smooth) | (acc_smooth >= 1.0)))[0]
         if len(clean):
             out["cleanup_end"] = int(ep[clean[0]])
-    hit = np.nonzero(test_acc >= 0.99)[0]
+    hit = np.nonzero(test_acc >= GROK_ACC)[0]
     out["grokked"] = bool(len(hit))
     out["grokking_epoch"] = int(ep[hit[0]]) if len(hit) else int(curves["epoch"].max())
     return out

@@ -29,7 +29,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
-STEP_MODES = ("eager", "fused", "graph", "compile")
+from .runtime import STEP_MODES
+
 STEP_MODE_ENV = "GROKHPC_STEP_MODE"
 WARMUP_CALLS = 3   # eager calls before a capture (on a side stream, as torch.cuda.graphs asks)
 

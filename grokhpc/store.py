@@ -720,52 +720,6 @@ def _read_if_readable(f: Path) -> Any:
         return None
 
 
-# The environment a result depends on (device type and, on CPU, torch's thread count among it):
-# per attempt in progress.json, flattened into summary.json and runs.parquet as these columns.
-PROVENANCE_COLUMNS = {"host": "host", "slurm_job": "slurm_job", "device_name": "device_name",
-                      "torch_threads": "torch_threads", "python": "python_version",
-                      "torch": "torch_version", "transformer_lens": "transformer_lens_version",
-                      "numpy": "numpy_version", "grokhpc": "grokhpc_version",
-                      "grokhpc_commit": "grokhpc_commit"}
-# Attempt fields that change the numbers: a run trained under more than one is not one that
-# ran uninterrupted in any of them. The device counts by type (cuda:0 and cuda:1 alike), the
-# thread count on CPU only.
-RESULT_FIELDS = ("device", "device_name", "torch_threads", "python", "torch", "numpy",
-                 "transformer_lens", "grokhpc", "grokhpc_commit")
-
-
-def result_environment(attempt: dict[str, Any]) -> dict[str, Any]:
-    """The fields of an attempt that change a run's numbers, as compared between attempts."""
-    env = {k: attempt.get(k) for k in RESULT_FIELDS}
-    env["device"] = str(env["device"] or "").split(":")[0] or None
-    if env["device"] != "cpu":
-        env["torch_threads"] = None
-    return env
-
-
-def changed_environment(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """The result-changing fields that differ between two attempts (thread counts only
-    between two CPU attempts)."""
-    a, b = result_environment(before), result_environment(after)
-    both_cpu = a["device"] == b["device"] == "cpu"
-    return [k for k in RESULT_FIELDS if a[k] != b[k] and (k != "torch_threads" or both_cpu)]
-
-
-def provenance_columns(progress: dict[str, Any] | None) -> dict[str, Any]:
-    """Flat provenance of a run from progress.json's ``attempts``: the latest attempt's
-    environment, ``n_attempts``, and ``attempts_differ`` (the result-changing fields that
-    differ between attempts, comma-separated; None when every attempt ran alike)."""
-    attempts = [a for a in ((progress or {}).get("attempts") or []) if isinstance(a, dict)]
-    if not attempts:
-        return {}
-    last = attempts[-1]
-    out = {col: last.get(field) for field, col in PROVENANCE_COLUMNS.items()}
-    out["n_attempts"] = int(last.get("attempt") or len(attempts))
-    differ = {k for a in attempts[:-1] for k in changed_environment(a, last)}
-    out["attempts_differ"] = ", ".join(k for k in RESULT_FIELDS if k in differ) or None
-    return out
-
-
 def _n_cols(progress: dict[str, Any]) -> int:
     """Values per checkpoint row, from progress.json's parameter layout."""
     return sum(int(np.prod(shape)) for _, shape in progress.get("layout") or [])

@@ -51,7 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, to_dict
+from .config import (FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, shape_fields,
+                     to_dict)
 from .tracking import WandbSettings, parse_wandb
 
 SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher", "figures")
@@ -841,9 +842,7 @@ def load_sweep(path: str | os.PathLike, overrides: Iterable[str] = (),
 # ---- packing runs into jobs ----------------------------------------------------------------
 def shape_key(cfg: RunConfig) -> tuple:
     """Runs with equal keys can be trained together as one batched computation: the device
-    and the fields a packed group must share (``grokhpc.train_batched.shape_fields``)."""
-    from .train_batched import shape_fields
-
+    and the fields a packed group must share (``grokhpc.config.shape_fields``)."""
     return (cfg.device,) + tuple((f, getattr(cfg, f)) for f in shape_fields(cfg))
 
 

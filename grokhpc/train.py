@@ -29,11 +29,9 @@ diverged instead of committed (grokhpc.divergence).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import io
 import math
-import os
 import sys
 import time
 import traceback
@@ -46,26 +44,17 @@ import numpy as np
 
 from . import config as config_mod
 from . import preempt, tracking
-from .config import ConfigError, RunConfig
+from .config import GROK_ACC, ConfigError, RunConfig
 from .divergence import RunDiverged, check_trainer, clear_diverged, refuse_diverged_before
 from .lastpos import accuracy, cross_entropy
+from .runtime import (DEFAULT_STATE_EVERY_S, MAX_ATTEMPTS_KEPT, changed_environment,
+                      deterministic_for, deterministic_kernels, matmul_precision, provenance,
+                      provenance_columns, resolve_device)
 from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirError,
                     RunLockedError, append_checkpoint_row, atomic_write_bytes, atomic_write_json,
-                    changed_environment, check_checkpoints, check_identity,
-                    checkpoint_checksums, header_holds, lock_run, provenance_columns,
+                    check_checkpoints, check_identity,
+                    checkpoint_checksums, header_holds, lock_run,
                     refuse_sweep_root, truncate_checkpoints)
-
-
-GROK_ACC = 0.99  # the grokking threshold on test accuracy (as the measures' grokking_epoch)
-DEFAULT_STATE_EVERY_S = 600.0   # state.pt at most this often; 0: with every checkpoint row
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 # The one cross-entropy and accuracy (float64 by default, as the seed's loss_fn), under the
@@ -82,137 +71,6 @@ def make_optimizer(model, cfg: RunConfig):
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # a full disk, a quota, a file size limit
-
-
-# ---- provenance ---------------------------------------------------------------------------------
-MAX_ATTEMPTS_KEPT = 20   # progress.json keeps the first attempt and the latest ones
-
-
-def slurm_job_id() -> str | None:
-    """``ARRAYJOB_TASK`` for an array task, else the job id; None outside SLURM."""
-    env = os.environ
-    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    return env.get("SLURM_JOB_ID") or None
-
-
-def device_name(device) -> str | None:
-    """The GPU's name, or the CPU model from /proc/cpuinfo (the platform's word elsewhere)."""
-    import platform
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.lower().startswith(("model name", "hardware", "cpu model")):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine() or None
-    return device.type
-
-
-def git_commit(root: Path) -> str | None:
-    """The commit checked out at ``root`` (a checkout or worktree), read from .git without
-    running git; None when there is none or it cannot be read."""
-    try:
-        dot = root / ".git"
-        if dot.is_file():   # a worktree or submodule: "gitdir: PATH"
-            gitdir = (root / dot.read_text().split("gitdir:", 1)[1].strip()).resolve()
-        elif dot.is_dir():
-            gitdir = dot
-        else:
-            return None
-        head = (gitdir / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head or None
-        ref = head[5:].strip()
-        common = gitdir
-        if (gitdir / "commondir").exists():
-            common = (gitdir / (gitdir / "commondir").read_text().strip()).resolve()
-        for base in (gitdir, common):
-            if (base / ref).is_file():
-                return (base / ref).read_text().strip() or None
-        for line in (common / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except (OSError, IndexError, ValueError):
-        pass
-    return None
-
-
-def provenance(device) -> dict[str, Any]:
-    """Who trains, where, with what: recorded once per attempt (process) in progress.json."""
-    import platform
-    import socket
-    from importlib import metadata
-
-    import numpy
-    import torch
-
-    def version(dist: str) -> str | None:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
-            "pid": os.getpid(), "slurm_job": slurm_job_id(), "device": str(device),
-            "device_name": device_name(device), "torch_threads": torch.get_num_threads(),
-            "matmul_precision": torch.get_float32_matmul_precision(),
-            "deterministic_algorithms": deterministic_for(device),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformer_lens": version("transformer_lens"), "numpy": numpy.__version__,
-            "grokhpc": version("grokhpc"),
-            "grokhpc_commit": git_commit(Path(__file__).resolve().parent.parent)}
-
-
-@contextlib.contextmanager
-def matmul_precision(precision: str):
-    """torch's float32 matmul precision set to ``precision`` (a run's ``matmul_precision``:
-    highest, or high for TF32 on GPUs that have it) for the block, the process's own restored
-    afterwards."""
-    import torch
-
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
-
-
-def deterministic_for(device) -> bool:
-    """Whether training steps on ``device`` run with torch's deterministic algorithms: on a CPU,
-    where the backward of an index with repeated rows otherwise adds with atomics across
-    threads (a resume would not be bit-identical); not on CUDA, whose index backward sorts
-    anyway and where the setting would send scatter and index_put through slower paths and
-    fill every ``torch.empty`` with NaN."""
-    import torch
-
-    return torch.device(device).type == "cpu"
-
-
-@contextlib.contextmanager
-def deterministic_kernels(on: bool):
-    """torch's deterministic algorithms (warn only) for the block when ``on``, the process's
-    own setting restored afterwards; nothing is touched when not ``on``."""
-    if not on:
-        yield
-        return
-    import torch
-
-    before = torch.are_deterministic_algorithms_enabled()
-    warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn)
 
 
 def state_checksum(obj: Any, crc: int = 0) -> int:

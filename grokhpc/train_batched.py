@@ -1,6 +1,6 @@
 """Train a group of same-shaped runs in one process, as one stacked computation.
 
-``train_group(cfgs, out_dirs)`` trains R runs that share the fields of ``SHAPE_FIELDS`` (the
+``train_group(cfgs, out_dirs)`` trains R runs that share the fields of ``config.SHAPE_FIELDS`` (the
 shapes, the commit schedule, the optimiser's kind and the minibatch schedule) and may differ in
 everything else (seeds, train_frac for full-batch runs, lr, weight_decay, betas, momentum,
 warmup and lr schedule, init_scale, fixed_weight_norm, label_noise, stop_after_grok). Each
@@ -82,28 +82,10 @@ from . import preempt
 from .config import RunConfig
 from .stacked_optim import FlatStackedAdamW, StackedAdamW, StackedSGD, _b, stacked_optimizer
 from .divergence import first_nonfinite, is_diverged, mark_diverged
+from .config import GROK_ACC, shape_fields
+from .runtime import (DEFAULT_STATE_EVERY_S, STEP_MODES, deterministic_for,
+                      deterministic_kernels, matmul_precision, resolve_device)
 from .store import RunDir, RunDirError
-
-# Fields that must be equal across a group. They fix tensor shapes (p and op the vocabulary
-# and classes, the sizes, n_layers, act_fn and normalization the parameters and the forward),
-# the commit schedule (n_epochs, checkpoint_every, eval_every), the loss's dtype, the kind of
-# optimiser state that is stacked (optimizer: Adam moments or SGD momentum buffers) and the
-# step schedule (batch_size: the number and size of minibatches per epoch) and the float32
-# matmul precision (one setting of the process for the whole stacked computation). Everything
-# else -- lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale,
-# fixed_weight_norm, label_noise, seeds, stop_after_grok -- may differ run by run.
-SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_layers", "act_fn",
-                "normalization", "n_epochs", "checkpoint_every", "eval_every", "loss_dtype",
-                "optimizer", "batch_size", "matmul_precision")
-# With an integer batch_size, train_frac too: the runs take their k-th minibatch in the same
-# step, so each needs the same ceil(n_train / batch_size) steps of the same sizes per epoch.
-MINIBATCH_SHAPE_FIELDS = ("train_frac",)
-
-
-def shape_fields(cfg: RunConfig) -> tuple[str, ...]:
-    """The fields a group of runs shaped like ``cfg`` must share."""
-    return SHAPE_FIELDS + (() if cfg.full_batch else MINIBATCH_SHAPE_FIELDS)
-
 
 class GroupError(ValueError):
     """Runs that cannot be trained as one group (shapes differ, duplicate runs or directories)."""
@@ -218,8 +200,6 @@ class Stack:
         import copy
 
         import torch
-
-        from .train import deterministic_for
 
         self.trainers, self.device = trainers, device
         self.exact = (torch.device(device).type == "cpu") if exact is None else bool(exact)
@@ -348,8 +328,6 @@ class Stack:
 
     def _update(self, rows):
         """One optimiser step of every run on its ``rows``; (losses, accuracies) detached."""
-        from .train import deterministic_kernels
-
         with deterministic_kernels(self.deterministic):   # forward too: a compiled
             losses, accs = self._losses(rows)                # backward is made with it
             losses.sum().backward()
@@ -502,8 +480,6 @@ class Stack:
     def note_grok(self) -> None:
         """Each ``stop_after_grok`` run's first epoch with a logged test accuracy >= 99% (one
         read from the device, only for such runs that have not grokked yet)."""
-        from .train import GROK_ACC
-
         watch = [r for r, c in enumerate(self.cfgs)
                  if c.stop_after_grok is not None and self.grok[r] is None]
         if not watch:
@@ -772,7 +748,6 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence, device=None,
 
     Training runs at the group's ``matmul_precision`` (the process's own is restored after).
     """
-    from .train import matmul_precision, resolve_device
 
     cfgs = list(cfgs)
     out_dirs = [Path(d) for d in out_dirs]
@@ -919,8 +894,6 @@ def auto_runs_per_job(cfg: RunConfig | Sequence[RunConfig], device=None, safety:
     """
     import torch
 
-    from .train import resolve_device
-
     cfgs = [cfg] if isinstance(cfg, RunConfig) else list(cfg)
     dev = resolve_device(device if device is not None else cfgs[0].device) \
         if not isinstance(device, torch.device) else device
@@ -954,8 +927,7 @@ def configs_from_dirs(dirs: Sequence) -> list[RunConfig]:
 def build_parser():
     import argparse
 
-    from .step_mode import STEP_MODES
-    from .train import DEFAULT_STATE_EVERY_S, minutes_arg
+    from .train import minutes_arg
 
     ap = argparse.ArgumentParser(
         prog="python -m grokhpc.train_batched",
@@ -1005,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = ["train_group", "auto_runs_per_job", "bytes_per_run", "group_bytes", "padded_rows",
            "split_rows", "check_group", "GroupError",
-           "StackedAdamW", "StackedSGD", "Stack", "Rows", "SHAPE_FIELDS", "shape_fields",
+           "StackedAdamW", "StackedSGD", "Stack", "Rows", 
            "uses_fast_path", "hooked_last_logits", "configs_from_dirs", "main"]
 
 

@@ -691,7 +691,7 @@ def test_reads_what_the_trainer_writes(tmp_path):
     import platform
     import socket
 
-    from grokhpc.store import provenance_columns
+    from grokhpc.runtime import provenance_columns
 
     assert row["host"] == socket.gethostname() and row["python_version"] == \
         platform.python_version() and row["n_attempts"] == 1

@@ -84,7 +84,7 @@ def test_training_leaves_the_process_settings_as_it_found_them(tmp_path, monkeyp
     """On a CPU each step runs with deterministic algorithms (a resume is bit-identical only
     so), and the attempt says so; before and after, and between steps, the process has its own
     setting, and no CUBLAS_WORKSPACE_CONFIG is added to its environment."""
-    from grokhpc.train import deterministic_for
+    from grokhpc.runtime import deterministic_for
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     assert not torch.are_deterministic_algorithms_enabled()

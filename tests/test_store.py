@@ -18,8 +18,8 @@ import pytest
 
 from conftest import TRY_LOCK
 from grokhpc.store import (NPY_HEADER_BYTES, RunDir, RunDirError, RunLockedError,
-                           append_checkpoint_row, check_checkpoints, lock_run, provenance_columns,
-                           read_json)
+                           append_checkpoint_row, check_checkpoints, lock_run, read_json)
+from grokhpc.runtime import provenance_columns
 
 N_COLS = 50
 ROW = N_COLS * 4

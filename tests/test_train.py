@@ -27,7 +27,8 @@ from grokhpc.config import RunConfig
 from grokhpc.config import to_dict as config_to_dict
 from conftest import TRY_LOCK
 from grokhpc.store import (CHECKPOINTS, CURVE_COLUMNS, NPY_HEADER_BYTES, RUN_FILES, RunDir,
-                           RunDirError, append_checkpoint_row, provenance_columns)
+                           RunDirError, append_checkpoint_row)
+from grokhpc.runtime import provenance_columns
 from grokhpc.train import Trainer, run_training
 
 TINY = dict(p=13, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=240,

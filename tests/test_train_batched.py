@@ -86,7 +86,7 @@ def compare_runs(a: Path, b: Path, rel: float = 1e-13) -> dict[str, float]:
     assert {k: v for k, v in pa.items() if k not in TIME_KEYS + ("attempts",)} == \
         {k: v for k, v in pb.items() if k not in TIME_KEYS + ("attempts",)}
     # attempts: a kill adds one, but every attempt of both ran in the same environment
-    from grokhpc.store import result_environment
+    from grokhpc.runtime import result_environment
 
     def environments(prog):
         return {repr(result_environment(a)) for a in prog["attempts"]}
