@@ -98,7 +98,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .config import GROK_ACC, shown
-from .store import (MEASURES, RERUN_TRAINING, SUMMARY, RunDir, RunDirError, atomic_write_json,
+from .checkpoints import RERUN_TRAINING
+from .store import (MEASURES, SUMMARY, RunDir, RunDirError, atomic_write_json,
                     atomic_write_table)
 
 FOURIER_OPS = ("sub", "add")

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import TRY_LOCK
-from grokhpc.store import (NPY_HEADER_BYTES, RunDir, RunDirError, RunLockedError,
-                           append_checkpoint_row, check_checkpoints, lock_run, read_json)
+from grokhpc.checkpoints import NPY_HEADER_BYTES, append_checkpoint_row, check_checkpoints
+from grokhpc.store import RunDir, RunDirError, RunLockedError, lock_run, read_json
 from grokhpc.runtime import provenance_columns
 
 N_COLS = 50
@@ -223,7 +223,8 @@ def test_a_directory_named_for_another_run_is_refused(tmp_path):
 FULL_DISK = """
 import errno, json, resource, signal, sys
 import numpy as np
-from grokhpc.store import append_checkpoint_row, atomic_write_bytes
+from grokhpc.checkpoints import append_checkpoint_row
+from grokhpc.store import atomic_write_bytes
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit raises EFBIG
 d, limit = sys.argv[1], int(sys.argv[2])
 with open(d + "/state.pt", "wb") as f:
