@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 def os_error_line(e: OSError, args) -> str:
     """One line for a file operation that failed, with what to do: --out for a folder that
     cannot be written (a read-only run), space for a full disk."""
-    from .aggregate import NO_SPACE, NOT_ALLOWED
+    from .store import NO_SPACE, NOT_ALLOWED
 
     where = e.filename or args.out or Path(args.run_dir) / "figures"
     what = os.strerror(e.errno) if e.errno else str(e)
@@ -421,7 +421,7 @@ def os_error_line(e: OSError, args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .aggregate import out_problem
+    from .store import out_problem
     from .figures import ExportError, parse_formats
     from .store import RunDirError
 

@@ -82,7 +82,11 @@ def temp_beside(path: str | os.PathLike) -> Path:
     """A new empty temporary file in ``path``'s directory (``.NAME.XXXXXXXX.tmp``, with the
     permissions the umask gives a new file), to write and then rename over ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        e.filename = str(path)   # name the file to be written, not a temporary never made
+        raise
     os.close(fd)
     try:
         os.chmod(tmp, 0o666 & ~_umask())
@@ -164,6 +168,25 @@ def write_table(target: str | os.PathLike, table, *, name: str | os.PathLike | N
         if isinstance(e, OSError) and e.errno:   # pyarrow names no file
             raise OSError(e.errno, os.strerror(e.errno), str(name or target)) from e
         raise
+
+
+# What a failed write's errno says: no room (a full disk, a quota, a file size limit), or no
+# right to write there (permissions, a read-only mount). The commands' one-line advice uses it.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def out_problem(out: str | os.PathLike | None) -> str | None:
+    """One line when ``--out`` cannot be a directory (an existing file, or a path through
+    one), else None."""
+    if not out:
+        return None
+    p = Path(out).absolute()
+    found = next((d for d in (p, *p.parents) if d.exists() or d.is_symlink()), None)
+    if found is None or found.is_dir():
+        return None
+    return f"--out {out}: expected a directory, got " + (
+        "an existing file" if found == p else f"a path under the file {found}")
 
 
 def read_json(path: str | os.PathLike) -> Any:

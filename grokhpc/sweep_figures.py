@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .aggregate import FINISHED, config_scalar_columns
+from .tables import FINISHED, config_scalar_columns
 
 # colour / series preference among swept fields
 AXIS_PREFERENCE = ("weight_decay", "train_frac", "p", "lr", "op", "d_model", "d_mlp", "n_heads",
