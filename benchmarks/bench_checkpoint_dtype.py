@@ -70,10 +70,10 @@ def stored_as(src, dst: Path, dtype: str):
 
 def measured(run):
     """(measures DataFrame, key_freqs, summary) as finalize_run computes them."""
-    from grokhpc import measures
+    from grokhpc import measures, phases
 
     table, key = measures.compute_measures(run)
-    return table.to_pandas(), key, measures.build_summary(run, table, key)
+    return table.to_pandas(), key, phases.build_summary(run, table, key)
 
 
 def first(epochs, hits) -> int | None:

@@ -165,10 +165,9 @@ def final_state(run):
     import torch
 
     from .data import all_pairs
-    from .measures import run_config
     from .model import build_model, load_flat
 
-    cfg = run_config(run.read_config())
+    cfg = run.run_config()
     epochs, ckpts = run.checkpoints()
     row = np.array(ckpts[-1])
     model = build_model(cfg, "cpu")

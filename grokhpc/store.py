@@ -56,7 +56,7 @@ import numpy as np
 from .checkpoints import (CHECKPOINT_STORAGE, NPY_HEADER_BYTES, CheckpointRows, RunDirError,
                           check_checkpoints, check_storage, decode_rows, header_holds,
                           row_itemsize)
-from .config import clip, shown
+from .config import RunConfig, clip, from_run_dict, shown
 
 CONFIG = "config.json"
 PROGRESS = "progress.json"
@@ -392,6 +392,12 @@ class RunDir:
         if not self.file(CONFIG).exists():
             raise RunDirError(f"{self.path}: not a run directory (no {CONFIG})")
         return read_json(self.file(CONFIG))
+
+    def run_config(self) -> RunConfig:
+        """config.json as a RunConfig (``config.from_run_dict``: its run_id must be the hash of
+        its fields). Read through ``read_json``, so a trainer holding the run's lock keeps it:
+        opening and closing config.json any other way (``config.load_json``) would drop it."""
+        return from_run_dict(self.read_config(), source=str(self.file(CONFIG)))
 
     def read_progress(self) -> dict[str, Any] | None:
         f = self.file(PROGRESS)
