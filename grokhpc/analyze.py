@@ -164,7 +164,7 @@ def final_state(run):
     import numpy as np
     import torch
 
-    from .data import all_pairs
+    from .data import grid_tokens
     from .model import build_model, load_flat
 
     cfg = run.run_config()
@@ -173,9 +173,8 @@ def final_state(run):
     model = build_model(cfg, "cpu")
     load_flat(model, torch.from_numpy(row))
     n = cfg.n_classes
-    tokens, _ = all_pairs(n, "sub")          # every (a, b): the inputs, whatever the op
     with torch.inference_mode():
-        _, cache = model.run_with_cache(tokens)
+        _, cache = model.run_with_cache(grid_tokens(n))   # every (a, b), whatever the op
     return cfg, epochs[-1], run.unflatten(row), cache
 
 

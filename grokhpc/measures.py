@@ -107,8 +107,10 @@ from .config import RunConfig, shown
 from .lastpos import cross_entropy, row_hits, row_losses
 from .phases import build_summary
 from .store import MEASURES, SUMMARY, RunDir, RunDirError, atomic_write_json, atomic_write_table
+from .tasks import TASKS
 
-FOURIER_OPS = ("sub", "add")
+# The tasks whose answer is i +- j over Z_p: the Fourier measures read them.
+FOURIER_OPS = tuple(name for name, t in TASKS.items() if t.group == "Z_p")
 MAX_KEY_FREQS = 8
 SCALAR_COLUMNS = ("train_loss", "train_acc", "test_loss", "test_acc", "all_loss", "all_acc",
                   "weight_norm_sq", "gini_embed", "gini_logit", "restricted_loss",
@@ -201,7 +203,7 @@ def parse_key_freqs(text: str, p: int) -> list[int]:
 
 def answer_sign(op: str) -> int:
     """d = a + sign * b: the direction of the answer on the grid (a - b for sub)."""
-    return {"sub": -1, "add": 1}[op]
+    return TASKS[op].sign
 
 
 # ---- the per-checkpoint evaluator (torch) ---------------------------------------------------
@@ -293,12 +295,12 @@ class Evaluator:
         return self._fast_grid(W, resid)
 
     def _hooked_model(self):
-        from .data import all_pairs
+        from .data import grid_tokens
         from .model import Transformer, shape_of
 
         model = Transformer(shape_of(self.cfg)).to(self.device)
         model.requires_grad_(False)
-        self.grid_tokens = all_pairs(self.p, "sub")[0].to(self.device)   # every (a, b, =)
+        self.grid_tokens = grid_tokens(self.p).to(self.device)   # every (a, b, =)
         c = self.cfg
         per_row = 3 * (c.n_layers * (4 * c.d_model + 2 * c.d_mlp) + c.n_classes)
         self.chunk = max(64, (1 << 24) // per_row)         # rows per forward: ~64 MB of floats

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from grokhpc.config import RunConfig
-from grokhpc.data import all_pairs, make_dataset, s5_elements, split_indices
+from grokhpc.data import all_pairs, make_dataset, split_indices
+from grokhpc.tasks import s5_elements
 
 
 def test_seed_split_first_rows_match_the_notebook():
