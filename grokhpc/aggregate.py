@@ -489,16 +489,14 @@ def _refuse(sweeps: list[str], out: str | None) -> tuple[str, int] | None:
     return (why, 2) if why else None
 
 
-def write_failure(e: BaseException, out_dir) -> str:
+def write_failure(e: OSError | WriteError, out_dir) -> str:
     """One line for an OSError while aggregating (a full disk, a folder that cannot be
     written), and what to do; the tables are never left half-written (see the module doc)."""
-    e = e.args[0] if isinstance(e, WriteError) else e
-    code = getattr(e, "errno", None)
-    what = os.strerror(code) if code else str(e)
-    todo = ("; free some space and run the same command again" if code in NO_SPACE else
-            "; write them elsewhere with --out DIR" if code in NOT_ALLOWED else "")
-    return (f"{getattr(e, 'filename', None) or out_dir}: {what}; no table was left "
-            f"half-written{todo}")
+    e = e.args[0] if isinstance(e, WriteError) else e   # an OSError either way
+    what = os.strerror(e.errno) if e.errno else str(e)
+    todo = ("; free some space and run the same command again" if e.errno in NO_SPACE else
+            "; write them elsewhere with --out DIR" if e.errno in NOT_ALLOWED else "")
+    return f"{e.filename or out_dir}: {what}; no table was left half-written{todo}"
 
 
 def _every_sweep_under_runs(args, argv: list[str] | None) -> int:

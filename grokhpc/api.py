@@ -11,6 +11,9 @@
     sweep.runs, sweep.checkpoints  # aggregate/runs.parquet and checkpoints.parquet (pandas)
     run = sweep.run("2c3d4cea9af7")
 
+Stage: on top of everything, for reading results: a run directory through ``grokhpc.store``
+(and the measures reader), a sweep's tables through ``grokhpc.aggregate``.
+
 Nothing here imports torch until a model, a state dict or a dataset is asked for: a run's
 config, curves, measures and summary and a sweep's tables need only numpy, pyarrow and pandas.
 A run's files are read on each access, so a run still training shows its latest epoch.

@@ -41,6 +41,8 @@ class, and so the whole sign-irrep component and the trace part of every irrep's
 is a function of b alone; a large attribution to the sign irrep says nothing about a.
 
 **No basis** (measures null): quad1-3, cube1-2 and mix1 (reasons in :data:`NO_BASIS`).
+
+Stage: the measures' lens (numpy only); the tasks and their groups come from ``grokhpc.tasks``.
 """
 
 from __future__ import annotations

@@ -528,7 +528,8 @@ class RunDir:
 
 # ---- what a run directory is, and whose ------------------------------------------------------
 RUN_ID_NAME = re.compile(r"[0-9a-f]{12}")   # a directory named like a run id, as sweeps name them
-SWEEP_MARKERS = ("manifest.json", "runs")    # what a sweep's own directory holds
+MANIFEST = "manifest.json"                  # a sweep's record of its runs (grokhpc.scheduler)
+SWEEP_MARKERS = (MANIFEST, "runs")          # what a sweep's own directory holds
 
 
 def refuse_sweep_root(path: str | os.PathLike) -> None:
