@@ -24,10 +24,9 @@ appended, and only the first ``len(progress["checkpoint_epochs"])`` rows are val
 (``grokhpc.checkpoints``). The commit point of a training step is ``state.pt``;
 ``progress.json`` and ``curves.parquet`` are rewritten from it after each commit.
 
-Integrity: each checkpoint row's CRC-32 is taken as the row is written and kept with the commit
-(``state.pt``) and its view (``progress.json``, ``checkpoint_crc32``). Resuming, measuring,
-analysing and aggregating check the rows against it (``RunDir.verify_checkpoints``), so a file
-cut short by a full disk or damaged later is reported by file and rows, never used or extended.
+Integrity: each checkpoint row's CRC-32 is kept with the commit (``state.pt``) and its view
+(``progress.json``, ``checkpoint_crc32``); resuming, measuring, analysing and aggregating check
+the rows against it (``RunDir.verify_checkpoints``; the checks are ``grokhpc.checkpoints``').
 
 One trainer per run: a trainer holds an exclusive POSIX record lock (``fcntl.lockf``) on the
 run's ``config.json`` -- the one file written once and never replaced -- for as long as it
@@ -137,7 +136,13 @@ def atomic_write_table(path: str | os.PathLike, table, **options) -> None:
     renamed over ``path``. ``options`` as :func:`write_table`'s."""
     tmp = temp_beside(path)
     write_table(tmp, table, name=path, **options)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            e.filename = str(path)
+        raise
 
 
 def write_table(target: str | os.PathLike, table, *, name: str | os.PathLike | None = None,
@@ -168,25 +173,6 @@ def write_table(target: str | os.PathLike, table, *, name: str | os.PathLike | N
         if isinstance(e, OSError) and e.errno:   # pyarrow names no file
             raise OSError(e.errno, os.strerror(e.errno), str(name or target)) from e
         raise
-
-
-# What a failed write's errno says: no room (a full disk, a quota, a file size limit), or no
-# right to write there (permissions, a read-only mount). The commands' one-line advice uses it.
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
-
-
-def out_problem(out: str | os.PathLike | None) -> str | None:
-    """One line when ``--out`` cannot be a directory (an existing file, or a path through
-    one), else None."""
-    if not out:
-        return None
-    p = Path(out).absolute()
-    found = next((d for d in (p, *p.parents) if d.exists() or d.is_symlink()), None)
-    if found is None or found.is_dir():
-        return None
-    return f"--out {out}: expected a directory, got " + (
-        "an existing file" if found == p else f"a path under the file {found}")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -520,10 +506,7 @@ class RunDir:
         return removed
 
     def clear_error(self) -> None:
-        try:
-            self.file(ERROR).unlink()
-        except FileNotFoundError:
-            pass
+        self.file(ERROR).unlink(missing_ok=True)
 
 
 # ---- what a run directory is, and whose ------------------------------------------------------
@@ -592,3 +575,23 @@ def curves_table(columns: dict[str, np.ndarray]):
         v = np.asarray(columns[name], dtype=np.float64)
         arrays.append(pa.array(v, pa.float64(), mask=np.isnan(v)))
     return pa.Table.from_arrays(arrays, names=list(CURVE_COLUMNS))
+
+
+# ---- where a command may write ---------------------------------------------------------------
+# What a failed write's errno says: no room (a full disk, a quota, a file size limit), or no
+# right to write there (permissions, a read-only mount). The commands' one-line advice uses it.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def out_problem(out: str | os.PathLike | None) -> str | None:
+    """One line when ``--out`` cannot be a directory (an existing file, or a path through
+    one), else None."""
+    if not out:
+        return None
+    p = Path(out).absolute()
+    found = next((d for d in (p, *p.parents) if d.exists() or d.is_symlink()), None)
+    if found is None or found.is_dir():
+        return None
+    return f"--out {out}: expected a directory, got " + (
+        "an existing file" if found == p else f"a path under the file {found}")
