@@ -31,7 +31,7 @@ def seed_bytes() -> None:
     """Bytes per row and per run's checkpoints.npy of the seed config, per dtype."""
     from grokhpc.config import RunConfig
     from grokhpc.model import build_model, param_layout
-    from grokhpc.store import NPY_HEADER_BYTES, row_itemsize
+    from grokhpc.checkpoints import NPY_HEADER_BYTES, row_itemsize
 
     cfg = RunConfig(device="cpu")
     n_cols = sum(math.prod(s) for _, s in param_layout(build_model(cfg, "cpu")))
@@ -51,7 +51,8 @@ def stored_as(src, dst: Path, dtype: str):
     import json
 
     from grokhpc.config import from_dict
-    from grokhpc.store import CHECKPOINTS, CONFIG, RunDir, append_checkpoint_row
+    from grokhpc.checkpoints import append_checkpoint_row
+    from grokhpc.store import CHECKPOINTS, CONFIG, RunDir
 
     shutil.copytree(src.path, dst, ignore=shutil.ignore_patterns(CHECKPOINTS, "measures.*",
                                                                  "summary.*", "state.pt"))
@@ -69,10 +70,10 @@ def stored_as(src, dst: Path, dtype: str):
 
 def measured(run):
     """(measures DataFrame, key_freqs, summary) as finalize_run computes them."""
-    from grokhpc import measures
+    from grokhpc import measures, phases
 
     table, key = measures.compute_measures(run)
-    return table.to_pandas(), key, measures.build_summary(run, table, key)
+    return table.to_pandas(), key, phases.build_summary(run, table, key)
 
 
 def first(epochs, hits) -> int | None:

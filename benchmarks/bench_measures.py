@@ -138,7 +138,8 @@ def make_250_checkpoint_run(src, dst: Path, n: int = 250):
     interpolating between the source run's first and last weights; curves copied."""
     import numpy as np
 
-    from grokhpc.store import CHECKPOINTS, CONFIG, CURVES, append_checkpoint_row
+    from grokhpc.checkpoints import append_checkpoint_row
+    from grokhpc.store import CHECKPOINTS, CONFIG, CURVES
 
     dst.mkdir(parents=True)
     for f in (CONFIG, CURVES):

@@ -2,6 +2,9 @@
 
 ``python -m grokhpc.analyze RUN_DIR [--out DIR] [--format png,html] [--html-js embed]``
 
+Stage: after a run, by hand (the per-run counterpart of ``grokhpc.aggregate``'s cross-run
+figures): the run's weights, curves, measures and summary as figures.
+
 Reads a finished run directory (config.json, curves.parquet, checkpoints.npy, measures.parquet,
 summary.json -- the last two are computed first if missing) and writes, through
 ``grokhpc.figures.export`` (one browser for the batch; HTML always), into ``RUN_DIR/figures`` by
@@ -45,6 +48,10 @@ import sys
 from pathlib import Path
 
 from .config import GROUP_OPS
+from .figures import ExportError, export, paper_style, parse_formats
+from .measures import FOURIER_OPS, finalize_run, fourier_basis, fourier_names, read_measures
+from .store import MEASURES, NO_SPACE, NOT_ALLOWED, SUMMARY, RunDir, RunDirError, out_problem
+from .tasks import TASKS
 
 FIGURES = ("training_curves", "attention_mean_per_head", "attention_head0", "svd_singular_values",
            "svd_principal_components", "svd_top_components", "fourier_basis", "fourier_embedding",
@@ -136,8 +143,6 @@ def add_phase_lines(fig, summary: dict, row=None, col=None):
 def _heatmap(z, title, x_title, y_title, x=None, y=None, zmid=0.0, colorscale="RdBu"):
     import plotly.graph_objects as go
 
-    from .figures import paper_style
-
     fig = go.Figure(go.Heatmap(z=z, x=x, y=y, colorscale=colorscale, zmid=zmid,
                                reversescale=colorscale == "RdBu"))
     fig.update_xaxes(title_text=x_title)
@@ -147,8 +152,6 @@ def _heatmap(z, title, x_title, y_title, x=None, y=None, zmid=0.0, colorscale="R
 
 def _lines(x, ys: dict, title, x_title, y_title, log_y=False):
     import plotly.graph_objects as go
-
-    from .figures import paper_style
 
     fig = go.Figure()
     for name, y in ys.items():
@@ -164,19 +167,17 @@ def final_state(run):
     import numpy as np
     import torch
 
-    from .data import all_pairs
-    from .measures import run_config
+    from .data import grid_tokens
     from .model import build_model, load_flat
 
-    cfg = run_config(run.read_config())
+    cfg = run.run_config()
     epochs, ckpts = run.checkpoints()
     row = np.array(ckpts[-1])
     model = build_model(cfg, "cpu")
     load_flat(model, torch.from_numpy(row))
     n = cfg.n_classes
-    tokens, _ = all_pairs(n, "sub")          # every (a, b): the inputs, whatever the op
     with torch.inference_mode():
-        _, cache = model.run_with_cache(tokens)
+        _, cache = model.run_with_cache(grid_tokens(n))   # every (a, b), whatever the op
     return cfg, epochs[-1], run.unflatten(row), cache
 
 
@@ -205,8 +206,6 @@ def svd_figures(W_E, at: str) -> dict:
     import numpy as np
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
-
-    from .figures import paper_style
 
     rng = np.random.default_rng(0)
     control = rng.normal(0, W_E.std(), size=W_E.shape)  # same shape and scale as W_E
@@ -247,8 +246,6 @@ def fourier_figures(cfg, at: str, W, cache, key_freqs) -> dict:
     """The embedding, the last block's neurons and its W_out W_U in the Fourier basis of Z_p."""
     import numpy as np
     import plotly.graph_objects as go
-
-    from .measures import fourier_basis, fourier_names
 
     p, last = cfg.p, cfg.n_layers - 1
     F, names = fourier_basis(p), fourier_names(p)
@@ -294,22 +291,24 @@ def fourier_figures(cfg, at: str, W, cache, key_freqs) -> dict:
 # ---- curves and measures over training ---------------------------------------------------------
 def training_figures(curves, measures, summary, task: str, op: str) -> dict:
     """The training curves; over training, the Fourier measures (sub and add only)."""
-    import numpy as np
     import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
-    from .figures import paper_style
-    from .measures import FOURIER_OPS
-
-    figs = {}
     tr = curves.dropna(subset=["train_loss"])
     te = curves.dropna(subset=["test_loss"])
     fig = _lines(tr["epoch"], {"train": tr["train_loss"]}, f"Training curve ({task}, {op})",
                  "epoch", "loss", log_y=True)
     fig.add_trace(go.Scatter(x=te["epoch"], y=te["test_loss"], mode="lines", name="test"))
-    figs["training_curves"] = add_phase_lines(fig, summary)
-    if op not in FOURIER_OPS:
-        return figs
+    figs = {"training_curves": add_phase_lines(fig, summary)}
+    if op in FOURIER_OPS:
+        figs.update(fourier_measure_figures(measures, summary, op))
+    return figs
+
+
+def fourier_measure_figures(measures, summary, op: str) -> dict:
+    """The Fourier progress measures over training, with the phase boundaries."""
+    import numpy as np
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     ep = measures["epoch"].to_numpy()
     sims = np.stack(measures["cos_sim"].to_numpy())                 # (n_ckpt, K)
@@ -325,9 +324,9 @@ def training_figures(curves, measures, summary, task: str, op: str) -> dict:
                              line=dict(color="black", width=2, dash="dash")))
     fig.update_xaxes(title_text="epoch")
     fig.update_yaxes(title_text="cosine similarity")
-    figs["cos_sim_over_training"] = add_phase_lines(paper_style(
-        fig, title="Cosine similarity with cos(w_k (a %s b - c)) and residual"
-        % ("-" if op == "sub" else "+")), summary)
+    sign = "-" if TASKS[op].sign < 0 else "+"
+    figs = {"cos_sim_over_training": add_phase_lines(paper_style(
+        fig, title=f"Cosine similarity with cos(w_k (a {sign} b - c)) and residual"), summary)}
 
     fig = _lines(ep, {"train": measures["train_loss"], "test": measures["test_loss"],
                       "excluded": measures["excluded_loss"],
@@ -358,8 +357,6 @@ def training_figures(curves, measures, summary, task: str, op: str) -> dict:
 def build_figures(run, log=lambda *_: None) -> dict:
     """Every figure of the run (see the module docstring) that its task defines,
     {name: plotly Figure}; one line to ``log`` for each group left out."""
-    from .measures import FOURIER_OPS, read_measures
-
     summary = run.read_summary()
     cfg, epoch, W, cache = final_state(run)
     measures, key = read_measures(run)
@@ -376,9 +373,6 @@ def build_figures(run, log=lambda *_: None) -> dict:
 
 def analyze(run_dir, out=None, formats=("png", "html"), log=print, html_js="directory") -> dict:
     """Write the run's figures; returns {name: [paths]}. ``html_js``: see figures.export."""
-    from . import figures, measures
-    from .store import MEASURES, SUMMARY, RunDir, RunDirError
-
     run = RunDir(run_dir)
     run.read_config()
     if not run.is_trained():
@@ -387,9 +381,9 @@ def analyze(run_dir, out=None, formats=("png", "html"), log=print, html_js="dire
     out.mkdir(parents=True, exist_ok=True)   # a folder that cannot be written fails here, early
     if not run.file(MEASURES).exists() or not run.file(SUMMARY).exists():
         log(f"{run.path}: computing measures first")
-        measures.finalize_run(run)
+        finalize_run(run)
     figs = build_figures(run, log)
-    return figures.export(figs, out, formats=formats, log=log, html_js=html_js)
+    return export(figs, out, formats=formats, log=log, html_js=html_js)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,8 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
 def os_error_line(e: OSError, args) -> str:
     """One line for a file operation that failed, with what to do: --out for a folder that
     cannot be written (a read-only run), space for a full disk."""
-    from .aggregate import NO_SPACE, NOT_ALLOWED
-
     where = e.filename or args.out or Path(args.run_dir) / "figures"
     what = os.strerror(e.errno) if e.errno else str(e)
     todo = (f"; write the figures elsewhere: python -m grokhpc.analyze {args.run_dir} --out DIR"
@@ -421,10 +413,6 @@ def os_error_line(e: OSError, args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .aggregate import out_problem
-    from .figures import ExportError, parse_formats
-    from .store import RunDirError
-
     try:
         formats = parse_formats(args.format)
         if out_problem(args.out):   # a file: refused before any work

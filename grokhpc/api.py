@@ -11,6 +11,9 @@
     sweep.runs, sweep.checkpoints  # aggregate/runs.parquet and checkpoints.parquet (pandas)
     run = sweep.run("2c3d4cea9af7")
 
+Stage: on top of everything, for reading results: a run directory through ``grokhpc.store``
+(and the measures reader), a sweep's tables through ``grokhpc.aggregate``.
+
 Nothing here imports torch until a model, a state dict or a dataset is asked for: a run's
 config, curves, measures and summary and a sweep's tables need only numpy, pyarrow and pandas.
 A run's files are read on each access, so a run still training shows its latest epoch.
@@ -19,6 +22,7 @@ A run's files are read on each access, so a run still training shows its latest 
 from __future__ import annotations
 
 import bisect
+import json
 import numbers
 import os
 import warnings
@@ -28,8 +32,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .aggregate import AGG_DIR, CKPT_TABLE, META, RUNS_TABLE, aggregate, not_a_sweep
 from .config import RunConfig, load_json, shown
-from .store import CONFIG, RunDir, RunDirError, check_identity
+from .measures import read_measures
+from .store import CONFIG, SUMMARY, RunDir, RunDirError, check_identity
 
 
 class NearestCheckpointWarning(UserWarning):
@@ -81,8 +87,6 @@ class Run:
     @property
     def measures(self):
         """One row per checkpoint: the progress measures of measures.parquet (pandas)."""
-        from .measures import read_measures
-
         return read_measures(self.dir)[0]
 
     @property
@@ -91,7 +95,7 @@ class Run:
         summary = self.dir.read_summary()
         if summary is None:
             prog = self.progress
-            raise RunDirError(f"{self.path}: no summary.json yet (written when the run finishes; "
+            raise RunDirError(f"{self.path}: no {SUMMARY} yet (written when the run finishes; "
                               f"trained {prog.get('epoch', 0)}/{self.config.n_epochs} epochs)")
         return summary
 
@@ -165,8 +169,6 @@ class Sweep:
     """A sweep directory and its aggregated tables (``SWEEP_DIR/aggregate/``)."""
 
     def __init__(self, path: str | os.PathLike):
-        from .aggregate import AGG_DIR
-
         self.path = Path(path).resolve()
         self.tables_dir = self.path / AGG_DIR
 
@@ -188,24 +190,16 @@ class Sweep:
     @cached_property
     def runs(self):
         """runs.parquet: one row per run (integers as nullable Int64; docs/tables.md)."""
-        from .aggregate import RUNS_TABLE
-
         return self._table(RUNS_TABLE, dtype_backend="numpy_nullable")
 
     @cached_property
     def checkpoints(self):
         """checkpoints.parquet: one row per finished run x checkpoint (docs/tables.md)."""
-        from .aggregate import CKPT_TABLE
-
         return self._table(CKPT_TABLE)
 
     @property
     def swept(self) -> list[str]:
         """The config fields that vary across the sweep."""
-        import json
-
-        from .aggregate import META
-
         return json.loads((self.tables_dir / META).read_text())["swept"]
 
     def run(self, run_id: str) -> Run:
@@ -216,7 +210,7 @@ class Sweep:
             hits = self.runs[ids.str.startswith(str(run_id))]
         if len(hits) != 1:
             what = "no run" if hits.empty else f"{len(hits)} runs match"
-            raise SweepError(f"{self.path}: {what} {run_id!r} in {self.tables_dir}/runs.parquet")
+            raise SweepError(f"{self.path}: {what} {run_id!r} in {self.tables_dir / RUNS_TABLE}")
         row = hits.iloc[0]
         # the sweep's own copy first (a sweep copied from a cluster), then the recorded path
         for base in (self.path, Path(str(row["sweep"]))):
@@ -231,10 +225,6 @@ class Sweep:
 
 def _lists_runs(sweep: Sweep) -> bool:
     """Whether the sweep's tables list any run (meta.json's count)."""
-    import json
-
-    from .aggregate import META
-
     try:
         return json.loads((sweep.tables_dir / META).read_text()).get("n_runs", 0) > 0
     except (OSError, ValueError, AttributeError, TypeError):
@@ -249,8 +239,6 @@ def open_sweep(path: str | os.PathLike, log: Callable[[str], None] | None = prin
     the figures up to date (rereading only the runs that changed). A directory that is no
     sweep (a run directory, one without run directories) raises SweepError in the words of
     ``python -m grokhpc.aggregate``, and nothing is written into it."""
-    from .aggregate import CKPT_TABLE, RUNS_TABLE, aggregate, not_a_sweep
-
     root = Path(path)
     if not root.is_dir():
         raise SweepError(f"{root}: no such directory")

@@ -4,7 +4,8 @@ The mechanistic measures of Nanda et al. (2023) read a model in the Fourier basi
 the label of ``sub``/``add`` is a group product of the operands. Every task whose label is a
 word in the operands of a finite group gets the same lens through that group's irreducible
 representations (Chughtai, Chan & Nanda 2023: the network learns a few key irreps rho, and the
-logit of c follows the character chi_rho(answer * c^-1)). Here each task declares its group:
+logit of c follows the character chi_rho(answer * c^-1)). Each task's group is declared with
+the task in ``grokhpc.tasks`` (its sign, or its word over S5); here is what it means:
 
 ==============  ============  =========================================================
 task            group         index of operand x; answer index of a pair (i, j)
@@ -12,12 +13,12 @@ task            group         index of operand x; answer index of a pair (i, j)
 sub, add        Z_p           x itself; i - j, i + j (mod p)
 mul, div        Z_p^*         log_g x for the smallest primitive root g (an index over
                               Z_{p-1}); i + j, i - j (mod p - 1): mul is add, div is sub
-s5              S5            x itself (the order of ``data.s5_elements``); i j
+s5              S5            x itself (the order of ``tasks.s5_elements``); i j
 s5conj          S5            x itself; i j i^-1
 s5aba           S5            x itself; i j i
 ==============  ============  =========================================================
 
-Products are ``data.s5_table``'s "x then y". A task's **components** are an orthonormal basis
+Products are ``tasks.s5_table``'s "x then y". A task's **components** are an orthonormal basis
 of the functions on its group, each row labelled by its **key**: over Z_n (:func:`fourier_basis`)
 the constant (key 0), ``Sin k`` and ``Cos k`` (key k), and for even n a lone ``Cos n/2``; over
 S5 the d^2 matrix coefficients ``sqrt(d/120) rho(g)[i, j]`` of each of the 7 real orthogonal
@@ -40,6 +41,8 @@ class, and so the whole sign-irrep component and the trace part of every irrep's
 is a function of b alone; a large attribution to the sign irrep says nothing about a.
 
 **No basis** (measures null): quad1-3, cube1-2 and mix1 (reasons in :data:`NO_BASIS`).
+
+Stage: the measures' lens (numpy only); the tasks and their groups come from ``grokhpc.tasks``.
 """
 
 from __future__ import annotations
@@ -51,18 +54,14 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from .tasks import TASKS, s5_elements, s5_table
+
 MAX_KEYS = 8
-CYCLIC_SIGN = {"sub": -1, "add": 1}     # answer index i + sign * j over Z_p
-LOG_SIGN = {"mul": 1, "div": -1}        # answer index log a + sign * log b over Z_{p-1}
-S5_WORDS = {"s5": "a b", "s5conj": "a b a^-1", "s5aba": "a b a"}
-_POLY = ("the label is a polynomial in the operands, not a group product: over the answer's "
-         "group Z_p its characters exp(2 pi i k f(a, b) / p) are chirps in a, with flat Fourier "
-         "spectra (Gauss sums), so no basis of the operands makes the solution sparse")
-NO_BASIS = {
-    "quad1": _POLY, "quad2": _POLY, "quad3": _POLY, "cube1": _POLY, "cube2": _POLY,
-    "mix1": ("the label mixes two groups by the parity of b (a / b over Z_p^* for odd b, "
-             "a - b over Z_p for even b): no single group's basis reads it"),
-}
+# Each task's group, as grokhpc.tasks declares it.
+CYCLIC_SIGN = {n: t.sign for n, t in TASKS.items() if t.group == "Z_p"}    # i + sign * j
+LOG_SIGN = {n: t.sign for n, t in TASKS.items() if t.group == "Z_p^*"}     # over Z_{p-1}
+S5_WORDS = {n: t.word for n, t in TASKS.items() if t.group == "S5"}
+NO_BASIS = {n: t.no_basis for n, t in TASKS.items() if t.group is None}
 S5_IRREP_NAMES = ("(5)", "(1^5)", "(4,1)", "(2,1^3)", "(3,2)", "(2^2,1)", "(3,1^2)")
 
 
@@ -179,12 +178,10 @@ def _permutation_reps(elems: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 @lru_cache(maxsize=1)
 def s5_irreps() -> tuple[Irrep, ...]:
-    """The 7 irreps of S5 as real orthogonal matrices over ``data.s5_elements()``, in the order
+    """The 7 irreps of S5 as real orthogonal matrices over ``tasks.s5_elements()``, in the order
     of :data:`S5_IRREP_NAMES` (dimensions 1, 1, 4, 4, 5, 5, 6): trivial; sign; standard (the
     permutation representation less the trivial); standard x sign; the action on 2-subsets less
     trivial and standard; that x sign; the exterior square of the standard."""
-    from .data import s5_elements
-
     elems = np.array(s5_elements())
     M, M2, A = _permutation_reps(elems)
     sign = np.round(np.linalg.det(M))[:, None, None]
@@ -203,8 +200,6 @@ def s5_irreps() -> tuple[Irrep, ...]:
 @lru_cache(maxsize=1)
 def s5_tables() -> tuple[np.ndarray, np.ndarray]:
     """(product table (120, 120) with ``table[x, y]`` = x then y, inverse of each element)."""
-    from .data import s5_table
-
     table = s5_table("s5").numpy()
     inverse = np.argmax(table == 0, axis=1)          # element 0 is the identity
     for t in (table, inverse):
@@ -290,9 +285,12 @@ class TaskBasis:
         if self.op in CYCLIC_SIGN or self.op in LOG_SIGN:
             sign = {**CYCLIC_SIGN, **LOG_SIGN}[self.op]
             return (np.asarray(i) + sign * np.asarray(j)) % self.order
-        ij = self.product(i, j)
-        return {"s5": ij, "s5conj": self.product(ij, self.inverse(i)),
-                "s5aba": self.product(ij, i)}[self.op]
+        out = None
+        for letter in S5_WORDS[self.op].split():   # the task's word, left to right
+            x = i if letter[0] == "a" else j
+            x = self.inverse(x) if letter.endswith("^-1") else x
+            out = x if out is None else self.product(out, x)
+        return out
 
     def pairs(self) -> Pairs:
         """The grid's pairs with both operands in the group (all of them but for mul and div,

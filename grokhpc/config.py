@@ -15,12 +15,13 @@ import reprlib
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
-# Binary operations over Z_p (names of the polynomial and mixed tasks as in Power et al. 2022)
-# and over the 120 permutations of S5.
-MODULAR_OPS = ("sub", "add", "mul", "div", "quad1", "quad2", "quad3", "cube1", "cube2", "mix1")
-GROUP_OPS = ("s5", "s5conj", "s5aba")
-OPS = MODULAR_OPS + GROUP_OPS
-S5_ORDER = 120
+from .tasks import S5_ORDER, TASKS, Task
+
+# The tasks (grokhpc.tasks): binary operations over Z_p and over the 120 permutations of S5.
+OPS = tuple(TASKS)
+MODULAR_OPS = tuple(name for name, t in TASKS.items() if t.operands == "Z_p")
+GROUP_OPS = tuple(name for name, t in TASKS.items() if t.operands == "S5")
+
 OPTIMIZERS = ("adamw", "adam", "sgd")
 LR_SCHEDULES = ("constant", "cosine")
 ACT_FNS = ("relu", "gelu")
@@ -82,6 +83,11 @@ def is_prime(n: int) -> bool:
     return True
 
 
+def _task(op: Any) -> Task | None:
+    """The task named ``op``, or None for a value that names none (validation refuses it)."""
+    return TASKS.get(op) if isinstance(op, str) else None
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one training run needs; the defaults reproduce the seed notebook."""
@@ -130,14 +136,16 @@ class RunConfig:
     # ---- derived ---------------------------------------------------------------------------
     @property
     def n_classes(self) -> int:
-        """Size of the operands' set: p residues, or the 120 permutations of S5."""
-        return S5_ORDER if self.op in GROUP_OPS else self.p
+        """Size of the operands' set: p residues, or the 120 permutations of S5 (p for an op
+        that is no task: validation refuses it)."""
+        task = _task(self.op)
+        return task.n_classes(self.p) if task else self.p
 
     @property
     def n_pairs(self) -> int:
-        """Rows of the dataset: every (a, b), less b = 0 for div."""
-        n = self.n_classes
-        return n * (n - 1) if self.op == "div" else n * n
+        """Rows of the dataset: every (a, b), less the task's excluded pairs (div: b = 0)."""
+        task = _task(self.op)
+        return task.n_pairs(self.p) if task else self.n_classes ** 2
 
     @property
     def n_train(self) -> int:

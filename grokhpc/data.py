@@ -1,89 +1,49 @@
-"""Datasets of binary operations in the seed's ``a b =`` token format, with the seed's split.
+"""The run's dataset: every pair of its task in the seed's ``a b =`` token format, its labels,
+and the seed's train/test split.
 
-Rows are the pairs (a, b) in row-major order over the n x n grid (``b`` runs fastest), the
-third token is ``=`` (id n), and the label is ``a op b``: over Z_p (n = p) for sub, add, mul,
-div, the polynomial tasks quad1-3, cube1-2 and mix1 (names as in Power et al. 2022), over the
-120 permutations of S5 (n = 120) for s5, s5conj and s5aba. Division leaves out b = 0.
-The split is the seed's: ``torch.manual_seed(data_seed); torch.randperm(n)``, the first
-``int(n * train_frac)`` indices train, the rest test.
+Stage: model & data (the trainers and the measures build it from the run's config). The
+tasks themselves -- operands, labels, excluded pairs -- are declared in ``grokhpc.tasks``.
+Rows are the pairs (a, b) in row-major order over the n x n grid of operand tokens (``b``
+runs fastest, n = ``RunConfig.n_classes``), less a task's excluded pairs (div: b = 0); the
+third token is ``=`` (id n). The split is the seed's: ``torch.manual_seed(data_seed);
+torch.randperm(n_pairs)``, the first ``int(n_pairs * train_frac)`` indices train, the rest
+test. :func:`make_dataset` dispatches on the task's ``kind`` (``DATASETS``), so that datasets
+that are no binary operation can join.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from .config import GROUP_OPS, RunConfig
-
-
-def _inverse_mod(b: torch.Tensor, p: int) -> torch.Tensor:
-    """b^(p-2) = b^-1 mod p (Fermat) for each nonzero b."""
-    inv = torch.tensor([pow(int(x), p - 2, p) for x in range(p)])
-    return inv[b]
-
-
-MODULAR_LABELS = {
-    "sub": lambda a, b, p: a - b,
-    "add": lambda a, b, p: a + b,
-    "mul": lambda a, b, p: a * b,
-    "div": lambda a, b, p: a * _inverse_mod(b, p),
-    "quad1": lambda a, b, p: a ** 2 + b ** 2,
-    "quad2": lambda a, b, p: a ** 2 + b ** 2 + a * b,
-    "quad3": lambda a, b, p: a ** 2 + b ** 2 + a * b + a,
-    "cube1": lambda a, b, p: a ** 3 + a * b,
-    "cube2": lambda a, b, p: a ** 3 + a * b ** 2 + b,
-    # b odd (so nonzero): a / b; b even: a - b
-    "mix1": lambda a, b, p: torch.where(b % 2 == 1, a * _inverse_mod(b, p), a - b),
-}
-
-
-def s5_elements() -> list[tuple[int, ...]]:
-    """The 120 permutations of {0..4} in lexicographic order: token i is element i."""
-    return list(itertools.permutations(range(5)))
-
-
-def s5_table(op: str) -> torch.Tensor:
-    """(120, 120) labels of an S5 task. A permutation maps i to x[i]; "x then y" maps i to
-    y[x[i]]. s5: x then y; s5conj: x then y then x^-1; s5aba: x then y then x."""
-    elems = s5_elements()
-    index = {e: i for i, e in enumerate(elems)}
-
-    def then(*perms):
-        out = tuple(range(5))
-        for q in perms:
-            out = tuple(q[i] for i in out)
-        return out
-
-    def inverse(x):
-        return tuple(sorted(range(5), key=lambda i: x[i]))
-
-    label = {"s5": lambda x, y: then(x, y),
-             "s5conj": lambda x, y: then(x, y, inverse(x)),
-             "s5aba": lambda x, y: then(x, y, x)}[op]
-    return torch.tensor([[index[label(x, y)] for y in elems] for x in elems])
+from .config import RunConfig
+from .tasks import task
 
 
 def apply_op(op: str, a: torch.Tensor, b: torch.Tensor, p: int) -> torch.Tensor:
-    """Label of each pair (a, b): over Z_p for the modular ops, over S5 for the group ops."""
-    if op in MODULAR_LABELS:
-        return MODULAR_LABELS[op](a, b, p) % p
-    if op in GROUP_OPS:
-        return s5_table(op)[a, b]
-    raise ValueError(f"unknown op {op!r}")
+    """Label of each pair (a, b) under task ``op`` (``grokhpc.tasks``); ValueError for an
+    unknown op."""
+    return task(op).label(a, b, p)
+
+
+def grid_tokens(n: int) -> torch.Tensor:
+    """Every input row ``[a, b, =]`` of the n x n grid (long, n^2 x 3), a-major; ``=`` is
+    token n."""
+    a = torch.arange(n).repeat_interleave(n)
+    b = torch.arange(n).repeat(n)
+    return torch.stack([a, b, torch.full_like(a, n)], dim=1)
 
 
 def all_pairs(p: int, op: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every input row ``[a, b, =]`` (long, n x 3) and its label, in the seed's order; ``p``
-    is the number of operands (120 for the S5 tasks) and ``=`` is token ``p``."""
-    a = torch.arange(p).repeat_interleave(p)
-    b = torch.arange(p).repeat(p)
-    if op == "div":
-        keep = b != 0
-        a, b = a[keep], b[keep]
-    tokens = torch.stack([a, b, torch.full_like(a, p)], dim=1)
-    return tokens, apply_op(op, a, b, p)
+    """Every input row ``[a, b, =]`` of task ``op`` (long, n_pairs x 3) and its label, in the
+    seed's order; ``p`` is the number of operands (120 for the S5 tasks)."""
+    excluded = task(op).excluded_b
+    tokens = grid_tokens(p)
+    if excluded:
+        tokens = tokens[~torch.isin(tokens[:, 1], torch.tensor(excluded))]
+    return tokens, apply_op(op, tokens[:, 0], tokens[:, 1], p)
 
 
 def split_indices(n: int, train_frac: float, data_seed: int,
@@ -139,11 +99,20 @@ def noisy_targets(labels: torch.Tensor, frac: float, n_classes: int,
     return out
 
 
-def make_dataset(cfg: RunConfig) -> Dataset:
-    """The run's pairs and split; label noise, if any, is drawn after the split from the same
-    seeded generator, so a run without noise has the seed's split exactly."""
+def binary_op_dataset(cfg: RunConfig) -> Dataset:
+    """The pairs and split of a binary operation; label noise, if any, is drawn after the split
+    from the same seeded generator, so a run without noise has the seed's split exactly."""
     tokens, labels = all_pairs(cfg.n_classes, cfg.op)
     gen = torch.Generator().manual_seed(cfg.data_seed)
     train_idx, test_idx = split_indices(len(tokens), cfg.train_frac, cfg.data_seed, gen)
     targets = noisy_targets(labels[train_idx], cfg.label_noise, cfg.n_classes, gen)
     return Dataset(tokens, labels, train_idx, test_idx, targets)
+
+
+# How each kind of task (grokhpc.tasks.Task.kind) builds its dataset.
+DATASETS: dict[str, Callable[[RunConfig], Dataset]] = {"binary_op": binary_op_dataset}
+
+
+def make_dataset(cfg: RunConfig) -> Dataset:
+    """The run's rows, labels and split, built as its task's kind says."""
+    return DATASETS[task(cfg.op).kind](cfg)

@@ -1,5 +1,8 @@
 """The one export path for every grokhpc figure, and the paper style they share.
 
+Stage: figures, last of all: ``grokhpc.aggregate`` (a sweep's figures, drawn by
+``grokhpc.sweep_figures``) and ``grokhpc.analyze`` (one run's) write through :func:`export`.
+
 ``export(figs, out_dir)`` writes each plotly figure as
 
 * PNG / SVG / PDF through kaleido (>= 1) and a real Chromium -- one browser for the whole
@@ -434,8 +437,9 @@ def export(figs: Mapping[str, "go.Figure"], out_dir: str | os.PathLike,
     ``html_js``: "directory" (one plotly.min.js beside the HTML files, the default) or "embed"
     (plotly.js inside each HTML, one self-contained file). Returns {name: [paths written]}.
     Static formats need a Chromium (``browser``, else one found or fetched:
-    :func:`obtain_browser`); without one the HTML is written and one line is logged. A figure whose render or check fails raises
-    ExportError naming the file, after every other file has been written.
+    :func:`obtain_browser`); without one the HTML is written and one line is logged. A figure
+    whose render or check fails raises ExportError naming the file, after every other file has
+    been written.
     """
     formats = parse_formats(formats)
     if html_js not in HTML_JS:
@@ -447,15 +451,8 @@ def export(figs: Mapping[str, "go.Figure"], out_dir: str | os.PathLike,
             raise ValueError(f"figure name {name!r}: expected letters, digits, '_', '-', '.'")
     written: dict[str, list[Path]] = {name: [] for name in figs}
     errors: list[str] = []
-
     if "html" in formats and figs:
-        if html_js == "directory":
-            _write_plotlyjs(out_dir)
-        for name, fig in figs.items():
-            path = out_dir / f"{name}.html"
-            atomic_write_bytes(path, _html_bytes(fig, html_js))
-            written[name].append(path)
-
+        _write_html(figs, out_dir, html_js, written)
     static = [f for f in formats if f in STATIC_FORMATS]
     if static and figs:
         browser, why = (browser, "") if browser else obtain_browser(log)
@@ -463,42 +460,64 @@ def export(figs: Mapping[str, "go.Figure"], out_dir: str | os.PathLike,
             if log:
                 log(NO_BROWSER_LINE.format(why=why))
         else:
-            jobs, where = [], []
-            for name, fig in figs.items():
-                w = int(width or fig.layout.width or PAPER_WIDTH)
-                h = int(height or fig.layout.height or PAPER_HEIGHT)
-                spec = fig.to_dict()
-                for fmt in static:
-                    jobs.append((spec, {"format": fmt, "width": w, "height": h, "scale": scale}))
-                    where.append((name, fmt, (round(w * scale), round(h * scale))))
-            try:
-                results = render_static(jobs, browser)
-            except BrowserStartError as e:
-                if log:
-                    log(f"figures: {e}; only HTML was written; {ENABLE_PNG_HINT}")
-                results = None
-            if results is not None:
-                for (name, fmt, expect), data in zip(where, results):
-                    path = out_dir / f"{name}.{fmt}"
-                    if isinstance(data, BaseException):
-                        errors.append(f"{path}: render failed ({type(data).__name__}: {data})")
-                        continue
-                    try:
-                        _check(fmt, data, expect if fmt == "png" else None, path)
-                    except ExportError as e:
-                        errors.append(str(e))
-                        continue
-                    atomic_write_bytes(path, data)
-                    with open(path, "rb") as f:  # read back: what is on disk is what was checked
-                        head = f.read(64)
-                    try:
-                        _check(fmt, head if fmt != "pdf" else head, None, path)
-                        if fmt == "png" and png_size(head) != expect:
-                            raise ExportError(f"{path}: PNG on disk has the wrong size")
-                    except ExportError as e:
-                        errors.append(str(e))
-                        continue
-                    written[name].append(path)
+            errors = _write_static(figs, out_dir, static, (width, height, scale), browser, log,
+                                   written)
     if errors:
         raise ExportError("; ".join(errors))
     return written
+
+
+def _write_html(figs: Mapping[str, "go.Figure"], out_dir: Path, html_js: str,
+                written: dict[str, list[Path]]) -> None:
+    """Every figure as HTML (with the folder's one plotly.min.js, unless embedded)."""
+    if html_js == "directory":
+        _write_plotlyjs(out_dir)
+    for name, fig in figs.items():
+        path = out_dir / f"{name}.html"
+        atomic_write_bytes(path, _html_bytes(fig, html_js))
+        written[name].append(path)
+
+
+def _write_static(figs: Mapping[str, "go.Figure"], out_dir: Path, static: list[str],
+                  size: tuple, browser: str, log, written: dict[str, list[Path]]) -> list[str]:
+    """Every figure in each static format, rendered by one Chromium, checked, written and read
+    back; returns one line per file that failed (none written for it)."""
+    width, height, scale = size
+    jobs, where = [], []
+    for name, fig in figs.items():
+        w = int(width or fig.layout.width or PAPER_WIDTH)
+        h = int(height or fig.layout.height or PAPER_HEIGHT)
+        spec = fig.to_dict()
+        for fmt in static:
+            jobs.append((spec, {"format": fmt, "width": w, "height": h, "scale": scale}))
+            where.append((name, fmt, (round(w * scale), round(h * scale))))
+    try:
+        results = render_static(jobs, browser)
+    except BrowserStartError as e:
+        if log:
+            log(f"figures: {e}; only HTML was written; {ENABLE_PNG_HINT}")
+        return []
+    errors = []
+    for (name, fmt, expect), data in zip(where, results):
+        path = out_dir / f"{name}.{fmt}"
+        try:
+            if isinstance(data, BaseException):
+                raise ExportError(f"{path}: render failed ({type(data).__name__}: {data})")
+            _save_checked(path, fmt, data, expect)
+        except ExportError as e:
+            errors.append(str(e))
+            continue
+        written[name].append(path)
+    return errors
+
+
+def _save_checked(path: Path, fmt: str, data: bytes, expect: tuple[int, int]) -> None:
+    """Check a rendered file, write it atomically and check what is on disk; ExportError
+    naming the file when either check fails."""
+    _check(fmt, data, expect if fmt == "png" else None, path)
+    atomic_write_bytes(path, data)
+    with open(path, "rb") as f:  # read back: what is on disk is what was checked
+        head = f.read(64)
+    _check(fmt, head, None, path)
+    if fmt == "png" and png_size(head) != expect:
+        raise ExportError(f"{path}: PNG on disk has the wrong size")

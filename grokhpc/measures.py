@@ -1,7 +1,11 @@
-"""Progress measures per checkpoint (Nanda et al. 2023) and phase detection for one run.
+"""Progress measures per checkpoint of one run (Nanda et al. 2023).
 
 ``python -m grokhpc.measures RUN_DIR [--key-freqs 1,5,34]`` recomputes ``measures.parquet`` and
 ``summary.json`` of a trained run (e.g. with hand-picked key frequencies).
+
+Stage: right after training (``grokhpc.train`` calls :func:`finalize_run` after the last epoch):
+every checkpoint row of checkpoints.npy is measured into measures.parquet, then
+``grokhpc.phases`` reads the run's phases off its curves and writes summary.json.
 
 Definitions
 -----------
@@ -97,11 +101,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .config import GROK_ACC, shown
-from .store import (MEASURES, RERUN_TRAINING, SUMMARY, RunDir, RunDirError, atomic_write_json,
-                    atomic_write_table)
+from . import lastpos
+from .checkpoints import RERUN_TRAINING
+from .config import RunConfig, shown
+from .lastpos import cross_entropy, row_hits, row_losses
+from .phases import build_summary
+from .store import MEASURES, SUMMARY, RunDir, RunDirError, atomic_write_json, atomic_write_table
+from .tasks import TASKS
 
-FOURIER_OPS = ("sub", "add")
+# The tasks whose answer is i +- j over Z_p: the Fourier measures read them.
+FOURIER_OPS = tuple(name for name, t in TASKS.items() if t.group == "Z_p")
 MAX_KEY_FREQS = 8
 SCALAR_COLUMNS = ("train_loss", "train_acc", "test_loss", "test_acc", "all_loss", "all_acc",
                   "weight_norm_sq", "gini_embed", "gini_logit", "restricted_loss",
@@ -192,18 +201,9 @@ def parse_key_freqs(text: str, p: int) -> list[int]:
     return sorted(out)
 
 
-def run_config(cfg):
-    """A RunConfig from a RunConfig or a run directory's config.json mapping."""
-    from .config import RunConfig, from_dict
-
-    if isinstance(cfg, RunConfig):
-        return cfg
-    return from_dict({k: v for k, v in cfg.items() if k != "run_id"}, source="config.json")
-
-
 def answer_sign(op: str) -> int:
     """d = a + sign * b: the direction of the answer on the grid (a - b for sub)."""
-    return {"sub": -1, "add": 1}[op]
+    return TASKS[op].sign
 
 
 # ---- the per-checkpoint evaluator (torch) ---------------------------------------------------
@@ -211,12 +211,12 @@ class Evaluator:
     """Everything that does not change between checkpoints of one run, on one device: the
     dataset's rows on the grid, the Fourier directions, and reusable output buffers."""
 
-    def __init__(self, cfg, key_freqs: Sequence[int] | None, device=None):
+    def __init__(self, cfg: RunConfig, key_freqs: Sequence[int] | None, device=None):
         import torch
 
         from .data import make_dataset
 
-        cfg = self.cfg = run_config(cfg)
+        self.cfg = cfg
         p = self.p = cfg.n_classes
         self.op = cfg.op
         self.fourier = self.op in FOURIER_OPS
@@ -295,12 +295,12 @@ class Evaluator:
         return self._fast_grid(W, resid)
 
     def _hooked_model(self):
-        from .data import all_pairs
+        from .data import grid_tokens
         from .model import Transformer, shape_of
 
         model = Transformer(shape_of(self.cfg)).to(self.device)
         model.requires_grad_(False)
-        self.grid_tokens = all_pairs(self.p, "sub")[0].to(self.device)   # every (a, b, =)
+        self.grid_tokens = grid_tokens(self.p).to(self.device)   # every (a, b, =)
         c = self.cfg
         per_row = 3 * (c.n_layers * (4 * c.d_model + 2 * c.d_mlp) + c.n_classes)
         self.chunk = max(64, (1 << 24) // per_row)         # rows per forward: ~64 MB of floats
@@ -342,8 +342,6 @@ class Evaluator:
         to a multiple of 16, on which the BLAS kernels run faster; the padding stays zero."""
         import torch
         import torch.nn.functional as F
-
-        from . import lastpos
 
         t = {k: torch.as_tensor(np.require(v, np.float32, ["W"]), device=self.device)
              for k, v in W.items()}
@@ -391,8 +389,6 @@ class Evaluator:
             return self._measure(W)
 
     def _measure(self, W):
-        from .lastpos import cross_entropy, row_hits, row_losses
-
         out: dict[str, Any] = {}
         post, logits, W_logit, const, *resid_mid = self._grid(W, resid=self.layer_norm)
         by_pair = logits if self.identity_rows else logits[self.rows]   # dataset order
@@ -423,8 +419,6 @@ class Evaluator:
 
     def _key_freq_losses(self, post, logits, W_logit, const) -> dict[str, float]:
         """Restricted and excluded loss of a model without LayerNorm, on the logits."""
-        from .lastpos import cross_entropy
-
         # approx_acts = U U^T post; approx_acts @ W_logit = U (U^T post W_logit) = U @ CW
         CW = (self.U.T @ post) @ W_logit                             # (2 n_key, p)
         shift = logits.mean(0) - self.U_mean @ CW                     # re-centre the mean logit
@@ -436,8 +430,6 @@ class Evaluator:
     def _key_freq_losses_ln(self, post, resid_mid) -> dict[str, float]:
         """Restricted and excluded loss with LayerNorm: the residual streams of the module
         docstring, read through the loaded model's own ``ln_final`` and ``W_U``."""
-        from .lastpos import cross_entropy
-
         model = self.model
         mlp = model.get_submodule(f"{self.last}.mlp")
         CW = (self.U.T @ post) @ mlp.W_out                            # (2 n_key, d)
@@ -471,7 +463,7 @@ def compute_measures(run: RunDir, key_freqs: Sequence[int] | None = None, device
                      progress: bool = False):
     """(table, key_freqs) for every checkpoint of a trained run; key frequencies from the last
     checkpoint unless given."""
-    cfg = run_config(run.read_config())
+    cfg = run.run_config()
     epochs, ckpts = run.checkpoints()
     if not epochs:
         raise RunDirError(f"{run.path}: no checkpoints to measure")
@@ -492,105 +484,6 @@ def compute_measures(run: RunDir, key_freqs: Sequence[int] | None = None, device
     for i in it:
         rows.append(ev.measure(run.unflatten(np.array(ckpts[i]))))
     return measures_table(rows, epochs, key_freqs, op), key_freqs
-
-
-# ---- phase detection ------------------------------------------------------------------------
-def _num(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
-
-
-# the cleanup rule reads train loss and test accuracy through a running median over this
-# fraction of the run's epochs
-CLEANUP_WINDOW = 0.04
-
-
-def running_median(curves, column: str, epochs: np.ndarray) -> np.ndarray:
-    """``column`` at ``epochs``, as a centred running median over ``CLEANUP_WINDOW`` of the
-    run (over the epochs where the column has values).
-
-    A median keeps a monotone curve, and the epoch of a lasting step, as they are, but removes
-    a spike or blip shorter than half the window (a brief jump of the train loss late in
-    training; one evaluation at 100% test accuracy among 99.7%s)."""
-    tr = curves.dropna(subset=[column]).sort_values("epoch")
-    ep = tr["epoch"].to_numpy(np.int64)
-    step = float(np.median(np.diff(ep))) if len(ep) > 1 else 1.0
-    rows = max(1, int(round(CLEANUP_WINDOW * float(ep[-1] - ep[0]) / step))) | 1  # odd
-    smooth = tr[column].rolling(rows, center=True, min_periods=1).median()
-    return np.interp(epochs, ep, smooth.to_numpy(float))
-
-
-def detect_phases(curves, n_classes: int) -> dict[str, Any]:
-    """Phase epochs from a curves table (pandas: epoch, train_loss, train_acc, test_loss,
-    test_acc; NaN where not evaluated). Rules, over the epochs where the test set
-    was scored:
-
-    * memorisation_end: the epoch of the test-loss peak; ``memorised`` says whether the train
-      accuracy was 100% there (False flags a peak before memorisation was complete);
-    * circuit_formation_end: the first epoch after the peak with test loss < ln n_classes
-      (the loss of a uniform guess: ln p over Z_p, ln 120 over S5);
-    * cleanup_end: from circuit_formation_end on, the first epoch where test loss <= 10 x train
-      loss, or test accuracy 100%, with train loss and test accuracy read through
-      :func:`running_median` (so neither a brief train-loss spike, which puts train loss
-      within a tenth of test loss, nor one evaluation at 100% ends cleanup);
-    * grokking_epoch: the first epoch with test accuracy >= GROK_ACC (0.99); when never
-      reached, the last epoch, with ``grokked`` False (censored).
-
-    A boundary not reached is None.
-    """
-    c = curves.dropna(subset=["test_loss"]).sort_values("epoch")
-    if c.empty:
-        raise ValueError("curves: no epoch with a test loss")
-    ep = c["epoch"].to_numpy(np.int64)
-    test_loss = c["test_loss"].to_numpy(float)
-    test_acc = c["test_acc"].to_numpy(float)
-    train_acc = c["train_acc"].to_numpy(float)
-    i_peak = int(np.argmax(test_loss))
-    out: dict[str, Any] = {
-        "test_loss_peak_epoch": int(ep[i_peak]),
-        "test_loss_peak": float(test_loss[i_peak]),
-        "memorisation_end": int(ep[i_peak]),
-        "memorised": bool(train_acc[i_peak] >= 1.0),
-        "circuit_formation_end": None,
-        "cleanup_end": None,
-    }
-    after = np.nonzero((np.arange(len(ep)) > i_peak) & (test_loss < math.log(n_classes)))[0]
-    if len(after):
-        i_c = int(after[0])
-        out["circuit_formation_end"] = int(ep[i_c])
-        train_smooth = running_median(curves, "train_loss", ep)
-        acc_smooth = running_median(curves, "test_acc", ep)
-        clean = np.nonzero((np.arange(len(ep)) >= i_c)
-                           & ((test_loss <= 10 * train_smooth) | (acc_smooth >= 1.0)))[0]
-        if len(clean):
-            out["cleanup_end"] = int(ep[clean[0]])
-    hit = np.nonzero(test_acc >= GROK_ACC)[0]
-    out["grokked"] = bool(len(hit))
-    out["grokking_epoch"] = int(ep[hit[0]]) if len(hit) else int(curves["epoch"].max())
-    return out
-
-
-def _last(curves, col):
-    s = curves.dropna(subset=[col])
-    return float(s[col].iloc[-1]) if len(s) else None
-
-
-def build_summary(run: RunDir, table, key_freqs, curves=None) -> dict[str, Any]:
-    cfg = run.read_config()
-    curves = run.read_curves() if curves is None else curves
-    summary: dict[str, Any] = {"run_id": cfg.get("run_id"), "p": cfg.get("p"), "op": cfg["op"],
-                               "key_freqs": key_freqs}
-    summary.update(detect_phases(curves, run_config(cfg).n_classes))
-    for col in ("train_loss", "train_acc", "test_loss", "test_acc"):
-        summary[f"final_{col}"] = _last(curves, col)
-    last = table.slice(table.num_rows - 1).to_pylist()[0]
-    summary["final_epoch"] = int(last["epoch"])
-    for col in ("restricted_loss", "excluded_loss", "cos_residual", "gini_embed", "gini_logit",
-                "all_loss"):
-        summary[f"final_{col}"] = _num(last[col])
-    prog = run.read_progress() or {}
-    summary["wall_time_s"] = prog.get("wall_time_s")
-    summary["stopped_early"] = bool(prog.get("stopped_early"))
-    return summary
 
 
 def finalize_run(run: RunDir, device=None, key_freqs: Sequence[int] | None = None) -> dict:
@@ -643,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run = RunDir(args.run_dir)
     try:
-        cfg = run_config(run.read_config())
+        cfg = run.run_config()
         if not run.is_trained():
             raise RunDirError(f"{run.path}: {_unfinished(run)}")
         if args.key_freqs and cfg.op not in FOURIER_OPS:

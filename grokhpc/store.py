@@ -1,5 +1,7 @@
 """Run directories and their files: the one place that knows the on-disk layout.
 
+Stage: foundations. The trainers write a run directory through this module, and status,
+measures, analyze, the tables and the API read it back; file names are spelled only here.
 A run directory holds at most eight files, however many checkpoints it has (HPC file quotas):
 
 ===================  ==========================================================================
@@ -7,7 +9,7 @@ A run directory holds at most eight files, however many checkpoints it has (HPC 
 ``progress.json``    epoch reached, planned epochs, checkpoint epochs, parameter layout, state
 ``state.pt``         the latest resumable training state (model, optimiser, curves so far)
 ``checkpoints.npy``  one row of flattened weights per checkpoint (``n_ckpt x n_params``), float32
-                     or 16-bit as config.json's ``checkpoint_dtype`` says (``CHECKPOINT_STORAGE``)
+                     or 16-bit as config.json's ``checkpoint_dtype`` says (``grokhpc.checkpoints``)
 ``curves.parquet``   one row per epoch: epoch, train_loss, train_acc, test_loss, test_acc
 ``measures.parquet`` one row per checkpoint: progress measures (written by grokhpc.measures)
 ``summary.json``     phase epochs, grokking epoch, key frequencies (written at the end)
@@ -15,16 +17,16 @@ A run directory holds at most eight files, however many checkpoints it has (HPC 
 ===================  ==========================================================================
 
 Every file appears whole or not at all: each is written to a temporary name in the same
-directory, flushed to disk and renamed over the old one. ``checkpoints.npy`` is the exception
-that keeps writes linear in the run's length: rows are appended, and only the first
-``len(progress["checkpoint_epochs"])`` rows are valid -- the rest, left by a kill between an
-append and the commit, are cut off when the run resumes. The commit point of a training step is
-``state.pt``; ``progress.json`` and ``curves.parquet`` are rewritten from it after each commit.
+directory, flushed to disk and renamed over the old one (``atomic_write_bytes``, ``_json``,
+``_table``: the one atomic Parquet writer, which the aggregated tables use too).
+``checkpoints.npy`` is the exception that keeps writes linear in the run's length: rows are
+appended, and only the first ``len(progress["checkpoint_epochs"])`` rows are valid
+(``grokhpc.checkpoints``). The commit point of a training step is ``state.pt``;
+``progress.json`` and ``curves.parquet`` are rewritten from it after each commit.
 
-Integrity: each checkpoint row's CRC-32 is taken as the row is written and kept with the commit
-(``state.pt``) and its view (``progress.json``, ``checkpoint_crc32``). Resuming, measuring,
-analysing and aggregating check the rows against it (``RunDir.verify_checkpoints``), so a file
-cut short by a full disk or damaged later is reported by file and rows, never used or extended.
+Integrity: each checkpoint row's CRC-32 is kept with the commit (``state.pt``) and its view
+(``progress.json``, ``checkpoint_crc32``); resuming, measuring, analysing and aggregating check
+the rows against it (``RunDir.verify_checkpoints``; the checks are ``grokhpc.checkpoints``').
 
 One trainer per run: a trainer holds an exclusive POSIX record lock (``fcntl.lockf``) on the
 run's ``config.json`` -- the one file written once and never replaced -- for as long as it
@@ -45,13 +47,15 @@ import re
 import socket
 import tempfile
 import threading
-import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
-from .config import clip, shown
+from .checkpoints import (CHECKPOINT_STORAGE, NPY_HEADER_BYTES, CheckpointRows, RunDirError,
+                          check_checkpoints, check_storage, decode_rows, header_holds,
+                          row_itemsize)
+from .config import RunConfig, clip, from_run_dict, shown
 
 CONFIG = "config.json"
 PROGRESS = "progress.json"
@@ -64,11 +68,6 @@ ERROR = "error.txt"
 RUN_FILES = (CONFIG, PROGRESS, STATE, CHECKPOINTS, CURVES, MEASURES, SUMMARY, ERROR)
 
 CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
-NPY_HEADER_BYTES = 128  # fixed-size .npy header, rewritten in place as rows are appended
-
-
-class RunDirError(RuntimeError):
-    """A run directory that cannot be used as it is; the message names the directory and file."""
 
 
 def _umask() -> int:
@@ -78,24 +77,38 @@ def _umask() -> int:
 
 
 # ---- atomic writes --------------------------------------------------------------------------
+def temp_beside(path: str | os.PathLike) -> Path:
+    """A new empty temporary file in ``path``'s directory (``.NAME.XXXXXXXX.tmp``, with the
+    permissions the umask gives a new file), to write and then rename over ``path``."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        e.filename = str(path)   # name the file to be written, not a temporary never made
+        raise
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
     path = Path(path)
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
+        tmp = temp_beside(path)
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
+            tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             e.filename = str(path)   # name the file being written, not its temporary
         raise
@@ -118,14 +131,48 @@ def _finite_or_null(obj: Any) -> Any:
     return obj
 
 
-def atomic_write_table(path: str | os.PathLike, table) -> None:
-    """Write a pyarrow Table as Parquet, atomically."""
-    import pyarrow as pa
+def atomic_write_table(path: str | os.PathLike, table, **options) -> None:
+    """Write a pyarrow Table as Parquet to ``path`` atomically: into :func:`temp_beside`, then
+    renamed over ``path``. ``options`` as :func:`write_table`'s."""
+    tmp = temp_beside(path)
+    write_table(tmp, table, name=path, **options)
+    try:
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            e.filename = str(path)
+        raise
+
+
+def write_table(target: str | os.PathLike, table, *, name: str | os.PathLike | None = None,
+                dictionary: bool | Iterable[str] = True, statistics: bool | Iterable[str] = True,
+                fsync: bool = True) -> None:
+    """Write ``table`` as zstd Parquet into ``target`` itself, flushed to disk unless ``fsync``
+    is False: the staging step of :func:`atomic_write_table`, and of a caller that puts several
+    files in place together. ``dictionary`` and ``statistics``: every column (True) or these
+    columns. On failure ``target`` is removed and the OSError names ``name`` (the file being
+    written; default ``target``)."""
     import pyarrow.parquet as pq
 
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+    target = Path(target)
+
+    def columns(option):
+        return option if isinstance(option, bool) else list(option)
+    try:
+        pq.write_table(table, target, compression="zstd", use_dictionary=columns(dictionary),
+                       write_statistics=columns(statistics))
+        if fsync:
+            fd = os.open(target, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except BaseException as e:
+        target.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno:   # pyarrow names no file
+            raise OSError(e.errno, os.strerror(e.errno), str(name or target)) from e
+        raise
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -153,217 +200,6 @@ def _read_bytes(path: Path) -> bytes:
         chunks.append(chunk)
         offset += len(chunk)
     return b"".join(chunks)
-
-
-# ---- checkpoints.npy: an appendable .npy ---------------------------------------------------
-# How each ``checkpoint_dtype`` stores its rows (the .npy header's descr). numpy has no
-# bfloat16: its rows hold the raw 16-bit patterns, the top half of the float32 rounded to
-# nearest even, so ``np.load`` gives them as uint16 (``decode_rows`` makes them float32).
-CHECKPOINT_STORAGE = {"float32": "<f4", "bfloat16": "<u2", "float16": "<f2"}
-
-
-def row_itemsize(dtype: str) -> int:
-    """Bytes per stored value of a ``checkpoint_dtype``."""
-    return np.dtype(CHECKPOINT_STORAGE[dtype]).itemsize
-
-
-def encode_row(row: np.ndarray, dtype: str = "float32") -> bytes:
-    """A row of weights as the little-endian bytes ``dtype`` stores: float32 as it is, float16
-    and bfloat16 rounded to nearest even (as torch's ``.to(dtype)`` rounds)."""
-    x = np.ascontiguousarray(row, dtype="<f4").reshape(-1)
-    if dtype == "float16":
-        return x.astype("<f2").tobytes()
-    if dtype == "bfloat16":
-        return _bfloat16_bits(x).tobytes()
-    return x.tobytes()
-
-
-def _bfloat16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns: add half an ulp of the kept half (ties to even) and
-    keep the top 16 bits; a NaN stays a NaN (0x7FC0; torch may keep another NaN pattern)."""
-    bits = x.view("<u4")
-    kept = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), kept.astype("<u2")).astype("<u2")
-
-
-def decode_rows(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Stored values of ``dtype`` (as ``np.memmap`` reads them) as float32, exactly."""
-    if dtype == "bfloat16":
-        return (np.asarray(raw, dtype="<u2").astype("<u4") << np.uint32(16)).view("<f4")
-    return np.asarray(raw).astype(np.float32)
-
-
-class CheckpointRows:
-    """16-bit checkpoint rows on disk, read as float32 on indexing (``rows[i]``, ``rows[a:b]``)
-    so that a run's rows are never all in memory at once; ``np.array(rows)`` reads them all."""
-
-    def __init__(self, raw: np.ndarray, dtype: str):
-        self.raw, self.stored = raw, dtype
-        self.shape, self.dtype, self.ndim = raw.shape, np.dtype(np.float32), raw.ndim
-
-    def __len__(self) -> int:
-        return len(self.raw)
-
-    def __getitem__(self, key) -> np.ndarray:
-        return decode_rows(self.raw[key], self.stored)
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = decode_rows(self.raw, self.stored)
-        return out if dtype is None else out.astype(dtype)
-
-
-def _npy_header(n_rows: int, n_cols: int, dtype: str = "float32") -> bytes:
-    d = "{'descr': '%s', 'fortran_order': False, 'shape': (%d, %d), }" % (
-        CHECKPOINT_STORAGE[dtype], n_rows, n_cols)
-    magic = b"\x93NUMPY\x01\x00"
-    body = d.encode("latin1")
-    pad = NPY_HEADER_BYTES - len(magic) - 2 - len(body) - 1
-    header = body + b" " * pad + b"\n"
-    return magic + len(header).to_bytes(2, "little") + header
-
-
-def row_checksum(data: bytes) -> int:
-    """The CRC-32 a checkpoint row is committed with (of its stored little-endian bytes)."""
-    return zlib.crc32(data)
-
-
-def append_checkpoint_row(path: str | os.PathLike, row: np.ndarray, n_valid: int,
-                          dtype: str = "float32") -> int:
-    """Append one row, stored as ``dtype``, after the first ``n_valid`` rows (dropping any stale
-    tail); returns the row's checksum. A failed write (disk full) leaves the first ``n_valid``
-    rows."""
-    path = Path(path)
-    data = encode_row(row, dtype)
-    n_cols = len(data) // row_itemsize(dtype)
-    start = NPY_HEADER_BYTES + n_valid * len(data)
-    mode = "r+b" if path.exists() else "w+b"
-    try:
-        with open(path, mode) as f:
-            f.truncate(start)
-            if n_valid == 0:
-                f.seek(0)
-                f.write(_npy_header(0, n_cols, dtype))
-            f.seek(start)
-            f.write(data)
-            f.seek(0)
-            f.write(_npy_header(n_valid + 1, n_cols, dtype))
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        e.filename = str(path)
-        try:   # shrinking needs no space: back to the committed rows
-            truncate_checkpoints(path, n_valid, n_cols, dtype)
-        except OSError:
-            pass
-        raise
-    return row_checksum(data)
-
-
-def truncate_checkpoints(path: str | os.PathLike, n_valid: int, n_cols: int,
-                         dtype: str = "float32") -> None:
-    """Cut ``checkpoints.npy`` back to its first ``n_valid`` rows (after a kill)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    with open(path, "r+b") as f:
-        f.truncate(NPY_HEADER_BYTES + n_valid * n_cols * row_itemsize(dtype))
-        f.seek(0)
-        f.write(_npy_header(n_valid, n_cols, dtype))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _row_ranges(rows: list[int]) -> str:
-    """[1, 2, 3, 7] -> "1-3, 7"."""
-    parts, i = [], 0
-    while i < len(rows):
-        j = i
-        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
-            j += 1
-        parts.append(f"{rows[i]}-{rows[j]}" if j > i else f"{rows[i]}")
-        i = j + 1
-    return ", ".join(parts)
-
-
-def checkpoint_checksums(path: str | os.PathLike, n_rows: int, n_cols: int,
-                         dtype: str = "float32", first: int = 0) -> list[int | None]:
-    """The checksum of each of rows ``first``..``n_rows - 1`` as the file holds them now (None
-    for a row the file is too short to hold), reading one row at a time."""
-    out: list[int | None] = []
-    size = n_cols * row_itemsize(dtype)
-    with open(path, "rb") as f:
-        f.seek(NPY_HEADER_BYTES + first * size)
-        for _ in range(first, n_rows):
-            data = f.read(size)
-            out.append(row_checksum(data) if len(data) == size else None)
-    return out
-
-
-def check_checkpoints(path: str | os.PathLike, n_rows: int, n_cols: int,
-                      checksums: list[int] | None, header: bool = True,
-                      dtype: str = "float32", last_only: bool = False) -> None:
-    """Raise RunDirError naming the file and its damaged rows (0-based, as numpy indexes them)
-    unless ``path`` holds ``n_rows`` rows of ``dtype`` matching ``checksums`` (only their
-    presence is checked for runs written before checksums were kept). ``header``: also check
-    that the .npy header describes at least those rows (a resume rewrites it). ``last_only``:
-    read only the last row (with the file's length and header: a cheap check)."""
-    path = Path(path)
-    if n_rows == 0 or n_cols == 0:   # no weights to check
-        return
-    need = NPY_HEADER_BYTES + n_rows * n_cols * row_itemsize(dtype)
-    size = path.stat().st_size if path.exists() else None
-    if size is None:
-        raise RunDirError(f"{path}: missing; progress lists {n_rows} checkpoint rows")
-    check_storage(path, dtype)
-    if checksums is not None and len(checksums) != n_rows:
-        raise RunDirError(f"{path}: {len(checksums)} checksums recorded for {n_rows} rows")
-    first = n_rows - 1 if last_only and size >= need else 0
-    found = checkpoint_checksums(path, n_rows, n_cols, dtype, first)
-    bad = [first + i for i, c in enumerate(found)
-           if c is None or (checksums is not None and c != checksums[first + i])]
-    if bad:
-        why = (f"the file ends at {size} of {need} bytes" if size < need
-               else "their checksums differ from those written at commit")
-        rows = f"row {bad[0]}" if len(bad) == 1 else f"rows {_row_ranges(bad)}"
-        raise RunDirError(f"{path}: {rows} of {n_rows} damaged ({why}); "
-                          "restore the file from a copy, or delete the run directory to "
-                          "train the run again")
-    if header and not header_holds(path, n_rows, n_cols, dtype):
-        raise RunDirError(HEADER_DAMAGED.format(path=path))
-
-
-# How a user trains a run again (to resume it, finish it, or repair what training rewrites).
-RERUN_TRAINING = "its python -m grokhpc.train command again (or the sweep's launch)"
-# A damaged .npy header (rows intact): training the run again (resumed, or complete: then
-# RunDir.is_complete says no) rewrites the header from progress.json before anything else.
-HEADER_DAMAGED = "{path}: .npy header damaged (rows intact); run " + RERUN_TRAINING + \
-    " to rewrite it"
-
-
-def _read_header(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(NPY_HEADER_BYTES)
-
-
-def check_storage(path: str | os.PathLike, dtype: str) -> None:
-    """Raise RunDirError when the .npy header holds rows of another ``checkpoint_dtype`` than
-    ``dtype`` (config.json's, which rules); a header too damaged to say is left to the checks
-    of rows and header."""
-    m = re.search(rb"'descr': '([<>|][a-z]\d)'", _read_header(Path(path)))
-    held = m and m.group(1).decode()
-    if held in CHECKPOINT_STORAGE.values() and held != CHECKPOINT_STORAGE[dtype]:
-        name = next(k for k, v in CHECKPOINT_STORAGE.items() if v == held)
-        raise RunDirError(f"{path}: holds {name} rows ('{held}') but config.json says "
-                          f"checkpoint_dtype {dtype}; the file is not this run's")
-
-
-def header_holds(path: Path, n_rows: int, n_cols: int, dtype: str = "float32") -> bool:
-    """Whether the .npy header is ours, for ``n_cols`` columns of ``dtype`` and at least
-    ``n_rows`` rows (rows appended after the last commit may follow the committed ones)."""
-    head = _read_header(path)
-    m = re.search(rb"'shape': \((\d+), ", head)
-    return bool(m) and int(m.group(1)) >= n_rows \
-        and head == _npy_header(int(m.group(1)), n_cols, dtype)
 
 
 # ---- one trainer per run: a POSIX record lock on config.json ----------------------------------
@@ -543,6 +379,12 @@ class RunDir:
             raise RunDirError(f"{self.path}: not a run directory (no {CONFIG})")
         return read_json(self.file(CONFIG))
 
+    def run_config(self) -> RunConfig:
+        """config.json as a RunConfig (``config.from_run_dict``: its run_id must be the hash of
+        its fields). Read through ``read_json``, so a trainer holding the run's lock keeps it:
+        opening and closing config.json any other way (``config.load_json``) would drop it."""
+        return from_run_dict(self.read_config(), source=str(self.file(CONFIG)))
+
     def read_progress(self) -> dict[str, Any] | None:
         f = self.file(PROGRESS)
         return read_json(f) if f.exists() else None
@@ -664,15 +506,13 @@ class RunDir:
         return removed
 
     def clear_error(self) -> None:
-        try:
-            self.file(ERROR).unlink()
-        except FileNotFoundError:
-            pass
+        self.file(ERROR).unlink(missing_ok=True)
 
 
 # ---- what a run directory is, and whose ------------------------------------------------------
 RUN_ID_NAME = re.compile(r"[0-9a-f]{12}")   # a directory named like a run id, as sweeps name them
-SWEEP_MARKERS = ("manifest.json", "runs")    # what a sweep's own directory holds
+MANIFEST = "manifest.json"                  # a sweep's record of its runs (grokhpc.scheduler)
+SWEEP_MARKERS = (MANIFEST, "runs")          # what a sweep's own directory holds
 
 
 def refuse_sweep_root(path: str | os.PathLike) -> None:
@@ -735,3 +575,23 @@ def curves_table(columns: dict[str, np.ndarray]):
         v = np.asarray(columns[name], dtype=np.float64)
         arrays.append(pa.array(v, pa.float64(), mask=np.isnan(v)))
     return pa.Table.from_arrays(arrays, names=list(CURVE_COLUMNS))
+
+
+# ---- where a command may write ---------------------------------------------------------------
+# What a failed write's errno says: no room (a full disk, a quota, a file size limit), or no
+# right to write there (permissions, a read-only mount). The commands' one-line advice uses it.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def out_problem(out: str | os.PathLike | None) -> str | None:
+    """One line when ``--out`` cannot be a directory (an existing file, or a path through
+    one), else None."""
+    if not out:
+        return None
+    p = Path(out).absolute()
+    found = next((d for d in (p, *p.parents) if d.exists() or d.is_symlink()), None)
+    if found is None or found.is_dir():
+        return None
+    return f"--out {out}: expected a directory, got " + (
+        "an existing file" if found == p else f"a path under the file {found}")

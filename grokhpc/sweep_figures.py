@@ -1,7 +1,9 @@
 """The cross-run figures of a sweep, drawn from its aggregated tables (grokhpc.aggregate).
 
-Each is a plotly figure that ``grokhpc.aggregate`` writes through ``grokhpc.figures.export``
-(PNG + offline HTML); a figure with nothing to show is left out with a one-line note.
+Stage: figures. ``grokhpc.aggregate`` calls :func:`cross_run_figures` with the tables
+``grokhpc.tables`` built and writes each plotly figure through ``grokhpc.figures.export``
+(PNG + offline HTML); how a swept field's values become axes, colours and ticks is
+``grokhpc.sweep_axes``'. A figure with nothing to show is left out with a one-line note.
 
 ===============================  ================================================================
 ``grok_vs_<axis>``               grokking epoch against one swept field (any run field that varies
@@ -26,125 +28,21 @@ plotly, pandas and pyarrow are imported inside the functions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from .aggregate import FINISHED, config_scalar_columns
+from .figures import paper_style
+from .sweep_axes import (UNITS, Scale, axis_order, axis_scale, by_colour, colour_field,
+                         colour_map, colours, fmt_value, is_seed, keyed, nice_ticks, tick_text,
+                         varies)
+from .tables import FINISHED, config_scalar_columns
 
-# colour / series preference among swept fields
-AXIS_PREFERENCE = ("weight_decay", "train_frac", "p", "lr", "op", "d_model", "d_mlp", "n_heads",
-                   "betas", "n_epochs")
 DEFAULT_PHASE = ("weight_decay", "train_frac")
 POINT_BUDGET = 120_000  # points per line figure: keeps HTML small and PNG rendering quick
-UNITS = {
-    "weight_decay": "weight decay λ (AdamW, decoupled)",
-    "train_frac": "training fraction (of all p² pairs)",
-    "p": "prime p (modulus)",
-    "lr": "learning rate",
-    "op": "operation",
-    "d_model": "residual width d_model",
-    "batch_size": "batch size (pairs per step)",
-    "init_scale": "initialisation scale α",
-    "data_seed": "data seed",
-    "model_seed": "model seed",
-}
 GROK_AXIS = "grokking epoch (first test acc ≥ 99%, epochs)"
 RUN_MARK = dict(symbol="line-ew-open", size=14, line=dict(width=2))   # one run on a category
 ALIGNED_MEASURES = ("restricted_loss", "excluded_loss", "test_loss", "train_loss",
                     "weight_norm_sq", "gini_embed", "gini_logit", "cos_residual")
-
-
-def is_seed(field: str) -> bool:
-    """Seeds are repeats, never an axis of a figure: data_seed, model_seed, any *_seed."""
-    return field.endswith("seed")
-
-
-# ---- values and axes ----------------------------------------------------------------------------
-def _key(v: Any) -> Any:
-    """A hashable, printable stand-in for a config value (lists such as betas become text)."""
-    import numpy as np
-
-    if isinstance(v, (list, tuple, np.ndarray)):
-        return "(" + ", ".join(_fmt_val(x) for x in list(v)) + ")"
-    return v
-
-
-def _fmt_val(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def keyed(df, field: str):
-    """``df[field]`` with hashable values (see :func:`_key`)."""
-    col = df[field]
-    if col.dtype == object:
-        return col.map(_key)
-    return col
-
-
-def varies(df, field: str) -> bool:
-    return field in df.columns and keyed(df, field).nunique(dropna=True) > 1
-
-
-@dataclass(frozen=True)
-class Scale:
-    """How a swept field is drawn: 'log', 'linear' or 'category' (``order``: the categories)."""
-
-    kind: str
-    order: tuple = ()
-
-    def position(self, v: Any) -> float:
-        return float(self.order.index(v)) if self.kind == "category" else float(v)
-
-
-def axis_order(values) -> list:
-    """The distinct values of a (keyed) column, numbers in order, text alphabetically."""
-    return sorted(values.dropna().unique(), key=lambda v: (isinstance(v, str), v))
-
-
-def axis_scale(values) -> Scale:
-    """Log when the positive values span a decade or more, categories for non-numbers."""
-    from pandas.api.types import is_bool_dtype, is_numeric_dtype
-
-    if not is_numeric_dtype(values) or is_bool_dtype(values):
-        return Scale("category", tuple(axis_order(values)))
-    pos = [float(v) for v in values.dropna().unique() if v > 0]
-    if len(pos) >= 2 and max(pos) / min(pos) >= 10:
-        return Scale("log")
-    return Scale("linear")
-
-
-def _colours(n: int) -> list[str]:
-    from plotly.colors import sample_colorscale
-
-    if n <= 1:
-        return ["#0072B2"]
-    return sample_colorscale("Viridis", [i / (n - 1) * 0.9 for i in range(n)])
-
-
-def colour_field(swept: list[str], fin) -> str | None:
-    """The swept field that colours the curve figures: the first of AXIS_PREFERENCE (then of
-    the sweep's own order) that varies, else a seed that varies, else None."""
-    cand = [s for s in swept if not is_seed(s) and varies(fin, s)]
-    for a in AXIS_PREFERENCE:
-        if a in cand:
-            return a
-    if cand:
-        return cand[0]
-    return next((s for s in swept if is_seed(s) and varies(fin, s)), None)
-
-
-def _by_colour(fin, colour_by: str | None):
-    if colour_by is None:
-        return [(None, fin)]
-    return list(fin.groupby(keyed(fin, colour_by), sort=True))
-
-
-def _colour_map(fin, colour_by: str | None) -> dict:
-    vals = axis_order(keyed(fin, colour_by)) if colour_by else [None]
-    return dict(zip(vals, _colours(len(vals))))
 
 
 def _group_stats(values: list[float], censored: list[bool], censor_at: list[float]):
@@ -173,24 +71,7 @@ def _over(seeds: list[str], pooled: list[str]) -> str:
     return over + (f"; pooled over {', '.join(pooled)}" if pooled else "")
 
 
-def nice_ticks(lo: float, hi: float) -> list[float]:
-    """Values 1, 2, 5 x 10^k from ``lo`` to ``hi`` (positive), for labelled ticks on a log
-    axis; every digit when that gives fewer than three."""
-    if not (lo > 0 and hi >= lo):
-        return []
-    ks = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-    for mantissas in ((1, 2, 5), range(1, 10)):
-        out = [m * 10.0 ** k for k in ks for m in mantissas if lo <= m * 10.0 ** k <= hi]
-        if len(out) >= 3:
-            break
-    return out
-
-
-def _tick_text(v: float) -> str:
-    return f"{v:,.0f}" if v >= 1 else f"{v:g}"
-
-
-# ---- grokking epoch against each swept field ------------------------------------------------------
+# ---- grokking epoch against each swept field -----------------------------------------------
 def grok_vs_figures(fin, swept: list[str]) -> tuple[dict, list[str]]:
     """``grok_vs_<axis>`` for each swept field that varies and is not a seed."""
     figs: dict[str, Any] = {}
@@ -218,8 +99,6 @@ def grok_vs(fin, x: str, series: str | None, seeds: list[str], pooled: list[str]
     when runs had to be left out (non-positive values on a log axis)."""
     import plotly.graph_objects as go
 
-    from .figures import paper_style
-
     scale = axis_scale(keyed(fin, x))
     df, note = fin, None
     if scale.kind == "log":
@@ -230,11 +109,11 @@ def grok_vs(fin, x: str, series: str | None, seeds: list[str], pooled: list[str]
     svals = axis_order(keyed(df, series)) if series else [None]
     span = 0.0 if scale.kind != "linear" else float(df[x].max() - df[x].min())
     any_cens = False
-    for i, (colour, sv) in enumerate(zip(_colours(len(svals)), svals)):
+    for i, (colour, sv) in enumerate(zip(colours(len(svals)), svals)):
         sub = df if sv is None else df[keyed(df, series) == sv]
         shift = (i - (len(svals) - 1) / 2) * 0.012  # equal values side by side, not hidden
         any_cens |= _grok_series(fig, sub, x, scale, shift, span, colour,
-                                 _fmt_val(sv) if series else "median")
+                                 fmt_value(sv) if series else "median")
     if scale.kind == "category":   # what the dashes across the min-max bars are
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="each run (grokked)",
                                  marker=dict(RUN_MARK, color="black")))
@@ -320,16 +199,16 @@ def _grok_axes(fig, x: str, scale: Scale, values: list, y_span: tuple[float, flo
     title = UNITS.get(x, x)
     if scale.kind == "category":
         fig.update_xaxes(title_text=title, tickvals=list(range(len(scale.order))),
-                         ticktext=[_fmt_val(v) for v in scale.order],
+                         ticktext=[fmt_value(v) for v in scale.order],
                          range=[-0.5, len(scale.order) - 0.5])
     elif len(values) <= 10:
         fig.update_xaxes(title_text=title, type=scale.kind, tickvals=list(values),
-                         ticktext=[_fmt_val(v) for v in values])
+                         ticktext=[fmt_value(v) for v in values])
     else:
         fig.update_xaxes(title_text=title, type=scale.kind)
     ticks = nice_ticks(y_span[0] / 1.2, y_span[1] * 1.2)
     fig.update_yaxes(title_text=GROK_AXIS, type="log", tickvals=ticks,
-                     ticktext=[_tick_text(v) for v in ticks])
+                     ticktext=[tick_text(v) for v in ticks])
 
 
 # ---- phase diagrams -----------------------------------------------------------------------------
@@ -376,19 +255,17 @@ def phase_diagram(fin, a: str, b: str, pooled: list[str]):
     import numpy as np
     import plotly.graph_objects as go
 
-    from .figures import paper_style
-
     xs, ys, z, text, never = _phase_cells(fin, a, b)
     finite = z[np.isfinite(z)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     hi = hi if hi - lo > 1e-9 else lo + 1
     ticks = np.log10(nice_ticks(10 ** lo, 10 ** hi) or [10 ** lo])
-    xl, yl = [_fmt_val(v) for v in xs], [_fmt_val(v) for v in ys]
+    xl, yl = [fmt_value(v) for v in xs], [fmt_value(v) for v in ys]
     fig = go.Figure(go.Heatmap(
         x=xl, y=yl, z=z, text=text, texttemplate="%{text}", zmin=lo, zmax=hi,
         colorscale="Viridis", hoverongaps=False,
         colorbar=dict(title=dict(text="median grokking<br>epoch", side="right"),
-                      tickvals=ticks, ticktext=[_tick_text(10 ** t) for t in ticks])))
+                      tickvals=ticks, ticktext=[tick_text(10 ** t) for t in ticks])))
     if never:
         fig.add_trace(go.Scatter(x=[xl[j] for j, _, _ in never], y=[yl[i] for _, i, _ in never],
                                  mode="markers", name="median run never grokked",
@@ -451,7 +328,7 @@ def _line_traces(fin, colour_by, cmap, lines_of, per_line: int, log_x: bool = Fa
     import plotly.graph_objects as go
 
     traces = []
-    for cv, sub in _by_colour(fin, colour_by):
+    for cv, sub in by_colour(fin, colour_by):
         xs, ys = [], []
         for rid in sub["run_id"]:
             xy = lines_of(rid)
@@ -466,7 +343,7 @@ def _line_traces(fin, colour_by, cmap, lines_of, per_line: int, log_x: bool = Fa
         traces.append(go.Scatter(
             x=x, y=y, mode="lines", connectgaps=False, opacity=0.75,
             line=dict(color=cmap.get(cv, "#0072B2"), width=1.2), legendgroup=str(cv),
-            name=_fmt_val(cv) if colour_by else f"{len(xs)} runs", showlegend=len(cmap) <= 20))
+            name=fmt_value(cv) if colour_by else f"{len(xs)} runs", showlegend=len(cmap) <= 20))
     return traces
 
 
@@ -474,11 +351,9 @@ def test_loss_figure(fin, curves: dict, colour_by: str | None):
     """Every finished run's test loss (log y), coloured by ``colour_by``; or why not."""
     import plotly.graph_objects as go
 
-    from .figures import paper_style
-
     if not curves:
         return "no curves of finished runs"
-    cmap = _colour_map(fin, colour_by)
+    cmap = colour_map(fin, colour_by)
     per_line = max(20, min(150, POINT_BUDGET // max(1, len(curves))))
 
     def lines_of(rid):
@@ -498,8 +373,6 @@ def weight_norm_figure(fin, ckpt_table, curves: dict, colour_by: str | None):
     import numpy as np
     from plotly.subplots import make_subplots
 
-    from .figures import paper_style
-
     if ckpt_table is None or "weight_norm_sq" not in ckpt_table.column_names:
         return "no weight_norm_sq in the checkpoint rows"
     ck = ckpt_table.select(["run_id", "epoch", "weight_norm_sq"]).to_pandas()
@@ -507,7 +380,7 @@ def weight_norm_figure(fin, ckpt_table, curves: dict, colour_by: str | None):
     norms = {rid: g.sort_values("epoch") for rid, g in ck.groupby("run_id", sort=False)}
     if not norms:
         return "no weight_norm_sq after epoch 0 in the checkpoint rows"
-    cmap = _colour_map(fin, colour_by)
+    cmap = colour_map(fin, colour_by)
     per_line = max(20, min(200, POINT_BUDGET // max(1, 2 * len(norms))))
 
     def norm_of(rid):
@@ -532,7 +405,7 @@ def weight_norm_figure(fin, ckpt_table, curves: dict, colour_by: str | None):
     ticks = nice_ticks(lo, hi) if log_y else None
     fig.update_yaxes(title_text="‖θ‖₂ (sqrt of sum of squared weights)", row=1, col=1,
                      type="log" if log_y else "linear", tickvals=ticks,
-                     ticktext=[_tick_text(v) for v in ticks] if ticks else None)
+                     ticktext=[tick_text(v) for v in ticks] if ticks else None)
     fig.update_yaxes(title_text="test accuracy", range=[0, 1.02], row=1, col=2)
     return paper_style(fig, width=1000, legend_title=colour_by,
                        title=f"Weight norm and test accuracy of {len(norms)} runs")
@@ -564,15 +437,13 @@ def _aligned_grid(fin, ckg: dict, chosen: list[str], colour_by: str | None):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from .figures import paper_style
-
-    cmap = _colour_map(fin, colour_by)
+    cmap = colour_map(fin, colour_by)
     per_line = max(20, min(250, POINT_BUDGET // max(1, len(ckg) * len(chosen))))
     ncol = 2 if len(chosen) > 1 else 1
     nrow = math.ceil(len(chosen) / ncol)
     fig = make_subplots(rows=nrow, cols=ncol, subplot_titles=chosen,
                         horizontal_spacing=0.12, vertical_spacing=0.12)
-    for cv, sub in _by_colour(fin, colour_by):
+    for cv, sub in by_colour(fin, colour_by):
         for cens in (False, True):
             part = sub[sub["grokked"].eq(False) == cens]
             gs = [ckg[r] for r in part["run_id"] if r in ckg]
@@ -584,7 +455,7 @@ def _aligned_grid(fin, ckg: dict, chosen: list[str], colour_by: str | None):
                     x=x, y=y, mode="lines", connectgaps=False, opacity=0.75,
                     line=dict(color=cmap.get(cv, "#0072B2"), width=1.2,
                               dash="dot" if cens else "solid"),
-                    name=(_fmt_val(cv) if colour_by else "runs")
+                    name=(fmt_value(cv) if colour_by else "runs")
                     + (" (never grokked)" if cens else ""), legendgroup=f"{cv}{cens}",
                     showlegend=(i == 0 and len(cmap) <= 20)), row=i // ncol + 1, col=i % ncol + 1)
     paper_style(fig, width=900, height=300 * nrow + 100, legend_title=colour_by,

@@ -50,11 +50,11 @@ from .lastpos import accuracy, cross_entropy
 from .runtime import (DEFAULT_STATE_EVERY_S, MAX_ATTEMPTS_KEPT, changed_environment,
                       deterministic_for, deterministic_kernels, matmul_precision, provenance,
                       provenance_columns, resolve_device)
+from .checkpoints import (append_checkpoint_row, check_checkpoints, checkpoint_checksums,
+                          header_holds, truncate_checkpoints)
 from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirError,
-                    RunLockedError, append_checkpoint_row, atomic_write_bytes, atomic_write_json,
-                    check_checkpoints, check_identity,
-                    checkpoint_checksums, header_holds, lock_run,
-                    refuse_sweep_root, truncate_checkpoints)
+                    RunLockedError, atomic_write_bytes, atomic_write_json, check_identity,
+                    lock_run, refuse_sweep_root)
 
 
 # The one cross-entropy and accuracy (float64 by default, as the seed's loss_fn), under the

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grokhpc import aggregate as agg
-from grokhpc import sweep_figures
+from grokhpc import sweep_axes, sweep_figures
 from grokhpc.config import RunConfig, to_dict
 from grokhpc.figures import png_size
 from grokhpc.store import RunDir, atomic_write_json, atomic_write_table
@@ -745,10 +745,10 @@ def test_docs_example_reproduces_the_medians_from_the_tables_alone(sweep, tmp_pa
 
 
 def test_log_axis_ticks_are_labelled_one_two_five():
-    assert sweep_figures.nice_ticks(150, 6000) == [200, 500, 1000, 2000, 5000]
+    assert sweep_axes.nice_ticks(150, 6000) == [200, 500, 1000, 2000, 5000]
     # a range narrower than one 1-2-5 step: every digit
-    assert sweep_figures.nice_ticks(1250, 6000) == [2000, 3000, 4000, 5000, 6000]
-    assert sweep_figures.nice_ticks(0, 10) == []
+    assert sweep_axes.nice_ticks(1250, 6000) == [2000, 3000, 4000, 5000, 6000]
+    assert sweep_axes.nice_ticks(0, 10) == []
 
 
 def test_runs_with_the_newer_fields_aggregate_with_their_types(tmp_path):

@@ -14,7 +14,8 @@ from sympy.ntheory import primitive_root as sympy_primitive_root
 
 from grokhpc import bases, measures
 from grokhpc.config import RunConfig
-from grokhpc.data import apply_op, s5_elements, s5_table
+from grokhpc.data import apply_op
+from grokhpc.tasks import s5_elements, s5_table
 
 torch.set_num_threads(1)
 PRIMES = (3, 5, 7, 11, 13, 23, 31, 41, 113)
@@ -49,7 +50,7 @@ def cycle_type(perm) -> tuple[int, ...]:
 
 
 def textbook_characters() -> np.ndarray:
-    """(7, 120) the characters of S5 over data.s5_elements() from the table above."""
+    """(7, 120) the characters of S5 over tasks.s5_elements() from the table above."""
     cls = [CLASSES.index(cycle_type(x)) for x in s5_elements()]
     return CHARACTER_TABLE[:, cls].astype(float)
 
@@ -128,7 +129,7 @@ def test_component_norms_over_z_p_are_the_seeds_fourier_norms(p):
 
 # ---- S5 -------------------------------------------------------------------------------------
 def test_irreps_are_homomorphisms_for_every_pair():
-    """rho(x then y) = rho(x) rho(y) for all 120^2 pairs, products from data.s5_table."""
+    """rho(x then y) = rho(x) rho(y) for all 120^2 pairs, products from tasks.s5_table."""
     table = s5_table("s5").numpy()
     for r in bases.s5_irreps():
         m = r.matrices
@@ -228,7 +229,7 @@ def test_logit_attribution_over_z_p_is_the_measures_cos_sim():
 @pytest.mark.parametrize("op", S5_OPS)
 def test_logit_attribution_over_s5_on_the_literal_cube(op):
     """cos[k] = <L, P_k> / (||L|| ||P_k||) with P_k[a, b, c] = chi_k(label(a, b) c^-1) built as
-    the literal 120^3 cube from data.s5_table and the textbook characters."""
+    the literal 120^3 cube from tasks.s5_table and the textbook characters."""
     rng = np.random.default_rng(1)
     L = rng.normal(size=(120 * 120, 120))
     cos, residual = bases.logit_attribution(bases.task_basis(op, 120), L)

@@ -16,8 +16,9 @@ import torch
 from conftest import TINY_RUN
 from grokhpc.api import Run
 from grokhpc.config import CHECKPOINT_DTYPES, from_dict
-from grokhpc.store import (CHECKPOINT_STORAGE, CHECKPOINTS, NPY_HEADER_BYTES, CheckpointRows,
-                           RunDir, RunDirError, append_checkpoint_row)
+from grokhpc.checkpoints import (CHECKPOINT_STORAGE, NPY_HEADER_BYTES, CheckpointRows,
+                                 append_checkpoint_row)
+from grokhpc.store import CHECKPOINTS, RunDir, RunDirError
 from grokhpc.train import Trainer, run_training
 
 TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from grokhpc.config import RunConfig
-from grokhpc.data import all_pairs, make_dataset, s5_elements, split_indices
+from grokhpc import config
+from grokhpc.config import GROUP_OPS, OPS, RunConfig
+from grokhpc.data import all_pairs, make_dataset, split_indices
+from grokhpc.tasks import TASKS, s5_elements
 
 
 def test_seed_split_first_rows_match_the_notebook():
@@ -110,3 +112,22 @@ def test_label_noise_replaces_the_asked_fraction_of_train_labels_only():
     assert 0.8 * k <= changed <= k
     again = make_dataset(RunConfig(p=31, train_frac=0.5, label_noise=0.2))
     assert torch.equal(again.train_labels, noisy.train_labels)     # seeded
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_each_task_counts_the_rows_data_builds_and_labels_within_its_classes(op):
+    """config's n_classes and n_pairs (from grokhpc.tasks) are the rows data builds: every
+    (a, b) of 7 residues (div: b = 0 left out) or of the 120 permutations of S5."""
+    cfg = RunConfig(op=op) if op in GROUP_OPS else RunConfig(op=op, p=7)
+    want_classes = 120 if op in ("s5", "s5conj", "s5aba") else 7
+    want_pairs = {"div": 7 * 6}.get(op, want_classes ** 2)
+    tokens, labels = all_pairs(cfg.n_classes, op)
+    assert (cfg.n_classes, cfg.n_pairs, len(tokens), len(labels)) == \
+        (want_classes, want_pairs, want_pairs, want_pairs)
+    assert 0 <= int(labels.min()) and int(labels.max()) < want_classes
+    assert config.OPS == tuple(TASKS)
+
+
+def test_an_unknown_op_is_one_line_naming_it():
+    with pytest.raises(ValueError, match=r"^unknown op 'nope' \(known: sub, add, "):
+        all_pairs(7, "nope")

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from grokhpc import measures
-from grokhpc.config import RunConfig, to_dict
+from grokhpc import measures, phases
+from grokhpc.config import RunConfig
 from grokhpc.data import all_pairs, make_dataset
 from grokhpc.model import build_model
 from grokhpc.store import RunDir
@@ -129,7 +129,7 @@ def test_grid_matches_hooked_forward_and_losses_match_loops(op):
     p = 7
     cfg, model = small_model(p, op)
     W = weights_of(model)
-    ev = measures.Evaluator(to_dict(cfg), [1])
+    ev = measures.Evaluator(cfg, [1])
     post, logits, _, _, resid_mid = ev.grid(W, resid=True)
     tokens, labels = all_pairs(p, "sub")                       # the whole grid, a-major
     with torch.no_grad():
@@ -339,7 +339,7 @@ def make_curves(n=1000, every=10, peak=200, below=500, clean=700, grok=650, memo
 
 def test_phases_on_constructed_curves():
     p, c = make_curves()
-    ph = measures.detect_phases(c, p)
+    ph = phases.detect_phases(c, p)
     assert ph["memorisation_end"] == ph["test_loss_peak_epoch"] == 200
     assert ph["test_loss_peak"] == pytest.approx(30.0)
     assert ph["memorised"] is True
@@ -350,7 +350,7 @@ def test_phases_on_constructed_curves():
 
 def test_phases_flags_censored_and_unmemorised_runs():
     p, c = make_curves(memorised_at=400, grok=10**9, clean=10**9, below=10**9)
-    ph = measures.detect_phases(c, p)
+    ph = phases.detect_phases(c, p)
     assert ph["memorised"] is False                 # train accuracy 50% at the peak
     assert ph["circuit_formation_end"] is None and ph["cleanup_end"] is None
     assert ph["grokked"] is False and ph["grokking_epoch"] == 1000   # censored at the last epoch
@@ -362,7 +362,7 @@ def test_cleanup_by_test_accuracy_and_not_before_circuit_formation():
     # a test loss within 10x of train loss before the peak does not count
     c.loc[c["epoch"] == 0, "test_loss"] = 4.0
     c.loc[c["epoch"] == 0, "train_loss"] = 4.0
-    ph = measures.detect_phases(c, p)
+    ph = phases.detect_phases(c, p)
     assert ph["cleanup_end"] == 800
 
 
@@ -403,7 +403,7 @@ QUICK_PHASES = dict(n_epochs=1_500, p=31, peak=150, circuit=600, grok=700, clean
 
 @pytest.mark.parametrize("shape", [SEED_PHASES, QUICK_PHASES], ids=["seed", "quick"])
 def test_phases_of_seed_and_quick_shaped_curves(shape):
-    ph = measures.detect_phases(shaped_curves(**shape), shape["p"])
+    ph = phases.detect_phases(shaped_curves(**shape), shape["p"])
     assert (ph["memorisation_end"], ph["circuit_formation_end"], ph["cleanup_end"],
             ph["grokking_epoch"]) == (shape["peak"], shape["circuit"], shape["clean"],
                                       shape["grok"])
@@ -423,7 +423,7 @@ def test_cleanup_end_ignores_late_train_loss_spikes(shape, spikes):
     first = spikes[0][0]
     spiked = c[(c["epoch"] == first)].iloc[0]
     assert spiked["test_loss"] <= 10 * spiked["train_loss"]   # the spike meets the condition
-    ph = measures.detect_phases(c, shape["p"])
+    ph = phases.detect_phases(c, shape["p"])
     assert ph["cleanup_end"] == shape["clean"]
     assert ph["circuit_formation_end"] == shape["circuit"]
     assert ph["grokking_epoch"] == shape["grok"]
@@ -434,12 +434,12 @@ def test_cleanup_end_ignores_one_evaluation_at_full_test_accuracy():
     # once 100% at a single evaluation, then 99.65% again
     c = shaped_curves(**QUICK_PHASES)
     c.loc[c["epoch"] == 710, "test_acc"] = 1.0
-    assert measures.detect_phases(c, QUICK_PHASES["p"])["cleanup_end"] == QUICK_PHASES["clean"]
+    assert phases.detect_phases(c, QUICK_PHASES["p"])["cleanup_end"] == QUICK_PHASES["clean"]
     # a blip within half a window (30 epochs) of the lasting switch moves it by at most the
     # blip's own length (one evaluation, 10 epochs) -- a running median's bound
     c.loc[c["epoch"] == 710, "test_acc"] = 0.995
     c.loc[c["epoch"] == 740, "test_acc"] = 1.0
-    got = measures.detect_phases(c, QUICK_PHASES["p"])["cleanup_end"]
+    got = phases.detect_phases(c, QUICK_PHASES["p"])["cleanup_end"]
     assert QUICK_PHASES["clean"] - 10 <= got <= QUICK_PHASES["clean"]
 
 
@@ -449,12 +449,12 @@ def test_running_median_keeps_a_falling_curve_and_drops_a_spike():
     ep = np.arange(0, 1501, 10)
     train = clean.set_index("epoch")["train_loss"]
     # away from the ends, the running median of a falling curve is the curve itself
-    got = measures.running_median(clean, "train_loss", ep)
+    got = phases.running_median(clean, "train_loss", ep)
     inner = (ep > 60) & (ep < 1440)
     np.testing.assert_allclose(got[inner], train.loc[ep[inner]].to_numpy(), rtol=1e-12)
     # a 21-epoch spike to 1.0 is replaced by the train loss of epochs near it: the median of
     # a window holding 21 spiked values can move at most 21 places along the falling curve
-    at = measures.running_median(spiked, "train_loss", np.array([650, 660, 670]))
+    at = phases.running_median(spiked, "train_loss", np.array([650, 660, 670]))
     for e, v in zip((650, 660, 670), at):
         assert train.loc[e + 21] <= v <= train.loc[e - 21]
 
@@ -494,7 +494,7 @@ def test_training_writes_measures_and_summary(tiny_run):
         assert row["test_loss"] == pytest.approx(curves.loc[e, "test_loss"], rel=1e-5)
         assert row["test_acc"] == pytest.approx(curves.loc[e, "test_acc"])
     # the summary holds the phase epochs the rules give on the curves, and the final values
-    want = measures.detect_phases(run.read_curves(), 13)
+    want = phases.detect_phases(run.read_curves(), 13)
     for k, v in want.items():
         assert summary[k] == v, k
     assert summary["final_restricted_loss"] == pytest.approx(df["restricted_loss"].iloc[-1])
@@ -606,8 +606,8 @@ def test_phase_rule_reads_ln_of_the_number_of_classes():
     c = pd.DataFrame({"epoch": [0, 10, 20], "train_loss": [4.0, 1e-3, 1e-4],
                       "train_acc": [0.0, 1.0, 1.0], "test_loss": [4.8, 6.0, 4.75],
                       "test_acc": [0.0, 0.0, 0.1]})
-    assert measures.detect_phases(c, 120)["circuit_formation_end"] == 20
-    assert measures.detect_phases(c, 113)["circuit_formation_end"] is None
+    assert phases.detect_phases(c, 120)["circuit_formation_end"] == 20
+    assert phases.detect_phases(c, 113)["circuit_formation_end"] is None
 
 
 @pytest.mark.parametrize("task", [{"op": "s5", "train_frac": 0.2}, {"op": "quad1", "p": 7},

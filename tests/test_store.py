@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import TRY_LOCK
-from grokhpc.store import (NPY_HEADER_BYTES, RunDir, RunDirError, RunLockedError,
-                           append_checkpoint_row, check_checkpoints, lock_run, read_json)
+from grokhpc.checkpoints import NPY_HEADER_BYTES, append_checkpoint_row, check_checkpoints
+from grokhpc.config import ConfigError, RunConfig, to_dict
+from grokhpc.store import RunDir, RunDirError, RunLockedError, lock_run, read_json
 from grokhpc.runtime import provenance_columns
 
 N_COLS = 50
@@ -223,7 +224,8 @@ def test_a_directory_named_for_another_run_is_refused(tmp_path):
 FULL_DISK = """
 import errno, json, resource, signal, sys
 import numpy as np
-from grokhpc.store import append_checkpoint_row, atomic_write_bytes
+from grokhpc.checkpoints import append_checkpoint_row
+from grokhpc.store import atomic_write_bytes
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit raises EFBIG
 d, limit = sys.argv[1], int(sys.argv[2])
 with open(d + "/state.pt", "wb") as f:
@@ -260,6 +262,38 @@ def test_a_write_past_the_file_size_limit_keeps_the_committed_rows_and_the_old_f
     assert out["state"] == [True, str(tmp_path / "state.pt")]  # named as itself, not its temp
     assert (tmp_path / "state.pt").read_bytes() == b"old state"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints.npy", "state.pt"]
+
+
+FULL_DISK_TABLE = """
+import errno, json, os, resource, signal, sys
+import pyarrow as pa
+from grokhpc.store import atomic_write_table
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit raises EFBIG
+d, limit = sys.argv[1], int(sys.argv[2])
+f = d + "/measures.parquet"
+atomic_write_table(f, pa.table({"epoch": [0, 100]}))
+old = open(f, "rb").read()
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+out = {}
+try:
+    atomic_write_table(f, pa.table({"x": [float(i) for i in range(100_000)]}))
+except OSError as e:
+    out["error"] = [e.errno == errno.EFBIG, e.filename]
+out["kept"] = open(f, "rb").read() == old
+out["files"] = sorted(os.listdir(d))
+print(json.dumps(out))
+"""
+
+
+def test_a_table_write_past_the_file_size_limit_names_the_table_and_keeps_the_old_one(tmp_path):
+    """store's one atomic Parquet writer on a full disk: the OSError names the table (not its
+    temporary), the previous file is whole and no temporary is left."""
+    res = subprocess.run([sys.executable, "-c", FULL_DISK_TABLE, str(tmp_path), "4096"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out == {"error": [True, str(tmp_path / "measures.parquet")], "kept": True,
+                   "files": ["measures.parquet"]}
 
 
 # ---- one trainer per run directory --------------------------------------------------------------
@@ -300,6 +334,29 @@ def test_second_process_is_refused_naming_the_holder_until_it_lets_go(tmp_path):
     assert try_lock(run).returncode == 3
     second.release()
     assert try_lock(run).stdout.strip() == "locked"
+
+
+def test_run_config_read_by_the_lock_holder_keeps_the_lock_and_checks_the_run_id(tmp_path):
+    """RunDir.run_config reads config.json into a RunConfig through the lock's descriptor: the
+    holder keeps the lock after it. A config.json whose run_id is not the hash of its fields
+    is refused in one line naming the file."""
+    cfg = RunConfig(p=7, d_model=8, n_epochs=10)
+    run = RunDir(tmp_path / "run")
+    run.create({**to_dict(cfg), "run_id": cfg.run_id})
+    lock = lock_run(run)
+    try:
+        assert run.run_config() == cfg
+        assert try_lock(run).returncode == 3          # still held by this process
+    finally:
+        lock.release()
+    assert try_lock(run).stdout.strip() == "locked"
+    other = RunDir(tmp_path / "edited")
+    other.create({**to_dict(cfg), "p": 11, "run_id": cfg.run_id})
+    with pytest.raises(ConfigError) as e:
+        other.run_config()
+    assert str(e.value) == (f"{other.file('config.json')}: run_id: expected "
+                            f"{cfg.replace(p=11).run_id} (the hash of its fields), got "
+                            f"'{cfg.run_id}'")
 
 
 def test_the_lock_dies_with_its_holder_no_stale_lock(tmp_path):

@@ -26,8 +26,8 @@ import torch
 from grokhpc.config import RunConfig
 from grokhpc.config import to_dict as config_to_dict
 from conftest import TRY_LOCK
-from grokhpc.store import (CHECKPOINTS, CURVE_COLUMNS, NPY_HEADER_BYTES, RUN_FILES, RunDir,
-                           RunDirError, append_checkpoint_row)
+from grokhpc.checkpoints import NPY_HEADER_BYTES, append_checkpoint_row
+from grokhpc.store import CHECKPOINTS, CURVE_COLUMNS, RUN_FILES, RunDir, RunDirError
 from grokhpc.runtime import provenance_columns
 from grokhpc.train import Trainer, run_training
 
