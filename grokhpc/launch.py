@@ -53,13 +53,11 @@ from . import tracking
 from .config import ConfigError, from_dict, to_dict
 from .scheduler import (DEFAULT_MAX_ARRAY, JOBS_DIR, MANIFEST, chunks, max_array_size,
                         sbatch_preview)
-from .plan import Forecast, forecast, plan_auto, split_even, throughput_for
+from .clusters import (DEFAULT_ARRAY_PARALLELISM, ClusterProfile, fit_partition, load_profile,
+                       parallelism_cap, partition_limits, resolve_launcher)
+from .plan import Forecast, forecast, pack, plan_auto, shape_key, split_even, throughput_for
 from .store import RunDir, RunDirError, RunLockedError
-from .sweep import (ClusterProfile, LauncherSettings, Sweep, SweepRun, cut_text,
-                    fit_partition, load_profile, load_sweep, pack, parallelism_cap,
-                    partition_limits, resolve_launcher, shape_key, shown)
-
-DEFAULT_ARRAY_PARALLELISM = 64
+from .sweep import LauncherSettings, Sweep, SweepRun, cut_text, load_sweep, shown
 DEFAULT_TIME_MIN = 60
 
 
@@ -341,7 +339,7 @@ def gpu_memory_cap(launcher: LauncherSettings) -> Callable[[list], int] | None:
 
 
 def runs_per_job_for(launcher: LauncherSettings, log=None) -> Callable:
-    """size_for(cfg) for grokhpc.sweep.pack: a number as it is; ``auto`` where there is no
+    """size_for(cfg) for grokhpc.plan.pack: a number as it is; ``auto`` where there is no
     throughput table (plan_jobs): for a GPU of known memory, as many runs as fit it
     (gpu_memory_cap), else grokhpc.train_batched.auto_runs_per_job on the device here; 1 when
     neither can say."""

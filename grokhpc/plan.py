@@ -34,10 +34,10 @@ import heapq
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
-from .config import RunConfig
-from .sweep import SweepRun, by_shape
+from .config import RunConfig, shape_fields
+from .sweep import SweepRun
 
 # Run-epochs/s of R seed-config runs packed on one NVIDIA H200 (benchmarks/gpu_batched_table.md,
 # "packed batched dense" rows).
@@ -58,6 +58,35 @@ WALL_TOLERANCE = 0.05   # plans this much slower than the soonest may win on GPU
 SEED = RunConfig()
 
 
+# ---- packing runs into jobs -------------------------------------------------------------------
+def shape_key(cfg: RunConfig) -> tuple:
+    """Runs with equal keys can be trained together as one batched computation: the device
+    and the fields a packed group must share (``grokhpc.config.shape_fields``)."""
+    return (cfg.device,) + tuple((f, getattr(cfg, f)) for f in shape_fields(cfg))
+
+
+def by_shape(runs: Iterable[SweepRun]) -> list[list[SweepRun]]:
+    """Runs grouped by shape (groups in first-seen order), each group ordered by train fraction,
+    largest first (otherwise in sweep order): a packed group pads every run's rows to its
+    longest, so runs of like size packed together waste the least work, and an array's first
+    jobs are its longest."""
+    groups: dict[tuple, list[SweepRun]] = {}
+    for r in runs:
+        groups.setdefault(shape_key(r.config), []).append(r)
+    return [sorted(g, key=lambda r: -r.config.train_frac) for g in groups.values()]
+
+
+def pack(runs: Iterable[SweepRun], size_for) -> list[list[SweepRun]]:
+    """Group runs by shape (``by_shape``), then cut each group into jobs of
+    ``size_for(first_config_of_group)`` runs."""
+    jobs: list[list[SweepRun]] = []
+    for members in by_shape(runs):
+        n = max(1, int(size_for(members[0].config)))
+        jobs += [members[i:i + n] for i in range(0, len(members), n)]
+    return jobs
+
+
+# ---- throughput and forecast ------------------------------------------------------------------
 def speed_vs_h200(gpu_type: str) -> float | None:
     """A GPU type's speed on packed training relative to the H200's: the lesser of its FP32 and
     memory-bandwidth datasheet ratios (an estimate); None for a type not in the table."""
@@ -298,6 +327,6 @@ def plan_auto(runs: Sequence[SweepRun], gpus: int, parallelism: int, tp: Through
     return min(near, key=lambda o: (o[1].gpu_hours, len(o[0])))
 
 
-__all__ = ["H200_SEED_TABLE", "GPU_DATASHEET", "Throughput", "Forecast", "throughput_for",
+__all__ = ["shape_key", "by_shape", "pack", "H200_SEED_TABLE", "GPU_DATASHEET", "Throughput", "Forecast", "throughput_for",
            "speed_vs_h200", "work_scale", "split_even", "job_seconds", "makespan", "forecast",
            "plan_auto", "JOB_OVERHEAD_S", "KNEE_FRACTION", "WALL_TOLERANCE"]

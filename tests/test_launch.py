@@ -242,7 +242,8 @@ def test_dry_run_shows_the_aggregation_job_on_a_cpu_partition(write_spec, tmp_pa
 
 
 def test_aggregation_partition_and_time(write_spec, tmp_path):
-    from grokhpc.sweep import ClusterProfile, LauncherSettings, Partition, load_profile
+    from grokhpc.clusters import ClusterProfile, Partition, load_profile
+    from grokhpc.sweep import LauncherSettings
 
     bouchet = load_profile("bouchet")
     cpu = LauncherSettings(partition="week")

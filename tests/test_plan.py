@@ -172,7 +172,7 @@ def test_the_planners_job_cost_is_job_seconds():
     """The planner prices a slice of a shape's runs in O(1) per GPU; it must agree with
     job_seconds, which reads every run."""
     from grokhpc.plan import _Shape
-    from grokhpc.sweep import by_shape
+    from grokhpc.plan import by_shape
 
     runs = [SweepRun(RunConfig(model_seed=i, train_frac=(0.2, 0.35, 0.65)[i % 3]),
                      Path(f"r{i}")) for i in range(30)]

@@ -20,7 +20,8 @@ import torch
 from grokhpc.config import to_dict
 from grokhpc.launch import local_threads, train_runs
 from grokhpc.store import RunDir
-from grokhpc.sweep import load_sweep, pack
+from grokhpc.plan import pack
+from grokhpc.sweep import load_sweep
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from grokhpc.config import ConfigError, RunConfig
-from grokhpc.sweep import (LauncherSettings, fit_partition, load_profile, load_sweep, pack,
-                           parse_minutes, parse_profile, resolve_launcher, shape_key)
+from grokhpc.clusters import fit_partition, load_profile, parse_profile, resolve_launcher
+from grokhpc.plan import pack, shape_key
+from grokhpc.sweep import LauncherSettings, load_sweep, parse_minutes
 
 GOOD = """\
 base:
