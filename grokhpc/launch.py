@@ -54,10 +54,10 @@ from .config import ConfigError, from_dict, to_dict
 from .scheduler import (DEFAULT_MAX_ARRAY, JOBS_DIR, MANIFEST, chunks, max_array_size,
                         sbatch_preview)
 from .clusters import (DEFAULT_ARRAY_PARALLELISM, ClusterProfile, fit_partition, load_profile,
-                       parallelism_cap, partition_limits, resolve_launcher)
-from .plan import Forecast, forecast, pack, plan_auto, shape_key, split_even, throughput_for
+                       partition_limits, resolve_launcher)
+from .plan import local_parallelism, plan_jobs, shape_key, split_even
 from .store import RunDir, RunDirError, RunLockedError
-from .sweep import LauncherSettings, Sweep, SweepRun, cut_text, load_sweep, shown
+from .sweep import LauncherSettings, Sweep, SweepRun, cut_text, load_sweep, local_threads, shown
 DEFAULT_TIME_MIN = 60
 
 
@@ -311,87 +311,6 @@ def resolve_executor(name: str, dry_run: bool = False, cluster: str | None = Non
     if shutil.which("sbatch") or (dry_run and cluster):
         return "slurm"
     return "local"
-
-
-# Memory of every GPU type the cluster profiles name, in GB: the "vRAM/GPU (GB)" column of the
-# partition tables on docs.ycrc.yale.edu/clusters/{bouchet,grace,mccleary}/ (August 2026), the
-# smaller model where a type comes in two (a100: 40 and 80). b200: the page says 193; NVIDIA's
-# HGX/DGX B200 gives 180 usable, the smaller is kept. Sizes ``runs_per_job: auto`` when the
-# launch host is not the GPU node.
-GPU_MEMORY_GB = {"b200": 180, "h200": 141, "rtx_pro_6000_blackwell": 96, "h100": 80,
-                 "l40s": 48, "a40": 48, "rtx8000": 48, "a100": 40, "rtx_5000_ada": 32,
-                 "a5000": 24, "rtx3090": 24, "rtx5000": 16, "v100": 16, "rtx2080ti": 11,
-                 "rtx2080": 8}
-AUTO_SAFETY = 0.7
-AUTO_CAP = 1024
-
-
-def gpu_memory_cap(launcher: LauncherSettings) -> Callable[[list], int] | None:
-    """cap(configs): the runs of these configs one GPU of the launcher's type holds, a group
-    padded to its largest run (AUTO_SAFETY of its memory, grokhpc.train_batched.bytes_per_run,
-    at most AUTO_CAP); None for a GPU type of unknown memory."""
-    mem = GPU_MEMORY_GB.get((launcher.gpu_type or "").lower()) if launcher.gpus else None
-    tb = _train_batched()
-    if not mem or tb is None or not hasattr(tb, "bytes_per_run"):
-        return None
-    return lambda cfgs: int(max(1, min(AUTO_CAP, AUTO_SAFETY * mem * 1e9
-                                       // max(tb.bytes_per_run(c) for c in cfgs))))
-
-
-def runs_per_job_for(launcher: LauncherSettings, log=None) -> Callable:
-    """size_for(cfg) for grokhpc.plan.pack: a number as it is; ``auto`` where there is no
-    throughput table (plan_jobs): for a GPU of known memory, as many runs as fit it
-    (gpu_memory_cap), else grokhpc.train_batched.auto_runs_per_job on the device here; 1 when
-    neither can say."""
-    if launcher.runs_per_job != "auto":
-        n = int(launcher.runs_per_job)
-        return lambda cfg: n
-    gpus = launcher.gpus or 0
-    device = "cuda" if gpus > 0 else "cpu"
-    log = log or (lambda m: print(m, file=sys.stderr))
-    cap = gpu_memory_cap(launcher)
-
-    def auto(cfg) -> int:
-        tb = _train_batched()
-        if tb is None:
-            return 1
-        if cap is not None:
-            return cap([cfg])
-        try:
-            return max(1, int(tb.auto_runs_per_job(cfg, device)))
-        except Exception as e:  # no such device here (a login node): one run per job
-            log(f"warning: runs_per_job auto: {type(e).__name__}: {e}; "
-                "set launcher.gpu_type or a number; using 1")
-            return 1
-    return auto
-
-
-def launch_parallelism(kind: str, launcher: LauncherSettings,
-                       profile: ClusterProfile | None) -> int:
-    """Jobs of this launch that run at once: the partition's caps on SLURM, the cores here
-    locally, one in the debug executor."""
-    if kind == "slurm":
-        part = profile.partition(launcher.partition) if profile and launcher.partition else None
-        return parallelism_cap(launcher, part, DEFAULT_ARRAY_PARALLELISM)[0]
-    return local_parallelism(launcher) if kind == "local" else 1
-
-
-def plan_jobs(todo: Sequence[SweepRun], launcher: LauncherSettings,
-              profile: ClusterProfile | None, kind: str
-              ) -> tuple[list[list[SweepRun]], Forecast | None]:
-    """The jobs of this launch and, for GPU jobs of a type with a throughput table, their
-    forecast (grokhpc.plan). ``auto`` with a table: the plan that finishes soonest over the
-    jobs the partition lets run at once (grokhpc.plan.plan_auto); otherwise ``pack``."""
-    gpus = launcher.gpus or 0
-    tp = throughput_for(launcher.gpu_type) if gpus > 0 else None
-    width = launch_parallelism(kind, launcher, profile)
-    cap = gpu_memory_cap(launcher)
-    if launcher.runs_per_job == "auto" and tp is not None and cap is not None:
-        part = profile.partition(launcher.partition) if profile and launcher.partition else None
-        max_jobs = part.max_submitted if part is not None and kind == "slurm" else None
-        return plan_auto(todo, gpus, width, tp, cap, max_jobs)
-    groups = pack(todo, runs_per_job_for(launcher))
-    return groups, (forecast(groups, gpus, width, tp) if tp is not None else None)
 
 
 def executor_parameters(kind: str, sweep: Sweep, launcher: LauncherSettings,
@@ -874,19 +793,6 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
 
 def _jsonable(d: dict) -> dict:
     return {k: (_jsonable(v) if isinstance(v, dict) else v) for k, v in d.items()}
-
-
-def local_threads(launcher: LauncherSettings) -> int:
-    """torch threads per local job: cpus_per_task, else 1 (small models gain little from more,
-    and a busy machine makes extra threads spin)."""
-    return launcher.cpus_per_task or 1
-
-
-def local_parallelism(launcher: LauncherSettings) -> int:
-    """Local jobs at once: as many as the cores hold at ``local_threads`` each, at most
-    array_parallelism."""
-    cap = max(1, (os.cpu_count() or 1) // local_threads(launcher))
-    return max(1, min(launcher.array_parallelism or cap, cap))
 
 
 def run_locally(ex, fns, groups, plan, save_jobs, launcher, out) -> None:

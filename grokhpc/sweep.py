@@ -51,8 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import (FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, shape_fields,
-                     to_dict)
+from .config import FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, to_dict
 from .tracking import WandbSettings, parse_wandb
 
 SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher", "figures")
@@ -171,6 +170,12 @@ class LauncherSettings:
         import dataclasses
 
         return dataclasses.replace(self, **changes)
+
+
+def local_threads(launcher: LauncherSettings) -> int:
+    """torch threads per local job: cpus_per_task, else 1 (small models gain little from more,
+    and a busy machine makes extra threads spin)."""
+    return launcher.cpus_per_task or 1
 
 
 def _expect(cond: bool, source: str, key: str, expected: str, got: Any) -> None:
@@ -577,4 +582,4 @@ def load_sweep(path: str | os.PathLike, overrides: Iterable[str] = (),
 
 
 __all__ = ["Sweep", "SweepRun", "LauncherSettings", "load_sweep", "parse_sweep",
-           "parse_launcher", "EXECUTORS"]
+           "parse_launcher", "local_threads", "EXECUTORS"]

@@ -155,7 +155,7 @@ def test_a_mixed_train_frac_group_is_sized_at_its_padded_rows(tmp_path):
     """A batched group pads every run's train rows to its longest split, whichever run comes
     first. The estimate must cover R x the padded rows x the bytes each row keeps for the
     backward (measured: the saved bytes of two groups of different row counts, per row)."""
-    from grokhpc.train_batched import bytes_per_run, group_bytes, padded_rows
+    from grokhpc.plan import bytes_per_run, group_bytes, padded_rows
 
     base = TINY.replace(p=31)
     small = [base.replace(train_frac=0.2, model_seed=s) for s in (1, 2)]
@@ -180,15 +180,15 @@ def test_the_launchers_memory_cap_holds_a_mixed_group_at_its_padded_rows():
     """runs_per_job auto: the runs one GPU holds of a shape's configs (train fractions listed
     smallest first) fit AUTO_SAFETY of its memory at the group's padded rows, one more would
     not."""
-    from grokhpc import launch as launch_mod
+    from grokhpc import plan as plan_mod
+    from grokhpc.plan import bytes_per_run, padded_rows
     from grokhpc.sweep import LauncherSettings
-    from grokhpc.train_batched import bytes_per_run, padded_rows
 
     launcher = LauncherSettings(runs_per_job="auto", gpu_type="rtx2080", gpus=1)
     cfgs = [RunConfig(d_mlp=4096, train_frac=f) for f in (0.2, 0.45, 0.7)]
-    n = launch_mod.gpu_memory_cap(launcher)(cfgs)
+    n = plan_mod.gpu_memory_cap(launcher)(cfgs)
     per_run = bytes_per_run(cfgs[0], padded_rows(cfgs))
-    memory = launch_mod.AUTO_SAFETY * launch_mod.GPU_MEMORY_GB["rtx2080"] * 1e9
+    memory = plan_mod.AUTO_SAFETY * plan_mod.GPUS["rtx2080"].memory_gb * 1e9
     assert n * per_run <= memory < (n + 1) * per_run
 
 

@@ -196,7 +196,7 @@ def test_chunks_and_max_array_size():
 
 
 def test_runs_per_job_auto_packs_by_gpu_memory(write_spec, tmp_path):
-    from grokhpc.train_batched import bytes_per_run
+    from grokhpc.plan import bytes_per_run, runs_per_job_for
 
     spec = write_spec({"grid": {"weight_decay": [0.3, 1.0], "model_seed": [1, 2, 3]},
                        "zip": {"p": [53, 113], "n_epochs": [100, 200]},
@@ -214,9 +214,8 @@ def test_runs_per_job_auto_packs_by_gpu_memory(write_spec, tmp_path):
     assert sorted(len(g) for g in plan["groups"]) == [2, 2, 4, 4]
     # a GPU of unknown memory, planned on a machine without it: one run per job, and a warning
     warnings = []
-    size = launch_mod.runs_per_job_for(plan["launcher"].replace(runs_per_job="auto",
-                                                                gpu_type=None, gpus=1),
-                                       log=warnings.append)
+    size = runs_per_job_for(plan["launcher"].replace(runs_per_job="auto", gpu_type=None,
+                                                     gpus=1), log=warnings.append)
     assert size(RunConfig()) == 1 and "gpu_type" in warnings[0]
 
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from grokhpc.config import to_dict
-from grokhpc.launch import local_threads, train_runs
+from grokhpc.launch import train_runs
 from grokhpc.store import RunDir
 from grokhpc.plan import pack
-from grokhpc.sweep import load_sweep
+from grokhpc.sweep import load_sweep, local_threads
 
 pytestmark = pytest.mark.slow
 

@@ -268,14 +268,14 @@ def test_grace_and_mccleary_profiles_hold_the_published_limits():
 
 
 def test_every_gpu_type_a_profile_names_has_a_memory_size():
-    from grokhpc.launch import GPU_MEMORY_GB
+    from grokhpc.plan import GPUS
 
     named = {t for n in ("bouchet", "grace", "mccleary")
              for p in load_profile(n).partitions for t in p.gpu_types}
     assert {"b200", "rtx_pro_6000_blackwell", "l40s", "a40", "rtx_5000_ada"} <= named
-    assert named <= set(GPU_MEMORY_GB), named - set(GPU_MEMORY_GB)
+    assert named <= set(GPUS), named - set(GPUS)
     # the pages' vRAM/GPU column (GB)
-    assert [GPU_MEMORY_GB[t] for t in ("h200", "rtx_pro_6000_blackwell", "h100", "l40s", "a40",
+    assert [GPUS[t].memory_gb for t in ("h200", "rtx_pro_6000_blackwell", "h100", "l40s", "a40",
                                        "rtx_5000_ada", "a5000", "v100")] == \
         [141, 96, 80, 48, 48, 32, 24, 16]
 
