@@ -256,20 +256,20 @@ def test_device_lrs_give_the_hosts_decay_column_bit_for_bit(tmp_path):
 def test_a_device_process_trains_a_config_naming_cuda_n_on_the_gpu_it_sees(monkeypatch):
     """Each device process of a several-GPU job sees one GPU (CUDA_VISIBLE_DEVICES narrowed),
     which is cuda:0 there whatever a run's config names; other devices are left alone."""
-    from grokhpc import launch as launch_mod
+    from grokhpc import job as job_mod
 
     got = []
-    monkeypatch.setattr(launch_mod, "train_runs", lambda runs, **kw: got.extend(runs))
+    monkeypatch.setattr(job_mod, "train_runs", lambda runs, **kw: got.extend(runs))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     handler = signal.getsignal(signal.SIGUSR2)
     try:
         runs = [({"device": d}, f"r{i}") for i, d in enumerate(["cuda:1", "cuda", "auto"])]
-        launch_mod._train_on_device(runs, "1", 1)
+        job_mod._train_on_device(runs, "1", 1)
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
         assert got == [({"device": "cuda"}, "r0"), ({"device": "cuda"}, "r1"),
                        ({"device": "auto"}, "r2")]
         got.clear()
-        launch_mod._train_on_device([({"device": "cuda:1"}, "r0")], "cpu:1", 1)
+        job_mod._train_on_device([({"device": "cuda:1"}, "r0")], "cpu:1", 1)
         assert got == [({"device": "cuda:1"}, "r0")]   # a CPU process: the run's own error
     finally:
         signal.signal(signal.SIGUSR2, handler)

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import TINY_RUN
+from grokhpc import job as job_mod
 from grokhpc import launch as launch_mod
+from grokhpc import submit as submit_mod
 from grokhpc.config import RunConfig, to_dict
 from grokhpc.store import RunDir
 from grokhpc.sweep import load_sweep
@@ -180,7 +182,7 @@ def test_a_failing_run_does_not_stop_its_job_mates(tmp_path):
     threads = torch.get_num_threads()
     try:
         with pytest.raises(RuntimeError) as e:
-            launch_mod.train_runs(runs, log=logged.append, threads=1)
+            job_mod.train_runs(runs, log=logged.append, threads=1)
     finally:
         torch.set_num_threads(threads)
     assert "1 of 2 runs failed" in str(e.value) and bad.run_id in str(e.value)
@@ -246,17 +248,17 @@ def test_aggregation_partition_and_time(write_spec, tmp_path):
 
     bouchet = load_profile("bouchet")
     cpu = LauncherSettings(partition="week")
-    assert launch_mod.aggregation_partition(cpu, bouchet, 5) == "week"      # a CPU launch's own
+    assert submit_mod.aggregation_partition(cpu, bouchet, 5) == "week"      # a CPU launch's own
     # devel takes 2 jobs per user: with 2 training jobs there, the aggregation goes to day
     devel = LauncherSettings(partition="devel")
-    assert launch_mod.aggregation_partition(devel, bouchet, 1) == "devel"
-    assert launch_mod.aggregation_partition(devel, bouchet, 2) == "day"
-    assert launch_mod.aggregation_partition(LauncherSettings(partition="scavenge"), bouchet,
+    assert submit_mod.aggregation_partition(devel, bouchet, 1) == "devel"
+    assert submit_mod.aggregation_partition(devel, bouchet, 2) == "day"
+    assert submit_mod.aggregation_partition(LauncherSettings(partition="scavenge"), bouchet,
                                             1) == "day"                     # preemptable GPU
     # without a profile: a GPU launch's partition is left for the cluster's default
-    assert launch_mod.aggregation_partition(LauncherSettings(partition="gpu", gpus=1), None,
+    assert submit_mod.aggregation_partition(LauncherSettings(partition="gpu", gpus=1), None,
                                             1) is None
-    assert launch_mod.aggregation_partition(LauncherSettings(partition="short"), None,
+    assert submit_mod.aggregation_partition(LauncherSettings(partition="short"), None,
                                             1) == "short"
     # a CPU partition shorter than the aggregation's hour caps its time
     tiny = ClusterProfile(name="t", path=tmp_path, cpu_partition="quick",
@@ -264,7 +266,7 @@ def test_aggregation_partition_and_time(write_spec, tmp_path):
                                       Partition("g", gpus=True)))
     plan = {"sweep": load_sweep(write_spec({"grid": {"model_seed": [1]}})), "groups": [[1]],
             "launcher": LauncherSettings(partition="g", gpus=1), "profile": tiny}
-    p = launch_mod.aggregation_parameters(plan, ["7", "9"])
+    p = submit_mod.aggregation_parameters(plan, ["7", "9"])
     assert (p["slurm_partition"], p["timeout_min"], p["slurm_dependency"]) == \
         ("quick", 20, "afterany:7:9")
     assert "slurm_additional_parameters" not in p
@@ -602,12 +604,12 @@ def assert_same_run(a, b):
 
 def test_job_devices_are_the_visible_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
-    assert launch_mod.job_devices(2) == ["2", "5"]
-    assert launch_mod.job_devices(1) == ["2"]
+    assert job_mod.job_devices(2) == ["2", "5"]
+    assert job_mod.job_devices(1) == ["2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    assert launch_mod.job_devices(2) == ["3"]
+    assert job_mod.job_devices(2) == ["3"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert launch_mod.job_devices(3) == ["0", "1", "2"]
+    assert job_mod.job_devices(3) == ["0", "1", "2"]
 
 
 def test_a_two_gpu_job_trains_one_group_per_device_equal_to_solo_runs(tmp_path, monkeypatch,
@@ -617,7 +619,7 @@ def test_a_two_gpu_job_trains_one_group_per_device_equal_to_solo_runs(tmp_path, 
     run equals the same run trained alone, bit for bit."""
     runs = small_runs(tmp_path, "job")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    results = launch_mod.SweepJob(runs, threads=2, gpus=2)()
+    results = job_mod.SweepJob(runs, threads=2, gpus=2)()
     out = capfd.readouterr().out
     assert "device 0: 2 run(s)" in out and "device 1: 2 run(s)" in out
     assert out.count("[device 0] training 2 runs together") == 1
@@ -633,7 +635,7 @@ def _end_some_devices(runs, device, threads, state_every_s=None):
     (SIGTERM: SLURM's preemption or time-out), and trains elsewhere."""
     if device in ("cpu:1", "cpu:2"):
         os.kill(os.getpid(), signal.SIGKILL if device == "cpu:1" else signal.SIGTERM)
-    launch_mod._train_on_device(runs, device, threads, state_every_s)
+    job_mod._train_on_device(runs, device, threads, state_every_s)
 
 
 def test_a_failing_group_does_not_stop_the_others(tmp_path):
@@ -645,7 +647,7 @@ def test_a_failing_group_does_not_stop_the_others(tmp_path):
     bad = small_runs(tmp_path, "b", n=1, device="cuda")
     logged = []
     with pytest.raises(RuntimeError) as e:
-        launch_mod.train_on_devices(good + bad, ["cpu:0", "cpu:1", "cpu:2", "cpu:3"],
+        job_mod.train_on_devices(good + bad, ["cpu:0", "cpu:1", "cpu:2", "cpu:3"],
                                     log=logged.append, threads=4, worker=_end_some_devices)
     assert str(e.value).startswith("3 of 4 runs failed")
     trained, killed, stopped = good[:1], good[1:2], good[2:]
@@ -661,7 +663,7 @@ def test_a_failing_group_does_not_stop_the_others(tmp_path):
         assert err and "Traceback" in err and ("CUDA" in err or "cuda" in err)
     assert "device cpu:1: training process ended by signal 9 (SIGKILL)" in logged
     # the next launch takes up where this one stopped
-    results = launch_mod.train_on_devices(good, ["cpu:0"], threads=1)   # one thread: bitwise
+    results = job_mod.train_on_devices(good, ["cpu:0"], threads=1)   # one thread: bitwise
     assert [r["complete"] for r in results] == [True] * 3
     solo = solo_reference(good, tmp_path)
     for _, d in good:
@@ -687,7 +689,7 @@ def test_dry_run_says_when_a_job_outlasts_its_time_limit(write_spec, tmp_path):
 def test_a_launch_gives_each_job_its_gpus(write_spec, tmp_path, monkeypatch):
     """The job function learns how many GPUs its job has (one group of runs on each)."""
     jobs = []
-    monkeypatch.setattr(launch_mod, "run_locally", lambda ex, fns, *rest: jobs.extend(fns))
+    monkeypatch.setattr(submit_mod, "run_locally", lambda ex, fns, *rest: jobs.extend(fns))
     spec = write_spec({"base": {"p": 11, "n_epochs": 10}, "grid": {"model_seed": [1, 2, 3, 4]},
                        "out": str(tmp_path / "s"),
                        "launcher": {"executor": "local", "gpus": 2, "runs_per_job": 4}})
@@ -731,7 +733,7 @@ def test_usr2_to_a_submitit_job_writes_the_state_then_submitit_requeues_it(tmp_p
     hold.mkdir()
     ex = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="local")
     ex.update_parameters(timeout_min=30)
-    job = ex.submit(launch_mod.SweepJob(runs, threads=1))
+    job = ex.submit(job_mod.SweepJob(runs, threads=1))
     reached = _wait_for(hold / "reached", "the job holding at epoch 40",
                         alive=lambda: not job.done())
     os.kill(reached["pid"], signal.SIGUSR2)
@@ -761,13 +763,13 @@ def _held_on_device(runs, device, threads, state_every_s=None):
     spec.loader.exec_module(hold)
     hold.hold_commits(grokhpc.train, os.path.join(os.environ["GROKHPC_TEST_DEVICE_HOLDS"],
                                                   device.replace(":", "_")), 40)
-    launch_mod._train_on_device(runs, device, threads, state_every_s)
+    job_mod._train_on_device(runs, device, threads, state_every_s)
 
 
 def test_checkpoint_passes_the_warning_to_the_device_processes(monkeypatch):
     called = []
-    monkeypatch.setattr(launch_mod, "stop_groups", lambda: called.append(True))
-    job = launch_mod.SweepJob([], gpus=2)
+    monkeypatch.setattr(job_mod, "stop_groups", lambda: called.append(True))
+    job = job_mod.SweepJob([], gpus=2)
     again = job.checkpoint()
     assert called == [True] and again.function is job
 
@@ -789,7 +791,7 @@ def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, 
 
     def job():
         try:
-            launch_mod.train_on_devices(runs, ["cpu:0", "cpu:1"], threads=2,
+            job_mod.train_on_devices(runs, ["cpu:0", "cpu:1"], threads=2,
                                         worker=_held_on_device)
         except RuntimeError as e:
             ended["error"] = str(e)
@@ -798,7 +800,7 @@ def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, 
     thread.start()
     for h in holds:
         _wait_for(h / "reached", f"{h.name} holding at epoch 40", alive=thread.is_alive)
-    launch_mod.stop_groups(timeout_s=0)   # the signal goes out while both processes hold
+    job_mod.stop_groups(timeout_s=0)   # the signal goes out while both processes hold
     for h in holds:
         (h / "release").touch()
     thread.join(timeout=600)
@@ -806,7 +808,7 @@ def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, 
     for _, d in runs:
         prog = RunDir(d).read_progress()
         assert prog["state_epoch"] == prog["epoch"] == 41 and RunDir(d).read_error() is None
-    results = launch_mod.train_on_devices(runs, ["cpu:0"], threads=1)
+    results = job_mod.train_on_devices(runs, ["cpu:0"], threads=1)
     assert [r["complete"] for r in results] == [True, True]
     solo = solo_reference(runs, tmp_path)
     for _, d in runs:

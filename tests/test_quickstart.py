@@ -1,6 +1,6 @@
 """The quickstart keeps the promise of its header comment (sweeps/quickstart.yaml).
 
-Its runs are trained as the local launcher trains them (``grokhpc.launch.train_runs``, the code
+Its runs are trained as the local launcher trains them (``grokhpc.job.train_runs``, the code
 of one job): one run per job at 1 torch thread, one run per job at 2 threads, and all four
 packed into one job at the spec's own thread count. In every mode the train_frac 0.6 runs must
 reach test accuracy >= 99% well before the budget ends and stay there, and the 0.3 runs must
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from grokhpc.config import to_dict
-from grokhpc.launch import train_runs
+from grokhpc.job import train_runs
 from grokhpc.store import RunDir
 from grokhpc.plan import pack
 from grokhpc.sweep import load_sweep, local_threads
