@@ -308,8 +308,9 @@ def host_syncs(base, dev, epochs: int = 20) -> list:
 # ---- a device process of a several-GPU job -----------------------------------------------------
 def _narrowed_child(cfg: dict, out: str) -> None:
     from grokhpc.job import _train_on_device
+    from grokhpc.runtime import JobSettings
 
-    _train_on_device([(cfg, out)], "0", 1)
+    _train_on_device([(cfg, out)], "0", JobSettings(threads=1))
 
 
 def narrowed_device(base, dev) -> list:

@@ -256,7 +256,8 @@ class PartitionFit:
 
 
 def fit_partition(launcher: LauncherSettings, profile: ClusterProfile | None, n_jobs: int,
-                  max_array: int, source: str, default_parallelism: int = DEFAULT_ARRAY_PARALLELISM) -> PartitionFit:
+                  max_array: int, source: str,
+                  default_parallelism: int = DEFAULT_ARRAY_PARALLELISM) -> PartitionFit:
     """Keep ``n_jobs`` jobs, sent as arrays of at most ``max_array`` tasks, inside the
     partition's per-user caps: running jobs and GPUs cut the array parallelism; a partition
     that takes fewer submitted jobs than the launch makes refuses it (one line naming the

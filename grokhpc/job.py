@@ -8,6 +8,10 @@ each in a process of its own (``train_on_devices``). Preempted or timed out, sub
 jobs end with the launch (grokhpc.lifeline). ``AggregateJob`` is the small CPU job that
 aggregates the sweep once its arrays have ended.
 
+A job's settings beyond its runs (state.pt interval, step mode, torch threads, W&B) travel as
+one ``grokhpc.runtime.JobSettings``, from the spec's ``launcher:`` to the trainers;
+``$GROKHPC_STEP_MODE``, where set, overrides its step mode and says so in the job's log.
+
 torch is imported only by the trainers, inside the job.
 """
 
@@ -25,8 +29,9 @@ import submitit
 from . import lifeline as lifelines
 from . import tracking
 from .aggregate import main as aggregate_main
-from .config import from_dict
+from .config import ConfigError, from_dict, shown
 from .plan import shape_key, split_even
+from .runtime import STEP_MODES, JobSettings
 from .store import RunDir, RunDirError, RunLockedError
 from .train import run_training
 from .train_batched import train_group
@@ -48,6 +53,10 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+STEP_MODE_ENV = "GROKHPC_STEP_MODE"
+
+
+# ---- one group of runs ------------------------------------------------------------------------
 def _set_threads(threads: int | None = None) -> None:
     """Use the CPUs the job was given (``threads``, else SLURM's cpus-per-task), not every core
     of the node: on a busy node, torch threads beyond the job's cores spin and crawl."""
@@ -61,12 +70,21 @@ def _set_threads(threads: int | None = None) -> None:
         torch.set_num_threads(int(n))
 
 
-def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = print,
-               threads: int | None = None, state_every_s: float | None = None) -> list[dict]:
-    """Train a job's runs: [(RunConfig dict, run directory), ...]. One run failing does not stop
-    the others; afterwards the job raises if any run failed (so the scheduler marks it failed).
-    ``state_every_s``: seconds between a run's state.pt writes (launcher.state_every)."""
-    _set_threads(threads)
+def trainer_kwargs(settings: JobSettings, packed: bool) -> dict[str, Any]:
+    """The job's settings as the trainers take them: ``train_group`` (``packed``) and
+    ``run_training``. Until both take ``settings=JobSettings``, today's keywords; then this
+    returns ``{"settings": settings}``."""
+    if packed:
+        return {"state_every_s": settings.state_every_s, "step_mode": settings.step_mode}
+    return {"state_every_s": settings.state_every_s}
+
+
+def train_runs(runs: Sequence[tuple[dict, str]], settings: JobSettings = JobSettings(),
+               log: Callable[[str], Any] = print) -> list[dict]:
+    """Train a job's runs: [(RunConfig dict, run directory), ...], as ``settings`` say. One run
+    failing does not stop the others; afterwards the job raises if any run failed (so the
+    scheduler marks it failed)."""
+    _set_threads(settings.threads)
     cfgs = [from_dict(c, source=f"{d}: config") for c, d in runs]
     dirs = [str(d) for _, d in runs]
     todo = [(c, d) for c, d in zip(cfgs, dirs) if not RunDir(d).is_complete()]
@@ -75,7 +93,7 @@ def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = pri
         log(f"training {len(todo)} runs together: {', '.join(c.run_id for c, _ in todo)}")
         try:
             train_group([c for c, _ in todo], [d for _, d in todo], device=None,
-                        progress_bar=False, log=log, state_every_s=state_every_s)
+                        progress_bar=False, log=log, **trainer_kwargs(settings, packed=True))
         except Exception:
             log("batched training failed; training the unfinished runs one by one:\n"
                 + traceback.format_exc())
@@ -83,7 +101,8 @@ def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = pri
     for cfg, d in todo:
         log(f"run {cfg.run_id} -> {d}")
         try:
-            run_training(cfg, d, progress_bar=False, log=log, state_every_s=state_every_s)
+            run_training(cfg, d, progress_bar=False, log=log,
+                         **trainer_kwargs(settings, packed=False))
         except RunLockedError as e:   # another job trains it (a stale job beside its requeue)
             log(f"run {cfg.run_id} skipped, nothing written: {e}")
         except Exception:
@@ -127,8 +146,8 @@ def job_devices(gpus: int) -> list[str]:
     return seen[:max(0, gpus)]
 
 
-def _train_on_device(runs: Sequence[tuple[dict, str]], device: str, threads: int,
-                     state_every_s: float | None = None) -> None:
+def _train_on_device(runs: Sequence[tuple[dict, str]], device: str,
+                     settings: JobSettings) -> None:
     """One group of a several-GPU job, in its own process, seeing only ``device`` ("cpu" or
     "cpu:N": no GPU, the CPU). USR2 (SLURM's warning, passed on by the job's process) writes
     the runs' state, then ends this process."""
@@ -138,8 +157,8 @@ def _train_on_device(runs: Sequence[tuple[dict, str]], device: str, threads: int
     if not on_cpu:   # the one GPU this process sees is cuda:0, whichever a run's config names
         runs = [({**c, "device": "cuda"} if str(c.get("device", "")).startswith("cuda:") else c,
                  d) for c, d in runs]
-    train_runs(runs, log=lambda m: print(f"[device {device}] {m}", flush=True), threads=threads,
-               state_every_s=state_every_s)
+    train_runs(runs, settings=settings,
+               log=lambda m: print(f"[device {device}] {m}", flush=True))
 
 
 def stop_groups(timeout_s: float = 60.0) -> None:
@@ -168,22 +187,21 @@ def _ended(code: int | None) -> str:
 
 
 def train_on_devices(runs: Sequence[tuple[dict, str]], devices: Sequence[str],
-                     log: Callable[[str], Any] = print, threads: int | None = None,
-                     worker: Callable | None = None,
-                     state_every_s: float | None = None) -> list[dict]:
+                     settings: JobSettings = JobSettings(), log: Callable[[str], Any] = print,
+                     worker: Callable | None = None) -> list[dict]:
     """Train a job's runs as one group per device (split_even, in order), all at once, each
     group in its own process that sees only its device and trains and resumes as a one-GPU job
-    does (``train_runs``). A group that fails leaves error.txt in its unfinished runs (written
+    does (``train_runs``), on its share of the job's threads. A group that fails leaves error.txt in its unfinished runs (written
     here for a process that died without one, unless SLURM interrupted it) and the others go
     on; afterwards the job raises if any run failed."""
     groups = split_even(list(runs), len(devices))
     ctx = multiprocessing.get_context("spawn")
-    share = max(1, (threads or _job_cpus()) // len(groups))
+    share = settings.replace(threads=max(1, (settings.threads or _job_cpus()) // len(groups)))
     procs = []
     for group, dev in zip(groups, devices):
         log(f"device {dev}: {len(group)} run(s)")
         proc = ctx.Process(target=worker or _train_on_device,
-                           args=(group, dev, share, state_every_s), daemon=True)
+                           args=(group, dev, share), daemon=True)
         proc.start()
         procs.append(proc)
     _GROUP_PROCS[:] = procs
@@ -207,19 +225,30 @@ def train_on_devices(runs: Sequence[tuple[dict, str]], devices: Sequence[str],
     return job_results(list(ids.values()), list(ids), errors)
 
 
-class SweepJob(submitit.helpers.Checkpointable):
-    """One scheduler job: trains its runs. Preempted or timed out, submitit calls
-    ``checkpoint()`` and requeues the same job, which resumes every run from its run directory
-    (``run_training`` picks up ``state.pt``)."""
+def step_mode_override(settings: JobSettings, log: Callable[[str], Any]) -> JobSettings:
+    """``settings`` with $GROKHPC_STEP_MODE's step mode where it is set (one line says so); a
+    word that is no step mode is a one-line ConfigError, before anything trains."""
+    mode = os.environ.get(STEP_MODE_ENV, "").strip()
+    if not mode:
+        return settings
+    if mode not in STEP_MODES:
+        raise ConfigError(f"${STEP_MODE_ENV}: expected one of {', '.join(STEP_MODES)}, got "
+                          f"{shown(mode)}")
+    log(f"${STEP_MODE_ENV}={mode} overrides the spec's launcher.step_mode "
+        f"({settings.step_mode})")
+    return settings.replace(step_mode=mode)
 
-    def __init__(self, runs: Sequence[tuple[dict, str]], threads: int | None = None,
-                 gpus: int = 0, wandb: dict | None = None, state_every_s: float | None = None,
-                 lifeline: str | None = None):
+
+class SweepJob(submitit.helpers.Checkpointable):
+    """One scheduler job: trains its runs on ``gpus`` GPUs (one group of them per GPU) as
+    ``settings`` say. Preempted or timed out, submitit calls ``checkpoint()`` and requeues the
+    same job, which resumes every run from its run directory (``state.pt``)."""
+
+    def __init__(self, runs: Sequence[tuple[dict, str]], settings: JobSettings = JobSettings(),
+                 gpus: int = 0, lifeline: str | None = None):
         self.runs = [(dict(c), str(d)) for c, d in runs]
-        self.threads = threads
+        self.settings = settings
         self.gpus = gpus
-        self.wandb = wandb   # launcher.wandb (grokhpc.tracking), None when off
-        self.state_every_s = state_every_s   # launcher.state_every, in seconds
         self.lifeline = lifeline   # a local launch's lifeline file: the job ends with the launch
         self.orphaned = False
 
@@ -228,17 +257,16 @@ class SweepJob(submitit.helpers.Checkpointable):
         if env is not None:
             print(f"job {env.job_id} on {env.hostname}: {len(self.runs)} run(s)", flush=True)
         log = lambda m: print(m, flush=True)  # noqa: E731
+        settings = step_mode_override(self.settings, log)
         if self.lifeline:
             lifelines.watch(self.lifeline, self.launch_ended)
         devices = job_devices(self.gpus) if self.gpus > 1 else []
-        every = self.state_every_s
-        with tracking.enabled(self.wandb):
+        with tracking.enabled(settings.wandb):
             if len(devices) > 1 and len(self.runs) > 1:
                 if len(devices) < self.gpus:
                     log(f"{len(devices)} of the job's {self.gpus} GPUs are visible; using those")
-                return train_on_devices(self.runs, devices, log=log, threads=self.threads,
-                                        state_every_s=every)
-            return train_runs(self.runs, log=log, threads=self.threads, state_every_s=every)
+                return train_on_devices(self.runs, devices, settings, log=log)
+            return train_runs(self.runs, settings, log=log)
 
     def launch_ended(self) -> None:
         """The local launch that started this job has ended: stop as on SLURM's warning (USR2:
@@ -277,4 +305,5 @@ class AggregateJob(submitit.helpers.Checkpointable):
 
 
 __all__ = ["SweepJob", "AggregateJob", "train_runs", "train_on_devices", "job_devices",
-           "stop_groups", "job_results", "last_line"]
+           "stop_groups", "job_results", "step_mode_override", "trainer_kwargs", "last_line",
+           "STEP_MODE_ENV"]

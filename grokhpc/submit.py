@@ -30,7 +30,7 @@ from .job import AggregateJob, SweepJob, last_line
 from .plan import local_parallelism
 from .scheduler import JOBS_DIR, chunks, max_array_size, sbatch_preview
 from .store import RunDir
-from .sweep import LauncherSettings, Sweep, SweepRun, local_threads
+from .sweep import LauncherSettings, Sweep, SweepRun
 
 DEFAULT_TIME_MIN = 60
 AGGREGATE_TIME_MIN = 60
@@ -121,11 +121,10 @@ def submit(plan: dict, out) -> list[str] | None:
     kwargs = {"slurm_max_num_timeout": launcher.max_timeouts} if kind == "slurm" else {}
     ex = submitit.AutoExecutor(folder=sweep.out / JOBS_DIR / "%j", cluster=kind, **kwargs)
     ex.update_parameters(**plan["parameters"])
-    threads = None if kind == "slurm" else local_threads(launcher)
+    settings = launcher.job_settings(kind, sweep.name)
     wandb = wandb_settings(plan)
     line = plan["lifeline"] = lifelines.hold(sweep.out / JOBS_DIR) if kind == "local" else None
-    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], threads, launcher.gpus or 0,
-                    wandb and wandb.to_dict(), launcher.state_every * 60,
+    fns = [SweepJob([(to_dict(r.config), str(r.dir)) for r in g], settings, launcher.gpus or 0,
                     str(line.path) if line else None) for g in groups]
     if wandb and wandb.mode == "offline":
         tracking.announce("W&B runs are written offline; after the jobs, upload them with: "

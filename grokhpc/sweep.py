@@ -28,6 +28,8 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
       state_every: 10           # minutes between writes of each run's resumable state.pt
                                 # (also written on SLURM's warning and at the end; 0: every row)
+      step_mode: eager          # how a packed group issues its step: eager | fused | graph |
+                                # compile (grokhpc.step_mode; $GROKHPC_STEP_MODE overrides it)
       max_runs: 100000          # a bigger grid is refused before it is expanded
       extra: {account: my_lab}  # any other sbatch option
       wandb: {project: grokking}  # Weights & Biases (offline unless mode: online); off if unset
@@ -42,6 +44,7 @@ grokhpc.clusters'; packing the runs into jobs is grokhpc.plan's. No torch import
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -52,6 +55,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .config import FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, to_dict
+from .runtime import DEFAULT_STATE_EVERY_S, STEP_MODES, JobSettings
 from .tracking import WandbSettings, parse_wandb
 
 SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher", "figures")
@@ -59,7 +63,9 @@ FIGURE_KEYS = ("phase",)
 EXECUTORS = ("auto", "slurm", "local", "debug")
 LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
                  "partition", "array_parallelism", "runs_per_job", "max_timeouts", "extra",
-                 "wandb", "state_every", "max_runs")
+                 "wandb", "state_every", "max_runs", "step_mode")
+NEVER_NONE_KEYS = ("executor", "runs_per_job", "max_timeouts", "extra", "state_every",
+                   "max_runs", "step_mode")   # null for these is refused, not "the default"
 DEFAULT_MAX_RUNS = 100_000
 ECHO_LIMIT = 200           # characters of a bad value an error line repeats
 MAX_MAPPING_KEYS = 10_000  # keys of one YAML mapping, merge keys (<<) included
@@ -157,8 +163,9 @@ class LauncherSettings:
     max_timeouts: int = 3
     extra: tuple[tuple[str, Any], ...] = ()
     wandb: WandbSettings | None = None  # experiment tracking, off when None
-    state_every: float = 10.0          # minutes between state.pt writes of a run; 0: every row
+    state_every: float = DEFAULT_STATE_EVERY_S / 60  # minutes between state.pt writes; 0: each row
     max_runs: int = DEFAULT_MAX_RUNS   # a grid of more runs is refused before it is expanded
+    step_mode: str = "eager"           # how a packed group issues its step (grokhpc.step_mode)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in LAUNCHER_KEYS}
@@ -167,9 +174,15 @@ class LauncherSettings:
         return d
 
     def replace(self, **changes: Any) -> "LauncherSettings":
-        import dataclasses
-
         return dataclasses.replace(self, **changes)
+
+    def job_settings(self, kind: str, group: str) -> JobSettings:
+        """What each job of a launch on executor ``kind`` needs beyond its runs: state.pt every
+        ``state_every`` minutes, the step mode, torch threads (a local job's ``local_threads``;
+        on SLURM None: the job's cpus-per-task) and W&B, its runs grouped under ``group``."""
+        wandb = self.wandb.with_group(group).to_dict() if self.wandb else None
+        return JobSettings(state_every_s=self.state_every * 60, step_mode=self.step_mode,
+                           threads=None if kind == "slurm" else local_threads(self), wandb=wandb)
 
 
 def local_threads(launcher: LauncherSettings) -> int:
@@ -221,6 +234,50 @@ def parse_minutes(value: Any, source: str, key: str) -> int:
     return minutes
 
 
+def _launcher_value(key: str, v: Any, source: str, k: str) -> Any:
+    """One launcher setting, validated (``k``: its name in an error line)."""
+    if key == "executor":
+        _expect(v in EXECUTORS, source, k, " | ".join(EXECUTORS), v)
+    elif key in ("cluster", "partition", "gpu_type"):
+        _expect(isinstance(v, str) and v.strip() != "", source, k, "a name", v)
+    elif key == "time":
+        v = parse_minutes(v, source, k)
+    elif key in ("gpus", "max_timeouts"):
+        _expect(_is_int(v) and v >= 0, source, k, "an integer >= 0", v)
+    elif key in ("cpus_per_task", "array_parallelism"):
+        _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1", v)
+    elif key == "max_runs":
+        _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1 (runs in a sweep)", v)
+    elif key == "state_every":
+        _expect(_is_num(v) and 0 <= v < math.inf, source, k,
+                "a number of minutes >= 0 (0: with every checkpoint row)", v)
+        v = float(v)
+    elif key == "mem_gb":
+        _expect(_is_num(v) and v > 0, source, k, "a positive number of GB", v)
+        v = float(v)
+    elif key == "runs_per_job":
+        _expect(v == "auto" or (_is_int(v) and v >= 1), source, k,
+                'an integer >= 1 or "auto"', v)
+    elif key == "step_mode":
+        _expect(v in STEP_MODES, source, k, " | ".join(STEP_MODES), v)
+    elif key == "extra":
+        v = _extra(v, source, k)
+    elif key == "wandb":
+        v = parse_wandb(v, source, k)
+    return v
+
+
+def _extra(v: Any, source: str, k: str) -> tuple[tuple[str, Any], ...]:
+    """``launcher.extra``: other sbatch options, none that grokhpc sets itself."""
+    _expect(isinstance(v, Mapping), source, k, "a mapping of sbatch options", v)
+    for ek, ev in v.items():
+        _expect(isinstance(ek, str) and (isinstance(ev, (str, int, float)) or ev is True),
+                source, f"{k}.{cut_text(str(ek))}", "a string, number or true", ev)
+        _expect(ek.replace("-", "_") not in ("array", "output", "error", "signal", "open_mode"),
+                source, f"{k}.{ek}", "an option grokhpc does not set itself", ek)
+    return tuple(sorted(v.items()))
+
+
 def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) -> LauncherSettings:
     """Validate a ``launcher`` mapping (or ``--set launcher.KEY=VALUE`` values)."""
     if d is None:
@@ -236,46 +293,8 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
         if key not in LAUNCHER_KEYS:
             raise ConfigError(f"{source}: {cut_text(str(k))}: unknown key (expected one of "
                               f"{', '.join(LAUNCHER_KEYS)})")
-        if v is None and key not in ("executor", "runs_per_job", "max_timeouts", "extra",
-                                     "state_every", "max_runs"):
-            values[key] = None
-            continue
-        if key == "executor":
-            _expect(v in EXECUTORS, source, k, " | ".join(EXECUTORS), v)
-        elif key in ("cluster", "partition", "gpu_type"):
-            _expect(isinstance(v, str) and v.strip() != "", source, k, "a name", v)
-        elif key == "time":
-            v = parse_minutes(v, source, k)
-        elif key == "gpus":
-            _expect(_is_int(v) and v >= 0, source, k, "an integer >= 0", v)
-        elif key in ("cpus_per_task", "array_parallelism"):
-            _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1", v)
-        elif key == "max_timeouts":
-            _expect(_is_int(v) and v >= 0, source, k, "an integer >= 0", v)
-        elif key == "max_runs":
-            _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1 (runs in a sweep)", v)
-        elif key == "state_every":
-            _expect(_is_num(v) and 0 <= v < math.inf, source, k,
-                    "a number of minutes >= 0 (0: with every checkpoint row)", v)
-            v = float(v)
-        elif key == "mem_gb":
-            _expect(_is_num(v) and v > 0, source, k, "a positive number of GB", v)
-            v = float(v)
-        elif key == "runs_per_job":
-            _expect(v == "auto" or (_is_int(v) and v >= 1), source, k,
-                    'an integer >= 1 or "auto"', v)
-        elif key == "extra":
-            _expect(isinstance(v, Mapping), source, k, "a mapping of sbatch options", v)
-            for ek, ev in v.items():
-                _expect(isinstance(ek, str) and (isinstance(ev, (str, int, float)) or ev is True),
-                        source, f"{k}.{cut_text(str(ek))}", "a string, number or true", ev)
-                _expect(ek.replace("-", "_") not in ("array", "output", "error", "signal",
-                                                     "open_mode"),
-                        source, f"{k}.{ek}", "an option grokhpc does not set itself", ek)
-            v = tuple(sorted(v.items()))
-        elif key == "wandb":
-            v = parse_wandb(v, source, k)
-        values[key] = v
+        values[key] = None if v is None and key not in NEVER_NONE_KEYS else \
+            _launcher_value(key, v, source, k)
     if dotted:
         start = values.get("wandb", (base or LauncherSettings()).wandb)
         values["wandb"] = parse_wandb({**(start.to_dict() if start else {}), **dotted}, source)

@@ -257,6 +257,7 @@ def test_a_device_process_trains_a_config_naming_cuda_n_on_the_gpu_it_sees(monke
     """Each device process of a several-GPU job sees one GPU (CUDA_VISIBLE_DEVICES narrowed),
     which is cuda:0 there whatever a run's config names; other devices are left alone."""
     from grokhpc import job as job_mod
+    from grokhpc.runtime import JobSettings
 
     got = []
     monkeypatch.setattr(job_mod, "train_runs", lambda runs, **kw: got.extend(runs))
@@ -264,12 +265,12 @@ def test_a_device_process_trains_a_config_naming_cuda_n_on_the_gpu_it_sees(monke
     handler = signal.getsignal(signal.SIGUSR2)
     try:
         runs = [({"device": d}, f"r{i}") for i, d in enumerate(["cuda:1", "cuda", "auto"])]
-        job_mod._train_on_device(runs, "1", 1)
+        job_mod._train_on_device(runs, "1", JobSettings(threads=1))
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
         assert got == [({"device": "cuda"}, "r0"), ({"device": "cuda"}, "r1"),
                        ({"device": "auto"}, "r2")]
         got.clear()
-        job_mod._train_on_device([({"device": "cuda:1"}, "r0")], "cpu:1", 1)
+        job_mod._train_on_device([({"device": "cuda:1"}, "r0")], "cpu:1", JobSettings(threads=1))
         assert got == [({"device": "cuda:1"}, "r0")]   # a CPU process: the run's own error
     finally:
         signal.signal(signal.SIGUSR2, handler)

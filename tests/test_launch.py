@@ -20,7 +20,8 @@ from conftest import TINY_RUN
 from grokhpc import job as job_mod
 from grokhpc import launch as launch_mod
 from grokhpc import submit as submit_mod
-from grokhpc.config import RunConfig, to_dict
+from grokhpc.config import ConfigError, RunConfig, to_dict
+from grokhpc.runtime import JobSettings
 from grokhpc.store import RunDir
 from grokhpc.sweep import load_sweep
 
@@ -182,7 +183,7 @@ def test_a_failing_run_does_not_stop_its_job_mates(tmp_path):
     threads = torch.get_num_threads()
     try:
         with pytest.raises(RuntimeError) as e:
-            job_mod.train_runs(runs, log=logged.append, threads=1)
+            job_mod.train_runs(runs, JobSettings(threads=1), log=logged.append)
     finally:
         torch.set_num_threads(threads)
     assert "1 of 2 runs failed" in str(e.value) and bad.run_id in str(e.value)
@@ -619,7 +620,7 @@ def test_a_two_gpu_job_trains_one_group_per_device_equal_to_solo_runs(tmp_path, 
     run equals the same run trained alone, bit for bit."""
     runs = small_runs(tmp_path, "job")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    results = job_mod.SweepJob(runs, threads=2, gpus=2)()
+    results = job_mod.SweepJob(runs, JobSettings(threads=2), gpus=2)()
     out = capfd.readouterr().out
     assert "device 0: 2 run(s)" in out and "device 1: 2 run(s)" in out
     assert out.count("[device 0] training 2 runs together") == 1
@@ -630,12 +631,12 @@ def test_a_two_gpu_job_trains_one_group_per_device_equal_to_solo_runs(tmp_path, 
         assert_same_run(d, solo[Path(d).name])
 
 
-def _end_some_devices(runs, device, threads, state_every_s=None):
+def _end_some_devices(runs, device, settings):
     """A group process that dies at once on device cpu:1 (killed: a failure) and cpu:2
     (SIGTERM: SLURM's preemption or time-out), and trains elsewhere."""
     if device in ("cpu:1", "cpu:2"):
         os.kill(os.getpid(), signal.SIGKILL if device == "cpu:1" else signal.SIGTERM)
-    job_mod._train_on_device(runs, device, threads, state_every_s)
+    job_mod._train_on_device(runs, device, settings)
 
 
 def test_a_failing_group_does_not_stop_the_others(tmp_path):
@@ -648,7 +649,8 @@ def test_a_failing_group_does_not_stop_the_others(tmp_path):
     logged = []
     with pytest.raises(RuntimeError) as e:
         job_mod.train_on_devices(good + bad, ["cpu:0", "cpu:1", "cpu:2", "cpu:3"],
-                                    log=logged.append, threads=4, worker=_end_some_devices)
+                                 JobSettings(threads=4), log=logged.append,
+                                 worker=_end_some_devices)
     assert str(e.value).startswith("3 of 4 runs failed")
     trained, killed, stopped = good[:1], good[1:2], good[2:]
     assert all(RunDir(d).is_complete() for _, d in trained)
@@ -663,7 +665,8 @@ def test_a_failing_group_does_not_stop_the_others(tmp_path):
         assert err and "Traceback" in err and ("CUDA" in err or "cuda" in err)
     assert "device cpu:1: training process ended by signal 9 (SIGKILL)" in logged
     # the next launch takes up where this one stopped
-    results = job_mod.train_on_devices(good, ["cpu:0"], threads=1)   # one thread: bitwise
+    one_thread = JobSettings(threads=1)   # one thread: bitwise
+    results = job_mod.train_on_devices(good, ["cpu:0"], one_thread)
     assert [r["complete"] for r in results] == [True] * 3
     solo = solo_reference(good, tmp_path)
     for _, d in good:
@@ -695,6 +698,65 @@ def test_a_launch_gives_each_job_its_gpus(write_spec, tmp_path, monkeypatch):
                        "launcher": {"executor": "local", "gpus": 2, "runs_per_job": 4}})
     launch_mod.launch(str(spec), out=io.StringIO())
     assert [(job.gpus, len(job.runs)) for job in jobs] == [(2, 4)]
+
+
+def test_a_launch_gives_each_job_one_settings_object_from_the_spec(write_spec, tmp_path,
+                                                                   monkeypatch):
+    """launcher.state_every (minutes), step_mode and cpus_per_task reach every job as one
+    JobSettings: seconds, the mode, the local job's torch threads."""
+    jobs = []
+    monkeypatch.setattr(submit_mod, "run_locally", lambda ex, fns, *rest: jobs.extend(fns))
+    spec = write_spec({"base": {"p": 11, "n_epochs": 10}, "grid": {"model_seed": [1, 2, 3, 4]},
+                       "out": str(tmp_path / "s"),
+                       "launcher": {"executor": "local", "runs_per_job": 2, "state_every": 0.5,
+                                    "step_mode": "fused", "cpus_per_task": 2}})
+    launch_mod.launch(str(spec), out=io.StringIO())
+    assert [job.settings for job in jobs] == \
+        [JobSettings(state_every_s=30.0, step_mode="fused", threads=2)] * 2
+
+
+def _called_with(kw: dict) -> tuple:
+    """(state_every_s, step_mode) a trainer was called with: its settings, or the keywords."""
+    got = kw.get("settings")
+    return (got.state_every_s, got.step_mode) if got is not None else \
+        (kw["state_every_s"], kw.get("step_mode"))
+
+
+def test_a_job_hands_its_settings_to_the_trainers_and_says_what_the_environment_overrides(
+        tmp_path, monkeypatch, capsys):
+    """A packed job's group trains at the settings' state interval and step mode, with W&B
+    set for the training only; $GROKHPC_STEP_MODE, where set, replaces the mode with one line
+    in the job's log; a word that is no mode fails the job in one line before anything is
+    trained or written."""
+    from grokhpc import tracking
+
+    runs = small_runs(tmp_path, "job", n=2)
+    group, solo = [], []
+    monkeypatch.setattr(job_mod, "train_group", lambda cfgs, dirs, **kw: group.append(
+        (_called_with(kw), json.loads(os.environ[tracking.ENV]))))
+    monkeypatch.setattr(job_mod, "run_training", lambda cfg, d, **kw: solo.append(
+        _called_with(kw)[0]))
+    monkeypatch.delenv("GROKHPC_STEP_MODE", raising=False)
+    monkeypatch.delenv(tracking.ENV, raising=False)
+    wandb = {"project": "grok", "mode": "offline", "entity": None, "group": "s", "tags": []}
+    job = job_mod.SweepJob(runs, JobSettings(state_every_s=30.0, step_mode="fused", threads=1,
+                                             wandb=wandb))
+    job()
+    assert group == [((30.0, "fused"), wandb)] and solo == [30.0, 30.0]
+    assert tracking.ENV not in os.environ
+    assert "GROKHPC_STEP_MODE" not in capsys.readouterr().out
+    monkeypatch.setenv("GROKHPC_STEP_MODE", "graph")
+    job()
+    assert group[-1][0] == (30.0, "graph")
+    assert ("$GROKHPC_STEP_MODE=graph overrides the spec's launcher.step_mode (fused)"
+            in capsys.readouterr().out.splitlines())
+    monkeypatch.setenv("GROKHPC_STEP_MODE", "grpah")
+    with pytest.raises(ConfigError) as e:
+        job()
+    assert str(e.value) == ("$GROKHPC_STEP_MODE: expected one of eager, fused, graph, compile, "
+                            "got 'grpah'")
+    assert len(group) == 2 and len(solo) == 4
+    assert all(sorted(p.name for p in Path(d).iterdir()) == ["config.json"] for _, d in runs)
 
 
 # ---- SLURM's warning (USR2): state written, then the requeue ---------------------------------
@@ -733,7 +795,7 @@ def test_usr2_to_a_submitit_job_writes_the_state_then_submitit_requeues_it(tmp_p
     hold.mkdir()
     ex = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="local")
     ex.update_parameters(timeout_min=30)
-    job = ex.submit(job_mod.SweepJob(runs, threads=1))
+    job = ex.submit(job_mod.SweepJob(runs, JobSettings(threads=1)))
     reached = _wait_for(hold / "reached", "the job holding at epoch 40",
                         alive=lambda: not job.done())
     os.kill(reached["pid"], signal.SIGUSR2)
@@ -751,7 +813,7 @@ def test_usr2_to_a_submitit_job_writes_the_state_then_submitit_requeues_it(tmp_p
         assert_same_run(d, solo[Path(d).name])
 
 
-def _held_on_device(runs, device, threads, state_every_s=None):
+def _held_on_device(runs, device, settings):
     """A device's training process that holds after its commit of epoch 40 until released
     (marker files in $GROKHPC_TEST_DEVICE_HOLDS/<device>)."""
     import importlib.util
@@ -763,7 +825,7 @@ def _held_on_device(runs, device, threads, state_every_s=None):
     spec.loader.exec_module(hold)
     hold.hold_commits(grokhpc.train, os.path.join(os.environ["GROKHPC_TEST_DEVICE_HOLDS"],
                                                   device.replace(":", "_")), 40)
-    job_mod._train_on_device(runs, device, threads, state_every_s)
+    job_mod._train_on_device(runs, device, settings)
 
 
 def test_checkpoint_passes_the_warning_to_the_device_processes(monkeypatch):
@@ -791,7 +853,7 @@ def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, 
 
     def job():
         try:
-            job_mod.train_on_devices(runs, ["cpu:0", "cpu:1"], threads=2,
+            job_mod.train_on_devices(runs, ["cpu:0", "cpu:1"], JobSettings(threads=2),
                                         worker=_held_on_device)
         except RuntimeError as e:
             ended["error"] = str(e)
@@ -808,7 +870,7 @@ def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, 
     for _, d in runs:
         prog = RunDir(d).read_progress()
         assert prog["state_epoch"] == prog["epoch"] == 41 and RunDir(d).read_error() is None
-    results = job_mod.train_on_devices(runs, ["cpu:0"], threads=1)
+    results = job_mod.train_on_devices(runs, ["cpu:0"], JobSettings(threads=1))
     assert [r["complete"] for r in results] == [True, True]
     solo = solo_reference(runs, tmp_path)
     for _, d in runs:

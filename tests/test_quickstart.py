@@ -19,6 +19,7 @@ import torch
 
 from grokhpc.config import to_dict
 from grokhpc.job import train_runs
+from grokhpc.runtime import JobSettings
 from grokhpc.store import RunDir
 from grokhpc.plan import pack
 from grokhpc.sweep import load_sweep, local_threads
@@ -85,7 +86,7 @@ def test_quickstart_keeps_its_promise(sweep, mode, tmp_path, keep_threads):
     lines: list[str] = []
     for job in jobs:
         train_runs([(to_dict(r.config), str(tmp_path / r.run_id)) for r in job],
-                   log=lines.append, threads=threads)
+                   JobSettings(threads=threads), log=lines.append)
     if mode == "packed":   # trained as one group, not one by one after a failed group
         assert any(ln.startswith("training 4 runs together") for ln in lines), lines
         assert not any("batched training failed" in ln for ln in lines), lines

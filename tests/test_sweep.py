@@ -120,6 +120,36 @@ def test_bad_types(write_spec):
     fails(write_spec, "- just\n- a list\n", "(top level)", "mapping")
 
 
+def test_the_job_settings_come_from_the_launcher_section(write_spec):
+    """launcher.step_mode (default eager, one of the four modes) and state_every (minutes,
+    default 10) become each job's JobSettings: seconds, the mode, torch threads (a local job:
+    cpus_per_task, else 1; on SLURM left to the job's cpus-per-task) and W&B grouped under the
+    sweep's name."""
+    from grokhpc.runtime import JobSettings
+
+    plain = load_sweep(write_spec(GOOD)).launcher
+    assert (plain.step_mode, plain.state_every) == ("eager", 10.0)
+    assert plain.job_settings("local", "good") == JobSettings(state_every_s=600.0,
+                                                              step_mode="eager", threads=1)
+    spec = GOOD + "  step_mode: fused\n  state_every: 2.5\n  cpus_per_task: 3\n" \
+        "  wandb: {project: grok}\n"
+    launcher = load_sweep(write_spec(spec)).launcher
+    wandb = {"project": "grok", "mode": "offline", "entity": None, "group": "good", "tags": []}
+    assert launcher.job_settings("local", "good") == JobSettings(
+        state_every_s=150.0, step_mode="fused", threads=3, wandb=wandb)
+    assert launcher.job_settings("slurm", "good") == JobSettings(
+        state_every_s=150.0, step_mode="fused", threads=None, wandb=wandb)
+    over = load_sweep(write_spec(spec), ["launcher.step_mode=graph"]).launcher
+    assert over.step_mode == "graph" and over.to_dict()["step_mode"] == "graph"
+    for bad in ("fast", "null", "1"):
+        fails(write_spec, GOOD + f"  step_mode: {bad}\n", "launcher.step_mode",
+              "expected eager | fused | graph | compile")
+    with pytest.raises(ConfigError) as e:
+        load_sweep(write_spec(GOOD), ["launcher.step_mode=grpah"])
+    assert str(e.value) == ("--set: launcher.step_mode: expected eager | fused | graph | "
+                            "compile, got 'grpah'")
+
+
 def test_values_out_of_range(write_spec):
     fails(write_spec, GOOD.replace("p: 11", "p: 12"), "base: p", "prime")
     fails(write_spec, GOOD.replace("model_seed: [1, 2, 3]", "p: [11, 15]"), "grid: p", "prime",
