@@ -347,13 +347,6 @@ class Sweep:
     def name(self) -> str:
         return self.out.name
 
-    def run(self, run_id: str) -> SweepRun:
-        return next(r for r in self.runs if r.run_id == run_id)
-
-
-def _swept_value(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
-
 
 def split_overrides(items: Iterable[str], source: str = "--set") -> tuple[dict, dict, Any]:
     """``--set`` items as (run field values, launcher values, out or None). ``out`` is taken
@@ -513,7 +506,7 @@ def _expand(factors: list[list[dict[str, Any]]], base: RunConfig, out: Path,
         for part in combo:
             swept.update(part)
         i = len(runs)
-        swept = {k: _swept_value(v) for k, v in swept.items()}
+        swept = {k: list(v) if isinstance(v, tuple) else v for k, v in swept.items()}
         label = ", ".join(f"{k}={v}" for k, v in swept.items())
         cfg = from_dict({**to_dict(base), **swept}, source=f"{source}: run {i} ({label})")
         if cfg.run_id in by_id:
