@@ -36,6 +36,8 @@ from .store import RunDir, RunDirError, RunLockedError
 from .train import run_training
 from .train_batched import train_group
 
+STEP_MODE_ENV = "GROKHPC_STEP_MODE"   # where set, overrides the spec's launcher.step_mode
+
 
 def _record_error(out_dir: str, text: str) -> None:
     """Write error.txt if the run directory can take it (it may be the thing that failed)."""
@@ -51,9 +53,6 @@ def last_line(text: str) -> str:
     """The last non-blank line of ``text`` (an exception's message, a traceback), stripped."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return lines[-1] if lines else ""
-
-
-STEP_MODE_ENV = "GROKHPC_STEP_MODE"
 
 
 # ---- one group of runs ------------------------------------------------------------------------

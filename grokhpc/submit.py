@@ -19,6 +19,7 @@ import time
 from typing import Any, Sequence
 
 import submitit
+from tqdm.auto import tqdm
 
 from . import lifeline as lifelines
 from . import scheduler as sched
@@ -289,8 +290,6 @@ def aggregate_here(sweep: Sweep, out) -> None:
 def run_locally(ex, fns, groups, plan, save_jobs, launcher) -> list[str]:
     """Run the jobs here, ``local_parallelism`` at a time, with a progress bar over runs; the
     failed jobs' last lines."""
-    from tqdm.auto import tqdm
-
     width = local_parallelism(launcher) if plan["executor"] == "local" else 1
     queue = list(zip(fns, groups))
     running: list[tuple[Any, list[SweepRun]]] = []

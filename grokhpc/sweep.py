@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import yaml
+
 from .config import FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, to_dict
 from .runtime import DEFAULT_STATE_EVERY_S, STEP_MODES, JobSettings
 from .tracking import WandbSettings, parse_wandb
@@ -91,8 +93,6 @@ def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
 
 # ---- YAML with line numbers and duplicate-key detection -------------------------------------
 def _loader():
-    import yaml
-
     class Loader(yaml.SafeLoader):
         pass
 
@@ -132,8 +132,6 @@ def _loader():
 
 def load_yaml(text: str, source: str) -> Any:
     """Parse YAML text; errors name the source and the line."""
-    import yaml
-
     try:
         return yaml.load(text, Loader=_loader())  # noqa: S506 (a SafeLoader subclass)
     except ConfigError as e:
