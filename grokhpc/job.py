@@ -190,9 +190,9 @@ def train_on_devices(runs: Sequence[tuple[dict, str]], devices: Sequence[str],
                      worker: Callable | None = None) -> list[dict]:
     """Train a job's runs as one group per device (split_even, in order), all at once, each
     group in its own process that sees only its device and trains and resumes as a one-GPU job
-    does (``train_runs``), on its share of the job's threads. A group that fails leaves error.txt in its unfinished runs (written
-    here for a process that died without one, unless SLURM interrupted it) and the others go
-    on; afterwards the job raises if any run failed."""
+    does (``train_runs``), on its share of the job's threads. A group that fails leaves
+    error.txt in its unfinished runs (written here for a process that died without one, unless
+    SLURM interrupted it) and the others go on; afterwards the job raises if any run failed."""
     groups = split_even(list(runs), len(devices))
     ctx = multiprocessing.get_context("spawn")
     share = settings.replace(threads=max(1, (settings.threads or _job_cpus()) // len(groups)))
