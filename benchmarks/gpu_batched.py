@@ -284,7 +284,7 @@ def speed(base, dev: Device, args, out) -> None:
     """The speed table: run-epochs/s per R and step mode, TF32, memory; then the projection."""
     from grokhpc.store import RunDir
     from grokhpc.train import Trainer
-    from grokhpc.train_batched import group_bytes
+    from grokhpc.plan import group_bytes
 
     modes = effective_modes(base, dev, args.modes.split(","), out)
     tf32 = effective_modes(base, dev, [args.tf32_mode], out)[args.tf32_mode]

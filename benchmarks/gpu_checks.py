@@ -307,13 +307,14 @@ def host_syncs(base, dev, epochs: int = 20) -> list:
 
 # ---- a device process of a several-GPU job -----------------------------------------------------
 def _narrowed_child(cfg: dict, out: str) -> None:
-    from grokhpc.launch import _train_on_device
+    from grokhpc.job import _train_on_device
+    from grokhpc.runtime import JobSettings
 
-    _train_on_device([(cfg, out)], "0", 1)
+    _train_on_device([(cfg, out)], "0", JobSettings(threads=1))
 
 
 def narrowed_device(base, dev) -> list:
-    """A run whose config names cuda:1, trained by ``launch._train_on_device`` in a spawned
+    """A run whose config names cuda:1, trained by ``job._train_on_device`` in a spawned
     process that sees one GPU (CUDA_VISIBLE_DEVICES=0)."""
     from grokhpc.config import to_dict
     from grokhpc.store import RunDir

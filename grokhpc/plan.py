@@ -1,10 +1,18 @@
-"""Packing a sweep for time to result: how many runs each GPU job trains, and what a plan costs.
+"""Planning a launch (plan stage): which runs share a job, how many one GPU holds, and what a
+plan costs in wall time and GPU-hours.
 
-A GPU job trains its runs as packed groups (grokhpc.train_batched), one group per GPU. A
-group's throughput grows with its size R up to a knee and hardly at all beyond, while a sweep's
-jobs run ``parallelism`` at a time (the array's throttle, cut to the partition's per-user caps).
-``plan_auto`` picks the jobs that finish the sweep soonest with at most the knee's R per GPU
-(and what memory holds); ``forecast`` predicts the wall time and GPU-hours of any plan.
+* Packing: runs of one shape (``shape_key``: the fields a packed group must share) go into the
+  same jobs, heaviest first (``by_shape``, ``pack``); a job of several GPUs splits its runs
+  evenly over them (``split_even``).
+* Sizing: one table of the GPU types the cluster profiles name (``GPUS``: memory, FP32 peak,
+  memory bandwidth); ``bytes_per_run`` estimates what a run adds to a packed group, so
+  ``gpu_memory_cap`` says how many runs one GPU holds.
+* Forecast: a GPU job trains its runs as packed groups (grokhpc.train_batched), one group per
+  GPU. A group's throughput grows with its size R up to a knee and hardly at all beyond, while
+  a sweep's jobs run ``parallelism`` at a time (the array's throttle, cut to the partition's
+  per-user caps). ``plan_auto`` picks the jobs that finish the sweep soonest with at most the
+  knee's R per GPU (and what memory holds); ``forecast`` predicts the wall time and GPU-hours
+  of any plan; ``plan_jobs`` chooses between them for a launch.
 
 The model is an estimate, and every dry run says so:
 
@@ -16,56 +24,231 @@ The model is an estimate, and every dry run says so:
   runs far below the FP32 peak, so neither ratio alone governs it);
 * another shape: in proportion to the products that dominate a step, the read-out over the
   train rows (forward and two backward products) and over the test rows every ``eval_every``
-  epochs, ``d_mlp * p * (3 n_train + n_test / eval_every)``, each group padded to its longest
-  run's rows (as train_batched pads them);
+  epochs, ``d_mlp * n_classes * (3 n_train + n_test / eval_every)``, each group padded to its
+  longest run's rows (as train_batched pads them);
 * a job: ``JOB_OVERHEAD_S`` (start-up, opening the runs, end-of-run measures: an allowance, not
   a measurement) plus n_epochs times the epoch time of its slowest group; commit writes are
   not counted;
 * a sweep: the array's jobs start in order, each when one of ``parallelism`` running jobs
   ends; GPU-hours are the sum of each job's time times its GPUs.
 
-No torch import.
+No torch import (``auto_runs_per_job`` asks the device here, importing it then).
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
 import math
+import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
-from .config import RunConfig
-from .sweep import SweepRun, by_shape
+from .clusters import DEFAULT_ARRAY_PARALLELISM, ClusterProfile, parallelism_cap
+from .config import RunConfig, shape_fields
+from .runtime import resolve_device
+from .sweep import LauncherSettings, SweepRun, local_threads
 
 # Run-epochs/s of R seed-config runs packed on one NVIDIA H200 (benchmarks/gpu_batched_table.md,
 # "packed batched dense" rows).
 H200_SEED_TABLE = ((1, 145.2), (2, 274.8), (4, 526.7), (8, 1268.5), (16, 1986.0),
                    (32, 3193.8), (64, 3576.3), (128, 3811.2), (256, 3982.5), (512, 4071.8))
 REFERENCE_GPU = "h200"
-# Datasheet peaks per GPU type: (FP32 TFLOPS, memory bandwidth TB/s); SXM/HGX parts where a
-# type comes in several (h100: H100 SXM; a100: A100 40 GB; v100: V100 SXM2).
-GPU_DATASHEET = {"b200": (80.0, 8.0), "h200": (67.0, 4.8), "h100": (67.0, 3.35),
-                 "rtx_pro_6000_blackwell": (125.0, 1.792), "l40s": (91.6, 0.864),
-                 "a40": (37.4, 0.696), "rtx8000": (16.3, 0.672), "a100": (19.5, 1.555),
-                 "rtx_5000_ada": (65.3, 0.576), "a5000": (27.8, 0.768),
-                 "rtx3090": (35.6, 0.936), "rtx5000": (11.2, 0.448), "v100": (15.7, 0.9),
-                 "rtx2080ti": (13.4, 0.616), "rtx2080": (10.1, 0.448)}
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One GPU type: memory (sizes jobs), FP32 peak and memory bandwidth (scale the H200's
+    measured throughput to it)."""
+
+    memory_gb: float
+    tflops: float        # FP32 peak, TFLOP/s
+    bandwidth: float     # memory bandwidth, TB/s
+
+
+# Every GPU type the cluster profiles name. Memory: the "vRAM/GPU (GB)" column of the partition
+# tables on docs.ycrc.yale.edu/clusters/{bouchet,grace,mccleary}/ (August 2026), the smaller
+# model where a type comes in two (a100: 40 and 80); b200: the page says 193, NVIDIA's HGX/DGX
+# B200 gives 180 usable, the smaller is kept. FP32 peak and bandwidth: datasheets, SXM/HGX parts
+# where a type comes in several (h100: H100 SXM; a100: A100 40 GB; v100: V100 SXM2).
+GPUS = {"b200": GpuSpec(180, 80.0, 8.0), "h200": GpuSpec(141, 67.0, 4.8),
+        "rtx_pro_6000_blackwell": GpuSpec(96, 125.0, 1.792), "h100": GpuSpec(80, 67.0, 3.35),
+        "l40s": GpuSpec(48, 91.6, 0.864), "a40": GpuSpec(48, 37.4, 0.696),
+        "rtx8000": GpuSpec(48, 16.3, 0.672), "a100": GpuSpec(40, 19.5, 1.555),
+        "rtx_5000_ada": GpuSpec(32, 65.3, 0.576), "a5000": GpuSpec(24, 27.8, 0.768),
+        "rtx3090": GpuSpec(24, 35.6, 0.936), "rtx5000": GpuSpec(16, 11.2, 0.448),
+        "v100": GpuSpec(16, 15.7, 0.9), "rtx2080ti": GpuSpec(11, 13.4, 0.616),
+        "rtx2080": GpuSpec(8, 10.1, 0.448)}
 KNEE_FRACTION = 0.9     # the knee: the smallest measured R reaching 90% of the best rate
 JOB_OVERHEAD_S = 120.0  # per job: start-up, opening the runs, end-of-run measures (allowance)
 WALL_TOLERANCE = 0.05   # plans this much slower than the soonest may win on GPU-hours
 SEED = RunConfig()
+AUTO_SAFETY = 0.7       # of a GPU's memory that runs_per_job auto fills
+AUTO_CAP = 1024         # runs per GPU at most
 
 
+# ---- packing runs into jobs -------------------------------------------------------------------
+def shape_key(cfg: RunConfig) -> tuple:
+    """Runs with equal keys can be trained together as one batched computation: the device
+    and the fields a packed group must share (``grokhpc.config.shape_fields``)."""
+    return (cfg.device,) + tuple((f, getattr(cfg, f)) for f in shape_fields(cfg))
+
+
+def by_shape(runs: Iterable[SweepRun]) -> list[list[SweepRun]]:
+    """Runs grouped by shape (groups in first-seen order), each group ordered by train fraction,
+    largest first (otherwise in sweep order): a packed group pads every run's rows to its
+    longest, so runs of like size packed together waste the least work, and an array's first
+    jobs are its longest."""
+    groups: dict[tuple, list[SweepRun]] = {}
+    for r in runs:
+        groups.setdefault(shape_key(r.config), []).append(r)
+    return [sorted(g, key=lambda r: -r.config.train_frac) for g in groups.values()]
+
+
+def pack(runs: Iterable[SweepRun], size_for) -> list[list[SweepRun]]:
+    """Group runs by shape (``by_shape``), then cut each group into jobs of
+    ``size_for(first_config_of_group)`` runs."""
+    jobs: list[list[SweepRun]] = []
+    for members in by_shape(runs):
+        n = max(1, int(size_for(members[0].config)))
+        jobs += [members[i:i + n] for i in range(0, len(members), n)]
+    return jobs
+
+
+def _even_bounds(a: int, b: int, k: int) -> list[tuple[int, int]]:
+    """Index ranges cutting a..b-1 in order into k (at most b - a) parts whose sizes differ by
+    at most one, the larger first."""
+    k = max(1, min(k, b - a))
+    q, extra = divmod(b - a, k)
+    bounds, i = [], a
+    for j in range(k):
+        n = q + (j < extra)
+        bounds.append((i, i + n))
+        i += n
+    return bounds
+
+
+def split_even(items: Sequence, k: int) -> list[list]:
+    """``items`` cut in order into ``k`` (at most len(items)) parts whose sizes differ by at
+    most one, the larger first."""
+    items = list(items)
+    return [items[a:b] for a, b in _even_bounds(0, len(items), k) if b > a]
+
+
+# ---- sizing: the runs one GPU holds -----------------------------------------------------------
+def padded_rows(cfgs: Sequence[RunConfig]) -> tuple[int, int]:
+    """(train rows, test rows) every run of a group of ``cfgs`` holds: a batched group pads
+    each split to its longest run's (``Stack._rows``), whichever run comes first."""
+    return max(c.n_train for c in cfgs), max(c.n_test for c in cfgs)
+
+
+def group_bytes(cfgs: Sequence[RunConfig]) -> int:
+    """Estimated device bytes of a batched group of ``cfgs``: each run at the group's padded
+    rows (``bytes_per_run(cfg, padded_rows(cfgs))``)."""
+    cfgs = list(cfgs)
+    return len(cfgs) * bytes_per_run(cfgs[0], padded_rows(cfgs))
+
+
+def bytes_per_run(cfg: RunConfig, rows: tuple[int, int] | None = None) -> int:
+    """Estimated device bytes one run adds to a batched group (float32 weights), in floats x 4,
+    its rows padded to ``rows`` (the group's ``padded_rows``; default: its own split), with
+    ``c`` the classes (``cfg.n_classes``):
+
+    * weights: stacked params + grads + two Adam moments + the shadow Trainer's params and two
+      moments = ``7 * n_params``;
+    * tables (``grokhpc.lastpos.tables``, kept for the backward, with their gradients): the
+      embeddings ``n V d``, keys and values ``2 (n-1) V h e``, scores ``(n-1) V h`` and
+      ``W_out @ W_U``: ``3 x`` their sum;
+    * train rows (padded to the group's longest, ``rows``), saved for the
+      backward and doubled for its transient gradients: per row the scores and pattern
+      (``3 n h``), the gathered values and their pattern-weighted product (``2 (n-1) h e``),
+      the last token's spread terms and the mix (``2 h e + d + h``), attention output and
+      residual (``2 d``), the MLP's input and ReLU (``2 d_mlp``), and the direct read-out and
+      logits in float32, the logits in float64 and their log-softmax (``6 c``);
+    * test rows, scored in inference mode (nothing saved) and, in a batched group, a chunk of
+      runs at a time whose rows number no more than the group's train rows:
+      ``2 (n-1) h e + 2 d_mlp + 6 c`` per row; the peak is the larger of the two terms.
+    """
+    n, h, e, d, m, c, V = (3, cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.n_classes,
+                           cfg.d_vocab)
+    n_params = V * d + n * d + 4 * h * d * e + 2 * d * m + d * c
+    n_train, n_test = (cfg.n_train, cfg.n_test) if rows is None else rows
+    tables = n * V * d + 2 * (n - 1) * V * h * e + (n - 1) * V * h + m * c
+    per_row = 3 * n * h + 2 * (n - 1) * h * e + 2 * h * e + d + h + 2 * d + 2 * m + 6 * c
+    train = n_train * 2 * per_row
+    test = min(n_test, n_train) * (2 * (n - 1) * h * e + 2 * m + 6 * c)
+    return 4 * (7 * n_params + 3 * tables + max(train, test))
+
+
+def auto_runs_per_job(cfg: RunConfig | Sequence[RunConfig], device=None, safety: float = 0.7,
+                      cpu_default: int = 4, cap: int = 1024) -> int:
+    """How many runs of ``cfg``'s shape to stack in one job on ``device``; ``cfg`` may be the
+    runs to be cut into jobs, a job then sized for their longest splits (``padded_rows``).
+
+    CUDA: ``floor(safety * free_bytes / bytes_per_run(cfg, rows))``, clamped to [1, cap], with
+    ``free_bytes`` from ``torch.cuda.mem_get_info``. The estimate errs high (it counts every
+    gradient as live at once; ``benchmarks/gpu_batched.py`` prints it beside the measured
+    peak). CPU (or anything else): ``cpu_default`` -- on a CPU the stacked step already keeps
+    the cores busy at R = 1, so packing saves per-job overhead, not compute.
+    """
+    import torch
+
+    cfgs = [cfg] if isinstance(cfg, RunConfig) else list(cfg)
+    dev = resolve_device(device if device is not None else cfgs[0].device) \
+        if not isinstance(device, torch.device) else device
+    if dev.type != "cuda":
+        return cpu_default
+    free, _total = torch.cuda.mem_get_info(dev)
+    per_run = bytes_per_run(cfgs[0], padded_rows(cfgs))
+    return int(max(1, min(cap, math.floor(safety * free / per_run))))
+
+
+def gpu_memory_cap(launcher: LauncherSettings) -> Callable[[list], int] | None:
+    """cap(configs): the runs of these configs one GPU of the launcher's type holds, a group
+    padded to its largest run (AUTO_SAFETY of its memory, ``bytes_per_run``, at most
+    AUTO_CAP); None for a GPU type of unknown memory."""
+    spec = GPUS.get((launcher.gpu_type or "").lower()) if launcher.gpus else None
+    if spec is None:
+        return None
+    mem = spec.memory_gb
+    return lambda cfgs: int(max(1, min(AUTO_CAP, AUTO_SAFETY * mem * 1e9
+                                       // max(bytes_per_run(c) for c in cfgs))))
+
+
+def runs_per_job_for(launcher: LauncherSettings, log=None) -> Callable:
+    """size_for(cfg) for ``pack``: a number as it is; ``auto`` where there is no throughput
+    table (``plan_jobs``): for a GPU of known memory, as many runs as fit it
+    (``gpu_memory_cap``), else ``auto_runs_per_job`` on the device here; 1 when neither can
+    say."""
+    if launcher.runs_per_job != "auto":
+        n = int(launcher.runs_per_job)
+        return lambda cfg: n
+    device = "cuda" if (launcher.gpus or 0) > 0 else "cpu"
+    log = log or (lambda m: print(m, file=sys.stderr))
+    cap = gpu_memory_cap(launcher)
+
+    def auto(cfg) -> int:
+        if cap is not None:
+            return cap([cfg])
+        try:
+            return max(1, int(auto_runs_per_job(cfg, device)))
+        except Exception as e:  # no such device here (a login node): one run per job
+            log(f"warning: runs_per_job auto: {type(e).__name__}: {e}; "
+                "set launcher.gpu_type or a number; using 1")
+            return 1
+    return auto
+
+
+# ---- throughput and forecast ------------------------------------------------------------------
 def speed_vs_h200(gpu_type: str) -> float | None:
     """A GPU type's speed on packed training relative to the H200's: the lesser of its FP32 and
     memory-bandwidth datasheet ratios (an estimate); None for a type not in the table."""
-    spec = GPU_DATASHEET.get((gpu_type or "").lower())
+    spec = GPUS.get((gpu_type or "").lower())
     if spec is None:
         return None
-    ref = GPU_DATASHEET[REFERENCE_GPU]
-    return min(spec[0] / ref[0], spec[1] / ref[1])
+    ref = GPUS[REFERENCE_GPU]
+    return min(spec.tflops / ref.tflops, spec.bandwidth / ref.bandwidth)
 
 
 @dataclass(frozen=True)
@@ -119,14 +302,12 @@ def throughput_for(gpu_type: str | None) -> Throughput | None:
 
 
 def _rows(cfg: RunConfig) -> tuple[int, int]:
-    """Train and test rows of a run (the seed's split: the first int(n * train_frac) train)."""
-    n = cfg.p * (cfg.p - 1 if cfg.op == "div" else cfg.p)
-    n_train = int(n * cfg.train_frac)
-    return n_train, n - n_train
+    """Train and test rows of a run."""
+    return cfg.n_train, cfg.n_test
 
 
 def _epoch_work(cfg: RunConfig, n_train: int, n_test: int) -> float:
-    return cfg.d_mlp * cfg.p * (3 * n_train + n_test / cfg.eval_every)
+    return cfg.d_mlp * cfg.n_classes * (3 * n_train + n_test / cfg.eval_every)
 
 
 def work_scale(cfgs: Sequence[RunConfig]) -> float:
@@ -135,26 +316,6 @@ def work_scale(cfgs: Sequence[RunConfig]) -> float:
     rows = [_rows(c) for c in cfgs]
     n_train, n_test = max(r[0] for r in rows), max(r[1] for r in rows)
     return _epoch_work(cfgs[0], n_train, n_test) / _epoch_work(SEED, *_rows(SEED))
-
-
-def _even_bounds(a: int, b: int, k: int) -> list[tuple[int, int]]:
-    """Index ranges cutting a..b-1 in order into k (at most b - a) parts whose sizes differ by
-    at most one, the larger first."""
-    k = max(1, min(k, b - a))
-    q, extra = divmod(b - a, k)
-    bounds, i = [], a
-    for j in range(k):
-        n = q + (j < extra)
-        bounds.append((i, i + n))
-        i += n
-    return bounds
-
-
-def split_even(items: Sequence, k: int) -> list[list]:
-    """``items`` cut in order into ``k`` (at most len(items)) parts whose sizes differ by at
-    most one, the larger first."""
-    items = list(items)
-    return [items[a:b] for a, b in _even_bounds(0, len(items), k) if b > a]
 
 
 def job_seconds(runs: Sequence[SweepRun], gpus: int, tp: Throughput) -> float:
@@ -298,6 +459,45 @@ def plan_auto(runs: Sequence[SweepRun], gpus: int, parallelism: int, tp: Through
     return min(near, key=lambda o: (o[1].gpu_hours, len(o[0])))
 
 
-__all__ = ["H200_SEED_TABLE", "GPU_DATASHEET", "Throughput", "Forecast", "throughput_for",
-           "speed_vs_h200", "work_scale", "split_even", "job_seconds", "makespan", "forecast",
-           "plan_auto", "JOB_OVERHEAD_S", "KNEE_FRACTION", "WALL_TOLERANCE"]
+# ---- the jobs of a launch ---------------------------------------------------------------------
+def local_parallelism(launcher: LauncherSettings) -> int:
+    """Local jobs at once: as many as the cores hold at ``local_threads`` each, at most
+    array_parallelism."""
+    cap = max(1, (os.cpu_count() or 1) // local_threads(launcher))
+    return max(1, min(launcher.array_parallelism or cap, cap))
+
+
+def launch_parallelism(kind: str, launcher: LauncherSettings,
+                       profile: ClusterProfile | None) -> int:
+    """Jobs of this launch that run at once: the partition's caps on SLURM, the cores here
+    locally, one in the debug executor."""
+    if kind == "slurm":
+        part = profile.partition(launcher.partition) if profile and launcher.partition else None
+        return parallelism_cap(launcher, part, DEFAULT_ARRAY_PARALLELISM)[0]
+    return local_parallelism(launcher) if kind == "local" else 1
+
+
+def plan_jobs(todo: Sequence[SweepRun], launcher: LauncherSettings,
+              profile: ClusterProfile | None, kind: str
+              ) -> tuple[list[list[SweepRun]], Forecast | None]:
+    """The jobs of this launch and, for GPU jobs of a type with a throughput table, their
+    forecast. ``auto`` with a table: the plan that finishes soonest over the jobs the partition
+    lets run at once (``plan_auto``); otherwise ``pack``."""
+    gpus = launcher.gpus or 0
+    tp = throughput_for(launcher.gpu_type) if gpus > 0 else None
+    width = launch_parallelism(kind, launcher, profile)
+    cap = gpu_memory_cap(launcher)
+    if launcher.runs_per_job == "auto" and tp is not None and cap is not None:
+        part = profile.partition(launcher.partition) if profile and launcher.partition else None
+        max_jobs = part.max_submitted if part is not None and kind == "slurm" else None
+        return plan_auto(todo, gpus, width, tp, cap, max_jobs)
+    groups = pack(todo, runs_per_job_for(launcher))
+    return groups, (forecast(groups, gpus, width, tp) if tp is not None else None)
+
+
+__all__ = ["shape_key", "by_shape", "pack", "split_even", "GPUS", "GpuSpec", "bytes_per_run",
+           "group_bytes", "padded_rows", "auto_runs_per_job", "gpu_memory_cap",
+           "runs_per_job_for", "H200_SEED_TABLE", "Throughput", "Forecast", "throughput_for",
+           "speed_vs_h200", "work_scale", "job_seconds", "makespan", "forecast", "plan_auto",
+           "plan_jobs", "launch_parallelism", "local_parallelism", "JOB_OVERHEAD_S",
+           "KNEE_FRACTION", "WALL_TOLERANCE"]

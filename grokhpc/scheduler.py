@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from .config import to_dict
 from .store import (PROGRESS, SUMMARY, RunDir, RunDirError, atomic_write_json, check_identity,
                     read_json)
 
@@ -348,8 +349,6 @@ def write_manifest(sweep_dir: str | os.PathLike, manifest: dict) -> None:
 
 def new_manifest(sweep, launcher, old: dict | None) -> dict:
     """The manifest of ``sweep`` (a grokhpc.sweep.Sweep), keeping ``old``'s launches."""
-    from .config import to_dict
-
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return {
         "spec": str(sweep.spec),

@@ -28,6 +28,8 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
       state_every: 10           # minutes between writes of each run's resumable state.pt
                                 # (also written on SLURM's warning and at the end; 0: every row)
+      step_mode: eager          # how a packed group issues its step: eager | fused | graph |
+                                # compile (grokhpc.step_mode; $GROKHPC_STEP_MODE overrides it)
       max_runs: 100000          # a bigger grid is refused before it is expanded
       extra: {account: my_lab}  # any other sbatch option
       wandb: {project: grokking}  # Weights & Biases (offline unless mode: online); off if unset
@@ -36,12 +38,13 @@ Every error is one line naming the file, the key and what was expected (a value 
 is cut to about ECHO_LIMIT characters). Each run gets the
 resolved RunConfig, its ``run_id`` and the directory ``OUT/runs/<run_id>``.
 
-Cluster profiles (``slurm/<name>.yaml``) are read here too: they are launcher configuration.
-No torch import.
+Cluster profiles (``slurm/<name>.yaml``) and the checks of the launcher against them are
+grokhpc.clusters'; packing the runs into jobs is grokhpc.plan's. No torch import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -51,8 +54,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import (FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, shape_fields,
-                     to_dict)
+import yaml
+
+from .config import FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, to_dict
+from .runtime import DEFAULT_STATE_EVERY_S, STEP_MODES, JobSettings
 from .tracking import WandbSettings, parse_wandb
 
 SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher", "figures")
@@ -60,15 +65,9 @@ FIGURE_KEYS = ("phase",)
 EXECUTORS = ("auto", "slurm", "local", "debug")
 LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
                  "partition", "array_parallelism", "runs_per_job", "max_timeouts", "extra",
-                 "wandb", "state_every", "max_runs")
-PROFILE_KEYS = ("name", "description", "gpu_request", "cpu_partition", "gpu_partition",
-                "submissions_per_hour", "defaults", "partitions", "notes")
-PROFILE_DEFAULT_KEYS = ("time", "cpus_per_task", "mem_gb", "gpus", "gpu_type",
-                        "array_parallelism")
-PARTITION_KEYS = ("max_time", "gpus", "gpu_types", "preemptable", "max_running",
-                  "max_submitted", "max_gpus", "description")
-PARTITION_CAPS = ("max_running", "max_submitted", "max_gpus")   # per user
-GPU_REQUESTS = ("gpus", "gres")
+                 "wandb", "state_every", "max_runs", "step_mode")
+NEVER_NONE_KEYS = ("executor", "runs_per_job", "max_timeouts", "extra", "state_every",
+                   "max_runs", "step_mode")   # null for these is refused, not "the default"
 DEFAULT_MAX_RUNS = 100_000
 ECHO_LIMIT = 200           # characters of a bad value an error line repeats
 MAX_MAPPING_KEYS = 10_000  # keys of one YAML mapping, merge keys (<<) included
@@ -94,8 +93,6 @@ def shown(value: Any, limit: int = ECHO_LIMIT) -> str:
 
 # ---- YAML with line numbers and duplicate-key detection -------------------------------------
 def _loader():
-    import yaml
-
     class Loader(yaml.SafeLoader):
         pass
 
@@ -135,8 +132,6 @@ def _loader():
 
 def load_yaml(text: str, source: str) -> Any:
     """Parse YAML text; errors name the source and the line."""
-    import yaml
-
     try:
         return yaml.load(text, Loader=_loader())  # noqa: S506 (a SafeLoader subclass)
     except ConfigError as e:
@@ -148,7 +143,7 @@ def load_yaml(text: str, source: str) -> Any:
         raise ConfigError(f"{source}: {where}invalid YAML ({what})") from None
 
 
-# ---- launcher settings and cluster profiles -------------------------------------------------
+# ---- launcher settings -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LauncherSettings:
     """The ``launcher`` section. ``None`` means: the cluster profile's default (or submitit's)."""
@@ -166,8 +161,9 @@ class LauncherSettings:
     max_timeouts: int = 3
     extra: tuple[tuple[str, Any], ...] = ()
     wandb: WandbSettings | None = None  # experiment tracking, off when None
-    state_every: float = 10.0          # minutes between state.pt writes of a run; 0: every row
+    state_every: float = DEFAULT_STATE_EVERY_S / 60  # minutes between state.pt writes; 0: each row
     max_runs: int = DEFAULT_MAX_RUNS   # a grid of more runs is refused before it is expanded
+    step_mode: str = "eager"           # how a packed group issues its step (grokhpc.step_mode)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in LAUNCHER_KEYS}
@@ -176,9 +172,21 @@ class LauncherSettings:
         return d
 
     def replace(self, **changes: Any) -> "LauncherSettings":
-        import dataclasses
-
         return dataclasses.replace(self, **changes)
+
+    def job_settings(self, kind: str, group: str) -> JobSettings:
+        """What each job of a launch on executor ``kind`` needs beyond its runs: state.pt every
+        ``state_every`` minutes, the step mode, torch threads (a local job's ``local_threads``;
+        on SLURM None: the job's cpus-per-task) and W&B, its runs grouped under ``group``."""
+        wandb = self.wandb.with_group(group).to_dict() if self.wandb else None
+        return JobSettings(state_every_s=self.state_every * 60, step_mode=self.step_mode,
+                           threads=None if kind == "slurm" else local_threads(self), wandb=wandb)
+
+
+def local_threads(launcher: LauncherSettings) -> int:
+    """torch threads per local job: cpus_per_task, else 1 (small models gain little from more,
+    and a busy machine makes extra threads spin)."""
+    return launcher.cpus_per_task or 1
 
 
 def _expect(cond: bool, source: str, key: str, expected: str, got: Any) -> None:
@@ -224,6 +232,50 @@ def parse_minutes(value: Any, source: str, key: str) -> int:
     return minutes
 
 
+def _launcher_value(key: str, v: Any, source: str, k: str) -> Any:
+    """One launcher setting, validated (``k``: its name in an error line)."""
+    if key == "executor":
+        _expect(v in EXECUTORS, source, k, " | ".join(EXECUTORS), v)
+    elif key in ("cluster", "partition", "gpu_type"):
+        _expect(isinstance(v, str) and v.strip() != "", source, k, "a name", v)
+    elif key == "time":
+        v = parse_minutes(v, source, k)
+    elif key in ("gpus", "max_timeouts"):
+        _expect(_is_int(v) and v >= 0, source, k, "an integer >= 0", v)
+    elif key in ("cpus_per_task", "array_parallelism"):
+        _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1", v)
+    elif key == "max_runs":
+        _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1 (runs in a sweep)", v)
+    elif key == "state_every":
+        _expect(_is_num(v) and 0 <= v < math.inf, source, k,
+                "a number of minutes >= 0 (0: with every checkpoint row)", v)
+        v = float(v)
+    elif key == "mem_gb":
+        _expect(_is_num(v) and v > 0, source, k, "a positive number of GB", v)
+        v = float(v)
+    elif key == "runs_per_job":
+        _expect(v == "auto" or (_is_int(v) and v >= 1), source, k,
+                'an integer >= 1 or "auto"', v)
+    elif key == "step_mode":
+        _expect(v in STEP_MODES, source, k, " | ".join(STEP_MODES), v)
+    elif key == "extra":
+        v = _extra(v, source, k)
+    elif key == "wandb":
+        v = parse_wandb(v, source, k)
+    return v
+
+
+def _extra(v: Any, source: str, k: str) -> tuple[tuple[str, Any], ...]:
+    """``launcher.extra``: other sbatch options, none that grokhpc sets itself."""
+    _expect(isinstance(v, Mapping), source, k, "a mapping of sbatch options", v)
+    for ek, ev in v.items():
+        _expect(isinstance(ek, str) and (isinstance(ev, (str, int, float)) or ev is True),
+                source, f"{k}.{cut_text(str(ek))}", "a string, number or true", ev)
+        _expect(ek.replace("-", "_") not in ("array", "output", "error", "signal", "open_mode"),
+                source, f"{k}.{ek}", "an option grokhpc does not set itself", ek)
+    return tuple(sorted(v.items()))
+
+
 def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) -> LauncherSettings:
     """Validate a ``launcher`` mapping (or ``--set launcher.KEY=VALUE`` values)."""
     if d is None:
@@ -239,46 +291,8 @@ def parse_launcher(d: Any, source: str, base: LauncherSettings | None = None) ->
         if key not in LAUNCHER_KEYS:
             raise ConfigError(f"{source}: {cut_text(str(k))}: unknown key (expected one of "
                               f"{', '.join(LAUNCHER_KEYS)})")
-        if v is None and key not in ("executor", "runs_per_job", "max_timeouts", "extra",
-                                     "state_every", "max_runs"):
-            values[key] = None
-            continue
-        if key == "executor":
-            _expect(v in EXECUTORS, source, k, " | ".join(EXECUTORS), v)
-        elif key in ("cluster", "partition", "gpu_type"):
-            _expect(isinstance(v, str) and v.strip() != "", source, k, "a name", v)
-        elif key == "time":
-            v = parse_minutes(v, source, k)
-        elif key == "gpus":
-            _expect(_is_int(v) and v >= 0, source, k, "an integer >= 0", v)
-        elif key in ("cpus_per_task", "array_parallelism"):
-            _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1", v)
-        elif key == "max_timeouts":
-            _expect(_is_int(v) and v >= 0, source, k, "an integer >= 0", v)
-        elif key == "max_runs":
-            _expect(_is_int(v) and v >= 1, source, k, "an integer >= 1 (runs in a sweep)", v)
-        elif key == "state_every":
-            _expect(_is_num(v) and 0 <= v < math.inf, source, k,
-                    "a number of minutes >= 0 (0: with every checkpoint row)", v)
-            v = float(v)
-        elif key == "mem_gb":
-            _expect(_is_num(v) and v > 0, source, k, "a positive number of GB", v)
-            v = float(v)
-        elif key == "runs_per_job":
-            _expect(v == "auto" or (_is_int(v) and v >= 1), source, k,
-                    'an integer >= 1 or "auto"', v)
-        elif key == "extra":
-            _expect(isinstance(v, Mapping), source, k, "a mapping of sbatch options", v)
-            for ek, ev in v.items():
-                _expect(isinstance(ek, str) and (isinstance(ev, (str, int, float)) or ev is True),
-                        source, f"{k}.{cut_text(str(ek))}", "a string, number or true", ev)
-                _expect(ek.replace("-", "_") not in ("array", "output", "error", "signal",
-                                                     "open_mode"),
-                        source, f"{k}.{ek}", "an option grokhpc does not set itself", ek)
-            v = tuple(sorted(v.items()))
-        elif key == "wandb":
-            v = parse_wandb(v, source, k)
-        values[key] = v
+        values[key] = None if v is None and key not in NEVER_NONE_KEYS else \
+            _launcher_value(key, v, source, k)
     if dotted:
         start = values.get("wandb", (base or LauncherSettings()).wandb)
         values["wandb"] = parse_wandb({**(start.to_dict() if start else {}), **dotted}, source)
@@ -298,261 +312,6 @@ def _check_gpus_per_job(out: LauncherSettings, field, blame: str) -> None:
     raise ConfigError(f"{field('runs_per_job')}: expected at least launcher.gpus ({gpus}) runs "
                       f"per job (each GPU trains a group of the job's runs), got {n}")
 
-
-@dataclass(frozen=True)
-class Partition:
-    """One SLURM partition of a cluster profile and its per-user limits (None: no limit)."""
-
-    name: str
-    max_time: int | None = None       # minutes
-    gpus: bool = False
-    gpu_types: tuple[str, ...] = ()
-    preemptable: bool = False
-    max_running: int | None = None    # running jobs per user
-    max_submitted: int | None = None  # pending + running jobs per user (each array task counts)
-    max_gpus: int | None = None       # GPUs per user, all jobs together
-    description: str = ""
-
-
-@dataclass(frozen=True)
-class ClusterProfile:
-    """A cluster's partitions, limits and GPU request syntax (``slurm/<name>.yaml``)."""
-
-    name: str
-    path: Path
-    description: str = ""
-    gpu_request: str = "gpus"          # gpus: --gpus=TYPE:N ; gres: --gres=gpu:TYPE:N
-    cpu_partition: str | None = None
-    gpu_partition: str | None = None
-    defaults: tuple[tuple[str, Any], ...] = ()
-    partitions: tuple[Partition, ...] = ()
-    submissions_per_hour: int | None = None   # sbatch calls per user and hour (an array is one)
-
-    def partition(self, name: str) -> Partition | None:
-        return next((p for p in self.partitions if p.name == name), None)
-
-    def default(self, key: str) -> Any:
-        return dict(self.defaults).get(key)
-
-
-def profile_dirs() -> list[Path]:
-    """Where profiles are looked for: $GROKHPC_CLUSTERS, ./slurm, the source tree's slurm/."""
-    dirs = []
-    if os.environ.get("GROKHPC_CLUSTERS"):
-        dirs.append(Path(os.environ["GROKHPC_CLUSTERS"]))
-    dirs += [Path.cwd() / "slurm", Path(__file__).resolve().parent.parent / "slurm"]
-    out: list[Path] = []
-    for d in dirs:
-        if d not in out:
-            out.append(d)
-    return out
-
-
-def available_profiles() -> list[str]:
-    names: set[str] = set()
-    for d in profile_dirs():
-        if d.is_dir():
-            names.update(f.stem for f in d.glob("*.yaml"))
-    return sorted(names)
-
-
-def load_profile(name: str, source: str = "--cluster") -> ClusterProfile:
-    """Find and validate the cluster profile ``name``."""
-    for d in profile_dirs():
-        f = d / f"{name}.yaml"
-        if f.is_file():
-            return parse_profile(read_spec_text(f, "cluster profile"), str(f), name, f)
-    known = ", ".join(available_profiles()) or "none found"
-    raise ConfigError(f"{source}: cluster: expected a cluster profile name ({known}), got "
-                      f"{shown(name)}")
-
-
-def _positive_int(d: Mapping, key: str, source: str, where: str) -> int | None:
-    v = d.get(key)
-    _expect(v is None or (_is_int(v) and v >= 1), source, where, "an integer >= 1", v)
-    return v
-
-
-def _parse_partition(name: Any, pd: Any, source: str) -> Partition:
-    key = f"partitions.{name}"
-    _expect(isinstance(pd, Mapping), source, key, "a mapping", pd)
-    for k in pd:
-        if k not in PARTITION_KEYS:
-            raise ConfigError(f"{source}: {key}.{cut_text(str(k))}: unknown key (expected one of "
-                              f"{', '.join(PARTITION_KEYS)})")
-    types = pd.get("gpu_types") or []
-    _expect(isinstance(types, list) and all(isinstance(t, str) and t for t in types), source,
-            f"{key}.gpu_types", "a list of GPU type names", types)
-    mt = pd.get("max_time")
-    return Partition(
-        name=str(name),
-        max_time=None if mt is None else parse_minutes(mt, source, f"{key}.max_time"),
-        gpus=bool(pd.get("gpus", False)), gpu_types=tuple(types),
-        preemptable=bool(pd.get("preemptable", False)),
-        **{c: _positive_int(pd, c, source, f"{key}.{c}") for c in PARTITION_CAPS},
-        description=str(pd.get("description", "")))
-
-
-def parse_profile(text: str, source: str, name: str, path: Path) -> ClusterProfile:
-    d = load_yaml(text, source)
-    _expect(isinstance(d, Mapping), source, "(top level)", "a mapping", type(d).__name__)
-    for k in d:
-        if k not in PROFILE_KEYS:
-            raise ConfigError(f"{source}: {cut_text(str(k))}: unknown key (expected one of "
-                              f"{', '.join(PROFILE_KEYS)})")
-    gpu_request = d.get("gpu_request", "gpus")
-    _expect(gpu_request in GPU_REQUESTS, source, "gpu_request", " | ".join(GPU_REQUESTS),
-            gpu_request)
-    parts_d = d.get("partitions") or {}
-    _expect(isinstance(parts_d, Mapping) and len(parts_d) > 0, source, "partitions",
-            "a mapping of partition names to their limits", parts_d)
-    parts = [_parse_partition(pname, pd, source) for pname, pd in parts_d.items()]
-    names = {p.name for p in parts}
-    for k in ("cpu_partition", "gpu_partition"):
-        v = d.get(k)
-        _expect(v is None or v in names, source, k, f"one of the partitions ({', '.join(names)})",
-                v)
-    defaults = d.get("defaults") or {}
-    _expect(isinstance(defaults, Mapping), source, "defaults", "a mapping", defaults)
-    for k in defaults:
-        if k not in PROFILE_DEFAULT_KEYS:
-            raise ConfigError(f"{source}: defaults.{cut_text(str(k))}: unknown key (expected "
-                              f"one of {', '.join(PROFILE_DEFAULT_KEYS)})")
-    # the defaults obey the launcher's rules
-    parse_launcher(dict(defaults), source)
-    if "time" in defaults:
-        defaults = {**defaults, "time": parse_minutes(defaults["time"], source, "defaults.time")}
-    return ClusterProfile(name=d.get("name", name), path=path,
-                          description=str(d.get("description", "")), gpu_request=gpu_request,
-                          cpu_partition=d.get("cpu_partition"),
-                          gpu_partition=d.get("gpu_partition"),
-                          defaults=tuple(sorted(defaults.items())), partitions=tuple(parts),
-                          submissions_per_hour=_positive_int(d, "submissions_per_hour", source,
-                                                             "submissions_per_hour"))
-
-
-def resolve_launcher(launcher: LauncherSettings, profile: ClusterProfile | None,
-                     source: str) -> LauncherSettings:
-    """Fill unset launcher values from the profile and check them against its partitions. A
-    limit broken by a profile default names the profile's field, one set in the spec the
-    spec's."""
-    if profile is None:
-        return launcher
-    filled = {k: profile.default(k) for k in PROFILE_DEFAULT_KEYS
-              if getattr(launcher, k) is None and profile.default(k) is not None}
-    out = launcher.replace(**filled)
-    if out.partition is None:
-        out = out.replace(partition=profile.gpu_partition if (out.gpus or 0) > 0
-                          else profile.cpu_partition)
-    part = profile.partition(out.partition) if out.partition else None
-    if out.partition is not None and part is None:
-        known = ", ".join(p.name for p in profile.partitions)
-        raise ConfigError(f"{source}: launcher.partition: expected a partition of {profile.name} "
-                          f"({known}), got {shown(out.partition)}")
-    if part is not None:
-        _check_partition(out, part, profile, source, set(filled))
-    return out
-
-
-def _check_partition(out: LauncherSettings, part: Partition, profile: ClusterProfile,
-                     source: str, from_profile: set[str]) -> None:
-    """One-line errors for launcher values the partition cannot take, naming the field the
-    value came from: the spec's launcher.KEY, or the profile's defaults.KEY."""
-    def field(k: str) -> str:
-        return f"{profile.path}: defaults.{k}" if k in from_profile else f"{source}: launcher.{k}"
-
-    def hint(k: str) -> str:
-        return f"; set launcher.{k} in {source}" if k in from_profile else ""
-
-    on, gpus = f"{profile.name} {part.name}", out.gpus or 0
-    if gpus > 0 and not part.gpus:
-        raise ConfigError(f"{source}: launcher.partition: expected a GPU partition for "
-                          f"gpus={gpus} ({', '.join(p.name for p in profile.partitions if p.gpus)})"
-                          f", got {shown(part.name)}")
-    if part.max_time is not None and out.time is not None and out.time > part.max_time:
-        raise ConfigError(f"{field('time')}: expected at most {part.max_time} minutes on {on}, "
-                          f"got {out.time}{hint('time')}")
-    if out.gpu_type is not None and part.gpu_types and out.gpu_type not in part.gpu_types:
-        raise ConfigError(f"{field('gpu_type')}: expected one of {', '.join(part.gpu_types)} on "
-                          f"{part.name}, got {shown(out.gpu_type)}{hint('gpu_type')}")
-    if part.max_gpus is not None and gpus > part.max_gpus:
-        raise ConfigError(f"{field('gpus')}: expected at most {part.max_gpus} GPUs per job on "
-                          f"{on} (its limit per user), got {gpus}{hint('gpus')}")
-    _check_gpus_per_job(out, field, "gpus")
-
-
-def _jobs(n: int) -> str:
-    return f"{n} job" if n == 1 else f"{n} jobs"
-
-
-def partition_limits(part: Partition) -> str:
-    """The partition's limits in words, for a dry run."""
-    words = [f"limit {part.max_time} min" if part.max_time else "no time limit"]
-    per_user = [f"{part.max_running} running" if part.max_running else "",
-                f"{part.max_submitted} queued or running" if part.max_submitted else "",
-                f"{part.max_gpus} GPUs" if part.max_gpus else ""]
-    per_user = [w for w in per_user if w]
-    if per_user:
-        words.append("per user at most " + ", ".join(per_user))
-    return ", ".join(words)
-
-
-# ---- keeping a launch inside a partition's per-user limits --------------------------------
-def parallelism_cap(launcher: LauncherSettings, part: Partition | None,
-                    default_parallelism: int = 64) -> tuple[int, str]:
-    """Jobs of this launch that may run at once on ``part``: the array parallelism asked (or the
-    default), cut by the partition's running jobs and GPUs per user (at ``launcher.gpus`` per
-    job); with the cap that cut it in words, or "" where nothing did."""
-    width = launcher.array_parallelism or default_parallelism
-    if part is None:
-        return width, ""
-    caps = [(part.max_running, f"at most {part.max_running} running jobs per user")]
-    if part.max_gpus is not None and (launcher.gpus or 0) > 0:
-        caps.append((max(1, part.max_gpus // launcher.gpus),
-                     f"{part.max_gpus} GPUs per user at {launcher.gpus} per job"))
-    cap, why = min(((c, w) for c, w in caps if c is not None), default=(width, ""))
-    return (cap, why) if cap < width else (width, "")
-
-
-@dataclass(frozen=True)
-class PartitionFit:
-    """What a SLURM launch may submit now: the launcher (array parallelism cut to the caps),
-    how many of its jobs go out now (the rest wait for a later launch) and one line per cut."""
-
-    launcher: LauncherSettings
-    jobs_now: int
-    notes: tuple[str, ...] = ()
-
-
-def fit_partition(launcher: LauncherSettings, profile: ClusterProfile | None, n_jobs: int,
-                  max_array: int, source: str, default_parallelism: int = 64) -> PartitionFit:
-    """Keep ``n_jobs`` jobs, sent as arrays of at most ``max_array`` tasks, inside the
-    partition's per-user caps: running jobs and GPUs cut the array parallelism; a partition
-    that takes fewer submitted jobs than the launch makes refuses it (one line naming the
-    spec field); the cluster's hourly submission limit defers whole arrays to a later launch."""
-    part = profile.partition(launcher.partition) if profile and launcher.partition else None
-    if part is None:
-        return PartitionFit(launcher, n_jobs)
-    on, notes = f"{profile.name} {part.name}", []
-    if part.max_submitted is not None and n_jobs > part.max_submitted:
-        raise ConfigError(
-            f"{source}: launcher.partition: {on} takes {_jobs(part.max_submitted)} per user "
-            f"queued or running (an array counts each task), this launch makes {n_jobs}; set "
-            f"launcher.runs_per_job to train the runs together, or use another partition")
-    asked = launcher.array_parallelism
-    width, why = parallelism_cap(launcher, part, default_parallelism)
-    if why and asked is not None and n_jobs > width:   # said only where the cut changes the array
-        notes.append(f"{on}: {why}: array parallelism {asked} -> {width}")
-    jobs_now = n_jobs
-    per_hour = profile.submissions_per_hour
-    n_arrays = -(-n_jobs // max(1, max_array))
-    if per_hour is not None and n_arrays > per_hour:
-        jobs_now = per_hour * max_array
-        notes.append(
-            f"{profile.name}: at most {per_hour} submissions per hour: submitting {per_hour} of "
-            f"{n_arrays} arrays ({jobs_now} of {n_jobs} jobs) now; launch again in an hour for "
-            f"the rest (runs in flight are skipped), {-(-n_arrays // per_hour)} hours in all")
-    return PartitionFit(launcher.replace(array_parallelism=width), jobs_now, tuple(notes))
 
 
 # ---- the sweep ------------------------------------------------------------------------------
@@ -585,13 +344,6 @@ class Sweep:
     @property
     def name(self) -> str:
         return self.out.name
-
-    def run(self, run_id: str) -> SweepRun:
-        return next(r for r in self.runs if r.run_id == run_id)
-
-
-def _swept_value(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
 
 
 def split_overrides(items: Iterable[str], source: str = "--set") -> tuple[dict, dict, Any]:
@@ -752,7 +504,7 @@ def _expand(factors: list[list[dict[str, Any]]], base: RunConfig, out: Path,
         for part in combo:
             swept.update(part)
         i = len(runs)
-        swept = {k: _swept_value(v) for k, v in swept.items()}
+        swept = {k: list(v) if isinstance(v, tuple) else v for k, v in swept.items()}
         label = ", ".join(f"{k}={v}" for k, v in swept.items())
         cfg = from_dict({**to_dict(base), **swept}, source=f"{source}: run {i} ({label})")
         if cfg.run_id in by_id:
@@ -839,36 +591,5 @@ def load_sweep(path: str | os.PathLike, overrides: Iterable[str] = (),
     return parse_sweep(text, str(path), overrides, spec_path=path, cwd=cwd)
 
 
-# ---- packing runs into jobs ----------------------------------------------------------------
-def shape_key(cfg: RunConfig) -> tuple:
-    """Runs with equal keys can be trained together as one batched computation: the device
-    and the fields a packed group must share (``grokhpc.config.shape_fields``)."""
-    return (cfg.device,) + tuple((f, getattr(cfg, f)) for f in shape_fields(cfg))
-
-
-def by_shape(runs: Iterable[SweepRun]) -> list[list[SweepRun]]:
-    """Runs grouped by shape (groups in first-seen order), each group ordered by train fraction,
-    largest first (otherwise in sweep order): a packed group pads every run's rows to its
-    longest, so runs of like size packed together waste the least work, and an array's first
-    jobs are its longest."""
-    groups: dict[tuple, list[SweepRun]] = {}
-    for r in runs:
-        groups.setdefault(shape_key(r.config), []).append(r)
-    return [sorted(g, key=lambda r: -r.config.train_frac) for g in groups.values()]
-
-
-def pack(runs: Iterable[SweepRun], size_for) -> list[list[SweepRun]]:
-    """Group runs by shape (``by_shape``), then cut each group into jobs of
-    ``size_for(first_config_of_group)`` runs."""
-    jobs: list[list[SweepRun]] = []
-    for members in by_shape(runs):
-        n = max(1, int(size_for(members[0].config)))
-        jobs += [members[i:i + n] for i in range(0, len(members), n)]
-    return jobs
-
-
-__all__ = ["Sweep", "SweepRun", "LauncherSettings", "ClusterProfile", "Partition", "load_sweep",
-           "parse_sweep", "parse_launcher", "load_profile", "resolve_launcher", "fit_partition",
-           "PartitionFit", "parallelism_cap", "partition_limits", "available_profiles", "pack",
-           "by_shape", "shape_key",
-           "EXECUTORS"]
+__all__ = ["Sweep", "SweepRun", "LauncherSettings", "load_sweep", "parse_sweep",
+           "parse_launcher", "local_threads", "EXECUTORS"]

@@ -1,9 +1,11 @@
 """Optional experiment tracking with Weights & Biases (``pip install -e .[wandb]``).
 
 Off unless asked for: ``launcher: {wandb: {project: NAME}}`` in a sweep spec, or
-``python -m grokhpc.train --out DIR --wandb NAME`` for one run. Either way the setting travels to
-the training process in the ``GROKHPC_WANDB`` environment variable (JSON), and nothing imports
-wandb unless it is set.
+``python -m grokhpc.train --out DIR --wandb NAME`` for one run. A sweep's setting reaches each
+job in its settings (``grokhpc.runtime.JobSettings.wandb``, the runs grouped under the sweep's
+name); the job, or the command for one run, turns it on around the training with ``enabled``,
+which hands it to the trainer in the ``GROKHPC_WANDB`` environment variable (JSON). Nothing
+imports wandb unless it is set.
 
 Each grokhpc run is one W&B run whose id is the grokhpc ``run_id`` (``resume="allow"``), written
 under the run directory (``RUN/wandb/``). At each commit the curve rows since the last logged

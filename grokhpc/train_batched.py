@@ -72,7 +72,6 @@ lived through all of it); a run's share of the device is ``wall_time_s / R``.
 from __future__ import annotations
 
 import functools
-import math
 import time
 import traceback
 from pathlib import Path
@@ -831,79 +830,6 @@ def _open_unfinished(cfgs: list, runs: list, dev, retry_diverged: bool, log,
     return trainers
 
 
-# ---- sizing a job ------------------------------------------------------------------------------
-def split_rows(cfg: RunConfig) -> tuple[int, int]:
-    """(train rows, test rows) of a run, rounded as ``bytes_per_run`` counts them (up)."""
-    n_all = cfg.p * (cfg.p - 1) if cfg.op == "div" else cfg.p * cfg.p
-    return math.ceil(n_all * cfg.train_frac), n_all - int(n_all * cfg.train_frac)
-
-
-def padded_rows(cfgs: Sequence[RunConfig]) -> tuple[int, int]:
-    """(train rows, test rows) every run of a group of ``cfgs`` holds: a batched group pads
-    each split to its longest run's (``Stack._rows``), whichever run comes first."""
-    rows = [split_rows(c) for c in cfgs]
-    return max(r[0] for r in rows), max(r[1] for r in rows)
-
-
-def group_bytes(cfgs: Sequence[RunConfig]) -> int:
-    """Estimated device bytes of a batched group of ``cfgs``: each run at the group's padded
-    rows (``bytes_per_run(cfg, padded_rows(cfgs))``)."""
-    cfgs = list(cfgs)
-    return len(cfgs) * bytes_per_run(cfgs[0], padded_rows(cfgs))
-
-
-def bytes_per_run(cfg: RunConfig, rows: tuple[int, int] | None = None) -> int:
-    """Estimated device bytes one run adds to a batched group (float32 weights), in floats x 4,
-    its rows padded to ``rows`` (the group's ``padded_rows``; default: its own split):
-
-    * weights: stacked params + grads + two Adam moments + the shadow Trainer's params and two
-      moments = ``7 * n_params``;
-    * tables (``grokhpc.lastpos.tables``, kept for the backward, with their gradients): the
-      embeddings ``n V d``, keys and values ``2 (n-1) V h e``, scores ``(n-1) V h`` and
-      ``W_out @ W_U``: ``3 x`` their sum;
-    * train rows (padded to the group's longest, ``rows``), saved for the
-      backward and doubled for its transient gradients: per row the scores and pattern
-      (``3 n h``), the gathered values and their pattern-weighted product (``2 (n-1) h e``),
-      the last token's spread terms and the mix (``2 h e + d + h``), attention output and
-      residual (``2 d``), the MLP's input and ReLU (``2 d_mlp``), and the direct read-out and
-      logits in float32, the logits in float64 and their log-softmax (``6 p``);
-    * test rows, scored in inference mode (nothing saved) and, in a batched group, a chunk of
-      runs at a time whose rows number no more than the group's train rows:
-      ``2 (n-1) h e + 2 d_mlp + 6 p`` per row; the peak is the larger of the two terms.
-    """
-    n, h, e, d, m, p, V = 3, cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.p, cfg.d_vocab
-    n_params = V * d + n * d + 4 * h * d * e + 2 * d * m + d * p
-    n_train, n_test = split_rows(cfg) if rows is None else rows
-    tables = n * V * d + 2 * (n - 1) * V * h * e + (n - 1) * V * h + m * p
-    per_row = 3 * n * h + 2 * (n - 1) * h * e + 2 * h * e + d + h + 2 * d + 2 * m + 6 * p
-    train = n_train * 2 * per_row
-    test = min(n_test, n_train) * (2 * (n - 1) * h * e + 2 * m + 6 * p)
-    return 4 * (7 * n_params + 3 * tables + max(train, test))
-
-
-def auto_runs_per_job(cfg: RunConfig | Sequence[RunConfig], device=None, safety: float = 0.7,
-                      cpu_default: int = 4, cap: int = 1024) -> int:
-    """How many runs of ``cfg``'s shape to stack in one job on ``device``; ``cfg`` may be the
-    runs to be cut into jobs, a job then sized for their longest splits (``padded_rows``).
-
-    CUDA: ``floor(safety * free_bytes / bytes_per_run(cfg, rows))``, clamped to [1, cap], with
-    ``free_bytes`` from ``torch.cuda.mem_get_info``. The estimate errs high (it counts every
-    gradient as live at once; ``benchmarks/gpu_batched.py`` prints it beside the measured
-    peak). CPU (or anything else): ``cpu_default`` -- on a CPU the stacked step already keeps
-    the cores busy at R = 1, so packing saves per-job overhead, not compute.
-    """
-    import torch
-
-    cfgs = [cfg] if isinstance(cfg, RunConfig) else list(cfg)
-    dev = resolve_device(device if device is not None else cfgs[0].device) \
-        if not isinstance(device, torch.device) else device
-    if dev.type != "cuda":
-        return cpu_default
-    free, _total = torch.cuda.mem_get_info(dev)
-    per_run = bytes_per_run(cfgs[0], padded_rows(cfgs))
-    return int(max(1, min(cap, math.floor(safety * free / per_run))))
-
-
 # ---- command line ------------------------------------------------------------------------------
 def configs_from_dirs(dirs: Sequence) -> list[RunConfig]:
     """The RunConfig of each run directory's config.json (as the launcher writes them)."""
@@ -975,8 +901,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-__all__ = ["train_group", "auto_runs_per_job", "bytes_per_run", "group_bytes", "padded_rows",
-           "split_rows", "check_group", "GroupError",
+__all__ = ["train_group", "check_group", "GroupError",
            "StackedAdamW", "StackedSGD", "Stack", "Rows", 
            "uses_fast_path", "hooked_last_logits", "configs_from_dirs", "main"]
 

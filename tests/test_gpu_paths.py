@@ -155,7 +155,7 @@ def test_a_mixed_train_frac_group_is_sized_at_its_padded_rows(tmp_path):
     """A batched group pads every run's train rows to its longest split, whichever run comes
     first. The estimate must cover R x the padded rows x the bytes each row keeps for the
     backward (measured: the saved bytes of two groups of different row counts, per row)."""
-    from grokhpc.train_batched import bytes_per_run, group_bytes, padded_rows
+    from grokhpc.plan import bytes_per_run, group_bytes, padded_rows
 
     base = TINY.replace(p=31)
     small = [base.replace(train_frac=0.2, model_seed=s) for s in (1, 2)]
@@ -180,15 +180,15 @@ def test_the_launchers_memory_cap_holds_a_mixed_group_at_its_padded_rows():
     """runs_per_job auto: the runs one GPU holds of a shape's configs (train fractions listed
     smallest first) fit AUTO_SAFETY of its memory at the group's padded rows, one more would
     not."""
-    from grokhpc import launch as launch_mod
+    from grokhpc import plan as plan_mod
+    from grokhpc.plan import bytes_per_run, padded_rows
     from grokhpc.sweep import LauncherSettings
-    from grokhpc.train_batched import bytes_per_run, padded_rows
 
     launcher = LauncherSettings(runs_per_job="auto", gpu_type="rtx2080", gpus=1)
     cfgs = [RunConfig(d_mlp=4096, train_frac=f) for f in (0.2, 0.45, 0.7)]
-    n = launch_mod.gpu_memory_cap(launcher)(cfgs)
+    n = plan_mod.gpu_memory_cap(launcher)(cfgs)
     per_run = bytes_per_run(cfgs[0], padded_rows(cfgs))
-    memory = launch_mod.AUTO_SAFETY * launch_mod.GPU_MEMORY_GB["rtx2080"] * 1e9
+    memory = plan_mod.AUTO_SAFETY * plan_mod.GPUS["rtx2080"].memory_gb * 1e9
     assert n * per_run <= memory < (n + 1) * per_run
 
 
@@ -256,20 +256,21 @@ def test_device_lrs_give_the_hosts_decay_column_bit_for_bit(tmp_path):
 def test_a_device_process_trains_a_config_naming_cuda_n_on_the_gpu_it_sees(monkeypatch):
     """Each device process of a several-GPU job sees one GPU (CUDA_VISIBLE_DEVICES narrowed),
     which is cuda:0 there whatever a run's config names; other devices are left alone."""
-    from grokhpc import launch as launch_mod
+    from grokhpc import job as job_mod
+    from grokhpc.runtime import JobSettings
 
     got = []
-    monkeypatch.setattr(launch_mod, "train_runs", lambda runs, **kw: got.extend(runs))
+    monkeypatch.setattr(job_mod, "train_runs", lambda runs, **kw: got.extend(runs))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     handler = signal.getsignal(signal.SIGUSR2)
     try:
         runs = [({"device": d}, f"r{i}") for i, d in enumerate(["cuda:1", "cuda", "auto"])]
-        launch_mod._train_on_device(runs, "1", 1)
+        job_mod._train_on_device(runs, "1", JobSettings(threads=1))
         assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
         assert got == [({"device": "cuda"}, "r0"), ({"device": "cuda"}, "r1"),
                        ({"device": "auto"}, "r2")]
         got.clear()
-        launch_mod._train_on_device([({"device": "cuda:1"}, "r0")], "cpu:1", 1)
+        job_mod._train_on_device([({"device": "cuda:1"}, "r0")], "cpu:1", JobSettings(threads=1))
         assert got == [({"device": "cuda:1"}, "r0")]   # a CPU process: the run's own error
     finally:
         signal.signal(signal.SIGUSR2, handler)

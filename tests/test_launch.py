@@ -17,8 +17,11 @@ import numpy as np
 import pytest
 
 from conftest import TINY_RUN
+from grokhpc import job as job_mod
 from grokhpc import launch as launch_mod
-from grokhpc.config import RunConfig, to_dict
+from grokhpc import submit as submit_mod
+from grokhpc.config import ConfigError, RunConfig, to_dict
+from grokhpc.runtime import JobSettings
 from grokhpc.store import RunDir
 from grokhpc.sweep import load_sweep
 
@@ -180,7 +183,7 @@ def test_a_failing_run_does_not_stop_its_job_mates(tmp_path):
     threads = torch.get_num_threads()
     try:
         with pytest.raises(RuntimeError) as e:
-            launch_mod.train_runs(runs, log=logged.append, threads=1)
+            job_mod.train_runs(runs, JobSettings(threads=1), log=logged.append)
     finally:
         torch.set_num_threads(threads)
     assert "1 of 2 runs failed" in str(e.value) and bad.run_id in str(e.value)
@@ -196,7 +199,7 @@ def test_chunks_and_max_array_size():
 
 
 def test_runs_per_job_auto_packs_by_gpu_memory(write_spec, tmp_path):
-    from grokhpc.train_batched import bytes_per_run
+    from grokhpc.plan import bytes_per_run, runs_per_job_for
 
     spec = write_spec({"grid": {"weight_decay": [0.3, 1.0], "model_seed": [1, 2, 3]},
                        "zip": {"p": [53, 113], "n_epochs": [100, 200]},
@@ -214,9 +217,8 @@ def test_runs_per_job_auto_packs_by_gpu_memory(write_spec, tmp_path):
     assert sorted(len(g) for g in plan["groups"]) == [2, 2, 4, 4]
     # a GPU of unknown memory, planned on a machine without it: one run per job, and a warning
     warnings = []
-    size = launch_mod.runs_per_job_for(plan["launcher"].replace(runs_per_job="auto",
-                                                                gpu_type=None, gpus=1),
-                                       log=warnings.append)
+    size = runs_per_job_for(plan["launcher"].replace(runs_per_job="auto", gpu_type=None,
+                                                     gpus=1), log=warnings.append)
     assert size(RunConfig()) == 1 and "gpu_type" in warnings[0]
 
 
@@ -242,21 +244,22 @@ def test_dry_run_shows_the_aggregation_job_on_a_cpu_partition(write_spec, tmp_pa
 
 
 def test_aggregation_partition_and_time(write_spec, tmp_path):
-    from grokhpc.sweep import ClusterProfile, LauncherSettings, Partition, load_profile
+    from grokhpc.clusters import ClusterProfile, Partition, load_profile
+    from grokhpc.sweep import LauncherSettings
 
     bouchet = load_profile("bouchet")
     cpu = LauncherSettings(partition="week")
-    assert launch_mod.aggregation_partition(cpu, bouchet, 5) == "week"      # a CPU launch's own
+    assert submit_mod.aggregation_partition(cpu, bouchet, 5) == "week"      # a CPU launch's own
     # devel takes 2 jobs per user: with 2 training jobs there, the aggregation goes to day
     devel = LauncherSettings(partition="devel")
-    assert launch_mod.aggregation_partition(devel, bouchet, 1) == "devel"
-    assert launch_mod.aggregation_partition(devel, bouchet, 2) == "day"
-    assert launch_mod.aggregation_partition(LauncherSettings(partition="scavenge"), bouchet,
+    assert submit_mod.aggregation_partition(devel, bouchet, 1) == "devel"
+    assert submit_mod.aggregation_partition(devel, bouchet, 2) == "day"
+    assert submit_mod.aggregation_partition(LauncherSettings(partition="scavenge"), bouchet,
                                             1) == "day"                     # preemptable GPU
     # without a profile: a GPU launch's partition is left for the cluster's default
-    assert launch_mod.aggregation_partition(LauncherSettings(partition="gpu", gpus=1), None,
+    assert submit_mod.aggregation_partition(LauncherSettings(partition="gpu", gpus=1), None,
                                             1) is None
-    assert launch_mod.aggregation_partition(LauncherSettings(partition="short"), None,
+    assert submit_mod.aggregation_partition(LauncherSettings(partition="short"), None,
                                             1) == "short"
     # a CPU partition shorter than the aggregation's hour caps its time
     tiny = ClusterProfile(name="t", path=tmp_path, cpu_partition="quick",
@@ -264,7 +267,7 @@ def test_aggregation_partition_and_time(write_spec, tmp_path):
                                       Partition("g", gpus=True)))
     plan = {"sweep": load_sweep(write_spec({"grid": {"model_seed": [1]}})), "groups": [[1]],
             "launcher": LauncherSettings(partition="g", gpus=1), "profile": tiny}
-    p = launch_mod.aggregation_parameters(plan, ["7", "9"])
+    p = submit_mod.aggregation_parameters(plan, ["7", "9"])
     assert (p["slurm_partition"], p["timeout_min"], p["slurm_dependency"]) == \
         ("quick", 20, "afterany:7:9")
     assert "slurm_additional_parameters" not in p
@@ -602,12 +605,12 @@ def assert_same_run(a, b):
 
 def test_job_devices_are_the_visible_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
-    assert launch_mod.job_devices(2) == ["2", "5"]
-    assert launch_mod.job_devices(1) == ["2"]
+    assert job_mod.job_devices(2) == ["2", "5"]
+    assert job_mod.job_devices(1) == ["2"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    assert launch_mod.job_devices(2) == ["3"]
+    assert job_mod.job_devices(2) == ["3"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert launch_mod.job_devices(3) == ["0", "1", "2"]
+    assert job_mod.job_devices(3) == ["0", "1", "2"]
 
 
 def test_a_two_gpu_job_trains_one_group_per_device_equal_to_solo_runs(tmp_path, monkeypatch,
@@ -617,7 +620,7 @@ def test_a_two_gpu_job_trains_one_group_per_device_equal_to_solo_runs(tmp_path, 
     run equals the same run trained alone, bit for bit."""
     runs = small_runs(tmp_path, "job")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    results = launch_mod.SweepJob(runs, threads=2, gpus=2)()
+    results = job_mod.SweepJob(runs, JobSettings(threads=2), gpus=2)()
     out = capfd.readouterr().out
     assert "device 0: 2 run(s)" in out and "device 1: 2 run(s)" in out
     assert out.count("[device 0] training 2 runs together") == 1
@@ -628,12 +631,12 @@ def test_a_two_gpu_job_trains_one_group_per_device_equal_to_solo_runs(tmp_path, 
         assert_same_run(d, solo[Path(d).name])
 
 
-def _end_some_devices(runs, device, threads, state_every_s=None):
+def _end_some_devices(runs, device, settings):
     """A group process that dies at once on device cpu:1 (killed: a failure) and cpu:2
     (SIGTERM: SLURM's preemption or time-out), and trains elsewhere."""
     if device in ("cpu:1", "cpu:2"):
         os.kill(os.getpid(), signal.SIGKILL if device == "cpu:1" else signal.SIGTERM)
-    launch_mod._train_on_device(runs, device, threads, state_every_s)
+    job_mod._train_on_device(runs, device, settings)
 
 
 def test_a_failing_group_does_not_stop_the_others(tmp_path):
@@ -645,8 +648,9 @@ def test_a_failing_group_does_not_stop_the_others(tmp_path):
     bad = small_runs(tmp_path, "b", n=1, device="cuda")
     logged = []
     with pytest.raises(RuntimeError) as e:
-        launch_mod.train_on_devices(good + bad, ["cpu:0", "cpu:1", "cpu:2", "cpu:3"],
-                                    log=logged.append, threads=4, worker=_end_some_devices)
+        job_mod.train_on_devices(good + bad, ["cpu:0", "cpu:1", "cpu:2", "cpu:3"],
+                                 JobSettings(threads=4), log=logged.append,
+                                 worker=_end_some_devices)
     assert str(e.value).startswith("3 of 4 runs failed")
     trained, killed, stopped = good[:1], good[1:2], good[2:]
     assert all(RunDir(d).is_complete() for _, d in trained)
@@ -661,7 +665,8 @@ def test_a_failing_group_does_not_stop_the_others(tmp_path):
         assert err and "Traceback" in err and ("CUDA" in err or "cuda" in err)
     assert "device cpu:1: training process ended by signal 9 (SIGKILL)" in logged
     # the next launch takes up where this one stopped
-    results = launch_mod.train_on_devices(good, ["cpu:0"], threads=1)   # one thread: bitwise
+    one_thread = JobSettings(threads=1)   # one thread: bitwise
+    results = job_mod.train_on_devices(good, ["cpu:0"], one_thread)
     assert [r["complete"] for r in results] == [True] * 3
     solo = solo_reference(good, tmp_path)
     for _, d in good:
@@ -687,12 +692,71 @@ def test_dry_run_says_when_a_job_outlasts_its_time_limit(write_spec, tmp_path):
 def test_a_launch_gives_each_job_its_gpus(write_spec, tmp_path, monkeypatch):
     """The job function learns how many GPUs its job has (one group of runs on each)."""
     jobs = []
-    monkeypatch.setattr(launch_mod, "run_locally", lambda ex, fns, *rest: jobs.extend(fns))
+    monkeypatch.setattr(submit_mod, "run_locally", lambda ex, fns, *rest: jobs.extend(fns))
     spec = write_spec({"base": {"p": 11, "n_epochs": 10}, "grid": {"model_seed": [1, 2, 3, 4]},
                        "out": str(tmp_path / "s"),
                        "launcher": {"executor": "local", "gpus": 2, "runs_per_job": 4}})
     launch_mod.launch(str(spec), out=io.StringIO())
     assert [(job.gpus, len(job.runs)) for job in jobs] == [(2, 4)]
+
+
+def test_a_launch_gives_each_job_one_settings_object_from_the_spec(write_spec, tmp_path,
+                                                                   monkeypatch):
+    """launcher.state_every (minutes), step_mode and cpus_per_task reach every job as one
+    JobSettings: seconds, the mode, the local job's torch threads."""
+    jobs = []
+    monkeypatch.setattr(submit_mod, "run_locally", lambda ex, fns, *rest: jobs.extend(fns))
+    spec = write_spec({"base": {"p": 11, "n_epochs": 10}, "grid": {"model_seed": [1, 2, 3, 4]},
+                       "out": str(tmp_path / "s"),
+                       "launcher": {"executor": "local", "runs_per_job": 2, "state_every": 0.5,
+                                    "step_mode": "fused", "cpus_per_task": 2}})
+    launch_mod.launch(str(spec), out=io.StringIO())
+    assert [job.settings for job in jobs] == \
+        [JobSettings(state_every_s=30.0, step_mode="fused", threads=2)] * 2
+
+
+def _called_with(kw: dict) -> tuple:
+    """(state_every_s, step_mode) a trainer was called with: its settings, or the keywords."""
+    got = kw.get("settings")
+    return (got.state_every_s, got.step_mode) if got is not None else \
+        (kw["state_every_s"], kw.get("step_mode"))
+
+
+def test_a_job_hands_its_settings_to_the_trainers_and_says_what_the_environment_overrides(
+        tmp_path, monkeypatch, capsys):
+    """A packed job's group trains at the settings' state interval and step mode, with W&B
+    set for the training only; $GROKHPC_STEP_MODE, where set, replaces the mode with one line
+    in the job's log; a word that is no mode fails the job in one line before anything is
+    trained or written."""
+    from grokhpc import tracking
+
+    runs = small_runs(tmp_path, "job", n=2)
+    group, solo = [], []
+    monkeypatch.setattr(job_mod, "train_group", lambda cfgs, dirs, **kw: group.append(
+        (_called_with(kw), json.loads(os.environ[tracking.ENV]))))
+    monkeypatch.setattr(job_mod, "run_training", lambda cfg, d, **kw: solo.append(
+        _called_with(kw)[0]))
+    monkeypatch.delenv("GROKHPC_STEP_MODE", raising=False)
+    monkeypatch.delenv(tracking.ENV, raising=False)
+    wandb = {"project": "grok", "mode": "offline", "entity": None, "group": "s", "tags": []}
+    job = job_mod.SweepJob(runs, JobSettings(state_every_s=30.0, step_mode="fused", threads=1,
+                                             wandb=wandb))
+    job()
+    assert group == [((30.0, "fused"), wandb)] and solo == [30.0, 30.0]
+    assert tracking.ENV not in os.environ
+    assert "GROKHPC_STEP_MODE" not in capsys.readouterr().out
+    monkeypatch.setenv("GROKHPC_STEP_MODE", "graph")
+    job()
+    assert group[-1][0] == (30.0, "graph")
+    assert ("$GROKHPC_STEP_MODE=graph overrides the spec's launcher.step_mode (fused)"
+            in capsys.readouterr().out.splitlines())
+    monkeypatch.setenv("GROKHPC_STEP_MODE", "grpah")
+    with pytest.raises(ConfigError) as e:
+        job()
+    assert str(e.value) == ("$GROKHPC_STEP_MODE: expected one of eager, fused, graph, compile, "
+                            "got 'grpah'")
+    assert len(group) == 2 and len(solo) == 4
+    assert all(sorted(p.name for p in Path(d).iterdir()) == ["config.json"] for _, d in runs)
 
 
 # ---- SLURM's warning (USR2): state written, then the requeue ---------------------------------
@@ -731,7 +795,7 @@ def test_usr2_to_a_submitit_job_writes_the_state_then_submitit_requeues_it(tmp_p
     hold.mkdir()
     ex = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="local")
     ex.update_parameters(timeout_min=30)
-    job = ex.submit(launch_mod.SweepJob(runs, threads=1))
+    job = ex.submit(job_mod.SweepJob(runs, JobSettings(threads=1)))
     reached = _wait_for(hold / "reached", "the job holding at epoch 40",
                         alive=lambda: not job.done())
     os.kill(reached["pid"], signal.SIGUSR2)
@@ -749,7 +813,7 @@ def test_usr2_to_a_submitit_job_writes_the_state_then_submitit_requeues_it(tmp_p
         assert_same_run(d, solo[Path(d).name])
 
 
-def _held_on_device(runs, device, threads, state_every_s=None):
+def _held_on_device(runs, device, settings):
     """A device's training process that holds after its commit of epoch 40 until released
     (marker files in $GROKHPC_TEST_DEVICE_HOLDS/<device>)."""
     import importlib.util
@@ -761,13 +825,13 @@ def _held_on_device(runs, device, threads, state_every_s=None):
     spec.loader.exec_module(hold)
     hold.hold_commits(grokhpc.train, os.path.join(os.environ["GROKHPC_TEST_DEVICE_HOLDS"],
                                                   device.replace(":", "_")), 40)
-    launch_mod._train_on_device(runs, device, threads, state_every_s)
+    job_mod._train_on_device(runs, device, settings)
 
 
 def test_checkpoint_passes_the_warning_to_the_device_processes(monkeypatch):
     called = []
-    monkeypatch.setattr(launch_mod, "stop_groups", lambda: called.append(True))
-    job = launch_mod.SweepJob([], gpus=2)
+    monkeypatch.setattr(job_mod, "stop_groups", lambda: called.append(True))
+    job = job_mod.SweepJob([], gpus=2)
     again = job.checkpoint()
     assert called == [True] and again.function is job
 
@@ -789,7 +853,7 @@ def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, 
 
     def job():
         try:
-            launch_mod.train_on_devices(runs, ["cpu:0", "cpu:1"], threads=2,
+            job_mod.train_on_devices(runs, ["cpu:0", "cpu:1"], JobSettings(threads=2),
                                         worker=_held_on_device)
         except RuntimeError as e:
             ended["error"] = str(e)
@@ -798,7 +862,7 @@ def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, 
     thread.start()
     for h in holds:
         _wait_for(h / "reached", f"{h.name} holding at epoch 40", alive=thread.is_alive)
-    launch_mod.stop_groups(timeout_s=0)   # the signal goes out while both processes hold
+    job_mod.stop_groups(timeout_s=0)   # the signal goes out while both processes hold
     for h in holds:
         (h / "release").touch()
     thread.join(timeout=600)
@@ -806,7 +870,7 @@ def test_a_several_device_job_warned_has_each_process_write_its_state(tmp_path, 
     for _, d in runs:
         prog = RunDir(d).read_progress()
         assert prog["state_epoch"] == prog["epoch"] == 41 and RunDir(d).read_error() is None
-    results = launch_mod.train_on_devices(runs, ["cpu:0"], threads=1)
+    results = job_mod.train_on_devices(runs, ["cpu:0"], JobSettings(threads=1))
     assert [r["complete"] for r in results] == [True, True]
     solo = solo_reference(runs, tmp_path)
     for _, d in runs:

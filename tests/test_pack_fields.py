@@ -406,8 +406,8 @@ def test_a_packed_group_trains_at_its_matmul_precision(tmp_path, monkeypatch):
 
 
 def test_the_launcher_never_packs_what_a_group_refuses():
-    """sweep.shape_key (which runs a job packs) splits on every field check_group requires."""
-    from grokhpc.sweep import shape_key
+    """plan.shape_key (which runs a job packs) splits on every field check_group requires."""
+    from grokhpc.plan import shape_key
 
     base = cfg_of()
     for field, value in [("matmul_precision", "high"), ("optimizer", "adam"), ("n_layers", 2),

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from grokhpc.config import RunConfig
-from grokhpc.plan import (GPU_DATASHEET, JOB_OVERHEAD_S, Throughput, forecast, job_seconds,
-                          makespan, plan_auto, split_even, throughput_for, work_scale)
+from grokhpc.plan import (GPUS, JOB_OVERHEAD_S, Throughput, auto_runs_per_job, bytes_per_run,
+                          forecast, job_seconds, makespan, plan_auto, split_even, throughput_for,
+                          work_scale)
 from grokhpc.sweep import SweepRun
 
 # run-epochs/s of R seed-config runs packed on one H200, from benchmarks/gpu_batched_table.md
@@ -55,9 +56,7 @@ def test_other_gpu_types_are_scaled_estimates():
     assert throughput_for("tpu") is None and throughput_for(None) is None
     assert throughput_for("h100").epoch_seconds(128) == pytest.approx(128 / R128 / (3.35 / 4.8))
     # every GPU type with a memory size has a speed, and the other way round
-    from grokhpc.launch import GPU_MEMORY_GB
-
-    assert set(GPU_DATASHEET) == set(GPU_MEMORY_GB)
+    assert all(g.memory_gb > 0 and g.tflops > 0 and g.bandwidth > 0 for g in GPUS.values())
 
 
 def test_work_of_other_shapes_and_padding():
@@ -116,11 +115,11 @@ def test_memory_caps_runs_per_gpu(monkeypatch):
     bytes_per_run of 127,599,448 (set here: the cap's arithmetic is under test, not the
     estimate): 1,000 runs need 24 jobs, two waves of 12; the smallest longest job holds 42
     (23 x 42 + 34). Its speed: min(10.1 / 67, 0.448 / 4.8) x the H200's."""
-    import grokhpc.train_batched as tb
-    from grokhpc.launch import gpu_memory_cap
+    import grokhpc.plan as plan_mod
+    from grokhpc.plan import gpu_memory_cap
     from grokhpc.sweep import LauncherSettings
 
-    monkeypatch.setattr(tb, "bytes_per_run", lambda cfg: 127_599_448)
+    monkeypatch.setattr(plan_mod, "bytes_per_run", lambda cfg: 127_599_448)
     cap = gpu_memory_cap(LauncherSettings(gpus=1, gpu_type="rtx2080"))
     assert cap([RunConfig()]) == 43
     tp = throughput_for("rtx2080")
@@ -171,8 +170,7 @@ def test_a_cap_on_queued_jobs_is_kept():
 def test_the_planners_job_cost_is_job_seconds():
     """The planner prices a slice of a shape's runs in O(1) per GPU; it must agree with
     job_seconds, which reads every run."""
-    from grokhpc.plan import _Shape
-    from grokhpc.sweep import by_shape
+    from grokhpc.plan import _Shape, by_shape
 
     runs = [SweepRun(RunConfig(model_seed=i, train_frac=(0.2, 0.35, 0.65)[i % 3]),
                      Path(f"r{i}")) for i in range(30)]
@@ -183,3 +181,17 @@ def test_the_planners_job_cost_is_job_seconds():
         for a, b in [(0, 30), (0, 1), (3, 17), (9, 10), (12, 30)]:
             assert shape.seconds(a, b) == pytest.approx(
                 job_seconds(ordered[a:b], gpus, tp), rel=1e-12), (gpus, a, b)
+
+
+# ---- sizing ------------------------------------------------------------------------------------
+def test_runs_per_job_sizing():
+    seed = RunConfig()
+    per = bytes_per_run(seed)
+    # the seed shape: 226k weights x 7 copies x 4 bytes alone is 6.3 MB; its 8,939 test rows
+    # hold >= p + 2*d_mlp floats each in the backward
+    n_params = 114 * 128 + 3 * 128 + 4 * 4 * 128 * 32 + 2 * 128 * 512 + 128 * 113
+    assert per > 7 * 4 * n_params + 8939 * 4 * (113 + 2 * 512)
+    assert per < 1 << 30  # and below a GiB: hundreds fit on an 80 GB card
+    assert bytes_per_run(seed.replace(p=23, d_model=32, d_mlp=64, d_head=8)) < per / 50
+    assert auto_runs_per_job(seed, "cpu") == 4
+    assert auto_runs_per_job(seed, "cpu") >= 1

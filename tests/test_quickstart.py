@@ -1,6 +1,6 @@
 """The quickstart keeps the promise of its header comment (sweeps/quickstart.yaml).
 
-Its runs are trained as the local launcher trains them (``grokhpc.launch.train_runs``, the code
+Its runs are trained as the local launcher trains them (``grokhpc.job.train_runs``, the code
 of one job): one run per job at 1 torch thread, one run per job at 2 threads, and all four
 packed into one job at the spec's own thread count. In every mode the train_frac 0.6 runs must
 reach test accuracy >= 99% well before the budget ends and stay there, and the 0.3 runs must
@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from grokhpc.config import to_dict
-from grokhpc.launch import local_threads, train_runs
+from grokhpc.job import train_runs
+from grokhpc.runtime import JobSettings
 from grokhpc.store import RunDir
-from grokhpc.sweep import load_sweep, pack
+from grokhpc.plan import pack
+from grokhpc.sweep import load_sweep, local_threads
 
 pytestmark = pytest.mark.slow
 
@@ -84,7 +86,7 @@ def test_quickstart_keeps_its_promise(sweep, mode, tmp_path, keep_threads):
     lines: list[str] = []
     for job in jobs:
         train_runs([(to_dict(r.config), str(tmp_path / r.run_id)) for r in job],
-                   log=lines.append, threads=threads)
+                   JobSettings(threads=threads), log=lines.append)
     if mode == "packed":   # trained as one group, not one by one after a failed group
         assert any(ln.startswith("training 4 runs together") for ln in lines), lines
         assert not any("batched training failed" in ln for ln in lines), lines

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from grokhpc.config import ConfigError, RunConfig
-from grokhpc.sweep import (LauncherSettings, fit_partition, load_profile, load_sweep, pack,
-                           parse_minutes, parse_profile, resolve_launcher, shape_key)
+from grokhpc.clusters import fit_partition, load_profile, parse_profile, resolve_launcher
+from grokhpc.plan import pack, shape_key
+from grokhpc.sweep import LauncherSettings, load_sweep, parse_minutes
 
 GOOD = """\
 base:
@@ -117,6 +118,36 @@ def test_bad_types(write_spec):
     fails(write_spec, GOOD.replace("weight_decay: [0.1, 1.0]", "weight_decay: 0.1"),
           "grid.weight_decay", "non-empty list")
     fails(write_spec, "- just\n- a list\n", "(top level)", "mapping")
+
+
+def test_the_job_settings_come_from_the_launcher_section(write_spec):
+    """launcher.step_mode (default eager, one of the four modes) and state_every (minutes,
+    default 10) become each job's JobSettings: seconds, the mode, torch threads (a local job:
+    cpus_per_task, else 1; on SLURM left to the job's cpus-per-task) and W&B grouped under the
+    sweep's name."""
+    from grokhpc.runtime import JobSettings
+
+    plain = load_sweep(write_spec(GOOD)).launcher
+    assert (plain.step_mode, plain.state_every) == ("eager", 10.0)
+    assert plain.job_settings("local", "good") == JobSettings(state_every_s=600.0,
+                                                              step_mode="eager", threads=1)
+    spec = GOOD + "  step_mode: fused\n  state_every: 2.5\n  cpus_per_task: 3\n" \
+        "  wandb: {project: grok}\n"
+    launcher = load_sweep(write_spec(spec)).launcher
+    wandb = {"project": "grok", "mode": "offline", "entity": None, "group": "good", "tags": []}
+    assert launcher.job_settings("local", "good") == JobSettings(
+        state_every_s=150.0, step_mode="fused", threads=3, wandb=wandb)
+    assert launcher.job_settings("slurm", "good") == JobSettings(
+        state_every_s=150.0, step_mode="fused", threads=None, wandb=wandb)
+    over = load_sweep(write_spec(spec), ["launcher.step_mode=graph"]).launcher
+    assert over.step_mode == "graph" and over.to_dict()["step_mode"] == "graph"
+    for bad in ("fast", "null", "1"):
+        fails(write_spec, GOOD + f"  step_mode: {bad}\n", "launcher.step_mode",
+              "expected eager | fused | graph | compile")
+    with pytest.raises(ConfigError) as e:
+        load_sweep(write_spec(GOOD), ["launcher.step_mode=grpah"])
+    assert str(e.value) == ("--set: launcher.step_mode: expected eager | fused | graph | "
+                            "compile, got 'grpah'")
 
 
 def test_values_out_of_range(write_spec):
@@ -267,14 +298,14 @@ def test_grace_and_mccleary_profiles_hold_the_published_limits():
 
 
 def test_every_gpu_type_a_profile_names_has_a_memory_size():
-    from grokhpc.launch import GPU_MEMORY_GB
+    from grokhpc.plan import GPUS
 
     named = {t for n in ("bouchet", "grace", "mccleary")
              for p in load_profile(n).partitions for t in p.gpu_types}
     assert {"b200", "rtx_pro_6000_blackwell", "l40s", "a40", "rtx_5000_ada"} <= named
-    assert named <= set(GPU_MEMORY_GB), named - set(GPU_MEMORY_GB)
+    assert named <= set(GPUS), named - set(GPUS)
     # the pages' vRAM/GPU column (GB)
-    assert [GPU_MEMORY_GB[t] for t in ("h200", "rtx_pro_6000_blackwell", "h100", "l40s", "a40",
+    assert [GPUS[t].memory_gb for t in ("h200", "rtx_pro_6000_blackwell", "h100", "l40s", "a40",
                                        "rtx_5000_ada", "a5000", "v100")] == \
         [141, 96, 80, 48, 48, 32, 24, 16]
 

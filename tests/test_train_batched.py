@@ -31,8 +31,7 @@ from grokhpc.model import build_model
 from grokhpc.store import RunDir
 from grokhpc.train import Trainer, loss_fn, run_training
 from grokhpc.lastpos import accuracy, cross_entropy, last_logits
-from grokhpc.train_batched import (GroupError, Stack, StackedAdamW, auto_runs_per_job,
-                                   bytes_per_run, train_group)
+from grokhpc.train_batched import GroupError, Stack, StackedAdamW, train_group
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -432,17 +431,3 @@ def test_cli_refuses_mixed_shapes_in_one_line(tmp_path):
                         "print('torch' in sys.modules, 'transformer_lens' in sys.modules)"],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["False", "False"]
-
-
-# ---- sizing ------------------------------------------------------------------------------------
-def test_runs_per_job_sizing():
-    seed = RunConfig()
-    per = bytes_per_run(seed)
-    # the seed shape: 226k weights x 7 copies x 4 bytes alone is 6.3 MB; its 8,939 test rows
-    # hold >= p + 2*d_mlp floats each in the backward
-    n_params = 114 * 128 + 3 * 128 + 4 * 4 * 128 * 32 + 2 * 128 * 512 + 128 * 113
-    assert per > 7 * 4 * n_params + 8939 * 4 * (113 + 2 * 512)
-    assert per < 1 << 30  # and below a GiB: hundreds fit on an 80 GB card
-    assert bytes_per_run(seed.replace(p=23, d_model=32, d_mlp=64, d_head=8)) < per / 50
-    assert auto_runs_per_job(seed, "cpu") == 4
-    assert auto_runs_per_job(seed, "cpu") >= 1
