@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     from grokhpc.config import RunConfig
     from grokhpc.store import RunDir
     from grokhpc.train import Trainer
-    from grokhpc.train_batched import Stack
+    from grokhpc.stack import Stack
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -235,7 +235,7 @@ def packed_rate(trainers, dev: Device, mode: str, args, log, precision="highest"
     shadows, so every mode starts from the same state) in step ``mode`` at matmul
     ``precision``; None when the device runs out of memory."""
     from grokhpc.runtime import matmul_precision
-    from grokhpc.train_batched import Stack
+    from grokhpc.stack import Stack
 
     dev.reset()
     stack = None
@@ -256,7 +256,8 @@ def packed_rate(trainers, dev: Device, mode: str, args, log, precision="highest"
 def commit_seconds(trainers, dev: Device) -> float:
     """One commit of every run as train_group makes it each checkpoint_every epochs: sync
     into the shadows, then each run's checkpoint row, state.pt, progress and curves."""
-    from grokhpc.train_batched import Stack, _commit_all
+    from grokhpc.stack import Stack
+    from grokhpc.train_batched import _commit_all
 
     for t in trainers:
         t.run.create({"run_id": t.cfg.run_id})
@@ -468,7 +469,8 @@ def e2e(base, dev: Device, args, out) -> None:
     """R runs trained with commits into run directories (background writes, the GPU
     default), in the eager step and in --fid-mode."""
     from grokhpc.train import Trainer
-    from grokhpc.train_batched import Stack, _fit_stack
+    from grokhpc.stack import Stack
+    from grokhpc.train_batched import _fit_stack
 
     r, n = args.e2e, args.e2e_epochs
     for mode in dict.fromkeys(["eager", args.fid_mode]):

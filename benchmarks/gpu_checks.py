@@ -267,7 +267,8 @@ def host_syncs(base, dev, epochs: int = 20) -> list:
     from grokhpc.step_mode import resolve_step_mode
     from grokhpc.store import RunDir
     from grokhpc.train import Trainer
-    from grokhpc.train_batched import Stack, _epoch_end
+    from grokhpc.stack import Stack
+    from grokhpc.train_batched import _epoch_end
 
     cfgs = [c.replace(n_epochs=200, checkpoint_every=200, eval_every=5)
             for c in tiny_configs(base, 200)]

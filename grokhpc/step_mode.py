@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from .lastpos import batched_fast_path
 from .runtime import STEP_MODES
 
 STEP_MODE_ENV = "GROKHPC_STEP_MODE"
@@ -50,8 +51,6 @@ def resolve_step_mode(mode: str | None, cfg, device, exact: bool, log: Callable)
     asked for where it applies, otherwise the nearest that does (one log line saying why)."""
     import torch
 
-    from .train_batched import uses_fast_path
-
     mode = requested_step_mode(mode)
     if mode == "eager":
         return mode
@@ -64,12 +63,12 @@ def resolve_step_mode(mode: str | None, cfg, device, exact: bool, log: Callable)
             why = f"CUDA graphs need a CUDA device, this group trains on {device}"
         elif not cfg.full_batch:
             why = "minibatches are drawn on the host each step"
-        elif not uses_fast_path(cfg):
+        elif not batched_fast_path(cfg):
             why = "only the one-layer fast path is captured"
         if why is not None:
             log(f"step_mode graph: {why}; the fused step is used")
             return "fused"
-    if mode == "compile" and not uses_fast_path(cfg):
+    if mode == "compile" and not batched_fast_path(cfg):
         log("step_mode compile: only the one-layer fast path is compiled; the fused step is "
             "used")
         return "fused"

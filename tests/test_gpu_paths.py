@@ -21,7 +21,8 @@ from grokhpc.model import build_model
 from grokhpc.optim import lr_factor
 from grokhpc.store import STATE, RunDir
 from grokhpc.train import Trainer
-from grokhpc.train_batched import Stack, train_group
+from grokhpc.stack import Stack
+from grokhpc.train_batched import train_group
 
 TINY = RunConfig(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=20,
                  checkpoint_every=10, eval_every=5, lr=3e-3, device="cpu")

@@ -26,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from grokhpc.config import RunConfig
 from grokhpc.train import Trainer
-from grokhpc.train_batched import Stack
+from grokhpc.stack import Stack
 
 BASE = RunConfig(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=40,
                  checkpoint_every=20, eval_every=5, lr=3e-3, device="cpu")

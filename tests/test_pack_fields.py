@@ -15,13 +15,14 @@ import torch
 
 from conftest import step_solo_and_stacked
 
-from grokhpc import train_batched
+from grokhpc import stack as stack_mod
 from grokhpc.config import from_dict
 from grokhpc.model import Transformer, build_model
 from grokhpc.store import RunDir
 from grokhpc.train import Trainer, finish, run_training
-from grokhpc.train_batched import (GroupError, Stack, StackedAdamW, StackedSGD, _fit_stack,
-                                   hooked_last_logits, train_group)
+from grokhpc.stack import Stack, hooked_last_logits
+from grokhpc.stacked_optim import StackedAdamW, StackedSGD
+from grokhpc.train_batched import GroupError, _fit_stack, train_group
 from test_train_batched import compare_runs, files_of
 
 TINY = dict(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=60,
@@ -248,7 +249,7 @@ def test_packed_off_the_fast_path_equals_solo(tmp_path, monkeypatch):
     train_group(short, exact, device="cpu", exact=True, **QUIET)
     for d, s in zip(exact, ref):
         assert compare_runs(d, s, rel=0.0) == {"abs": 0.0, "rel": 0.0}
-    monkeypatch.setattr(train_batched, "uses_fast_path", lambda cfg: False)
+    monkeypatch.setattr(stack_mod, "batched_fast_path", lambda cfg: False)
     batched = [tmp_path / f"batched{i}" for i in range(3)]
     train_group(short, batched, device="cpu", exact=False, **QUIET)
     for d, s in zip(batched, ref):

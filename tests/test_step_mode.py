@@ -11,7 +11,8 @@ from grokhpc.config import RunConfig
 from grokhpc.stacked_optim import FlatStackedAdamW, StackedAdamW
 from grokhpc.store import RunDir
 from grokhpc.train import Trainer
-from grokhpc.train_batched import GroupError, Stack, train_group
+from grokhpc.stack import Stack
+from grokhpc.train_batched import GroupError, train_group
 
 BASE = RunConfig(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=20,
                  checkpoint_every=10, eval_every=10, lr=3e-3, device="cpu")
