@@ -15,13 +15,15 @@ import reprlib
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
+from . import optim
+
 # Binary operations over Z_p (names of the polynomial and mixed tasks as in Power et al. 2022)
 # and over the 120 permutations of S5.
 MODULAR_OPS = ("sub", "add", "mul", "div", "quad1", "quad2", "quad3", "cube1", "cube2", "mix1")
 GROUP_OPS = ("s5", "s5conj", "s5aba")
 OPS = MODULAR_OPS + GROUP_OPS
 S5_ORDER = 120
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = tuple(optim.OPTIMIZERS)   # the optimiser registry's names
 LR_SCHEDULES = ("constant", "cosine")
 ACT_FNS = ("relu", "gelu")
 NORMALIZATIONS = ("none", "LN")
