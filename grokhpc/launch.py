@@ -107,9 +107,13 @@ def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = pri
     """Train a job's runs: [(RunConfig dict, run directory), ...]. One run failing does not stop
     the others; afterwards the job raises if any run failed (so the scheduler marks it failed).
     ``state_every_s``: seconds between a run's state.pt writes (launcher.state_every)."""
+    from .runtime import DEFAULT_STATE_EVERY_S, JobSettings
     from .train import run_training
 
     _set_threads(threads)
+    wandb = tracking.settings_from_env()   # as the launch set it (tracking.enabled)
+    settings = JobSettings(state_every_s=DEFAULT_STATE_EVERY_S if state_every_s is None
+                           else state_every_s, wandb=wandb.to_dict() if wandb else None)
     cfgs = [from_dict(c, source=f"{d}: config") for c, d in runs]
     dirs = [str(d) for _, d in runs]
     todo = [(c, d) for c, d in zip(cfgs, dirs) if not RunDir(d).is_complete()]
@@ -119,8 +123,8 @@ def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = pri
         if tb is not None:
             log(f"training {len(todo)} runs together: {', '.join(c.run_id for c, _ in todo)}")
             try:
-                tb.train_group([c for c, _ in todo], [d for _, d in todo], device=None,
-                               progress_bar=False, log=log, state_every_s=state_every_s)
+                tb.train_group([c for c, _ in todo], [d for _, d in todo], settings,
+                               progress_bar=False, log=log)
             except Exception:
                 log("batched training failed; training the unfinished runs one by one:\n"
                     + traceback.format_exc())
@@ -128,7 +132,7 @@ def train_runs(runs: Sequence[tuple[dict, str]], log: Callable[[str], Any] = pri
     for cfg, d in todo:
         log(f"run {cfg.run_id} -> {d}")
         try:
-            run_training(cfg, d, progress_bar=False, log=log, state_every_s=state_every_s)
+            run_training(cfg, d, settings, progress_bar=False, log=log)
         except RunLockedError as e:   # another job trains it (a stale job beside its requeue)
             log(f"run {cfg.run_id} skipped, nothing written: {e}")
         except Exception:

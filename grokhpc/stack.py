@@ -46,12 +46,21 @@ import copy
 import functools
 from typing import Any, Callable, NamedTuple
 
+from . import divergence
 from .config import GROK_ACC
 from .lastpos import accuracy, batched_fast_path, cross_entropy, last_logits, queries_of
 from .optim import epoch_batches, has_schedule, lr_factor, rescale_to_norm, set_lr
 from .runtime import deterministic_for, deterministic_kernels
 from .stacked_optim import FlatStackedAdamW, LrSchedules, _b, stacked_optimizer
 from .step_mode import GraphStep, compiled
+
+
+def stop_epoch(cfg, grok_epoch: int | None) -> int:
+    """The epoch a run ends at: n_epochs, or ``stop_after_grok`` epochs after its first logged
+    test accuracy >= ``config.GROK_ACC`` (``grok_epoch``) when that comes sooner."""
+    if grok_epoch is None:
+        return cfg.n_epochs
+    return min(cfg.n_epochs, grok_epoch + cfg.stop_after_grok)
 
 
 # ---- the forward of a stack --------------------------------------------------------------------
@@ -70,6 +79,14 @@ def _solo_caller(template):
             return self.model.last_logits(tokens)
 
     return LastLogits(template)
+
+
+def _template(model):
+    """A copy of ``model`` to call with other weights (``functional_call`` swaps a module's
+    weights while it runs, and a commit may read the runs' own models meanwhile), sharing its
+    cache of the rows' query tokens, which a copy would find again."""
+    cache = model.__dict__.get("_query_cache")
+    return copy.deepcopy(model, {} if cache is None else {id(cache): cache})
 
 
 def hooked_last_logits(template, P: dict, tokens):
@@ -161,12 +178,14 @@ class Stack:
         self.init_norms = [t.init_norm for t in trainers]
         self.grok = [t.grok_epoch for t in trainers]
         self.fast = batched_fast_path(cfg)
-        self.template = copy.deepcopy(models[0]) if self.exact or not self.fast else None
+        self.template = _template(models[0]) if self.exact or not self.fast else None
         self._solo = _solo_caller(self.template) if self.exact else None
         self._set_rows(trainers)
         self.last_commit = [self.epoch if t.committed_epoch is None else t.committed_epoch
                             for t in trainers]
         self.clock = None
+        self._norm_targets = None   # fixed_weight_norm's targets on the device, made once
+        self._schedules = None      # the lr schedules on the device (LrSchedules), made once
 
     def _set_step_mode(self, trainers: list, mode: str, log: Callable) -> None:
         """The optimiser (flat in every mode but eager: its buffer then holds the weights), the
@@ -181,8 +200,8 @@ class Stack:
         # cycle, or its graphs' memory pool would outlive it until the next garbage collection
         self.capture = GraphStep(functools.partial(host_counts, self.opt), log) \
             if mode == "graph" else None
-        if self.capture is not None and hasattr(self.opt, "host_scalars"):
-            self.opt.host_scalars = False   # bias corrections on the device, inside the graph
+        if self.capture is not None:   # lrs and bias corrections on the device, in the graph
+            self.opt.host_scalars = False
 
     def _set_rows(self, trainers: list) -> None:
         import torch
@@ -272,7 +291,7 @@ class Stack:
             return
         with torch.no_grad():
             sq = sum((p.detach().double() ** 2).flatten(1).sum(1) for p in params)
-            if getattr(self, "_norm_targets", None) is None:   # once: a captured step copies
+            if self._norm_targets is None:   # once: a captured step copies
                 self._norm_targets = torch.stack(                # nothing from the host
                     [sq.new_tensor(float("nan")) if n is None else n.to(sq)
                      for n in self.init_norms])
@@ -307,9 +326,9 @@ class Stack:
         if not any(has_schedule(c) for c in self.cfgs):
             return
         lrs = [c.lr * lr_factor(self.epoch, c) if has_schedule(c) else c.lr for c in self.cfgs]
-        if getattr(self.opt, "host_scalars", self.device.type == "cpu"):
+        if self.opt.host_scalars:
             return self.opt.set_lrs(lrs)
-        if getattr(self, "_schedules", None) is None:
+        if self._schedules is None:
             self._schedules = LrSchedules(self.cfgs, self.epoch, self.opt.params[0].device)
         self.opt.set_lrs(lrs, self._schedules.next())
 
@@ -404,28 +423,18 @@ class Stack:
                 self.grok[r] = self.epoch
 
     def stop_epochs(self) -> list[int]:
-        """Each run's last epoch (``Trainer.stop_epoch``)."""
-        return [c.n_epochs if g is None else min(c.n_epochs, g + c.stop_after_grok)
-                for c, g in zip(self.cfgs, self.grok)]
+        """Each run's last epoch (:func:`stop_epoch`)."""
+        return [stop_epoch(c, g) for c, g in zip(self.cfgs, self.grok)]
 
     # -- durability
-    def diverged(self, runs, last) -> list[int]:
-        """``runs`` with a non-finite train loss since their last commit (up to this epoch,
-        and this epoch's too for the runs in ``last``, scored on the train set just now).
-        One read from the device for all of them: each distinct window (runs that committed
-        together share one) is checked for every run, and each run's own is picked out."""
-        import torch
-
-        windows: dict[tuple[int, int], list[int]] = {}
-        for r in runs:
-            hi = self.epoch + (1 if r in last else 0)
-            windows.setdefault((self.last_commit[r], hi), []).append(r)
-        if not windows:
-            return []
-        curve = self.curves["train_loss"]
-        finite = torch.stack([torch.isfinite(curve[:, lo:hi]).all(1)
-                              for lo, hi in windows]).tolist()
-        return sorted(r for ok, rs in zip(finite, windows.values()) for r in rs if not ok[r])
+    def diverged(self, runs, last) -> dict[int, tuple[int, str]]:
+        """Those of ``runs`` that broke the divergence rule (``grokhpc.divergence.nonfinite``)
+        since their last commit, ``last`` their last epoch: {r: (epoch, what)}. One read from
+        the device for all of them when all is finite."""
+        runs = list(runs)
+        return divergence.nonfinite(self.curves["train_loss"], [self.P[n] for n in self.names],
+                                    runs, [self.last_commit[r] for r in runs], self.epoch,
+                                    set(last))
 
     def sync(self, r: int) -> None:
         """Copy run ``r``'s stacked state into its shadow Trainer (same epoch, same values)."""

@@ -113,6 +113,8 @@ class StackedAdamW:
         self._w2 = _col([1 - b for b in self.b2], params[0])
         self._decays = any(wd != 0 for wd in self.wds)
         self.update = adam_update
+        self._decay = None   # 1 - lr * wd per run, set by set_lrs (rewritten in place after)
+        self._dev64 = None   # the device's float64 columns, made at the first device step
         self.set_lrs(lrs)
 
     def set_lrs(self, lrs, device_lrs=None) -> None:
@@ -130,13 +132,12 @@ class StackedAdamW:
         else:   # 1 - lr * wd in float64, then rounded once: the host's arithmetic
             decay = (1 - device_lrs * self._wd64).to(self.params[0].dtype)
             lr64 = device_lrs
-        if hasattr(self, "_decay"):
-            self._decay.copy_(decay)
-        else:
+        if self._decay is None:
             self._decay = decay
-        c = getattr(self, "_dev64", None)
-        if c is not None:
-            c["lr"].copy_(lr64)
+        else:
+            self._decay.copy_(decay)
+        if self._dev64 is not None:
+            self._dev64["lr"].copy_(lr64)
 
     def _corrections(self):
         """(-lr / (1 - b1^t), sqrt(1 - b2^t)) per run as float32 columns: from Python floats as
@@ -150,7 +151,7 @@ class StackedAdamW:
             bc2 = [1 - b2 ** s for b2, s in zip(self.b2, self.steps)]
             return (_col([-(lr / b) for lr, b in zip(self.lrs, bc1)], self.params[0]),
                     _col([b ** 0.5 for b in bc2], self.params[0]))
-        c = getattr(self, "_dev64", None)
+        c = self._dev64
         if c is None:  # first step: the counts already include it
             dev = self.params[0].device
             c = self._dev64 = {k: torch.tensor(v, dtype=torch.float64, device=dev) for k, v in
@@ -301,6 +302,9 @@ class StackedSGD:
         self.started = [bool(s) for s in started]   # a run's buffers hold its last step's
         self._wd = _col(self.wds, params[0])
         self._m = _col(self.momenta, params[0])
+        # lrs from Python floats (the default on CPU) or computed on the device (set_lrs)
+        self.host_scalars = params[0].device.type == "cpu"
+        self._neg_lr = None
         self.set_lrs(lrs)
 
     def set_lrs(self, lrs, device_lrs=None) -> None:
@@ -309,10 +313,10 @@ class StackedSGD:
         self.lrs = [float(x) for x in lrs]
         neg_lr = _col([-lr for lr in self.lrs], self.params[0]) if device_lrs is None \
             else (-device_lrs).to(self.params[0].dtype)
-        if hasattr(self, "_neg_lr"):
-            self._neg_lr.copy_(neg_lr)
-        else:
+        if self._neg_lr is None:
             self._neg_lr = neg_lr
+        else:
+            self._neg_lr.copy_(neg_lr)
 
     def count_step(self) -> None:
         """After a step every run's buffers hold its last step's (kept on the host)."""

@@ -19,9 +19,10 @@ launches and how:
 
 Batched mode only: exact mode calls each run's own solo forward and torch's own optimiser, so
 it steps as it always did. A mode that cannot apply falls back with one log line. The mode is
-chosen per call (``train_group(step_mode=...)``, ``python -m grokhpc.train_batched
---step-mode``) or for every packed job of a process tree by ``GROKHPC_STEP_MODE`` (SLURM jobs
-inherit the launcher's environment).
+the job's setting (``runtime.JobSettings.step_mode``: a sweep's ``launcher.step_mode``,
+``python -m grokhpc.train_batched --step-mode``); ``GROKHPC_STEP_MODE`` overrides it for every
+packed group of a process tree (SLURM jobs inherit the launcher's environment), and each group
+says so in one line.
 """
 
 from __future__ import annotations
@@ -36,22 +37,27 @@ STEP_MODE_ENV = "GROKHPC_STEP_MODE"
 WARMUP_CALLS = 3   # eager calls before a capture (on a side stream, as torch.cuda.graphs asks)
 
 
-def requested_step_mode(mode: str | None) -> str:
-    """``mode``, else $GROKHPC_STEP_MODE, else eager; ValueError (one line) for another word."""
-    source = "step_mode"
-    if mode is None:
-        mode, source = os.environ.get(STEP_MODE_ENV, "").strip() or "eager", STEP_MODE_ENV
-    if mode not in STEP_MODES:
-        raise ValueError(f"{source}: expected one of {', '.join(STEP_MODES)}, got {mode!r}")
-    return mode
+def requested(mode: str, log: Callable) -> str:
+    """The job's ``mode``, or $GROKHPC_STEP_MODE where it is set (one line saying it overrides
+    the setting); ValueError (one line) for a word of the environment that is no mode."""
+    env = os.environ.get(STEP_MODE_ENV, "").strip()
+    if not env:
+        return mode
+    if env not in STEP_MODES:
+        raise ValueError(f"{STEP_MODE_ENV}: expected one of {', '.join(STEP_MODES)}, "
+                         f"got {env!r}")
+    if env != mode:
+        log(f"step_mode {env}: ${STEP_MODE_ENV} overrides the job's step_mode {mode}")
+    return env
 
 
-def resolve_step_mode(mode: str | None, cfg, device, exact: bool, log: Callable) -> str:
+def resolve(mode: str, cfg, device, exact: bool, log: Callable) -> str:
     """The step mode a group of runs shaped like ``cfg`` trains with on ``device``: the one
-    asked for where it applies, otherwise the nearest that does (one log line saying why)."""
+    asked for (:func:`requested`) where it applies, otherwise the nearest that does (one log
+    line saying why)."""
     import torch
 
-    mode = requested_step_mode(mode)
+    mode = requested(mode, log)
     if mode == "eager":
         return mode
     if exact:

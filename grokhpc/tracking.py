@@ -1,9 +1,11 @@
 """Optional experiment tracking with Weights & Biases (``pip install -e .[wandb]``).
 
 Off unless asked for: ``launcher: {wandb: {project: NAME}}`` in a sweep spec, or
-``python -m grokhpc.train --out DIR --wandb NAME`` for one run. Either way the setting travels to
-the training process in the ``GROKHPC_WANDB`` environment variable (JSON), and nothing imports
-wandb unless it is set.
+``python -m grokhpc.train --out DIR --wandb NAME`` for one run. Either way the setting reaches
+the trainer in its job's settings (``runtime.JobSettings.wandb``, a plain mapping; read by
+:func:`start`), and nothing imports wandb unless it is set. (A launcher may still hand it to its
+job processes in the ``GROKHPC_WANDB`` environment variable: :func:`enabled`,
+:func:`settings_from_env`.)
 
 Each grokhpc run is one W&B run whose id is the grokhpc ``run_id`` (``resume="allow"``), written
 under the run directory (``RUN/wandb/``). At each commit the curve rows since the last logged
@@ -30,7 +32,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from .config import ConfigError
+from .config import ConfigError, to_dict
+from .store import MEASURES
 
 ENV = "GROKHPC_WANDB"
 MODES = ("offline", "online")
@@ -237,8 +240,6 @@ class Tracker:
         """One row per checkpoint (its scalar measures), at steps after the last epoch."""
         import pyarrow.parquet as pq
 
-        from .store import MEASURES
-
         table = pq.read_table(trainer.run.file(MEASURES))
         names = [f.name for f in table.schema if f.name != "epoch"
                  and (str(f.type).startswith(("double", "float", "int")))]
@@ -266,13 +267,15 @@ def _import_wandb():
 
 
 def start(trainer) -> Tracker | None:
-    """The trainer's W&B run (new, or continued), or None when tracking is off. Tracking that
-    cannot start (wandb missing on this node, its logs unreadable, no server) is reported in
-    one line and the run trains untracked; a later attempt picks the W&B run up again."""
-    settings = settings_from_env()
-    if settings is None:
+    """The trainer's W&B run (new, or continued) as its job's settings ask
+    (``trainer.settings.wandb``), or None when tracking is off. Tracking that cannot start
+    (wandb missing on this node, its logs unreadable, no server) is reported in one line and
+    the run trains untracked; a later attempt picks the W&B run up again."""
+    wanted = trainer.settings.wandb
+    if not wanted:
         return None
     try:
+        settings = parse_wandb(wanted, "job settings", "wandb")
         return _start(trainer, settings)
     except Exception as e:
         _warn(trainer, "could not start", e)
@@ -281,7 +284,6 @@ def start(trainer) -> Tracker | None:
 
 def _start(trainer, settings: WandbSettings) -> Tracker:
     wandb = _import_wandb()
-    from .config import to_dict
 
     cfg, run_dir = trainer.cfg, Path(trainer.run.path)
     done = next_step(run_dir, cfg.run_id)
@@ -319,7 +321,7 @@ def _give_up(trainer, e: BaseException) -> None:
 
 def log_commit(trainer) -> None:
     """After a commit: the new curve rows."""
-    if getattr(trainer, "tracker", None) is None:
+    if trainer.tracker is None:
         return
     try:
         trainer.tracker.log_curves(trainer)
@@ -330,7 +332,7 @@ def log_commit(trainer) -> None:
 def log_finish(trainer, summary: Mapping | None) -> None:
     """After the measures: any curve rows left, the measures rows and the summary; then the
     W&B run ends (before the run is marked done, so a done run has its W&B record whole)."""
-    tracker = getattr(trainer, "tracker", None)
+    tracker = trainer.tracker
     if tracker is None:
         return
     try:
@@ -347,7 +349,7 @@ def log_finish(trainer, summary: Mapping | None) -> None:
 def stop(trainer) -> None:
     """The trainer closes before its run is finished (interrupted, or trained part way): end
     the W&B run as failed; a resume continues it."""
-    tracker, trainer.tracker = getattr(trainer, "tracker", None), None
+    tracker, trainer.tracker = trainer.tracker, None
     if tracker is not None:
         with contextlib.suppress(Exception):
             tracker.finish(exit_code=1)

@@ -20,6 +20,7 @@ from conftest import TINY_RUN
 from grokhpc import launch as launch_mod
 from grokhpc import tracking
 from grokhpc.config import ConfigError, RunConfig
+from grokhpc.runtime import JobSettings
 from grokhpc.store import RunDir
 from grokhpc.sweep import LauncherSettings, parse_launcher, parse_sweep
 from grokhpc.train import Trainer, run_training
@@ -274,17 +275,15 @@ def test_a_resume_logs_only_the_epochs_its_wandb_run_lacks(tmp_path, wandb_env, 
     (not from 80, which would leave a gap, nor from 0, which would log epochs twice)."""
     out = tmp_path / "run"
     cfg = RunConfig(**RUN)
-    with tracking.enabled(tracking.WandbSettings("grokhpc-test")):
-        t = Trainer.open(cfg, out)
-        t.fit(progress_bar=False, until=40)
-        t.close()
-    monkeypatch.delenv(tracking.ENV, raising=False)
+    tracked = JobSettings(wandb=tracking.WandbSettings("grokhpc-test").to_dict())
+    t = Trainer.open(cfg, out, settings=tracked)
+    t.fit(progress_bar=False, until=40)
+    t.close()
     t = Trainer.open(cfg, out)
     assert t.tracker is None
     t.fit(progress_bar=False, until=80)
     t.close()
-    with tracking.enabled(tracking.WandbSettings("grokhpc-test")):
-        run_training(cfg, out, progress_bar=False, log=lambda *a: None)
+    run_training(cfg, out, tracked, progress_bar=False, log=lambda *a: None)
     assert tracking.ENV not in os.environ
 
     segments = wandb_record(out, cfg.run_id)

@@ -29,6 +29,7 @@ from conftest import TRY_LOCK
 from grokhpc.store import (CHECKPOINTS, CURVE_COLUMNS, NPY_HEADER_BYTES, RUN_FILES, RunDir,
                            RunDirError, append_checkpoint_row)
 from grokhpc.runtime import provenance_columns
+from grokhpc.stack import Stack
 from grokhpc.train import Trainer, run_training
 
 TINY = dict(p=13, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=240,
@@ -270,10 +271,7 @@ def test_stale_checkpoint_tail_is_cut_on_resume(tmp_path):
     out = tmp_path / "run"
     cfg = RunConfig(**{**TINY, "n_epochs": 60})
     t = Trainer.open(cfg, out)
-    for _ in range(20):
-        t.step()
-    t.evaluate()
-    t.commit(checkpoint=True, state=True)           # epochs 0 and 20 committed
+    t.fit(progress_bar=False, until=20)             # epochs 0 and 20 committed
     n_cols = sum(math.prod(s) for _, s in t.layout)
     append_checkpoint_row(out / CHECKPOINTS, np.full(n_cols, 7.0, np.float32), 2)  # orphan
     (out / ".state.pt.k1ll3d.tmp").write_bytes(b"half a state")        # a kill mid-rename
@@ -465,13 +463,13 @@ HOLDER = """
 import json, sys
 from grokhpc.config import RunConfig
 from grokhpc.config import to_dict as config_to_dict
-from grokhpc.train import Trainer, finish
+from grokhpc.train import Trainer
 t = Trainer.open(RunConfig(**json.loads(sys.argv[2])), sys.argv[1])
 print("open", flush=True)
 sys.stdin.readline()
 if sys.argv[3] == "train":
     t.fit(progress_bar=False)
-    finish(t)                       # reads config.json in this process: the lock must survive
+    t.finish()                      # reads config.json in this process: the lock must survive
     print("finished", flush=True)
     sys.stdin.readline()
 t.close()
@@ -649,7 +647,8 @@ def test_training_runs_at_the_runs_matmul_precision(tmp_path, monkeypatch, preci
             return fn(*a, **kw)
         return inner
 
-    monkeypatch.setattr(Trainer, "_update", spy("step", Trainer._update))
+    monkeypatch.setattr(Stack, "_update", spy("step", Stack._update))
+    monkeypatch.setattr(Stack, "evaluate", spy("evaluate", Stack.evaluate))
     monkeypatch.setattr(Trainer, "evaluate", spy("evaluate", Trainer.evaluate))
     monkeypatch.setattr(grokhpc.measures, "finalize_run",
                         spy("measures", grokhpc.measures.finalize_run))
