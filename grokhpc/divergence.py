@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from .runtime import provenance_columns
-from .store import (SUMMARY, RunDir, RunDirError, atomic_write_json,
-                    read_json)
+from .store import ERROR, SUMMARY, RunDir, RunDirError, atomic_write_json, read_json
 
 DIVERGED_PREFIX = "diverged:"
 
@@ -88,7 +87,7 @@ def refuse_diverged_before(run: RunDir, run_id: str) -> None:
         return
     summary = _summary_or_empty(run)
     where = (f"non-finite {summary['diverged_value']} first at epoch {summary['diverged_epoch']}"
-             if "diverged_epoch" in summary and "diverged_value" in summary else "see error.txt")
+             if "diverged_epoch" in summary and "diverged_value" in summary else f"see {ERROR}")
     raise RunDiverged(f"{run.path}: run {run_id} diverged before ({where}) and would diverge "
                       "again; --retry-diverged trains it again from its last finite commit")
 

@@ -30,6 +30,7 @@ from typing import Callable
 from . import preempt
 from .divergence import mark_diverged
 from .stack import Stack
+from .store import ERROR
 
 
 def epoch_end(stack: Stack) -> tuple[list[int], list[int]]:
@@ -167,7 +168,7 @@ def drop_diverged(stack: Stack, bad: dict, log: Callable) -> list:
         t = stack.trainers[r]
         line = mark_diverged(t.run, t.cfg, epoch, what, stack.last_commit[r], t.progress())
         log(f"run {t.cfg.run_id}: diverged (non-finite {what}); dropped from the group, "
-            "error.txt written")
+            f"{ERROR} written")
         out.append((t, line))
     return out
 
