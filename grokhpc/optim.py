@@ -105,8 +105,8 @@ def epoch_batches(n_train: int, cfg, gen) -> list:
     return list(order.split(int(cfg.batch_size)))
 
 
-def weight_norm(params) -> "torch.Tensor":
-    """The total L2 norm of ``params`` (float64)."""
+def weight_norm(params):
+    """The total L2 norm of ``params``, a float64 tensor."""
     import torch
 
     return torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))
