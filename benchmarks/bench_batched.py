@@ -53,7 +53,7 @@ def main(argv=None) -> None:
     from grokhpc.config import RunConfig
     from grokhpc.store import RunDir
     from grokhpc.train import Trainer
-    from grokhpc.train_batched import Stack
+    from grokhpc.stack import Stack
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,14 +63,7 @@ def main(argv=None) -> None:
     sizes = [int(x) for x in args.runs.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     with tempfile.TemporaryDirectory() as tmp:
-        solo = Trainer(base, RunDir(f"{tmp}/solo"), dev)
-
-        def solo_epochs(n):
-            for _ in range(n):
-                solo.step()
-                if solo.epoch % base.eval_every == 0:
-                    solo.evaluate()
-
+        solo = Stack([Trainer(base, RunDir(f"{tmp}/solo"), dev)], dev, exact=True)   # alone
         stacks = {}
         for r in sizes:
             cfgs = group_configs(base, r)
@@ -86,6 +79,7 @@ def main(argv=None) -> None:
                         stack.evaluate()
             return run
 
+        solo_epochs = group_epochs(solo)
         solo_epochs(2)  # warm-up
         for s in stacks.values():
             group_epochs(s)(2)
@@ -101,7 +95,7 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
           f"p={args.p}, {args.epochs} epochs per block, median of {args.repeats} repeats")
     print(f"{'way':<22}{'R':>4}{'run-epochs/s':>15}{'ratio to solo':>15}{'ms/epoch':>11}")
-    print(f"{'solo Trainer.step':<22}{1:>4}{solo_rate:>15.2f}{1.0:>15.2f}"
+    print(f"{'solo (a stack of one)':<22}{1:>4}{solo_rate:>15.2f}{1.0:>15.2f}"
           f"{1000 / solo_rate:>11.1f}")
     for mode in modes:
         for r in sizes:

@@ -14,7 +14,6 @@ inside it for a group; the table gives bytes per run per 1,000 epochs and the fi
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import tempfile
 import time
@@ -29,12 +28,16 @@ def io_counters() -> dict[str, int]:
     return out
 
 
+def settings(state_every_s: float | None):
+    from grokhpc.runtime import JobSettings
+
+    return JobSettings() if state_every_s is None else JobSettings(state_every_s=state_every_s)
+
+
 def solo(cfg, root: Path, epochs: int, state_every_s: float | None) -> dict[str, int]:
     from grokhpc.train import Trainer
 
-    t = Trainer.open(cfg, root / "run0")
-    if state_every_s is not None and hasattr(t, "state_clock"):
-        t.state_clock.every_s = state_every_s
+    t = Trainer.open(cfg, root / "run0", settings=settings(state_every_s))
     before = io_counters()
     t.fit(progress_bar=False, until=epochs)
     after = io_counters()
@@ -45,12 +48,9 @@ def solo(cfg, root: Path, epochs: int, state_every_s: float | None) -> dict[str,
 def packed(cfgs, root: Path, epochs: int, state_every_s: float | None) -> dict[str, int]:
     from grokhpc.train_batched import train_group
 
-    kw = {}
-    if state_every_s is not None and "state_every_s" in inspect.signature(train_group).parameters:
-        kw["state_every_s"] = state_every_s
     before = io_counters()
-    train_group(cfgs, [root / f"run{i}" for i in range(len(cfgs))], device="cpu",
-                progress_bar=False, log=lambda m: None, **kw)
+    train_group(cfgs, [root / f"run{i}" for i in range(len(cfgs))], settings(state_every_s),
+                device="cpu", progress_bar=False, log=lambda m: None)
     after = io_counters()
     return {k: after[k] - before[k] for k in after}
 

@@ -40,11 +40,19 @@ def model_module_at(rev: str, tmp: str):
 
 
 def epochs_of(trainer):
+    """fn(n): n epochs of ``trainer``'s run as it trains alone (its stack of one, exact mode;
+    the stack calls the trainer's model's own ``last_logits``)."""
+    import torch
+
+    from grokhpc.stack import Stack
+
+    stack = Stack([trainer], torch.device("cpu"), exact=True)
+
     def run(n):
         for _ in range(n):
-            trainer.step()
-            if trainer.epoch % trainer.cfg.eval_every == 0:
-                trainer.evaluate()
+            stack.step()
+            if stack.epoch % trainer.cfg.eval_every == 0:
+                stack.evaluate()
     return run
 
 
@@ -60,7 +68,8 @@ def main(argv=None) -> None:
 
     from grokhpc.config import RunConfig
     from grokhpc.store import RunDir
-    from grokhpc.train import Trainer, make_optimizer
+    from grokhpc.optim import make_optimizer
+    from grokhpc.train import Trainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,7 +79,7 @@ def main(argv=None) -> None:
         now = Trainer(cfg, RunDir(f"{tmp}/now"), torch.device("cpu"))
         before = Trainer(cfg, RunDir(f"{tmp}/before"), torch.device("cpu"))
         before.model = old.build_model(cfg)
-        before.optimizer = make_optimizer(before.model, cfg)
+        before.optimizer = make_optimizer(before.model.parameters(), cfg)
         with torch.no_grad():
             a = now.model.last_logits(now.train_tokens)
             b = before.model.last_logits(before.train_tokens)

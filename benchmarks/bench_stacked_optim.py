@@ -87,7 +87,7 @@ def stack_table(args, device, sync) -> None:
     from grokhpc.config import RunConfig
     from grokhpc.store import RunDir
     from grokhpc.train import Trainer
-    from grokhpc.train_batched import Stack
+    from grokhpc.stack import Stack
 
     R = args.stack_r
     base = RunConfig(device=str(device))

@@ -52,11 +52,11 @@ def make_seed_state():
     from grokhpc.config import RunConfig
     from grokhpc.data import make_dataset
     from grokhpc.model import build_model
-    from grokhpc.train import make_optimizer
+    from grokhpc.optim import make_optimizer
 
     cfg = RunConfig(device="cpu")
     model = build_model(cfg)
-    return {"model": model, "opt": make_optimizer(model, cfg), "data": make_dataset(cfg),
+    return {"model": model, "opt": make_optimizer(model.parameters(), cfg), "data": make_dataset(cfg),
             "train_losses": [], "test_losses": [], "checkpoints": [], "epoch": 0}
 
 

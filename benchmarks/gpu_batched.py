@@ -176,11 +176,12 @@ def seed_way_rate(base, dev: Device, args) -> float:
     each step, test loss every epoch, a deep copy of the state every 100 epochs."""
     from grokhpc.data import make_dataset
     from grokhpc.model import build_model
-    from grokhpc.train import loss_fn, make_optimizer
+    from grokhpc.optim import make_optimizer
+    from grokhpc.train import loss_fn
 
     torch = dev.torch
     model = build_model(base, dev.dev)
-    opt = make_optimizer(model, base)
+    opt = make_optimizer(model.parameters(), base)
     data = make_dataset(base).to(dev.dev)
     state = {"epoch": 0, "ckpts": [], "train": [], "test": []}
 
@@ -203,19 +204,14 @@ def seed_way_rate(base, dev: Device, args) -> float:
 
 
 def solo_rate(base, dev: Device, args) -> float:
-    """Epochs/s of one grokhpc Trainer (the fast path; test scoring every eval_every)."""
+    """Epochs/s of one grokhpc run trained alone: its stack of one in exact mode (the fast
+    path; test scoring every eval_every)."""
+    from grokhpc.stack import Stack
     from grokhpc.store import RunDir
     from grokhpc.train import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        solo = Trainer(base, RunDir(tmp), dev.dev)
-
-        def epochs(n):
-            for _ in range(n):
-                solo.step()
-                if solo.epoch % base.eval_every == 0:
-                    solo.evaluate()
-
+        epochs = epochs_of(Stack([Trainer(base, RunDir(tmp), dev.dev)], dev.dev, exact=True))
         epochs(args.warmup)
         return args.epochs / dev.timed(epochs, args.epochs, args.repeats)
 
@@ -235,7 +231,7 @@ def packed_rate(trainers, dev: Device, mode: str, args, log, precision="highest"
     shadows, so every mode starts from the same state) in step ``mode`` at matmul
     ``precision``; None when the device runs out of memory."""
     from grokhpc.runtime import matmul_precision
-    from grokhpc.train_batched import Stack
+    from grokhpc.stack import Stack
 
     dev.reset()
     stack = None
@@ -256,7 +252,8 @@ def packed_rate(trainers, dev: Device, mode: str, args, log, precision="highest"
 def commit_seconds(trainers, dev: Device) -> float:
     """One commit of every run as train_group makes it each checkpoint_every epochs: sync
     into the shadows, then each run's checkpoint row, state.pt, progress and curves."""
-    from grokhpc.train_batched import Stack, _commit_all
+    from grokhpc.loop import commit_all
+    from grokhpc.stack import Stack
 
     for t in trainers:
         t.run.create({"run_id": t.cfg.run_id})
@@ -265,15 +262,15 @@ def commit_seconds(trainers, dev: Device) -> float:
     t0 = time.perf_counter()
     for r in range(stack.R):
         stack.sync(r)
-    _commit_all([(t, True, True) for t in trainers])
+    commit_all([(t, True, True) for t in trainers])
     return time.perf_counter() - t0
 
 
 def effective_modes(base, dev: Device, wanted: list[str], log) -> dict[str, str]:
     """Each requested step mode -> the one that applies here (a fallback is said once)."""
-    from grokhpc.step_mode import resolve_step_mode
+    from grokhpc.step_mode import resolve
 
-    return {m: resolve_step_mode(m, base, dev.dev, False, log) for m in wanted}
+    return {m: resolve(m, base, dev.dev, False, log) for m in wanted}
 
 
 def fmt_rate(v) -> str:
@@ -385,6 +382,7 @@ def train_alone(cfgs, dirs, workers: int) -> None:
 
 def fidelity(dev: Device, args, out) -> None:
     """The runs alone and packed (batched, at highest and at high precision): summaries."""
+    from grokhpc.runtime import JobSettings
     from grokhpc.store import RunDir
     from grokhpc.train_batched import train_group
 
@@ -405,7 +403,7 @@ def fidelity(dev: Device, args, out) -> None:
                 train_alone(cfgs, dirs, args.fid_workers)
             else:
                 train_group([c.replace(matmul_precision=precision) for c in cfgs], dirs,
-                            device=dev.dev, exact=False, step_mode=args.fid_mode,
+                            JobSettings(step_mode=args.fid_mode), device=dev.dev, exact=False,
                             progress_bar=False, log=out)
             walls[way] = time.perf_counter() - t0
             sums[way] = [RunDir(d).read_summary() for d in dirs]
@@ -467,8 +465,9 @@ def fidelity_per_seed(cfgs, sums, out) -> None:
 def e2e(base, dev: Device, args, out) -> None:
     """R runs trained with commits into run directories (background writes, the GPU
     default), in the eager step and in --fid-mode."""
+    from grokhpc.loop import fit_stack
+    from grokhpc.stack import Stack
     from grokhpc.train import Trainer
-    from grokhpc.train_batched import Stack, _fit_stack
 
     r, n = args.e2e, args.e2e_epochs
     for mode in dict.fromkeys(["eager", args.fid_mode]):
@@ -482,7 +481,7 @@ def e2e(base, dev: Device, args, out) -> None:
             stack = Stack(trainers, dev.dev, exact=False, step_mode=mode_here, log=out)
             dev.sync()
             t0 = time.perf_counter()
-            _fit_stack(stack, n, None, lambda *a: None, background=True)
+            fit_stack(stack, n, None, lambda *a: None, background=True)
             dev.sync()
             wall = time.perf_counter() - t0
             for t in trainers:

@@ -130,6 +130,7 @@ class Checks:
 # ---- packed against solo -----------------------------------------------------------------------
 def ways(base, dev, epochs: int, modes=("eager", "fused", "graph")) -> list:
     """The tiny runs alone twice, packed exact, packed batched in each step mode."""
+    from grokhpc.runtime import JobSettings
     from grokhpc.train import run_training
     from grokhpc.train_batched import train_group
 
@@ -144,8 +145,8 @@ def ways(base, dev, epochs: int, modes=("eager", "fused", "graph")) -> list:
         for way in names[1:]:
             mode = None if way == "exact" else way.split()[-1]
             log = said.append if mode == "graph" else QUIET
-            train_group(cfgs, dirs[way], device=dev, progress_bar=False, log=log,
-                        exact=way == "exact", step_mode=mode)
+            train_group(cfgs, dirs[way], JobSettings(step_mode=mode or "eager"), device=dev,
+                        progress_bar=False, log=log, exact=way == "exact")
         gap = {w: curve_and_weight_gaps(dirs[w], dirs["solo"]) for w in names}
         same = gap["solo again"][:3] == (0, 0, 0)
         out.append(("PASS" if same else "WARN", "solo twice", "bit-identical" if same else
@@ -183,6 +184,7 @@ def graph_verdict(dirs, said, dev) -> tuple:
 # ---- minibatch resume --------------------------------------------------------------------------
 def minibatch_resume(base, dev, epochs: int) -> list:
     """Minibatch runs stopped halfway and resumed from state.pt, alone and packed."""
+    from grokhpc.runtime import JobSettings
     from grokhpc.train import Trainer, run_training
     from grokhpc.train_batched import train_group
 
@@ -198,7 +200,7 @@ def minibatch_resume(base, dev, epochs: int) -> list:
         for way, exact in ways.items():
             dirs = [root / way.replace(" ", "_") / str(i) for i in range(len(cfgs))]
             for c, d in zip(cfgs, dirs):
-                t = Trainer.open(c, d, dev, state_every_s=0)
+                t = Trainer.open(c, d, dev, JobSettings(state_every_s=0))
                 t.fit(progress_bar=False, until=epochs // 2)
                 t.close()
             host = steps_on_host(cfgs[0], dirs[0], dev)
@@ -264,30 +266,26 @@ def sync_text(seen, what: str) -> str:
 def host_syncs(base, dev, epochs: int = 20) -> list:
     """Syncs over ``epochs`` epochs without a commit (test scored every 5), after a warm-up
     that lets graph mode capture both of its steps; then one divergence check."""
-    from grokhpc.step_mode import resolve_step_mode
+    from grokhpc.loop import epoch_end
+    from grokhpc.stack import Stack
+    from grokhpc.step_mode import resolve
     from grokhpc.store import RunDir
     from grokhpc.train import Trainer
-    from grokhpc.train_batched import Stack, _epoch_end
 
     cfgs = [c.replace(n_epochs=200, checkpoint_every=200, eval_every=5)
             for c in tiny_configs(base, 200)]
     cfgs[1] = cfgs[1].replace(warmup_epochs=50, lr_schedule="cosine")
     warm, out = 25, []
     with tempfile.TemporaryDirectory() as tmp:
-        solo = Trainer(cfgs[0], RunDir(Path(tmp) / "solo"), dev)
-
-        def solo_epoch():
-            solo.step()
-            if solo.epoch % cfgs[0].eval_every == 0:
-                solo.evaluate()
-        groups = {"solo": solo_epoch}
+        solo = Stack([Trainer(cfgs[0], RunDir(Path(tmp) / "solo"), dev)], dev, exact=True)
+        groups = {"solo": lambda: (solo.step(), epoch_end(solo))}   # a run trained alone
         for mode in ("eager", "graph"):
-            here = resolve_step_mode(mode, cfgs[0], dev, False, QUIET)
+            here = resolve(mode, cfgs[0], dev, False, QUIET)
             trainers = [Trainer(c, RunDir(Path(tmp) / mode / str(i)), dev)
                         for i, c in enumerate(cfgs)]
             stack = Stack(trainers, dev, exact=False, step_mode=here, log=QUIET)
             groups[f"packed {mode}{'' if here == mode else f' (= {here})'} (R = 3, one run "
-                   "with an lr schedule)"] = lambda s=stack: (s.step(), _epoch_end(s))
+                   "with an lr schedule)"] = lambda s=stack: (s.step(), epoch_end(s))
         for name, epoch in groups.items():
             for _ in range(warm):
                 epoch()

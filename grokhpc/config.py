@@ -15,6 +15,7 @@ import reprlib
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
+from . import optim
 from .tasks import S5_ORDER, TASKS, Task
 
 # The tasks (grokhpc.tasks): binary operations over Z_p and over the 120 permutations of S5.
@@ -22,7 +23,7 @@ OPS = tuple(TASKS)
 MODULAR_OPS = tuple(name for name, t in TASKS.items() if t.operands == "Z_p")
 GROUP_OPS = tuple(name for name, t in TASKS.items() if t.operands == "S5")
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZERS = tuple(optim.OPTIMIZERS)   # the optimiser registry's names
 LR_SCHEDULES = ("constant", "cosine")
 ACT_FNS = ("relu", "gelu")
 NORMALIZATIONS = ("none", "LN")

@@ -1,9 +1,10 @@
-"""Runs that diverge: the one rule a solo run (grokhpc.train) and a packed group
-(grokhpc.train_batched) follow.
+"""Runs that diverge: the one rule every training loop follows (grokhpc.loop drives a solo run
+and a packed group alike).
 
-A run whose train loss or weights become non-finite is stopped where it is checked (at a
-commit: its values are read back there anyway, so no epoch pays a device sync for it) and
-marked, before anything non-finite is committed:
+At each commit of a run, before anything is written, its train losses since its last commit
+(and the one scored at its last epoch) must be finite, and then its weights now (the row the
+commit writes): its values are read back there anyway, so no epoch pays a device sync for the
+check (:func:`nonfinite`). A run that breaks it is stopped there and marked:
 
 * ``error.txt`` starts with ``diverged:`` (the marker; status and runs.parquet show the run
   failed with this line),
@@ -23,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from .runtime import provenance_columns
-from .store import (SUMMARY, RunDir, RunDirError, atomic_write_json,
-                    read_json)
+from .store import ERROR, SUMMARY, RunDir, RunDirError, atomic_write_json, read_json
 
 DIVERGED_PREFIX = "diverged:"
 
@@ -87,7 +87,7 @@ def refuse_diverged_before(run: RunDir, run_id: str) -> None:
         return
     summary = _summary_or_empty(run)
     where = (f"non-finite {summary['diverged_value']} first at epoch {summary['diverged_epoch']}"
-             if "diverged_epoch" in summary and "diverged_value" in summary else "see error.txt")
+             if "diverged_epoch" in summary and "diverged_value" in summary else f"see {ERROR}")
     raise RunDiverged(f"{run.path}: run {run_id} diverged before ({where}) and would diverge "
                       "again; --retry-diverged trains it again from its last finite commit")
 
@@ -100,36 +100,29 @@ def _summary_or_empty(run: RunDir) -> dict:
     return summary if isinstance(summary, dict) else {}
 
 
-def check_trainer(trainer, row: np.ndarray | None) -> None:
-    """Before a solo trainer's commit: a run gone non-finite since its last commit is marked
-    diverged (its files keep that commit) and RunDiverged raised instead. ``row``: the weights
-    the commit is about to write (already read back), or None (then read here)."""
-    bad = nonfinite(trainer, row)
-    if bad is None:
-        return
-    line = mark_diverged(trainer.run, trainer.cfg, bad[0], bad[1], last_commit_epoch(trainer),
-                         progress=trainer.progress())
-    raise RunDiverged(f"{trainer.run.path}: {line}")
-
-
-def nonfinite(trainer, row: np.ndarray | None) -> tuple[int, str] | None:
-    """(epoch, what) where ``trainer``'s run first went non-finite since its last commit: its
-    train loss, else its weights now; None when all is finite. One device read."""
+def nonfinite(curve, weights: list, runs: list, starts: list, epoch: int,
+              scored=()) -> dict[int, tuple[int, str]]:
+    """The rule, for ``runs`` of a stack at ``epoch`` about to commit: run ``r``'s train losses
+    of epochs ``starts[i]`` (its last commit) to ``epoch - 1`` -- to ``epoch`` for the runs in
+    ``scored``, whose train split was scored at this epoch, their last -- then its weights.
+    ``curve``: the train-loss curves, (R, n_epochs + 1); ``weights``: every weight, (R, ...)
+    each. Returns {r: (epoch, what)} for the runs that broke it: the first non-finite train
+    loss's epoch, or this epoch and "weights". One read from the device when all is finite,
+    one more to find where otherwise."""
     import torch
 
-    from .model import flat_weights
-
-    lo = last_commit_epoch(trainer) or 0
-    losses = trainer.curves["train_loss"][lo:trainer.epoch]
-    if losses.numel() and not bool(torch.isfinite(losses).all()):
-        return first_nonfinite(losses.cpu().numpy(), lo, trainer.epoch), "train loss"
-    finite = np.isfinite(row).all() if row is not None \
-        else bool(torch.isfinite(flat_weights(trainer.model)).all())
-    return None if finite else (trainer.epoch, "weights")
-
-
-def last_commit_epoch(trainer) -> int | None:
-    """The epoch of a trainer's last commit (a checkpoint row or state.pt); None before any."""
-    done = trainer.checkpoint_epochs[-1:] + \
-        ([trainer.committed_epoch] if trainer.committed_epoch is not None else [])
-    return max(done) if done else None
+    windows = [(lo, epoch + (r in scored)) for r, lo in zip(runs, starts)]
+    per_weight = torch.stack([torch.isfinite(w).flatten(1).all(1) for w in weights])
+    weights_ok = per_weight.all(0)                                          # (R,)
+    losses = {w: torch.isfinite(curve[:, w[0]:w[1]]).all(1) for w in set(windows)}
+    loss_ok = torch.stack([losses[w][r] for r, w in zip(runs, windows)])
+    runs_ok = torch.stack([weights_ok[r] for r in runs])
+    if bool((loss_ok & runs_ok).all()):
+        return {}
+    found = {}
+    for r, (lo, hi), l_ok, w_ok in zip(runs, windows, loss_ok.tolist(), runs_ok.tolist()):
+        if not l_ok:
+            found[r] = (first_nonfinite(curve[r, lo:hi].cpu().numpy(), lo, epoch), "train loss")
+        elif not w_ok:
+            found[r] = (epoch, "weights")
+    return found

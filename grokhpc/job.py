@@ -27,16 +27,15 @@ from typing import Any, Callable, Sequence
 import submitit
 
 from . import lifeline as lifelines
-from . import tracking
 from .aggregate import main as aggregate_main
-from .config import ConfigError, from_dict, shown
+from .config import from_dict
 from .plan import shape_key, split_even
-from .runtime import STEP_MODES, JobSettings
+from .runtime import JobSettings
+from .step_mode import requested
 from .store import RunDir, RunDirError, RunLockedError
 from .train import run_training
 from .train_batched import train_group
 
-STEP_MODE_ENV = "GROKHPC_STEP_MODE"   # where set, overrides the spec's launcher.step_mode
 
 
 def _record_error(out_dir: str, text: str) -> None:
@@ -69,15 +68,6 @@ def _set_threads(threads: int | None = None) -> None:
         torch.set_num_threads(int(n))
 
 
-def trainer_kwargs(settings: JobSettings, packed: bool) -> dict[str, Any]:
-    """The job's settings as the trainers take them: ``train_group`` (``packed``) and
-    ``run_training``. Until both take ``settings=JobSettings``, today's keywords; then this
-    returns ``{"settings": settings}``."""
-    if packed:
-        return {"state_every_s": settings.state_every_s, "step_mode": settings.step_mode}
-    return {"state_every_s": settings.state_every_s}
-
-
 def train_runs(runs: Sequence[tuple[dict, str]], settings: JobSettings = JobSettings(),
                log: Callable[[str], Any] = print) -> list[dict]:
     """Train a job's runs: [(RunConfig dict, run directory), ...], as ``settings`` say. One run
@@ -91,8 +81,8 @@ def train_runs(runs: Sequence[tuple[dict, str]], settings: JobSettings = JobSett
     if len(todo) > 1 and len({shape_key(c) for c, _ in todo}) == 1:
         log(f"training {len(todo)} runs together: {', '.join(c.run_id for c, _ in todo)}")
         try:
-            train_group([c for c, _ in todo], [d for _, d in todo], device=None,
-                        progress_bar=False, log=log, **trainer_kwargs(settings, packed=True))
+            train_group([c for c, _ in todo], [d for _, d in todo], settings,
+                        progress_bar=False, log=log)
         except Exception:
             log("batched training failed; training the unfinished runs one by one:\n"
                 + traceback.format_exc())
@@ -100,8 +90,7 @@ def train_runs(runs: Sequence[tuple[dict, str]], settings: JobSettings = JobSett
     for cfg, d in todo:
         log(f"run {cfg.run_id} -> {d}")
         try:
-            run_training(cfg, d, progress_bar=False, log=log,
-                         **trainer_kwargs(settings, packed=False))
+            run_training(cfg, d, settings, progress_bar=False, log=log)
         except RunLockedError as e:   # another job trains it (a stale job beside its requeue)
             log(f"run {cfg.run_id} skipped, nothing written: {e}")
         except Exception:
@@ -225,17 +214,11 @@ def train_on_devices(runs: Sequence[tuple[dict, str]], devices: Sequence[str],
 
 
 def step_mode_override(settings: JobSettings, log: Callable[[str], Any]) -> JobSettings:
-    """``settings`` with $GROKHPC_STEP_MODE's step mode where it is set (one line says so); a
-    word that is no step mode is a one-line ConfigError, before anything trains."""
-    mode = os.environ.get(STEP_MODE_ENV, "").strip()
-    if not mode:
-        return settings
-    if mode not in STEP_MODES:
-        raise ConfigError(f"${STEP_MODE_ENV}: expected one of {', '.join(STEP_MODES)}, got "
-                          f"{shown(mode)}")
-    log(f"${STEP_MODE_ENV}={mode} overrides the spec's launcher.step_mode "
-        f"({settings.step_mode})")
-    return settings.replace(step_mode=mode)
+    """``settings`` with $GROKHPC_STEP_MODE's step mode where it is set (grokhpc.step_mode's
+    rule: one line says so); a word that is no step mode is a one-line ConfigError, before
+    anything trains."""
+    return settings.replace(step_mode=requested(settings.step_mode, log,
+                                                "the spec's launcher.step_mode"))
 
 
 class SweepJob(submitit.helpers.Checkpointable):
@@ -260,12 +243,11 @@ class SweepJob(submitit.helpers.Checkpointable):
         if self.lifeline:
             lifelines.watch(self.lifeline, self.launch_ended)
         devices = job_devices(self.gpus) if self.gpus > 1 else []
-        with tracking.enabled(settings.wandb):
-            if len(devices) > 1 and len(self.runs) > 1:
-                if len(devices) < self.gpus:
-                    log(f"{len(devices)} of the job's {self.gpus} GPUs are visible; using those")
-                return train_on_devices(self.runs, devices, settings, log=log)
-            return train_runs(self.runs, settings, log=log)
+        if len(devices) > 1 and len(self.runs) > 1:
+            if len(devices) < self.gpus:
+                log(f"{len(devices)} of the job's {self.gpus} GPUs are visible; using those")
+            return train_on_devices(self.runs, devices, settings, log=log)
+        return train_runs(self.runs, settings, log=log)
 
     def launch_ended(self) -> None:
         """The local launch that started this job has ended: stop as on SLURM's warning (USR2:
@@ -304,5 +286,4 @@ class AggregateJob(submitit.helpers.Checkpointable):
 
 
 __all__ = ["SweepJob", "AggregateJob", "train_runs", "train_on_devices", "job_devices",
-           "stop_groups", "job_results", "step_mode_override", "trainer_kwargs", "last_line",
-           "STEP_MODE_ENV"]
+           "stop_groups", "job_results", "step_mode_override", "last_line"]

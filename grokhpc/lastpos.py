@@ -21,7 +21,8 @@ trainer (``grokhpc.train_batched``) and the full-grid measures (:func:`grid_term
 readable hooked ``Transformer.forward`` is the reference they are all tested against. A bias
 missing from the mapping counts as zero.
 
-The cross-entropy and accuracy of such logits (with an optional padding mask) live here too.
+The cross-entropy and accuracy of such logits (with an optional padding mask) live here too,
+and the rule of which shapes take this path (:func:`uses_fast_path`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,27 @@ WEIGHT_NAMES = {"W_E": "embed.W_E", "W_pos": "pos_embed.W_pos", "W_Q": "blocks.0
 BIAS_NAMES = {"b_Q": "blocks.0.attn.b_Q", "b_K": "blocks.0.attn.b_K",
               "b_V": "blocks.0.attn.b_V", "b_O": "blocks.0.attn.b_O",
               "b_in": "blocks.0.mlp.b_in", "b_out": "blocks.0.mlp.b_out", "b_U": "unembed.b_U"}
+
+
+def uses_fast_path(cfg) -> bool:
+    """Whether a run shaped like ``cfg`` (a RunConfig, or a model's shape) computes its
+    last-position logits from this module's tables rather than the hooked forward. Two
+    forwards ask, and their answers differ by the activation:
+
+    * a run's own forward (``Transformer.last_logits``: solo runs, and packed groups in exact
+      mode, which call it run by run): one block without LayerNorm, whatever the MLP's
+      elementwise activation (the read-out applies it);
+    * the batched forward of a packed group (:func:`batched_fast_path`): the same shapes with
+      a ReLU MLP only; its stacked loss, its compiled and CUDA-graph steps and the memory
+      estimate of a group are ReLU's, and a GELU group is ``torch.func.vmap`` over the hooked
+      forward instead.
+    """
+    return cfg.n_layers == 1 and cfg.normalization == "none"
+
+
+def batched_fast_path(cfg) -> bool:
+    """Whether a packed group's batched forward takes the tables (see :func:`uses_fast_path`)."""
+    return uses_fast_path(cfg) and cfg.act_fn == "relu"
 
 
 class Weights(NamedTuple):

@@ -57,6 +57,11 @@ class ModelShape:
     eps: float = 1e-5                         # TransformerLens's LayerNorm epsilon
 
     @property
+    def normalization(self) -> str:
+        """The run field's value ("none" or "LN"), for ``lastpos.uses_fast_path``."""
+        return "none" if self.normalization_type is None else self.normalization_type
+
+    @property
     def initializer_range(self) -> float:
         """TransformerLens's "gpt2" init: std 0.8 / sqrt(d_model)."""
         return 0.8 / math.sqrt(self.d_model)
@@ -215,9 +220,10 @@ class Transformer(HookedRootModule):
     # ---- the training path ----------------------------------------------------------------
     @property
     def fast_path(self) -> bool:
-        """Whether ``last_logits`` uses ``grokhpc.lastpos``: one block and no LayerNorm (the
-        softmax is the only non-linearity before the MLP's elementwise activation)."""
-        return self.cfg.n_layers == 1 and self.cfg.normalization_type is None
+        """Whether ``last_logits`` uses ``grokhpc.lastpos`` (``lastpos.uses_fast_path``: one
+        block and no LayerNorm, so the softmax is the only non-linearity before the MLP's
+        elementwise activation)."""
+        return lastpos.uses_fast_path(self.cfg)
 
     def last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits at the last position only, (batch, d_vocab_out); equal to

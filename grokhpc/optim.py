@@ -1,8 +1,11 @@
 """Optimisers, learning-rate schedules and minibatch order of a run, from its config.
 
-* ``optimizer``: ``adamw`` (the seed's: decoupled weight decay), ``adam`` (weight decay added
-  to the gradient as an L2 term, torch.optim.Adam's meaning; Power et al. 2022 used it with
-  no decay), ``sgd`` (with ``momentum``; weight decay as an L2 term).
+* ``OPTIMIZERS``: the registry of the optimisers a run may name (``RunConfig.optimizer``, which
+  config checks against it), each with how its solo torch optimiser is built; a packed group's
+  stacked step for each is in ``grokhpc.stacked_optim.STACKED`` (adding an optimiser touches
+  these two files). ``adamw`` (the seed's: decoupled weight decay), ``adam`` (weight decay
+  added to the gradient as an L2 term, torch.optim.Adam's meaning; Power et al. 2022 used it
+  with no decay), ``sgd`` (with ``momentum``; weight decay as an L2 term).
 * ``lr_factor``: the multiplier of ``lr`` during an epoch: a linear warmup over the first
   ``warmup_epochs`` epochs (epoch e of the warmup runs at (e + 1) / warmup_epochs), then
   constant or a cosine decay to zero at ``n_epochs``. Every optimiser step of an epoch uses
@@ -10,34 +13,61 @@
 * ``epoch_batches``: with an integer ``batch_size``, an epoch is one pass over the train rows
   in an order drawn from a seeded generator (its state is part of the run's resumable state),
   cut into ``ceil(n_train / batch_size)`` minibatches, the last one possibly smaller.
+
+``cfg`` is a ``grokhpc.config.RunConfig`` throughout; this module imports nothing of grokhpc
+(config imports its registry) and no torch at module level.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
-from .config import RunConfig
 
-
-def make_optimizer(params, cfg: RunConfig):
-    """The run's optimiser over ``params`` (an iterable of tensors or param groups)."""
+def _adamw(params, cfg):
     import torch
 
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 betas=tuple(cfg.betas))
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                betas=tuple(cfg.betas))
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             betas=tuple(cfg.betas))
+
+
+def _adam(params, cfg):
+    import torch
+
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            betas=tuple(cfg.betas))
+
+
+def _sgd(params, cfg):
+    import torch
+
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay)
 
 
-def has_schedule(cfg: RunConfig) -> bool:
+# name -> the solo torch optimiser over a run's parameters (params, cfg) -> torch.optim.Optimizer
+OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adam": _adam, "sgd": _sgd}
+
+
+def unknown_optimizer(name) -> str:
+    """The one line for an optimiser name the registry does not hold."""
+    return f"optimizer: expected one of {', '.join(OPTIMIZERS)}, got {name!r}"
+
+
+def make_optimizer(params, cfg):
+    """The run's optimiser over ``params`` (an iterable of tensors or param groups); ValueError
+    (one line) for a name that is not in ``OPTIMIZERS``."""
+    build = OPTIMIZERS.get(cfg.optimizer)
+    if build is None:
+        raise ValueError(unknown_optimizer(cfg.optimizer))
+    return build(params, cfg)
+
+
+def has_schedule(cfg) -> bool:
     return cfg.warmup_epochs > 0 or cfg.lr_schedule != "constant"
 
 
-def lr_factor(epoch: int, cfg: RunConfig) -> float:
+def lr_factor(epoch: int, cfg) -> float:
     """Multiplier of ``cfg.lr`` for the optimiser steps of ``epoch`` (0-based)."""
     w = cfg.warmup_epochs
     if epoch < w:
@@ -48,7 +78,7 @@ def lr_factor(epoch: int, cfg: RunConfig) -> float:
     return 1.0
 
 
-def set_lr(optimizer, epoch: int, cfg: RunConfig) -> None:
+def set_lr(optimizer, epoch: int, cfg) -> None:
     """Set every param group's lr for ``epoch`` (a no-op without a schedule, so the default
     path keeps the exact lr the optimiser was built with)."""
     if not has_schedule(cfg):
@@ -58,14 +88,14 @@ def set_lr(optimizer, epoch: int, cfg: RunConfig) -> None:
         group["lr"] = lr
 
 
-def batch_generator(cfg: RunConfig):
+def batch_generator(cfg):
     """The seeded generator that orders minibatches (on CPU; its state is saved with the run)."""
     import torch
 
     return torch.Generator().manual_seed(cfg.model_seed * 1_000_003 + cfg.data_seed)
 
 
-def epoch_batches(n_train: int, cfg: RunConfig, gen) -> list:
+def epoch_batches(n_train: int, cfg, gen) -> list:
     """Index tensors of one epoch's minibatches (None for full batch: all rows, in order)."""
     import torch
 
@@ -75,8 +105,8 @@ def epoch_batches(n_train: int, cfg: RunConfig, gen) -> list:
     return list(order.split(int(cfg.batch_size)))
 
 
-def weight_norm(params) -> "torch.Tensor":
-    """The total L2 norm of ``params`` (float64)."""
+def weight_norm(params):
+    """The total L2 norm of ``params``, a float64 tensor."""
     import torch
 
     return torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params))

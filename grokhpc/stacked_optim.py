@@ -10,14 +10,18 @@
   one (R, N) buffer, so a step is the same handful of elementwise kernels for all weights at
   once instead of per weight; per element the same operations, hence the same bits as
   ``StackedAdamW``.
-* ``stacked_optimizer``: the group's optimiser, its state taken from each run's solo optimiser.
+* ``STACKED``: each optimiser of the registry (``grokhpc.optim.OPTIMIZERS``) with how its
+  stacked optimiser is built; ``stacked_optimizer``: the group's, its state taken from each
+  run's solo optimiser.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
-ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which grokhpc.train.make_optimizer uses
+ADAM_EPS = 1e-8  # torch.optim.AdamW's default, which grokhpc.optim.make_optimizer uses
 
 
 def _col(values, like):
@@ -109,6 +113,8 @@ class StackedAdamW:
         self._w2 = _col([1 - b for b in self.b2], params[0])
         self._decays = any(wd != 0 for wd in self.wds)
         self.update = adam_update
+        self._decay = None   # 1 - lr * wd per run, set by set_lrs (rewritten in place after)
+        self._dev64 = None   # the device's float64 columns, made at the first device step
         self.set_lrs(lrs)
 
     def set_lrs(self, lrs, device_lrs=None) -> None:
@@ -126,13 +132,12 @@ class StackedAdamW:
         else:   # 1 - lr * wd in float64, then rounded once: the host's arithmetic
             decay = (1 - device_lrs * self._wd64).to(self.params[0].dtype)
             lr64 = device_lrs
-        if hasattr(self, "_decay"):
-            self._decay.copy_(decay)
-        else:
+        if self._decay is None:
             self._decay = decay
-        c = getattr(self, "_dev64", None)
-        if c is not None:
-            c["lr"].copy_(lr64)
+        else:
+            self._decay.copy_(decay)
+        if self._dev64 is not None:
+            self._dev64["lr"].copy_(lr64)
 
     def _corrections(self):
         """(-lr / (1 - b1^t), sqrt(1 - b2^t)) per run as float32 columns: from Python floats as
@@ -146,7 +151,7 @@ class StackedAdamW:
             bc2 = [1 - b2 ** s for b2, s in zip(self.b2, self.steps)]
             return (_col([-(lr / b) for lr, b in zip(self.lrs, bc1)], self.params[0]),
                     _col([b ** 0.5 for b in bc2], self.params[0]))
-        c = getattr(self, "_dev64", None)
+        c = self._dev64
         if c is None:  # first step: the counts already include it
             dev = self.params[0].device
             c = self._dev64 = {k: torch.tensor(v, dtype=torch.float64, device=dev) for k, v in
@@ -297,6 +302,9 @@ class StackedSGD:
         self.started = [bool(s) for s in started]   # a run's buffers hold its last step's
         self._wd = _col(self.wds, params[0])
         self._m = _col(self.momenta, params[0])
+        # lrs from Python floats (the default on CPU) or computed on the device (set_lrs)
+        self.host_scalars = params[0].device.type == "cpu"
+        self._neg_lr = None
         self.set_lrs(lrs)
 
     def set_lrs(self, lrs, device_lrs=None) -> None:
@@ -305,10 +313,10 @@ class StackedSGD:
         self.lrs = [float(x) for x in lrs]
         neg_lr = _col([-lr for lr in self.lrs], self.params[0]) if device_lrs is None \
             else (-device_lrs).to(self.params[0].dtype)
-        if hasattr(self, "_neg_lr"):
-            self._neg_lr.copy_(neg_lr)
-        else:
+        if self._neg_lr is None:
             self._neg_lr = neg_lr
+        else:
+            self._neg_lr.copy_(neg_lr)
 
     def count_step(self) -> None:
         """After a step every run's buffers hold its last step's (kept on the host)."""
@@ -360,34 +368,68 @@ class StackedSGD:
             state["momentum_buffer"] = self.bufs[i][r].clone()
 
 
+def _states(trainers: list, names: list) -> list:
+    """Each run's solo optimiser state of each weight in ``names`` (empty when fresh)."""
+    return [[t.optimizer.state.get(t.model.get_parameter(n), {}) for n in names]
+            for t in trainers]
+
+
+def _stacked_state(states: list, P: dict, names: list, device):
+    """``stack(key, i)``: the runs' ``key`` state of weight ``i`` stacked on the run axis
+    (zeros for a run that has none yet)."""
+    import torch
+
+    def stack(key: str, i: int):
+        return torch.stack([st[i][key] if key in st[i] else torch.zeros_like(P[names[i]][r])
+                            for r, st in enumerate(states)]).to(device)
+    return stack
+
+
+def _stacked_adam(trainers: list, P: dict, names: list, device, per_run_torch: bool,
+                  flat: bool, compiled: bool, decoupled: bool):
+    cfgs = [t.cfg for t in trainers]
+    states = _states(trainers, names)
+    stack = _stacked_state(states, P, names, device)
+    steps = [int(st[0]["step"].item()) if st[0] else 0 for st in states]
+    args = ([P[n] for n in names], [t.optimizer.param_groups[0]["lr"] for t in trainers],
+            [c.weight_decay for c in cfgs], [c.betas for c in cfgs], steps,
+            [stack("exp_avg", i) for i in range(len(names))],
+            [stack("exp_avg_sq", i) for i in range(len(names))])
+    if flat and not per_run_torch:
+        return FlatStackedAdamW(*args, decoupled=decoupled, compiled=compiled)
+    return StackedAdamW(*args, per_run_torch=per_run_torch, decoupled=decoupled)
+
+
+def _stacked_sgd(trainers: list, P: dict, names: list, device, per_run_torch: bool,
+                 flat: bool, compiled: bool):
+    cfgs = [t.cfg for t in trainers]
+    states = _states(trainers, names)
+    stack = _stacked_state(states, P, names, device)
+    return StackedSGD([P[n] for n in names], [t.optimizer.param_groups[0]["lr"] for t in trainers],
+                      [c.weight_decay for c in cfgs], [c.momentum for c in cfgs],
+                      [stack("momentum_buffer", i) for i in range(len(names))],
+                      ["momentum_buffer" in st[0] for st in states], per_run_torch)
+
+
+# name (grokhpc.optim.OPTIMIZERS) -> the stacked optimiser of a group of runs that use it:
+# (trainers, P, names, device, per_run_torch, flat, compiled) -> its stacked optimiser
+STACKED: dict[str, Callable] = {
+    "adamw": functools.partial(_stacked_adam, decoupled=True),
+    "adam": functools.partial(_stacked_adam, decoupled=False),
+    "sgd": _stacked_sgd,
+}
+
+
 def stacked_optimizer(trainers: list, P: dict, names: list, device, per_run_torch: bool,
                       flat: bool = False, compiled: bool = False):
     """The group's stacked optimiser over ``P[names]``, its state taken from each shadow's own
     torch optimiser (zeros and step 0 when fresh). ``flat``: Adam(W) as ``FlatStackedAdamW``
     (``compiled``: its update through torch.compile), whose ``params`` replace ``P[names]``;
-    SGD and ``per_run_torch`` keep their per-weight steps."""
-    import torch
-
-    cfgs = [t.cfg for t in trainers]
-    states = [[t.optimizer.state.get(t.model.get_parameter(n), {}) for n in names]
-              for t in trainers]
-    lrs = [t.optimizer.param_groups[0]["lr"] for t in trainers]
-    wds = [c.weight_decay for c in cfgs]
-    params = [P[n] for n in names]
-
-    def stack(key, i):
-        return torch.stack([st[i][key] if key in st[i] else torch.zeros_like(P[names[i]][r])
-                            for r, st in enumerate(states)]).to(device)
-
-    if cfgs[0].optimizer == "sgd":
-        return StackedSGD(params, lrs, wds, [c.momentum for c in cfgs],
-                          [stack("momentum_buffer", i) for i in range(len(names))],
-                          ["momentum_buffer" in st[0] for st in states], per_run_torch)
-    steps = [int(st[0]["step"].item()) if st[0] else 0 for st in states]
-    args = (params, lrs, wds, [c.betas for c in cfgs], steps,
-            [stack("exp_avg", i) for i in range(len(names))],
-            [stack("exp_avg_sq", i) for i in range(len(names))])
-    decoupled = cfgs[0].optimizer == "adamw"
-    if flat and not per_run_torch:
-        return FlatStackedAdamW(*args, decoupled=decoupled, compiled=compiled)
-    return StackedAdamW(*args, per_run_torch=per_run_torch, decoupled=decoupled)
+    SGD and ``per_run_torch`` keep their per-weight steps. ValueError (one line) for an
+    optimiser without a stacked step."""
+    name = trainers[0].cfg.optimizer
+    build = STACKED.get(name)
+    if build is None:
+        raise ValueError(f"optimizer: no stacked step for {name!r} (grokhpc.stacked_optim "
+                         f"knows {', '.join(STACKED)})")
+    return build(trainers, P, names, device, per_run_torch, flat, compiled)

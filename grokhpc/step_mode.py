@@ -19,9 +19,10 @@ launches and how:
 
 Batched mode only: exact mode calls each run's own solo forward and torch's own optimiser, so
 it steps as it always did. A mode that cannot apply falls back with one log line. The mode is
-chosen per call (``train_group(step_mode=...)``, ``python -m grokhpc.train_batched
---step-mode``) or for every packed job of a process tree by ``GROKHPC_STEP_MODE`` (SLURM jobs
-inherit the launcher's environment).
+the job's setting (``runtime.JobSettings.step_mode``: a sweep's ``launcher.step_mode``,
+``python -m grokhpc.train_batched --step-mode``); ``GROKHPC_STEP_MODE`` overrides it for every
+packed group of a process tree (SLURM jobs inherit the launcher's environment), and each group
+says so in one line.
 """
 
 from __future__ import annotations
@@ -29,30 +30,37 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+from .config import ConfigError, shown
+from .lastpos import batched_fast_path
 from .runtime import STEP_MODES
 
 STEP_MODE_ENV = "GROKHPC_STEP_MODE"
 WARMUP_CALLS = 3   # eager calls before a capture (on a side stream, as torch.cuda.graphs asks)
 
 
-def requested_step_mode(mode: str | None) -> str:
-    """``mode``, else $GROKHPC_STEP_MODE, else eager; ValueError (one line) for another word."""
-    source = "step_mode"
-    if mode is None:
-        mode, source = os.environ.get(STEP_MODE_ENV, "").strip() or "eager", STEP_MODE_ENV
-    if mode not in STEP_MODES:
-        raise ValueError(f"{source}: expected one of {', '.join(STEP_MODES)}, got {mode!r}")
-    return mode
+def requested(mode: str, log: Callable, source: str = "the job's step_mode") -> str:
+    """``mode`` (the setting named ``source``), or $GROKHPC_STEP_MODE where it is set and says
+    otherwise (one line saying it overrides the setting); ConfigError (one line) for a word of
+    the environment that is no mode. The one rule: a launched job applies it before training,
+    a group (``train_group``, its command) where its settings are resolved."""
+    env = os.environ.get(STEP_MODE_ENV, "").strip()
+    if not env:
+        return mode
+    if env not in STEP_MODES:
+        raise ConfigError(f"${STEP_MODE_ENV}: expected one of {', '.join(STEP_MODES)}, "
+                          f"got {shown(env)}")
+    if env != mode:
+        log(f"${STEP_MODE_ENV}={env} overrides {source} ({mode})")
+    return env
 
 
-def resolve_step_mode(mode: str | None, cfg, device, exact: bool, log: Callable) -> str:
+def resolve(mode: str, cfg, device, exact: bool, log: Callable) -> str:
     """The step mode a group of runs shaped like ``cfg`` trains with on ``device``: the one
-    asked for where it applies, otherwise the nearest that does (one log line saying why)."""
+    asked for (:func:`requested`) where it applies, otherwise the nearest that does (one log
+    line saying why)."""
     import torch
 
-    from .train_batched import uses_fast_path
-
-    mode = requested_step_mode(mode)
+    mode = requested(mode, log)
     if mode == "eager":
         return mode
     if exact:
@@ -64,12 +72,12 @@ def resolve_step_mode(mode: str | None, cfg, device, exact: bool, log: Callable)
             why = f"CUDA graphs need a CUDA device, this group trains on {device}"
         elif not cfg.full_batch:
             why = "minibatches are drawn on the host each step"
-        elif not uses_fast_path(cfg):
+        elif not batched_fast_path(cfg):
             why = "only the one-layer fast path is captured"
         if why is not None:
             log(f"step_mode graph: {why}; the fused step is used")
             return "fused"
-    if mode == "compile" and not uses_fast_path(cfg):
+    if mode == "compile" and not batched_fast_path(cfg):
         log("step_mode compile: only the one-layer fast path is compiled; the fused step is "
             "used")
         return "fused"

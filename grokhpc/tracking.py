@@ -1,11 +1,10 @@
 """Optional experiment tracking with Weights & Biases (``pip install -e .[wandb]``).
 
 Off unless asked for: ``launcher: {wandb: {project: NAME}}`` in a sweep spec, or
-``python -m grokhpc.train --out DIR --wandb NAME`` for one run. A sweep's setting reaches each
-job in its settings (``grokhpc.runtime.JobSettings.wandb``, the runs grouped under the sweep's
-name); the job, or the command for one run, turns it on around the training with ``enabled``,
-which hands it to the trainer in the ``GROKHPC_WANDB`` environment variable (JSON). Nothing
-imports wandb unless it is set.
+``python -m grokhpc.train --out DIR --wandb NAME`` for one run. Either way the setting reaches
+the trainer in its job's settings (``runtime.JobSettings.wandb``, a plain mapping; read by
+:func:`start`): a sweep's jobs carry it (the runs grouped under the sweep's name), the command
+for one run builds it from its flags. Nothing imports wandb unless it is set.
 
 Each grokhpc run is one W&B run whose id is the grokhpc ``run_id`` (``resume="allow"``), written
 under the run directory (``RUN/wandb/``). At each commit the curve rows since the last logged
@@ -30,11 +29,11 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
-from .config import ConfigError
+from .config import ConfigError, to_dict
+from .store import MEASURES
 
-ENV = "GROKHPC_WANDB"
 MODES = ("offline", "online")
 KEYS = ("project", "mode", "entity", "group", "tags")
 CURVE_KEYS = ("train_loss", "train_acc", "test_loss", "test_acc")
@@ -126,34 +125,6 @@ def check_installed(where: str) -> None:
         raise ConfigError(f"{where}: wandb is not installed; {INSTALL_HINT}")
 
 
-@contextlib.contextmanager
-def enabled(settings: WandbSettings | Mapping | None) -> Iterator[None]:
-    """Track the runs trained inside with ``settings`` (None: as the environment says); the
-    environment is restored afterwards."""
-    before = os.environ.get(ENV)
-    if settings is not None:
-        d = settings.to_dict() if isinstance(settings, WandbSettings) else dict(settings)
-        os.environ[ENV] = json.dumps(d, sort_keys=True)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(ENV, None)
-        else:
-            os.environ[ENV] = before
-
-
-def settings_from_env() -> WandbSettings | None:
-    raw = os.environ.get(ENV)
-    if not raw:
-        return None
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw   # a bare project name
-    return parse_wandb(value, f"environment variable {ENV}", "wandb")
-
-
 def sync_command(pattern: str | Path) -> str:
     return f"wandb sync {pattern}"
 
@@ -239,8 +210,6 @@ class Tracker:
         """One row per checkpoint (its scalar measures), at steps after the last epoch."""
         import pyarrow.parquet as pq
 
-        from .store import MEASURES
-
         table = pq.read_table(trainer.run.file(MEASURES))
         names = [f.name for f in table.schema if f.name != "epoch"
                  and (str(f.type).startswith(("double", "float", "int")))]
@@ -262,19 +231,21 @@ def _import_wandb():
     try:
         import wandb
     except ImportError:
-        raise TrackingError(f"{ENV} asks for W&B tracking but wandb is not installed; "
+        raise TrackingError("the job's settings ask for W&B tracking but wandb is not installed; "
                             f"{INSTALL_HINT}") from None
     return wandb
 
 
 def start(trainer) -> Tracker | None:
-    """The trainer's W&B run (new, or continued), or None when tracking is off. Tracking that
-    cannot start (wandb missing on this node, its logs unreadable, no server) is reported in
-    one line and the run trains untracked; a later attempt picks the W&B run up again."""
-    settings = settings_from_env()
-    if settings is None:
+    """The trainer's W&B run (new, or continued) as its job's settings ask
+    (``trainer.settings.wandb``), or None when tracking is off. Tracking that cannot start
+    (wandb missing on this node, its logs unreadable, no server) is reported in one line and
+    the run trains untracked; a later attempt picks the W&B run up again."""
+    wanted = trainer.settings.wandb
+    if not wanted:
         return None
     try:
+        settings = parse_wandb(wanted, "job settings", "wandb")
         return _start(trainer, settings)
     except Exception as e:
         _warn(trainer, "could not start", e)
@@ -283,7 +254,6 @@ def start(trainer) -> Tracker | None:
 
 def _start(trainer, settings: WandbSettings) -> Tracker:
     wandb = _import_wandb()
-    from .config import to_dict
 
     cfg, run_dir = trainer.cfg, Path(trainer.run.path)
     done = next_step(run_dir, cfg.run_id)
@@ -321,7 +291,7 @@ def _give_up(trainer, e: BaseException) -> None:
 
 def log_commit(trainer) -> None:
     """After a commit: the new curve rows."""
-    if getattr(trainer, "tracker", None) is None:
+    if trainer.tracker is None:
         return
     try:
         trainer.tracker.log_curves(trainer)
@@ -332,7 +302,7 @@ def log_commit(trainer) -> None:
 def log_finish(trainer, summary: Mapping | None) -> None:
     """After the measures: any curve rows left, the measures rows and the summary; then the
     W&B run ends (before the run is marked done, so a done run has its W&B record whole)."""
-    tracker = getattr(trainer, "tracker", None)
+    tracker = trainer.tracker
     if tracker is None:
         return
     try:
@@ -349,13 +319,12 @@ def log_finish(trainer, summary: Mapping | None) -> None:
 def stop(trainer) -> None:
     """The trainer closes before its run is finished (interrupted, or trained part way): end
     the W&B run as failed; a resume continues it."""
-    tracker, trainer.tracker = getattr(trainer, "tracker", None), None
+    tracker, trainer.tracker = trainer.tracker, None
     if tracker is not None:
         with contextlib.suppress(Exception):
             tracker.finish(exit_code=1)
 
 
-__all__ = ["WandbSettings", "parse_wandb", "from_command_line", "check_installed", "enabled",
-           "settings_from_env", "announce", "start", "log_commit", "log_finish", "stop",
-           "segments", "read_records", "history_steps", "next_step", "sync_command",
-           "TrackingError", "ENV"]
+__all__ = ["WandbSettings", "parse_wandb", "from_command_line", "check_installed", "announce",
+           "start", "log_commit", "log_finish", "stop", "segments", "read_records",
+           "history_steps", "next_step", "sync_command", "TrackingError"]

@@ -1,26 +1,32 @@
-"""Train one run into a run directory; resumable at any moment.
+"""Train one run into a run directory; resumable at any moment (the training stage).
 
 ``python -m grokhpc.train --out DIR [--set key=value ...]``
 
-The loop is the seed's -- full-batch AdamW, frozen zero biases, float64 cross-entropy -- with
-what makes it fast: the forward computes only the last position's logits
-(``Transformer.last_logits``), the test set is scored every ``eval_every`` epochs instead of
-every epoch, losses stay on the device (no ``.item()`` per step), and a checkpoint is one row
-appended to ``checkpoints.npy`` instead of a deep copy of the state dict.
+A ``Trainer`` is one run's state and files: its model, optimiser state, curves and checkpoint
+rows, and how they reach the run directory (``open``, ``restore``, ``commit``, ``progress``,
+``finish``). The training itself is the one loop of grokhpc.loop over a grokhpc.stack.Stack:
+a solo run is a stack of one in exact mode (``Trainer.fit``), a packed group
+(grokhpc.train_batched) a stack of many, so both leave the same files.
+
+The training is the seed's -- full-batch AdamW, frozen zero biases, float64 cross-entropy --
+made fast: only the last position's logits (``Transformer.last_logits``), the test set scored
+every ``eval_every`` epochs, losses kept on the device, a checkpoint one row appended to
+``checkpoints.npy``.
 
 Curves row ``e`` holds the losses of the weights after ``e`` optimiser steps: row 0 is the
 initial model (the seed's 4.7322 / 4.7346), row ``n_epochs`` the final one.
 
 A run has one trainer at a time (``Trainer.open`` takes the run's lock, see grokhpc.store).
 Each commit's checkpoint row and state carry checksums, which a resume checks before it writes
-anything; each process that trains the run adds its provenance to progress.json's attempts.
+anything; each process that trains the run adds its provenance, with the job's settings
+(``runtime.JobSettings``), to progress.json's attempts.
 
 What is durable when: a checkpoint row, and progress.json listing it, every ``checkpoint_every``
 epochs; ``state.pt`` (where a resume starts) and curves.parquet every ``state_every_s`` seconds
-(default 10 minutes), on SLURM's USR2 warning, SIGTERM and Ctrl-C (grokhpc.preempt), where
-``fit`` stops and at the run's last epoch. A resume from an older state.pt recomputes the same
-epochs and rows, bit for bit, and replaces the rows written after it. progress.json's
-``state_epoch`` says where a resume would start.
+of the job's settings (default 10 minutes), on SLURM's USR2 warning, SIGTERM and Ctrl-C
+(grokhpc.preempt), where ``fit`` stops and at the run's last epoch. A resume from an older
+state.pt recomputes the same epochs and rows, bit for bit, and replaces the rows written after
+it. progress.json's ``state_epoch`` says where a resume would start.
 
 A run whose train loss or weights become non-finite is stopped at its next commit and marked
 diverged instead of committed (grokhpc.divergence).
@@ -31,7 +37,6 @@ from __future__ import annotations
 import argparse
 import errno
 import io
-import math
 import sys
 import time
 import traceback
@@ -43,32 +48,24 @@ from typing import Any
 import numpy as np
 
 from . import config as config_mod
-from . import preempt, tracking
+from . import divergence, measures, preempt, tracking
 from .config import GROK_ACC, ConfigError, RunConfig
-from .divergence import RunDiverged, check_trainer, clear_diverged, refuse_diverged_before
+from .divergence import RunDiverged, clear_diverged, mark_diverged, refuse_diverged_before
 from .lastpos import accuracy, cross_entropy
-from .runtime import (DEFAULT_STATE_EVERY_S, MAX_ATTEMPTS_KEPT, changed_environment,
-                      deterministic_for, deterministic_kernels, matmul_precision, provenance,
-                      provenance_columns, resolve_device)
 from .checkpoints import (append_checkpoint_row, check_checkpoints, checkpoint_checksums,
                           header_holds, truncate_checkpoints)
+from .loop import fit_stack, losses_postfix
+from .optim import batch_generator, make_optimizer, weight_norm
+from .runtime import (DEFAULT_STATE_EVERY_S, MAX_ATTEMPTS_KEPT, JobSettings, changed_environment,
+                      matmul_precision, provenance, provenance_columns, resolve_device)
+from .stack import Stack, stop_epoch
 from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirError,
                     RunLockedError, atomic_write_bytes, atomic_write_json, check_identity,
                     lock_run, refuse_sweep_root)
 
-
 # The one cross-entropy and accuracy (float64 by default, as the seed's loss_fn), under the
-# names the trainer and its callers use.
+# name the trainer's callers use.
 loss_fn = cross_entropy
-
-
-def make_optimizer(model, cfg: RunConfig):
-    """The run's optimiser over every parameter (frozen biases get no gradient, so no update);
-    AdamW by default, as the seed."""
-    from .optim import make_optimizer as build
-
-    return build(model.parameters(), cfg)
-
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # a full disk, a quota, a file size limit
 
@@ -94,32 +91,27 @@ def state_checksum(obj: Any, crc: int = 0) -> int:
 
 
 class Trainer:
-    """The state of one run between epochs: model, optimiser, curves, checkpoints.
-
-    ``step()`` does one epoch; ``commit()`` makes the state durable. ``Trainer.open`` takes the
-    run's lock and builds a fresh run or picks up an interrupted one from ``state.pt``;
-    ``close()`` (or the trainer's end) lets the lock go.
+    """The state of one run between epochs: model, optimiser state, curves, checkpoints; and its
+    files. ``Trainer.open`` takes the run's lock and builds a fresh run or picks up an
+    interrupted one from ``state.pt``; ``fit`` trains it (a stack of one, grokhpc.loop);
+    ``commit`` makes its state durable; ``finish`` ends it; ``close()`` (or the trainer's end)
+    lets the lock go. ``settings``: the job's (``runtime.JobSettings``; None: the defaults).
     """
 
-    # Whether ``commit`` refuses non-finite losses or weights (marking the run diverged): on for
-    # a solo run (``fit``, ``run_training``); a packed group checks its runs itself.
-    check_finite = False
-
-    def __init__(self, cfg: RunConfig, run: RunDir, device):
+    def __init__(self, cfg: RunConfig, run: RunDir, device, settings: JobSettings | None = None):
         import torch
 
         from .data import make_dataset
         from .model import build_model, param_layout
 
         self.cfg, self.run, self.device = cfg, run, device
-        # Bit-identical resumes need reproducible kernels: on a CPU each step's backward runs
-        # with deterministic algorithms (scoped, see deterministic_for)
-        self.deterministic = deterministic_for(device)
+        self.settings = JobSettings() if settings is None else settings
         self.data = make_dataset(cfg).to(device)
         self.train_tokens, self.train_labels = self.data.train_tokens, self.data.train_labels
         self.test_tokens, self.test_labels = self.data.test_tokens, self.data.test_labels
         self.model = build_model(cfg, device)
-        self.optimizer = make_optimizer(self.model, cfg)
+        # the state of the run's own optimiser (what state.pt holds); the stack steps it
+        self.optimizer = make_optimizer(self.model.parameters(), cfg)
         self.layout = param_layout(self.model)
         n = cfg.n_epochs + 1
         self.curves = {k: torch.full((n,), float("nan"), dtype=torch.float64, device=device)
@@ -129,62 +121,21 @@ class Trainer:
         self.checkpoint_crcs: list[int] = []   # CRC-32 of each committed checkpoint row
         self.wall_time = 0.0
         self.committed_epoch: int | None = None   # the epoch of the last state.pt
-        self.state_every_s = DEFAULT_STATE_EVERY_S
         self.state_written_at = time.monotonic()
         self.attempts: list[dict[str, Any]] = []   # provenance of each process that trained it
         self.notes: list[str] = []   # one line each, for the user: a changed environment, ...
         self.tracker = None   # the run's W&B run when tracking is on (grokhpc.tracking)
         self._release = lambda: None
-        self._init_extras()
-
-    def _init_extras(self) -> None:
-        """State of the optional run fields: minibatch order, the weight norm to hold, the
-        epoch of the first logged test accuracy >= 99% (for ``stop_after_grok``)."""
-        from .optim import batch_generator, weight_norm
-
-        cfg = self.cfg
+        # the optional fields: minibatch order, the weight norm to hold, the epoch of the first
+        # logged test accuracy >= GROK_ACC (stop_after_grok)
         self.batch_gen = None if cfg.full_batch else batch_generator(cfg)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.init_norm = weight_norm(self.trainable) if cfg.fixed_weight_norm else None
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.init_norm = weight_norm(trainable) if cfg.fixed_weight_norm else None
         self.grok_epoch: int | None = None
 
-    # ---- one epoch ------------------------------------------------------------------------
-    def step(self) -> None:
-        """One epoch: a full-batch step (the seed's; records the train loss of the weights
-        before it) or, with ``batch_size``, one pass of minibatch steps (records the mean
-        minibatch loss and accuracy over the pass)."""
-        from .optim import epoch_batches, set_lr
-
-        set_lr(self.optimizer, self.epoch, self.cfg)
-        if self.batch_gen is None:
-            loss, acc = self._update(self.train_tokens, self.train_labels)
-        else:
-            loss = acc = 0.0
-            n = len(self.train_labels)
-            for idx in epoch_batches(n, self.cfg, self.batch_gen):
-                idx = idx.to(self.device)
-                b_loss, b_acc = self._update(self.train_tokens[idx], self.train_labels[idx])
-                loss, acc = loss + b_loss * (len(idx) / n), acc + b_acc * (len(idx) / n)
-        self.curves["train_loss"][self.epoch] = loss
-        self.curves["train_acc"][self.epoch] = acc
-        self.epoch += 1
-
-    def _update(self, tokens, labels):
-        """One optimiser step on ``tokens``; returns the (detached) loss and accuracy."""
-        from .optim import rescale_to_norm
-
-        with deterministic_kernels(self.deterministic):
-            logits = self.model.last_logits(tokens)
-            loss = loss_fn(logits, labels, self.cfg.loss_dtype)
-            loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.init_norm is not None:
-            rescale_to_norm(self.trainable, self.init_norm)
-        return loss.detach(), accuracy(logits.detach(), labels)
-
+    # ---- scoring where the run stands (a new run's epoch 0; training scores in the stack) -----
     def evaluate(self, train_too: bool = False) -> None:
-        """Score the test set (and, at the last epoch, the train set) at the current epoch."""
+        """Score the test set (and with ``train_too`` the train set) at the current epoch."""
         import torch
 
         with torch.inference_mode():
@@ -206,38 +157,27 @@ class Trainer:
             self.grok_epoch = self.epoch
 
     def stop_epoch(self) -> int:
-        """The epoch this run ends at: n_epochs, or ``stop_after_grok`` epochs after its first
-        logged test accuracy >= 99% when that comes sooner."""
-        if self.grok_epoch is None:
-            return self.cfg.n_epochs
-        return min(self.cfg.n_epochs, self.grok_epoch + self.cfg.stop_after_grok)
+        """The epoch this run ends at (``grokhpc.stack.stop_epoch``)."""
+        return stop_epoch(self.cfg, self.grok_epoch)
 
     @property
     def stopped_early(self) -> bool:
         return self.epoch < self.cfg.n_epochs and self.epoch >= self.stop_epoch()
 
     # ---- durability ---------------------------------------------------------------------
-    def curve_arrays(self) -> dict[str, np.ndarray]:
-        e = self.epoch
-        out = {"epoch": np.arange(e + 1)}
-        out.update({k: v[: e + 1].cpu().numpy() for k, v in self.curves.items()})
-        return out
-
     def state_due(self) -> bool:
-        return time.monotonic() - self.state_written_at >= self.state_every_s
+        return time.monotonic() - self.state_written_at >= self.settings.state_every_s
 
     def commit(self, checkpoint: bool, state: bool | None = None) -> None:
         """Append a checkpoint row (if ``checkpoint``), then write state.pt (if ``state``; None:
-        when ``state_every_s`` has passed since the last) with curves.parquet, then
-        progress.json. A write that fails (disk full, quota) leaves the last commit as it was
-        and raises RunDirError saying so."""
+        when the settings' ``state_every_s`` has passed since the last) with curves.parquet,
+        then progress.json. A write that fails (disk full, quota) leaves the last commit as it
+        was and raises RunDirError saying so."""
         from .model import flat_weights
 
         state = self.state_due() if state is None else state
         epochs, crcs = list(self.checkpoint_epochs), list(self.checkpoint_crcs)
         row = flat_weights(self.model).cpu().numpy() if checkpoint else None
-        if self.check_finite:
-            check_trainer(self, row)   # a run gone non-finite is marked diverged, not committed
         try:
             if checkpoint:
                 crcs.append(append_checkpoint_row(self.run.file(CHECKPOINTS), row, len(epochs),
@@ -291,30 +231,22 @@ class Trainer:
             "checkpoint_epochs": epochs,
             "checkpoint_crc32": crcs,
             "wall_time": self.wall_time,
-            **self._extra_state(),
         }
+        if self.batch_gen is not None:   # the optional fields' resumable state
+            state["batch_gen"] = self.batch_gen.get_state()
+        if self.cfg.stop_after_grok is not None:
+            state["grok_epoch"] = self.grok_epoch
         state["checksum"] = state_checksum(state)
         buf = io.BytesIO()
         torch.save(state, buf)
         return buf.getvalue()
 
-    def _extra_state(self) -> dict[str, Any]:
-        """The optional fields' resumable state (absent for a default run)."""
-        out: dict[str, Any] = {}
-        if self.batch_gen is not None:
-            out["batch_gen"] = self.batch_gen.get_state()
-        if self.cfg.stop_after_grok is not None:
-            out["grok_epoch"] = self.grok_epoch
-        return out
-
-    def _restore_extra(self, state: dict[str, Any]) -> None:
-        if self.batch_gen is not None:
-            self.batch_gen.set_state(state["batch_gen"])
-        self.grok_epoch = state.get("grok_epoch")
-
     def write_views(self, done: bool = False, curves: bool = True) -> None:
+        """curves.parquet (rows 0..epoch; if ``curves``) and progress.json."""
         if curves:
-            self.run.write_curves(self.curve_arrays())
+            e = self.epoch
+            self.run.write_curves({"epoch": np.arange(e + 1),
+                                   **{k: v[: e + 1].cpu().numpy() for k, v in self.curves.items()}})
         self.run.write_progress(self.progress(done))
 
     def progress(self, done: bool = False) -> dict[str, Any]:
@@ -378,7 +310,9 @@ class Trainer:
         self.epoch = self.committed_epoch = int(state["epoch"])
         self.checkpoint_epochs, self.checkpoint_crcs = epochs, list(crcs)
         self.wall_time = float(state["wall_time"])
-        self._restore_extra(state)
+        if self.batch_gen is not None:
+            self.batch_gen.set_state(state["batch_gen"])
+        self.grok_epoch = state.get("grok_epoch")
         if epochs and not header_holds(f, len(epochs), self.n_cols, dtype):
             self.notes.append(f"note: {f}: .npy header damaged (rows intact); rewritten")
         truncate_checkpoints(f, len(epochs), self.n_cols, dtype)   # rewrites the header
@@ -408,7 +342,7 @@ class Trainer:
             before = []
         before = [a for a in before if isinstance(a, dict)]
         now = {"attempt": int(before[-1].get("attempt", len(before))) + 1 if before else 1,
-               "epoch": self.epoch, **provenance(self.device)}
+               "epoch": self.epoch, **provenance(self.device, self.settings)}
         changed = changed_environment(before[-1], now) if before else []
         if changed:
             self.notes.append(
@@ -422,21 +356,19 @@ class Trainer:
 
     @classmethod
     def open(cls, cfg: RunConfig, out: str | Path, device=None,
-             state_every_s: float | None = None, check_finite: bool = False) -> "Trainer":
-        """A trainer for ``cfg`` in ``out``, holding the run's lock: new, or resumed from its
-        last commit. RunLockedError when another process trains the run. ``state_every_s``:
-        seconds between its state.pt writes (default DEFAULT_STATE_EVERY_S). ``check_finite``:
-        refuse non-finite values from the first commit on (RunDiverged; ``fit`` turns it on)."""
+             settings: JobSettings | None = None) -> "Trainer":
+        """A trainer for ``cfg`` in ``out``, holding the run's lock: new (scored and committed
+        at epoch 0), or resumed from its last commit. RunLockedError when another process
+        trains the run; RunDiverged (the run marked) when a new run's weights are not finite.
+        ``settings``: the job's (``runtime.JobSettings``; None: the defaults)."""
         run = RunDir(out)
         run.create({**config_mod.to_dict(cfg), "run_id": cfg.run_id})
         lock = lock_run(run)
         try:
             run.remove_stale_temp_files()   # only the lock's holder may: they may be its writes
-            trainer = cls(cfg, run, device if device is not None else resolve_device(cfg.device))
+            device = device if device is not None else resolve_device(cfg.device)
+            trainer = cls(cfg, run, device, settings)
             trainer.notes += [lock.note] if lock.note else []
-            if state_every_s is not None:
-                trainer.state_every_s = float(state_every_s)
-            trainer.check_finite = check_finite
             resumed = trainer.restore()
             trainer.begin_attempt()
             trainer.tracker = tracking.start(trainer)
@@ -444,6 +376,7 @@ class Trainer:
                 trainer.write_views()
             else:
                 trainer.evaluate()
+                trainer.refuse_nonfinite()
                 trainer.commit(checkpoint=True, state=True)
         except BaseException:
             lock.release()
@@ -451,94 +384,70 @@ class Trainer:
         trainer._release = weakref.finalize(trainer, lock.release)
         return trainer
 
+    def refuse_nonfinite(self) -> None:
+        """Before a new run's first commit: weights that are not finite (an init_scale past
+        float32) mark the run diverged with nothing committed (grokhpc.divergence's rule, as at
+        every later commit), and RunDiverged is raised."""
+        bad = divergence.nonfinite(self.curves["train_loss"][None],
+                                   [p.detach()[None] for p in self.model.parameters()],
+                                   [0], [self.epoch], self.epoch)
+        if bad:
+            epoch, what = bad[0]
+            line = mark_diverged(self.run, self.cfg, epoch, what, None, self.progress())
+            raise RunDiverged(f"{self.run.path}: {line}")
+
     def close(self) -> None:
         """Let the run's lock go (also done when the trainer is garbage-collected)."""
         tracking.stop(self)
         self._release()
 
-    # ---- the loop -------------------------------------------------------------------------
+    # ---- training ---------------------------------------------------------------------------
     def fit(self, progress_bar: bool = True, until: int | None = None) -> None:
-        """Train to the run's last epoch (or to epoch ``until``): a checkpoint row every
-        ``checkpoint_every`` epochs, state.pt when due (``commit``), on USR2, SIGTERM or
-        SIGINT (then the signal goes on, see grokhpc.preempt) and where it stops. A loss or
-        weight gone non-finite stops it at the next commit: RunDiverged, the run marked."""
+        """Train to the run's last epoch (or to epoch ``until``) as a stack of one in exact mode
+        (grokhpc.loop: the packed group's loop): a checkpoint row every ``checkpoint_every``
+        epochs, state.pt when due (``commit``), on USR2, SIGTERM or SIGINT (then the signal
+        goes on, see grokhpc.preempt) and where it stops. A loss or weight gone non-finite
+        stops it at the next commit: RunDiverged, the run marked. A progress bar over epochs
+        shows the latest losses."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        self.check_finite = True   # a solo loop stops where its values go non-finite
-        stop = cfg.n_epochs if until is None else min(until, cfg.n_epochs)
+        stop = min(self.stop_epoch(), cfg.n_epochs if until is None else until)
         bar = tqdm(total=cfg.n_epochs, initial=self.epoch, unit="epoch", disable=not progress_bar,
                    desc=cfg.run_id, dynamic_ncols=True, mininterval=1.0)
-        t0 = time.perf_counter()
-        with preempt.armed():
-            try:
-                self._loop(stop, bar, t0)
-            finally:
-                bar.close()
+        try:
+            with preempt.armed():
+                stack = Stack([self], self.device, exact=True)
+                diverged, _ = fit_stack(stack, stop, bar, log=lambda *a: None,
+                                        commit_at_target=True, postfix=losses_postfix)
+        finally:
+            bar.close()
+        if diverged:
+            raise RunDiverged(f"{self.run.path}: {diverged[0][1]}")
 
-    def _loop(self, stop: int, bar, t0: float) -> None:
-        cfg = self.cfg
-        while self.epoch < min(stop, self.stop_epoch()):
-            self.step()
-            last = self.epoch == self.stop_epoch()
-            if self.epoch % cfg.eval_every == 0 or last:
-                self.evaluate(train_too=last)
-            if not last and self.epoch == self.stop_epoch():   # grokked just now
-                last = True
-                self.evaluate(train_too=True)
-            bar.update(1)
-            signalled = preempt.requested()
-            row = self.epoch % cfg.checkpoint_every == 0 or last
-            ends = last or signalled or self.epoch >= stop
-            if row or ends:
-                now = time.perf_counter()
-                self.wall_time += now - t0
-                t0 = now
-                self.commit(checkpoint=row, state=True if ends else None)
-                bar.set_postfix(self.postfix(), refresh=False)
-            if signalled:
-                preempt.hand_on()
-
-    def postfix(self) -> dict[str, str]:
-        """The latest logged train and test loss, read back in one copy: train at this epoch
-        (scored at a run's end) or the last step's, test at this epoch or the last multiple of
-        ``eval_every``."""
-        import torch
-
-        e, train, test = self.epoch, self.curves["train_loss"], self.curves["test_loss"]
-        at = [train[e], train[max(e - 1, 0)], test[e], test[e - e % self.cfg.eval_every]]
-        t_now, t_step, s_now, s_eval = torch.stack(at).tolist()
-
-        def fmt(*values: float) -> str:
-            return next((f"{v:.3g}" for v in values if not math.isnan(v)), "-")
-        return {"train": fmt(t_now, t_step), "test": fmt(s_now, s_eval)}
+    def finish(self) -> dict[str, Any] | None:
+        """After the last epoch: progress measures (always at float32's highest matmul
+        precision, whatever the run trained at) and summary (with the run's provenance), then
+        mark the run done."""
+        with matmul_precision("highest"):
+            summary = measures.finalize_run(self.run, device=self.device)
+        if isinstance(summary, dict):
+            summary.update(provenance_columns(self.progress()))
+            atomic_write_json(self.run.file(SUMMARY), summary)
+        tracking.log_finish(self, summary)
+        self.write_views(done=True)
+        return summary
 
 
-def finish(trainer: Trainer) -> dict[str, Any] | None:
-    """After the last epoch: progress measures (always at float32's highest matmul precision,
-    whatever the run trained at) and summary (with the run's provenance), then mark the run
-    done."""
-    from . import measures
-
-    with matmul_precision("highest"):
-        summary = measures.finalize_run(trainer.run, device=trainer.device)
-    if isinstance(summary, dict):
-        summary.update(provenance_columns(trainer.progress()))
-        atomic_write_json(trainer.run.file(SUMMARY), summary)
-    tracking.log_finish(trainer, summary)
-    trainer.write_views(done=True)
-    return summary
-
-
-def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
-                 log=print, state_every_s: float | None = None,
-                 retry_diverged: bool = False) -> RunDir:
+def run_training(cfg: RunConfig, out: str | Path, settings: JobSettings | None = None,
+                 progress_bar: bool = True, log=print, retry_diverged: bool = False) -> RunDir:
     """Train ``cfg`` into ``out`` (resuming if interrupted); a complete run is left alone.
     RunDirError for a directory that cannot be used as it is (another run's, a sweep's, with
     files of two runs, damaged, held by another trainer, a disk that filled up). RunDiverged
     when the run goes non-finite, or was marked so before (``retry_diverged``: train it again
-    from its last finite commit). ``state_every_s``: seconds between state.pt writes (default
-    DEFAULT_STATE_EVERY_S)."""
+    from its last finite commit). ``settings``: the job's (``runtime.JobSettings``: how often
+    state.pt is written, W&B; None: the defaults); a solo run steps as exact mode always does
+    (``step_mode`` eager)."""
     run = _usable_run_dir(cfg, out, retry_diverged)
     if run.exists() and run.read_config().get("run_id") == cfg.run_id and run.is_complete():
         run.verify_checkpoints()   # a run with damaged rows is never called complete
@@ -549,14 +458,15 @@ def run_training(cfg: RunConfig, out: str | Path, progress_bar: bool = True,
     trainer = None
     try:
         with matmul_precision(cfg.matmul_precision):   # recorded in the attempt's provenance
-            trainer = Trainer.open(cfg, out, state_every_s=state_every_s, check_finite=True)
+            settings = (settings or JobSettings()).replace(step_mode="eager")
+            trainer = Trainer.open(cfg, out, settings=settings)
             clear_diverged(run)   # trained again (retry_diverged): a new divergence marks anew
             if trainer.epoch > 0:
                 log(f"run {cfg.run_id}: resuming at epoch {trainer.epoch}/{cfg.n_epochs}")
             for note in trainer.notes:
                 log(note)
             trainer.fit(progress_bar=progress_bar)
-        finish(trainer)
+        trainer.finish()
         run.clear_error()
     except (RunLockedError, RunDiverged, SystemExit, KeyboardInterrupt):
         raise   # another trainer's run / marked diverged / a requeue or an interrupt: state kept
@@ -647,10 +557,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args.overrides)
         wandb = args.wandb and tracking.from_command_line(args.wandb, args.wandb_mode,
-                                                          args.wandb_entity)
-        with tracking.enabled(wandb or None):
-            run_training(cfg, args.out, progress_bar=not args.no_progress,
-                         state_every_s=args.state_every * 60, retry_diverged=args.retry_diverged)
+                                                          args.wandb_entity).to_dict()
+        settings = JobSettings(state_every_s=args.state_every * 60, wandb=wandb or None)
+        run_training(cfg, args.out, settings, progress_bar=not args.no_progress,
+                     retry_diverged=args.retry_diverged)
     except RunDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

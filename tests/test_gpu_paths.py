@@ -19,9 +19,11 @@ from grokhpc import lastpos
 from grokhpc.config import RunConfig
 from grokhpc.model import build_model
 from grokhpc.optim import lr_factor
+from grokhpc.runtime import JobSettings
 from grokhpc.store import STATE, RunDir
 from grokhpc.train import Trainer
-from grokhpc.train_batched import Stack, train_group
+from grokhpc.stack import Stack
+from grokhpc.train_batched import train_group
 
 TINY = RunConfig(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=20,
                  checkpoint_every=10, eval_every=5, lr=3e-3, device="cpu")
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # ---- a resume as a GPU job makes it ------------------------------------------------------------
 def _half_trained(cfg, d: Path, epochs: int) -> dict:
     """``cfg`` trained ``epochs`` epochs into ``d`` (state.pt written there); the saved state."""
-    t = Trainer.open(cfg, d, state_every_s=0)
+    t = Trainer.open(cfg, d, settings=JobSettings(state_every_s=0))
     t.fit(progress_bar=False, until=epochs)
     t.close()
     return torch.load(d / STATE, map_location="cpu", weights_only=True)
@@ -89,9 +91,10 @@ def test_training_leaves_the_process_settings_as_it_found_them(tmp_path, monkeyp
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     assert not torch.are_deterministic_algorithms_enabled()
     t = Trainer.open(TINY, tmp_path / "solo")
+    stack = Stack([t], torch.device("cpu"), exact=True)   # the run's own training: its stack
     spy = _FlagAtIndexPut()
     with spy:
-        t.step()
+        stack.step()
     t.close()
     assert spy.seen and all(spy.seen)
     train_group([TINY.replace(model_seed=2), TINY.replace(model_seed=3)],
@@ -109,11 +112,15 @@ def test_cpu_steps_are_bit_reproducible_on_two_threads_where_index_backward_is_p
     in parallel with atomics (below about 32k values it adds in order): two trainers from the
     same state must still take bit-identical steps on two threads."""
     cfg = RunConfig(n_epochs=3, device="cpu", train_frac=0.6)
-    a, b = Trainer(cfg, RunDir(tmp_path / "a"), "cpu"), Trainer(cfg, RunDir(tmp_path / "b"), "cpu")
+    cpu = torch.device("cpu")
+    a, b = Trainer(cfg, RunDir(tmp_path / "a"), cpu), Trainer(cfg, RunDir(tmp_path / "b"), cpu)
+    stacks = [Stack([a], cpu, exact=True), Stack([b], cpu, exact=True)]   # each run's training
     torch.set_num_threads(2)   # the module's fixture restores the count
     for _ in range(2):
-        a.step()
-        b.step()
+        for s in stacks:
+            s.step()
+    for s in stacks:
+        s.sync(0)
     for (name, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         assert torch.equal(p, q), name
 

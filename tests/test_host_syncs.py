@@ -25,8 +25,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from grokhpc.config import RunConfig
+from grokhpc.runtime import JobSettings
 from grokhpc.train import Trainer
-from grokhpc.train_batched import Stack
+from grokhpc.stack import Stack
 
 BASE = RunConfig(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=40,
                  checkpoint_every=20, eval_every=5, lr=3e-3, device="cpu")
@@ -77,7 +78,8 @@ def count_reads(monkeypatch):
 
 
 def step_counters(opt):
-    """The solo optimiser's per-parameter step counters (kept on the host by torch)."""
+    """The solo optimiser's per-parameter step counters (kept on the host by torch; so are
+    those a stack's optimiser hands to torch's own step in exact mode, ``_step_ts``)."""
     return [s["step"] for s in opt.state.values() if "step" in s]
 
 
@@ -85,14 +87,23 @@ def per_epoch(counter: HostSyncs, epochs) -> dict[int, int]:
     return {e: sum(counter.by_epoch.get(e, Counter()).values()) for e in epochs}
 
 
-def test_solo_default_path_syncs_only_at_commits(tmp_path, count_reads):
+def test_solo_default_path_syncs_only_at_commits(tmp_path, count_reads, monkeypatch):
     """A solo run (full batch, test scored every 5 epochs, a row every 20): no host sync in
     any epoch without a commit (epoch 0 finds the train split's query tokens, once; the test
     split's were found when the run was opened), and the progress bar's postfix at a commit
     reads the device once and the divergence check once (grokhpc.divergence), beside the
     commit's own copies."""
-    trainer = Trainer.open(BASE, tmp_path / "solo", state_every_s=1e9)
-    counter = HostSyncs(lambda: trainer.epoch, lambda: step_counters(trainer.optimizer))
+    trainer = Trainer.open(BASE, tmp_path / "solo", settings=JobSettings(state_every_s=1e9))
+    stacks = []   # the run's stack of one, whose epoch is the loop's
+    init = Stack.__init__
+
+    def spy(self, *a, **kw):
+        init(self, *a, **kw)
+        stacks.append(self)
+    monkeypatch.setattr(Stack, "__init__", spy)
+    counter = HostSyncs(lambda: stacks[0].epoch if stacks else trainer.epoch,
+                        lambda: step_counters(trainer.optimizer) + (
+                            [t for ts in stacks[0].opt._step_ts for t in ts] if stacks else []))
     count_reads(counter)
     commits = []
     commit = trainer.commit
@@ -116,8 +127,8 @@ def _packed(tmp_path, schedule: bool):
             for i in range(3)]
     if schedule:
         cfgs[1] = cfgs[1].replace(warmup_epochs=6, lr_schedule="cosine")
-    trainers = [Trainer.open(c, tmp_path / str(i), torch.device("cpu"), state_every_s=1e9)
-                for i, c in enumerate(cfgs)]
+    trainers = [Trainer.open(c, tmp_path / str(i), torch.device("cpu"),
+                             JobSettings(state_every_s=1e9)) for i, c in enumerate(cfgs)]
     stack = Stack(trainers, torch.device("cpu"), exact=False)
     stack.opt.host_scalars = False
     return stack
@@ -126,18 +137,18 @@ def _packed(tmp_path, schedule: bool):
 @pytest.mark.parametrize("schedule", [False, True])
 def test_packed_default_path_syncs_only_at_commits(tmp_path, count_reads, monkeypatch,
                                                    schedule):
-    """A batched group trained by _fit_stack: no host sync in an epoch without a commit
+    """A batched group trained by the loop (fit_stack): no host sync in an epoch without a commit
     (epoch 0 sets up the device-side step counts and schedule), whether or not an lr schedule
     changes a run's lr every epoch; a commit's divergence check reads the device once for
     all runs."""
-    import grokhpc.train_batched as tb
+    import grokhpc.loop as loop
 
     stack = _packed(tmp_path, schedule)
     counter = HostSyncs(lambda: stack.epoch)
     count_reads(counter)
     commits, checks = [], []
-    commit_all, diverged = tb._commit_all, stack.diverged
-    monkeypatch.setattr(tb, "_commit_all",
+    commit_all, diverged = loop.commit_all, stack.diverged
+    monkeypatch.setattr(loop, "commit_all",
                         lambda runs, **kw: (commits.append(stack.epoch), commit_all(runs, **kw)))
 
     def counted(runs, last):
@@ -147,7 +158,7 @@ def test_packed_default_path_syncs_only_at_commits(tmp_path, count_reads, monkey
         return out
     stack.diverged = counted
     with counter:
-        tb._fit_stack(stack, 40, None, lambda *a: None)
+        loop.fit_stack(stack, 40, None, lambda *a: None)
     quiet = [e for e in range(1, 41) if e not in commits]
     assert commits == [20, 40]
     assert per_epoch(counter, quiet) == {e: 0 for e in quiet}, counter.by_epoch

@@ -715,35 +715,26 @@ def test_a_launch_gives_each_job_one_settings_object_from_the_spec(write_spec, t
         [JobSettings(state_every_s=30.0, step_mode="fused", threads=2)] * 2
 
 
-def _called_with(kw: dict) -> tuple:
-    """(state_every_s, step_mode) a trainer was called with: its settings, or the keywords."""
-    got = kw.get("settings")
-    return (got.state_every_s, got.step_mode) if got is not None else \
-        (kw["state_every_s"], kw.get("step_mode"))
-
-
 def test_a_job_hands_its_settings_to_the_trainers_and_says_what_the_environment_overrides(
         tmp_path, monkeypatch, capsys):
-    """A packed job's group trains at the settings' state interval and step mode, with W&B
-    set for the training only; $GROKHPC_STEP_MODE, where set, replaces the mode with one line
+    """A packed job's group trains at the settings' state interval and step mode, with W&B in
+    the settings (never the environment); $GROKHPC_STEP_MODE, where set, replaces the mode with one line
     in the job's log; a word that is no mode fails the job in one line before anything is
     trained or written."""
-    from grokhpc import tracking
-
     runs = small_runs(tmp_path, "job", n=2)
     group, solo = [], []
-    monkeypatch.setattr(job_mod, "train_group", lambda cfgs, dirs, **kw: group.append(
-        (_called_with(kw), json.loads(os.environ[tracking.ENV]))))
-    monkeypatch.setattr(job_mod, "run_training", lambda cfg, d, **kw: solo.append(
-        _called_with(kw)[0]))
+    monkeypatch.setattr(job_mod, "train_group", lambda cfgs, dirs, settings, **kw: group.append(
+        ((settings.state_every_s, settings.step_mode), dict(settings.wandb))))
+    monkeypatch.setattr(job_mod, "run_training", lambda cfg, d, settings, **kw: solo.append(
+        settings.state_every_s))
     monkeypatch.delenv("GROKHPC_STEP_MODE", raising=False)
-    monkeypatch.delenv(tracking.ENV, raising=False)
+    monkeypatch.delenv("GROKHPC_WANDB", raising=False)
     wandb = {"project": "grok", "mode": "offline", "entity": None, "group": "s", "tags": []}
     job = job_mod.SweepJob(runs, JobSettings(state_every_s=30.0, step_mode="fused", threads=1,
                                              wandb=wandb))
     job()
     assert group == [((30.0, "fused"), wandb)] and solo == [30.0, 30.0]
-    assert tracking.ENV not in os.environ
+    assert "GROKHPC_WANDB" not in os.environ   # W&B travels in the settings, not the environment
     assert "GROKHPC_STEP_MODE" not in capsys.readouterr().out
     monkeypatch.setenv("GROKHPC_STEP_MODE", "graph")
     job()

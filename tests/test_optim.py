@@ -86,3 +86,36 @@ def test_rescale_to_norm_hits_the_target():
     assert weight_norm(params).item() == pytest.approx(2.5, rel=1e-6)
     assert math.isclose(math.sqrt(sum((p.double() ** 2).sum().item() for p in params)), 2.5,
                         rel_tol=1e-6)
+
+
+# ---- the registry -------------------------------------------------------------------------------
+def test_every_optimizer_a_run_may_name_has_a_solo_and_a_stacked_builder():
+    from grokhpc import config
+    from grokhpc.optim import OPTIMIZERS
+    from grokhpc.stacked_optim import STACKED
+
+    assert config.OPTIMIZERS == ("adamw", "adam", "sgd") == tuple(OPTIMIZERS)
+    assert set(STACKED) == set(OPTIMIZERS)
+    w = torch.nn.Parameter(torch.randn(2))
+    kinds = {name: type(make_optimizer([w], RunConfig(p=11, optimizer=name)))
+             for name in OPTIMIZERS}
+    assert kinds == {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
+                     "sgd": torch.optim.SGD}
+
+
+def test_an_unknown_optimizer_is_one_line_solo_and_stacked():
+    """A name that reaches the builders unchecked (a RunConfig refuses it at once) is an error
+    at both levels, never another optimiser."""
+    from types import SimpleNamespace
+
+    from grokhpc.stacked_optim import stacked_optimizer
+
+    cfg = SimpleNamespace(optimizer="lion", lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98),
+                          momentum=0.0)
+    with pytest.raises(ValueError) as e:
+        make_optimizer([torch.nn.Parameter(torch.randn(2))], cfg)
+    assert str(e.value) == "optimizer: expected one of adamw, adam, sgd, got 'lion'"
+    with pytest.raises(ValueError) as e:
+        stacked_optimizer([SimpleNamespace(cfg=cfg)], {}, [], "cpu", per_run_torch=True)
+    assert str(e.value) == ("optimizer: no stacked step for 'lion' (grokhpc.stacked_optim "
+                            "knows adamw, adam, sgd)")

@@ -15,13 +15,17 @@ import torch
 
 from conftest import step_solo_and_stacked
 
+from grokhpc import stack as stack_mod
 from grokhpc import train_batched
 from grokhpc.config import from_dict
+from grokhpc.loop import fit_stack
 from grokhpc.model import Transformer, build_model
 from grokhpc.store import RunDir
-from grokhpc.train import Trainer, finish, run_training
-from grokhpc.train_batched import (GroupError, Stack, StackedAdamW, StackedSGD, _fit_stack,
-                                   hooked_last_logits, train_group)
+from grokhpc.runtime import JobSettings
+from grokhpc.train import Trainer, run_training
+from grokhpc.stack import Stack, hooked_last_logits
+from grokhpc.stacked_optim import StackedAdamW, StackedSGD
+from grokhpc.train_batched import GroupError, train_group
 from test_train_batched import compare_runs, files_of
 
 TINY = dict(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=60,
@@ -166,8 +170,8 @@ def test_fused_step_equals_the_eager_step_bit_for_bit(tmp_path, group):
     dirs, said = {}, []
     for mode in ("eager", "fused", "graph"):
         dirs[mode] = [tmp_path / mode / f"r{i}" for i in range(3)]
-        train_group(GROUPS[group], dirs[mode], device="cpu", exact=False, step_mode=mode,
-                    progress_bar=False, log=said.append)
+        train_group(GROUPS[group], dirs[mode], JobSettings(step_mode=mode), device="cpu",
+                    exact=False, progress_bar=False, log=said.append)
     for eager, fused, graph in zip(*dirs.values()):
         assert compare_runs(fused, eager, rel=0.0) == {"abs": 0.0, "rel": 0.0}
         assert compare_runs(graph, eager, rel=0.0) == {"abs": 0.0, "rel": 0.0}
@@ -182,7 +186,7 @@ def test_fused_step_off_the_fast_path_equals_the_eager_step(tmp_path):
                    weight_decay=w) for s, w in ((1, 1.0), (2, 0.3))]
     dirs = {m: [tmp_path / m / f"r{i}" for i in range(2)] for m in ("eager", "fused")}
     for mode, ds in dirs.items():
-        train_group(cfgs, ds, device="cpu", exact=False, step_mode=mode, **QUIET)
+        train_group(cfgs, ds, JobSettings(step_mode=mode), device="cpu", exact=False, **QUIET)
     for fused, eager in zip(dirs["fused"], dirs["eager"]):
         assert compare_runs(fused, eager, rel=0.0) == {"abs": 0.0, "rel": 0.0}
 
@@ -192,17 +196,18 @@ def test_fused_group_killed_after_a_commit_resumes_bit_identical(tmp_path):
     state.pt -- once fused, once eager -- and ends as the uninterrupted fused group."""
     cfgs = GROUPS["adam_full"]
     ref = [tmp_path / "ref" / f"r{i}" for i in range(3)]
-    train_group(cfgs, ref, device="cpu", exact=False, step_mode="fused", **QUIET)
+    train_group(cfgs, ref, JobSettings(step_mode="fused"), device="cpu", exact=False, **QUIET)
     for resume_mode in ("fused", "eager"):
         dirs = [tmp_path / resume_mode / f"r{i}" for i in range(3)]
         trainers = [Trainer.open(c, d, torch.device("cpu")) for c, d in zip(cfgs, dirs)]
         stack = Stack(trainers, torch.device("cpu"), exact=False, step_mode="fused")
-        _fit_stack(stack, 25, None, lambda *a: None)
+        fit_stack(stack, 25, None, lambda *a: None)
         assert [RunDir(d).read_progress()["epoch"] for d in dirs] == [20, 20, 20]
         for t in trainers:
             t.close()
         del stack, trainers, t
-        train_group(cfgs, dirs, device="cpu", exact=False, step_mode=resume_mode, **QUIET)
+        train_group(cfgs, dirs, JobSettings(step_mode=resume_mode), device="cpu", exact=False,
+                    **QUIET)
         for d, s in zip(dirs, ref):
             assert compare_runs(d, s, rel=0.0) == {"abs": 0.0, "rel": 0.0}
 
@@ -248,7 +253,7 @@ def test_packed_off_the_fast_path_equals_solo(tmp_path, monkeypatch):
     train_group(short, exact, device="cpu", exact=True, **QUIET)
     for d, s in zip(exact, ref):
         assert compare_runs(d, s, rel=0.0) == {"abs": 0.0, "rel": 0.0}
-    monkeypatch.setattr(train_batched, "uses_fast_path", lambda cfg: False)
+    monkeypatch.setattr(stack_mod, "batched_fast_path", lambda cfg: False)
     batched = [tmp_path / f"batched{i}" for i in range(3)]
     train_group(short, batched, device="cpu", exact=False, **QUIET)
     for d, s in zip(batched, ref):
@@ -258,16 +263,6 @@ def test_packed_off_the_fast_path_equals_solo(tmp_path, monkeypatch):
 
 # ---- early stop in a group ---------------------------------------------------------------------
 GROK_AT = 30
-
-
-class _GrokAt30(Trainer):
-    """A solo trainer whose logged test accuracy reaches 100% at epoch 30 (the test's moment)."""
-
-    def evaluate(self, train_too: bool = False) -> None:
-        super().evaluate(train_too)
-        if self.epoch >= GROK_AT:
-            self.curves["test_acc"][self.epoch] = 1.0
-            self.note_grok()
 
 
 def _grok_in_stack(run_id):
@@ -289,16 +284,10 @@ def test_run_that_groks_stops_at_its_own_epoch_and_the_others_go_on(tmp_path, mo
                                                                      capsys):
     cfgs = [c.replace(n_epochs=200, stop_after_grok=15) for c in GROUPS["adamw_minibatch"]]
     early = cfgs[1]
-    ref = [tmp_path / f"solo{i}" for i in range(3)]
-    for c, d in zip(cfgs, ref):
-        if c is early:
-            t = _GrokAt30.open(c, d, torch.device("cpu"))
-            t.fit(progress_bar=False)
-            finish(t)
-            t.close()
-        else:
-            run_training(c, d, **QUIET)
     monkeypatch.setattr(Stack, "evaluate", _grok_in_stack(early.run_id))
+    ref = [tmp_path / f"solo{i}" for i in range(3)]
+    for c, d in zip(cfgs, ref):   # trained alone: run 1 groks at 30 there too
+        run_training(c, d, **QUIET)
     dirs = [tmp_path / f"r{i}" for i in range(3)]
     said = []
     train_group(cfgs, dirs, device="cpu", exact=True, progress_bar=False, log=said.append)
@@ -324,11 +313,10 @@ def test_killed_minibatch_group_resumes_bit_identical(tmp_path, solo):
     all three end as the uninterrupted solo runs, minibatch generators included."""
     cfgs = GROUPS["adamw_minibatch"]
     dirs = [tmp_path / f"r{i}" for i in range(3)]
-    trainers = [Trainer.open(c, d, torch.device("cpu")) for c, d in zip(cfgs, dirs)]
-    for t in trainers:
-        t.state_every_s = 0.0   # state.pt with every row: the commit at 20 is a resume point
+    every_row = JobSettings(state_every_s=0.0)   # state.pt with every row: 20 is a resume point
+    trainers = [Trainer.open(c, d, torch.device("cpu"), every_row) for c, d in zip(cfgs, dirs)]
     stack = Stack(trainers, torch.device("cpu"), exact=True)
-    _fit_stack(stack, 25, None, lambda *a: None)
+    fit_stack(stack, 25, None, lambda *a: None)
     assert stack.epoch == 25
     assert [RunDir(d).read_progress()["epoch"] for d in dirs] == [20, 20, 20]
     for t in trainers:
@@ -350,10 +338,10 @@ def test_packed_rows_past_the_state_are_recomputed_bit_identical(tmp_path, solo)
     dirs = [tmp_path / f"r{i}" for i in range(3)]
     trainers = [Trainer.open(c, d, torch.device("cpu")) for c, d in zip(cfgs, dirs)]
     stack = Stack(trainers, torch.device("cpu"), exact=True)
-    _fit_stack(stack, 10, None, lambda *a: None)
+    fit_stack(stack, 10, None, lambda *a: None)
     for t in trainers:
         t.state_written_at = float("-inf")   # the interval has passed: due at the next row
-    _fit_stack(stack, 45, None, lambda *a: None)
+    fit_stack(stack, 45, None, lambda *a: None)
     progress = [RunDir(d).read_progress() for d in dirs]
     assert [(p["epoch"], p["state_epoch"]) for p in progress] == [(40, 20)] * 3
     assert progress[0]["checkpoint_epochs"] == [0, 20, 40]

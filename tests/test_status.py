@@ -54,9 +54,7 @@ def sweep_dir(tmp_path_factory):
     try:
         run_training(done.config, done.dir, progress_bar=False, log=lambda m: None)
         t = Trainer.open(partial.config, partial.dir)
-        for _ in range(40):
-            t.step()
-        t.commit(checkpoint=True)
+        t.fit(progress_bar=False, until=40)
     finally:
         torch.set_num_threads(threads)
     RunDir(failed.dir).create({"run_id": failed.run_id})

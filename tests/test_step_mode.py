@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grokhpc.config import RunConfig
+from grokhpc.config import ConfigError, RunConfig
+from grokhpc.runtime import JobSettings
 from grokhpc.stacked_optim import FlatStackedAdamW, StackedAdamW
 from grokhpc.store import RunDir
 from grokhpc.train import Trainer
-from grokhpc.train_batched import GroupError, Stack, train_group
+from grokhpc.stack import Stack
+from grokhpc.train_batched import GroupError, train_group
 
 BASE = RunConfig(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=20,
                  checkpoint_every=10, eval_every=10, lr=3e-3, device="cpu")
@@ -36,35 +38,45 @@ def modes(monkeypatch):
     return seen
 
 
-def test_environment_chooses_the_mode_and_the_argument_wins(tmp_path, monkeypatch, modes):
-    monkeypatch.setenv("GROKHPC_STEP_MODE", "fused")
+def test_the_settings_choose_the_mode_and_the_environment_overrides_them_out_loud(
+        tmp_path, monkeypatch, modes):
     said = []
-    train_group(CFGS, [tmp_path / "a", tmp_path / "b"], device="cpu", exact=False,
-                progress_bar=False, log=said.append)
+    train_group(CFGS, [tmp_path / "a", tmp_path / "b"], JobSettings(step_mode="fused"),
+                device="cpu", exact=False, progress_bar=False, log=said.append)
     train_group(CFGS, [tmp_path / "c", tmp_path / "d"], device="cpu", exact=False,
-                step_mode="eager", progress_bar=False, log=said.append)
-    assert modes == [("fused", FlatStackedAdamW), ("eager", StackedAdamW)]
+                progress_bar=False, log=said.append)
     assert said == []
+    monkeypatch.setenv("GROKHPC_STEP_MODE", "fused")
+    train_group(CFGS, [tmp_path / "e", tmp_path / "f"], JobSettings(step_mode="eager"),
+                device="cpu", exact=False, progress_bar=False, log=said.append)
+    train_group(CFGS, [tmp_path / "g", tmp_path / "h"], JobSettings(step_mode="fused"),
+                device="cpu", exact=False, progress_bar=False, log=said.append)
+    assert modes == [("fused", FlatStackedAdamW), ("eager", StackedAdamW),
+                     ("fused", FlatStackedAdamW), ("fused", FlatStackedAdamW)]
+    assert said == ["$GROKHPC_STEP_MODE=fused overrides the job's step_mode (eager)"]
+    attempt = RunDir(tmp_path / "e").read_progress()["attempts"][-1]
+    assert attempt["step_mode"] == "fused"   # the mode it trained with
 
 
-@pytest.mark.parametrize("env,arg,named", [("grpah", None, "GROKHPC_STEP_MODE"),
-                                           ("fused", "fast", "step_mode")])
-def test_an_unknown_mode_is_one_line_before_anything_is_written(tmp_path, monkeypatch, env, arg,
-                                                                named):
-    monkeypatch.setenv("GROKHPC_STEP_MODE", env)
+def test_an_unknown_mode_is_one_line_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("GROKHPC_STEP_MODE", "grpah")
     with pytest.raises(GroupError) as e:
         train_group(CFGS, [tmp_path / "a", tmp_path / "b"], device="cpu", exact=False,
-                    step_mode=arg, progress_bar=False)
-    bad = arg or env
-    assert str(e.value) == (f"train_group: {named}: expected one of eager, fused, graph, "
-                            f"compile, got {bad!r}")
+                    progress_bar=False)
+    assert str(e.value) == ("train_group: $GROKHPC_STEP_MODE: expected one of eager, fused, "
+                            "graph, compile, got 'grpah'")
     assert not (tmp_path / "a").exists()
+    monkeypatch.setenv("GROKHPC_STEP_MODE", "fused")
+    with pytest.raises(ConfigError) as e:   # the job's own setting: refused where it is made
+        JobSettings(step_mode="fast")
+    assert str(e.value) == ("job settings: step_mode: expected one of eager, fused, graph, "
+                            "compile, got 'fast'")
 
 
 def test_exact_mode_steps_as_before_whatever_mode_is_asked(tmp_path, modes):
     said = []
-    train_group(CFGS, [tmp_path / "a", tmp_path / "b"], device="cpu", exact=True,
-                step_mode="graph", progress_bar=False, log=said.append)
+    train_group(CFGS, [tmp_path / "a", tmp_path / "b"], JobSettings(step_mode="graph"),
+                device="cpu", exact=True, progress_bar=False, log=said.append)
     assert said == ["step_mode graph: exact mode steps each run with the solo code; eager used"]
     assert modes == [("eager", StackedAdamW)]
     assert all(RunDir(tmp_path / d).is_complete() for d in ("a", "b"))

@@ -20,6 +20,7 @@ from conftest import TINY_RUN
 from grokhpc import launch as launch_mod
 from grokhpc import tracking
 from grokhpc.config import ConfigError, RunConfig
+from grokhpc.runtime import JobSettings
 from grokhpc.store import RunDir
 from grokhpc.sweep import LauncherSettings, parse_launcher, parse_sweep
 from grokhpc.train import Trainer, run_training
@@ -38,7 +39,7 @@ def wandb_env(tmp_path, monkeypatch):
            "WANDB_DATA_DIR": str(tmp_path / "wb-data")}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.delenv(tracking.ENV, raising=False)
+    monkeypatch.delenv("GROKHPC_WANDB", raising=False)
     return {**os.environ, **env}
 
 
@@ -118,7 +119,7 @@ def test_an_untracked_run_never_imports_wandb(tmp_path, write_spec):
     """Training a run, and even planning a sweep whose launcher names W&B, import no wandb."""
     spec = write_spec({"base": TINY_RUN, "grid": {"model_seed": [1, 2]},
                        "out": str(tmp_path / "sweep"), "launcher": {"wandb": {"project": "grok"}}})
-    env = {k: v for k, v in os.environ.items() if k != tracking.ENV}
+    env = {k: v for k, v in os.environ.items() if k != "GROKHPC_WANDB"}
     code = NO_WANDB.format(cfg={**TINY_RUN, "n_epochs": 20})
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run"), str(spec)],
                        capture_output=True, text=True, timeout=600, env=env)
@@ -274,18 +275,16 @@ def test_a_resume_logs_only_the_epochs_its_wandb_run_lacks(tmp_path, wandb_env, 
     (not from 80, which would leave a gap, nor from 0, which would log epochs twice)."""
     out = tmp_path / "run"
     cfg = RunConfig(**RUN)
-    with tracking.enabled(tracking.WandbSettings("grokhpc-test")):
-        t = Trainer.open(cfg, out)
-        t.fit(progress_bar=False, until=40)
-        t.close()
-    monkeypatch.delenv(tracking.ENV, raising=False)
+    tracked = JobSettings(wandb=tracking.WandbSettings("grokhpc-test").to_dict())
+    t = Trainer.open(cfg, out, settings=tracked)
+    t.fit(progress_bar=False, until=40)
+    t.close()
     t = Trainer.open(cfg, out)
     assert t.tracker is None
     t.fit(progress_bar=False, until=80)
     t.close()
-    with tracking.enabled(tracking.WandbSettings("grokhpc-test")):
-        run_training(cfg, out, progress_bar=False, log=lambda *a: None)
-    assert tracking.ENV not in os.environ
+    run_training(cfg, out, tracked, progress_bar=False, log=lambda *a: None)
+    assert "GROKHPC_WANDB" not in os.environ
 
     segments = wandb_record(out, cfg.run_id)
     assert [s["steps"][0] for s in segments] == [0, 40]
@@ -305,7 +304,7 @@ def test_packed_runs_launched_with_the_setting_are_tracked_run_by_run(tmp_path, 
     printed = capsys.readouterr().out
     sync = f"wandb sync {out / 'runs' / '*' / 'wandb' / 'offline-run-*'}"
     assert printed.count(sync) == 1
-    assert tracking.ENV not in os.environ                 # the launch left the environment be
+    assert "GROKHPC_WANDB" not in os.environ                 # the launch left the environment be
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["launcher"]["wandb"]["project"] == "grokhpc-test"
     ids = [r["run_id"] for r in manifest["runs"]]

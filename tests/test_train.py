@@ -29,6 +29,7 @@ from conftest import TRY_LOCK
 from grokhpc.checkpoints import NPY_HEADER_BYTES, append_checkpoint_row
 from grokhpc.store import CHECKPOINTS, CURVE_COLUMNS, RUN_FILES, RunDir, RunDirError
 from grokhpc.runtime import provenance_columns
+from grokhpc.stack import Stack
 from grokhpc.train import Trainer, run_training
 
 TINY = dict(p=13, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=240,
@@ -97,6 +98,79 @@ def test_curves_and_checkpoints_agree_with_an_independent_evaluation(reference):
             train = loss_fn(model(d.train_tokens)[:, -1], d.train_labels).item()
         assert test == pytest.approx(curves.loc[epochs[i], "test_loss"], rel=1e-5, abs=1e-9)
         assert train == pytest.approx(curves.loc[epochs[i], "train_loss"], rel=1e-5, abs=1e-9)
+
+
+def _plain_torch_loop(cfg: RunConfig) -> tuple[dict[int, np.ndarray], dict[str, list]]:
+    """``cfg`` trained by a plain loop: the model's own ``last_logits`` and loss, torch's own
+    optimiser stepped once per (mini)batch, the lr set per epoch and the weight norm held as the
+    run fields say, the test split scored every ``eval_every`` epochs. Returns the flat weights
+    at each checkpoint epoch and the curves (NaN where not scored)."""
+    from grokhpc.data import make_dataset
+    from grokhpc.lastpos import accuracy, cross_entropy
+    from grokhpc.model import build_model, flat_weights
+    from grokhpc.optim import (batch_generator, epoch_batches, rescale_to_norm, set_lr,
+                               weight_norm)
+    from grokhpc.runtime import deterministic_kernels
+
+    model, data = build_model(cfg), make_dataset(cfg)
+    train_x, train_y, test_x, test_y = (data.train_tokens, data.train_labels, data.test_tokens,
+                                        data.test_labels)
+    opt = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}.get(cfg.optimizer)
+    opt = opt(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas) \
+        if opt else torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    norm = weight_norm(trainable) if cfg.fixed_weight_norm else None
+    gen = None if cfg.full_batch else batch_generator(cfg)
+    rows, nan = {0: flat_weights(model).numpy()}, float("nan")
+    curves = {k: [nan] * (cfg.n_epochs + 1) for k in ("train_loss", "test_loss")}
+    n = len(train_y)
+    for epoch in range(cfg.n_epochs + 1):
+        if epoch % cfg.eval_every == 0 or epoch == cfg.n_epochs:
+            with torch.inference_mode():
+                logits = model.last_logits(test_x)
+                curves["test_loss"][epoch] = cross_entropy(logits, test_y).item()
+        if epoch == cfg.n_epochs:
+            break
+        set_lr(opt, epoch, cfg)
+        total = 0.0
+        for idx in epoch_batches(n, cfg, gen):
+            x, y = (train_x, train_y) if idx is None else (train_x[idx], train_y[idx])
+            with deterministic_kernels(True):
+                loss = cross_entropy(model.last_logits(x), y)
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if norm is not None:
+                rescale_to_norm(trainable, norm)
+            total = total + loss.detach() * (len(y) / n)
+        curves["train_loss"][epoch] = float(loss.detach() if idx is None else total)
+        if (epoch + 1) % cfg.checkpoint_every == 0:
+            rows[epoch + 1] = flat_weights(model).numpy()
+    return rows, curves
+
+
+@pytest.mark.parametrize("fields", [
+    {},
+    {"optimizer": "sgd", "momentum": 0.9, "lr": 0.05, "batch_size": 16, "warmup_epochs": 5,
+     "lr_schedule": "cosine"},
+    {"optimizer": "adam", "weight_decay": 0.1, "fixed_weight_norm": True, "init_scale": 2.0},
+])
+def test_a_solo_run_is_a_plain_torch_loop_bit_for_bit(tmp_path, fields, one_torch_thread):
+    """A run trained alone (its stack of one) against a second implementation of the same
+    training: every checkpoint row bit for bit, every train loss and every scored test loss
+    exactly (the last epoch's train loss is scored after the last step: left out)."""
+    cfg = RunConfig(**{**TINY, "n_epochs": 40, **fields})
+    rows, curves = _plain_torch_loop(cfg)
+    run = run_training(cfg, tmp_path / "run", progress_bar=False, log=lambda *_: None)
+    epochs, weights = run.checkpoints(mmap=False)
+    assert epochs == sorted(rows) == [0, 20, 40]
+    for e, row in zip(epochs, weights):
+        assert np.array_equal(row, rows[e]), e
+    got = run.read_curves()
+    assert got["train_loss"].tolist()[:-1] == curves["train_loss"][:-1]
+    assert np.array_equal(got["test_loss"].to_numpy(), np.array(curves["test_loss"]),
+                          equal_nan=True)
 
 
 def _train_cmd(out, *extra):
@@ -197,10 +271,7 @@ def test_stale_checkpoint_tail_is_cut_on_resume(tmp_path):
     out = tmp_path / "run"
     cfg = RunConfig(**{**TINY, "n_epochs": 60})
     t = Trainer.open(cfg, out)
-    for _ in range(20):
-        t.step()
-    t.evaluate()
-    t.commit(checkpoint=True, state=True)           # epochs 0 and 20 committed
+    t.fit(progress_bar=False, until=20)             # epochs 0 and 20 committed
     n_cols = sum(math.prod(s) for _, s in t.layout)
     append_checkpoint_row(out / CHECKPOINTS, np.full(n_cols, 7.0, np.float32), 2)  # orphan
     (out / ".state.pt.k1ll3d.tmp").write_bytes(b"half a state")        # a kill mid-rename
@@ -392,13 +463,13 @@ HOLDER = """
 import json, sys
 from grokhpc.config import RunConfig
 from grokhpc.config import to_dict as config_to_dict
-from grokhpc.train import Trainer, finish
+from grokhpc.train import Trainer
 t = Trainer.open(RunConfig(**json.loads(sys.argv[2])), sys.argv[1])
 print("open", flush=True)
 sys.stdin.readline()
 if sys.argv[3] == "train":
     t.fit(progress_bar=False)
-    finish(t)                       # reads config.json in this process: the lock must survive
+    t.finish()                      # reads config.json in this process: the lock must survive
     print("finished", flush=True)
     sys.stdin.readline()
 t.close()
@@ -576,7 +647,8 @@ def test_training_runs_at_the_runs_matmul_precision(tmp_path, monkeypatch, preci
             return fn(*a, **kw)
         return inner
 
-    monkeypatch.setattr(Trainer, "_update", spy("step", Trainer._update))
+    monkeypatch.setattr(Stack, "_update", spy("step", Stack._update))
+    monkeypatch.setattr(Stack, "evaluate", spy("evaluate", Stack.evaluate))
     monkeypatch.setattr(Trainer, "evaluate", spy("evaluate", Trainer.evaluate))
     monkeypatch.setattr(grokhpc.measures, "finalize_run",
                         spy("measures", grokhpc.measures.finalize_run))

@@ -31,7 +31,9 @@ from grokhpc.model import build_model
 from grokhpc.store import RunDir
 from grokhpc.train import Trainer, loss_fn, run_training
 from grokhpc.lastpos import accuracy, cross_entropy, last_logits
-from grokhpc.train_batched import GroupError, Stack, StackedAdamW, train_group
+from grokhpc.stack import Stack
+from grokhpc.stacked_optim import StackedAdamW
+from grokhpc.train_batched import GroupError, train_group
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -167,8 +167,9 @@ def test_finiteness_is_checked_once_per_commit_never_per_epoch(tmp_path, monkeyp
 
     calls = []
     real = divergence.nonfinite
-    monkeypatch.setattr(divergence, "nonfinite", lambda t, row: calls.append(t.epoch)
-                        or real(t, row))
+    monkeypatch.setattr(divergence, "nonfinite", lambda curve, weights, runs, starts, epoch,
+                        *scored: calls.append(epoch) or real(curve, weights, runs, starts, epoch,
+                                                             *scored))
     run_training(RunConfig(**SHORT), tmp_path / "run", progress_bar=False, log=lambda *_: None)
     assert calls == [0, 20, 40]          # the checkpoint commits: every 20 epochs of 40
 

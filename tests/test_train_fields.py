@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from grokhpc.config import from_dict
+from grokhpc.stack import Stack
+from grokhpc.stacked_optim import StackedAdamW
 from grokhpc.store import RunDir
-from grokhpc.train import Trainer, finish, run_training
+from grokhpc.train import Trainer, run_training
 
 TINY = dict(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=60,
             checkpoint_every=20, eval_every=10, lr=3e-3, device="cpu")
@@ -43,17 +45,17 @@ def test_minibatch_run_resumed_from_its_last_commit_is_bit_identical(tmp_path, e
     assert not np.array_equal(full.checkpoints()[1][-1], ref.checkpoints()[1][-1])
 
 
-def test_schedule_sets_the_lr_of_every_epoch(tmp_path):
+def test_schedule_sets_the_lr_of_every_epoch(tmp_path, monkeypatch):
     cfg = from_dict({**TINY, "warmup_epochs": 10, "lr_schedule": "cosine"})
     t = Trainer.open(cfg, tmp_path / "run", torch.device("cpu"))
     seen = []
-    step = t.optimizer.step
+    step = StackedAdamW.step
 
-    def spy(*a, **k):
-        seen.append(t.optimizer.param_groups[0]["lr"])
-        return step(*a, **k)
+    def spy(self, *a, **k):   # the optimiser that steps the run (its stack of one)
+        seen.append(self.lrs[0])
+        return step(self, *a, **k)
 
-    t.optimizer.step = spy
+    monkeypatch.setattr(StackedAdamW, "step", spy)
     t.fit(progress_bar=False, until=40)
     import math
     expect = [3e-3 * (e + 1) / 10 for e in range(10)] + \
@@ -72,22 +74,26 @@ def test_fixed_weight_norm_holds_the_initial_norm(tmp_path):
     assert abs(free_norms[-1] / free_norms[0] - 1) > 1e-3       # without it the norm moves
 
 
-class _GrokAt30(Trainer):
-    """A trainer whose logged test accuracy reaches 100% at epoch 30 (the moment is the
-    test's); everything else is the real training, commit and finish."""
+def _grok_at_30(monkeypatch) -> None:
+    """The training's scoring with the logged test accuracy 100% from epoch 30 on (the moment
+    is the test's); everything else is the real training, commit and finish."""
+    original = Stack.evaluate
 
-    def evaluate(self, train_too: bool = False) -> None:
-        super().evaluate(train_too)
+    def evaluate(self, runs=None, train_runs=()):
+        original(self, runs, train_runs)
         if self.epoch >= 30:
-            self.curves["test_acc"][self.epoch] = 1.0
+            for r in range(self.R) if runs is None else runs:
+                self.curves["test_acc"][r, self.epoch] = 1.0
             self.note_grok()
+    monkeypatch.setattr(Stack, "evaluate", evaluate)
 
 
-def test_stop_after_grok_ends_the_run_as_complete_at_its_own_epoch(tmp_path):
+def test_stop_after_grok_ends_the_run_as_complete_at_its_own_epoch(tmp_path, monkeypatch):
     cfg = from_dict({**TINY, "n_epochs": 200, "stop_after_grok": 15})
-    t = _GrokAt30.open(cfg, tmp_path / "run", torch.device("cpu"))
+    _grok_at_30(monkeypatch)
+    t = Trainer.open(cfg, tmp_path / "run", torch.device("cpu"))
     t.fit(progress_bar=False)
-    finish(t)
+    t.finish()
     run = RunDir(tmp_path / "run")
     prog, summary = run.read_progress(), run.read_summary()
     assert (prog["epoch"], prog["n_epochs"], prog["done"], prog["stopped_early"]) == \
