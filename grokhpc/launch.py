@@ -53,7 +53,8 @@ from .clusters import (DEFAULT_ARRAY_PARALLELISM, ClusterProfile, fit_partition,
 from .config import GROK_ACC, ConfigError
 from .job import last_line
 from .plan import plan_jobs
-from .scheduler import DEFAULT_MAX_ARRAY, JOBS_DIR, MANIFEST, chunks, max_array_size, sbatch_preview
+from .scheduler import (DEFAULT_MAX_ARRAY, JOBS_DIR, MANIFEST, chunks, controller_answers,
+                        max_array_size, sbatch_preview)
 from .store import CONFIG, RunDir, RunDirError
 from .submit import (DEFAULT_TIME_MIN, aggregate_here, executor_parameters,
                      print_aggregation_preview, submit, wandb_settings)
@@ -62,10 +63,16 @@ from .sweep import LauncherSettings, Sweep, SweepRun, cut_text, load_sweep, show
 
 # ---- planning -------------------------------------------------------------------------------
 def resolve_executor(name: str, dry_run: bool = False, cluster: str | None = None) -> str:
+    """``auto``: SLURM when its controller answers (or for a named cluster's dry run), else
+    local. sbatch on PATH with no controller behind it runs locally, saying so on stderr."""
     if name != "auto":
         return name
-    if shutil.which("sbatch") or (dry_run and cluster):
+    if dry_run and cluster or controller_answers():
         return "slurm"
+    if shutil.which("sbatch"):
+        print("executor auto: sbatch is on PATH but no SLURM controller answers (scontrol "
+              "ping): running here with the local executor (--executor slurm insists)",
+              file=sys.stderr)
     return "local"
 
 
@@ -313,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print the runs and the sbatch parameters; write and submit nothing")
     ap.add_argument("--executor", choices=["auto", "slurm", "local", "debug"], default=None,
                     help="where jobs run (default: the spec's launcher.executor, else auto: "
-                         "SLURM if sbatch is on PATH, else local)")
+                         "SLURM if its controller answers here, else local)")
     ap.add_argument("--cluster", default=None,
                     help="cluster profile from slurm/<NAME>.yaml (bouchet, mccleary, grace)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],

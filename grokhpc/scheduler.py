@@ -308,6 +308,12 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def controller_answers() -> bool:
+    """Whether a SLURM controller answers here (``scontrol ping`` says UP). sbatch on PATH alone
+    is not enough: a machine may carry SLURM's commands with no controller behind them."""
+    return bool(shutil.which("sbatch")) and " is UP" in _ask(["scontrol", "ping"])
+
+
 def max_array_size() -> int:
     """Array tasks per submission: below ``MaxArraySize`` from ``scontrol show config``."""
     for line in _ask(["scontrol", "show", "config"]).splitlines():

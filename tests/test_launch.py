@@ -287,7 +287,10 @@ for id in $ids; do grep -E "^${id}(_[0-9]+)? " "$FAKE/queue"; done; true
 """,
     "scancel": 'echo "$@" >> "$FAKE/scancelled"\n',
     "sacct": "true\n",
-    "scontrol": "true\n",
+    # ping answers from the file ``controller`` (UP unless a test writes DOWN)
+    "scontrol": """if [ "$1" = ping ]; then s=$(cat "$FAKE/controller")
+  echo "Slurmctld(primary) at fake is $s"; [ "$s" = UP ]; exit; fi
+""",
     # submitit's SlurmExecutor only looks for srun on PATH; the jobs never run
     "srun": 'echo "srun: a fake, jobs never run here" >&2; exit 1\n',
 }
@@ -309,12 +312,28 @@ def fake_slurm(tmp_path, monkeypatch):
     for tool in FAKE_TOOLS:
         (tools / tool).symlink_to(shutil.which(tool) or pytest.fail(f"{tool} not on PATH"))
     (fake / "next").write_text("100\n")
+    (fake / "controller").write_text("UP\n")
     (fake / "queue").write_text("")
     monkeypatch.setenv("FAKE", str(fake))
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{tools}")
     for name in FAKE_SLURM:
         assert shutil.which(name) == str(fake / name), name
     return fake
+
+
+def test_auto_executor_is_slurm_only_when_a_controller_answers(fake_slurm, capsys):
+    """sbatch on PATH with its controller down (SLURM's commands installed, no cluster behind
+    them) is the local executor, said on stderr; a named cluster's dry run is SLURM's."""
+    assert launch_mod.resolve_executor("auto") == "slurm"
+    assert capsys.readouterr().err == ""
+    (fake_slurm / "controller").write_text("DOWN\n")
+    assert launch_mod.resolve_executor("auto") == "local"
+    assert "no SLURM controller answers" in capsys.readouterr().err
+    assert launch_mod.resolve_executor("auto", dry_run=True, cluster="bouchet") == "slurm"
+    assert launch_mod.resolve_executor("slurm") == "slurm"
+    (fake_slurm / "sbatch").unlink()
+    assert launch_mod.resolve_executor("auto") == "local"
+    assert capsys.readouterr().err == ""
 
 
 def earlier_launch(spec, out, job: str, agg: str) -> list:
