@@ -193,9 +193,15 @@ def last_logits(P: Mapping[str, Any], tokens, queries: Queries | None = None,
     import torch
 
     w, solo = stacked(P)
+    rows = tokens
     if solo:
         tokens = tokens[None]
     q = queries_of(tokens, w.W_E.dtype) if queries is None else queries
+    if solo and act_fn in ("relu", "gelu"):
+        from . import kernels
+
+        if kernels.applies(rows, len(q.tokens), w.W_E.shape[1], w.W_Q.shape[1]):
+            return kernels.last_logits(Weights(*(v[0] for v in w)), rows, q, act_fn)
     resid = resid_mid(w, tables(w, tokens.shape[-1], q.tokens), tokens, q)
     m = read_out_maps(w)
     pre = torch.baddbmm(m.b_in[:, None], resid, m.W_in)
@@ -252,6 +258,10 @@ def cross_entropy(logits, labels, dtype: str = "float64", mask=None):
     rows are left out and each run's mean is over its own rows."""
     import torch
 
+    if mask is None and logits.dim() == 2 and logits.device.type == "cpu":
+        from . import kernels
+
+        return kernels.cross_entropy(logits, labels, getattr(torch, dtype))
     nll = row_losses(logits, labels, dtype)
     if mask is None:
         return nll.mean(dim=-1)
