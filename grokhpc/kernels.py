@@ -120,23 +120,24 @@ plans = PlanCache()
 
 
 class Tables(NamedTuple):
-    """The differentiable inputs of :class:`RowsFn`, from one run's weights."""
+    """The differentiable inputs of the rows' part, from one run's weights (autograd)."""
 
     scores: Any      # (U (rows_q - 1),) score of each (query, head, position, key token) / sqrt(e)
     own_scores: Any  # (U, h) each query's score of its own key
-    table: Any       # (U rows_q, d_mlp + p) rows read through W_O and [W_in | W_U]; bases last
+    VW: Any          # (h, (n-1) V, D) each value row read through W_O and [W_in | W_U]
+    own: Any         # (U, h, D) each query's own value row, read alike
+    base: Any        # (U, D) what a row of the query holds whatever its pattern
     W_logit: Any     # (d_mlp, p) = W_out @ W_U
 
 
 def tables(w, n: int, query_tokens) -> Tables:
     """The tables of one run's weights ``w`` (``lastpos.Weights`` without a run axis) for
-    ``n`` positions, the last holding ``query_tokens`` (U,)."""
+    ``n`` positions, the last holding ``query_tokens`` (U,); ``D = d_mlp + p``."""
     import torch
 
     h, d, e = w.W_Q.shape
     x = w.W_E + w.W_pos[:n, None]                                           # (n, V, d)
     early, x_last = x[:-1], x[-1][query_tokens]
-    U, V = len(query_tokens), x.shape[1]
     scale = math.sqrt(e)
     qv = torch.einsum("ud,hde->uhe", x_last, w.W_Q) + w.b_Q                    # (U, h, e)
     k = torch.einsum("pvd,hde->hpve", early, w.W_K) + w.b_K[:, None, None]    # (h, n-1, V, e)
@@ -147,12 +148,36 @@ def tables(w, n: int, query_tokens) -> Tables:
     read = torch.cat([w.W_in, w.W_U], dim=1)                                  # (d, D)
     bias = torch.cat([w.b_in, w.b_U + w.b_out @ w.W_U])
     WOM = torch.matmul(w.W_O, read)                                           # (h, e, D)
-    VW = torch.bmm(values.reshape(h, -1, e), WOM)                             # (h, (n-1)V, D)
     own = torch.einsum("uhe,hef->uhf", own_v, WOM)                            # (U, h, D)
-    base = (x_last + w.b_O) @ read + bias + own.sum(1)                        # (U, D)
-    rel = (VW[None] - own[:, :, None]).reshape(U, -1, VW.shape[-1])
-    table = torch.cat([rel, base[:, None]], dim=1).reshape(-1, VW.shape[-1])
-    return Tables(scores.reshape(-1), (qv * own_k).sum(-1) / scale, table, w.W_out @ w.W_U)
+    return Tables(scores=scores.reshape(-1), own_scores=(qv * own_k).sum(-1) / scale,
+                  VW=torch.bmm(values.reshape(h, -1, e), WOM), own=own,
+                  base=(x_last + w.b_O) @ read + bias + own.sum(1), W_logit=w.W_out @ w.W_U)
+
+
+def column_blocks(d_mlp: int, p: int, table_rows: int, itemsize: int) -> list[int]:
+    """Widths of the table's column blocks: the MLP's columns cut so that one block of the
+    table stays in a core's L2 cache while every row gathers from it (half a MiB), then the
+    direct logits' ``p``."""
+    n = max(1, -(-d_mlp * table_rows * itemsize // (512 * 1024)))
+    width = -(-d_mlp // n)
+    return [min(width, d_mlp - i) for i in range(0, d_mlp, width)] + [p]
+
+
+def _table_blocks(t: Tables, rows_q: int, widths: list[int]) -> list:
+    """Each column block of the table, contiguous (U rows_q, width): per query, its value rows
+    less its own (the pattern to the own key is 1 - the others'), then its base."""
+    import torch
+
+    U, (h, L, D) = t.own.shape[0], t.VW.shape
+    out, c = [], 0
+    for width in widths:
+        blk = torch.empty(U, rows_q, width, dtype=t.VW.dtype, device=t.VW.device)
+        torch.sub(t.VW[None, :, :, c:c + width], t.own[:, :, None, c:c + width],
+                  out=blk[:, :-1].view(U, h, L, width))
+        blk[:, -1] = t.base[:, c:c + width]
+        out.append(blk.view(U * rows_q, width))
+        c += width
+    return out
 
 
 def _pattern(scores, own_scores, plan: Plan):
@@ -164,29 +189,42 @@ def _pattern(scores, own_scores, plan: Plan):
     return torch.softmax(s, dim=0)
 
 
-def _forward(scores, own_scores, table, W_logit, plan: Plan, act_fn: str):
-    """(logits (b, p), pattern, the gather's weights (b, K + 1), the buffer (b, D) of the
-    pre-activation and direct logits, with act(pre) in its first d_mlp columns for ReLU, and
-    act(pre))."""
+class Saved(NamedTuple):
+    """What the backward reads: the forward's pattern, gather weights, table blocks, and per
+    MLP block its activation's output (and input, for GELU)."""
+
+    pattern: Any
+    weights: Any
+    blocks: list
+    posts: list
+    pres: list
+
+
+def _forward(t: Tables, plan: Plan, act_fn: str):
+    """(logits (b, p), :class:`Saved`): each row's weighted sum of table rows, block by block;
+    the activation in place on the MLP's blocks; the direct logits' block plus the read-out."""
     import torch
     import torch.nn.functional as F
 
-    pattern = _pattern(scores, own_scores, plan)
+    W_logit = t.W_logit.detach()
+    widths = column_blocks(W_logit.shape[0], W_logit.shape[1], t.VW.shape[1] * t.VW.shape[0],
+                           W_logit.element_size())
+    blocks = _table_blocks(Tables(*(x.detach() for x in t)), plan.rows_q, widths)
+    pattern = _pattern(t.scores.detach(), t.own_scores.detach(), plan)
     n, b, h = pattern.shape
-    weights = torch.empty(b, plan.idx.shape[1], dtype=table.dtype, device=table.device)
+    weights = torch.empty(b, plan.idx.shape[1], dtype=W_logit.dtype, device=W_logit.device)
     weights[:, :-1].view(b, h, n - 1).copy_(pattern[:-1].permute(1, 2, 0))
     weights[:, -1] = 1.0
-    mixed = F.embedding_bag(plan.idx, table.detach(), per_sample_weights=weights, mode="sum")
-    pre = mixed[:, :W_logit.shape[0]]
-    post = pre.relu_() if act_fn == "relu" else F.gelu(pre)
-    logits = torch.addmm(mixed[:, W_logit.shape[0]:], post, W_logit)
-    return logits, pattern, weights, mixed, post
-
-
-class RowsFn:
-    """Namespace of the autograd Function (built on first use: torch is imported lazily)."""
-
-    fn = None
+    mixed = [F.embedding_bag(plan.idx, blk, per_sample_weights=weights, mode="sum")
+             for blk in blocks]
+    logits, posts, pres, r = mixed[-1], [], [], 0
+    for pre in mixed[:-1]:
+        post = pre.relu_() if act_fn == "relu" else F.gelu(pre)
+        logits.addmm_(post, W_logit[r:r + pre.shape[1]])
+        posts.append(post)
+        pres.append(pre)
+        r += pre.shape[1]
+    return logits, Saved(pattern, weights, blocks, posts, pres if act_fn != "relu" else [])
 
 
 def _rows_function():
@@ -194,12 +232,13 @@ def _rows_function():
 
     class _Rows(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, scores, own_scores, table, W_logit, plan, act_fn):
+        def forward(ctx, scores, own_scores, VW, own, base, W_logit, plan, act_fn):
             with unfilled():
-                logits, pattern, weights, mixed, post = _forward(scores, own_scores, table,
-                                                                 W_logit, plan, act_fn)
-            ctx.plan, ctx.act_fn = plan, act_fn
-            ctx.save_for_backward(table, W_logit, pattern, weights, mixed, post)
+                logits, saved = _forward(Tables(scores, own_scores, VW, own, base, W_logit),
+                                         plan, act_fn)
+            ctx.saved, ctx.plan, ctx.act_fn = saved, plan, act_fn
+            ctx.shapes = (VW.shape, own.shape)
+            ctx.save_for_backward(W_logit)
             return logits
 
         @staticmethod
@@ -210,47 +249,72 @@ def _rows_function():
     return _Rows
 
 
+def _grad_mix(ctx, grad, W_logit) -> tuple[list, Any]:
+    """(the gradient of each block's gathered sum, the gradient of W_logit): the read-out's
+    two GEMMs per MLP block, the activation's derivative in place; the direct block's is
+    ``grad`` itself."""
+    import torch
+
+    sv = ctx.saved
+    g_logit = grad.new_empty(W_logit.shape) if ctx.needs_input_grad[5] else None
+    gmix, r = [], 0
+    for i, post in enumerate(sv.posts):
+        rows = slice(r, r + post.shape[1])
+        if g_logit is not None:
+            torch.mm(post.t(), grad, out=g_logit[rows])
+        g = torch.mm(grad, W_logit[rows].t())
+        if ctx.act_fn == "relu":
+            torch.ops.aten.threshold_backward.grad_input(g, post, 0, grad_input=g)
+        else:
+            g = torch.ops.aten.gelu_backward(g, sv.pres[i])
+        gmix.append(g)
+        r += post.shape[1]
+    return gmix + [grad], g_logit
+
+
 def _backward(ctx, grad):
-    """Gradients of (scores, own_scores, table, W_logit) from the logits' ``grad`` (b, p)."""
+    """Gradients of (scores, own_scores, VW, own, base, W_logit) from the logits' ``grad``."""
     import torch
     import torch.nn.functional as F
 
-    table, W_logit, pattern, weights, mixed, post = ctx.saved_tensors
-    plan, need = ctx.plan, ctx.needs_input_grad
-    grad = grad.contiguous()
-    b, m = post.shape
-    n, h = pattern.shape[0], pattern.shape[2]
-    g_logit = torch.mm(post.t(), grad) if need[3] else None
-    if not any(need[:3]):
-        return None, None, None, g_logit
-    gmix = torch.empty_like(mixed)                     # (b, D): d pre-activation | d direct
-    gpre = gmix[:, :m]
-    torch.mm(grad, W_logit.t(), out=gpre)
-    if ctx.act_fn == "relu":
-        torch.ops.aten.threshold_backward.grad_input(gpre, post, 0, grad_input=gpre)
-    else:
-        gpre.copy_(torch.ops.aten.gelu_backward(gpre, mixed[:, :m]))
-    gmix[:, m:].copy_(grad)
-    g_table = None
-    if need[2]:
-        K = weights.shape[1] - 1
-        bag_w = weights[:, :K].reshape(-1)[plan.t_order]
-        g_table = F.embedding_bag(plan.t_rows, gmix, plan.t_offsets, mode="sum",
-                                  per_sample_weights=bag_w)
-        g_table.view(-1, plan.rows_q, gmix.shape[1])[:, -1] = plan.onehot.t() @ gmix
-    g_scores = g_own = None
+    (W_logit,), sv, plan, need = ctx.saved_tensors, ctx.saved, ctx.plan, ctx.needs_input_grad
+    gmix, g_logit = _grad_mix(ctx, grad.contiguous(), W_logit)
+    (h, L, D), U = ctx.shapes[0], ctx.shapes[1][0]
+    g_VW = grad.new_empty(h, L, D) if need[2] else None
+    g_own = grad.new_empty(U, h, D) if need[3] else None
+    g_base = grad.new_empty(U, D) if need[4] else None
+    n, b, _ = sv.pattern.shape
+    K = sv.weights.shape[1] - 1
+    bag_w = sv.weights[:, :K].reshape(-1)[plan.t_order]
+    dots, c = 0, 0
+    for g, blk in zip(gmix, sv.blocks):
+        width = g.shape[1]
+        cols = slice(c, c + width)
+        if need[2] or need[3]:
+            gt = F.embedding_bag(plan.t_rows, g, plan.t_offsets, mode="sum",
+                                 per_sample_weights=bag_w).view(U, plan.rows_q, width)
+            rel = gt[:, :-1].view(U, h, L, width)
+            if g_VW is not None:
+                torch.sum(rel, dim=0, out=g_VW[..., cols]) if U > 1 else g_VW[..., cols].copy_(
+                    rel[0])
+            if g_own is not None:
+                torch.sum(rel, dim=2, out=g_own[..., cols]).neg_()
+        if g_base is not None:
+            torch.mm(plan.onehot.t(), g, out=g_base[:, cols])
+        if need[0] or need[1]:
+            dots = dots + torch.sparse.sampled_addmm(plan.csr, g, blk.t(), beta=0.0).values()
+        c += width
+    g_scores = g_own_s = None
     if need[0] or need[1]:
-        dots = torch.sparse.sampled_addmm(plan.csr, gmix, table.t(), beta=0.0).values()
-        g_pat = pattern.new_zeros(pattern.shape)      # the pattern to the own key: no term
+        g_pat = sv.pattern.new_zeros(sv.pattern.shape)  # the pattern to the own key: no term
         g_pat[:-1] = dots.view(b, h, n - 1).permute(2, 0, 1)
-        g_s = torch._softmax_backward_data(g_pat, pattern, 0, pattern.dtype)
+        g_s = torch._softmax_backward_data(g_pat, sv.pattern, 0, sv.pattern.dtype)
         if need[0]:
-            g_scores = torch.zeros(plan.onehot.shape[1] * (plan.rows_q - 1), dtype=g_s.dtype,
-                                   device=g_s.device)
+            g_scores = torch.zeros(U * (plan.rows_q - 1), dtype=g_s.dtype, device=g_s.device)
             g_scores.index_add_(0, plan.sidx.view(-1), g_s[:-1].reshape(-1))
         if need[1]:
-            g_own = plan.onehot.t() @ g_s[-1]
-    return g_scores, g_own, g_table, g_logit
+            g_own_s = plan.onehot.t() @ g_s[-1]
+    return g_scores, g_own_s, g_VW, g_own, g_base, g_logit
 
 
 def applies(tokens, n_queries: int, V: int, h: int) -> bool:
@@ -258,6 +322,12 @@ def applies(tokens, n_queries: int, V: int, h: int) -> bool:
     larger than the rows (a few distinct queries, as every train and test set has)."""
     b, n = tokens.shape
     return tokens.device.type == "cpu" and n >= 2 and n_queries * h * (n - 1) * V <= max(b, 1)
+
+
+class RowsFn:
+    """The rows' autograd Function, built on first use (torch is imported lazily)."""
+
+    fn = None
 
 
 def last_logits(w, tokens, queries, act_fn: str = "relu"):
@@ -270,13 +340,12 @@ def last_logits(w, tokens, queries, act_fn: str = "relu"):
     U = len(queries.tokens)
     plan = plans(tokens, queries.index, U, V, h, w.W_E.dtype)
     t = tables(w, tokens.shape[1], queries.tokens)
-    if not torch.is_grad_enabled() or not any(
-            x.requires_grad for x in (t.scores, t.own_scores, t.table, t.W_logit)):
+    if not torch.is_grad_enabled() or not any(x.requires_grad for x in t):
         with unfilled():
-            return _forward(t.scores, t.own_scores, t.table, t.W_logit, plan, act_fn)[0]
+            return _forward(t, plan, act_fn)[0]
     if RowsFn.fn is None:
         RowsFn.fn = _rows_function()
-    return RowsFn.fn.apply(t.scores, t.own_scores, t.table, t.W_logit, plan, act_fn)
+    return RowsFn.fn.apply(*t, plan, act_fn)
 
 
 # ---- the loss ----------------------------------------------------------------------------------
