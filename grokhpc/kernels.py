@@ -280,7 +280,7 @@ def _backward(ctx, grad):
     (W_logit,), sv, plan, need = ctx.saved_tensors, ctx.saved, ctx.plan, ctx.needs_input_grad
     gmix, g_logit = _grad_mix(ctx, grad.contiguous(), W_logit)
     (h, L, D), U = ctx.shapes[0], ctx.shapes[1][0]
-    g_VW = grad.new_empty(h, L, D) if need[2] else None
+    g_VW = [] if need[2] else None
     g_own = grad.new_empty(U, h, D) if need[3] else None
     g_base = grad.new_empty(U, D) if need[4] else None
     n, b, _ = sv.pattern.shape
@@ -295,8 +295,7 @@ def _backward(ctx, grad):
                                  per_sample_weights=bag_w).view(U, plan.rows_q, width)
             rel = gt[:, :-1].view(U, h, L, width)
             if g_VW is not None:
-                torch.sum(rel, dim=0, out=g_VW[..., cols]) if U > 1 else g_VW[..., cols].copy_(
-                    rel[0])
+                g_VW.append(rel[0] if U == 1 else rel.sum(0))
             if g_own is not None:
                 torch.sum(rel, dim=2, out=g_own[..., cols]).neg_()
         if g_base is not None:
@@ -304,6 +303,7 @@ def _backward(ctx, grad):
         if need[0] or need[1]:
             dots = dots + torch.sparse.sampled_addmm(plan.csr, g, blk.t(), beta=0.0).values()
         c += width
+    g_VW = None if g_VW is None else torch.cat(g_VW, dim=-1)
     g_scores = g_own_s = None
     if need[0] or need[1]:
         g_pat = sv.pattern.new_zeros(sv.pattern.shape)  # the pattern to the own key: no term
@@ -372,7 +372,8 @@ def _cross_entropy_function():
     class _CrossEntropy(torch.autograd.Function):
         @staticmethod
         def forward(ctx, logits, labels, dtype):
-            nll, e, s = _row_losses(logits, labels, dtype)
+            with unfilled():
+                nll, e, s = _row_losses(logits, labels, dtype)
             ctx.save_for_backward(e, s, labels)
             ctx.in_dtype = logits.dtype
             return nll.mean()
@@ -380,10 +381,11 @@ def _cross_entropy_function():
         @staticmethod
         def backward(ctx, grad):
             e, s, labels = ctx.saved_tensors
-            scale = grad / len(labels)
-            g = e * (scale / s)                        # softmax times the mean's weight
-            g[torch.arange(len(labels), device=g.device), labels] -= scale
-            return g.to(ctx.in_dtype), None, None
+            with unfilled():
+                scale = grad / len(labels)
+                g = e * (scale / s)                    # softmax times the mean's weight
+                g[torch.arange(len(labels), device=g.device), labels] -= scale
+                return g.to(ctx.in_dtype), None, None
 
     return _CrossEntropy
 
@@ -394,7 +396,8 @@ def cross_entropy(logits, labels, dtype):
     import torch
 
     if not torch.is_grad_enabled() or not logits.requires_grad:
-        return _row_losses(logits, labels, dtype)[0].mean()
+        with unfilled():
+            return _row_losses(logits, labels, dtype)[0].mean()
     if CrossEntropyFn.fn is None:
         CrossEntropyFn.fn = _cross_entropy_function()
     return CrossEntropyFn.fn.apply(logits, labels, dtype)
