@@ -19,9 +19,12 @@ or R runs' stacked ``(R, *shape)`` with tokens ``(R, b, n)`` (run r only meets i
 and rows). One code path serves the solo trainer (``Transformer.last_logits``), the packed
 trainer (``grokhpc.train_batched``) and the full-grid measures (:func:`grid_terms`); the
 readable hooked ``Transformer.forward`` is the reference they are all tested against. A bias
-missing from the mapping counts as zero.
+missing from the mapping counts as zero. One run's rows on a CPU go through
+:mod:`grokhpc.kernels` (the same algebra carried into the MLP's input space, with a backward
+written by hand) when its tables are smaller than the rows, as for every train and test set.
 
-The cross-entropy and accuracy of such logits (with an optional padding mask) live here too.
+The cross-entropy and accuracy of such logits (with an optional padding mask) live here too; one
+run's unmasked loss on a CPU is :func:`grokhpc.kernels.cross_entropy`.
 """
 
 from __future__ import annotations
