@@ -299,7 +299,10 @@ def _backward(ctx, grad):
             if g_own is not None:
                 torch.sum(rel, dim=2, out=g_own[..., cols]).neg_()
         if g_base is not None:
-            torch.mm(plan.onehot.t(), g, out=g_base[:, cols])
+            if U == 1:   # torch's sum adds in blocks (cascade), not one long float32 sum
+                torch.sum(g, dim=0, keepdim=True, out=g_base[:, cols])
+            else:
+                torch.mm(plan.onehot.t(), g, out=g_base[:, cols])
         if need[0] or need[1]:
             dots = dots + torch.sparse.sampled_addmm(plan.csr, g, blk.t(), beta=0.0).values()
         c += width
@@ -313,7 +316,7 @@ def _backward(ctx, grad):
             g_scores = torch.zeros(U * (plan.rows_q - 1), dtype=g_s.dtype, device=g_s.device)
             g_scores.index_add_(0, plan.sidx.view(-1), g_s[:-1].reshape(-1))
         if need[1]:
-            g_own_s = plan.onehot.t() @ g_s[-1]
+            g_own_s = g_s[-1].sum(0, keepdim=True) if U == 1 else plan.onehot.t() @ g_s[-1]
     return g_scores, g_own_s, g_VW, g_own, g_base, g_logit
 
 
