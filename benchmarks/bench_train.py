@@ -1,6 +1,7 @@
 """Seed-way training vs grokhpc's trainer on the seed config, side by side in one invocation.
 
     python benchmarks/bench_train.py [--repeats 5] [--seed-block 10] [--fast-block 100]
+                                     [--before REF]
 
 The seed's way (as the notebook trains): the full three-position hooked forward
 ``model(tokens)``, the test loss every epoch, a ``.item()`` sync each step, and
@@ -9,7 +10,9 @@ uses it (last-position logits, test every ``eval_every`` epochs, checkpoint row 
 every 100 epochs, to a temporary run directory).
 
 Blocks of each alternate, so machine noise hits both alike; the ratio is the median over
-repeats of (seed ms/epoch) / (grokhpc ms/epoch). Peak memory: a fresh child process per way
+repeats of (seed ms/epoch) / (grokhpc ms/epoch). ``--before REF`` adds a third way, grokhpc's
+trainer with ``grokhpc/lastpos.py`` of git revision REF swapped in (``bench_floor.swapped``),
+timed in the same blocks. Peak memory: a fresh child process per way
 samples its resident set while training a few epochs and reports the peak above what it held
 once model, optimiser and data were built.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import resource
 import statistics
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def seed_way(n_epochs: int, state: dict) -> None:
@@ -60,11 +65,11 @@ def make_seed_state():
             "train_losses": [], "test_losses": [], "checkpoints": [], "epoch": 0}
 
 
-def make_trainer(tmp: str):
+def make_trainer(tmp: str, name: str = "run"):
     from grokhpc.config import RunConfig
     from grokhpc.train import Trainer
 
-    return Trainer.open(RunConfig(device="cpu"), f"{tmp}/run")
+    return Trainer.open(RunConfig(device="cpu"), f"{tmp}/{name}")
 
 
 def _rss_mib() -> float:
@@ -107,6 +112,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--seed-block", type=int, default=10, help="seed-way epochs per block")
     ap.add_argument("--fast-block", type=int, default=100, help="grokhpc epochs per block")
+    ap.add_argument("--before", metavar="REF", default=None,
+                    help="also time grokhpc's trainer with grokhpc/lastpos.py of this git "
+                         "revision")
     ap.add_argument("--child", choices=["seed", "grokhpc"], help=argparse.SUPPRESS)
     ap.add_argument("--child-epochs", type=int, default=20, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -116,12 +124,20 @@ def main() -> None:
 
     import torch
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_floor import old_lastpos, swapped
+
+    old = old_lastpos(args.before) if args.before else None
     seed_state = make_seed_state()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(tmp)
         seed_way(2, seed_state)                      # warm-up both
         trainer.fit(progress_bar=False, until=trainer.epoch + 2)
-        seed_ms, fast_ms = [], []
+        if old is not None:
+            with swapped(old):
+                before = make_trainer(tmp, "before")
+                before.fit(progress_bar=False, until=before.epoch + 2)
+        seed_ms, fast_ms, before_ms = [], [], []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             seed_way(args.seed_block, seed_state)
@@ -130,6 +146,11 @@ def main() -> None:
             t2 = time.perf_counter()
             seed_ms.append((t1 - t0) * 1000 / args.seed_block)
             fast_ms.append((t2 - t1) * 1000 / args.fast_block)
+            if old is not None:
+                with swapped(old):
+                    t2 = time.perf_counter()
+                    before.fit(progress_bar=False, until=before.epoch + args.fast_block)
+                    before_ms.append((time.perf_counter() - t2) * 1000 / args.fast_block)
     ratios = [s / f for s, f in zip(seed_ms, fast_ms)]
 
     mem = {}
@@ -146,6 +167,13 @@ def main() -> None:
         print(f"{name:<10}{med:>20.1f}{1000 / med:>12.2f}{mem[name]:>19.0f}")
     print(f"ratio (seed ms / grokhpc ms per epoch): median {statistics.median(ratios):.1f}x "
           f"over {args.repeats} repeats (each: {', '.join(f'{r:.1f}' for r in ratios)})")
+    if before_ms:
+        old_ratios = [s / b for s, b in zip(seed_ms, before_ms)]
+        print(f"grokhpc with lastpos.py of {args.before}: {statistics.median(before_ms):.1f} "
+              f"ms/epoch; ratio (seed ms / its ms): median {statistics.median(old_ratios):.1f}x "
+              f"(each: {', '.join(f'{r:.1f}' for r in old_ratios)})")
+    print(f"load average (1/5/15 min) at the end: "
+          + "/".join(f"{x:.2f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -19,10 +19,13 @@ or R runs' stacked ``(R, *shape)`` with tokens ``(R, b, n)`` (run r only meets i
 and rows). One code path serves the solo trainer (``Transformer.last_logits``), the packed
 trainer (``grokhpc.train_batched``) and the full-grid measures (:func:`grid_terms`); the
 readable hooked ``Transformer.forward`` is the reference they are all tested against. A bias
-missing from the mapping counts as zero.
+missing from the mapping counts as zero. One run's rows on a CPU go through
+:mod:`grokhpc.kernels` (the same algebra carried into the MLP's input space, with a backward
+written by hand) when its tables are smaller than the rows, as for every train and test set.
 
 The cross-entropy and accuracy of such logits (with an optional padding mask) live here too,
-and the rule of which shapes take this path (:func:`uses_fast_path`).
+and the rule of which shapes take this path (:func:`uses_fast_path`); one run's unmasked loss
+on a CPU is :func:`grokhpc.kernels.cross_entropy`.
 """
 
 from __future__ import annotations
@@ -215,9 +218,15 @@ def last_logits(P: Mapping[str, Any], tokens, queries: Queries | None = None,
     import torch
 
     w, solo = stacked(P)
+    rows = tokens
     if solo:
         tokens = tokens[None]
     q = queries_of(tokens, w.W_E.dtype) if queries is None else queries
+    if solo and act_fn in ("relu", "gelu"):
+        from . import kernels
+
+        if kernels.applies(rows, len(q.tokens), w.W_E.shape[1], w.W_Q.shape[1]):
+            return kernels.last_logits(Weights(*(v[0] for v in w)), rows, q, act_fn)
     resid = resid_mid(w, tables(w, tokens.shape[-1], q.tokens), tokens, q)
     m = read_out_maps(w)
     pre = torch.baddbmm(m.b_in[:, None], resid, m.W_in)
@@ -274,6 +283,10 @@ def cross_entropy(logits, labels, dtype: str = "float64", mask=None):
     rows are left out and each run's mean is over its own rows."""
     import torch
 
+    if mask is None and logits.dim() == 2 and logits.device.type == "cpu":
+        from . import kernels
+
+        return kernels.cross_entropy(logits, labels, getattr(torch, dtype))
     nll = row_losses(logits, labels, dtype)
     if mask is None:
         return nll.mean(dim=-1)
