@@ -355,8 +355,6 @@ def last_logits(w, tokens, queries, act_fn: str = "relu"):
 def _row_losses(logits, labels, dtype):
     """(each row's cross-entropy in ``dtype``, exp(x - max) of each row, its row sums): one
     exponential per logit, kept for the backward."""
-    import torch
-
     x = logits.to(dtype, copy=True)
     top = logits.amax(dim=-1, keepdim=True).to(dtype)
     e = x.sub_(top).exp_()
