@@ -15,19 +15,9 @@ from grokhpc.config import RunConfig
 from grokhpc.data import make_dataset
 from grokhpc.model import build_model
 from grokhpc.runtime import deterministic_kernels
+from test_lastpos import randomised
 
 torch.set_num_threads(1)
-
-
-def randomised(cfg, seed=0):
-    """Every parameter (biases too) random and trainable: no term hides behind a zero."""
-    model = build_model(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            p.requires_grad_(True)
-    return model
 
 
 def rows(p, n_rows, seed, other_query=0):
@@ -61,7 +51,7 @@ def test_kernel_equals_hooked_forward(monkeypatch, p, d_model, d_head, act_fn, o
     """Logits to 1e-5 of the largest, each gradient to 1e-6 of the largest of all plus 1e-4 of
     its own largest (the tolerances of test_model.py), with the kernel taken."""
     cfg = RunConfig(p=p, d_model=d_model, d_head=d_head, act_fn=act_fn)
-    model = randomised(cfg)
+    model = randomised(cfg, 0)
     tokens, labels = rows(p, 2000 if p == 113 else 300, seed=1, other_query=other_query)
     want, want_g = logits_and_grads(model, lambda: model(tokens)[:, -1], labels)
     calls = spy(monkeypatch)
