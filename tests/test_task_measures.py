@@ -179,3 +179,20 @@ def test_parse_keys_reads_frequencies_and_irreps_and_refuses_in_one_line():
         with pytest.raises(ValueError, match=match) as e:
             task_measures.parse_keys(bad, mul)
         assert "\n" not in str(e.value) and str(e.value).startswith("--key-freqs: ")
+
+
+def test_runs_table_types_the_basis_columns_even_when_all_null():
+    import pyarrow as pa
+
+    from grokhpc.tables import build_runs_table
+
+    t = build_runs_table([{"run_id": "a", "state": "done", "basis": "S5", "generator": None,
+                           "key_elements": [2, 6], "key_names": ["(4,1)", "(3,1^2)"]},
+                          {"run_id": "b", "state": "done"}])
+    assert t.schema.field("basis").type == pa.string()
+    assert t.schema.field("generator").type == pa.int64()
+    assert t.schema.field("key_elements").type == pa.list_(pa.int64())
+    assert t.schema.field("key_names").type == pa.list_(pa.string())
+    assert t.column("key_names").to_pylist() == [["(4,1)", "(3,1^2)"], None]
+    none = build_runs_table([{"run_id": "c", "state": "done"}])
+    assert none.schema.field("key_elements").type == pa.list_(pa.int64())
