@@ -29,6 +29,8 @@ restricted_excluded_loss     train, test, restricted and excluded loss over trai
 restricted_test_ratio        restricted / test loss over training (log y)
 gini_weight_norm             Gini of the component norms of W_E and W_logit; sum of squared
                              weights
+llc_over_training            the LLC at its estimated checkpoints (grokhpc.llc_run), with the
+                             losses
 ===========================  ===================================================================
 
 The weight figures are drawn from the last checkpoint; with several blocks the attention
@@ -62,7 +64,7 @@ FIGURES = ("training_curves", "attention_mean_per_head", "attention_head0", "svd
            "svd_principal_components", "svd_top_components", "fourier_basis", "fourier_embedding",
            "fourier_embedding_norms", "neuron_freq_fraction", "wlogit_fourier_norms",
            "cos_sim_over_training", "restricted_excluded_loss", "restricted_test_ratio",
-           "gini_weight_norm")
+           "gini_weight_norm", "llc_over_training")
 FOURIER_MEASURE_FIGURES = ("cos_sim_over_training", "restricted_excluded_loss",
                            "restricted_test_ratio", "gini_weight_norm")
 FOURIER_WEIGHT_FIGURES = ("fourier_basis", "fourier_embedding", "fourier_embedding_norms",
@@ -346,7 +348,29 @@ def training_figures(curves, measures, summary, task: str, op: str) -> dict:
     figs = {"training_curves": add_phase_lines(fig, summary)}
     if measures is not None and measures["cos_sim"].notna().all():
         figs.update(fourier_measure_figures(measures, summary, op))
+    if measures is not None and "llc" in measures and measures["llc"].notna().any():
+        figs["llc_over_training"] = llc_figure(measures, summary)
     return figs
+
+
+def llc_figure(measures, summary):
+    """The LLC at its estimated checkpoints (bars: spread over chains) with the test loss, and
+    the phase boundaries."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    m = measures[measures["llc"].notna()]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("LLC (± std over chains)", "test and train loss"))
+    fig.add_trace(go.Scatter(x=m["epoch"], y=m["llc"], mode="lines+markers", name="LLC",
+                             error_y=dict(type="data", array=m["llc_std"])), 1, 1)
+    for col in ("test_loss", "train_loss"):
+        fig.add_trace(go.Scatter(x=measures["epoch"], y=measures[col], name=col), 2, 1)
+    fig.update_yaxes(title_text="LLC", row=1, col=1)
+    fig.update_yaxes(title_text="loss", type="log", row=2, col=1)
+    fig.update_xaxes(title_text="epoch", row=2, col=1)
+    return add_phase_lines(paper_style(fig, title="Local learning coefficient over training",
+                                       height=640), summary, row="all", col=1)
 
 
 def pattern_name(op: str, n_classes: int) -> str:

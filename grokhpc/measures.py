@@ -82,6 +82,8 @@ excluded_loss      float64 / null  on train pairs in the group, key elements rem
 cos_residual       float64 / null  residual fraction of the logit cube's norm
 cos_sim            list<float64>   one value per non-trivial key, element k-1 for key k
                                    (frequency, or irrep); null without a group basis
+llc, llc_std       float64 / null  the LLC and its spread over chains where estimated
+                                   (``grokhpc.llc_run``; absent until then)
 =================  ==============  ==========================================================
 
 The table's schema metadata holds the JSON of ``task_measures.basis_summary`` (``basis``,
@@ -98,7 +100,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import lastpos, task_measures
+from . import lastpos, llc_run, task_measures
 from .checkpoints import RERUN_TRAINING
 from .config import RunConfig
 from .lastpos import row_hits, row_losses
@@ -324,7 +326,7 @@ def compute_measures(run: RunDir, keys: Sequence[int] | None = None, device=None
         it = tqdm(it, desc="measures", unit="ckpt")
     for i in it:
         rows.append(ev.measure(run.unflatten(np.array(ckpts[i]))))
-    return measures_table(rows, epochs, keys, cfg), keys
+    return llc_run.with_llc_columns(run, measures_table(rows, epochs, keys, cfg)), keys
 
 
 def finalize_run(run: RunDir, device=None, keys: Sequence[int] | None = None) -> dict:
