@@ -256,7 +256,7 @@ def basis_axis(basis) -> tuple[str, str]:
     the irreps of S5 over a."""
     if basis.group == "Z_p^*":
         return (f"Fourier basis of Z_{basis.order} over log_{basis.generator} a "
-                f"(Z_{basis.p}^*, g = {basis.generator})", f"log_{basis.generator} a")
+                f"(g = {basis.generator})", f"log_{basis.generator} a")
     if basis.group == "S5":
         return "irreps of S5", "a (element of S5)"
     return f"Fourier basis of Z_{basis.p}", "a"
@@ -284,7 +284,7 @@ def basis_figures(cfg, basis, at: str, W, cache, keys) -> dict:
         figs["fourier_embedding"] = _heatmap(proj, f"Embedding in the {title}" + at,
                                              "residual stream", "component", y=names)
         norms = np.linalg.norm(proj, axis=1)
-        fig = _lines(names, {"||F W_E||": norms}, "Norms of the embedding in the " + title + at,
+        fig = _lines(names, {"||F W_E||": norms}, "Embedding norms, " + title + at,
                      "Fourier component", "norm")
         sel = [i for i, k in enumerate(row_keys) if k in set(keys or ())]
         if sel:

@@ -152,6 +152,13 @@ def test_a_killed_estimate_resumes_where_it_stopped(tmp_path, tiny_run):
     assert m["llc"].notna().tolist() == [True, False, True, False, True]
     assert m.loc[2, "llc"] == pytest.approx(want[2], rel=1e-12)
 
+    # analyze draws the estimated checkpoints, with their spread over chains
+    from grokhpc.analyze import build_figures
+
+    fig = build_figures(tiny_run)["llc_over_training"]
+    assert list(fig.data[0].x) == [0, 2, 4]
+    assert list(fig.data[0].error_y.array) == pytest.approx([want[e] / 100 for e in (0, 2, 4)])
+
 
 def test_a_run_not_done_is_refused_and_left_alone(tmp_path):
     from grokhpc.train import run_training
