@@ -1,6 +1,8 @@
 """The seed notebook's figures for one run, as PNG and HTML.
 
-``python -m grokhpc.analyze RUN_DIR [--out DIR] [--format png,html] [--html-js embed]``
+``python -m grokhpc.analyze RUN_DIR [--out DIR] [--format png,html] [--html-js embed]
+[--llc [KEY=VALUE,...]]`` (``--llc``: estimate the LLC at checkpoints first, resumably, with
+``grokhpc.llc_run``'s settings; its figure is drawn whenever the run has estimates)
 
 Stage: after a run, by hand (the per-run counterpart of ``grokhpc.aggregate``'s cross-run
 figures): the run's weights, curves, measures and summary as figures.
@@ -454,8 +456,10 @@ def build_figures(run, log=lambda *_: None) -> dict:
     return {name: figs[name] for name in FIGURES if name in figs}
 
 
-def analyze(run_dir, out=None, formats=("png", "html"), log=print, html_js="directory") -> dict:
-    """Write the run's figures; returns {name: [paths]}. ``html_js``: see figures.export."""
+def analyze(run_dir, out=None, formats=("png", "html"), log=print, html_js="directory",
+            llc=None) -> dict:
+    """Write the run's figures; returns {name: [paths]}. ``html_js``: see figures.export.
+    ``llc``: an ``LLCRequest`` to estimate first (``grokhpc.llc_run``, resumable)."""
     run = RunDir(run_dir)
     run.read_config()
     if not run.is_trained():
@@ -465,6 +469,11 @@ def analyze(run_dir, out=None, formats=("png", "html"), log=print, html_js="dire
     if not run.file(MEASURES).exists() or not run.file(SUMMARY).exists():
         log(f"{run.path}: computing measures first")
         finalize_run(run)
+    if llc is not None:
+        from .llc_run import estimate_run
+
+        log(f"{run.path}: LLC at {llc.describe()}")
+        estimate_run(run, llc, log=log)
     figs = build_figures(run, log)
     return export(figs, out, formats=formats, log=log, html_js=html_js)
 
@@ -480,7 +489,28 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--html-js", choices=("directory", "embed"), default="directory",
                     help="HTML figures load one plotly.min.js beside them (directory, the "
                          "default) or each embeds plotly.js (embed: self-contained files)")
+    ap.add_argument("--llc", nargs="?", const="", default=None, metavar="K=V,...",
+                    help="estimate the LLC at checkpoints first (resumable; the settings of "
+                         "python -m grokhpc.llc_run, e.g. --llc log_points=8,chains=2)")
     return ap
+
+
+def parse_llc_flag(text: str | None):
+    """``--llc`` as an LLCRequest: comma-separated KEY=VALUE (numbers or ``full``)."""
+    if text is None:
+        return None
+    from .llc import LLCRequest
+
+    values = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--llc: expected KEY=VALUE items, got {item!r}")
+        try:
+            values[key.strip()] = float(value) if "." in value or "e" in value else int(value)
+        except ValueError:
+            values[key.strip()] = value.strip()
+    return LLCRequest.from_mapping(values, "--llc")
 
 
 def os_error_line(e: OSError, args) -> str:
@@ -500,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         formats = parse_formats(args.format)
         if out_problem(args.out):   # a file: refused before any work
             raise ValueError(out_problem(args.out))
-        written = analyze(args.run_dir, args.out, formats, html_js=args.html_js)
+        written = analyze(args.run_dir, args.out, formats, html_js=args.html_js,
+                          llc=parse_llc_flag(args.llc))
     except (RunDirError, ValueError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -63,7 +63,8 @@ def _start(run: RunDir, settings: LLCSettings, restart: bool) -> dict[str, Any]:
             if have.get(k) != v]
     if diff:
         raise LLCError(f"{run.file(LLC_FILE)}: estimated with other settings "
-                       f"({'; '.join(diff)}); pass --restart to drop those estimates")
+                       f"({'; '.join(diff)}); run python -m grokhpc.llc_run {run.path} "
+                       "--restart (with the settings) to drop those estimates")
     return old
 
 

@@ -211,3 +211,14 @@ def test_llc_aligned_figure_draws_only_estimated_checkpoints():
     assert llc_aligned_figure(fin, ck.drop(["llc"]), None) is None
     with pytest.raises(LLCError):
         LLCRequest.from_mapping({"every": 1.5})
+
+
+@pytest.mark.parametrize("flag, said", [("chains=0", "--llc: chains: expected an integer >= 1"),
+                                        ("chain", "--llc: expected KEY=VALUE items"),
+                                        ("every=2,log_points=3", "expected one of the two")])
+def test_analyze_llc_flag_refuses_bad_settings_in_one_line(tiny_run, capsys, flag, said):
+    from grokhpc.analyze import main
+
+    assert main([str(tiny_run.path), "--llc", flag, "--format", "html"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and said in err
