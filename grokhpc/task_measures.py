@@ -147,9 +147,9 @@ class GroupLens:
         for split, idx in (("train", train_idx), ("test", test_idx)):
             at = pos[rows[idx]]
             inside = at >= 0
-            setattr(self, f"{split}_at", at[inside])                   # position among pairs
             setattr(self, f"{split}_rows", rows[idx][inside])          # grid row
             setattr(self, f"{split}_labels", labels[idx][inside])
+            setattr(self, f"U_{split}", U[at[inside]])                  # its answer directions
 
     def on_pairs(self, x):
         """The rows of a grid tensor (p * p, ...) for the group's pairs."""
@@ -183,8 +183,8 @@ class GroupLens:
 
         CW = (self.U.T @ self.on_pairs(post)) @ W_logit              # (m, n_classes)
         shift = self.on_pairs(logits).mean(0) - self.U_mean @ CW      # re-centre the mean logit
-        excluded = logits[self.train_rows] - self.U[self.train_at] @ CW - const
-        return {"restricted_loss": float(cross_entropy(self.U[self.test_at] @ CW + shift,
+        excluded = logits[self.train_rows] - self.U_train @ CW - const
+        return {"restricted_loss": float(cross_entropy(self.U_test @ CW + shift,
                                                        self.test_labels)),
                 "excluded_loss": float(cross_entropy(excluded, self.train_labels))}
 
@@ -197,9 +197,9 @@ class GroupLens:
         post_g, resid_g = self.on_pairs(post), self.on_pairs(resid_mid)
         CW = (self.U.T @ post_g) @ mlp.W_out                           # (m, d)
         resid_post_mean = resid_g.mean(0) + post_g.mean(0) @ mlp.W_out + mlp.b_out
-        restricted = self.U[self.test_at] @ CW + (resid_post_mean - self.U_mean @ CW)
+        restricted = self.U_test @ CW + (resid_post_mean - self.U_mean @ CW)
         rows = self.train_rows
-        excluded = resid_mid[rows] + post[rows] @ mlp.W_out - self.U[self.train_at] @ CW
+        excluded = resid_mid[rows] + post[rows] @ mlp.W_out - self.U_train @ CW
         return {"restricted_loss": float(cross_entropy(model.unembed(model.ln_final(restricted)),
                                                        self.test_labels)),
                 "excluded_loss": float(cross_entropy(model.ln_final(excluded) @ model.unembed.W_U,
