@@ -1,6 +1,8 @@
 """The seed notebook's figures for one run, as PNG and HTML.
 
-``python -m grokhpc.analyze RUN_DIR [--out DIR] [--format png,html] [--html-js embed]``
+``python -m grokhpc.analyze RUN_DIR [--out DIR] [--format png,html] [--html-js embed]
+[--llc [KEY=VALUE,...]]`` (``--llc``: estimate the LLC at checkpoints first, resumably, with
+``grokhpc.llc_run``'s settings; its figure is drawn whenever the run has estimates)
 
 Stage: after a run, by hand (the per-run counterpart of ``grokhpc.aggregate``'s cross-run
 figures): the run's weights, curves, measures and summary as figures.
@@ -18,24 +20,30 @@ attention_head0              head 0's attention from = to a, over the a x b grid
 svd_singular_values          singular values of W_E and of a random Gaussian control
 svd_principal_components     left singular vectors of W_E and of the control
 svd_top_components           the first 8 principal components of W_E
-fourier_basis                the Fourier basis of Z_p
-fourier_embedding            W_E in the Fourier basis
-fourier_embedding_norms      the norm of each Fourier component of W_E (key frequencies marked)
-neuron_freq_fraction         each neuron's activation variance explained by each frequency
-wlogit_fourier_norms         W_out W_U in the Fourier basis
-cos_sim_over_training        cosine similarity with cos(w_k (a -+ b - c)) per k, and residual
+fourier_basis                the Fourier basis of Z_p (of Z_{p-1} over log_g for mul, div)
+fourier_embedding            W_E in that basis
+fourier_embedding_norms      the norm of each component of W_E (key frequencies marked); s5:
+                             W_E's energy per irrep (bars, key irreps in red)
+neuron_freq_fraction         each neuron's activation variance explained by each key
+wlogit_fourier_norms         W_out W_U in the basis (s5: energy per irrep, bars)
+cos_sim_over_training        cosine similarity with each key's logit pattern, and residual
 restricted_excluded_loss     train, test, restricted and excluded loss over training (log y)
 restricted_test_ratio        restricted / test loss over training (log y)
-gini_weight_norm             Gini of the Fourier norms of W_E and W_logit; sum of squared weights
+gini_weight_norm             Gini of the component norms of W_E and W_logit; sum of squared
+                             weights
+llc_over_training            the LLC at its estimated checkpoints (grokhpc.llc_run), with the
+                             losses
 ===========================  ===================================================================
 
 The weight figures are drawn from the last checkpoint; with several blocks the attention
 figures show every block's heads (head 0 of block 0 over the grid) and the neuron and
-W_logit figures the last block's MLP (the one the progress measures read). The figures built on
-the Fourier progress measures (the last four) are drawn for ``sub`` and ``add`` only: for the
-other tasks those measures are null. The S5 tasks (``s5``, ``s5conj``, ``s5aba``) are not over
-Z_p, so the five Fourier weight figures are left out too. Each left-out group is one line of
-the log.
+W_logit figures the last block's MLP (the one the progress measures read). The basis figures
+and the progress-measure figures are drawn in the task's own basis (``grokhpc.task_measures``):
+the Fourier basis of Z_p for sub and add; for mul and div the Fourier basis of Z_{p-1} over
+the discrete log, the axis titled ``log_g a`` with the generator g named (the zero operand left
+out); for s5 bars of the energy per irrep and the neuron fraction per irrep (the Fourier basis
+heatmaps are left out). Tasks without a group basis (s5conj, s5aba, the polynomial tasks,
+mix1) get neither; that is one line of the log, with the reason.
 
 Heavy imports (torch, transformer_lens, plotly) happen after the arguments are parsed.
 """
@@ -49,7 +57,8 @@ from pathlib import Path
 
 from .config import GROUP_OPS
 from .figures import ExportError, export, paper_style, parse_formats
-from .measures import FOURIER_OPS, finalize_run, fourier_basis, fourier_names, read_measures
+from . import bases, task_measures
+from .measures import finalize_run, read_measures
 from .store import MEASURES, NO_SPACE, NOT_ALLOWED, SUMMARY, RunDir, RunDirError, out_problem
 from .tasks import TASKS
 
@@ -57,7 +66,7 @@ FIGURES = ("training_curves", "attention_mean_per_head", "attention_head0", "svd
            "svd_principal_components", "svd_top_components", "fourier_basis", "fourier_embedding",
            "fourier_embedding_norms", "neuron_freq_fraction", "wlogit_fourier_norms",
            "cos_sim_over_training", "restricted_excluded_loss", "restricted_test_ratio",
-           "gini_weight_norm")
+           "gini_weight_norm", "llc_over_training")
 FOURIER_MEASURE_FIGURES = ("cos_sim_over_training", "restricted_excluded_loss",
                            "restricted_test_ratio", "gini_weight_norm")
 FOURIER_WEIGHT_FIGURES = ("fourier_basis", "fourier_embedding", "fourier_embedding_norms",
@@ -230,67 +239,107 @@ def svd_figures(W_E, at: str) -> dict:
     return figs
 
 
-def weight_figures(cfg, epoch, W, cache, key_freqs) -> dict:
-    """The figures of the last checkpoint's weights; the Fourier ones over Z_p only."""
+def weight_figures(cfg, epoch, W, cache, keys) -> dict:
+    """The figures of the last checkpoint's weights; those in the task's basis where it has
+    one (``task_measures.lens_of``)."""
     import numpy as np
 
     at = f" (epoch {epoch})"
     figs = attention_figures(cfg, at, cache)
     figs.update(svd_figures(np.asarray(W["embed.W_E"], np.float64)[:cfg.n_classes], at))
-    if cfg.op not in GROUP_OPS:
-        figs.update(fourier_figures(cfg, at, W, cache, key_freqs))
+    basis = task_measures.lens_of(cfg.op, cfg.n_classes)
+    if basis is not None:
+        figs.update(basis_figures(cfg, basis, at, W, cache, keys))
     return figs
 
 
-def fourier_figures(cfg, at: str, W, cache, key_freqs) -> dict:
-    """The embedding, the last block's neurons and its W_out W_U in the Fourier basis of Z_p."""
+def basis_axis(basis) -> tuple[str, str]:
+    """(the basis's name, the input axis's title): Z_p and a; Z_p^* over log_g a (g named);
+    the irreps of S5 over a."""
+    if basis.group == "Z_p^*":
+        return (f"Fourier basis of Z_{basis.order} over log_{basis.generator} a "
+                f"(g = {basis.generator})", f"log_{basis.generator} a")
+    if basis.group == "S5":
+        return "irreps of S5", "a (element of S5)"
+    return f"Fourier basis of Z_{basis.p}", "a"
+
+
+def basis_figures(cfg, basis, at: str, W, cache, keys) -> dict:
+    """The embedding, the last block's neurons and its W_out W_U in the task's basis: Fourier
+    components over Z_p and over log_g for Z_p^*, per-irrep energies (bars) over S5."""
     import numpy as np
     import plotly.graph_objects as go
 
-    p, last = cfg.p, cfg.n_layers - 1
-    F, names = fourier_basis(p), fourier_names(p)
-    figs = {"fourier_basis": _heatmap(F, "Fourier basis of Z_%d" % p, "input", "component",
-                                      y=names)}
-    proj = F @ np.asarray(W["embed.W_E"], np.float64)[:p]
-    figs["fourier_embedding"] = _heatmap(proj, "Embedding in the Fourier basis" + at,
-                                         "residual stream", "Fourier component", y=names)
-    norms = np.linalg.norm(proj, axis=1)
-    fig = _lines(names, {"||F W_E||": norms}, "Norms of the embedding in the Fourier basis" + at,
-                 "Fourier component", "norm")
-    if key_freqs:
-        sel = [i for i, n in enumerate(names) if n.split(" ")[-1] in {str(k) for k in key_freqs}
-               and n != "Constant"]
-        fig.add_trace(go.Scatter(x=[names[i] for i in sel], y=norms[sel], mode="markers",
-                                 name="key frequencies " + ", ".join(map(str, key_freqs))))
-    figs["fourier_embedding_norms"] = fig
+    last, el = cfg.n_layers - 1, basis.elements()
+    B, row_keys = basis.components()
+    title, x_title = basis_axis(basis)
+    cyclic = basis.group != "S5"
+    names = bases.fourier_names(basis.order) if cyclic else [
+        f"{task_measures.key_names(basis, [k])[0]}" for k in row_keys]
+    proj = B @ np.asarray(W["embed.W_E"], np.float64)[el]
+    W_logit = (np.asarray(W[f"blocks.{last}.mlp.W_out"], np.float64)
+               @ np.asarray(W["unembed.W_U"], np.float64))[:, el]
+    key_names = basis.key_names()
+    figs = {}
+    if cyclic:
+        figs["fourier_basis"] = _heatmap(B, title, x_title, "component", y=names)
+        figs["fourier_embedding"] = _heatmap(proj, f"Embedding in the {title}" + at,
+                                             "residual stream", "component", y=names)
+        norms = np.linalg.norm(proj, axis=1)
+        fig = _lines(names, {"||F W_E||": norms}, "Embedding norms, " + title + at,
+                     "Fourier component", "norm")
+        sel = [i for i, k in enumerate(row_keys) if k in set(keys or ())]
+        if sel:
+            fig.add_trace(go.Scatter(x=[names[i] for i in sel], y=norms[sel], mode="markers",
+                                     name="key frequencies " + ", ".join(map(str, keys))))
+        figs["fourier_embedding_norms"] = fig
+        figs["wlogit_fourier_norms"] = _lines(
+            names, {"||W_logit F^T||": np.linalg.norm(B @ W_logit.T, axis=1)},
+            f"W_logit in the {title}" + at, "Fourier component", "norm")
+    else:
+        energy = np.bincount(row_keys, weights=(proj ** 2).sum(1))
+        colors = ["#d62728" if k in set(keys or ()) else "#1f77b4" for k in range(len(energy))]
+        figs["fourier_embedding_norms"] = paper_style(go.Figure(go.Bar(
+            x=key_names, y=energy, marker_color=colors)).update_layout(
+            xaxis_title="irrep (key irreps in red)", yaxis_title="energy of W_E"),
+            title="Embedding energy per irrep of S5" + at)
+        energy = np.bincount(row_keys, weights=((B @ W_logit.T) ** 2).sum(1))
+        figs["wlogit_fourier_norms"] = paper_style(go.Figure(go.Bar(
+            x=key_names, y=energy, marker_color=colors)).update_layout(
+            xaxis_title="irrep", yaxis_title="energy of W_logit"),
+            title="W_logit energy per irrep of S5" + at)
+    figs["neuron_freq_fraction"] = neuron_fraction(cfg, basis, at, cache)
+    return figs
 
+
+def neuron_fraction(cfg, basis, at: str, cache):
+    """Each neuron's activation variance over the group's pairs explained by each key (the
+    components of key k in a and in b, with the constant)."""
+    import numpy as np
+
+    last, el, p = cfg.n_layers - 1, basis.elements(), cfg.n_classes
+    B, row_keys = basis.components()
     acts = cache["post", last, "mlp"][:, -1, :].numpy().astype(np.float64)   # (p^2, d_mlp)
-    grid = acts.T.reshape(-1, p, p)                                           # (neuron, a, b)
-    four = F @ grid @ F.T                                                     # (neuron, i, j)
+    grid = acts.T.reshape(-1, p, p)[:, el][:, :, el]                        # (neuron, i, j)
+    four = B @ grid @ B.T
     four[:, 0, 0] = 0.0
     total = (four ** 2).sum(axis=(1, 2))
-    frac = np.zeros((p // 2, grid.shape[0]))
-    for k in range(1, p // 2 + 1):
-        idx = [0, 2 * k - 1, 2 * k]
+    n_keys = int(row_keys.max())
+    frac = np.zeros((n_keys, grid.shape[0]))
+    for k in range(1, n_keys + 1):
+        idx = np.concatenate([[0], np.nonzero(row_keys == k)[0]])
         frac[k - 1] = (four[:, idx][:, :, idx] ** 2).sum(axis=(1, 2)) / np.maximum(total, 1e-30)
-    order = np.lexsort((-frac.max(0), frac.argmax(0)))    # neurons grouped by their frequency
+    order = np.lexsort((-frac.max(0), frac.argmax(0)))    # neurons grouped by their key
     block = "" if cfg.n_layers == 1 else f" (block {last})"
-    figs["neuron_freq_fraction"] = _heatmap(
-        frac[:, order], f"Neuron fraction explained by frequency{block}" + at,
-        "neuron (grouped by dominant frequency)", "frequency", y=list(range(1, p // 2 + 1)),
-        zmid=None, colorscale="Viridis")
-
-    W_logit = (np.asarray(W[f"blocks.{last}.mlp.W_out"], np.float64)
-               @ np.asarray(W["unembed.W_U"], np.float64))
-    figs["wlogit_fourier_norms"] = _lines(
-        names, {"||W_logit F^T||": np.linalg.norm(W_logit @ F.T, axis=0)},
-        f"W_logit{block} in the Fourier basis" + at, "Fourier component", "norm")
-    return figs
+    what = "irrep" if basis.group == "S5" else "frequency"
+    return _heatmap(frac[:, order], f"Neuron fraction explained by {what}{block}" + at,
+                    f"neuron (grouped by dominant {what})", what,
+                    y=basis.key_names()[1:], zmid=None, colorscale="Viridis")
 
 
 # ---- curves and measures over training ---------------------------------------------------------
 def training_figures(curves, measures, summary, task: str, op: str) -> dict:
-    """The training curves; over training, the Fourier measures (sub and add only)."""
+    """The training curves; over training, the group measures where the task has them."""
     import plotly.graph_objects as go
 
     tr = curves.dropna(subset=["train_loss"])
@@ -299,40 +348,77 @@ def training_figures(curves, measures, summary, task: str, op: str) -> dict:
                  "epoch", "loss", log_y=True)
     fig.add_trace(go.Scatter(x=te["epoch"], y=te["test_loss"], mode="lines", name="test"))
     figs = {"training_curves": add_phase_lines(fig, summary)}
-    if op in FOURIER_OPS:
+    if measures is not None and measures["cos_sim"].notna().all():
         figs.update(fourier_measure_figures(measures, summary, op))
+    if measures is not None and "llc" in measures and measures["llc"].notna().any():
+        figs["llc_over_training"] = llc_figure(measures, summary)
     return figs
 
 
+def llc_figure(measures, summary):
+    """The LLC at its estimated checkpoints (bars: spread over chains) with the test loss, and
+    the phase boundaries."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    m = measures[measures["llc"].notna()]
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=("LLC (± std over chains)", "test and train loss"))
+    fig.add_trace(go.Scatter(x=m["epoch"], y=m["llc"], mode="lines+markers", name="LLC",
+                             error_y=dict(type="data", array=m["llc_std"])), 1, 1)
+    for col in ("test_loss", "train_loss"):
+        fig.add_trace(go.Scatter(x=measures["epoch"], y=measures[col], name=col), 2, 1)
+    fig.update_yaxes(title_text="LLC", row=1, col=1)
+    fig.update_yaxes(title_text="loss", type="log", row=2, col=1)
+    fig.update_xaxes(title_text="epoch", row=2, col=1)
+    return add_phase_lines(paper_style(fig, title="Local learning coefficient over training",
+                                       height=640), summary, row="all", col=1)
+
+
+def pattern_name(op: str, n_classes: int) -> str:
+    """The logit pattern of key k, as the cos_sim figure's title says it."""
+    basis = task_measures.lens_of(op, n_classes)
+    if basis.group == "S5":
+        return "chi_rho(a b c^-1)"
+    sign = "-" if TASKS[op].sign < 0 else "+"
+    if basis.group == "Z_p^*":
+        g = basis.generator
+        return f"cos(w_k (log_{g} a {sign} log_{g} b - log_{g} c))"
+    return f"cos(w_k (a {sign} b - c))"
+
+
 def fourier_measure_figures(measures, summary, op: str) -> dict:
-    """The Fourier progress measures over training, with the phase boundaries."""
+    """The group's progress measures over training, with the phase boundaries."""
     import numpy as np
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     ep = measures["epoch"].to_numpy()
     sims = np.stack(measures["cos_sim"].to_numpy())                 # (n_ckpt, K)
-    key = set(summary.get("key_freqs") or [])
+    key = set(summary.get("key_elements") or summary.get("key_freqs") or [])
+    n_classes = 120 if summary.get("basis") == "S5" else summary.get("p")
+    names = task_measures.lens_of(op, n_classes).key_names()
+    what = "irrep" if summary.get("basis") == "S5" else "freq"
     fig = go.Figure()
     for k in range(1, sims.shape[1] + 1):
         is_key = k in key
         fig.add_trace(go.Scatter(
-            x=ep, y=sims[:, k - 1], mode="lines", name=f"freq {k}", showlegend=is_key,
+            x=ep, y=sims[:, k - 1], mode="lines", name=f"{what} {names[k]}", showlegend=is_key,
             line=dict(width=2 if is_key else 0.7, color=None if is_key else "#bbbbbb"),
             opacity=1.0 if is_key else 0.7))
     fig.add_trace(go.Scatter(x=ep, y=measures["cos_residual"], mode="lines", name="residual",
                              line=dict(color="black", width=2, dash="dash")))
     fig.update_xaxes(title_text="epoch")
     fig.update_yaxes(title_text="cosine similarity")
-    sign = "-" if TASKS[op].sign < 0 else "+"
     figs = {"cos_sim_over_training": add_phase_lines(paper_style(
-        fig, title=f"Cosine similarity with cos(w_k (a {sign} b - c)) and residual"), summary)}
+        fig, title=f"Cosine similarity with {pattern_name(op, n_classes)} and residual"),
+        summary)}
 
     fig = _lines(ep, {"train": measures["train_loss"], "test": measures["test_loss"],
                       "excluded": measures["excluded_loss"],
                       "restricted": measures["restricted_loss"]},
-                 "Excluded and restricted loss (key frequencies %s)"
-                 % ", ".join(map(str, sorted(key))), "epoch", "loss", log_y=True)
+                 "Excluded and restricted loss (key %ss %s)"
+                 % (what, ", ".join(names[k] for k in sorted(key))), "epoch", "loss", log_y=True)
     figs["restricted_excluded_loss"] = add_phase_lines(fig, summary)
     ratio = measures["restricted_loss"] / measures["test_loss"]
     figs["restricted_test_ratio"] = add_phase_lines(_lines(
@@ -340,7 +426,7 @@ def fourier_measure_figures(measures, summary, op: str) -> dict:
         "ratio", log_y=True), summary)
 
     fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
-                        subplot_titles=("Gini of Fourier norms", "Sum of squared weights"))
+                        subplot_titles=("Gini of the component norms", "Sum of squared weights"))
     fig.add_trace(go.Scatter(x=ep, y=measures["gini_embed"], name="Gini W_E"), 1, 1)
     fig.add_trace(go.Scatter(x=ep, y=measures["gini_logit"], name="Gini W_logit"), 1, 1)
     fig.add_trace(go.Scatter(x=ep, y=measures["weight_norm_sq"], name="sum of squared weights"),
@@ -362,17 +448,18 @@ def build_figures(run, log=lambda *_: None) -> dict:
     measures, key = read_measures(run)
     task = "S5" if cfg.op in GROUP_OPS else f"p={cfg.p}"
     figs = training_figures(run.read_curves(), measures, summary, task, cfg.op)
-    figs.update(weight_figures(cfg, epoch, W, cache, summary.get("key_freqs")))
-    if cfg.op in GROUP_OPS:
-        log(f"{run.path}: op {cfg.op} is over S5, not Z_p: Fourier figures left out")
-    elif cfg.op not in FOURIER_OPS:
-        log(f"{run.path}: op {cfg.op} is not a frequency of a +- b: Fourier measure figures "
-            f"left out")
+    keys = summary.get("key_elements") or summary.get("key_freqs")
+    figs.update(weight_figures(cfg, epoch, W, cache, keys))
+    why = task_measures.no_lens_reason(bases.task_basis(cfg.op, cfg.n_classes))
+    if why:
+        log(f"{run.path}: op {cfg.op} has no group basis ({why}): basis figures left out")
     return {name: figs[name] for name in FIGURES if name in figs}
 
 
-def analyze(run_dir, out=None, formats=("png", "html"), log=print, html_js="directory") -> dict:
-    """Write the run's figures; returns {name: [paths]}. ``html_js``: see figures.export."""
+def analyze(run_dir, out=None, formats=("png", "html"), log=print, html_js="directory",
+            llc=None) -> dict:
+    """Write the run's figures; returns {name: [paths]}. ``html_js``: see figures.export.
+    ``llc``: an ``LLCRequest`` to estimate first (``grokhpc.llc_run``, resumable)."""
     run = RunDir(run_dir)
     run.read_config()
     if not run.is_trained():
@@ -382,6 +469,11 @@ def analyze(run_dir, out=None, formats=("png", "html"), log=print, html_js="dire
     if not run.file(MEASURES).exists() or not run.file(SUMMARY).exists():
         log(f"{run.path}: computing measures first")
         finalize_run(run)
+    if llc is not None:
+        from .llc_run import estimate_run
+
+        log(f"{run.path}: LLC at {llc.describe()}")
+        estimate_run(run, llc, log=log)
     figs = build_figures(run, log)
     return export(figs, out, formats=formats, log=log, html_js=html_js)
 
@@ -397,7 +489,28 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--html-js", choices=("directory", "embed"), default="directory",
                     help="HTML figures load one plotly.min.js beside them (directory, the "
                          "default) or each embeds plotly.js (embed: self-contained files)")
+    ap.add_argument("--llc", nargs="?", const="", default=None, metavar="K=V,...",
+                    help="estimate the LLC at checkpoints first (resumable; the settings of "
+                         "python -m grokhpc.llc_run, e.g. --llc log_points=8,chains=2)")
     return ap
+
+
+def parse_llc_flag(text: str | None):
+    """``--llc`` as an LLCRequest: comma-separated KEY=VALUE (numbers or ``full``)."""
+    if text is None:
+        return None
+    from .llc import LLCRequest
+
+    values = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--llc: expected KEY=VALUE items, got {item!r}")
+        try:
+            values[key.strip()] = float(value) if "." in value or "e" in value else int(value)
+        except ValueError:
+            values[key.strip()] = value.strip()
+    return LLCRequest.from_mapping(values, "--llc")
 
 
 def os_error_line(e: OSError, args) -> str:
@@ -417,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         formats = parse_formats(args.format)
         if out_problem(args.out):   # a file: refused before any work
             raise ValueError(out_problem(args.out))
-        written = analyze(args.run_dir, args.out, formats, html_js=args.html_js)
+        written = analyze(args.run_dir, args.out, formats, html_js=args.html_js,
+                          llc=parse_llc_flag(args.llc))
     except (RunDirError, ValueError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

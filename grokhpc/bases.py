@@ -110,7 +110,7 @@ def fourier_names(n: int) -> list[str]:
 def fourier_basis(n: int) -> tuple[np.ndarray, np.ndarray]:
     """(B, keys): the orthonormal (n, n) Fourier basis of Z_n in the seed's row order (constant,
     then Sin k before Cos k for k = 1..(n-1)/2, and for even n a last ``Cos n/2``, whose sine
-    vanishes), and the frequency of each row. For odd n, ``measures.fourier_basis(n)``."""
+    vanishes), and the frequency of each row. For odd n, the seed's basis."""
     x = np.arange(n)
     rows, keys = [np.ones(n)], [0]
     for k in range(1, (n - 1) // 2 + 1):
@@ -346,7 +346,7 @@ def task_basis(op: str, n_classes: int) -> TaskBasis:
 def component_norms(basis: TaskBasis, X) -> np.ndarray:
     """(n,) ||b @ X|| for each basis row b, X (n, m) holding functions' values at the group's
     elements in index order (the norms the Gini measures read; over Z_p, with X = W_E[:p],
-    ``measures.embed_fourier_norms``)."""
+    the seed's "Norms of Embedding in Fourier Basis")."""
     return np.linalg.norm(basis.components()[0] @ np.asarray(X, np.float64), axis=1)
 
 
@@ -369,10 +369,11 @@ def unembedding_energy(basis: TaskBasis, W_logit) -> np.ndarray:
 
 def choose_keys(energy, dims, max_keys: int = MAX_KEYS) -> list[int]:
     """The keys above the largest drop of the energies per basis row, energy / dims, sorted in
-    decreasing order (at most ``max_keys``; key 0, the constant or trivial irrep, never), as
-    ``measures.choose_key_freqs``. Per row, so that an embedding of noise gives every irrep the
-    same share whatever its dimension. Energies below 1e-12 of the largest count as that floor
-    (numerically zero: an exactly sparse model keeps its whole support). Sorted ascending."""
+    decreasing order (at most ``max_keys``; key 0, the constant or trivial irrep, never): over
+    Z_p the seed's key frequencies, those above the largest drop of its embedding's spectrum.
+    Per row, so that an embedding of noise gives every irrep the same share whatever its
+    dimension. Energies below 1e-12 of the largest count as that floor (numerically zero: an
+    exactly sparse model keeps its whole support). Sorted ascending."""
     density = np.asarray(energy, np.float64)[1:] / np.asarray(dims, np.float64)[1:]
     order = np.argsort(-density, kind="stable")
     if len(density) <= 1:
@@ -394,10 +395,35 @@ def answer_directions(basis: TaskBasis, keys: Sequence[int]) -> np.ndarray:
     """(len(pairs), m) orthonormal columns over :meth:`TaskBasis.pairs`: the key components
     as functions of the answer, b(answer(a, b)) / sqrt(n) for each row b of a key (cos and sin
     of w_k d over Z_n as in the seed's restricted loss; rho(answer)[i, j] over S5). Orthonormal
-    because b -> answer(a, b) is a bijection of the group for each a."""
+    because b -> answer(a, b) is a bijection of the group for each a. Columns by key, each
+    key's rows last first: cos before sin, the seed's order, which its float32 sums follow."""
     B, row_keys = basis.components()
-    chosen = B[np.isin(row_keys, list(keys))]
+    rows = np.nonzero(np.isin(row_keys, list(keys)))[0]
+    chosen = B[rows[np.lexsort((-rows, row_keys[rows]))]]
     return chosen[:, basis.pairs().answer].T / math.sqrt(basis.order)
+
+
+def answer_sums(basis: TaskBasis, logits) -> tuple[np.ndarray, float]:
+    """(G, ||L||^2) of the grid's logits (p * p, p) read on the pairs and classes in the group:
+    G[d, c] the logits of class c summed over the pairs whose answer is d (float64)."""
+    pairs = basis.pairs()
+    L = np.asarray(logits, np.float64)[pairs.rows][:, basis.elements()]
+    G = np.zeros((basis.order, basis.order))
+    np.add.at(G, pairs.answer, L)
+    return G, float((L * L).sum())
+
+
+def attribution_from_sums(basis: TaskBasis, G, norm_sq: float) -> tuple[np.ndarray, float]:
+    """:func:`logit_attribution` from the answer sums G and ||L||^2 of :func:`answer_sums`
+    (which a caller may form on its own device)."""
+    n = basis.order
+    idx = np.arange(n)
+    quotient = basis.product(idx[:, None], basis.inverse(idx)[None, :])    # d c^-1
+    chi = basis.characters()
+    coef = np.einsum("kdc,dc->k", chi[:, quotient], np.asarray(G, np.float64))
+    coef /= n * np.linalg.norm(chi, axis=1)
+    residual = math.sqrt(max(norm_sq - float((coef[1:] ** 2).sum()), 0.0) / norm_sq)
+    return coef / math.sqrt(norm_sq), residual
 
 
 def logit_attribution(basis: TaskBasis, logits) -> tuple[np.ndarray, float]:
@@ -406,18 +432,7 @@ def logit_attribution(basis: TaskBasis, logits) -> tuple[np.ndarray, float]:
     P_k[a, b, c] = chi_k(answer(a, b) c^-1) for every key k (cos(w_k (d - c)) over Z_n, as the
     seed's cos_sim), and the fraction of ||L|| left after removing every pattern but the
     trivial one (the P_k are mutually orthogonal by character orthogonality)."""
-    pairs = basis.pairs()
-    L = np.asarray(logits, np.float64)[pairs.rows][:, basis.elements()]
-    n = basis.order
-    G = np.zeros((n, n))
-    np.add.at(G, pairs.answer, L)                        # G[d, c]: logits summed by answer
-    idx = np.arange(n)
-    quotient = basis.product(idx[:, None], basis.inverse(idx)[None, :])    # d c^-1
-    chi = basis.characters()
-    coef = np.einsum("kdc,dc->k", chi[:, quotient], G) / (n * np.linalg.norm(chi, axis=1))
-    norm_sq = float((L * L).sum())
-    residual = math.sqrt(max(norm_sq - float((coef[1:] ** 2).sum()), 0.0) / norm_sq)
-    return coef / math.sqrt(norm_sq), residual
+    return attribution_from_sums(basis, *answer_sums(basis, logits))
 
 
 def logit_keys(basis: TaskBasis, logits, max_keys: int = MAX_KEYS) -> list[int]:

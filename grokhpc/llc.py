@@ -103,6 +103,78 @@ def validate_settings(values: Mapping[str, Any], source: str = "llc settings") -
             raise LLCError(f"{source}: {key}: expected {expected}, got {values[key]!r}")
 
 
+DEFAULT_LOG_POINTS = 16
+
+
+@dataclass(frozen=True)
+class LLCRequest:
+    """Which checkpoints of a run get an LLC estimate, and the SGLD settings: every ``every``-th
+    checkpoint row and the last, or the checkpoints nearest (in log epoch) to ``log_points``
+    epochs log-spaced from the first positive checkpoint epoch to the last, and the first; at
+    most one of the two, log-spaced by default."""
+
+    settings: LLCSettings = LLCSettings()
+    every: int | None = None
+    log_points: int | None = None
+
+    @classmethod
+    def from_mapping(cls, values: Any, source: str = "llc") -> "LLCRequest":
+        """A spec's ``llc:`` section (or the command line's values): ``every`` or
+        ``log_points``, and any LLCSettings field; one-line LLCError naming ``source``."""
+        if values is None:
+            values = {}
+        if not isinstance(values, Mapping):
+            raise LLCError(f"{source}: expected a mapping of LLC settings, got "
+                           f"{type(values).__name__}")
+        values = dict(values)
+        pick = {k: values.pop(k) for k in ("every", "log_points") if k in values}
+        for k, v in pick.items():
+            if v is not None and not (_int(v) and v >= (1 if k == "every" else 2)):
+                least = 1 if k == "every" else 2
+                raise LLCError(f"{source}: {k}: expected an integer >= {least}, got {v!r}")
+        if pick.get("every") is not None and pick.get("log_points") is not None:
+            raise LLCError(f"{source}: every, log_points: expected one of the two, got both")
+        return cls(LLCSettings.from_mapping(values, source), **pick)
+
+    def epochs(self, epochs: list[int]) -> list[int]:
+        """The checkpoint epochs (of ``epochs``, ascending) this request estimates."""
+        if not epochs:
+            return []
+        if self.every is not None:
+            chosen = set(epochs[::self.every]) | {epochs[-1]}
+        else:
+            n = self.log_points or DEFAULT_LOG_POINTS
+            ep = np.asarray(epochs, np.float64)
+            lo = ep[ep > 0].min() if (ep > 0).any() else 1.0
+            targets = np.geomspace(lo, max(ep[-1], lo), n)
+            at = np.log(np.maximum(ep, 0.5 * lo))
+            chosen = {epochs[int(np.argmin(np.abs(at - math.log(t))))] for t in targets}
+            chosen |= {epochs[0], epochs[-1]}
+        return sorted(chosen)
+
+    def describe(self) -> str:
+        which = (f"every {self.every}th checkpoint" if self.every is not None else
+                 f"{self.log_points or DEFAULT_LOG_POINTS} log-spaced checkpoints")
+        s = self.settings
+        return (f"{which}; {s.chains} chains x {s.draws} draws after {s.burn_in} burn-in, "
+                f"epsilon {s.epsilon:g}, gamma {s.gamma:g}, nbeta {s.nbeta:g}, "
+                f"batch {s.batch_size}")
+
+
+def checked_section(values: Any, source: str) -> Mapping[str, Any] | None:
+    """A spec's ``llc:`` section, checked (``LLCRequest.from_mapping``); a bad one is a
+    ConfigError naming the spec and the key."""
+    from .config import ConfigError
+
+    if values is None:
+        return None
+    try:
+        LLCRequest.from_mapping(values, f"{source}: llc")
+    except LLCError as e:
+        raise ConfigError(str(e)) from None
+    return dict(values)
+
+
 @dataclass(frozen=True)
 class LLCEstimate:
     """One LLC estimate: its mean and spread over chains, and the loss trace behind it."""

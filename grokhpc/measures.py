@@ -1,7 +1,7 @@
 """Progress measures per checkpoint of one run (Nanda et al. 2023).
 
 ``python -m grokhpc.measures RUN_DIR [--key-freqs 1,5,34]`` recomputes ``measures.parquet`` and
-``summary.json`` of a trained run (e.g. with hand-picked key frequencies).
+``summary.json`` of a trained run (e.g. with hand-picked key frequencies, or irreps for s5).
 
 Stage: right after training (``grokhpc.train`` calls :func:`finalize_run` after the last epoch):
 every checkpoint row of checkpoints.npy is measured into measures.parquet, then
@@ -14,25 +14,25 @@ over Z_p, 120 for the S5 tasks). "The MLP" is the MLP of the last block: its neu
 at the last position (``blocks.{n_layers-1}.mlp.hook_post``) and its neuron-to-logit map
 ``W_logit = W_out @ W_U`` with that block's ``W_out`` (the only MLP for the seed's one block).
 
-* **Fourier basis** of Z_p (:func:`fourier_basis`): row 0 the constant, then for k = 1..(p-1)/2
-  ``Sin k`` before ``Cos k`` (the seed's order), each row of unit norm; an orthonormal p x p
-  matrix.
-* **Gini** (:func:`gini`): the Gini coefficient of the p Fourier-component norms of the
-  embedding, ``|| F @ W_E[:p] ||`` per row, and of the neuron-to-logit map,
-  ``|| (W_out @ W_U) @ F.T ||`` per column (the seed's "Norms of Embedding in Fourier Basis" and
-  "W_logit in the Fourier Basis" plots). 0 = all components equal, -> 1 = one component.
-* **Key frequencies** (:func:`choose_key_freqs`), chosen at the final checkpoint and held fixed
-  for every checkpoint of the run. Rule: the energy of frequency k in the embedding is
-  ``e_k = ||Sin_k @ W_E[:p]||^2 + ||Cos_k @ W_E[:p]||^2``. Sort the e_k in decreasing order and
-  cut after the m-th, where m (1 <= m <= 8) maximises the ratio e_(m) / e_(m+1): the key
-  frequencies are the ones standing above the largest drop in the embedding's Fourier spectrum
-  (a trained model's embedding is sparse in the Fourier basis; the seed reads {1, 5, 34} off the
-  same spectrum).
+The group measures are read in the task's own basis (``grokhpc.task_measures``, over the bases
+of ``grokhpc.bases``: Z_p for sub/add, Z_p^* through the discrete log for mul/div, the irreps
+of S5 for s5). Over Z_p they are the seed's, as follows:
+
+* **Fourier basis** of Z_p (``bases.fourier_basis``): row 0 the constant, then for
+  k = 1..(p-1)/2 ``Sin k`` before ``Cos k`` (the seed's order), each row of unit norm.
+* **Gini** (``task_measures.gini``): the Gini coefficient of the p Fourier-component norms of
+  the embedding, ``|| F @ W_E[:p] ||`` per row, and of the neuron-to-logit map,
+  ``|| (W_out @ W_U) @ F.T ||`` per column. 0 = all components equal, -> 1 = one component.
+* **Key frequencies** (``bases.choose_keys``), chosen at the final checkpoint and held fixed
+  for every checkpoint of the run: the energy of frequency k in the embedding is
+  ``e_k = ||Sin_k @ W_E[:p]||^2 + ||Cos_k @ W_E[:p]||^2``; sorted in decreasing order, the key
+  frequencies are those above the largest ratio e_(m) / e_(m+1), 1 <= m <= 8 (the seed reads
+  {1, 5, 34} off the same spectrum).
 * **Restricted loss** (the seed's ``get_restricted_loss``): the last-position neuron activations
   on the full p x p grid, projected onto the unit vectors ``cos(w_k d)``, ``sin(w_k d)`` over the
-  grid for each key frequency k, where w_k = 2 pi k / p and d = a - b (sub) or a + b (add);
-  mapped through ``W_out @ W_U``; the mean logit (over the grid) re-centred to the model's;
-  cross-entropy on the test pairs.
+  grid for each key frequency k (``bases.answer_directions``), where w_k = 2 pi k / p and
+  d = a - b (sub) or a + b (add); mapped through ``W_out @ W_U``; the mean logit (over the grid)
+  re-centred to the model's; cross-entropy on the test pairs.
 * **Excluded loss** (the seed's ``get_excluded_loss``): those components removed from the neuron
   activations instead, ``(post - approx) @ W_out + resid_mid`` (the last block's) through
   ``W_U``; cross-entropy on the train pairs.
@@ -43,20 +43,16 @@ at the last position (``blocks.{n_layers-1}.mlp.hook_post``) and its neuron-to-l
   (plus ``b_U`` for the restricted loss, as the re-centred mean logit includes it). Without
   LayerNorm this is exactly the linear formulation above.
 * **Cosine similarity** with ``cos(w_k (d - c))`` over the logit cube L[a, b, c], for every
-  k = 1..(p-1)/2: ``<L, C_k> / (||L|| ||C_k||)``, and the residual fraction
-  ``||L - sum_k <L, C_k/||C_k||> C_k/||C_k||| / ||L||``. No (p-1)/2 x p^3 tensor is built:
-  ``cos(w (d - c)) = cos(w d) cos(w c) + sin(w d) sin(w c)``, so
-  ``<L, C_k> = sum_ab cos(w_k d_ab) (L @ cos)[ab, k] + sin(w_k d_ab) (L @ sin)[ab, k]`` -- one
-  (p^2 x p) @ (p x (p-1)) product -- and, the C_k being mutually orthogonal,
-  ``||residual||^2 = ||L||^2 - sum_k <L, C_k/||C_k||>^2``.
+  k = 1..(p-1)/2, and the residual fraction of ||L|| (``bases.logit_attribution``), from the
+  answer sums ``G[d, c]`` (formed on the device) without building the cube.
 * losses and accuracies on the train, test and all pairs (cross-entropy in float64, as the
   seed's ``loss_fn``); **weight_norm_sq**: the sum of squares of every parameter.
 
-The Fourier measures (Gini, key frequencies, restricted/excluded loss, cosine similarities) are
-defined for ``sub`` and ``add`` over Z_p only, whatever the model's shape. For every other task
-(``mul``, ``div``, ``quad1-3``, ``cube1-2``, ``mix1`` and the S5 tasks) the answer is not a
-frequency of a +- b, so those columns are null and ``key_freqs`` is null; the op-independent
-measures (losses, accuracies, weight_norm_sq) are still written.
+For mul and div the same measures run over the discrete-log index (Z_{p-1}), on the pairs
+without a zero operand; for s5 over the irreps (key irreps, per-irrep logit attribution). Every
+other task (s5conj, s5aba, quad1-3, cube1-2, mix1) has null group columns and null key
+elements (``task_measures.no_lens_reason`` says why); the op-independent measures (losses,
+accuracies, weight_norm_sq) are still written.
 
 Fast path
 ---------
@@ -79,139 +75,51 @@ test_acc           float64
 all_loss           float64         over every pair of the grid (div: b != 0)
 all_acc            float64
 weight_norm_sq     float64         sum of squared weights
-gini_embed         float64 / null  Gini of the Fourier norms of W_E[:p]
-gini_logit         float64 / null  Gini of the Fourier norms of W_out @ W_U (last block)
-restricted_loss    float64 / null  on test pairs, key frequencies only
-excluded_loss      float64 / null  on train pairs, key frequencies removed
+gini_embed         float64 / null  Gini of the component norms of W_E (the group's elements)
+gini_logit         float64 / null  Gini of the component norms of W_out @ W_U (last block)
+restricted_loss    float64 / null  on test pairs in the group, key elements only
+excluded_loss      float64 / null  on train pairs in the group, key elements removed
 cos_residual       float64 / null  residual fraction of the logit cube's norm
-cos_sim            list<float64>   (p-1)/2 values, element k-1 for frequency k; null off sub/add
+cos_sim            list<float64>   one value per non-trivial key, element k-1 for key k
+                                   (frequency, or irrep); null without a group basis
+llc, llc_std       float64 / null  the LLC and its spread over chains where estimated
+                                   (``grokhpc.llc_run``; absent until then)
 =================  ==============  ==========================================================
 
-The table's schema metadata holds ``key_freqs`` (JSON list, or null) and ``op``.
+The table's schema metadata holds the JSON of ``task_measures.basis_summary`` (``basis``,
+``generator``, ``key_freqs``, ``key_elements``, ``key_names``) and ``op``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import lastpos
+from . import lastpos, llc_run, task_measures
 from .checkpoints import RERUN_TRAINING
-from .config import RunConfig, shown
-from .lastpos import cross_entropy, row_hits, row_losses
+from .config import RunConfig
+from .lastpos import row_hits, row_losses
 from .phases import build_summary
 from .store import MEASURES, SUMMARY, RunDir, RunDirError, atomic_write_json, atomic_write_table
-from .tasks import TASKS
+from .task_measures import GROUP_COLUMNS
 
-# The tasks whose answer is i +- j over Z_p: the Fourier measures read them.
-FOURIER_OPS = tuple(name for name, t in TASKS.items() if t.group == "Z_p")
-MAX_KEY_FREQS = 8
 SCALAR_COLUMNS = ("train_loss", "train_acc", "test_loss", "test_acc", "all_loss", "all_acc",
                   "weight_norm_sq", "gini_embed", "gini_logit", "restricted_loss",
                   "excluded_loss", "cos_residual")
-FOURIER_COLUMNS = ("gini_embed", "gini_logit", "restricted_loss", "excluded_loss",
-                   "cos_residual", "cos_sim")
-
-
-# ---- Fourier basis and the weight measures (numpy) ------------------------------------------
-def fourier_names(p: int) -> list[str]:
-    names = ["Constant"]
-    for k in range(1, p // 2 + 1):
-        names += [f"Sin {k}", f"Cos {k}"]
-    return names
-
-
-def fourier_basis(p: int) -> np.ndarray:
-    """The seed's Fourier basis of Z_p: (p, p) float64, orthonormal rows (see module doc)."""
-    x = np.arange(p)
-    rows = [np.ones(p)]
-    for k in range(1, p // 2 + 1):
-        rows += [np.sin(2 * np.pi * k * x / p), np.cos(2 * np.pi * k * x / p)]
-    basis = np.stack(rows)
-    return basis / np.linalg.norm(basis, axis=1, keepdims=True)
-
-
-def gini(x) -> float:
-    """Gini coefficient of non-negative values: sum_i (2i - n - 1) x_(i) / (n sum x), i = 1..n
-    over the sorted values."""
-    x = np.sort(np.abs(np.asarray(x, dtype=np.float64)).ravel())
-    n = x.size
-    total = x.sum()
-    if n == 0 or total == 0:
-        return 0.0
-    i = np.arange(1, n + 1)
-    return float(((2 * i - n - 1) * x).sum() / (n * total))
-
-
-def embed_fourier_norms(W_E, p: int) -> np.ndarray:
-    """|| F @ W_E[:p] || per Fourier component (p values, the seed's embedding-norm plot)."""
-    return np.linalg.norm(fourier_basis(p) @ np.asarray(W_E, np.float64)[:p], axis=1)
-
-
-def logit_fourier_norms(W_out, W_U) -> np.ndarray:
-    """|| (W_out @ W_U) @ F.T || per Fourier component (the seed's W_logit plot)."""
-    W_logit = np.asarray(W_out, np.float64) @ np.asarray(W_U, np.float64)
-    return np.linalg.norm(W_logit @ fourier_basis(W_logit.shape[1]).T, axis=0)
-
-
-def frequency_energy(W_E, p: int) -> np.ndarray:
-    """e_k = ||Sin_k W_E||^2 + ||Cos_k W_E||^2 for k = 1..(p-1)/2 (index k - 1)."""
-    sq = embed_fourier_norms(W_E, p) ** 2
-    return sq[1::2] + sq[2::2]
-
-
-def choose_key_freqs(W_E, p: int, max_freqs: int = MAX_KEY_FREQS) -> list[int]:
-    """The key frequencies of an embedding: those above the largest drop of the sorted
-    frequency energies, at most ``max_freqs`` (module docstring). Sorted ascending."""
-    e = frequency_energy(W_E, p)
-    order = np.argsort(-e, kind="stable")
-    if len(e) <= 1:
-        return [int(k) + 1 for k in order]
-    top = e[order]
-    m_max = min(max_freqs, len(e) - 1)
-    ratios = top[:m_max] / np.maximum(top[1:m_max + 1], np.finfo(float).tiny)
-    m = int(np.argmax(ratios)) + 1
-    return sorted(int(k) + 1 for k in order[:m])
-
-
-def parse_key_freqs(text: str, p: int) -> list[int]:
-    """``"1,5,34"`` -> [1, 5, 34]; ValueError naming the bad item."""
-    out = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            k = int(item)
-        except ValueError:
-            raise ValueError(
-                f"--key-freqs: expected comma-separated integers, got {shown(item)}") from None
-        if not 1 <= k <= p // 2:
-            raise ValueError(f"--key-freqs: expected frequencies in 1..{p // 2}, got {k}")
-        if k not in out:
-            out.append(k)
-    if not out:
-        raise ValueError("--key-freqs: expected at least one frequency, got nothing")
-    return sorted(out)
-
-
-def answer_sign(op: str) -> int:
-    """d = a + sign * b: the direction of the answer on the grid (a - b for sub)."""
-    return TASKS[op].sign
 
 
 # ---- the per-checkpoint evaluator (torch) ---------------------------------------------------
 class Evaluator:
     """Everything that does not change between checkpoints of one run, on one device: the
-    dataset's rows on the grid, the Fourier directions, and reusable output buffers."""
+    dataset's rows on the grid, the group lens (``task_measures.GroupLens``), and reusable
+    output buffers."""
 
-    def __init__(self, cfg: RunConfig, key_freqs: Sequence[int] | None, device=None):
+    def __init__(self, cfg: RunConfig, keys: Sequence[int] | None, device=None):
         import torch
 
         from .data import make_dataset
@@ -219,7 +127,6 @@ class Evaluator:
         self.cfg = cfg
         p = self.p = cfg.n_classes
         self.op = cfg.op
-        self.fourier = self.op in FOURIER_OPS
         self.last = f"blocks.{cfg.n_layers - 1}"        # the block whose MLP is measured
         self.layer_norm = cfg.normalization == "LN"
         self.device = dev = torch.device(device or "cpu")
@@ -234,26 +141,10 @@ class Evaluator:
         self.train_labels = self.labels[self.train_idx]
         self.test_labels = self.labels[self.test_idx]
         self._buffers: dict[str, Any] = {}
-        self.key_freqs = (sorted(int(k) for k in key_freqs) if key_freqs and self.fourier
-                          else None)
-        if not self.fourier:
-            return
-        f64 = torch.float64
-        K = self.K = p // 2
-        w = 2 * math.pi * torch.arange(1, K + 1, dtype=f64, device=dev) / p
-        x = torch.arange(p, dtype=f64, device=dev)
-        self.cos_x, self.sin_x = torch.cos(x[:, None] * w), torch.sin(x[:, None] * w)  # (p, K)
-        a = torch.arange(p, device=dev).repeat_interleave(p)
-        b = torch.arange(p, device=dev).repeat(p)
-        self.d = (a + answer_sign(self.op) * b) % p                         # answer direction
-        self.cube_norm = math.sqrt(p ** 3 / 2)                               # ||cos(w (d - c))||
-        if self.key_freqs is not None:
-            kw = 2 * math.pi * torch.tensor(self.key_freqs, dtype=f64, device=dev) / p
-            dk = self.d.double()[:, None] * kw
-            U = torch.stack([torch.cos(dk), torch.sin(dk)], 2).reshape(p * p, -1)
-            U = (U / U.norm(dim=0, keepdim=True)).float()                   # (p^2, 2 n_key)
-            self.U, self.U_mean = U, U.mean(0)
-            self.U_train, self.U_test = U[self.train_rows], U[self.test_rows]
+        basis = task_measures.lens_of(cfg.op, p)
+        self.lens = None if basis is None else task_measures.GroupLens(
+            basis, keys, self.rows, self.labels, data.train_idx.to(dev), data.test_idx.to(dev),
+            dev)
 
     def _buf(self, name, *shape):
         import torch
@@ -366,21 +257,6 @@ class Evaluator:
             return post, logits, W_logit, maps.b_direct[0], mapped(eye, "resid").clone()
         return post, logits, W_logit, maps.b_direct[0]
 
-    def cos_sims(self, L):
-        """(cosine similarity of the logit grid ``L`` (p^2, p) with cos(w_k (d - c)) for
-        k = 1..(p-1)/2, residual fraction), float64: sum the logits of the pairs sharing the
-        answer direction d (G[d, c]), then sum_dc G[d, c] (cos w d cos w c + sin w d sin w c)."""
-        import torch
-
-        G = torch.zeros(self.p, self.p, dtype=L.dtype, device=self.device)
-        G.index_add_(0, self.d, L)
-        G = G.double()
-        coef = ((self.cos_x * (G @ self.cos_x)).sum(0)
-                + (self.sin_x * (G @ self.sin_x)).sum(0)) / self.cube_norm   # <L, C_k/||C_k||>
-        norm_sq = (L * L).sum().double()                            # cascade sum: accurate
-        norm = norm_sq.sqrt()
-        return coef / norm, (norm_sq - (coef ** 2).sum()).clamp_min(0).sqrt() / norm
-
     def measure(self, W: Mapping[str, Any]) -> dict[str, Any]:
         """Every measure of one model state ({parameter name: array}); see the module doc."""
         import torch
@@ -390,7 +266,8 @@ class Evaluator:
 
     def _measure(self, W):
         out: dict[str, Any] = {}
-        post, logits, W_logit, const, *resid_mid = self._grid(W, resid=self.layer_norm)
+        grid = self._grid(W, resid=self.layer_norm)
+        logits = grid[1]
         by_pair = logits if self.identity_rows else logits[self.rows]   # dataset order
         row_loss = row_losses(by_pair, self.labels)             # once for all three splits
         row_hit = row_hits(by_pair, self.labels)
@@ -400,51 +277,15 @@ class Evaluator:
             out[f"{split}_acc"] = float(row_hit[rows].mean())
         out["weight_norm_sq"] = float(sum(float(np.square(np.asarray(v, np.float64)).sum())
                                           for v in W.values()))
-        if not self.fourier:
-            out.update({k: None for k in FOURIER_COLUMNS})
+        if self.lens is None:
+            out.update({k: None for k in GROUP_COLUMNS})
             return out
-        out["gini_embed"] = gini(embed_fourier_norms(W["embed.W_E"], self.p))
-        out["gini_logit"] = gini(logit_fourier_norms(W[f"{self.last}.mlp.W_out"],
-                                                     W["unembed.W_U"]))
-        sims, residual = self.cos_sims(logits)
-        out["cos_sim"] = sims.cpu().tolist()
-        out["cos_residual"] = float(residual)
-        if self.key_freqs is None:
-            out["restricted_loss"] = out["excluded_loss"] = None
-        elif self.layer_norm:
-            out.update(self._key_freq_losses_ln(post, resid_mid[0]))
-        else:
-            out.update(self._key_freq_losses(post, logits, W_logit, const))
+        out.update(self.lens.measure(W, grid, self.last, self.model if self.layer_norm else None))
         return out
-
-    def _key_freq_losses(self, post, logits, W_logit, const) -> dict[str, float]:
-        """Restricted and excluded loss of a model without LayerNorm, on the logits."""
-        # approx_acts = U U^T post; approx_acts @ W_logit = U (U^T post W_logit) = U @ CW
-        CW = (self.U.T @ post) @ W_logit                             # (2 n_key, p)
-        shift = logits.mean(0) - self.U_mean @ CW                     # re-centre the mean logit
-        excluded = logits[self.train_rows] - self.U_train @ CW - const
-        return {"restricted_loss": float(cross_entropy(self.U_test @ CW + shift,
-                                                       self.test_labels)),
-                "excluded_loss": float(cross_entropy(excluded, self.train_labels))}
-
-    def _key_freq_losses_ln(self, post, resid_mid) -> dict[str, float]:
-        """Restricted and excluded loss with LayerNorm: the residual streams of the module
-        docstring, read through the loaded model's own ``ln_final`` and ``W_U``."""
-        model = self.model
-        mlp = model.get_submodule(f"{self.last}.mlp")
-        CW = (self.U.T @ post) @ mlp.W_out                            # (2 n_key, d)
-        resid_post_mean = resid_mid.mean(0) + post.mean(0) @ mlp.W_out + mlp.b_out
-        restricted = self.U_test @ CW + (resid_post_mean - self.U_mean @ CW)
-        rows = self.train_rows
-        excluded = resid_mid[rows] + post[rows] @ mlp.W_out - self.U_train @ CW
-        return {"restricted_loss": float(cross_entropy(model.unembed(model.ln_final(restricted)),
-                                                       self.test_labels)),
-                "excluded_loss": float(cross_entropy(model.ln_final(excluded) @ model.unembed.W_U,
-                                                     self.train_labels))}
 
 
 # ---- a run ----------------------------------------------------------------------------------
-def measures_table(rows: list[dict[str, Any]], epochs: Sequence[int], key_freqs, op: str):
+def measures_table(rows: list[dict[str, Any]], epochs: Sequence[int], keys, cfg: RunConfig):
     """The measures.parquet table (schema in the module docstring)."""
     import pyarrow as pa
 
@@ -455,26 +296,28 @@ def measures_table(rows: list[dict[str, Any]], epochs: Sequence[int], key_freqs,
         names.append(name)
     cols.append(pa.array([r.get("cos_sim") for r in rows], pa.list_(pa.float64())))
     names.append("cos_sim")
-    meta = {"key_freqs": json.dumps(key_freqs), "op": op}
+    meta = {k: json.dumps(v) for k, v in
+            task_measures.basis_summary(cfg.op, cfg.n_classes, keys).items()}
+    meta["op"] = cfg.op
     return pa.Table.from_arrays(cols, names=names).replace_schema_metadata(meta)
 
 
-def compute_measures(run: RunDir, key_freqs: Sequence[int] | None = None, device=None,
+def compute_measures(run: RunDir, keys: Sequence[int] | None = None, device=None,
                      progress: bool = False):
-    """(table, key_freqs) for every checkpoint of a trained run; key frequencies from the last
-    checkpoint unless given."""
+    """(table, keys) for every checkpoint of a trained run; the key elements of the task's
+    basis (frequencies, irreps) from the last checkpoint unless given, None without a lens."""
     cfg = run.run_config()
     epochs, ckpts = run.checkpoints()
     if not epochs:
         raise RunDirError(f"{run.path}: no checkpoints to measure")
-    p, op = cfg.n_classes, cfg.op
-    if op in FOURIER_OPS:
-        if key_freqs is None:
-            key_freqs = choose_key_freqs(run.unflatten(ckpts[-1])["embed.W_E"], p)
-        key_freqs = sorted(int(k) for k in key_freqs)
+    basis = task_measures.lens_of(cfg.op, cfg.n_classes)
+    if basis is None:
+        keys = None
+    elif keys is None:
+        keys = task_measures.choose_keys(basis, run.unflatten(ckpts[-1])["embed.W_E"])
     else:
-        key_freqs = None
-    ev = Evaluator(cfg, key_freqs, device=device)
+        keys = sorted(int(k) for k in keys)
+    ev = Evaluator(cfg, keys, device=device)
     rows = []
     it = range(len(epochs))
     if progress:
@@ -483,16 +326,16 @@ def compute_measures(run: RunDir, key_freqs: Sequence[int] | None = None, device
         it = tqdm(it, desc="measures", unit="ckpt")
     for i in it:
         rows.append(ev.measure(run.unflatten(np.array(ckpts[i]))))
-    return measures_table(rows, epochs, key_freqs, op), key_freqs
+    return llc_run.with_llc_columns(run, measures_table(rows, epochs, keys, cfg)), keys
 
 
-def finalize_run(run: RunDir, device=None, key_freqs: Sequence[int] | None = None) -> dict:
+def finalize_run(run: RunDir, device=None, keys: Sequence[int] | None = None) -> dict:
     """Measure every checkpoint of a trained run, write measures.parquet and summary.json
     (atomically), return the summary. Called by train.py after the last epoch."""
     t0 = time.perf_counter()
-    table, key_freqs = compute_measures(run, key_freqs=key_freqs, device=device)
+    table, keys = compute_measures(run, keys=keys, device=device)
     atomic_write_table(run.file(MEASURES), table)
-    summary = build_summary(run, table, key_freqs)
+    summary = build_summary(run, table, keys)
     summary["measures_time_s"] = round(time.perf_counter() - t0, 3)
     atomic_write_json(run.file(SUMMARY), summary)
     return summary
@@ -506,7 +349,7 @@ def _unfinished(run: RunDir) -> str:
 
 
 def read_measures(run: RunDir):
-    """measures.parquet as a pandas DataFrame (cos_sim as arrays), and its key frequencies."""
+    """measures.parquet as a pandas DataFrame (cos_sim as arrays), and its key elements."""
     import pyarrow.parquet as pq
 
     f = run.file(MEASURES)
@@ -516,7 +359,7 @@ def read_measures(run: RunDir):
             else f": {_unfinished(run)} and write it"))
     t = pq.read_table(f)
     meta = t.schema.metadata or {}
-    key = json.loads(meta.get(b"key_freqs", b"null"))
+    key = json.loads(meta.get(b"key_elements", meta.get(b"key_freqs", b"null")))
     return t.to_pandas(), key
 
 
@@ -526,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m grokhpc.measures",
         description="Recompute measures.parquet and summary.json of a trained run.")
     ap.add_argument("run_dir", help="a run directory written by grokhpc.train")
-    ap.add_argument("--key-freqs", default=None, metavar="K1,K2,...",
-                    help="use these key frequencies instead of the automatic rule")
+    ap.add_argument("--key-freqs", "--keys", dest="keys", default=None, metavar="K1,K2,...",
+                    help="use these key elements (frequencies; irreps for s5, by index 1..6 "
+                         "or partition) instead of the automatic rule")
     ap.add_argument("--device", default="cpu", help="torch device (default cpu)")
     return ap
 
@@ -539,15 +383,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = run.run_config()
         if not run.is_trained():
             raise RunDirError(f"{run.path}: {_unfinished(run)}")
-        if args.key_freqs and cfg.op not in FOURIER_OPS:
-            raise ValueError(f"--key-freqs: op {cfg.op!r} has no Fourier measures")
-        key = parse_key_freqs(args.key_freqs, cfg.n_classes) if args.key_freqs else None
-        summary = finalize_run(run, device=args.device, key_freqs=key)
+        basis = task_measures.lens_of(cfg.op, cfg.n_classes)
+        if args.keys and basis is None:
+            raise ValueError(f"--key-freqs: op {cfg.op!r} has no group measures")
+        key = task_measures.parse_keys(args.keys, basis) if args.keys else None
+        summary = finalize_run(run, device=args.device, keys=key)
     except (RunDirError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{run.path}: measures.parquet and summary.json written; key_freqs "
-          f"{summary['key_freqs']}, grokking_epoch {summary['grokking_epoch']}"
+    print(f"{run.path}: measures.parquet and summary.json written; basis {summary['basis']}, "
+          f"key elements {summary['key_names']}, grokking_epoch {summary['grokking_epoch']}"
           f"{'' if summary['grokked'] else ' (censored: never reached 99% test accuracy)'}")
     return 0
 

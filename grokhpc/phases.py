@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import GROK_ACC, to_dict
 from .store import RunDir
+from .task_measures import basis_summary
 
 
 def _num(x):
@@ -101,14 +102,15 @@ def _last(curves, col):
     return float(s[col].iloc[-1]) if len(s) else None
 
 
-def build_summary(run: RunDir, table, key_freqs, curves=None) -> dict[str, Any]:
-    """summary.json of a measured run: its id and task (``p`` as config.json has it: none for
-    the S5 tasks), key frequencies, phases, final values of the curves and of the last row of
-    the measures ``table``, wall time and whether it stopped early."""
+def build_summary(run: RunDir, table, keys, curves=None) -> dict[str, Any]:
+    """summary.json of a measured run: its id and task (``p`` as config.json has it: none for the
+    S5 tasks), its basis and key elements (``task_measures.basis_summary``), phases, final
+    values of the curves and of the last row of the measures ``table``, wall time and whether it
+    stopped early."""
     cfg = run.run_config()
     curves = run.read_curves() if curves is None else curves
-    summary: dict[str, Any] = {"run_id": cfg.run_id, "p": to_dict(cfg).get("p"), "op": cfg.op,
-                               "key_freqs": key_freqs}
+    summary: dict[str, Any] = {"run_id": cfg.run_id, "p": to_dict(cfg).get("p"), "op": cfg.op}
+    summary.update(basis_summary(cfg.op, cfg.n_classes, keys))
     summary.update(detect_phases(curves, cfg.n_classes))
     for col in ("train_loss", "train_acc", "test_loss", "test_acc"):
         summary[f"final_{col}"] = _last(curves, col)
@@ -116,7 +118,7 @@ def build_summary(run: RunDir, table, key_freqs, curves=None) -> dict[str, Any]:
     summary["final_epoch"] = int(last["epoch"])
     for col in ("restricted_loss", "excluded_loss", "cos_residual", "gini_embed", "gini_logit",
                 "all_loss"):
-        summary[f"final_{col}"] = _num(last[col])
+        summary[f"final_{col}"] = _num(last.get(col))
     prog = run.read_progress() or {}
     summary["wall_time_s"] = prog.get("wall_time_s")
     summary["stopped_early"] = bool(prog.get("stopped_early"))

@@ -433,6 +433,25 @@ def measures_aligned_figure(fin, ckpt_table, colour_by: str | None):
     return _aligned_grid(fin, ckg, chosen, colour_by)
 
 
+def llc_aligned_figure(fin, ckpt_table, colour_by: str | None):
+    """The LLC (``grokhpc.llc_run``) and the test loss at the estimated checkpoints of every
+    run, against epochs since its grokking epoch; or why not; None (no figure, no note) where
+    no run has an LLC, an opt-in measure."""
+    if ckpt_table is None or "llc" not in ckpt_table.column_names:
+        return None
+    ck = ckpt_table.select(["run_id", "epoch", "llc", "llc_std", "test_loss"]).to_pandas()
+    ck = ck[ck["llc"].notna()]
+    grok = dict(zip(fin["run_id"], fin["grokking_epoch"]))
+    ck = ck[ck["run_id"].isin(grok)]
+    if ck.empty:
+        return "no finished run has an LLC estimate"
+    ck["since"] = ck["epoch"] - ck["run_id"].map(grok)
+    ckg = {rid: g.sort_values("epoch") for rid, g in ck.groupby("run_id", sort=False)}
+    fig = _aligned_grid(fin, ckg, ["llc", "test_loss"], colour_by)
+    fig.update_traces(mode="lines+markers", marker=dict(size=4))
+    return fig.update_layout(title_text="LLC and test loss aligned on each run's grokking epoch")
+
+
 def _aligned_grid(fin, ckg: dict, chosen: list[str], colour_by: str | None):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -491,8 +510,11 @@ def cross_run_figures(runs_table, ckpt_table, curves_dir: Path, swept: list[str]
     curves = read_test_curves(curves_dir, fin["run_id"])
     drawn = {"test_loss_curves": test_loss_figure(fin, curves, colour_by),
              "measures_aligned": measures_aligned_figure(fin, ckpt_table, colour_by),
+             "llc_aligned": llc_aligned_figure(fin, ckpt_table, colour_by),
              "weight_norm_and_test_acc": weight_norm_figure(fin, ckpt_table, curves, colour_by)}
     for name, fig in drawn.items():
+        if fig is None:
+            continue
         if isinstance(fig, str):
             notes.append(f"{name} skipped: {fig}")
         else:

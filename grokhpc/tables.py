@@ -278,7 +278,9 @@ def runs_schema_fixed() -> list[tuple[str, Any]]:
     cols += [("epoch", pa.int64()), ("n_checkpoints", pa.int64()), ("grokked", pa.bool_())]
     cols += [(k, pa.int64()) for k in SUMMARY_INT]
     cols += [(k, pa.float64()) for k in SUMMARY_FLOAT]
-    cols += [("key_freqs", pa.list_(pa.int64())), ("updated", pa.string()),
+    cols += [("key_freqs", pa.list_(pa.int64())), ("basis", pa.string()),
+             ("generator", pa.int64()), ("key_elements", pa.list_(pa.int64())),
+             ("key_names", pa.list_(pa.string())), ("updated", pa.string()),
              ("error", pa.string())]
     return cols
 

@@ -157,18 +157,24 @@ def test_a_read_only_run_and_a_full_disk_are_one_line_whose_advice_works(tiny_ru
     assert {f.name: f.read_bytes() for f in tiny_run.path.iterdir()} == run_files
 
 
-def test_mul_run_leaves_out_the_fourier_measure_figures(tmp_path):
-    from grokhpc.analyze import analyze
+def test_mul_run_draws_every_figure_over_the_discrete_log(tmp_path):
+    """mul reads Z_7^* through log_3 (3 is the smallest generator mod 7): every figure, the
+    basis figures' input axis titled log_3 a."""
+    from grokhpc.analyze import analyze, build_figures
 
     cfg = RunConfig(**{**TINY, "p": 7, "op": "mul", "n_epochs": 20, "checkpoint_every": 10})
     run = run_training(cfg, tmp_path / "run", progress_bar=False, log=lambda *_: None)
     summary = json.loads(run.file("summary.json").read_text())
-    assert summary["key_freqs"] is None and summary["final_restricted_loss"] is None
+    assert summary["basis"] == "Z_p^*" and summary["generator"] == 3
+    assert summary["key_freqs"] == summary["key_elements"]
+    assert all(1 <= k <= 3 for k in summary["key_freqs"])      # frequencies of Z_6
+    assert summary["final_restricted_loss"] is not None
     written = analyze(run.path, tmp_path / "figs", formats=("html",), log=lambda *_: None)
-    fourier_measures = {"cos_sim_over_training", "restricted_excluded_loss",
-                        "restricted_test_ratio", "gini_weight_norm"}
-    assert sorted(written) == sorted(set(EXPECTED) - fourier_measures)
-    assert all((tmp_path / "figs" / f"{n}.html").exists() for n in written)
+    assert sorted(written) == sorted(EXPECTED)
+    figs = build_figures(run)
+    assert figs["fourier_basis"].layout.xaxis.title.text == "log_3 a"
+    assert "Z_6" in figs["fourier_basis"].layout.title.text
+    assert "log_3 a + log_3 b - log_3 c" in figs["cos_sim_over_training"].layout.title.text
 
 
 # ---- phase labels that never overlap -------------------------------------------------------------
@@ -262,14 +268,16 @@ def test_phase_labels_of_subplots_sit_in_the_top_one():
 
 @pytest.mark.parametrize("fields,left_out", [
     ({"p": 7, "n_layers": 2, "normalization": "LN", "act_fn": "gelu"}, set()),
-    ({"op": "s5", "train_frac": 0.2},
+    ({"op": "s5", "train_frac": 0.2}, {"fourier_basis", "fourier_embedding"}),
+    ({"op": "s5conj", "train_frac": 0.2},
      {"cos_sim_over_training", "restricted_excluded_loss", "restricted_test_ratio",
       "gini_weight_norm", "fourier_basis", "fourier_embedding", "fourier_embedding_norms",
       "neuron_freq_fraction", "wlogit_fourier_norms"}),
 ])
 def test_analyze_writes_the_figures_each_shape_and_task_defines(tmp_path, fields, left_out):
     """A 2-block LayerNorm GELU run gets every figure (its neurons and W_logit are the last
-    block's); an S5 run, not over Z_p, gets no Fourier figure, and one log line says so."""
+    block's); an s5 run its figures per irrep but no Fourier-basis heatmap; an s5conj run, not
+    the group's product, no basis figure, and one log line says so."""
     from grokhpc.analyze import analyze
     from grokhpc.config import from_dict
 
@@ -281,7 +289,7 @@ def test_analyze_writes_the_figures_each_shape_and_task_defines(tmp_path, fields
     assert sorted(written) == sorted(set(EXPECTED) - left_out)
     assert all((tmp_path / "figs" / f"{n}.html").exists() for n in written)
     skipped = [line for line in lines if "left out" in line]
-    assert len(skipped) == (1 if left_out else 0)
+    assert len(skipped) == (1 if "gini_weight_norm" in left_out else 0)
     if cfg.n_layers == 2:
         from grokhpc.analyze import build_figures
         figs = build_figures(run)

@@ -1,6 +1,6 @@
 """Task bases: each construction against an independent expectation (sympy's primitive roots,
-the data module's labels, the textbook character table of S5 by cycle type, the measures
-module's Fourier basis and cos_sim), and key choice on synthetic models built from chosen
+the data module's labels, the textbook character table of S5 by cycle type, the seed's Fourier
+formulation and the literal logit cube), and key choice on synthetic models built from chosen
 characters."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import pytest
 import torch
 from sympy.ntheory import primitive_root as sympy_primitive_root
 
-from grokhpc import bases, measures
-from grokhpc.config import RunConfig
+from grokhpc import bases
 from grokhpc.data import apply_op
 from grokhpc.tasks import s5_elements, s5_table
+
+import seed_fourier
 
 torch.set_num_threads(1)
 PRIMES = (3, 5, 7, 11, 13, 23, 31, 41, 113)
@@ -107,8 +108,8 @@ def test_fourier_basis_is_orthonormal_with_named_rows(n):
 
 @pytest.mark.parametrize("p", (3, 11, 31, 113))
 def test_fourier_basis_of_odd_n_is_the_seeds(p):
-    assert np.allclose(bases.fourier_basis(p)[0], measures.fourier_basis(p), atol=1e-12)
-    assert bases.fourier_names(p) == measures.fourier_names(p)
+    assert np.allclose(bases.fourier_basis(p)[0], seed_fourier.fourier_basis(p), atol=1e-12)
+    assert bases.fourier_names(p) == seed_fourier.fourier_names(p)
 
 
 @pytest.mark.parametrize("p", (11, 31))
@@ -117,14 +118,14 @@ def test_component_norms_over_z_p_are_the_seeds_fourier_norms(p):
     W_E, W_logit = rng.normal(size=(p + 1, 8)), rng.normal(size=(24, p))
     basis = bases.task_basis("sub", p)
     assert np.allclose(bases.component_norms(basis, W_E[:p]),
-                       measures.embed_fourier_norms(W_E, p), atol=1e-12)
+                       seed_fourier.embed_fourier_norms(W_E, p), atol=1e-12)
     assert np.allclose(bases.component_norms(basis, W_logit.T),
-                       measures.logit_fourier_norms(W_logit, np.eye(p)), atol=1e-12)
+                       seed_fourier.logit_fourier_norms(W_logit, np.eye(p)), atol=1e-12)
     energy = bases.embedding_energy(basis, W_E)
-    assert np.allclose(energy[1:], measures.frequency_energy(W_E, p), atol=1e-10)
+    assert np.allclose(energy[1:], seed_fourier.frequency_energy(W_E, p), atol=1e-10)
     assert np.allclose(bases.unembedding_energy(basis, W_logit),
                        np.bincount(basis.components()[1],
-                                   measures.logit_fourier_norms(W_logit, np.eye(p)) ** 2))
+                                   seed_fourier.logit_fourier_norms(W_logit, np.eye(p)) ** 2))
 
 
 # ---- S5 -------------------------------------------------------------------------------------
@@ -207,23 +208,28 @@ def test_answer_directions_span_the_seeds_restricted_directions(op):
     p, keys = 23, [2, 5, 9]
     U = bases.answer_directions(bases.task_basis(op, p), keys)
     a, b = np.divmod(np.arange(p * p), p)
-    d = (a + measures.answer_sign(op) * b) % p
+    d = (a + seed_fourier.answer_sign(op) * b) % p
     w = 2 * np.pi * np.array(keys) / p
     V = np.concatenate([np.cos(np.outer(d, w)), np.sin(np.outer(d, w))], axis=1)
     V /= np.linalg.norm(V, axis=0)
     assert np.allclose(U @ U.T, V @ V.T, atol=1e-10)
 
 
-def test_logit_attribution_over_z_p_is_the_measures_cos_sim():
+def test_logit_attribution_over_z_p_is_the_seeds_cos_sim_on_the_literal_cube():
+    """cos_sim[k] = <L, C_k> / (||L|| ||C_k||), C_k[a, b, c] = cos(w_k (a - b - c)) built as
+    the literal p^3 cube, and the residual after removing every C_k."""
     p = 13
     rng = np.random.default_rng(0)
     L = rng.normal(size=(p * p, p))
     cos, residual = bases.logit_attribution(bases.task_basis("sub", p), L)
-    ev = measures.Evaluator(RunConfig(p=p, op="sub", n_heads=1, d_model=4, d_head=4, d_mlp=4,
-                                      device="cpu"), None)
-    sims, res = ev.cos_sims(torch.as_tensor(L, dtype=torch.float64))
-    assert np.allclose(cos[1:], sims.numpy(), atol=1e-12)
-    assert residual == pytest.approx(float(res), abs=1e-12)
+    a, b = np.divmod(np.arange(p * p), p)
+    cube, left = L.ravel(), L.ravel().copy()
+    for k in range(1, p // 2 + 1):
+        C = np.cos(2 * np.pi * k * np.subtract.outer(a - b, np.arange(p)) / p).ravel()
+        want = cube @ C / (np.linalg.norm(cube) * np.linalg.norm(C))
+        assert cos[k] == pytest.approx(want, abs=1e-12)
+        left -= (cube @ C) / (C @ C) * C
+    assert residual == pytest.approx(np.linalg.norm(left) / np.linalg.norm(cube), abs=1e-12)
 
 
 @pytest.mark.parametrize("op", S5_OPS)
@@ -299,12 +305,12 @@ def test_choose_keys_over_odd_p_is_the_seeds_rule(seed):
     rng = np.random.default_rng(seed)
     p = 31
     W_E = rng.normal(size=(p + 1, 16))
-    F = measures.fourier_basis(p)
+    F = seed_fourier.fourier_basis(p)
     planted = rng.choice(np.arange(1, p // 2 + 1), size=seed % 4 + 1, replace=False)
     for k in planted:   # boost the planted frequencies by different amounts
         W_E[:p] += rng.uniform(2, 6) * np.outer(F[2 * k], rng.normal(size=16))
     assert bases.embedding_keys(bases.task_basis("sub", p), W_E) == \
-        measures.choose_key_freqs(W_E, p)
+        seed_fourier.choose_key_freqs(W_E, p)
 
 
 # ---- tasks without a basis ------------------------------------------------------------------

@@ -16,11 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from grokhpc import measures, phases
+from grokhpc import bases, measures, phases, task_measures
 from grokhpc.config import RunConfig
 from grokhpc.data import all_pairs, make_dataset
 from grokhpc.model import build_model
 from grokhpc.store import RunDir
+
+import seed_fourier
 
 SMALL = dict(n_heads=2, d_model=16, d_head=8, d_mlp=24, device="cpu")
 
@@ -60,8 +62,8 @@ def slow_ce(logit_rows, labels) -> float:
 # ---- Fourier basis, Gini, key frequencies ---------------------------------------------------
 def test_fourier_basis_order_values_and_orthonormality():
     p = 7
-    F = measures.fourier_basis(p)
-    names = measures.fourier_names(p)
+    F = bases.fourier_basis(p)[0]
+    names = bases.fourier_names(p)
     assert names == ["Constant", "Sin 1", "Cos 1", "Sin 2", "Cos 2", "Sin 3", "Cos 3"]
     for x in range(p):
         assert F[0, x] == pytest.approx(1 / math.sqrt(p))
@@ -77,9 +79,9 @@ def test_gini_against_mean_absolute_difference():
     for x in (rng.random(9), rng.exponential(size=30), np.array([0.0, 0, 0, 5.0])):
         n = len(x)
         slow = sum(abs(a - b) for a in x for b in x) / (2 * n * n * x.mean())
-        assert measures.gini(x) == pytest.approx(slow, rel=1e-12)
-    assert measures.gini(np.ones(10)) == pytest.approx(0.0, abs=1e-15)
-    assert measures.gini([0, 0, 0, 1]) == pytest.approx(3 / 4)   # (n - 1) / n for one nonzero
+        assert task_measures.gini(x) == pytest.approx(slow, rel=1e-12)
+    assert task_measures.gini(np.ones(10)) == pytest.approx(0.0, abs=1e-15)
+    assert task_measures.gini([0, 0, 0, 1]) == pytest.approx(3 / 4)   # (n - 1) / n for one nonzero
 
 
 def test_fourier_norm_ginis_match_explicit_loops():
@@ -97,14 +99,15 @@ def test_fourier_norm_ginis_match_explicit_loops():
         vec /= np.linalg.norm(vec)
         proj = sum(vec[x] * W["embed.W_E"][x].astype(float) for x in range(p))
         norms.append(np.linalg.norm(proj))
-    np.testing.assert_allclose(measures.embed_fourier_norms(W["embed.W_E"], p), norms, rtol=1e-9)
+    np.testing.assert_allclose(bases.component_norms(bases.task_basis("sub", p),
+                                                     W["embed.W_E"][:p]), norms, rtol=1e-9)
     ev = measures.Evaluator(cfg, [1, 3])
     got = ev.measure(W)
-    assert got["gini_embed"] == pytest.approx(measures.gini(norms), rel=1e-9)
+    assert got["gini_embed"] == pytest.approx(task_measures.gini(norms), rel=1e-9)
     W_logit = W["blocks.0.mlp.W_out"].astype(float) @ W["unembed.W_U"].astype(float)
-    F = measures.fourier_basis(p)
+    F = seed_fourier.fourier_basis(p)
     lnorms = [np.linalg.norm([W_logit[n] @ F[c] for n in range(W_logit.shape[0])]) for c in range(p)]
-    assert got["gini_logit"] == pytest.approx(measures.gini(lnorms), rel=1e-6)
+    assert got["gini_logit"] == pytest.approx(task_measures.gini(lnorms), rel=1e-6)
     total = sum(float((v.astype(float) ** 2).sum()) for v in W.values())
     assert got["weight_norm_sq"] == pytest.approx(total, rel=1e-12)
 
@@ -117,10 +120,11 @@ def test_key_freqs_found_in_a_constructed_embedding():
         W = rng.normal(0, 0.02, size=(p + 1, d))
         for k, amp in zip(key, amps):
             W[:p] += amp * np.cos(2 * np.pi * k * x / p + rng.random()) * rng.normal(size=(1, d))
-        assert measures.choose_key_freqs(W, p) == key
-    assert measures.parse_key_freqs("34, 1,5", 113) == [1, 5, 34]
+        assert task_measures.choose_keys(bases.task_basis("sub", p), W) == key
+    basis = bases.task_basis("sub", 113)
+    assert task_measures.parse_keys("34, 1,5", basis) == [1, 5, 34]
     with pytest.raises(ValueError, match="1..56"):
-        measures.parse_key_freqs("57", 113)
+        task_measures.parse_keys("57", basis)
 
 
 # ---- the fast forward and the losses ---------------------------------------------------------
@@ -150,11 +154,9 @@ def test_grid_matches_hooked_forward_and_losses_match_loops(op):
             slow_ce([rows[i] for i in idx], [lab[i] for i in idx]), rel=1e-5)
         hits = [max(range(p), key=lambda c: rows[i][c]) == lab[i] for i in idx]
         assert got[f"{split}_acc"] == pytest.approx(sum(hits) / len(idx))
-    if op == "div":
-        for k in measures.FOURIER_COLUMNS:
-            assert got[k] is None
-    else:
-        assert len(got["cos_sim"]) == p // 2
+    # one value per non-trivial key: frequencies 1..3 of Z_7, and of Z_6 over log_3 for div
+    assert len(got["cos_sim"]) == 3
+    assert all(got[k] is not None for k in task_measures.GROUP_COLUMNS)
 
 
 # ---- restricted and excluded loss -----------------------------------------------------------
@@ -228,11 +230,11 @@ def test_cos_sim_of_a_pure_cosine_logit_cube():
     ev = measures.Evaluator(RunConfig(p=p, **SMALL), [2])
     a, b, c = np.meshgrid(np.arange(p), np.arange(p), np.arange(p), indexing="ij")
     L = torch.tensor(3 * np.cos(2 * np.pi * 2 * (a - b - c) / p).reshape(p * p, p))
-    sims, residual = ev.cos_sims(L)
+    got = ev.lens.attribution(L)
     want = np.zeros(p // 2)
     want[1] = 1.0
-    np.testing.assert_allclose(sims.numpy(), want, atol=1e-12)
-    assert float(residual) == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(got["cos_sim"], want, atol=1e-12)
+    assert got["cos_residual"] == pytest.approx(0.0, abs=1e-6)
 
 
 # ---- the fast path against the seed notebook's formulation, seed config --------------------------
@@ -596,9 +598,9 @@ def test_measures_of_other_shapes_match_the_hooked_forward_with_patched_activati
     assert got["excluded_loss"] == pytest.approx(
         slow_ce(excluded[tr].double().tolist(), labels[tr]), rel=1e-5)
     W_logit = W[f"{last}.mlp.W_out"].astype(float) @ W["unembed.W_U"].astype(float)
-    F = measures.fourier_basis(p)
+    F = seed_fourier.fourier_basis(p)
     assert got["gini_logit"] == pytest.approx(
-        measures.gini(np.linalg.norm(W_logit @ F.T, axis=0)), rel=1e-6)
+        task_measures.gini(np.linalg.norm(W_logit @ F.T, axis=0)), rel=1e-6)
 
 
 def test_phase_rule_reads_ln_of_the_number_of_classes():
@@ -614,7 +616,7 @@ def test_phase_rule_reads_ln_of_the_number_of_classes():
                                   {"op": "sub", "p": 7, "n_layers": 2, "normalization": "LN"}])
 def test_runs_of_new_tasks_and_shapes_finalize(tmp_path, task):
     """A run finalizes: measures.parquet and summary.json, the measures' losses at epoch 0 the
-    trainer's, Fourier columns null where undefined (S5: no p either)."""
+    trainer's, group columns null where the task has no basis (S5: no p either)."""
     from grokhpc.config import from_dict
     from grokhpc.train import run_training
 
@@ -628,10 +630,12 @@ def test_runs_of_new_tasks_and_shapes_finalize(tmp_path, task):
     curves = run.read_curves().set_index("epoch")
     assert df["train_loss"].iloc[0] == pytest.approx(curves.loc[0, "train_loss"], rel=1e-5)
     assert df["test_loss"].iloc[-1] == pytest.approx(curves.loc[4, "test_loss"], rel=1e-5)
-    fourier = cfg.op == "sub"
-    for col in measures.FOURIER_COLUMNS:
-        assert df[col].notna().all() if fourier else df[col].isna().all(), col
-    assert (summary["key_freqs"] is not None) == fourier
+    group = cfg.op in ("sub", "s5")      # quad1: no group basis
+    for col in task_measures.GROUP_COLUMNS:
+        assert df[col].notna().all() if group else df[col].isna().all(), col
+    assert (summary["key_freqs"] is not None) == (cfg.op == "sub")   # S5: irreps, not freqs
+    assert summary["basis"] == {"sub": "Z_p", "s5": "S5", "quad1": None}[cfg.op]
+    assert (summary["key_elements"] is not None) == group
     assert summary["p"] == (None if cfg.op == "s5" else 7)
     assert summary["final_epoch"] == 4 and summary["final_all_loss"] > 0
 
