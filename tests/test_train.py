@@ -37,10 +37,15 @@ TINY = dict(p=13, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_e
 TINY_SET = [f"--set={k}={v}" for k, v in TINY.items()]
 
 
+REFERENCE_THREADS: list[int] = []
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One uninterrupted tiny run."""
+    """One uninterrupted tiny run, and the torch threads it trained under (other tests may
+    change the process's own afterwards)."""
     out = tmp_path_factory.mktemp("ref") / "run"
+    REFERENCE_THREADS[:] = [torch.get_num_threads()]
     run_training(RunConfig(**TINY), out, progress_bar=False, log=lambda *_: None)
     return RunDir(out)
 
@@ -613,7 +618,7 @@ def test_provenance_of_each_attempt_in_progress_and_summary(reference):
     assert rec["numpy"] == np.__version__
     assert rec["transformer_lens"] == importlib.metadata.version("transformer_lens")
     assert rec["grokhpc"] == importlib.metadata.version("grokhpc")
-    assert rec["torch_threads"] == torch.get_num_threads()
+    assert rec["torch_threads"] == REFERENCE_THREADS[0]
     assert rec["matmul_precision"] == "highest"   # the run's field, at its default
     models = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
               .splitlines() if ln.startswith("model name")]
