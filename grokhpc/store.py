@@ -14,6 +14,7 @@ A run directory holds at most eight files, however many checkpoints it has (HPC 
 ``measures.parquet`` one row per checkpoint: progress measures (written by grokhpc.measures)
 ``summary.json``     phase epochs, grokking epoch, key frequencies (written at the end)
 ``error.txt``        the traceback of a run that failed (removed when it succeeds)
+``llc.json``         LLC estimates per checkpoint, only where asked for (grokhpc.llc_run)
 ===================  ==========================================================================
 
 Every file appears whole or not at all: each is written to a temporary name in the same
