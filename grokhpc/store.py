@@ -67,7 +67,7 @@ SUMMARY = "summary.json"
 ERROR = "error.txt"
 RUN_FILES = (CONFIG, PROGRESS, STATE, CHECKPOINTS, CURVES, MEASURES, SUMMARY, ERROR)
 
-CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "softmax_collapse")
 
 
 def _umask() -> int:
