@@ -299,3 +299,19 @@ def test_the_command_line_refuses_a_bad_value_in_one_line(tmp_path):
     assert r.returncode == 2 and not out.exists()
     assert r.stderr == ("error: --set: grokfast_window: expected 100 unless grad_filter is ma, "
                         "got 5\n")
+
+
+def test_the_single_run_figures_show_the_collapse_only_where_there_is_some():
+    import pandas as pd
+
+    from grokhpc.analyze import training_figures
+
+    epochs = np.arange(0, 50)
+    curves = pd.DataFrame({"epoch": epochs, "train_loss": 1.0 / (1 + epochs),
+                           "train_acc": np.minimum(1, epochs / 20), "test_loss": 2.0,
+                           "test_acc": 0.1, "softmax_collapse": np.where(epochs % 10, np.nan, 0.0)})
+    assert "softmax_collapse" not in training_figures(curves, None, {}, "div", "div")
+    curves.loc[40, "softmax_collapse"] = 0.25
+    fig = training_figures(curves, None, {}, "div", "div")["softmax_collapse"]
+    sc = next(t for t in fig.data if t.name == "softmax collapse")
+    assert list(sc.x) == list(range(0, 50, 10)) and list(sc.y) == [0, 0, 0, 0, 0.25]
