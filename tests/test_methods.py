@@ -315,3 +315,15 @@ def test_the_single_run_figures_show_the_collapse_only_where_there_is_some():
     fig = training_figures(curves, None, {}, "div", "div")["softmax_collapse"]
     sc = next(t for t in fig.data if t.name == "softmax collapse")
     assert list(sc.x) == list(range(0, 50, 10)) and list(sc.y) == [0, 0, 0, 0, 0.25]
+
+
+def test_a_filtered_group_is_never_captured_in_a_graph(tmp_path):
+    """The filter's step reads the host's step count (its first step, the MA window's slot),
+    which a replayed graph would freeze: graph falls back to fused, saying so."""
+    said = []
+    t = Trainer.open(GROUPS["ema"][0], tmp_path / "run", torch.device("cpu"))
+    stack = Stack([t], torch.device("cpu"), exact=False, step_mode="graph", log=said.append)
+    assert stack.step_mode == "fused" and stack.capture is None
+    assert said == ["step_mode graph: a grad_filter's step depends on the host's step count; "
+                    "the fused step is used"]
+    t.close()
