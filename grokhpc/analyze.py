@@ -15,6 +15,8 @@ self-contained):
 
 ===========================  ===================================================================
 training_curves              train / test loss (log y) with the detected phase boundaries
+softmax_collapse             the fraction of train rows in softmax collapse, with train / test
+                             accuracy (only where some row collapsed: docs/run_fields.md)
 attention_mean_per_head      mean attention of the last position to a, b, = per head
 attention_head0              head 0's attention from = to a, over the a x b grid
 svd_singular_values          singular values of W_E and of a random Gaussian control
@@ -62,11 +64,12 @@ from .measures import finalize_run, read_measures
 from .store import MEASURES, NO_SPACE, NOT_ALLOWED, SUMMARY, RunDir, RunDirError, out_problem
 from .tasks import TASKS
 
-FIGURES = ("training_curves", "attention_mean_per_head", "attention_head0", "svd_singular_values",
-           "svd_principal_components", "svd_top_components", "fourier_basis", "fourier_embedding",
-           "fourier_embedding_norms", "neuron_freq_fraction", "wlogit_fourier_norms",
-           "cos_sim_over_training", "restricted_excluded_loss", "restricted_test_ratio",
-           "gini_weight_norm", "llc_over_training")
+FIGURES = ("training_curves", "softmax_collapse", "attention_mean_per_head", "attention_head0",
+           "svd_singular_values", "svd_principal_components", "svd_top_components",
+           "fourier_basis", "fourier_embedding", "fourier_embedding_norms",
+           "neuron_freq_fraction", "wlogit_fourier_norms", "cos_sim_over_training",
+           "restricted_excluded_loss", "restricted_test_ratio", "gini_weight_norm",
+           "llc_over_training")
 FOURIER_MEASURE_FIGURES = ("cos_sim_over_training", "restricted_excluded_loss",
                            "restricted_test_ratio", "gini_weight_norm")
 FOURIER_WEIGHT_FIGURES = ("fourier_basis", "fourier_embedding", "fourier_embedding_norms",
@@ -348,6 +351,12 @@ def training_figures(curves, measures, summary, task: str, op: str) -> dict:
                  "epoch", "loss", log_y=True)
     fig.add_trace(go.Scatter(x=te["epoch"], y=te["test_loss"], mode="lines", name="test"))
     figs = {"training_curves": add_phase_lines(fig, summary)}
+    if "softmax_collapse" in curves and (curves["softmax_collapse"] > 0).any():
+        sc = curves.dropna(subset=["softmax_collapse"])
+        figs["softmax_collapse"] = add_phase_lines(_lines(
+            sc["epoch"], {"softmax collapse": sc["softmax_collapse"],
+                          "train accuracy": sc["train_acc"], "test accuracy": sc["test_acc"]},
+            f"Softmax collapse ({task}, {op})", "epoch", "fraction of rows"), summary)
     if measures is not None and measures["cos_sim"].notna().all():
         figs.update(fourier_measure_figures(measures, summary, op))
     if measures is not None and "llc" in measures and measures["llc"].notna().any():

@@ -15,7 +15,7 @@ import reprlib
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
-from . import optim
+from . import losses, optim
 from .tasks import S5_ORDER, TASKS, Task
 
 # The tasks (grokhpc.tasks): binary operations over Z_p and over the 120 permutations of S5.
@@ -31,6 +31,8 @@ MAX_LAYERS = 4
 LOSS_DTYPES = ("float64", "float32")
 CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("highest", "high")
+GRAD_FILTERS = ("none", "ema", "ma")   # Grokfast's low-pass filters of the gradient
+LOSS_FNS = losses.LOSS_FNS
 # Fields that say where or how fast a run goes, not what it computes: left out of run_id.
 NON_IDENTITY_FIELDS = ("device",)
 # Fields newer than the first run ids, with their defaults: left out of run_id at the default.
@@ -39,6 +41,8 @@ NEW_FIELD_DEFAULTS: dict[str, Any] = {
     "batch_size": "full", "n_layers": 1, "act_fn": "relu", "normalization": "none",
     "init_scale": 1.0, "fixed_weight_norm": False, "label_noise": 0.0, "stop_after_grok": None,
     "checkpoint_dtype": "float32", "matmul_precision": "highest",
+    "grad_filter": "none", "grokfast_alpha": 0.98, "grokfast_lamb": 2.0, "grokfast_window": 100,
+    "loss_fn": "softmax",
 }
 
 
@@ -51,12 +55,14 @@ GROK_ACC = 0.99
 # the commit schedule (n_epochs, checkpoint_every, eval_every), the loss's dtype, the kind of
 # optimiser state that is stacked (optimizer: Adam moments or SGD momentum buffers) and the
 # step schedule (batch_size: the number and size of minibatches per epoch) and the float32
-# matmul precision (one setting of the process for the whole stacked computation). Everything
-# else -- lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale,
-# fixed_weight_norm, label_noise, seeds, stop_after_grok -- may differ run by run.
+# matmul precision (one setting of the process for the whole stacked computation), the
+# gradient filter's kind and window (the shape of its state) and the loss. Everything else --
+# lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale, fixed_weight_norm,
+# label_noise, seeds, stop_after_grok, grokfast_alpha, grokfast_lamb -- may differ run by run.
 SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_layers", "act_fn",
                 "normalization", "n_epochs", "checkpoint_every", "eval_every", "loss_dtype",
-                "optimizer", "batch_size", "matmul_precision")
+                "optimizer", "batch_size", "matmul_precision", "grad_filter", "grokfast_window",
+                "loss_fn")
 # With an integer batch_size, train_frac too: the runs take their k-th minibatch in the same
 # step, so each needs the same ceil(n_train / batch_size) steps of the same sizes per epoch.
 MINIBATCH_SHAPE_FIELDS = ("train_frac",)
@@ -130,6 +136,11 @@ class RunConfig:
     stop_after_grok: int | None = None
     checkpoint_dtype: str = "float32"
     matmul_precision: str = "highest"
+    grad_filter: str = "none"
+    grokfast_alpha: float = 0.98
+    grokfast_lamb: float = 2.0
+    grokfast_window: int = 100
+    loss_fn: str = "softmax"
 
     def __post_init__(self) -> None:
         validate(self)
@@ -200,6 +211,8 @@ FIELD_TYPES: dict[str, type] = {
     "batch_size": "batch", "n_layers": int, "act_fn": str, "normalization": str,
     "init_scale": float, "fixed_weight_norm": bool, "label_noise": float,
     "stop_after_grok": "optional_int", "checkpoint_dtype": str, "matmul_precision": str,
+    "grad_filter": str, "grokfast_alpha": float, "grokfast_lamb": float, "grokfast_window": int,
+    "loss_fn": str,
 }
 assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}
 
@@ -283,7 +296,8 @@ def validate(cfg: RunConfig, source: str = "run config") -> None:
     if isinstance(cfg.p, int) and grid_bytes(cfg) > MAX_GRID_BYTES:
         raise _fail(source, "p", f"a prime whose p x p grid fits in memory (this one needs about "
                     f"{_gib(grid_bytes(cfg))} GiB; at most {_gib(MAX_GRID_BYTES)} GiB)", cfg.p)
-    for ok, key, expected in _task_checks(cfg) + _model_checks(cfg) + _optim_checks(cfg):
+    checks = _task_checks(cfg) + _model_checks(cfg) + _optim_checks(cfg) + _method_checks(cfg)
+    for ok, key, expected in checks:
         if not ok:
             raise _fail(source, key, expected, getattr(cfg, key, None) if "/" not in key else
                         (cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp))
@@ -342,6 +356,25 @@ def _optim_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
         (cfg.batch_size == "full" or (isinstance(cfg.batch_size, int)
                                       and 1 <= cfg.batch_size <= max(n_train, 1)),
          "batch_size", f"full or an integer in 1..{n_train} (the train set's size)"),
+    ]
+
+
+def _method_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    """Grokfast's filter and the loss; a filter parameter set away from its default where the
+    run's filter does not read it is refused (it would change run_id and nothing else)."""
+    d = NEW_FIELD_DEFAULTS
+    return [
+        (cfg.grad_filter in GRAD_FILTERS, "grad_filter", f"one of {', '.join(GRAD_FILTERS)}"),
+        (0.0 <= cfg.grokfast_alpha < 1.0, "grokfast_alpha", "a number in [0, 1)"),
+        (cfg.grokfast_alpha == d["grokfast_alpha"] or cfg.grad_filter == "ema",
+         "grokfast_alpha", f"{d['grokfast_alpha']} unless grad_filter is ema"),
+        (cfg.grokfast_lamb >= 0.0, "grokfast_lamb", "a non-negative number"),
+        (cfg.grokfast_lamb == d["grokfast_lamb"] or cfg.grad_filter != "none",
+         "grokfast_lamb", f"{d['grokfast_lamb']} unless grad_filter is ema or ma"),
+        (cfg.grokfast_window >= 1, "grokfast_window", "an integer >= 1"),
+        (cfg.grokfast_window == d["grokfast_window"] or cfg.grad_filter == "ma",
+         "grokfast_window", f"{d['grokfast_window']} unless grad_filter is ma"),
+        (cfg.loss_fn in LOSS_FNS, "loss_fn", f"one of {', '.join(LOSS_FNS)}"),
     ]
 
 

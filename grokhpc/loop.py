@@ -34,14 +34,15 @@ from .store import ERROR
 
 
 def epoch_end(stack: Stack) -> tuple[list[int], list[int]]:
-    """After an epoch's steps, the evaluation of every run (test every ``eval_every`` epochs;
+    """After an epoch's steps, the evaluation of every run (test every ``eval_every`` epochs,
+    with the softmax collapse of minibatch runs, whose step saw only part of the train split;
     test and train at a run's last epoch, also when it has just grokked its way there);
     returns (runs with a checkpoint row now, runs at their last epoch)."""
     cfg, e = stack.cfg, stack.epoch
     stops = stack.stop_epochs()
     last = [r for r in range(stack.R) if e == stops[r]]
-    if e % cfg.eval_every == 0:
-        stack.evaluate(None, last)
+    if e % cfg.eval_every == 0:   # minibatch runs: the collapse on the whole train split
+        stack.evaluate(None, last, () if cfg.full_batch else range(stack.R))
     elif last:
         stack.evaluate(last, last)
     stops = stack.stop_epochs()

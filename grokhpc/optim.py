@@ -5,7 +5,9 @@
   stacked step for each is in ``grokhpc.stacked_optim.STACKED`` (adding an optimiser touches
   these two files). ``adamw`` (the seed's: decoupled weight decay), ``adam`` (weight decay
   added to the gradient as an L2 term, torch.optim.Adam's meaning; Power et al. 2022 used it
-  with no decay), ``sgd`` (with ``momentum``; weight decay as an L2 term).
+  with no decay), ``sgd`` (with ``momentum``; weight decay as an L2 term), ``perp_adamw``
+  (Prieto et al. 2025's ⊥AdamW: each weight tensor's gradient loses its component along the
+  weights and is rescaled to its own norm, :func:`perp_grad`, then AdamW with its decay).
 * ``lr_factor``: the multiplier of ``lr`` during an epoch: a linear warmup over the first
   ``warmup_epochs`` epochs (epoch e of the warmup runs at (e + 1) / warmup_epochs), then
   constant or a cosine decay to zero at ``n_epochs``. Every optimiser step of an epoch uses
@@ -45,8 +47,43 @@ def _sgd(params, cfg):
                            weight_decay=cfg.weight_decay)
 
 
+# Added to the denominators of perp_grad, as the authors' code does: a zero weight tensor or a
+# gradient all along the weights leaves the gradient finite.
+PERP_EPS = 1e-30
+
+
+def perp_grad(w, g):
+    """⊥Grad of stacked weights ``w`` and gradients ``g`` (R, ...), run by run: ``g`` less its
+    projection on ``w``, ``g - (w.g / (w.w + eps)) w``, rescaled to ``|g|``, ``* |g| /
+    (|g_perp| + eps)``; a new tensor shaped like ``g``."""
+    R = w.shape[0]
+    wf, gf = w.detach().reshape(R, -1), g.reshape(R, -1)
+    proj = (wf * gf).sum(dim=1) / ((wf * wf).sum(dim=1) + PERP_EPS)
+    g_perp = gf - proj[:, None] * wf
+    scale = gf.norm(dim=1) / (g_perp.norm(dim=1) + PERP_EPS)
+    return (g_perp * scale[:, None]).view_as(g)
+
+
+def _perp_adamw(params, cfg):
+    import torch
+
+    class PerpAdamW(torch.optim.AdamW):
+        """AdamW on the ⊥Grad of each weight's gradient (:func:`perp_grad`)."""
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.copy_(perp_grad(p[None], p.grad[None])[0])
+            return super().step(closure)
+
+    return PerpAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+
+
 # name -> the solo torch optimiser over a run's parameters (params, cfg) -> torch.optim.Optimizer
-OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adam": _adam, "sgd": _sgd}
+OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adam": _adam, "sgd": _sgd,
+                                   "perp_adamw": _perp_adamw}
 
 
 def unknown_optimizer(name) -> str:

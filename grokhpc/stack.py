@@ -48,7 +48,9 @@ from typing import Any, Callable, NamedTuple
 
 from . import divergence
 from .config import GROK_ACC
-from .lastpos import accuracy, batched_fast_path, cross_entropy, last_logits, queries_of
+from .grad_filter import stacked_filter
+from .lastpos import accuracy, batched_fast_path, last_logits, queries_of
+from .losses import loss, softmax_collapse
 from .optim import epoch_batches, has_schedule, lr_factor, rescale_to_norm, set_lr
 from .runtime import deterministic_for, deterministic_kernels
 from .stacked_optim import FlatStackedAdamW, LrSchedules, _b, stacked_optimizer
@@ -129,13 +131,19 @@ class Rows(NamedTuple):
                     None if q is None else type(q)(q.tokens, q.index[a:b], q.onehot[a:b]))
 
 
-def fast_losses(P: dict, rows: Rows, dtype: str):
-    """(per-run losses (R,), per-run accuracies (R,)) of stacked weights ``P`` on ``rows`` by
-    the batched fast path (``grokhpc.lastpos.last_logits``)."""
+def fast_losses(P: dict, rows: Rows, dtype: str, loss_fn: str = "softmax", sc: bool = False):
+    """(per-run losses (R,), per-run accuracies (R,), per-run softmax collapse (R,) or None
+    without ``sc``) of stacked weights ``P`` on ``rows`` by the batched fast path
+    (``grokhpc.lastpos.last_logits``)."""
 
     logits = last_logits(P, rows.tokens, rows.queries)
-    return (cross_entropy(logits, rows.labels, dtype, rows.mask),
-            accuracy(logits.detach(), rows.labels, rows.mask))
+    return scores(logits, rows.labels, dtype, loss_fn, rows.mask, sc)
+
+
+def scores(logits, labels, dtype: str, loss_fn: str, mask=None, sc: bool = False):
+    """(loss, accuracy, softmax collapse or None) of ``logits`` (``grokhpc.losses``)."""
+    return (loss(logits, labels, dtype, mask, loss_fn), accuracy(logits.detach(), labels, mask),
+            softmax_collapse(logits, mask) if sc else None)
 
 
 class Stack:
@@ -190,11 +198,16 @@ class Stack:
     def _set_step_mode(self, trainers: list, mode: str, log: Callable) -> None:
         """The optimiser (flat in every mode but eager: its buffer then holds the weights), the
         batched loss (compiled or not) and the CUDA graphs of ``mode``."""
+        if mode == "graph" and trainers[0].cfg.grad_filter != "none":
+            log("step_mode graph: a grad_filter's step depends on the host's step count; "
+                "the fused step is used")
+            mode = "fused"
         self.step_mode = mode
         self.opt = stacked_optimizer(trainers, self.P, self.trainable, self.device, self.exact,
                                      flat=mode != "eager", compiled=mode == "compile")
         if isinstance(self.opt, FlatStackedAdamW):
             self.P.update(zip(self.trainable, self.opt.params))
+        self.filter = stacked_filter(trainers, [self.P[n] for n in self.trainable])
         self._fast_losses = compiled(fast_losses) if mode == "compile" else fast_losses
         # the optimiser's, not a method of the stack: a stack must not hold itself in a
         # cycle, or its graphs' memory pool would outlive it until the next garbage collection
@@ -238,18 +251,18 @@ class Stack:
         return Rows(tokens, labels, mask, q)
 
     # -- one epoch
-    def _losses(self, rows):
-        """(per-run losses (R,), per-run accuracies (R,)) of the current weights on ``rows``."""
-        dtype = self.cfg.loss_dtype
+    def _losses(self, rows, sc: bool = False):
+        """(per-run losses (R,), per-run accuracies (R,), per-run softmax collapse (R,) or None
+        without ``sc``) of the current weights on ``rows``."""
+        dtype, loss_fn = self.cfg.loss_dtype, self.cfg.loss_fn
         if self.exact:
-            return self._solo_losses(rows, range(len(rows)))
+            return self._solo_losses(rows, range(len(rows)), sc)
         if self.fast:
-            return self._fast_losses(self.P, rows, dtype)
+            return self._fast_losses(self.P, rows, dtype, loss_fn, sc)
         logits = hooked_last_logits(self.template, self.P, rows.tokens)
-        return (cross_entropy(logits, rows.labels, dtype, rows.mask),
-                accuracy(logits.detach(), rows.labels, rows.mask))
+        return scores(logits, rows.labels, dtype, loss_fn, rows.mask, sc)
 
-    def _solo_losses(self, rows, runs):
+    def _solo_losses(self, rows, runs, sc: bool = False):
         """The solo forward (the model's ``last_logits``), run by run, on each run's own weights
         (views of the stack: the backward writes every run's gradient into its slice of the
         stacked .grad)."""
@@ -257,24 +270,27 @@ class Stack:
         from torch.func import functional_call
 
         views = {n: self.P[n].unbind(0) for n in self.names}
-        losses, accs = [], []
+        out = []
         for r in runs:
             tokens, labels = rows[r]
             logits = functional_call(self._solo, {f"model.{n}": v[r] for n, v in views.items()},
                                      (tokens,))
-            losses.append(cross_entropy(logits, labels, self.cfg.loss_dtype))
-            accs.append(accuracy(logits.detach(), labels))
-        return torch.stack(losses), torch.stack(accs)
+            out.append(scores(logits, labels, self.cfg.loss_dtype, self.cfg.loss_fn, sc=sc))
+        losses, accs, collapse = zip(*out)
+        return torch.stack(losses), torch.stack(accs), torch.stack(collapse) if sc else None
 
-    def _update(self, rows):
-        """One optimiser step of every run on its ``rows``; (losses, accuracies) detached."""
+    def _update(self, rows, sc: bool = False):
+        """One optimiser step of every run on its ``rows`` (the gradients through the runs'
+        ``grad_filter`` first); (losses, accuracies, softmax collapse or None) detached."""
         with deterministic_kernels(self.deterministic):   # forward too: a compiled
-            losses, accs = self._losses(rows)                # backward is made with it
+            losses, accs, collapse = self._losses(rows, sc)   # backward is made with it
             losses.sum().backward()
+        if self.filter is not None:
+            self.filter.apply([self.P[n] for n in self.trainable])
         self.opt.step()
         self.opt.zero_grad()
         self._hold_norms()
-        return losses.detach(), accs
+        return losses.detach(), accs, collapse
 
     def _hold_norms(self) -> None:
         """``fixed_weight_norm``: each such run's weights rescaled to their norm at init (the
@@ -333,36 +349,42 @@ class Stack:
         self.opt.set_lrs(lrs, self._schedules.next())
 
     def step(self) -> None:
-        """One epoch of every run (the solo ``Trainer.step``)."""
+        """One epoch of every run (the solo ``Trainer.step``). A full-batch epoch that starts
+        at an evaluation epoch logs the softmax collapse of its forward's logits (a captured
+        step computes it every epoch: its kernels are fixed)."""
         self._set_lrs()
+        e = self.epoch
+        sc = self.cfg.full_batch and (e % self.cfg.eval_every == 0 or self.capture is not None)
+        collapse = None
         if self.cfg.full_batch and self.capture is not None:
-            losses, accs = self.capture("train", lambda: self._update(self.train),
-                                        on_replay=self.opt.count_step)
+            losses, accs, collapse = self.capture("train", lambda: self._update(self.train, sc),
+                                                  on_replay=self.opt.count_step)
         elif self.cfg.full_batch:
-            losses, accs = self._update(self.train)
+            losses, accs, collapse = self._update(self.train, sc)
         else:
             losses = accs = 0.0
             for rows, w in self._batches():
-                b_loss, b_acc = self._update(rows)
+                b_loss, b_acc, _ = self._update(rows)
                 losses, accs = losses + b_loss * w, accs + b_acc * w
-        e = self.epoch
         self.curves["train_loss"][:, e] = losses
         self.curves["train_acc"][:, e] = accs
+        if collapse is not None and e % self.cfg.eval_every == 0:
+            self.curves["softmax_collapse"][:, e] = collapse
         self.epoch += 1
 
-    def _scored(self, rows, runs, sel):
+    def _scored(self, rows, runs, sel, sc: bool = False):
         """``_losses`` in inference mode of ``runs`` (exact) or of all runs (batched: a chunk
         of runs at a time, so that scoring the larger test split needs no more memory than a
         training step), then those at ``sel``."""
         if self.exact:
-            return self._solo_losses(rows, runs)
+            return self._solo_losses(rows, runs, sc)
         if self.capture is not None and rows is self.test:
-            losses, accs = self.capture("test", lambda: self._scored_all(rows))
+            out = self.capture("test", lambda: self._scored_all(rows, sc))
         else:
-            losses, accs = self._scored_all(rows)
-        return losses[sel], accs[sel]
+            out = self._scored_all(rows, sc)
+        return tuple(None if o is None else o[sel] for o in out)
 
-    def _scored_all(self, rows):
+    def _scored_all(self, rows, sc: bool = False):
         """``_losses`` of every run on ``rows``, a chunk of runs at a time when ``rows`` has
         more rows than the train split."""
         import torch
@@ -372,25 +394,29 @@ class Stack:
         n_rows = rows.tokens.shape[1]
         chunk = max(1, (self.R * n_train) // max(n_rows, 1))
         if chunk >= self.R:
-            return self._losses(rows)
+            return self._losses(rows, sc)
         P, out = self.P, []
         try:
             for a in range(0, self.R, chunk):
                 b = min(a + chunk, self.R)
                 self.P = {k: v[a:b] for k, v in P.items()}
-                out.append(self._losses(rows.runs(a, b)))
+                out.append(self._losses(rows.runs(a, b), sc))
         finally:
             self.P = P
-        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*out))
 
-    def evaluate(self, runs=None, train_runs=()) -> None:
-        """Score the test set of ``runs`` (default: all) and the train set of ``train_runs`` at
-        the current epoch, then note each run's first grokked epoch."""
+    def evaluate(self, runs=None, train_runs=(), collapse_runs=()) -> None:
+        """Score the test set of ``runs`` (default: all) and the train set of ``train_runs``
+        (with its softmax collapse) at the current epoch, and the softmax collapse alone of
+        ``collapse_runs`` (minibatch runs at an evaluation epoch), then note each run's first
+        grokked epoch."""
         import torch
 
         runs = list(range(self.R)) if runs is None else list(runs)
+        collapse_runs = [r for r in collapse_runs if r not in train_runs]
         with torch.inference_mode():
-            for split, which in (("test", runs), ("train", list(train_runs))):
+            for split, which in (("test", runs), ("train", list(train_runs)),
+                                 ("collapse", collapse_runs)):
                 if not which:
                     continue
                 rows = self.test if split == "test" else self._train_rows()
@@ -398,9 +424,12 @@ class Stack:
                 # made from host data, a copy the device waits for
                 sel = slice(None) if which == list(range(self.R)) else \
                     torch.tensor(which, device=self.device)
-                losses, accs = self._scored(rows, which, sel)
-                self.curves[f"{split}_loss"][sel, self.epoch] = losses.to(torch.float64)
-                self.curves[f"{split}_acc"][sel, self.epoch] = accs
+                losses, accs, collapse = self._scored(rows, which, sel, sc=split != "test")
+                if collapse is not None:
+                    self.curves["softmax_collapse"][sel, self.epoch] = collapse
+                if split != "collapse":
+                    self.curves[f"{split}_loss"][sel, self.epoch] = losses.to(torch.float64)
+                    self.curves[f"{split}_acc"][sel, self.epoch] = accs
         self.note_grok()
 
     def _train_rows(self):
@@ -449,6 +478,8 @@ class Stack:
                 self.opt.store(r, i, t.optimizer.state, p)
             for k, v in self.curves.items():
                 t.curves[k] = v[r].to(t.curves[k].device).clone()
+            if self.filter is not None:
+                t.filter_state = self.filter.state(r)
         if self.gens[r] is not None:
             t.batch_gen.set_state(self.gens[r].get_state())
         if t.epoch != self.epoch:   # the lr the solo optimiser holds after this epoch's steps

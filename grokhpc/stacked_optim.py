@@ -10,6 +10,8 @@
   one (R, N) buffer, so a step is the same handful of elementwise kernels for all weights at
   once instead of per weight; per element the same operations, hence the same bits as
   ``StackedAdamW``.
+* ``perp``: ⊥AdamW (``grokhpc.optim.perp_grad`` on each weight's stacked gradient, run by run,
+  then the AdamW step), in every mode.
 * ``STACKED``: each optimiser of the registry (``grokhpc.optim.OPTIMIZERS``) with how its
   stacked optimiser is built; ``stacked_optimizer``: the group's, its state taken from each
   run's solo optimiser.
@@ -89,10 +91,10 @@ class StackedAdamW:
 
     def __init__(self, params: list, lrs, weight_decays, betas, steps, exp_avgs, exp_avg_sqs,
                  host_scalars: bool | None = None, per_run_torch: bool = False,
-                 decoupled: bool = True):
+                 decoupled: bool = True, perp: bool = False):
         import torch
 
-        self.params = params
+        self.params, self.perp = params, perp
         # per_run_torch: instead, call torch's own functional Adam(W) once per run on views of
         # the stacks (foreach on CUDA, single-tensor on CPU, as a solo run's optimiser decides):
         # the solo bits on every device, at ~10 kernels per run per step
@@ -185,10 +187,27 @@ class StackedAdamW:
     def columns(self) -> tuple:
         return self._decay, self._wd, self._w1, self._b2, self._w2
 
+    def _perp_grads(self) -> None:
+        """⊥Grad in place of each weight's gradient (per run on views in exact mode, as a solo
+        run computes it; over the stack otherwise: each run's sums are its own)."""
+        import torch
+
+        from .optim import perp_grad
+
+        with torch.no_grad():
+            for p in self.params:
+                if self.per_run_torch:
+                    for r in range(p.shape[0]):
+                        p.grad[r].copy_(perp_grad(p[r][None], p.grad[r][None])[0])
+                else:
+                    p.grad.copy_(perp_grad(p, p.grad))
+
     def step(self) -> None:
         import torch
 
         self.count_step()
+        if self.perp:
+            self._perp_grads()
         if self.per_run_torch:
             return self._torch_step()
         neg_step, bc2_sqrt = self._corrections()
@@ -226,7 +245,7 @@ class FlatStackedAdamW(StackedAdamW):
 
     def __init__(self, params: list, lrs, weight_decays, betas, steps, exp_avgs, exp_avg_sqs,
                  host_scalars: bool | None = None, decoupled: bool = True,
-                 compiled: bool = False):
+                 compiled: bool = False, perp: bool = False):
         import torch
 
         self.flat, views = flat_stack(params)
@@ -236,7 +255,7 @@ class FlatStackedAdamW(StackedAdamW):
         self.flat_v, v_views = flat_stack(exp_avg_sqs)
         self.flat_grad = torch.zeros_like(self.flat)
         super().__init__(views, lrs, weight_decays, betas, steps, m_views, v_views,
-                         host_scalars=host_scalars, decoupled=decoupled)
+                         host_scalars=host_scalars, decoupled=decoupled, perp=perp)
         self.scratch = None
         if compiled:   # one generated kernel, no intermediates to keep
             self.update = torch.compile(adam_update, dynamic=False)
@@ -247,6 +266,8 @@ class FlatStackedAdamW(StackedAdamW):
         import torch
 
         self.count_step()
+        if self.perp:
+            self._perp_grads()
         neg_step, bc2_sqrt = self._corrections()
         with torch.no_grad():
             torch.cat([p.grad.reshape(p.shape[0], -1) for p in self.params], dim=1,
@@ -386,7 +407,7 @@ def _stacked_state(states: list, P: dict, names: list, device):
 
 
 def _stacked_adam(trainers: list, P: dict, names: list, device, per_run_torch: bool,
-                  flat: bool, compiled: bool, decoupled: bool):
+                  flat: bool, compiled: bool, decoupled: bool, perp: bool = False):
     cfgs = [t.cfg for t in trainers]
     states = _states(trainers, names)
     stack = _stacked_state(states, P, names, device)
@@ -396,8 +417,8 @@ def _stacked_adam(trainers: list, P: dict, names: list, device, per_run_torch: b
             [stack("exp_avg", i) for i in range(len(names))],
             [stack("exp_avg_sq", i) for i in range(len(names))])
     if flat and not per_run_torch:
-        return FlatStackedAdamW(*args, decoupled=decoupled, compiled=compiled)
-    return StackedAdamW(*args, per_run_torch=per_run_torch, decoupled=decoupled)
+        return FlatStackedAdamW(*args, decoupled=decoupled, compiled=compiled, perp=perp)
+    return StackedAdamW(*args, per_run_torch=per_run_torch, decoupled=decoupled, perp=perp)
 
 
 def _stacked_sgd(trainers: list, P: dict, names: list, device, per_run_torch: bool,
@@ -417,6 +438,7 @@ STACKED: dict[str, Callable] = {
     "adamw": functools.partial(_stacked_adam, decoupled=True),
     "adam": functools.partial(_stacked_adam, decoupled=False),
     "sgd": _stacked_sgd,
+    "perp_adamw": functools.partial(_stacked_adam, decoupled=True, perp=True),
 }
 
 

@@ -68,7 +68,7 @@ SUMMARY = "summary.json"
 ERROR = "error.txt"
 RUN_FILES = (CONFIG, PROGRESS, STATE, CHECKPOINTS, CURVES, MEASURES, SUMMARY, ERROR)
 
-CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+CURVE_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "softmax_collapse")
 
 
 def _umask() -> int:
@@ -567,13 +567,14 @@ def _n_cols(progress: dict[str, Any]) -> int:
 
 
 def curves_table(columns: dict[str, np.ndarray]):
-    """The curves schema: int64 epoch, float64 losses and accuracies, nulls where not evaluated."""
+    """The curves schema: int64 epoch, float64 curves, nulls where not evaluated (all of a
+    column the writer does not have)."""
     import pyarrow as pa
 
     epoch = np.asarray(columns["epoch"], dtype=np.int64)
     arrays = [pa.array(epoch, pa.int64())]
     for name in CURVE_COLUMNS[1:]:
-        v = np.asarray(columns[name], dtype=np.float64)
+        v = np.asarray(columns.get(name, np.full(len(epoch), np.nan)), dtype=np.float64)
         arrays.append(pa.array(v, pa.float64(), mask=np.isnan(v)))
     return pa.Table.from_arrays(arrays, names=list(CURVE_COLUMNS))
 

@@ -30,6 +30,9 @@ UNITS = {
     "init_scale": "initialisation scale α",
     "data_seed": "data seed",
     "model_seed": "model seed",
+    "grad_filter": "gradient filter (Grokfast)",
+    "loss_fn": "loss (softmax or StableMax cross-entropy)",
+    "optimizer": "optimiser",
 }
 
 

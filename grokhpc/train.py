@@ -51,7 +51,8 @@ from . import config as config_mod
 from . import divergence, measures, preempt, tracking
 from .config import GROK_ACC, ConfigError, RunConfig
 from .divergence import RunDiverged, clear_diverged, mark_diverged, refuse_diverged_before
-from .lastpos import accuracy, cross_entropy
+from .lastpos import accuracy
+from .losses import loss, softmax_collapse
 from .checkpoints import (append_checkpoint_row, check_checkpoints, checkpoint_checksums,
                           header_holds, truncate_checkpoints)
 from .loop import fit_stack, losses_postfix
@@ -63,9 +64,9 @@ from .store import (CHECKPOINTS, CURVE_COLUMNS, STATE, SUMMARY, RunDir, RunDirEr
                     RunLockedError, atomic_write_bytes, atomic_write_json, check_identity,
                     lock_run, refuse_sweep_root)
 
-# The one cross-entropy and accuracy (float64 by default, as the seed's loss_fn), under the
-# name the trainer's callers use.
-loss_fn = cross_entropy
+# The one loss (the run's loss_fn in its loss_dtype: float64 softmax cross-entropy by default,
+# as the seed's loss_fn), under the name the trainer's callers use.
+loss_fn = loss
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)   # a full disk, a quota, a file size limit
 
@@ -132,6 +133,7 @@ class Trainer:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.init_norm = weight_norm(trainable) if cfg.fixed_weight_norm else None
         self.grok_epoch: int | None = None
+        self.filter_state: dict | None = None   # grad_filter's (grokhpc.grad_filter), if any
 
     # ---- scoring where the run stands (a new run's epoch 0; training scores in the stack) -----
     def evaluate(self, train_too: bool = False) -> None:
@@ -144,9 +146,12 @@ class Trainer:
                 pairs.append(("train", self.train_tokens, self.train_labels))
             for split, tokens, labels in pairs:
                 logits = self.model.last_logits(tokens)
-                self.curves[f"{split}_loss"][self.epoch] = loss_fn(logits, labels,
-                                                                  self.cfg.loss_dtype)
+                self.curves[f"{split}_loss"][self.epoch] = loss_fn(
+                    logits, labels, self.cfg.loss_dtype, loss_fn=self.cfg.loss_fn)
                 self.curves[f"{split}_acc"][self.epoch] = accuracy(logits, labels)
+            if train_too or not self.cfg.full_batch:   # a full-batch step logs its own
+                logits = self.model.last_logits(self.train_tokens)
+                self.curves["softmax_collapse"][self.epoch] = softmax_collapse(logits)
         self.note_grok()
 
     def note_grok(self) -> None:
@@ -236,6 +241,8 @@ class Trainer:
             state["batch_gen"] = self.batch_gen.get_state()
         if self.cfg.stop_after_grok is not None:
             state["grok_epoch"] = self.grok_epoch
+        if self.filter_state is not None:
+            state["grad_filter"] = self.filter_state
         state["checksum"] = state_checksum(state)
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -313,6 +320,7 @@ class Trainer:
         if self.batch_gen is not None:
             self.batch_gen.set_state(state["batch_gen"])
         self.grok_epoch = state.get("grok_epoch")
+        self.filter_state = state.get("grad_filter")
         if epochs and not header_holds(f, len(epochs), self.n_cols, dtype):
             self.notes.append(f"note: {f}: .npy header damaged (rows intact); rewritten")
         truncate_checkpoints(f, len(epochs), self.n_cols, dtype)   # rewrites the header

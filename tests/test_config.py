@@ -200,7 +200,8 @@ FLOAT_DEFAULTS = [f.name for f in __import__("dataclasses").fields(RunConfig)
 
 def test_the_float_fields_are_the_ones_checked():
     assert set(FLOAT_DEFAULTS) == {"train_frac", "lr", "weight_decay", "betas", "momentum",
-                                   "init_scale", "label_noise"}
+                                   "init_scale", "label_noise", "grokfast_alpha",
+                                   "grokfast_lamb"}
 
 
 @pytest.mark.parametrize("field", FLOAT_DEFAULTS)

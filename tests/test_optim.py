@@ -94,13 +94,15 @@ def test_every_optimizer_a_run_may_name_has_a_solo_and_a_stacked_builder():
     from grokhpc.optim import OPTIMIZERS
     from grokhpc.stacked_optim import STACKED
 
-    assert config.OPTIMIZERS == ("adamw", "adam", "sgd") == tuple(OPTIMIZERS)
+    assert config.OPTIMIZERS == ("adamw", "adam", "sgd", "perp_adamw") == tuple(OPTIMIZERS)
     assert set(STACKED) == set(OPTIMIZERS)
     w = torch.nn.Parameter(torch.randn(2))
     kinds = {name: type(make_optimizer([w], RunConfig(p=11, optimizer=name)))
              for name in OPTIMIZERS}
+    perp = kinds.pop("perp_adamw")
     assert kinds == {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam,
                      "sgd": torch.optim.SGD}
+    assert perp.__name__ == "PerpAdamW" and issubclass(perp, torch.optim.AdamW)
 
 
 def test_an_unknown_optimizer_is_one_line_solo_and_stacked():
@@ -114,8 +116,8 @@ def test_an_unknown_optimizer_is_one_line_solo_and_stacked():
                           momentum=0.0)
     with pytest.raises(ValueError) as e:
         make_optimizer([torch.nn.Parameter(torch.randn(2))], cfg)
-    assert str(e.value) == "optimizer: expected one of adamw, adam, sgd, got 'lion'"
+    assert str(e.value) == "optimizer: expected one of adamw, adam, sgd, perp_adamw, got 'lion'"
     with pytest.raises(ValueError) as e:
         stacked_optimizer([SimpleNamespace(cfg=cfg)], {}, [], "cpu", per_run_torch=True)
     assert str(e.value) == ("optimizer: no stacked step for 'lion' (grokhpc.stacked_optim "
-                            "knows adamw, adam, sgd)")
+                            "knows adamw, adam, sgd, perp_adamw)")

@@ -269,8 +269,8 @@ def _grok_in_stack(run_id):
     """Stack.evaluate with run ``run_id``'s logged test accuracy 100% from epoch 30 on."""
     original = Stack.evaluate
 
-    def evaluate(self, runs=None, train_runs=()):
-        original(self, runs, train_runs)
+    def evaluate(self, runs=None, train_runs=(), collapse_runs=()):
+        original(self, runs, train_runs, collapse_runs)
         ids = [t.cfg.run_id for t in self.trainers]
         if run_id in ids and self.epoch >= GROK_AT:
             r = ids.index(run_id)
@@ -379,9 +379,9 @@ def test_a_packed_group_trains_at_its_matmul_precision(tmp_path, monkeypatch):
     seen = set()
     update = Stack._update
 
-    def spy(self, rows):
+    def spy(self, rows, *args):
         seen.add(torch.get_float32_matmul_precision())
-        return update(self, rows)
+        return update(self, rows, *args)
 
     monkeypatch.setattr(Stack, "_update", spy)
     cfgs = [cfg_of(model_seed=s, n_epochs=20, matmul_precision="high") for s in (1, 2)]

@@ -79,8 +79,8 @@ def _grok_at_30(monkeypatch) -> None:
     is the test's); everything else is the real training, commit and finish."""
     original = Stack.evaluate
 
-    def evaluate(self, runs=None, train_runs=()):
-        original(self, runs, train_runs)
+    def evaluate(self, runs=None, train_runs=(), collapse_runs=()):
+        original(self, runs, train_runs, collapse_runs)
         if self.epoch >= 30:
             for r in range(self.R) if runs is None else runs:
                 self.curves["test_acc"][r, self.epoch] = 1.0
