@@ -3,6 +3,7 @@ side by side with one solo ``Trainer`` in the same invocation, on the seed confi
 
     python benchmarks/bench_batched.py [--runs 1,2,4,8] [--epochs 20] [--repeats 3]
                                        [--modes exact,batched] [--p 113]
+                                       [--shape seed|quickstart] [--clock wall|cpu]
 
 Each measurement is ``--epochs`` epochs of the training loop as ``fit`` runs it (one step per
 epoch, the test set scored every ``eval_every`` epochs), without the commits (file writes are
@@ -11,12 +12,16 @@ weight decay like a sweep's. Blocks alternate (solo, then every R and mode) with
 machine noise hits all alike; the table gives medians over repeats and the ratio of each
 group's run-epochs/s to the solo trainer's epochs/s. Modes: ``exact`` (the CPU default:
 solo forward run by run, stacked optimiser and bookkeeping) and ``batched`` (one batched
-computation over all runs; the GPU default).
+computation over all runs; the GPU default). ``--shape quickstart``: the model of
+sweeps/quickstart.yaml (p = 37, d_model 64, d_mlp 256, lr 1e-2) instead of the seed's.
+``--clock cpu``: this process's CPU time instead of wall time (on a shared machine the wall
+time counts waits for a core; CPU time counts the work, and at 2 threads a thread's spinning).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -32,10 +37,14 @@ def group_configs(base, r: int):
             for i in range(r)]
 
 
-def timed(fn, epochs: int) -> float:
-    t0 = time.perf_counter()
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+QUICKSTART = dict(p=37, d_model=64, d_head=16, n_heads=4, d_mlp=256, lr=1e-2, weight_decay=1.0)
+
+
+def timed(fn, epochs: int, clock=time.perf_counter) -> float:
+    t0 = clock()
     fn(epochs)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def main(argv=None) -> None:
@@ -44,7 +53,9 @@ def main(argv=None) -> None:
     ap.add_argument("--epochs", type=int, default=20, help="epochs per timed block")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="exact,batched", help="exact, batched")
-    ap.add_argument("--p", type=int, default=113)
+    ap.add_argument("--p", type=int, default=None, help="default: the shape's")
+    ap.add_argument("--shape", choices=["seed", "quickstart"], default="seed")
+    ap.add_argument("--clock", choices=sorted(CLOCK), default="wall")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = ap.parse_args(argv)
 
@@ -59,7 +70,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     torch.set_float32_matmul_precision("highest")
     dev = torch.device("cpu")
-    base = RunConfig(p=args.p, device="cpu")
+    base = RunConfig(device="cpu", **(QUICKSTART if args.shape == "quickstart" else {}))
+    if args.p is not None:
+        base = base.replace(p=args.p)
+    clock = CLOCK[args.clock]
     sizes = [int(x) for x in args.runs.split(",")]
     modes = [m for m in args.modes.split(",") if m]
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,14 +100,15 @@ def main(argv=None) -> None:
         times = {"solo": []}
         times.update({k: [] for k in stacks})
         for _ in range(args.repeats):
-            times["solo"].append(timed(solo_epochs, args.epochs))
+            times["solo"].append(timed(solo_epochs, args.epochs, clock))
             for k, s in stacks.items():
-                times[k].append(timed(group_epochs(s), args.epochs))
+                times[k].append(timed(group_epochs(s), args.epochs, clock))
 
     solo_rate = statistics.median(args.epochs / t for t in times["solo"])
     print(f"machine: {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-          f"p={args.p}, {args.epochs} epochs per block, median of {args.repeats} repeats")
+          f"{args.shape} shape, p={base.p}, {args.clock} time, {args.epochs} epochs per block, "
+          f"median of {args.repeats} repeats; load average {os.getloadavg()[0]:.1f}")
     print(f"{'way':<22}{'R':>4}{'run-epochs/s':>15}{'ratio to solo':>15}{'ms/epoch':>11}")
     print(f"{'solo (a stack of one)':<22}{1:>4}{solo_rate:>15.2f}{1.0:>15.2f}"
           f"{1000 / solo_rate:>11.1f}")

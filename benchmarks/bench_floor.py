@@ -1,6 +1,6 @@
 """grokhpc's CPU training against the floor that this machine's sgemm sets, side by side.
 
-    python benchmarks/bench_floor.py [--threads 1 2] [--repeats 5] [--before REF]
+    python benchmarks/bench_floor.py [--threads 1 2] [--repeats 5] [--before REF] [--clock cpu]
 
 The floor of an epoch is the work it cannot avoid: the MLP read-out ``act(pre) @ (W_out W_U)``
 of the train rows and its two backward products, plus the test rows' read-out every
@@ -10,6 +10,11 @@ ms per epoch is the solo trainer's (``Trainer.open`` on a fresh directory, then 
 blocks of epochs, commits included). ``--before REF`` also times the trainer with the
 ``grokhpc/lastpos.py`` of git revision REF swapped in for every reference grokhpc's modules
 hold to its functions (the kernels of that revision), block after block with the current ones.
+
+``--clock cpu`` times everything in this process's CPU time (every thread's, user and system)
+instead of wall time: on a machine shared with other work the wall time counts the waits for a
+core, which fall on either side by chance, while CPU time counts the work done (at 2 threads,
+also the time a thread spins waiting for the other).
 
 Configs: the seed's (p = 113, d_model 128, d_mlp 512, 30% train) and the quickstart's model
 (sweeps/quickstart.yaml's base at train_frac 0.6). Each figure is a median over repeats; the
@@ -51,8 +56,12 @@ def floor_products(cfg):
             ((n_test, m, p), 1.0 / cfg.eval_every)]
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCK["wall"]
+
+
 def time_mm(shape, repeats: int = 7) -> float:
-    """Median seconds of one (rows x inner) @ (inner x cols) float32 product."""
+    """Median seconds (on ``clock``) of one (rows x inner) @ (inner x cols) float32 product."""
     import torch
 
     r, k, c = shape
@@ -61,9 +70,9 @@ def time_mm(shape, repeats: int = 7) -> float:
     torch.mm(a, b, out=out)
     ts = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         torch.mm(a, b, out=out)
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return statistics.median(ts)
 
 
@@ -119,9 +128,9 @@ def open_trainer(cfg, where: str):
 
 
 def train_ms(trainer, epochs: int) -> float:
-    t0 = time.perf_counter()
+    t0 = clock()
     trainer.fit(progress_bar=False, until=trainer.epoch + epochs)
-    return (time.perf_counter() - t0) * 1e3 / epochs
+    return (clock() - t0) * 1e3 / epochs
 
 
 def measure(cfg, threads: int, repeats: int, block: int, before) -> dict:
@@ -158,7 +167,11 @@ def main() -> None:
                     choices=["seed", "quickstart"])
     ap.add_argument("--before", metavar="REF", default=None,
                     help="also time grokhpc/lastpos.py of this git revision")
+    ap.add_argument("--clock", choices=sorted(CLOCK), default="wall",
+                    help="wall time, or this process's CPU time (see the module)")
     args = ap.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
 
     import torch
 
@@ -170,7 +183,7 @@ def main() -> None:
         for threads in args.threads:
             rows.append((name, threads, measure(cfg, threads, args.repeats, args.block, before)))
     load1 = os.getloadavg()
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs; load average (1/5/15 min) "
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {args.clock} time; load average (1/5/15 min) "
           f"before {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, "
           f"after {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}")
     head = "| config | threads | sgemm GFLOP/s | floor ms/epoch |"
