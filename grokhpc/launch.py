@@ -48,8 +48,8 @@ import submitit
 from . import scheduler as sched
 from . import tracking
 from .aggregate import stale_tables
-from .clusters import (DEFAULT_ARRAY_PARALLELISM, ClusterProfile, fit_partition, load_profile,
-                       partition_limits, resolve_launcher)
+from .clusters import (DEFAULT_ARRAY_PARALLELISM, ClusterProfile, access_notes, fit_partition,
+                       load_profile, partition_limits, resolve_launcher)
 from .config import GROK_ACC, ConfigError
 from .job import last_line
 from .plan import plan_jobs
@@ -177,7 +177,8 @@ def make_plan(spec: str, executor: str | None, cluster: str | None, overrides: S
         launcher, groups = fit.launcher, groups[:fit.jobs_now]
     return {"sweep": sweep, "launcher": launcher, "executor": kind, "profile": profile,
             "old_manifest": old, "state": state, "action": action, "todo": todo,
-            "groups": groups, "notes": fit.notes if fit else [], "forecast": outlook,
+            "groups": groups, "forecast": outlook,
+            "notes": access_notes(launcher, profile) + list(fit.notes if fit else ()),
             "parameters": executor_parameters(kind, sweep, launcher, profile), "jobs": []}
 
 

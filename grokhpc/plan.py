@@ -418,11 +418,15 @@ class _Shape:
 
 def _plan_for(shapes: list[_Shape], k: int, longest: float) -> list[list[SweepRun]]:
     """At most ``k`` jobs (fewer where the caps allow no fewer) with the smallest longest job:
-    a bisection on the job-time budget, each shape cut greedily under it."""
+    a bisection on the job-time budget, each shape cut greedily under it, from the longest run
+    alone (no budget below it cuts any finer)."""
     def count(budget: float) -> int:
         return sum(len(s.cut(budget)) for s in shapes)
 
-    lo, hi = 0.0, longest
+    lo = max(s.seconds(i, i + 1) for s in shapes for i in range(len(s.runs)))
+    if count(lo) <= k:
+        return [s.runs[a:b] for s in shapes for a, b in s.cut(lo)]
+    hi = longest
     while hi - lo > 1e-4 * hi:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if count(mid) <= k else (mid, hi)
