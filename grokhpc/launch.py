@@ -4,7 +4,8 @@ submit it. ``python -m grokhpc.launch SPEC [--dry-run] [--executor auto|slurm|lo
 
 One run, top to bottom: the spec is expanded into runs (grokhpc.sweep; each run lives in
 ``OUT/runs/<run_id>``) and its launcher settings are filled in and checked against the cluster
-profile (grokhpc.clusters); the runs are packed into jobs and, on GPUs, the plan's wall time
+profile, which picks the GPU type and partition from the spec's preferences (grokhpc.clusters;
+a closed cluster or reserved partition is one note line); the runs are packed into jobs and, on GPUs, the plan's wall time
 and GPU-hours forecast (grokhpc.plan); the jobs are submitted (grokhpc.submit); each job trains
 its runs (grokhpc.job -> grokhpc.train_batched / grokhpc.train); the sweep is aggregated into
 tables and figures (grokhpc.aggregate).
@@ -19,7 +20,7 @@ tables and figures (grokhpc.aggregate).
   a throughput table sizes the jobs for the soonest finish of the sweep within the partition's
   caps; every GPU plan's predicted wall time and GPU-hours are printed. ``gpus: N``: a job
   trains N groups of its runs at once, one per GPU, each in its own process.
-* ``auto`` executor: SLURM when ``sbatch`` is on PATH, else local. On SLURM the jobs form one
+* ``auto`` executor: SLURM when its controller answers (``scontrol ping``), else local. On SLURM the jobs form one
   array per launch (cut below the cluster's MaxArraySize), logs go to ``OUT/jobs/``, and a job
   that is preempted or times out is requeued and resumes from its last checkpoint (submitit's
   checkpointing; ``scontrol requeue`` works the same way). One more small CPU job, started
