@@ -2,8 +2,10 @@
 request syntax; the launcher settings filled in and checked against them (spec stage).
 
 ``load_profile`` finds and validates a profile; ``resolve_launcher`` fills the launcher values a
-spec leaves unset from the profile's defaults and checks them against the partition (one line
-naming the spec's or the profile's field); ``fit_partition`` keeps a launch inside the
+spec leaves unset from the profile's defaults, picks the GPU type and partition (``choose_gpu``:
+the spec states its preferences, the profile's type order and partitions decide) and checks them
+against the partition (one line naming the spec's or the profile's field); ``access_notes`` says
+where a cluster or partition is closed to most users; ``fit_partition`` keeps a launch inside the
 partition's per-user caps (running and queued jobs, GPUs, submissions per hour). No torch
 import.
 """
@@ -20,11 +22,13 @@ from .sweep import (LauncherSettings, _check_gpus_per_job, _expect, _is_int, cut
                     load_yaml, parse_launcher, parse_minutes, read_spec_text, shown)
 
 PROFILE_KEYS = ("name", "description", "gpu_request", "cpu_partition", "gpu_partition",
-                "submissions_per_hour", "defaults", "partitions", "notes")
+                "gpu_types", "access", "instead", "submissions_per_hour", "defaults",
+                "partitions", "notes")
 PROFILE_DEFAULT_KEYS = ("time", "cpus_per_task", "mem_gb", "gpus", "gpu_type",
                         "array_parallelism")
 PARTITION_KEYS = ("max_time", "gpus", "gpu_types", "preemptable", "max_running",
-                  "max_submitted", "max_gpus", "description")
+                  "max_submitted", "max_gpus", "reserved", "description")
+ANY_GPU = "any"   # in a spec's gpu_type list: the profile's type order
 PARTITION_CAPS = ("max_running", "max_submitted", "max_gpus")   # per user
 GPU_REQUESTS = ("gpus", "gres")
 DEFAULT_ARRAY_PARALLELISM = 64   # array tasks at once when neither the spec nor a cap says
@@ -42,6 +46,7 @@ class Partition:
     max_running: int | None = None    # running jobs per user
     max_submitted: int | None = None  # pending + running jobs per user (each array task counts)
     max_gpus: int | None = None       # GPUs per user, all jobs together
+    reserved: str = ""                # who may use it, where not everyone may
     description: str = ""
 
 
@@ -55,6 +60,9 @@ class ClusterProfile:
     gpu_request: str = "gpus"          # gpus: --gpus=TYPE:N ; gres: --gres=gpu:TYPE:N
     cpu_partition: str | None = None
     gpu_partition: str | None = None
+    gpu_types: tuple[tuple[str, str], ...] = ()   # (type, its partition), preferred first
+    access: str = ""                   # who may still use the cluster, where not everyone may
+    instead: str = ""                  # the cluster the others use
     defaults: tuple[tuple[str, Any], ...] = ()
     partitions: tuple[Partition, ...] = ()
     submissions_per_hour: int | None = None   # sbatch calls per user and hour (an array is one)
@@ -64,6 +72,14 @@ class ClusterProfile:
 
     def default(self, key: str) -> Any:
         return dict(self.defaults).get(key)
+
+    def type_order(self) -> list[tuple[str, str]]:
+        """(GPU type, its partition), preferred first: ``gpu_types``, else the default GPU
+        partition's types."""
+        if self.gpu_types:
+            return list(self.gpu_types)
+        part = self.partition(self.gpu_partition) if self.gpu_partition else None
+        return [(t, part.name) for t in part.gpu_types] if part else []
 
 
 def profile_dirs() -> list[Path]:
@@ -121,7 +137,21 @@ def _parse_partition(name: Any, pd: Any, source: str) -> Partition:
         gpus=bool(pd.get("gpus", False)), gpu_types=tuple(types),
         preemptable=bool(pd.get("preemptable", False)),
         **{c: _positive_int(pd, c, source, f"{key}.{c}") for c in PARTITION_CAPS},
-        description=str(pd.get("description", "")))
+        reserved=str(pd.get("reserved", "")), description=str(pd.get("description", "")))
+
+
+def _parse_type_order(d: Mapping, parts: list[Partition], source: str) -> tuple:
+    """``gpu_types``: GPU type -> the partition it is taken from, preferred first; each
+    partition a GPU partition of the profile that has that type."""
+    order = d.get("gpu_types") or {}
+    _expect(isinstance(order, Mapping), source, "gpu_types",
+            "a mapping of GPU types to their partitions, preferred first", order)
+    by_name = {p.name: p for p in parts}
+    for t, pname in order.items():
+        p = by_name.get(pname)
+        _expect(p is not None and p.gpus and (not p.gpu_types or t in p.gpu_types), source,
+                f"gpu_types.{cut_text(str(t))}", f"a GPU partition with {t}", pname)
+    return tuple((str(t), str(pname)) for t, pname in order.items())
 
 
 def parse_profile(text: str, source: str, name: str, path: Path) -> ClusterProfile:
@@ -157,6 +187,8 @@ def parse_profile(text: str, source: str, name: str, path: Path) -> ClusterProfi
                           description=str(d.get("description", "")), gpu_request=gpu_request,
                           cpu_partition=d.get("cpu_partition"),
                           gpu_partition=d.get("gpu_partition"),
+                          gpu_types=_parse_type_order(d, parts, source),
+                          access=str(d.get("access", "")), instead=str(d.get("instead", "")),
                           defaults=tuple(sorted(defaults.items())), partitions=tuple(parts),
                           submissions_per_hour=_positive_int(d, "submissions_per_hour", source,
                                                              "submissions_per_hour"))
@@ -167,14 +199,16 @@ def resolve_launcher(launcher: LauncherSettings, profile: ClusterProfile | None,
     """Fill unset launcher values from the profile and check them against its partitions. A
     limit broken by a profile default names the profile's field, one set in the spec the
     spec's."""
-    if profile is None:
-        return launcher
+    if profile is None:   # preferences without a profile: the first type named
+        prefs = [t for t in _prefs(launcher.gpu_type) if t != ANY_GPU]
+        return launcher.replace(gpu_type=prefs[0] if prefs else None)
     filled = {k: profile.default(k) for k in PROFILE_DEFAULT_KEYS
               if getattr(launcher, k) is None and profile.default(k) is not None}
     out = launcher.replace(**filled)
-    if out.partition is None:
-        out = out.replace(partition=profile.gpu_partition if (out.gpus or 0) > 0
-                          else profile.cpu_partition)
+    if (out.gpus or 0) > 0:
+        out = choose_gpu(out, profile, source, set(filled))
+    elif out.partition is None:
+        out = out.replace(partition=profile.cpu_partition)
     part = profile.partition(out.partition) if out.partition else None
     if out.partition is not None and part is None:
         known = ", ".join(p.name for p in profile.partitions)
@@ -183,6 +217,69 @@ def resolve_launcher(launcher: LauncherSettings, profile: ClusterProfile | None,
     if part is not None:
         _check_partition(out, part, profile, source, set(filled))
     return out
+
+
+def _prefs(gpu_type: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    return gpu_type if isinstance(gpu_type, tuple) else (gpu_type or ANY_GPU,)
+
+
+def _expand(prefs: tuple[str, ...], order: list[str]) -> list[str]:
+    """The preferences with ``any`` replaced by ``order``, each type once."""
+    out = [t for p in prefs for t in (order if p == ANY_GPU else [p])]
+    return list(dict.fromkeys(out))
+
+
+def choose_gpu(out: LauncherSettings, profile: ClusterProfile, source: str,
+               from_profile: set[str]) -> LauncherSettings:
+    """The GPU type and partition of a GPU launch: the first of the spec's preferences
+    (``any``, or no gpu_type: the profile's type order) that the named partition has or, with
+    none named, that the profile takes from one of its partitions. A single type named with a
+    partition named is left to ``_check_partition`` (its one-line error)."""
+    field = (f"{profile.path}: defaults.gpu_type" if "gpu_type" in from_profile
+             else f"{source}: launcher.gpu_type")
+    if out.gpu_type == ANY_GPU:
+        out = out.replace(gpu_type=None)
+    prefs, named = _prefs(out.gpu_type), out.partition
+    order = profile.type_order()
+    if named is not None:
+        part = profile.partition(named)
+        if part is None or isinstance(out.gpu_type, str):
+            return out
+        if not part.gpu_types:   # a partition that lists no types: the first one named
+            return out.replace(gpu_type=next((t for t in prefs if t != ANY_GPU), None))
+        have = [t for t, _ in order if t in part.gpu_types] + list(part.gpu_types)
+        pick = next((t for t in _expand(prefs, have) if t in part.gpu_types), None)
+        if pick is None:
+            raise ConfigError(f"{field}: expected one of {', '.join(part.gpu_types)} on "
+                              f"{part.name} (or any), got {shown(list(prefs))}")
+        return out.replace(gpu_type=pick)
+    where = dict(order)
+    if not order:
+        return out.replace(partition=profile.gpu_partition,
+                           gpu_type=next((t for t in prefs if t != ANY_GPU), None))
+    pick = next((t for t in _expand(prefs, list(where)) if t in where), None)
+    if pick is None:
+        got = shown(out.gpu_type if isinstance(out.gpu_type, str) else list(prefs))
+        raise ConfigError(f"{field}: expected one of {', '.join(where)} on {profile.name} "
+                          f"(or any, or set launcher.partition), got {got}")
+    return out.replace(partition=where[pick], gpu_type=pick)
+
+
+def access_notes(launcher: LauncherSettings, profile: ClusterProfile | None) -> list[str]:
+    """One line each where the cluster, or the launch's partition, is closed to most users,
+    with what the others use instead."""
+    if profile is None:
+        return []
+    notes = []
+    if profile.access:
+        notes.append(f"note: {profile.name}: {profile.access}"
+                     + (f"; others: --cluster {profile.instead}" if profile.instead else ""))
+    part = profile.partition(launcher.partition) if launcher.partition else None
+    if part is not None and part.reserved:
+        alt = profile.gpu_partition if part.gpus else profile.cpu_partition
+        notes.append(f"note: {profile.name} {part.name}: reserved to {part.reserved}"
+                     + (f"; others: launcher.partition={alt}" if alt else ""))
+    return notes
 
 
 def _check_partition(out: LauncherSettings, part: Partition, profile: ClusterProfile,
@@ -261,7 +358,8 @@ def fit_partition(launcher: LauncherSettings, profile: ClusterProfile | None, n_
     """Keep ``n_jobs`` jobs, sent as arrays of at most ``max_array`` tasks, inside the
     partition's per-user caps: running jobs and GPUs cut the array parallelism; a partition
     that takes fewer submitted jobs than the launch makes refuses it (one line naming the
-    spec field); the cluster's hourly submission limit defers whole arrays to a later launch."""
+    spec field); the cluster's hourly submission limit, which the launch's aggregation job
+    counts toward too, defers whole arrays to a later launch."""
     part = profile.partition(launcher.partition) if profile and launcher.partition else None
     if part is None:
         return PartitionFit(launcher, n_jobs)
@@ -278,15 +376,17 @@ def fit_partition(launcher: LauncherSettings, profile: ClusterProfile | None, n_
     jobs_now = n_jobs
     per_hour = profile.submissions_per_hour
     n_arrays = -(-n_jobs // max(1, max_array))
-    if per_hour is not None and n_arrays > per_hour:
-        jobs_now = per_hour * max_array
+    if per_hour is not None and n_arrays + 1 > per_hour:   # + 1: the aggregation job
+        now = max(1, per_hour - 1)
+        jobs_now = min(n_jobs, now * max_array)
         notes.append(
-            f"{profile.name}: at most {per_hour} submissions per hour: submitting {per_hour} of "
-            f"{n_arrays} arrays ({jobs_now} of {n_jobs} jobs) now; launch again in an hour for "
-            f"the rest (runs in flight are skipped), {-(-n_arrays // per_hour)} hours in all")
+            f"{profile.name}: at most {per_hour} submissions per hour, the aggregation job one "
+            f"of them: submitting {now} of {n_arrays} arrays ({jobs_now} of {n_jobs} jobs) now; "
+            f"launch again in an hour for the rest (runs in flight are skipped), "
+            f"{-(-(n_arrays + 1) // per_hour)} hours in all")
     return PartitionFit(launcher.replace(array_parallelism=width), jobs_now, tuple(notes))
 
 
 __all__ = ["ClusterProfile", "Partition", "PartitionFit", "load_profile", "available_profiles",
-           "resolve_launcher", "fit_partition", "parallelism_cap", "partition_limits",
+           "resolve_launcher", "choose_gpu", "access_notes", "ANY_GPU", "fit_partition", "parallelism_cap", "partition_limits",
            "DEFAULT_ARRAY_PARALLELISM"]

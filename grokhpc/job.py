@@ -10,7 +10,9 @@ aggregates the sweep once its arrays have ended.
 
 A job's settings beyond its runs (state.pt interval, step mode, torch threads, W&B) travel as
 one ``grokhpc.runtime.JobSettings``, from the spec's ``launcher:`` to the trainers;
-``$GROKHPC_STEP_MODE``, where set, overrides its step mode and says so in the job's log.
+``$GROKHPC_STEP_MODE``, where set, overrides its step mode and says so in the job's log. A
+setting that makes no sense fails the job in one line before anything trains
+(``checked_settings``), never runs trained one by one with the error only in the log.
 
 torch is imported only by the trainers, inside the job.
 """
@@ -27,6 +29,7 @@ from typing import Any, Callable, Sequence
 import submitit
 
 from . import lifeline as lifelines
+from . import tracking
 from .aggregate import main as aggregate_main
 from .config import from_dict
 from .plan import shape_key, split_even
@@ -72,7 +75,8 @@ def train_runs(runs: Sequence[tuple[dict, str]], settings: JobSettings = JobSett
                log: Callable[[str], Any] = print) -> list[dict]:
     """Train a job's runs: [(RunConfig dict, run directory), ...], as ``settings`` say. One run
     failing does not stop the others; afterwards the job raises if any run failed (so the
-    scheduler marks it failed)."""
+    scheduler marks it failed). A bad setting is a ConfigError before anything trains."""
+    settings = checked_settings(settings, log)
     _set_threads(settings.threads)
     cfgs = [from_dict(c, source=f"{d}: config") for c, d in runs]
     dirs = [str(d) for _, d in runs]
@@ -213,6 +217,16 @@ def train_on_devices(runs: Sequence[tuple[dict, str]], devices: Sequence[str],
     return job_results(list(ids.values()), list(ids), errors)
 
 
+def checked_settings(settings: JobSettings, log: Callable[[str], Any]) -> JobSettings:
+    """The job's settings with $GROKHPC_STEP_MODE applied, every one checked (an unpickled
+    JobSettings was never validated): a one-line ConfigError before anything trains."""
+    settings.check("the job's settings")
+    settings = step_mode_override(settings, log)
+    if settings.wandb is not None:
+        tracking.parse_wandb(dict(settings.wandb), "the job's settings", "wandb")
+    return settings
+
+
 def step_mode_override(settings: JobSettings, log: Callable[[str], Any]) -> JobSettings:
     """``settings`` with $GROKHPC_STEP_MODE's step mode where it is set (grokhpc.step_mode's
     rule: one line says so); a word that is no step mode is a one-line ConfigError, before
@@ -239,7 +253,7 @@ class SweepJob(submitit.helpers.Checkpointable):
         if env is not None:
             print(f"job {env.job_id} on {env.hostname}: {len(self.runs)} run(s)", flush=True)
         log = lambda m: print(m, flush=True)  # noqa: E731
-        settings = step_mode_override(self.settings, log)
+        settings = checked_settings(self.settings, log)
         if self.lifeline:
             lifelines.watch(self.lifeline, self.launch_ended)
         devices = job_devices(self.gpus) if self.gpus > 1 else []
@@ -286,4 +300,4 @@ class AggregateJob(submitit.helpers.Checkpointable):
 
 
 __all__ = ["SweepJob", "AggregateJob", "train_runs", "train_on_devices", "job_devices",
-           "stop_groups", "job_results", "step_mode_override", "last_line"]
+           "stop_groups", "job_results", "step_mode_override", "checked_settings", "last_line"]

@@ -4,7 +4,8 @@ submit it. ``python -m grokhpc.launch SPEC [--dry-run] [--executor auto|slurm|lo
 
 One run, top to bottom: the spec is expanded into runs (grokhpc.sweep; each run lives in
 ``OUT/runs/<run_id>``) and its launcher settings are filled in and checked against the cluster
-profile (grokhpc.clusters); the runs are packed into jobs and, on GPUs, the plan's wall time
+profile, which picks the GPU type and partition from the spec's preferences (grokhpc.clusters;
+a closed cluster or reserved partition is one note line); the runs are packed into jobs and, on GPUs, the plan's wall time
 and GPU-hours forecast (grokhpc.plan); the jobs are submitted (grokhpc.submit); each job trains
 its runs (grokhpc.job -> grokhpc.train_batched / grokhpc.train); the sweep is aggregated into
 tables and figures (grokhpc.aggregate).
@@ -19,7 +20,7 @@ tables and figures (grokhpc.aggregate).
   a throughput table sizes the jobs for the soonest finish of the sweep within the partition's
   caps; every GPU plan's predicted wall time and GPU-hours are printed. ``gpus: N``: a job
   trains N groups of its runs at once, one per GPU, each in its own process.
-* ``auto`` executor: SLURM when ``sbatch`` is on PATH, else local. On SLURM the jobs form one
+* ``auto`` executor: SLURM when its controller answers (``scontrol ping``), else local. On SLURM the jobs form one
   array per launch (cut below the cluster's MaxArraySize), logs go to ``OUT/jobs/``, and a job
   that is preempted or times out is requeued and resumes from its last checkpoint (submitit's
   checkpointing; ``scontrol requeue`` works the same way). One more small CPU job, started
@@ -48,8 +49,8 @@ import submitit
 from . import scheduler as sched
 from . import tracking
 from .aggregate import stale_tables
-from .clusters import (DEFAULT_ARRAY_PARALLELISM, ClusterProfile, fit_partition, load_profile,
-                       partition_limits, resolve_launcher)
+from .clusters import (DEFAULT_ARRAY_PARALLELISM, ClusterProfile, access_notes, fit_partition,
+                       load_profile, partition_limits, resolve_launcher)
 from .config import GROK_ACC, ConfigError
 from .job import last_line
 from .plan import plan_jobs
@@ -177,7 +178,8 @@ def make_plan(spec: str, executor: str | None, cluster: str | None, overrides: S
         launcher, groups = fit.launcher, groups[:fit.jobs_now]
     return {"sweep": sweep, "launcher": launcher, "executor": kind, "profile": profile,
             "old_manifest": old, "state": state, "action": action, "todo": todo,
-            "groups": groups, "notes": fit.notes if fit else [], "forecast": outlook,
+            "groups": groups, "forecast": outlook,
+            "notes": access_notes(launcher, profile) + list(fit.notes if fit else ()),
             "parameters": executor_parameters(kind, sweep, launcher, profile), "jobs": []}
 
 

@@ -153,32 +153,53 @@ def group_bytes(cfgs: Sequence[RunConfig]) -> int:
 def bytes_per_run(cfg: RunConfig, rows: tuple[int, int] | None = None) -> int:
     """Estimated device bytes one run adds to a batched group (float32 weights), in floats x 4,
     its rows padded to ``rows`` (the group's ``padded_rows``; default: its own split), with
-    ``c`` the classes (``cfg.n_classes``):
+    ``n`` positions, ``L`` blocks and ``c`` classes; it errs high (every gradient counted live
+    at once), benchmarks/bench_memory_estimate.py sets it beside the measured peak:
 
     * weights: stacked params + grads + two Adam moments + the shadow Trainer's params and two
-      moments = ``7 * n_params``;
-    * tables (``grokhpc.lastpos.tables``, kept for the backward, with their gradients): the
-      embeddings ``n V d``, keys and values ``2 (n-1) V h e``, scores ``(n-1) V h`` and
-      ``W_out @ W_U``: ``3 x`` their sum;
-    * train rows (padded to the group's longest, ``rows``), saved for the
-      backward and doubled for its transient gradients: per row the scores and pattern
-      (``3 n h``), the gathered values and their pattern-weighted product (``2 (n-1) h e``),
-      the last token's spread terms and the mix (``2 h e + d + h``), attention output and
-      residual (``2 d``), the MLP's input and ReLU (``2 d_mlp``), and the direct read-out and
-      logits in float32, the logits in float64 and their log-softmax (``6 c``);
-    * test rows, scored in inference mode (nothing saved) and, in a batched group, a chunk of
-      runs at a time whose rows number no more than the group's train rows:
-      ``2 (n-1) h e + 2 d_mlp + 6 c`` per row; the peak is the larger of the two terms.
+      moments = ``7 * n_params`` (every block's weights, biases and LayerNorms);
+    * the fast path (one ReLU block, no LayerNorm, ``grokhpc.lastpos``): its tables, kept for
+      the backward with their gradients, ``3 x`` (embeddings ``n V d``, keys and values
+      ``2 (n-1) V h e``, scores ``(n-1) V h``, ``W_out @ W_U``); per train row the scores and
+      pattern, gathered values and their mix, the last token's terms, the MLP's input and ReLU
+      and the read-out and logits (float32 and float64, log-softmax: ``6 c``);
+    * the hooked forward (any other shape): per train row and block, at every position, the
+      MLP's input and activation (GELU: one more), the residual stream twice, queries, keys,
+      values and mix, scores and pattern, and with LayerNorm its input and scale; plus the
+      embedding, the logits at every position and the last one's loss terms;
+    * train rows, saved for the backward and doubled for its transient gradients: a step's
+      rows (the padded train split, or one minibatch of ``batch_size``);
+    * scoring rows, in inference mode (nothing saved): the test split and the train split at
+      evaluation, a chunk of runs at a time of no more rows than the train split; the peak is
+      the larger of the two terms.
     """
+    n, h, e, d, m, c, V, L = (3, cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp,
+                              cfg.n_classes, cfg.d_vocab, cfg.n_layers)
+    ln = cfg.normalization == "LN"
+    n_train, n_test = (cfg.n_train, cfg.n_test) if rows is None else rows
+    step_rows = n_train if cfg.full_batch else min(cfg.batch_size, n_train)
+    if L == 1 and not ln and cfg.act_fn == "relu":
+        tables = n * V * d + 2 * (n - 1) * V * h * e + (n - 1) * V * h + m * c
+        per_row = 3 * n * h + 2 * (n - 1) * h * e + 2 * h * e + d + h + 2 * d + 2 * m + 6 * c
+        score_row = 2 * (n - 1) * h * e + 2 * m + 6 * c
+    else:
+        tables, act = 0, 3 if cfg.act_fn == "gelu" else 2
+        layer = n * (act * m + 2 * d + 4 * h * e) + 2 * h * n * n + (4 * n * d if ln else 0)
+        per_row = n * d + n * c + 6 * c + L * layer + (2 * n * d if ln else 0)
+        score_row = L * n * (act * m + 2 * d + 2 * h * e) + n * c + 6 * c
+    train = step_rows * 2 * per_row
+    score = min(n_test, n_train) * score_row
+    return 4 * (7 * param_count(cfg) + 3 * tables + max(train, score))
+
+
+def param_count(cfg: RunConfig) -> int:
+    """The model's parameters (grokhpc.model): embeddings, each block's attention and MLP
+    weights and biases (and LayerNorms), the final LayerNorm and the unembedding."""
     n, h, e, d, m, c, V = (3, cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.n_classes,
                            cfg.d_vocab)
-    n_params = V * d + n * d + 4 * h * d * e + 2 * d * m + d * c
-    n_train, n_test = (cfg.n_train, cfg.n_test) if rows is None else rows
-    tables = n * V * d + 2 * (n - 1) * V * h * e + (n - 1) * V * h + m * c
-    per_row = 3 * n * h + 2 * (n - 1) * h * e + 2 * h * e + d + h + 2 * d + 2 * m + 6 * c
-    train = n_train * 2 * per_row
-    test = min(n_test, n_train) * (2 * (n - 1) * h * e + 2 * m + 6 * c)
-    return 4 * (7 * n_params + 3 * tables + max(train, test))
+    ln = cfg.normalization == "LN"
+    block = 4 * h * d * e + 3 * h * e + 2 * d + 2 * d * m + m + (4 * d if ln else 0)
+    return V * d + n * d + cfg.n_layers * block + (2 * d if ln else 0) + d * c + c
 
 
 def auto_runs_per_job(cfg: RunConfig | Sequence[RunConfig], device=None, safety: float = 0.7,
@@ -418,11 +439,15 @@ class _Shape:
 
 def _plan_for(shapes: list[_Shape], k: int, longest: float) -> list[list[SweepRun]]:
     """At most ``k`` jobs (fewer where the caps allow no fewer) with the smallest longest job:
-    a bisection on the job-time budget, each shape cut greedily under it."""
+    a bisection on the job-time budget, each shape cut greedily under it, from the longest run
+    alone (no budget below it cuts any finer)."""
     def count(budget: float) -> int:
         return sum(len(s.cut(budget)) for s in shapes)
 
-    lo, hi = 0.0, longest
+    lo = max(s.seconds(i, i + 1) for s in shapes for i in range(len(s.runs)))
+    if count(lo) <= k:
+        return [s.runs[a:b] for s in shapes for a, b in s.cut(lo)]
+    hi = longest
     while hi - lo > 1e-4 * hi:
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if count(mid) <= k else (mid, hi)
@@ -496,6 +521,7 @@ def plan_jobs(todo: Sequence[SweepRun], launcher: LauncherSettings,
 
 
 __all__ = ["shape_key", "by_shape", "pack", "split_even", "GPUS", "GpuSpec", "bytes_per_run",
+           "param_count",
            "group_bytes", "padded_rows", "auto_runs_per_job", "gpu_memory_cap",
            "runs_per_job_for", "H200_SEED_TABLE", "Throughput", "Forecast", "throughput_for",
            "speed_vs_h200", "work_scale", "job_seconds", "makespan", "forecast", "plan_auto",

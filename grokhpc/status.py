@@ -6,8 +6,9 @@ pending, running, requeued, cancelled, failed, corrupt or done (the table of wha
 in grokhpc.scheduler), with the epochs done out of planned, whether it grokked and, for failed
 runs, the last line of the error (from error.txt, else from the job's submitit log). A done
 run's last checkpoint row is checked against its checksum (``--verify``: every row). A last
-line gives the state of the sweep's aggregation job, where launch submitted one. No torch
-import: this answers in a blink.
+line gives the state of the sweep's aggregation job, where launch submitted one (``--json``: a
+last object with ``aggregation_job``, its ``state``, the jobs it waits for and that line). No
+torch import: this answers in a blink.
 """
 
 from __future__ import annotations
@@ -164,9 +165,11 @@ def summary_line(rows: list[RunStatus]) -> str:
     return f"{len(rows)} runs: " + ", ".join(parts) + f"; {grokked} grokked"
 
 
-def aggregation_line(sweep_dir: Path, manifest: dict, use_scheduler: bool = True) -> str | None:
-    """One line on the sweep's aggregation job (grokhpc.launch submits it on SLURM): its state
-    and, once it has ended, where the tables are or why it failed; None when there is none."""
+def aggregation_status(sweep_dir: Path, manifest: dict, use_scheduler: bool = True
+                       ) -> dict | None:
+    """The sweep's aggregation job (grokhpc.launch submits it on SLURM) as ``status --json``
+    gives it: its id, state, the jobs it waits for and ``aggregation_line``; None when there is
+    none."""
     job = sched.latest_aggregation(manifest)
     if job is None:
         return None
@@ -174,6 +177,19 @@ def aggregation_line(sweep_dir: Path, manifest: dict, use_scheduler: bool = True
     info = sched.query_jobs([jid]).get(jid, sched.UNKNOWN_JOB) if use_scheduler \
         else sched.UNKNOWN_JOB
     state = sched.job_outcome(info)
+    return {"aggregation_job": jid, "state": state, "after": list(job.get("after", [])),
+            "line": _aggregation_line(sweep_dir, job, jid, info, state, use_scheduler)}
+
+
+def aggregation_line(sweep_dir: Path, manifest: dict, use_scheduler: bool = True) -> str | None:
+    """One line on the sweep's aggregation job: its state and, once it has ended, where the
+    tables are or why it failed; None when there is none."""
+    agg = aggregation_status(sweep_dir, manifest, use_scheduler)
+    return agg and agg["line"]
+
+
+def _aggregation_line(sweep_dir: Path, job: dict, jid: str, info: JobInfo, state: str,
+                      use_scheduler: bool) -> str:
     line = f"aggregation job {jid} {state}"
     if state == sched.DONE:
         return line + f": tables and figures in {sweep_dir / 'aggregate'}"
@@ -210,15 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     except RunDirError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    agg = aggregation_status(Path(args.sweep_dir), manifest, use_scheduler=not args.no_scheduler)
     if args.json:
         for r in rows:
             print(json.dumps(asdict(r)))
+        if agg:
+            print(json.dumps(agg))
         return 0
     print(format_table(rows, manifest.get("axes", []), show_done=not args.hide_done))
     print(summary_line(rows))
-    agg = aggregation_line(Path(args.sweep_dir), manifest, use_scheduler=not args.no_scheduler)
     if agg:
-        print(agg)
+        print(agg["line"])
     return 0
 
 

@@ -20,10 +20,10 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       cluster: bouchet          # a profile in slurm/<name>.yaml
       time: 240                 # minutes per job
       gpus: 1                   # GPUs per job; each GPU trains one packed group of its runs
-      gpu_type: h100
+      gpu_type: [h100, a100, any]   # first one the cluster has wins (any: its profile's order)
       cpus_per_task: 2
       mem_gb: 16
-      partition: gpu_h100
+      partition: gpu_h100       # optional: the profile picks the partition of the GPU type
       array_parallelism: 12
       runs_per_job: 1           # or "auto": sized for the shortest sweep (grokhpc.plan)
       max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
@@ -154,7 +154,7 @@ class LauncherSettings:
     cluster: str | None = None
     time: int | None = None            # minutes per job
     gpus: int | None = None            # per job; a job trains one group of its runs per GPU
-    gpu_type: str | None = None
+    gpu_type: str | tuple[str, ...] | None = None   # a type or preferences; resolved: one
     cpus_per_task: int | None = None
     mem_gb: float | None = None
     partition: str | None = None
@@ -238,8 +238,13 @@ def _launcher_value(key: str, v: Any, source: str, k: str) -> Any:
     """One launcher setting, validated (``k``: its name in an error line)."""
     if key == "executor":
         _expect(v in EXECUTORS, source, k, " | ".join(EXECUTORS), v)
-    elif key in ("cluster", "partition", "gpu_type"):
+    elif key in ("cluster", "partition"):
         _expect(isinstance(v, str) and v.strip() != "", source, k, "a name", v)
+    elif key == "gpu_type":
+        names = v if isinstance(v, list) else [v]
+        _expect(len(names) > 0 and all(isinstance(t, str) and t.strip() != "" for t in names),
+                source, k, "a GPU type or a list of them (any: the cluster's order)", v)
+        v = tuple(t.strip().lower() for t in v) if isinstance(v, list) else v.strip().lower()
     elif key == "time":
         v = parse_minutes(v, source, k)
     elif key in ("gpus", "max_timeouts"):
@@ -313,7 +318,6 @@ def _check_gpus_per_job(out: LauncherSettings, field, blame: str) -> None:
                           f"per job (each GPU trains a group of the job's runs), got {gpus}")
     raise ConfigError(f"{field('runs_per_job')}: expected at least launcher.gpus ({gpus}) runs "
                       f"per job (each GPU trains a group of the job's runs), got {n}")
-
 
 
 # ---- the sweep ------------------------------------------------------------------------------

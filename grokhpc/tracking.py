@@ -6,8 +6,11 @@ the trainer in its job's settings (``runtime.JobSettings.wandb``, a plain mappin
 :func:`start`): a sweep's jobs carry it (the runs grouped under the sweep's name), the command
 for one run builds it from its flags. Nothing imports wandb unless it is set.
 
-Each grokhpc run is one W&B run whose id is the grokhpc ``run_id`` (``resume="allow"``), written
-under the run directory (``RUN/wandb/``). At each commit the curve rows since the last logged
+Each grokhpc run is one W&B run (``resume="allow"``), written under the run directory
+(``RUN/wandb/``), named by its ``run_id``; its id (``wandb_id``) is the run_id prefixed by its
+group, a sweep's name unless ``launcher.wandb.group`` sets one: the same config in two sweeps
+trains in two run directories, so it makes two W&B runs, each continued from its own
+directory's logs (one W&B run fed from two directories would skip or repeat steps). At each commit the curve rows since the last logged
 one go to W&B with step = epoch; at the end, one row per checkpoint with the progress measures
 (``measures/*`` against ``measures/epoch``, steps ``n_epochs + 1 + k``) and the run's summary.
 Every row has a fixed step, so a resumed attempt logs only the steps beyond those the run's
@@ -25,6 +28,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -137,10 +141,18 @@ def announce(line: str, file=None, always: bool = False) -> None:
         print(line, file=file if file is not None else sys.stdout, flush=True)
 
 
+def wandb_id(settings: WandbSettings, run_id: str) -> str:
+    """The W&B run id of a grokhpc run: ``GROUP-RUN_ID`` (the group's characters other than
+    letters, digits, ``_ . -`` made ``-``, at most 48 of them), the run_id alone ungrouped."""
+    if not settings.group:
+        return run_id
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", settings.group)[:48] + "-" + run_id
+
+
 # ---- what a W&B run already holds -------------------------------------------------------------
 def segments(run_dir: Path, run_id: str) -> list[Path]:
-    """The local transaction logs of ``run_id`` under ``run_dir/wandb``, oldest first (one per
-    attempt; the folder names carry the start time)."""
+    """The local transaction logs of the W&B run ``run_id`` (``wandb_id``) under
+    ``run_dir/wandb``, oldest first (one per attempt; the folder names carry the start time)."""
     found = (run_dir / "wandb").glob(f"*run-*-{run_id}/run-{run_id}.wandb")
     return sorted(found, key=lambda f: f.parent.name.rsplit("-", 1)[0][-15:])
 
@@ -256,11 +268,12 @@ def _start(trainer, settings: WandbSettings) -> Tracker:
     wandb = _import_wandb()
 
     cfg, run_dir = trainer.cfg, Path(trainer.run.path)
-    done = next_step(run_dir, cfg.run_id)
+    wid = wandb_id(settings, cfg.run_id)
+    done = next_step(run_dir, wid)
     offline = settings.mode == "offline"
     run = wandb.init(
         project=settings.project, entity=settings.entity, group=settings.group,
-        tags=list(settings.tags) or None, id=cfg.run_id, name=cfg.run_id, resume="allow",
+        tags=list(settings.tags) or None, id=wid, name=cfg.run_id, resume="allow",
         mode=settings.mode, dir=str(run_dir), config={**to_dict(cfg), "run_id": cfg.run_id},
         settings=wandb.Settings(console="off", reinit="create_new", silent=offline,
                                 x_save_requirements=False))
@@ -326,5 +339,5 @@ def stop(trainer) -> None:
 
 
 __all__ = ["WandbSettings", "parse_wandb", "from_command_line", "check_installed", "announce",
-           "start", "log_commit", "log_finish", "stop", "segments", "read_records",
+           "start", "wandb_id", "log_commit", "log_finish", "stop", "segments", "read_records",
            "history_steps", "next_step", "sync_command", "TrackingError"]

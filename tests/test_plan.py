@@ -195,3 +195,30 @@ def test_runs_per_job_sizing():
     assert bytes_per_run(seed.replace(p=23, d_model=32, d_mlp=64, d_head=8)) < per / 50
     assert auto_runs_per_job(seed, "cpu") == 4
     assert auto_runs_per_job(seed, "cpu") >= 1
+
+
+# ---- the memory estimate for any shape ---------------------------------------------------------
+@pytest.mark.parametrize("fields", [{}, {"n_layers": 2}, {"normalization": "LN"},
+                                    {"act_fn": "gelu", "n_layers": 3, "normalization": "LN"},
+                                    {"p": 13, "d_model": 32, "d_head": 8, "d_mlp": 64}])
+def test_the_estimate_counts_every_parameter_the_model_has(fields):
+    from grokhpc.model import build_model
+    from grokhpc.plan import param_count
+
+    cfg = RunConfig(**fields)
+    assert param_count(cfg) == sum(p.numel() for p in build_model(cfg).parameters())
+
+
+def test_the_estimate_grows_with_depth_layernorm_and_activation_and_follows_the_step_rows():
+    seed = RunConfig()
+    hooked = RunConfig(act_fn="gelu")   # the hooked forward, one block
+    one, two = bytes_per_run(hooked), bytes_per_run(RunConfig(act_fn="gelu", n_layers=2))
+    assert two > one > bytes_per_run(seed)
+    assert bytes_per_run(RunConfig(act_fn="gelu", normalization="LN")) > one
+    assert bytes_per_run(RunConfig(normalization="LN")) > bytes_per_run(seed)
+    # a minibatch saves only its own rows for the backward: never more than the full batch,
+    # and the same once the batch holds the whole split
+    small = RunConfig(n_layers=2, batch_size=64)
+    assert bytes_per_run(small) < bytes_per_run(RunConfig(n_layers=2))
+    assert bytes_per_run(RunConfig(n_layers=2, batch_size=seed.n_train)) == \
+        bytes_per_run(RunConfig(n_layers=2))

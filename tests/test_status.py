@@ -235,6 +235,11 @@ def test_status_command_shows_the_aggregation_job_last(tmp_path):
     r = subprocess.run([sys.executable, "-m", "grokhpc.status", str(tmp_path),
                         "--no-scheduler"], capture_output=True, text=True, check=True)
     assert r.stdout.splitlines()[-1] == "aggregation job 57: state unknown (--no-scheduler)"
+    r = subprocess.run([sys.executable, "-m", "grokhpc.status", str(tmp_path), "--json",
+                        "--no-scheduler"], capture_output=True, text=True, check=True)
+    assert [json.loads(ln) for ln in r.stdout.splitlines()] == [
+        {"aggregation_job": "57", "state": "unknown", "after": ["55", "56"],
+         "line": "aggregation job 57: state unknown (--no-scheduler)"}]
     atomic_write_json(tmp_path / MANIFEST, {"runs": [], "launches": [{"jobs": []}]})
     r = subprocess.run([sys.executable, "-m", "grokhpc.status", str(tmp_path),
                         "--no-scheduler"], capture_output=True, text=True, check=True)

@@ -359,12 +359,16 @@ def test_fit_partition_cuts_parallelism_refuses_arrays_and_defers_past_the_hourl
     assert str(e.value).startswith("s.yaml: launcher.partition: bouchet gpu_devel takes 1 job per "
                                    "user queued or running") and "\n" not in str(e.value)
     assert fit_partition(devel, b, 1, 1000, "s.yaml").jobs_now == 1
-    # 200 submissions an hour: 450 jobs in arrays of 2 = 225 arrays; 200 go now (400 jobs)
+    # 200 submissions an hour, the aggregation job one of them: 450 jobs in arrays of 2 = 225
+    # arrays; 199 go now (398 jobs), with the aggregation job the 200th submission
     fit = fit_partition(h200, b, 450, 2, "s")
-    assert fit.jobs_now == 400
-    assert ("submitting 200 of 225 arrays (400 of 450 jobs) now" in fit.notes[-1]
+    assert fit.jobs_now == 398
+    assert ("submitting 199 of 225 arrays (398 of 450 jobs) now" in fit.notes[-1]
             and "2 hours in all" in fit.notes[-1])
-    assert fit_partition(h200, b, 400, 2, "s").jobs_now == 400
+    assert fit_partition(h200, b, 398, 2, "s").jobs_now == 398   # 199 arrays + 1: all now
+    assert not any("per hour" in n for n in fit_partition(h200, b, 398, 2, "s").notes)
+    fit = fit_partition(h200, b, 400, 2, "s")                    # 200 arrays + 1: one waits
+    assert fit.jobs_now == 398 and "submitting 199 of 200 arrays" in fit.notes[-1]
 
 
 def test_pack_groups_by_shape(write_spec):
@@ -452,13 +456,14 @@ def test_dry_run_on_gpu_devel_refuses_an_array_and_sends_one_job(write_spec, tmp
 
 
 def test_dry_run_keeps_submissions_under_the_hourly_limit(write_spec, tmp_path, monkeypatch):
-    # arrays of 2 tasks: 402 jobs make 201 arrays, one more than bouchet's 200 an hour
+    # arrays of 2 tasks: 402 jobs make 201 arrays, with the aggregation job two more
+    # submissions than bouchet's 200 an hour
     lines, plan = dry_run(write_spec, tmp_path, monkeypatch, [], n_seeds=402, array_size=2)
-    assert ("bouchet: at most 200 submissions per hour: submitting 200 of 201 arrays (400 of "
-            "402 jobs) now; launch again in an hour for the rest (runs in flight are skipped), "
-            "2 hours in all") in lines
-    assert len(plan["groups"]) == 400
-    assert "sbatch script header (200 array(s), the first of 2 tasks):" in lines
+    assert ("bouchet: at most 200 submissions per hour, the aggregation job one of them: "
+            "submitting 199 of 201 arrays (398 of 402 jobs) now; launch again in an hour for the "
+            "rest (runs in flight are skipped), 2 hours in all") in lines
+    assert len(plan["groups"]) == 398
+    assert "sbatch script header (199 array(s), the first of 2 tasks):" in lines
 
 
 def test_dry_run_time_above_the_partition_limit_is_one_line(write_spec, tmp_path, monkeypatch,

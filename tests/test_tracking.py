@@ -53,7 +53,8 @@ def read_log(log: Path) -> list[dict]:
 
 
 def wandb_record(run_dir: Path, run_id: str) -> list[dict]:
-    """Per offline folder under run_dir/wandb, oldest first: its run record and history rows."""
+    """Per offline folder under run_dir/wandb, oldest first: its run record and history rows;
+    ``run_id``: the W&B run's id."""
     out = []
     for folder in sorted((run_dir / "wandb").glob("offline-run-*")):
         (log,) = folder.glob("*.wandb")
@@ -67,7 +68,7 @@ def wandb_record(run_dir: Path, run_id: str) -> list[dict]:
         out.append({"folder": folder.name, "runs": runs, "summary": summary,
                     "steps": [h["step"]["num"] for h in rows], "items": [h["item"] for h in rows]})
     assert out, f"no offline W&B folder under {run_dir / 'wandb'}"
-    for seg in out:   # every folder is the same W&B run: the grokhpc run_id
+    for seg in out:   # every folder is the same W&B run
         assert seg["folder"].endswith("-" + run_id)
         assert [r["run_id"] for r in seg["runs"]] == [run_id]
     return out
@@ -145,6 +146,11 @@ def test_the_setting_and_its_one_line_errors(tmp_path):
         is None
     assert LauncherSettings().wandb is None and parse_launcher({}, "x").wandb is None
     assert tracking.WandbSettings("grok").with_group("wd_sweep").group == "wd_sweep"
+    # the same config in two sweeps: two W&B runs; one run alone: its run_id
+    a, b = (tracking.WandbSettings("grok").with_group(g) for g in ("wd_sweep", "my sweep/2"))
+    assert tracking.wandb_id(a, "0123abcd") == "wd_sweep-0123abcd"
+    assert tracking.wandb_id(b, "0123abcd") == "my-sweep-2-0123abcd"
+    assert tracking.wandb_id(tracking.WandbSettings("grok"), "0123abcd") == "0123abcd"
     assert tracking.WandbSettings("grok", group="mine").with_group("wd_sweep").group == "mine"
 
     bad = {
@@ -312,8 +318,9 @@ def test_packed_runs_launched_with_the_setting_are_tracked_run_by_run(tmp_path, 
     text = log.read_text()
     assert "training 2 runs together" in text             # packed: grokhpc.train_batched
     assert text.count("upload with: wandb sync") == 1     # once per job, not per run
-    for rid in ids:
-        segments = wandb_record(out / "runs" / rid, rid)
+    for rid in ids:   # the W&B id: the sweep's name, then the run_id
+        segments = wandb_record(out / "runs" / rid, f"sweep-{rid}")
+        assert segments[0]["runs"][0]["display_name"] == rid
         assert len(segments) == 1
         assert segments[0]["runs"][0]["run_group"] == "sweep"   # grouped by the sweep
         assert_history_is_the_run(out / "runs" / rid, segments)
