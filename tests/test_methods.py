@@ -25,7 +25,7 @@ from grokhpc.stack import Stack
 from grokhpc.store import RunDir
 from grokhpc.train import Trainer, run_training
 from grokhpc.train_batched import train_group
-from test_pack_fields import early_rel
+from test_pack_fields import early_rel, train_alone
 from test_train_batched import compare_runs, files_of
 
 TINY = dict(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=30,
@@ -201,13 +201,7 @@ GROUPS = {
 
 @pytest.fixture(scope="module")
 def solo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("solo")
-    out = {}
-    for name, cfgs in GROUPS.items():
-        out[name] = [root / name / f"r{i}" for i in range(len(cfgs))]
-        for cfg, d in zip(cfgs, out[name]):
-            run_training(cfg, d, **QUIET)
-    return out
+    return train_alone(GROUPS, tmp_path_factory.mktemp("solo"))
 
 
 @pytest.mark.parametrize("group", list(GROUPS))

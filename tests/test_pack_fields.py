@@ -65,16 +65,20 @@ QUIET = dict(progress_bar=False, log=lambda *a: None)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def solo(tmp_path_factory):
-    """Each run of every group trained alone: the reference."""
-    root = tmp_path_factory.mktemp("solo")
+def train_alone(groups: dict, root) -> dict:
+    """Each run of every group trained alone under ``root``: {group: its run directories}."""
     out = {}
-    for name, cfgs in GROUPS.items():
+    for name, cfgs in groups.items():
         out[name] = [root / name / f"r{i}" for i in range(len(cfgs))]
         for cfg, d in zip(cfgs, out[name]):
             run_training(cfg, d, **QUIET)
     return out
+
+
+@pytest.fixture(scope="module")
+def solo(tmp_path_factory):
+    """Each run of every group trained alone: the reference."""
+    return train_alone(GROUPS, tmp_path_factory.mktemp("solo"))
 
 
 def early_rel(a, b, horizon: int) -> float:
