@@ -422,6 +422,8 @@ def attribution_from_sums(basis: TaskBasis, G, norm_sq: float) -> tuple[np.ndarr
     chi = basis.characters()
     coef = np.einsum("kdc,dc->k", chi[:, quotient], np.asarray(G, np.float64))
     coef /= n * np.linalg.norm(chi, axis=1)
+    if not norm_sq > 0:      # logits that vanish (underflow): no direction to attribute
+        return np.full_like(coef, np.nan), math.nan
     residual = math.sqrt(max(norm_sq - float((coef[1:] ** 2).sum()), 0.0) / norm_sq)
     return coef / math.sqrt(norm_sq), residual
 

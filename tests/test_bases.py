@@ -327,3 +327,14 @@ def test_task_basis_refuses_bad_input():
         bases.task_basis("pow", 31)
     with pytest.raises(ValueError, match="n_classes: expected 120 for s5, got 31"):
         bases.task_basis("s5", 31)
+
+
+def test_logits_that_vanish_have_no_attribution_rather_than_an_error():
+    """A model whose logits underflow to zero (its squared norm is 0.0) reads NaN, as 0 / 0
+    does, instead of stopping the measures of the whole run."""
+    basis = bases.task_basis("sub", 7)
+    cos, residual = bases.logit_attribution(basis, np.zeros((49, 7)))
+    assert np.isnan(cos).all() and math.isnan(residual)
+    G, _ = bases.answer_sums(basis, np.full((49, 7), 1e-30))
+    cos, residual = bases.attribution_from_sums(basis, G, 0.0)   # float32 squares underflowed
+    assert np.isnan(cos).all() and math.isnan(residual)
