@@ -19,7 +19,7 @@ from grokhpc.train import run_training
 torch.set_num_threads(1)
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-# the seed's figures for one run (issue 3, item 4), by file stem
+# the seed's figures for one run, by file stem
 EXPECTED = [
     "training_curves", "attention_mean_per_head", "attention_head0", "svd_singular_values",
     "svd_principal_components", "svd_top_components", "fourier_basis", "fourier_embedding",
