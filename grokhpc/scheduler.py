@@ -315,7 +315,10 @@ def controller_answers() -> bool:
 
 
 def max_array_size() -> int:
-    """Array tasks per submission: below ``MaxArraySize`` from ``scontrol show config``."""
+    """Array tasks per submission: below ``MaxArraySize`` from ``scontrol show config``; the
+    default where no controller answers (asking one that is down takes seconds a call)."""
+    if not controller_answers():
+        return DEFAULT_MAX_ARRAY
     for line in _ask(["scontrol", "show", "config"]).splitlines():
         k, _, v = line.partition("=")
         if k.strip() == "MaxArraySize" and v.strip().isdigit():

@@ -288,8 +288,11 @@ for id in $ids; do grep -E "^${id}(_[0-9]+)? " "$FAKE/queue"; done; true
     "scancel": 'echo "$@" >> "$FAKE/scancelled"\n',
     "sacct": "true\n",
     # ping answers from the file ``controller`` (UP unless a test writes DOWN)
-    "scontrol": """if [ "$1" = ping ]; then s=$(cat "$FAKE/controller")
+    # (show config: the file ``config``, where a test writes one; every call is logged)
+    "scontrol": """echo "$@" >> "$FAKE/scontrol_calls"
+if [ "$1" = ping ]; then s=$(cat "$FAKE/controller")
   echo "Slurmctld(primary) at fake is $s"; [ "$s" = UP ]; exit; fi
+if [ "$1" = show ] && [ -f "$FAKE/config" ]; then cat "$FAKE/config"; fi
 """,
     # submitit's SlurmExecutor only looks for srun on PATH; the jobs never run
     "srun": 'echo "srun: a fake, jobs never run here" >&2; exit 1\n',
@@ -334,6 +337,19 @@ def test_auto_executor_is_slurm_only_when_a_controller_answers(fake_slurm, capsy
     (fake_slurm / "sbatch").unlink()
     assert launch_mod.resolve_executor("auto") == "local"
     assert capsys.readouterr().err == ""
+
+
+def test_max_array_size_asks_only_a_controller_that_answers(fake_slurm):
+    """MaxArraySize from scontrol show config, less one; where the controller is down the
+    default, without asking for the config (each such call waits on the controller)."""
+    from grokhpc.scheduler import DEFAULT_MAX_ARRAY
+
+    (fake_slurm / "config").write_text("ClusterName = fake\nMaxArraySize            = 51\n")
+    assert launch_mod.max_array_size() == 50
+    (fake_slurm / "controller").write_text("DOWN\n")
+    (fake_slurm / "scontrol_calls").unlink()
+    assert launch_mod.max_array_size() == DEFAULT_MAX_ARRAY
+    assert (fake_slurm / "scontrol_calls").read_text().split("\n")[:-1] == ["ping"]
 
 
 def earlier_launch(spec, out, job: str, agg: str) -> list:
