@@ -27,17 +27,14 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       array_parallelism: 12
       runs_per_job: 1           # or "auto": sized for the shortest sweep (grokhpc.plan)
       max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
-      state_every: 10           # minutes between writes of each run's resumable state.pt
-                                # (also written on SLURM's warning and at the end; 0: every row)
-      step_mode: eager          # how a packed group issues its step: eager | fused | graph |
-                                # compile (grokhpc.step_mode; $GROKHPC_STEP_MODE overrides it)
+      state_every: 10           # minutes between writes of each run's state.pt (0: every row)
+      step_mode: eager          # eager | fused | graph | compile (grokhpc.step_mode)
       max_runs: 100000          # a bigger grid is refused before it is expanded
       extra: {account: my_lab}  # any other sbatch option
       wandb: {project: grokking}  # Weights & Biases (offline unless mode: online); off if unset
 
-Every error is one line naming the file, the key and what was expected (a value it echoes
-is cut to about ECHO_LIMIT characters). Each run gets the
-resolved RunConfig, its ``run_id`` and the directory ``OUT/runs/<run_id>``.
+Every error is one line naming the file, the key and what was expected (a value it echoes is
+cut to about ECHO_LIMIT characters). Each run gets its RunConfig, run_id and OUT/runs/<run_id>.
 
 Cluster profiles (``slurm/<name>.yaml``) and the checks of the launcher against them are
 grokhpc.clusters'; packing the runs into jobs is grokhpc.plan's. No torch import.
@@ -261,8 +258,7 @@ def _launcher_value(key: str, v: Any, source: str, k: str) -> Any:
         _expect(_is_num(v) and v > 0, source, k, "a positive number of GB", v)
         v = float(v)
     elif key == "runs_per_job":
-        _expect(v == "auto" or (_is_int(v) and v >= 1), source, k,
-                'an integer >= 1 or "auto"', v)
+        _expect(v == "auto" or (_is_int(v) and v >= 1), source, k, 'an integer >= 1 or "auto"', v)
     elif key == "step_mode":
         _expect(v in STEP_MODES, source, k, " | ".join(STEP_MODES), v)
     elif key == "extra":
