@@ -255,14 +255,14 @@ def grid_terms(w: Weights, p: int) -> GridTerms:
     t = tables(w, 3, torch.tensor([p], device=w.W_E.device))
     s = t.scores[0, 0, :, :p]                                                 # (2, p, h)
     s0, s1, s2 = torch.broadcast_tensors(s[0, :, None], s[1, None, :], t.own_scores[0, 0])
-    pat = torch.softmax(torch.stack([s0, s1, s2], -1), dim=-1)               # (a, b, h, 3)
+    pat = torch.softmax(torch.stack([s0, s1, s2]), dim=0)                    # (3, a, b, h)
     out = torch.einsum("pvhe,hef->pvhf", t.values[0, :, :p], w.W_O[0])       # (2, p, h, d)
     own = torch.einsum("he,hef->hf", t.own_values[0, 0], w.W_O[0])           # (h, d)
     base = t.x_last[0, 0] + w.b_O[0] + own.sum(0)                            # pa = pb = 0
     d = base.shape[-1]
     ones = pat.new_ones(p, p, 1)
-    return GridTerms(pa=torch.cat([pat[..., 0], ones], -1),
-                     pbT=pat[..., 1].transpose(0, 1).contiguous(),
+    return GridTerms(pa=torch.cat([pat[0], ones], -1),
+                     pbT=pat[1].transpose(0, 1).contiguous(),
                      T0=torch.cat([out[0] - own, base.expand(p, 1, d)], 1),
                      T1=out[1] - own)
 
@@ -275,6 +275,20 @@ def row_losses(logits, labels, dtype: str = "float64"):
 
     log_probs = logits.to(getattr(torch, dtype)).log_softmax(dim=-1)
     return -log_probs.gather(dim=-1, index=labels[..., None])[..., 0]
+
+
+def eval_row_losses(logits, labels):
+    """Each row's cross-entropy for scoring a state, (b,) float64: ``exp(x - max)`` in the
+    logits' own float32, its row sum and log in float64. A loss of 1e-7 survives, as in
+    :func:`row_losses`; each exponential carries float32's relative rounding, so the means
+    over a split agree with the all-float64 form to ~1e-8. Not for training: the trainers'
+    losses stay the seed's float64 exactly."""
+    import torch
+
+    top = logits.amax(dim=-1, keepdim=True)
+    s = (logits - top).exp_().sum(dim=-1, dtype=torch.float64)
+    pick = logits.gather(-1, labels[:, None])[:, 0]
+    return (top[:, 0] - pick).double() + s.log()
 
 
 def cross_entropy(logits, labels, dtype: str = "float64", mask=None):

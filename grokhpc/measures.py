@@ -103,7 +103,7 @@ import numpy as np
 from . import lastpos, llc_run, task_measures
 from .checkpoints import RERUN_TRAINING
 from .config import RunConfig
-from .lastpos import row_hits, row_losses
+from .lastpos import eval_row_losses, row_hits
 from .phases import build_summary
 from .store import MEASURES, SUMMARY, RunDir, RunDirError, atomic_write_json, atomic_write_table
 from .task_measures import GROUP_COLUMNS
@@ -261,7 +261,9 @@ class Evaluator:
         """Every measure of one model state ({parameter name: array}); see the module doc."""
         import torch
 
-        with torch.inference_mode():
+        from .runtime import blas_threads_like_torch
+
+        with torch.inference_mode(), blas_threads_like_torch():
             return self._measure(W)
 
     def _measure(self, W):
@@ -269,7 +271,7 @@ class Evaluator:
         grid = self._grid(W, resid=self.layer_norm)
         logits = grid[1]
         by_pair = logits if self.identity_rows else logits[self.rows]   # dataset order
-        row_loss = row_losses(by_pair, self.labels)             # once for all three splits
+        row_loss = eval_row_losses(by_pair, self.labels)             # once for all three splits
         row_hit = row_hits(by_pair, self.labels)
         for split, idx in (("train", self.train_idx), ("test", self.test_idx), ("all", None)):
             rows = slice(None) if idx is None else idx

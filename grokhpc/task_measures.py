@@ -42,6 +42,7 @@ import numpy as np
 
 from . import bases
 from .bases import TaskBasis
+from .runtime import torch_threads
 
 GROUP_COLUMNS = ("gini_embed", "gini_logit", "restricted_loss", "excluded_loss",
                  "cos_residual", "cos_sim")
@@ -171,7 +172,8 @@ class GroupLens:
         if len(self.elements) != L.shape[1]:
             L = L[:, self.elements]
         G = torch.zeros(self.basis.order, self.basis.order, dtype=L.dtype, device=self.device)
-        G.index_add_(0, self.answer, L)
+        with torch_threads(1):   # torch's CPU index_add_ stalls with more threads on a busy machine
+            G.index_add_(0, self.answer, L)
         norm_sq = float((L * L).sum().double())
         cos, residual = bases.attribution_from_sums(self.basis, G.double().cpu().numpy(),
                                                     norm_sq)
@@ -179,14 +181,14 @@ class GroupLens:
 
     def losses(self, post, logits, W_logit, const) -> dict[str, float]:
         """Restricted and excluded loss of a model without LayerNorm, on the logits."""
-        from .lastpos import cross_entropy
+        from .lastpos import eval_row_losses
 
         CW = (self.U.T @ self.on_pairs(post)) @ W_logit              # (m, n_classes)
         shift = self.on_pairs(logits).mean(0) - self.U_mean @ CW      # re-centre the mean logit
         excluded = logits[self.train_rows] - self.U_train @ CW - const
-        return {"restricted_loss": float(cross_entropy(self.U_test @ CW + shift,
-                                                       self.test_labels)),
-                "excluded_loss": float(cross_entropy(excluded, self.train_labels))}
+        return {"restricted_loss": float(eval_row_losses(self.U_test @ CW + shift,
+                                                         self.test_labels).mean()),
+                "excluded_loss": float(eval_row_losses(excluded, self.train_labels).mean())}
 
     def losses_ln(self, post, resid_mid, model, last: str) -> dict[str, float]:
         """Restricted and excluded loss with LayerNorm, read through the loaded model's own

@@ -141,3 +141,22 @@ def test_padding_rows_are_left_out_of_each_runs_mean():
     assert f32.dtype == torch.float32
     torch.testing.assert_close(f32.double(), lastpos.cross_entropy(logits, labels, mask=mask),
                                rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("margin", [0.0, 25.0])
+def test_eval_row_losses_means_equal_float64_cross_entropy(margin):
+    """Scoring's mixed-precision losses (float32 exponentials, float64 sums) against torch's
+    float64 cross-entropy: split means to 1e-7 relative, also where most losses are below
+    1e-7 (margin 25: the label's logit 25-35 above logits of spread 3)."""
+    gen = torch.Generator().manual_seed(0)
+    n, p = 4000, 113
+    logits = torch.randn(n, p, generator=gen) * 3
+    labels = torch.randint(p, (n,), generator=gen)
+    logits[torch.arange(n), labels] += margin + 10 * torch.rand(n, generator=gen) * (margin > 0)
+    want = torch.nn.functional.cross_entropy(logits.double(), labels, reduction="none")
+    got = lastpos.eval_row_losses(logits, labels)
+    assert got.dtype == torch.float64
+    assert float(got.mean()) == pytest.approx(float(want.mean()), rel=1e-7)
+    assert float(got[: n // 3].mean()) == pytest.approx(float(want[: n // 3].mean()), rel=1e-7)
+    if margin:
+        assert 0 < float(want.median()) < 1e-7    # below float32's 1 + eps: sums in float32 lose it

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from grokhpc import bases, measures, phases, task_measures
+from grokhpc import bases, measures, phases, runtime, task_measures
 from grokhpc.config import RunConfig
 from grokhpc.data import all_pairs, make_dataset
 from grokhpc.model import build_model
@@ -128,6 +128,25 @@ def test_key_freqs_found_in_a_constructed_embedding():
 
 
 # ---- the fast forward and the losses ---------------------------------------------------------
+def test_numpy_blas_threads_follow_torch_threads_while_measuring(monkeypatch):
+    """A one-thread job's measures keep numpy's BLAS to one thread too (left alone it starts
+    one per core), and the process's own BLAS setting is back afterwards."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    cfg, model = small_model(7, "sub")
+    ev = measures.Evaluator(cfg, [1])
+    seen, inner = [], ev._measure
+    monkeypatch.setattr(ev, "_measure", lambda W: seen.append(blas_threads()) or inner(W))
+    before = blas_threads()
+    with runtime.torch_threads(1):
+        ev.measure(weights_of(model))
+    assert seen == [{1}]
+    assert blas_threads() == before
+
+
 @pytest.mark.parametrize("op", ["sub", "add", "div"])
 def test_grid_matches_hooked_forward_and_losses_match_loops(op):
     p = 7
