@@ -8,6 +8,8 @@ chosen, never raced. Every expectation about a run's files is the same run train
 
 from __future__ import annotations
 
+import contextlib
+import io
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import pytest
 
 from grokhpc import job as job_mod
 from grokhpc.config import ConfigError, RunConfig, from_dict, to_dict
+from grokhpc.launch import main as launch_main
 from grokhpc.runtime import JobSettings
 from grokhpc.scheduler import write_manifest
 from grokhpc.stack import Stack
@@ -207,3 +210,38 @@ def test_refill_setting_is_checked_in_one_line():
         JobSettings(refill=1)
     assert str(e.value) == "job settings: refill: expected true or false, got 1"
 
+
+# ---- the launcher: the plan says it; CPU runs ask for no GPU -------------------------------------
+def spec_of(write_spec, tmp_path, **launcher):
+    return write_spec({"base": dict(TINY), "grid": {"model_seed": [1, 2, 3, 4]},
+                       "out": str(tmp_path / "out"), "launcher": {"runs_per_job": 2, **launcher}})
+
+
+def dry_run(spec, *args) -> str:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert launch_main([str(spec), "--dry-run", *args]) == 0
+    return buf.getvalue()
+
+
+def test_the_plan_says_refill_where_runs_wait_and_stop_after_grokking(write_spec, tmp_path):
+    """Two packed jobs, one at a time: the second's runs wait, so the plan says the jobs take
+    them; with refill off, with every job at once (nothing waits) or without stop_after_grok
+    it says nothing."""
+    line = "  refill: runs stop after grokking (stop_after_grok) and each packed job takes"
+    one = ("--cluster", "bouchet", "--set", "launcher.array_parallelism=1")
+    assert line in dry_run(spec_of(write_spec, tmp_path), *one)
+    assert line not in dry_run(spec_of(write_spec, tmp_path, refill=False), *one)
+    assert line not in dry_run(spec_of(write_spec, tmp_path), "--cluster", "bouchet", "--set",
+                               "launcher.array_parallelism=2")
+    assert line not in dry_run(spec_of(write_spec, tmp_path), *one, "--set",
+                               "stop_after_grok=null")
+
+
+def test_cpu_runs_ask_a_cluster_for_no_gpu_unless_the_spec_says_gpus(write_spec, tmp_path):
+    """Runs on device cpu take the profile's CPU partition and no GPU; gpus set in the spec
+    still wins."""
+    out = dry_run(spec_of(write_spec, tmp_path), "--cluster", "bouchet")
+    assert "#SBATCH --partition=day" in out and "gpus" not in out.split("sbatch script")[1]
+    out = dry_run(spec_of(write_spec, tmp_path, gpus=1), "--cluster", "bouchet")
+    assert "'gpus': 'h100:1'" in out
