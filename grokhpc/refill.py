@@ -2,11 +2,14 @@
 
 With ``stop_after_grok`` a packed group shrinks as its runs grok; the slots they free would
 idle through the rest of the job while runs of the sweep wait for jobs of their own. A job
-with ``JobSettings.refill`` on gives its group a ``SweepRefill``: whenever the group has fewer
-runs than it started with, it claims waiting runs of the same shape from the sweep's
-manifest and trains them with the others (``grokhpc.train_batched``: a claimed run starts as a
-stack of its own and catches up to the group's epoch, then joins it; in exact mode every run
-stays bit-identical to its solo run).
+with ``JobSettings.refill`` on (a sweep's ``launcher.refill``; off by default) gives its group
+a ``SweepRefill``: whenever the group, still training, has fewer runs than the job was given,
+it claims waiting runs of the same shape from the sweep's manifest and trains them with the
+others (``grokhpc.train_batched``: a claimed run starts as a stack of its own and catches up to
+the group's epoch while the group waits, then joins it; in exact mode every run stays
+bit-identical to its solo run). The catch-up is the price: a job that refills runs longer, and
+a small group, whose epoch costs about the same at any size, takes more device steps than it
+would without refill; what it saves is the claimed runs' wait in the queue.
 
 A waiting run: listed in ``SWEEP_DIR/manifest.json``, its directory holding its config.json
 (written at submission), not complete, no error.txt (a failed or diverged run waits for a

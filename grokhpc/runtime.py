@@ -40,14 +40,14 @@ class JobSettings:
       torch's default);
     * ``wandb``: W&B tracking settings as a plain mapping (grokhpc.tracking), None when off;
     * ``refill``: a packed group whose runs stop early takes waiting runs of the same shape
-      from its sweep (grokhpc.refill).
+      from its sweep (grokhpc.refill); off by default.
     """
 
     state_every_s: float = DEFAULT_STATE_EVERY_S
     step_mode: str = "eager"
     threads: int | None = None
     wandb: Mapping[str, Any] | None = None
-    refill: bool = True
+    refill: bool = False
 
     def __post_init__(self) -> None:
         self.check()

@@ -29,7 +29,7 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
       state_every: 10           # minutes between writes of each run's state.pt (0: every row)
       step_mode: eager          # eager | fused | graph | compile (grokhpc.step_mode)
-      refill: true              # a packed group whose runs stop early takes waiting runs
+      refill: false             # true: freed slots of a packed job take waiting runs
       max_runs: 100000          # a bigger grid is refused before it is expanded
       extra: {account: my_lab}  # any other sbatch option
       wandb: {project: grokking}  # Weights & Biases (offline unless mode: online); off if unset
@@ -164,7 +164,7 @@ class LauncherSettings:
     state_every: float = DEFAULT_STATE_EVERY_S / 60  # minutes between state.pt writes; 0: each row
     max_runs: int = DEFAULT_MAX_RUNS   # a grid of more runs is refused before it is expanded
     step_mode: str = "eager"           # how a packed group issues its step (grokhpc.step_mode)
-    refill: bool = True                # early-stopped slots take waiting runs (grokhpc.refill)
+    refill: bool = False               # early-stopped slots take waiting runs (grokhpc.refill)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in LAUNCHER_KEYS}

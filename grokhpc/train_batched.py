@@ -168,7 +168,8 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence,
     do (a group that ends as a whole ends there), up to n more runs of the group's shape as
     [(RunConfig, directory)], each locked by this process and none of ``taken`` (the run ids
     the group has had); they are opened and trained with the others (grokhpc.refill). The
-    returned RunDirs are ``cfgs``' only.
+    returned RunDirs are ``cfgs``' only. With ``refill``, a run of ``cfgs`` that another
+    process trains (another job's refill may have claimed it) is skipped with one line.
 
     Training runs at the group's ``matmul_precision`` (the process's own is restored after).
     """
@@ -185,7 +186,8 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence,
     background = (dev.type != "cpu") if background_commits is None else bool(background_commits)
     settings = _resolved(settings or JobSettings(), cfgs[0], dev, exact, log)
     with matmul_precision(cfgs[0].matmul_precision):   # recorded in each attempt's provenance
-        trainers = _open_unfinished(cfgs, runs, dev, settings, retry_diverged, log)
+        trainers = _open_unfinished(cfgs, runs, dev, settings, retry_diverged, log,
+                                    skip_locked=refill is not None)
         if not trainers:
             return runs
         more = None if refill is None else _opener(refill, trainers, dev, settings, log)
@@ -219,8 +221,14 @@ def _opener(refill: Callable, trainers: list, dev, settings: JobSettings, log) -
         if claimed:
             log(f"refill: {len(claimed)} waiting run(s) of the sweep take freed slots: "
                 + ", ".join(c.run_id for c, _ in claimed))
-        return _open_unfinished([c for c, _ in claimed], [r for _, r in claimed], dev,
-                                settings, False, log)
+        opened = []
+        for c, r in claimed:   # a run that cannot be opened is its own failure, not the group's
+            try:
+                opened += _open_unfinished([c], [r], dev, settings, False, log, True)
+            except Exception:
+                r.write_error(traceback.format_exc())
+                log(f"run {c.run_id}: opening it failed; see {r.file(ERROR)}")
+        return opened
     return more
 
 
@@ -252,10 +260,11 @@ def _refuse_foreign_dirs(cfgs: list, runs: list) -> None:
 
 
 def _open_unfinished(cfgs: list, runs: list, dev, settings: JobSettings, retry_diverged: bool,
-                     log) -> list:
+                     log, skip_locked: bool = False) -> list:
     """A Trainer (new or resumed) for each run still to train; complete runs, runs marked
-    diverged (unless ``retry_diverged``) and new runs whose weights are not finite are left
-    alone with one line each."""
+    diverged (unless ``retry_diverged``), new runs whose weights are not finite and, with
+    ``skip_locked`` (a refilling sweep's group: another job may have claimed a run), runs
+    another process trains are left alone with one line each."""
     trainers = []
     for cfg, run in zip(cfgs, runs):
         if run.exists() and run.is_complete():
@@ -271,7 +280,9 @@ def _open_unfinished(cfgs: list, runs: list, dev, settings: JobSettings, retry_d
         except RunDiverged as e:
             log(f"{e}; the others go on")
             continue
-        except RunLockedError as e:   # another process trains it (a refill, a stale job)
+        except RunLockedError as e:
+            if not skip_locked:
+                raise
             log(f"run {cfg.run_id} skipped, nothing written: {e}")
             continue
         clear_diverged(run)   # trained again (retry_diverged): a new divergence marks anew

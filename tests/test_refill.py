@@ -31,7 +31,7 @@ from test_train_batched import compare_runs
 TINY = dict(p=11, train_frac=0.5, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_epochs=60,
             checkpoint_every=20, eval_every=10, lr=3e-3, device="cpu", stop_after_grok=5)
 GROK_AT = 20   # a run of GROKS groks here and stops at 25, of n_epochs 60
-SETTINGS = JobSettings(threads=1)
+SETTINGS = JobSettings(threads=1, refill=True)
 QUIET = dict(progress_bar=False, log=lambda *a: None)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -119,6 +119,27 @@ def test_refill_off_leaves_the_waiting_runs_to_their_own_job(tmp_path, groks):
     assert all(RunDir(root / "runs" / c.run_id).is_complete() for c in cfgs[:2])
 
 
+def test_a_claimed_run_that_cannot_be_opened_fails_alone(tmp_path, groks, monkeypatch):
+    """Waiting run 2's state cannot be read (Trainer.open raises for it): it gets its
+    error.txt with the reason, is not claimed again, and the group trains on to the end."""
+    root = tmp_path / "sweep"
+    cfgs = sweep_runs(root, 3)
+    groks(cfgs[0])
+    opener = Trainer.open.__func__
+
+    def open_(cls, cfg, out, *a, **kw):
+        if cfg.run_id == cfgs[2].run_id:
+            raise RuntimeError("state.pt: unreadable (test)")
+        return opener(cls, cfg, out, *a, **kw)
+    monkeypatch.setattr(Trainer, "open", classmethod(open_))
+    said: list[str] = []
+    results = job_mod.train_runs(job_of(root, cfgs[:2]), SETTINGS, log=said.append)
+    assert [r["complete"] for r in results] == [True, True]
+    error = RunDir(root / "runs" / cfgs[2].run_id).read_error()
+    assert error is not None and error.strip().endswith("RuntimeError: state.pt: unreadable (test)")
+    assert sum(s.startswith("refill:") for s in said) == 1
+
+
 HOLD = ("import sys; from grokhpc.store import RunDir, lock_run; "
         "lock = lock_run(RunDir(sys.argv[1])); print('locked', flush=True); sys.stdin.read()")
 
@@ -201,8 +222,8 @@ def test_a_refilled_run_interrupted_resumes_in_the_requeued_job_equal_to_solo(
 
 
 def test_refill_setting_is_checked_in_one_line():
-    assert parse_launcher({"refill": False}, "s.yaml").refill is False
-    assert parse_launcher({}, "s.yaml").refill is True
+    assert parse_launcher({"refill": True}, "s.yaml").refill is True
+    assert parse_launcher({}, "s.yaml").refill is False and JobSettings().refill is False
     with pytest.raises(ConfigError) as e:
         parse_launcher({"refill": "yes"}, "s.yaml")
     assert str(e.value) == "s.yaml: launcher.refill: expected true or false, got 'yes'"
@@ -214,7 +235,8 @@ def test_refill_setting_is_checked_in_one_line():
 # ---- the launcher: the plan says it; CPU runs ask for no GPU -------------------------------------
 def spec_of(write_spec, tmp_path, **launcher):
     return write_spec({"base": dict(TINY), "grid": {"model_seed": [1, 2, 3, 4]},
-                       "out": str(tmp_path / "out"), "launcher": {"runs_per_job": 2, **launcher}})
+                       "out": str(tmp_path / "out"),
+                       "launcher": {"runs_per_job": 2, "refill": True, **launcher}})
 
 
 def dry_run(spec, *args) -> str:
