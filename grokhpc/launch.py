@@ -212,18 +212,17 @@ def print_summary(plan: dict, out) -> None:
 
 def refill_note(plan: dict) -> list[str]:
     """A line where packed jobs of runs that stop after grokking take the runs of jobs still
-    waiting to start into the slots those free (launcher.refill, grokhpc.refill): the sweep's
-    time then follows its run-epochs over the slots, not the longest run of each job."""
+    waiting to start into the slots those free (launcher.refill, grokhpc.refill): those runs
+    wait for no job of their own, and the jobs that take them run longer than planned."""
     groups, launcher = plan["groups"], plan["launcher"]
     waiting = len(groups) > launch_parallelism(plan["executor"], launcher, plan["profile"])
     if not (launcher.refill and waiting and any(len(g) > 1 for g in groups)
             and any(r.config.stop_after_grok is not None for g in groups for r in g)):
         return []
-    bound = ("; the forecast above trains every run to n_epochs: an upper bound"
-             if plan.get("forecast") is not None else "")
     return ["  refill: runs stop after grokking (stop_after_grok) and each packed job takes "
-            "waiting runs of its shape into the slots they free (launcher.refill): the sweep "
-            "takes about its run-epochs / slots, not the longest run of each job" + bound]
+            "waiting runs of its shape into the slots they free (launcher.refill): those runs "
+            "wait for no job of their own, but each first trains alone up to its group's "
+            "epoch, so a job that takes runs lasts longer than planned"]
 
 
 def time_note(plan: dict) -> list[str]:
