@@ -2,7 +2,8 @@
 
 ``SweepJob`` is the function submitit pickles for each job of a sweep: it trains the job's runs
 (``train_runs``: one packed group when they share a shape, else one by one; a run that fails
-leaves its error.txt and the others go on), or, for a job of several GPUs, one group per GPU,
+leaves its error.txt and the others go on; a packed group whose runs stop early takes waiting
+runs of its shape from the sweep, grokhpc.refill), or, for a job of several GPUs, one group per GPU,
 each in a process of its own (``train_on_devices``). Preempted or timed out, submitit calls its
 ``checkpoint()`` and requeues it; every run resumes from its run directory. A local launch's
 jobs end with the launch (grokhpc.lifeline). ``AggregateJob`` is the small CPU job that
@@ -33,6 +34,7 @@ from . import tracking
 from .aggregate import main as aggregate_main
 from .config import from_dict
 from .plan import shape_key, split_even
+from .refill import SweepRefill
 from .runtime import JobSettings
 from .step_mode import requested
 from .store import RunDir, RunDirError, RunLockedError
@@ -82,14 +84,20 @@ def train_runs(runs: Sequence[tuple[dict, str]], settings: JobSettings = JobSett
     dirs = [str(d) for _, d in runs]
     todo = [(c, d) for c, d in zip(cfgs, dirs) if not RunDir(d).is_complete()]
     errors: dict[str, str] = {}
-    if len(todo) > 1 and len({shape_key(c) for c, _ in todo}) == 1:
+    packed = len(cfgs) > 1 and len({shape_key(c) for c in cfgs}) == 1   # planned as a group
+    refill = SweepRefill.for_job(cfgs, dirs, log) if packed and settings.refill else None
+    one_shape = len({shape_key(c) for c, _ in todo}) == 1
+    if (len(todo) > 1 and one_shape) or (todo and refill is not None):
         log(f"training {len(todo)} runs together: {', '.join(c.run_id for c, _ in todo)}")
         try:
             train_group([c for c, _ in todo], [d for _, d in todo], settings,
-                        progress_bar=False, log=log)
+                        progress_bar=False, log=log, refill=refill, slots=len(cfgs))
         except Exception:
             log("batched training failed; training the unfinished runs one by one:\n"
                 + traceback.format_exc())
+        finally:
+            if refill is not None:
+                refill.release()
         todo = [(c, d) for c, d in todo if not RunDir(d).is_complete()]
     for cfg, d in todo:
         log(f"run {cfg.run_id} -> {d}")

@@ -19,7 +19,9 @@ tables and figures (grokhpc.aggregate).
   group when it has more than one, else one by one. ``runs_per_job: auto`` on a GPU type with
   a throughput table sizes the jobs for the soonest finish of the sweep within the partition's
   caps; every GPU plan's predicted wall time and GPU-hours are printed. ``gpus: N``: a job
-  trains N groups of its runs at once, one per GPU, each in its own process.
+  trains N groups of its runs at once, one per GPU, each in its own process. A packed job
+  whose runs stop after grokking takes waiting runs into the freed slots (``refill``,
+  grokhpc.refill); the dry run says so where runs wait. Runs on device cpu ask for no GPU.
 * ``auto`` executor: SLURM when its controller answers (``scontrol ping``), else local. On SLURM the jobs form one
   array per launch (cut below the cluster's MaxArraySize), logs go to ``OUT/jobs/``, and a job
   that is preempted or times out is requeued and resumes from its last checkpoint (submitit's
@@ -53,7 +55,7 @@ from .clusters import (DEFAULT_ARRAY_PARALLELISM, ClusterProfile, access_notes, 
                        load_profile, partition_limits, resolve_launcher)
 from .config import GROK_ACC, ConfigError
 from .job import last_line
-from .plan import plan_jobs
+from .plan import launch_parallelism, plan_jobs
 from .scheduler import (DEFAULT_MAX_ARRAY, JOBS_DIR, MANIFEST, chunks, controller_answers,
                         max_array_size, sbatch_preview)
 from .store import CONFIG, RunDir, RunDirError
@@ -109,7 +111,10 @@ def settle(spec: str, executor: str | None, cluster: str | None, overrides: Sequ
     sweep = load_sweep(spec, overrides)
     cluster = cluster or sweep.launcher.cluster
     profile = load_profile(cluster) if cluster else None
-    launcher = resolve_launcher(sweep.launcher.replace(cluster=cluster), profile, str(spec))
+    launcher = sweep.launcher.replace(cluster=cluster)
+    if launcher.gpus is None and all(r.config.device == "cpu" for r in sweep.runs):
+        launcher = launcher.replace(gpus=0)   # runs on the CPU: no GPU from the profile
+    launcher = resolve_launcher(launcher, profile, str(spec))
     kind = resolve_executor(executor or launcher.executor, dry_run, cluster)
     if kind not in ("slurm", "local", "debug"):
         raise ConfigError(f"--executor: expected auto, slurm, local or debug, got {kind!r}")
@@ -201,6 +206,23 @@ def print_summary(plan: dict, out) -> None:
     if plan.get("forecast") is not None and groups:
         for line in plan["forecast"].lines(groups) + idle_gpus_note(plan) + time_note(plan):
             print(line, file=out)
+    for line in refill_note(plan):
+        print(line, file=out)
+
+
+def refill_note(plan: dict) -> list[str]:
+    """A line where packed jobs of runs that stop after grokking take the runs of jobs still
+    waiting to start into the slots those free (launcher.refill, grokhpc.refill): those runs
+    wait for no job of their own, and the jobs that take them run longer than planned."""
+    groups, launcher = plan["groups"], plan["launcher"]
+    waiting = len(groups) > launch_parallelism(plan["executor"], launcher, plan["profile"])
+    if not (launcher.refill and waiting and any(len(g) > 1 for g in groups)
+            and any(r.config.stop_after_grok is not None for g in groups for r in g)):
+        return []
+    return ["  refill: runs stop after grokking (stop_after_grok) and each packed job takes "
+            "waiting runs of its shape into the slots they free (launcher.refill): those runs "
+            "wait for no job of their own, but each first trains alone up to its group's "
+            "epoch, so a job that takes runs lasts longer than planned"]
 
 
 def time_note(plan: dict) -> list[str]:

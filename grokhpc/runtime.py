@@ -38,13 +38,16 @@ class JobSettings:
     * ``step_mode``: how a packed batched group issues its step (see grokhpc.step_mode);
     * ``threads``: torch threads for the job's training (None: SLURM's cpus-per-task, else
       torch's default);
-    * ``wandb``: W&B tracking settings as a plain mapping (grokhpc.tracking), None when off.
+    * ``wandb``: W&B tracking settings as a plain mapping (grokhpc.tracking), None when off;
+    * ``refill``: a packed group whose runs stop early takes waiting runs of the same shape
+      from its sweep (grokhpc.refill); off by default.
     """
 
     state_every_s: float = DEFAULT_STATE_EVERY_S
     step_mode: str = "eager"
     threads: int | None = None
     wandb: Mapping[str, Any] | None = None
+    refill: bool = False
 
     def __post_init__(self) -> None:
         self.check()
@@ -60,6 +63,8 @@ class JobSettings:
         t = self.threads
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ConfigError(f"{source}: threads: expected an integer >= 1, got {shown(t)}")
+        if not isinstance(self.refill, bool):
+            raise ConfigError(f"{source}: refill: expected true or false, got {shown(self.refill)}")
 
     def replace(self, **changes: Any) -> "JobSettings":
         return dataclasses.replace(self, **changes)

@@ -29,6 +29,7 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
       max_timeouts: 3           # requeues after a time-out before giving up (preemption: no limit)
       state_every: 10           # minutes between writes of each run's state.pt (0: every row)
       step_mode: eager          # eager | fused | graph | compile (grokhpc.step_mode)
+      refill: false             # true: freed slots of a packed job take waiting runs
       max_runs: 100000          # a bigger grid is refused before it is expanded
       extra: {account: my_lab}  # any other sbatch option
       wandb: {project: grokking}  # Weights & Biases (offline unless mode: online); off if unset
@@ -64,9 +65,9 @@ FIGURE_KEYS = ("phase",)
 EXECUTORS = ("auto", "slurm", "local", "debug")
 LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
                  "partition", "array_parallelism", "runs_per_job", "max_timeouts", "extra",
-                 "wandb", "state_every", "max_runs", "step_mode")
-NEVER_NONE_KEYS = ("executor", "runs_per_job", "max_timeouts", "extra", "state_every",
-                   "max_runs", "step_mode")   # null for these is refused, not "the default"
+                 "wandb", "state_every", "max_runs", "step_mode", "refill")
+NEVER_NONE_KEYS = ("executor", "runs_per_job", "max_timeouts", "extra", "state_every", "max_runs",
+                   "step_mode", "refill")   # null for these is refused, not "the default"
 DEFAULT_MAX_RUNS = 100_000
 ECHO_LIMIT = 200           # characters of a bad value an error line repeats
 MAX_MAPPING_KEYS = 10_000  # keys of one YAML mapping, merge keys (<<) included
@@ -163,6 +164,7 @@ class LauncherSettings:
     state_every: float = DEFAULT_STATE_EVERY_S / 60  # minutes between state.pt writes; 0: each row
     max_runs: int = DEFAULT_MAX_RUNS   # a grid of more runs is refused before it is expanded
     step_mode: str = "eager"           # how a packed group issues its step (grokhpc.step_mode)
+    refill: bool = False               # early-stopped slots take waiting runs (grokhpc.refill)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in LAUNCHER_KEYS}
@@ -178,8 +180,8 @@ class LauncherSettings:
         ``state_every`` minutes, the step mode, torch threads (a local job's ``local_threads``;
         on SLURM None: the job's cpus-per-task) and W&B, its runs grouped under ``group``."""
         wandb = self.wandb.with_group(group).to_dict() if self.wandb else None
-        return JobSettings(state_every_s=self.state_every * 60, step_mode=self.step_mode,
-                           threads=None if kind == "slurm" else local_threads(self), wandb=wandb)
+        return JobSettings(self.state_every * 60, self.step_mode, wandb=wandb, refill=self.refill,
+                           threads=None if kind == "slurm" else local_threads(self))
 
 
 def local_threads(launcher: LauncherSettings) -> int:
@@ -261,6 +263,8 @@ def _launcher_value(key: str, v: Any, source: str, k: str) -> Any:
         _expect(v == "auto" or (_is_int(v) and v >= 1), source, k, 'an integer >= 1 or "auto"', v)
     elif key == "step_mode":
         _expect(v in STEP_MODES, source, k, " | ".join(STEP_MODES), v)
+    elif key == "refill":
+        _expect(isinstance(v, bool), source, k, "true or false", v)
     elif key == "extra":
         v = _extra(v, source, k)
     elif key == "wandb":
@@ -394,8 +398,7 @@ def parse_figures(figs: Any, source: str, axes: Iterable[str]) -> tuple[tuple[st
 def _spec_mapping(text: str, source: str) -> Mapping[str, Any]:
     """The spec's top-level mapping, with no unknown keys."""
     spec = load_yaml(text, source)
-    if spec is None:
-        spec = {}
+    spec = {} if spec is None else spec
     _expect(isinstance(spec, Mapping), source, "(top level)",
             "a mapping with base, grid, zip, out and launcher", type(spec).__name__)
     for k in spec:
@@ -503,11 +506,9 @@ def _expand(factors: list[list[dict[str, Any]]], base: RunConfig, out: Path,
     runs: list[SweepRun] = []
     by_id: dict[str, int] = {}
     for combo in itertools.product(*factors):
-        swept: dict[str, Any] = {}
-        for part in combo:
-            swept.update(part)
+        swept = {k: list(v) if isinstance(v, tuple) else v for part in combo
+                 for k, v in part.items()}
         i = len(runs)
-        swept = {k: list(v) if isinstance(v, tuple) else v for k, v in swept.items()}
         label = ", ".join(f"{k}={v}" for k, v in swept.items())
         cfg = from_dict({**to_dict(base), **swept}, source=f"{source}: run {i} ({label})")
         if cfg.run_id in by_id:

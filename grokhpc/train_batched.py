@@ -16,7 +16,9 @@ solo ``run_training`` can resume a packed run and ``train_group`` a solo one.
 
 Early stop: a ``stop_after_grok`` run that reaches its stop epoch is evaluated and committed
 there and finished (measures, summary) as a solo run would be; the others' state is synced
-into their trainers and restacked without it, so the group shrinks as its runs finish.
+into their trainers and restacked without it, so the group shrinks as its runs finish -- unless
+``refill`` gives it waiting runs of its sweep (grokhpc.refill), which catch up to the group's
+epoch on their own and then join it.
 
 Epoch alignment on resume: all runs of a group commit at the same epochs (same checkpoint_every
 and n_epochs), so they normally resume at the same epoch. When a kill lands between two runs'
@@ -45,7 +47,7 @@ from .loop import fit_stack
 from .runtime import DEFAULT_STATE_EVERY_S, STEP_MODES, JobSettings, matmul_precision, resolve_device
 from .stack import Stack
 from .step_mode import resolve
-from .store import CONFIG, ERROR, RunDir, RunDirError
+from .store import CONFIG, ERROR, RunDir, RunDirError, RunLockedError
 from .train import Trainer, minutes_arg
 
 
@@ -89,14 +91,24 @@ def _finish(t, log) -> None:
 
 
 def _train_all(trainers: list, settings: JobSettings, dev, exact, background: bool, bar,
-               log) -> tuple[list, list]:
+               log, more: Callable | None = None, slots: int = 0) -> tuple[list, list]:
     """Train ``trainers`` to their last epochs, the lowest-epoch runs stacked first; finish each
-    run that stops early as soon as it does. Returns (diverged, finished) trainers."""
+    run that stops early as soon as it does. ``more(n)``: up to n more opened trainers, asked
+    whenever fewer than ``slots`` runs, but some, are active; they join ``trainers`` (catching
+    up to the others' epoch first, as on resume). Returns (diverged, finished) trainers."""
     n_epochs = trainers[0].cfg.n_epochs
     active = [t for t in trainers if t.epoch < t.stop_epoch()]
     diverged: list = []
     finished: list = []
-    while active:
+    while True:
+        if more is not None and 0 < len(active) < slots:   # while the group trains
+            new = more(slots - len(active))
+            trainers += new
+            active += [t for t in new if t.epoch < t.stop_epoch()]
+            if bar is not None and new:
+                bar.total += sum(t.cfg.n_epochs - t.epoch for t in new)
+        if not active:
+            break
         low = min(t.epoch for t in active)
         lag = [t for t in active if t.epoch == low]
         ahead = sorted({t.epoch for t in active if t.epoch > low})
@@ -129,7 +141,8 @@ def _train_all(trainers: list, settings: JobSettings, dev, exact, background: bo
 def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence,
                 settings: JobSettings | None = None, device=None, progress_bar: bool = True,
                 log: Callable = print, retry_diverged: bool = False, exact: bool | None = None,
-                background_commits: bool | None = None) -> list[RunDir]:
+                background_commits: bool | None = None, refill: Callable | None = None,
+                slots: int | None = None) -> list[RunDir]:
     """Train ``cfgs`` into ``out_dirs`` as one stacked computation; resumes each run from its
     own state; returns each run's RunDir (in order). Complete runs are left alone; a run that
     diverges is marked failed (error.txt) and the others go on. Raises GroupError for runs
@@ -151,6 +164,13 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence,
     state.pt, progress, curves of every run) overlap the next epochs' training in a thread;
     each commit still completes before the next one starts and before this returns.
 
+    ``refill(n, taken)``: while fewer than ``slots`` (default: len(cfgs)) runs train, but some
+    do (a group that ends as a whole ends there), up to n more runs of the group's shape as
+    [(RunConfig, directory)], each locked by this process and none of ``taken`` (the run ids
+    the group has had); they are opened and trained with the others (grokhpc.refill). The
+    returned RunDirs are ``cfgs``' only. With ``refill``, a run of ``cfgs`` that another
+    process trains (another job's refill may have claimed it) is skipped with one line.
+
     Training runs at the group's ``matmul_precision`` (the process's own is restored after).
     """
     import torch
@@ -166,12 +186,15 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence,
     background = (dev.type != "cpu") if background_commits is None else bool(background_commits)
     settings = _resolved(settings or JobSettings(), cfgs[0], dev, exact, log)
     with matmul_precision(cfgs[0].matmul_precision):   # recorded in each attempt's provenance
-        trainers = _open_unfinished(cfgs, runs, dev, settings, retry_diverged, log)
+        trainers = _open_unfinished(cfgs, runs, dev, settings, retry_diverged, log,
+                                    skip_locked=refill is not None)
         if not trainers:
             return runs
+        more = None if refill is None else _opener(refill, trainers, dev, settings, log)
         bar = _run_epochs_bar(trainers) if progress_bar else None
         try:
-            diverged, finished = _train_all(trainers, settings, dev, exact, background, bar, log)
+            diverged, finished = _train_all(trainers, settings, dev, exact, background, bar, log,
+                                            more, len(cfgs) if slots is None else slots)
         finally:
             if bar is not None:
                 bar.close()
@@ -182,6 +205,31 @@ def train_group(cfgs: Sequence[RunConfig], out_dirs: Sequence,
     for t in trainers:   # each run's lock (on an exception, the trainers' end lets them go)
         t.close()
     return runs
+
+
+def _opener(refill: Callable, trainers: list, dev, settings: JobSettings, log) -> Callable:
+    """``more(n)`` of ``_train_all``: the runs ``refill`` claims, opened (resumed where they
+    have state), none the group has had before."""
+    shape = trainers[0].cfg
+
+    def more(n: int) -> list:
+        taken = {t.cfg.run_id for t in trainers}
+        claimed = [(c, RunDir(d)) for c, d in refill(n, taken)]
+        claimed = [(c, r) for c, r in claimed if c.run_id not in taken]
+        check_group([shape] + [c for c, _ in claimed],
+                    [trainers[0].run.path] + [r.path for _, r in claimed])
+        if claimed:
+            log(f"refill: {len(claimed)} waiting run(s) of the sweep take freed slots: "
+                + ", ".join(c.run_id for c, _ in claimed))
+        opened = []
+        for c, r in claimed:   # a run that cannot be opened is its own failure, not the group's
+            try:
+                opened += _open_unfinished([c], [r], dev, settings, False, log, True)
+            except Exception:
+                r.write_error(traceback.format_exc())
+                log(f"run {c.run_id}: opening it failed; see {r.file(ERROR)}")
+        return opened
+    return more
 
 
 def _run_epochs_bar(trainers: list):
@@ -212,10 +260,11 @@ def _refuse_foreign_dirs(cfgs: list, runs: list) -> None:
 
 
 def _open_unfinished(cfgs: list, runs: list, dev, settings: JobSettings, retry_diverged: bool,
-                     log) -> list:
+                     log, skip_locked: bool = False) -> list:
     """A Trainer (new or resumed) for each run still to train; complete runs, runs marked
-    diverged (unless ``retry_diverged``) and new runs whose weights are not finite are left
-    alone with one line each."""
+    diverged (unless ``retry_diverged``), new runs whose weights are not finite and, with
+    ``skip_locked`` (a refilling sweep's group: another job may have claimed a run), runs
+    another process trains are left alone with one line each."""
     trainers = []
     for cfg, run in zip(cfgs, runs):
         if run.exists() and run.is_complete():
@@ -230,6 +279,11 @@ def _open_unfinished(cfgs: list, runs: list, dev, settings: JobSettings, retry_d
             t = Trainer.open(cfg, run.path, dev, settings)
         except RunDiverged as e:
             log(f"{e}; the others go on")
+            continue
+        except RunLockedError as e:
+            if not skip_locked:
+                raise
+            log(f"run {cfg.run_id} skipped, nothing written: {e}")
             continue
         clear_diverged(run)   # trained again (retry_diverged): a new divergence marks anew
         if t.epoch > 0:
