@@ -180,7 +180,8 @@ def final_state(run):
     import torch
 
     from .data import grid_tokens
-    from .model import build_model, load_flat
+    from .model import load_flat
+    from .models import build_model
 
     cfg = run.run_config()
     epochs, ckpts = run.checkpoints()

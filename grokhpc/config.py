@@ -22,6 +22,8 @@ from .tasks import S5_ORDER, TASKS, Task
 OPS = tuple(TASKS)
 MODULAR_OPS = tuple(name for name, t in TASKS.items() if t.operands == "Z_p")
 GROUP_OPS = tuple(name for name, t in TASKS.items() if t.operands == "S5")
+# Datasets that are no binary operation (sparse parity, images): p does not apply to them.
+DATA_OPS = tuple(name for name, t in TASKS.items() if t.kind != "binary_op")
 
 OPTIMIZERS = tuple(optim.OPTIMIZERS)   # the optimiser registry's names
 LR_SCHEDULES = ("constant", "cosine")
@@ -33,6 +35,16 @@ CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("highest", "high")
 GRAD_FILTERS = ("none", "ema", "ma")   # Grokfast's low-pass filters of the gradient
 LOSS_FNS = losses.LOSS_FNS
+MODELS = ("transformer", "mlp")          # the model families (grokhpc.models)
+ENCODINGS = ("onehot", "twohot")         # an MLP's input for a binary operation (grokhpc.mlp)
+# Fields that only the transformer reads, and those that only the MLP reads: each must stay
+# at its default in a run of the other family (it would change run_id and nothing else).
+TRANSFORMER_FIELDS = ("n_heads", "d_model", "d_head", "d_mlp", "n_layers", "normalization")
+MLP_FIELDS = ("depth", "width", "encoding")
+# The dataset fields and the ops that read them.
+DATASET_FIELDS = {"n_bits": ("sparse_parity",), "k_bits": ("sparse_parity",),
+                  "n_samples": ("sparse_parity", "digits", "mnist")}
+MAX_BITS = 4096
 # Fields that say where or how fast a run goes, not what it computes: left out of run_id.
 NON_IDENTITY_FIELDS = ("device",)
 # Fields newer than the first run ids, with their defaults: left out of run_id at the default.
@@ -43,6 +55,8 @@ NEW_FIELD_DEFAULTS: dict[str, Any] = {
     "checkpoint_dtype": "float32", "matmul_precision": "highest",
     "grad_filter": "none", "grokfast_alpha": 0.98, "grokfast_lamb": 2.0, "grokfast_window": 100,
     "loss_fn": "softmax",
+    "model": "transformer", "depth": 3, "width": 200, "encoding": "onehot",
+    "n_bits": 40, "k_bits": 3, "n_samples": 1000,
 }
 
 
@@ -62,7 +76,8 @@ GROK_ACC = 0.99
 SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_layers", "act_fn",
                 "normalization", "n_epochs", "checkpoint_every", "eval_every", "loss_dtype",
                 "optimizer", "batch_size", "matmul_precision", "grad_filter", "grokfast_window",
-                "loss_fn")
+                "loss_fn", "model", "depth", "width", "encoding", "n_bits", "k_bits",
+                "n_samples")
 # With an integer batch_size, train_frac too: the runs take their k-th minibatch in the same
 # step, so each needs the same ceil(n_train / batch_size) steps of the same sizes per epoch.
 MINIBATCH_SHAPE_FIELDS = ("train_frac",)
@@ -141,6 +156,13 @@ class RunConfig:
     grokfast_lamb: float = 2.0
     grokfast_window: int = 100
     loss_fn: str = "softmax"
+    model: str = "transformer"
+    depth: int = 3              # MLP: Linear layers (Omnigrok's depth 3, width 200)
+    width: int = 200
+    encoding: str = "onehot"    # MLP on a binary operation: onehot (2n inputs) or twohot (n)
+    n_bits: int = 40            # sparse_parity: bits per row
+    k_bits: int = 3             # sparse_parity: the relevant bits (the first k)
+    n_samples: int = 1000       # sparse_parity: rows; digits, mnist: training images
 
     def __post_init__(self) -> None:
         validate(self)
@@ -155,13 +177,24 @@ class RunConfig:
 
     @property
     def n_pairs(self) -> int:
-        """Rows of the dataset: every (a, b), less the task's excluded pairs (div: b = 0)."""
+        """Rows of the dataset: every (a, b), less the task's excluded pairs (div: b = 0);
+        sparse parity's ``n_samples``; an image dataset's training images and its test set."""
         task = _task(self.op)
-        return task.n_pairs(self.p) if task else self.n_classes ** 2
+        if task is None:
+            return self.n_classes ** 2
+        if task.kind == "sparse_parity":
+            return self.n_samples
+        if task.kind == "image":
+            return self.n_samples + task.pool[1]
+        return task.n_pairs(self.p)
 
     @property
     def n_train(self) -> int:
-        """Training rows: the first ``int(n_pairs * train_frac)`` of the seeded permutation."""
+        """Training rows: the first ``int(n_pairs * train_frac)`` of the seeded permutation
+        (an image dataset: its ``n_samples`` training images)."""
+        task = _task(self.op)
+        if task is not None and task.kind == "image":
+            return self.n_samples
         return int(self.n_pairs * self.train_frac)
 
     @property
@@ -212,7 +245,8 @@ FIELD_TYPES: dict[str, type] = {
     "init_scale": float, "fixed_weight_norm": bool, "label_noise": float,
     "stop_after_grok": "optional_int", "checkpoint_dtype": str, "matmul_precision": str,
     "grad_filter": str, "grokfast_alpha": float, "grokfast_lamb": float, "grokfast_window": int,
-    "loss_fn": str,
+    "loss_fn": str, "model": str, "depth": int, "width": int, "encoding": str,
+    "n_bits": int, "k_bits": int, "n_samples": int,
 }
 assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}
 
@@ -297,13 +331,15 @@ def validate(cfg: RunConfig, source: str = "run config") -> None:
         raise _fail(source, "p", f"a prime whose p x p grid fits in memory (this one needs about "
                     f"{_gib(grid_bytes(cfg))} GiB; at most {_gib(MAX_GRID_BYTES)} GiB)", cfg.p)
     checks = _task_checks(cfg) + _model_checks(cfg) + _optim_checks(cfg) + _method_checks(cfg)
+    checks += _family_checks(cfg) + _dataset_checks(cfg)
     for ok, key, expected in checks:
         if not ok:
             raise _fail(source, key, expected, getattr(cfg, key, None) if "/" not in key else
                         (cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp))
-    if cfg.n_train < 1:
-        raise _fail(source, "train_frac", "a fraction leaving at least one training pair",
-                    cfg.train_frac)
+    if cfg.n_train < 1 or (cfg.op in DATA_OPS and cfg.n_test < 1):
+        key = "n_samples" if cfg.op in DATA_OPS else "train_frac"
+        raise _fail(source, key, "a size leaving at least one training and one test row",
+                    getattr(cfg, key))
 
 
 def _task_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
@@ -376,6 +412,43 @@ def _method_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
          "grokfast_window", f"{d['grokfast_window']} unless grad_filter is ma"),
         (cfg.loss_fn in LOSS_FNS, "loss_fn", f"one of {', '.join(LOSS_FNS)}"),
     ]
+
+
+def _family_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    """The model family's fields: each family's own, the other's left at their defaults."""
+    d, other = NEW_FIELD_DEFAULTS, MLP_FIELDS if cfg.model != "mlp" else TRANSFORMER_FIELDS
+    base = RunConfig.__dataclass_fields__
+    checks = [(cfg.model in MODELS, "model", f"one of {', '.join(MODELS)}"),
+              (cfg.depth >= 1, "depth", "an integer >= 1"),
+              (cfg.width >= 1, "width", "an integer >= 1"),
+              (cfg.encoding in ENCODINGS, "encoding", f"one of {', '.join(ENCODINGS)}")]
+    checks += [(getattr(cfg, k) == base[k].default, k,
+                f"its default {base[k].default!r} unless model is "
+                f"{'mlp' if k in MLP_FIELDS else 'transformer'}") for k in other]
+    checks += [(cfg.op not in DATA_OPS or cfg.model == "mlp", "model",
+                f"mlp for op {cfg.op} (a dataset, not a sequence of tokens)"),
+               (cfg.op not in DATA_OPS or cfg.encoding == d["encoding"], "encoding",
+                f"{d['encoding']} for op {cfg.op} (it encodes the operands of a binary "
+                "operation)")]
+    return checks
+
+
+def _dataset_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
+    """The datasets' own fields, each left at its default for the ops that do not read it."""
+    d, task = NEW_FIELD_DEFAULTS, _task(cfg.op)
+    checks = [(getattr(cfg, k) == d[k] or cfg.op in ops, k,
+               f"{d[k]} unless op is {' or '.join(ops)}") for k, ops in DATASET_FIELDS.items()]
+    checks += [(cfg.op not in DATA_OPS or cfg.p == RunConfig.p, "p",
+                f"left out for op {cfg.op} (p does not apply to it)"),
+               (1 <= cfg.n_bits <= MAX_BITS, "n_bits", f"an integer in 1..{MAX_BITS}"),
+               (1 <= cfg.k_bits <= cfg.n_bits, "k_bits", "an integer in 1..n_bits"),
+               (cfg.n_samples >= 2, "n_samples", "an integer >= 2")]
+    if task is not None and task.kind == "image":
+        checks.append((cfg.n_samples <= task.pool[0], "n_samples",
+                       f"at most {task.pool[0]} (the training images of {cfg.op})"))
+        checks.append((cfg.train_frac == RunConfig.train_frac, "train_frac",
+                       f"left out for op {cfg.op} (n_samples sets its training images)"))
+    return checks
 
 
 def _coerce_special(kind: str, value: Any, bad: ConfigError) -> Any:
@@ -451,6 +524,9 @@ def from_dict(d: Mapping[str, Any], source: str = "run config",
     if op in GROUP_OPS and values.get("p", RunConfig.p) != RunConfig.p:
         raise ConfigError(f"{source}: p: does not apply to op {op} (the {S5_ORDER} permutations "
                           f"of S5); leave p out, got {shown(values['p'])}")
+    if op in DATA_OPS and values.get("p", RunConfig.p) != RunConfig.p:
+        raise ConfigError(f"{source}: p: does not apply to op {op} (a dataset, not a binary "
+                          f"operation); leave p out, got {shown(values['p'])}")
     try:
         return dataclasses.replace(base or RunConfig(), **values)
     except ConfigError as e:
@@ -459,10 +535,11 @@ def from_dict(d: Mapping[str, Any], source: str = "run config",
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """Plain JSON types; ``p`` is left out for the S5 tasks, where it does not apply."""
+    """Plain JSON types; ``p`` is left out for the S5 tasks and the datasets, where it does
+    not apply."""
     d = dataclasses.asdict(cfg)
     d["betas"] = list(d["betas"])
-    if cfg.op in GROUP_OPS:
+    if cfg.op in GROUP_OPS or cfg.op in DATA_OPS:
         d.pop("p")
     return d
 

@@ -291,7 +291,8 @@ def checkpoint_llc(cfg, row, settings: LLCSettings = LLCSettings(), device: str 
     (cross-entropy of the last position's logits in the run's ``loss_dtype``)."""
     from .data import make_dataset
     from .lastpos import row_losses
-    from .model import build_model, load_flat
+    from .model import load_flat
+    from .models import build_model
 
     model = load_flat(build_model(cfg, device), np.array(row, dtype=np.float32))
     data = make_dataset(cfg)

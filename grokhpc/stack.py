@@ -92,14 +92,10 @@ def _template(model):
 
 
 def hooked_last_logits(template, P: dict, tokens):
-    """``forward(tokens)[:, -1]`` of R stacked runs (tokens (R, b, n) -> (R, b, p)): the hooked
-    forward of ``template`` called with each run's weights under ``torch.func.vmap``."""
-    from torch.func import functional_call, vmap
-
-    def one(params, toks):
-        return functional_call(template, params, (toks,))[:, -1]
-
-    return vmap(one)(P, tokens)
+    """The logits of R stacked runs (rows (R, b, ...) -> (R, b, p)) by the model family's own
+    batched form (``stacked_last_logits``: the transformer's hooked forward, the MLP, each
+    under ``torch.func.vmap``)."""
+    return template.stacked_last_logits(P, tokens)
 
 
 # ---- a stack of runs at the same epoch ---------------------------------------------------------
