@@ -16,14 +16,13 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
 from . import losses, optim
+from .families import DATA_OPS, family_checks
 from .tasks import S5_ORDER, TASKS, Task
 
 # The tasks (grokhpc.tasks): binary operations over Z_p and over the 120 permutations of S5.
 OPS = tuple(TASKS)
 MODULAR_OPS = tuple(name for name, t in TASKS.items() if t.operands == "Z_p")
 GROUP_OPS = tuple(name for name, t in TASKS.items() if t.operands == "S5")
-# Datasets that are no binary operation (sparse parity, images): p does not apply to them.
-DATA_OPS = tuple(name for name, t in TASKS.items() if t.kind != "binary_op")
 
 OPTIMIZERS = tuple(optim.OPTIMIZERS)   # the optimiser registry's names
 LR_SCHEDULES = ("constant", "cosine")
@@ -35,16 +34,6 @@ CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
 MATMUL_PRECISIONS = ("highest", "high")
 GRAD_FILTERS = ("none", "ema", "ma")   # Grokfast's low-pass filters of the gradient
 LOSS_FNS = losses.LOSS_FNS
-MODELS = ("transformer", "mlp")          # the model families (grokhpc.models)
-ENCODINGS = ("onehot", "twohot")         # an MLP's input for a binary operation (grokhpc.mlp)
-# Fields that only the transformer reads, and those that only the MLP reads: each must stay
-# at its default in a run of the other family (it would change run_id and nothing else).
-TRANSFORMER_FIELDS = ("n_heads", "d_model", "d_head", "d_mlp", "n_layers", "normalization")
-MLP_FIELDS = ("depth", "width", "encoding")
-# The dataset fields and the ops that read them.
-DATASET_FIELDS = {"n_bits": ("sparse_parity",), "k_bits": ("sparse_parity",),
-                  "n_samples": ("sparse_parity", "digits", "mnist")}
-MAX_BITS = 4096
 # Fields that say where or how fast a run goes, not what it computes: left out of run_id.
 NON_IDENTITY_FIELDS = ("device",)
 # Fields newer than the first run ids, with their defaults: left out of run_id at the default.
@@ -331,7 +320,7 @@ def validate(cfg: RunConfig, source: str = "run config") -> None:
         raise _fail(source, "p", f"a prime whose p x p grid fits in memory (this one needs about "
                     f"{_gib(grid_bytes(cfg))} GiB; at most {_gib(MAX_GRID_BYTES)} GiB)", cfg.p)
     checks = _task_checks(cfg) + _model_checks(cfg) + _optim_checks(cfg) + _method_checks(cfg)
-    checks += _family_checks(cfg) + _dataset_checks(cfg)
+    checks += family_checks(cfg, {f.name: f.default for f in fields(RunConfig)})
     for ok, key, expected in checks:
         if not ok:
             raise _fail(source, key, expected, getattr(cfg, key, None) if "/" not in key else
@@ -412,43 +401,6 @@ def _method_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
          "grokfast_window", f"{d['grokfast_window']} unless grad_filter is ma"),
         (cfg.loss_fn in LOSS_FNS, "loss_fn", f"one of {', '.join(LOSS_FNS)}"),
     ]
-
-
-def _family_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
-    """The model family's fields: each family's own, the other's left at their defaults."""
-    d, other = NEW_FIELD_DEFAULTS, MLP_FIELDS if cfg.model != "mlp" else TRANSFORMER_FIELDS
-    base = RunConfig.__dataclass_fields__
-    checks = [(cfg.model in MODELS, "model", f"one of {', '.join(MODELS)}"),
-              (cfg.depth >= 1, "depth", "an integer >= 1"),
-              (cfg.width >= 1, "width", "an integer >= 1"),
-              (cfg.encoding in ENCODINGS, "encoding", f"one of {', '.join(ENCODINGS)}")]
-    checks += [(getattr(cfg, k) == base[k].default, k,
-                f"its default {base[k].default!r} unless model is "
-                f"{'mlp' if k in MLP_FIELDS else 'transformer'}") for k in other]
-    checks += [(cfg.op not in DATA_OPS or cfg.model == "mlp", "model",
-                f"mlp for op {cfg.op} (a dataset, not a sequence of tokens)"),
-               (cfg.op not in DATA_OPS or cfg.encoding == d["encoding"], "encoding",
-                f"{d['encoding']} for op {cfg.op} (it encodes the operands of a binary "
-                "operation)")]
-    return checks
-
-
-def _dataset_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
-    """The datasets' own fields, each left at its default for the ops that do not read it."""
-    d, task = NEW_FIELD_DEFAULTS, _task(cfg.op)
-    checks = [(getattr(cfg, k) == d[k] or cfg.op in ops, k,
-               f"{d[k]} unless op is {' or '.join(ops)}") for k, ops in DATASET_FIELDS.items()]
-    checks += [(cfg.op not in DATA_OPS or cfg.p == RunConfig.p, "p",
-                f"left out for op {cfg.op} (p does not apply to it)"),
-               (1 <= cfg.n_bits <= MAX_BITS, "n_bits", f"an integer in 1..{MAX_BITS}"),
-               (1 <= cfg.k_bits <= cfg.n_bits, "k_bits", "an integer in 1..n_bits"),
-               (cfg.n_samples >= 2, "n_samples", "an integer >= 2")]
-    if task is not None and task.kind == "image":
-        checks.append((cfg.n_samples <= task.pool[0], "n_samples",
-                       f"at most {task.pool[0]} (the training images of {cfg.op})"))
-        checks.append((cfg.train_frac == RunConfig.train_frac, "train_frac",
-                       f"left out for op {cfg.op} (n_samples sets its training images)"))
-    return checks
 
 
 def _coerce_special(kind: str, value: Any, bad: ConfigError) -> Any:
