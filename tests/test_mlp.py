@@ -123,6 +123,12 @@ def test_mlp_run_resumed_from_its_last_commit_is_bit_identical(tmp_path):
     summary = a.read_summary()
     assert summary["basis"] is None and summary["final_gini_embed"] is None
     assert summary["final_train_loss"] is not None
+    # analyze draws the curves and says in one line why the transformer's figures are left out
+    from grokhpc.analyze import build_figures
+
+    said = []
+    assert list(build_figures(a, log=said.append)) == ["training_curves"]
+    assert len(said) == 1 and "model mlp" in said[0] and "\n" not in said[0]
 
 
 def test_packed_mlps_exact_equal_solo_and_batched_track_them(tmp_path):
