@@ -30,6 +30,18 @@ MAX_BITS = 4096
 Check = tuple[bool, str, str]   # (holds, field, what was expected)
 
 
+def mlp_sizes(cfg) -> list[int]:
+    """An MLP's layer sizes, input to output: its first layer's inputs (2n for onehot, n for
+    twohot over a binary operation of n operands; a dataset's features: sparse parity's
+    n_bits, an image's pixels), ``depth - 1`` hidden layers of ``width``, the classes."""
+    task = TASKS[cfg.op]
+    if task.kind == "binary_op":
+        n_in = cfg.n_classes * (2 if cfg.encoding == "onehot" else 1)
+    else:
+        n_in = cfg.n_bits if task.kind == "sparse_parity" else task.inputs
+    return [n_in] + [cfg.width] * (cfg.depth - 1) + [cfg.n_classes]
+
+
 def family_checks(cfg, defaults: Mapping[str, Any]) -> list[Check]:
     """The model family's and the dataset's checks of ``cfg`` (``defaults``: every field's)."""
     return _model_checks(cfg, defaults) + _dataset_checks(cfg, defaults)

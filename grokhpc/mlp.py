@@ -30,27 +30,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import RunConfig
+from .families import mlp_sizes
 from .tasks import task
 
 
-def input_size(cfg: RunConfig) -> int:
-    """The first layer's inputs: 2n (onehot) or n (twohot) for a binary operation of n
-    operands; a dataset's features (sparse parity's n_bits, an image's pixels)."""
-    t = task(cfg.op)
-    if t.kind == "binary_op":
-        return cfg.n_classes * (2 if cfg.encoding == "onehot" else 1)
-    if t.kind == "sparse_parity":
-        return cfg.n_bits
-    return t.inputs
-
-
 class MLP(nn.Module):
-    """``depth`` Linear layers; ``encoding`` None for float features."""
+    """Linear layers of ``sizes`` (input to output, ``families.mlp_sizes``); ``encoding`` None
+    for float features."""
 
-    def __init__(self, n_in: int, width: int, depth: int, n_out: int, act_fn: str = "relu",
-                 encoding: str | None = None, n_operands: int = 0):
+    def __init__(self, sizes: list[int], act_fn: str = "relu", encoding: str | None = None,
+                 n_operands: int = 0):
         super().__init__()
-        sizes = [n_in] + [width] * (depth - 1) + [n_out]
         self.layers = nn.ModuleList([nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])])
         self.act_fn, self.encoding, self.n_operands = act_fn, encoding, n_operands
 
@@ -99,7 +89,7 @@ def init_weights(model: MLP, seed: int) -> None:
 def build_mlp(cfg: RunConfig) -> MLP:
     """A freshly initialised MLP for ``cfg`` (on CPU, unscaled)."""
     binary = task(cfg.op).kind == "binary_op"
-    model = MLP(input_size(cfg), cfg.width, cfg.depth, cfg.n_classes, cfg.act_fn,
-                cfg.encoding if binary else None, cfg.n_classes if binary else 0)
+    model = MLP(mlp_sizes(cfg), cfg.act_fn, cfg.encoding if binary else None,
+                cfg.n_classes if binary else 0)
     init_weights(model, cfg.model_seed)
     return model

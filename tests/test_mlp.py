@@ -72,6 +72,10 @@ def test_init_is_torch_linear_default_range_times_init_scale():
         bound = 8.0 / lin.in_features ** 0.5
         for p in (lin.weight, lin.bias):
             assert p.abs().max() <= bound and p.abs().max() > 0.9 * bound
+    from grokhpc.plan import param_count   # the packing plan's count, by its formula
+
+    assert param_count(cfg) == sum(p.numel() for p in model.parameters()) == \
+        (22 * 500 + 500) + (500 * 500 + 500) + (500 * 11 + 11)
     same = build_model(cfg)
     other = build_model(cfg.replace(model_seed=1))
     assert torch.equal(model.layers[0].weight, same.layers[0].weight)
