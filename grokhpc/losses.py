@@ -52,6 +52,17 @@ def mse_row_losses(logits, labels, dtype: str):
     return (x - target).square().mean(dim=-1)
 
 
+def row_losses(logits, labels, dtype: str = "float64", loss_fn: str = "softmax"):
+    """Each row's loss ``loss_fn``, (..., b), in ``dtype`` (what :func:`loss` averages)."""
+    if loss_fn == "stablemax":
+        return stablemax_row_losses(logits, labels, dtype)
+    if loss_fn == "mse":
+        return mse_row_losses(logits, labels, dtype)
+    from .lastpos import row_losses as cross_entropy_rows
+
+    return cross_entropy_rows(logits, labels, dtype)
+
+
 def _row_mean(nll, mask):
     """Each run's mean over its real rows (``mask`` None: all rows), as lastpos's loss."""
     import torch

@@ -276,3 +276,21 @@ def test_the_command_line_trains_an_mlp_and_refuses_a_bad_field(tmp_path):
     assert r.stderr == "error: --set: k_bits: expected an integer in 1..n_bits, got 50\n"
     cfg = json.loads(json.dumps({"model": "mlp", "op": "digits", "n_samples": 100}))
     assert from_dict(cfg).n_train == 100
+
+
+def test_the_llc_of_an_mlp_samples_its_own_loss():
+    """checkpoint_llc's loss is the run's loss_fn: here mse, torch's mse_loss on one-hot
+    targets at the row."""
+    from grokhpc.llc import LLCSettings, checkpoint_llc
+    from grokhpc.model import flat_weights
+
+    cfg = mlp_cfg(loss_fn="mse", init_scale=2.0)
+    model = build_model(cfg)
+    data = make_dataset(cfg)
+    with torch.no_grad():
+        logits = model.last_logits(data.train_tokens).double()
+    expect = float(F.mse_loss(logits, F.one_hot(data.train_labels, 11).double()))
+    s = LLCSettings(chains=2, draws=8, burn_in=2, batch_size=20)
+    est = checkpoint_llc(cfg, flat_weights(model).numpy(), s)
+    assert est.init_loss == pytest.approx(expect, rel=1e-6)
+    assert est.loss_trace.shape == (2, 10) and np.isfinite(est.llc_mean)
