@@ -25,6 +25,9 @@ epoch. A solo run is a stack of one in exact mode.
     longest; padded rows are masked out of the loss and accuracy, which are each run's mean
     over its own rows (the solo ``mean``). Minibatch runs share n_train, so each step gathers
     every run's k-th minibatch (drawn from its own generator) without padding;
+  - a model family is what the stack calls (``grokhpc.models``): ``last_logits`` of one run's
+    rows (exact mode) and ``stacked_last_logits`` of R runs (batched mode; the MLP's is
+    ``torch.func.vmap`` of its own forward);
 * optimiser (``grokhpc.stacked_optim``): holds the stacked state. In batched mode its step is
   torch's single-tensor math with per-run lr, weight decay, betas or momentum broadcast along
   the run axis, a few kernels per weight whatever R is; each elementwise operation is the one
