@@ -59,17 +59,18 @@ GROK_ACC = 0.99
 # optimiser state that is stacked (optimizer: Adam moments or SGD momentum buffers) and the
 # step schedule (batch_size: the number and size of minibatches per epoch) and the float32
 # matmul precision (one setting of the process for the whole stacked computation), the
-# gradient filter's kind and window (the shape of its state) and the loss. Everything else --
-# lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale, fixed_weight_norm,
-# label_noise, seeds, stop_after_grok, grokfast_alpha, grokfast_lamb -- may differ run by run.
+# gradient filter's kind and window (the shape of its state) and the loss, the model family and
+# its sizes, and a dataset's input width. Everything else -- lr, weight_decay, betas, momentum,
+# warmup_epochs, lr_schedule, init_scale, fixed_weight_norm, label_noise, seeds,
+# stop_after_grok, grokfast_alpha, grokfast_lamb, train_frac, n_samples, k_bits -- may differ
+# run by run (full-batch rows are padded to the group's longest).
 SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_layers", "act_fn",
                 "normalization", "n_epochs", "checkpoint_every", "eval_every", "loss_dtype",
                 "optimizer", "batch_size", "matmul_precision", "grad_filter", "grokfast_window",
-                "loss_fn", "model", "depth", "width", "encoding", "n_bits", "k_bits",
-                "n_samples")
-# With an integer batch_size, train_frac too: the runs take their k-th minibatch in the same
-# step, so each needs the same ceil(n_train / batch_size) steps of the same sizes per epoch.
-MINIBATCH_SHAPE_FIELDS = ("train_frac",)
+                "loss_fn", "model", "depth", "width", "encoding", "n_bits")
+# With an integer batch_size, train_frac and n_samples too: the runs take their k-th minibatch
+# in the same step, so each needs the same ceil(n_train / batch_size) steps of the same sizes.
+MINIBATCH_SHAPE_FIELDS = ("train_frac", "n_samples")
 
 
 def shape_fields(cfg: "RunConfig") -> tuple[str, ...]:

@@ -135,10 +135,23 @@ def test_mlp_run_resumed_from_its_last_commit_is_bit_identical(tmp_path):
     assert len(said) == 1 and "model mlp" in said[0] and "\n" not in said[0]
 
 
-def test_packed_mlps_exact_equal_solo_and_batched_track_them(tmp_path):
-    cfgs = [mlp_cfg(model_seed=1, data_seed=2, n_epochs=20),
+PACKED = {
+    "add": [mlp_cfg(model_seed=1, data_seed=2, n_epochs=20),
             mlp_cfg(model_seed=3, data_seed=4, n_epochs=20, lr=1e-2, weight_decay=0.1,
-                    train_frac=0.6)]
+                    train_frac=0.6)],
+    "parity": [mlp_cfg(p=113, op="sparse_parity", n_bits=10, n_samples=100, n_epochs=20,
+                       loss_fn="mse"),
+               mlp_cfg(p=113, op="sparse_parity", n_bits=10, k_bits=2, n_samples=80,
+                       n_epochs=20, loss_fn="mse", model_seed=5, init_scale=2.0)],
+}
+
+
+@pytest.mark.parametrize("group", list(PACKED))
+def test_packed_mlps_exact_equal_solo_and_batched_track_them(tmp_path, group):
+    """Runs that differ in lr, weight decay, split (and for parity in k_bits, n_samples and
+    init_scale): packed exact is the solo runs bit for bit; batched is one vmapped computation
+    equal to them up to float32 rounding over the first epochs."""
+    cfgs = PACKED[group]
     solo = [tmp_path / "solo" / f"r{i}" for i in range(2)]
     for c, d in zip(cfgs, solo):
         run_training(c, d, **QUIET)
