@@ -73,14 +73,26 @@ def digits_source() -> tuple[np.ndarray, np.ndarray]:
     return (d.data / 16.0).astype(np.float32), d.target.astype(np.int64)
 
 
-def mnist_source() -> tuple[np.ndarray, np.ndarray]:
-    """MNIST from the cache: pixels (70000, 784) scaled to [0, 1], labels (70000,); a one-line
-    ConfigError saying how to fetch it when it is not there."""
+def fetched(op: str) -> Path:
+    """The cached file of dataset ``op``; a one-line ConfigError saying how to fetch it when it
+    is not there."""
     f = cache_dir() / MNIST_FILE
     if not f.exists():
-        raise ConfigError(f"op mnist: {f} not found; run once where the network is reachable "
-                          "(a login node): python -m grokhpc.datasets fetch mnist")
-    with np.load(f) as z:
+        raise ConfigError(f"op {op}: {f} not found; run once where the network is reachable "
+                          f"(a login node): python -m grokhpc.datasets fetch {op}")
+    return f
+
+
+def require_fetched(ops) -> None:
+    """Raise :func:`fetched`'s error for the first of ``ops`` that must be fetched and is not
+    (the launcher asks before it submits any job)."""
+    for op in sorted(set(ops) & set(FETCHERS)):
+        fetched(op)
+
+
+def mnist_source() -> tuple[np.ndarray, np.ndarray]:
+    """MNIST from the cache: pixels (70000, 784) scaled to [0, 1], labels (70000,)."""
+    with np.load(fetched("mnist")) as z:
         return (z["x"] / 255.0).astype(np.float32), z["y"].astype(np.int64)
 
 

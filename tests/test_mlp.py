@@ -3,6 +3,7 @@ an independent second implementation, packed against solo, the datasets against 
 each bad field's one-line error."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -215,6 +216,15 @@ def test_mnist_with_an_empty_cache_is_a_one_line_error(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and "python -m grokhpc.datasets fetch mnist" in msg
     assert str(tmp_path / "empty") in msg
+    # the launcher asks before it submits anything
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("base: {model: mlp, op: mnist, n_epochs: 10}\ngrid: {model_seed: [1]}\n"
+                    f"out: {tmp_path / 'runs'}\n")
+    r = subprocess.run([sys.executable, "-m", "grokhpc.launch", str(spec), "--executor",
+                        "local"], capture_output=True, text=True,
+                       env={**os.environ, "GROKHPC_DATA": str(tmp_path / "empty")})
+    assert r.returncode == 2 and not (tmp_path / "runs" / "runs").exists()
+    assert r.stderr.count("\n") == 1 and "python -m grokhpc.datasets fetch mnist" in r.stderr
 
 
 def test_fetch_without_a_network_is_a_one_line_error(tmp_path, monkeypatch, capsys):
