@@ -121,7 +121,7 @@ def fetch_mnist() -> Path:
     out = cache_dir()
     out.mkdir(parents=True, exist_ok=True)
     x, y = fetch_openml("mnist_784", version=1, as_frame=False, return_X_y=True,
-                        data_home=str(out / "openml"), parser="liac-arff")
+                        data_home=str(out / "openml"), parser="auto")
     tmp = out / (MNIST_FILE + ".tmp.npz")
     np.savez_compressed(tmp, x=x.astype(np.uint8), y=y.astype(np.int64))
     tmp.replace(out / MNIST_FILE)
