@@ -326,10 +326,12 @@ def validate(cfg: RunConfig, source: str = "run config") -> None:
         if not ok:
             raise _fail(source, key, expected, getattr(cfg, key, None) if "/" not in key else
                         (cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp))
-    if cfg.n_train < 1 or (cfg.op in DATA_OPS and cfg.n_test < 1):
-        key = "n_samples" if cfg.op in DATA_OPS else "train_frac"
-        raise _fail(source, key, "a size leaving at least one training and one test row",
-                    getattr(cfg, key))
+    if cfg.op in DATA_OPS and (cfg.n_train < 1 or cfg.n_test < 1):
+        raise _fail(source, "n_samples", "a size leaving at least one training and one test "
+                    "row", cfg.n_samples)
+    if cfg.n_train < 1:
+        raise _fail(source, "train_frac", "a fraction leaving at least one training pair",
+                    cfg.train_frac)
 
 
 def _task_checks(cfg: RunConfig) -> list[tuple[bool, str, str]]:
