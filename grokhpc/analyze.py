@@ -45,7 +45,8 @@ the Fourier basis of Z_p for sub and add; for mul and div the Fourier basis of Z
 the discrete log, the axis titled ``log_g a`` with the generator g named (the zero operand left
 out); for s5 bars of the energy per irrep and the neuron fraction per irrep (the Fourier basis
 heatmaps are left out). Tasks without a group basis (s5conj, s5aba, the polynomial tasks,
-mix1) get neither; that is one line of the log, with the reason.
+mix1) get neither; that is one line of the log, with the reason. A run of another model family
+(the MLP) has the curve figures only (one line of the log says so).
 
 Heavy imports (torch, transformer_lens, plotly) happen after the arguments are parsed.
 """
@@ -57,7 +58,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import GROUP_OPS
+from .config import DATA_OPS, GROUP_OPS
 from .figures import ExportError, export, paper_style, parse_formats
 from . import bases, task_measures
 from .measures import finalize_run, read_measures
@@ -180,7 +181,8 @@ def final_state(run):
     import torch
 
     from .data import grid_tokens
-    from .model import build_model, load_flat
+    from .model import load_flat
+    from .models import build_model
 
     cfg = run.run_config()
     epochs, ckpts = run.checkpoints()
@@ -453,10 +455,15 @@ def build_figures(run, log=lambda *_: None) -> dict:
     """Every figure of the run (see the module docstring) that its task defines,
     {name: plotly Figure}; one line to ``log`` for each group left out."""
     summary = run.read_summary()
-    cfg, epoch, W, cache = final_state(run)
+    cfg = run.run_config()
     measures, key = read_measures(run)
-    task = "S5" if cfg.op in GROUP_OPS else f"p={cfg.p}"
+    task = "S5" if cfg.op in GROUP_OPS else cfg.op if cfg.op in DATA_OPS else f"p={cfg.p}"
     figs = training_figures(run.read_curves(), measures, summary, task, cfg.op)
+    if cfg.model != "transformer":
+        log(f"{run.path}: model {cfg.model}: the transformer's weight figures (attention, "
+            f"embedding, basis) left out")
+        return {name: figs[name] for name in FIGURES if name in figs}
+    _, epoch, W, cache = final_state(run)
     keys = summary.get("key_elements") or summary.get("key_freqs")
     figs.update(weight_figures(cfg, epoch, W, cache, keys))
     why = task_measures.no_lens_reason(bases.task_basis(cfg.op, cfg.n_classes))

@@ -145,7 +145,8 @@ class Run:
         there is none at ``epoch``), in eval mode on ``device``."""
         import torch
 
-        from .model import build_model, load_flat
+        from .model import load_flat
+        from .models import build_model
 
         _, row = self._checkpoint(epoch)
         model = build_model(self.config, "cpu")

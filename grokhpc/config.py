@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
 from . import losses, optim
+from .families import DATA_OPS, family_checks
 from .tasks import S5_ORDER, TASKS, Task
 
 # The tasks (grokhpc.tasks): binary operations over Z_p and over the 120 permutations of S5.
@@ -43,6 +44,8 @@ NEW_FIELD_DEFAULTS: dict[str, Any] = {
     "checkpoint_dtype": "float32", "matmul_precision": "highest",
     "grad_filter": "none", "grokfast_alpha": 0.98, "grokfast_lamb": 2.0, "grokfast_window": 100,
     "loss_fn": "softmax",
+    "model": "transformer", "depth": 3, "width": 200, "encoding": "onehot",
+    "n_bits": 40, "k_bits": 3, "n_samples": 1000,
 }
 
 
@@ -56,16 +59,18 @@ GROK_ACC = 0.99
 # optimiser state that is stacked (optimizer: Adam moments or SGD momentum buffers) and the
 # step schedule (batch_size: the number and size of minibatches per epoch) and the float32
 # matmul precision (one setting of the process for the whole stacked computation), the
-# gradient filter's kind and window (the shape of its state) and the loss. Everything else --
-# lr, weight_decay, betas, momentum, warmup_epochs, lr_schedule, init_scale, fixed_weight_norm,
-# label_noise, seeds, stop_after_grok, grokfast_alpha, grokfast_lamb -- may differ run by run.
+# gradient filter's kind and window (the shape of its state) and the loss, the model family and
+# its sizes, and a dataset's input width. Everything else -- lr, weight_decay, betas, momentum,
+# warmup_epochs, lr_schedule, init_scale, fixed_weight_norm, label_noise, seeds,
+# stop_after_grok, grokfast_alpha, grokfast_lamb, train_frac, n_samples, k_bits -- may differ
+# run by run (full-batch rows are padded to the group's longest).
 SHAPE_FIELDS = ("p", "op", "n_heads", "d_model", "d_head", "d_mlp", "n_layers", "act_fn",
                 "normalization", "n_epochs", "checkpoint_every", "eval_every", "loss_dtype",
                 "optimizer", "batch_size", "matmul_precision", "grad_filter", "grokfast_window",
-                "loss_fn")
-# With an integer batch_size, train_frac too: the runs take their k-th minibatch in the same
-# step, so each needs the same ceil(n_train / batch_size) steps of the same sizes per epoch.
-MINIBATCH_SHAPE_FIELDS = ("train_frac",)
+                "loss_fn", "model", "depth", "width", "encoding", "n_bits")
+# With an integer batch_size, train_frac and n_samples too: the runs take their k-th minibatch
+# in the same step, so each needs the same ceil(n_train / batch_size) steps of the same sizes.
+MINIBATCH_SHAPE_FIELDS = ("train_frac", "n_samples")
 
 
 def shape_fields(cfg: "RunConfig") -> tuple[str, ...]:
@@ -141,6 +146,13 @@ class RunConfig:
     grokfast_lamb: float = 2.0
     grokfast_window: int = 100
     loss_fn: str = "softmax"
+    model: str = "transformer"
+    depth: int = 3              # MLP: Linear layers (Omnigrok's depth 3, width 200)
+    width: int = 200
+    encoding: str = "onehot"    # MLP on a binary operation: onehot (2n inputs) or twohot (n)
+    n_bits: int = 40            # sparse_parity: bits per row
+    k_bits: int = 3             # sparse_parity: the relevant bits (the first k)
+    n_samples: int = 1000       # sparse_parity: rows; digits, mnist: training images
 
     def __post_init__(self) -> None:
         validate(self)
@@ -155,13 +167,24 @@ class RunConfig:
 
     @property
     def n_pairs(self) -> int:
-        """Rows of the dataset: every (a, b), less the task's excluded pairs (div: b = 0)."""
+        """Rows of the dataset: every (a, b), less the task's excluded pairs (div: b = 0);
+        sparse parity's ``n_samples``; an image dataset's training images and its test set."""
         task = _task(self.op)
-        return task.n_pairs(self.p) if task else self.n_classes ** 2
+        if task is None:
+            return self.n_classes ** 2
+        if task.kind == "sparse_parity":
+            return self.n_samples
+        if task.kind == "image":
+            return self.n_samples + task.pool[1]
+        return task.n_pairs(self.p)
 
     @property
     def n_train(self) -> int:
-        """Training rows: the first ``int(n_pairs * train_frac)`` of the seeded permutation."""
+        """Training rows: the first ``int(n_pairs * train_frac)`` of the seeded permutation
+        (an image dataset: its ``n_samples`` training images)."""
+        task = _task(self.op)
+        if task is not None and task.kind == "image":
+            return self.n_samples
         return int(self.n_pairs * self.train_frac)
 
     @property
@@ -212,7 +235,8 @@ FIELD_TYPES: dict[str, type] = {
     "init_scale": float, "fixed_weight_norm": bool, "label_noise": float,
     "stop_after_grok": "optional_int", "checkpoint_dtype": str, "matmul_precision": str,
     "grad_filter": str, "grokfast_alpha": float, "grokfast_lamb": float, "grokfast_window": int,
-    "loss_fn": str,
+    "loss_fn": str, "model": str, "depth": int, "width": int, "encoding": str,
+    "n_bits": int, "k_bits": int, "n_samples": int,
 }
 assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}
 
@@ -297,10 +321,14 @@ def validate(cfg: RunConfig, source: str = "run config") -> None:
         raise _fail(source, "p", f"a prime whose p x p grid fits in memory (this one needs about "
                     f"{_gib(grid_bytes(cfg))} GiB; at most {_gib(MAX_GRID_BYTES)} GiB)", cfg.p)
     checks = _task_checks(cfg) + _model_checks(cfg) + _optim_checks(cfg) + _method_checks(cfg)
+    checks += family_checks(cfg, {f.name: f.default for f in fields(RunConfig)})
     for ok, key, expected in checks:
         if not ok:
             raise _fail(source, key, expected, getattr(cfg, key, None) if "/" not in key else
                         (cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_mlp))
+    if cfg.op in DATA_OPS and (cfg.n_train < 1 or cfg.n_test < 1):
+        raise _fail(source, "n_samples", "a size leaving at least one training and one test "
+                    "row", cfg.n_samples)
     if cfg.n_train < 1:
         raise _fail(source, "train_frac", "a fraction leaving at least one training pair",
                     cfg.train_frac)
@@ -451,6 +479,9 @@ def from_dict(d: Mapping[str, Any], source: str = "run config",
     if op in GROUP_OPS and values.get("p", RunConfig.p) != RunConfig.p:
         raise ConfigError(f"{source}: p: does not apply to op {op} (the {S5_ORDER} permutations "
                           f"of S5); leave p out, got {shown(values['p'])}")
+    if op in DATA_OPS and values.get("p", RunConfig.p) != RunConfig.p:
+        raise ConfigError(f"{source}: p: does not apply to op {op} (a dataset, not a binary "
+                          f"operation); leave p out, got {shown(values['p'])}")
     try:
         return dataclasses.replace(base or RunConfig(), **values)
     except ConfigError as e:
@@ -459,10 +490,11 @@ def from_dict(d: Mapping[str, Any], source: str = "run config",
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    """Plain JSON types; ``p`` is left out for the S5 tasks, where it does not apply."""
+    """Plain JSON types; ``p`` is left out for the S5 tasks and the datasets, where it does
+    not apply."""
     d = dataclasses.asdict(cfg)
     d["betas"] = list(d["betas"])
-    if cfg.op in GROUP_OPS:
+    if cfg.op in GROUP_OPS or cfg.op in DATA_OPS:
         d.pop("p")
     return d
 

@@ -60,7 +60,7 @@ class Dataset:
     """All pairs, their true labels, the train/test split of one run, and the labels the
     model is trained on (the true ones, less the ones ``label_noise`` replaced)."""
 
-    tokens: torch.Tensor        # (n, 3) long
+    tokens: torch.Tensor        # (n, 3) long; a dataset's (n, features) float
     labels: torch.Tensor        # (n,) long, the true labels
     train_idx: torch.Tensor     # (n_train,) long
     test_idx: torch.Tensor      # (n_test,) long
@@ -109,8 +109,20 @@ def binary_op_dataset(cfg: RunConfig) -> Dataset:
     return Dataset(tokens, labels, train_idx, test_idx, targets)
 
 
+def features_dataset(cfg: RunConfig) -> Dataset:
+    """A dataset that is no binary operation (``grokhpc.datasets``): its float features stand
+    in the place of the tokens; label noise, if any, drawn after the split as above."""
+    from . import datasets
+
+    make = datasets.sparse_parity if cfg.op == "sparse_parity" else datasets.images
+    inputs, labels, train_idx, test_idx, gen = make(cfg)
+    targets = noisy_targets(labels[train_idx], cfg.label_noise, cfg.n_classes, gen)
+    return Dataset(inputs, labels, train_idx, test_idx, targets)
+
+
 # How each kind of task (grokhpc.tasks.Task.kind) builds its dataset.
-DATASETS: dict[str, Callable[[RunConfig], Dataset]] = {"binary_op": binary_op_dataset}
+DATASETS: dict[str, Callable[[RunConfig], Dataset]] = {
+    "binary_op": binary_op_dataset, "sparse_parity": features_dataset, "image": features_dataset}
 
 
 def make_dataset(cfg: RunConfig) -> Dataset:

@@ -55,7 +55,8 @@ def uses_fast_path(cfg) -> bool:
       estimate of a group are ReLU's, and a GELU group is ``torch.func.vmap`` over the hooked
       forward instead.
     """
-    return cfg.n_layers == 1 and cfg.normalization == "none"
+    return getattr(cfg, "model", "transformer") == "transformer" and cfg.n_layers == 1 \
+        and cfg.normalization == "none"
 
 
 def batched_fast_path(cfg) -> bool:

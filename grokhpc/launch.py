@@ -305,6 +305,9 @@ def launch(spec: str, executor: str | None = None, cluster: str | None = None,
     if dry_run:
         print_dry_run(plan, out)
         return plan
+    from .datasets import require_fetched   # before any job: a dataset not yet in the cache
+
+    require_fetched({r.config.op for r in plan["sweep"].runs})
     failures = submit(plan, out)
     if failures is not None:   # the jobs ran here
         report(plan["sweep"], failures, out)

@@ -288,10 +288,11 @@ def checkpoint_llc(cfg, row, settings: LLCSettings = LLCSettings(), device: str 
                    progress: bool = False) -> LLCEstimate:
     """The LLC of a run's model at a checkpoint row (``RunDir.checkpoints``) on the run's
     training pairs and the labels it was trained on, the loss the run's training loss
-    (cross-entropy of the last position's logits in the run's ``loss_dtype``)."""
+    (its ``loss_fn`` of the model's logits in the run's ``loss_dtype``)."""
     from .data import make_dataset
-    from .lastpos import row_losses
-    from .model import build_model, load_flat
+    from .losses import row_losses
+    from .model import load_flat
+    from .models import build_model
 
     model = load_flat(build_model(cfg, device), np.array(row, dtype=np.float32))
     data = make_dataset(cfg)
@@ -299,6 +300,7 @@ def checkpoint_llc(cfg, row, settings: LLCSettings = LLCSettings(), device: str 
 
     def row_loss(m, rows):
         rows = rows.to(device)
-        return row_losses(m.last_logits(tokens[rows]), labels[rows], cfg.loss_dtype)
+        return row_losses(m.last_logits(tokens[rows]), labels[rows], cfg.loss_dtype,
+                          cfg.loss_fn)
 
     return estimate_llc(model, row_loss, len(labels), settings, device, progress)

@@ -9,18 +9,21 @@
   float64 alike, so it is left out). The x < 0 branch is evaluated at ``min(x, 0)``, so that
   the branch ``torch.where`` discards has a finite gradient (at x = 1, ``1 / (1 - x)`` would
   put 0 * inf = NaN into the backward).
+* ``mse``: Omnigrok's (Liu et al. 2022) mean squared error between the logits and the one-hot
+  target, averaged over the classes and the rows (``torch.nn.MSELoss()`` on one-hot targets),
+  in the run's ``loss_dtype``. Accuracy is the argmax of the logits, as for the others.
 * :func:`softmax_collapse`: Prieto et al.'s SC, the fraction of rows whose float32 softmax
   denominator ``sum_j exp(x_j - max x)`` is exactly 1: every other term is absorbed, the top
   probability is exactly 1 and, for a correctly classified row, its loss and gradient are
   exactly zero (their code's ``(sum_exp == 1).mean()`` on the train logits in float32).
 
-Room for more losses (``mse``) in ``LOSS_FNS`` and :func:`loss`. torch is imported inside the
+A new loss is one entry of ``LOSS_FNS`` and one branch of :func:`loss`. torch is imported inside the
 functions, so config can import ``LOSS_FNS``.
 """
 
 from __future__ import annotations
 
-LOSS_FNS = ("softmax", "stablemax")
+LOSS_FNS = ("softmax", "stablemax", "mse")
 
 
 def stablemax_s(x):
@@ -37,6 +40,27 @@ def stablemax_row_losses(logits, labels, dtype: str):
     s = stablemax_s(logits.to(getattr(torch, dtype)))
     picked = s.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return -torch.log(picked / s.sum(dim=-1))
+
+
+def mse_row_losses(logits, labels, dtype: str):
+    """Each row's mean over the classes of ``(x - onehot(label))^2``, in ``dtype``, (..., b)."""
+    import torch
+
+    x = logits.to(getattr(torch, dtype))
+    classes = torch.arange(x.shape[-1], device=x.device)
+    target = (classes == labels.unsqueeze(-1)).to(x.dtype)
+    return (x - target).square().mean(dim=-1)
+
+
+def row_losses(logits, labels, dtype: str = "float64", loss_fn: str = "softmax"):
+    """Each row's loss ``loss_fn``, (..., b), in ``dtype`` (what :func:`loss` averages)."""
+    if loss_fn == "stablemax":
+        return stablemax_row_losses(logits, labels, dtype)
+    if loss_fn == "mse":
+        return mse_row_losses(logits, labels, dtype)
+    from .lastpos import row_losses as cross_entropy_rows
+
+    return cross_entropy_rows(logits, labels, dtype)
 
 
 def _row_mean(nll, mask):
@@ -58,6 +82,8 @@ def loss(logits, labels, dtype: str = "float64", mask=None, loss_fn: str = "soft
         return cross_entropy(logits, labels, dtype, mask)
     if loss_fn == "stablemax":
         return _row_mean(stablemax_row_losses(logits, labels, dtype), mask)
+    if loss_fn == "mse":
+        return _row_mean(mse_row_losses(logits, labels, dtype), mask)
     raise ValueError(f"loss_fn: expected one of {', '.join(LOSS_FNS)}, got {loss_fn!r}")
 
 

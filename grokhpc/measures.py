@@ -52,7 +52,8 @@ For mul and div the same measures run over the discrete-log index (Z_{p-1}), on 
 without a zero operand; for s5 over the irreps (key irreps, per-irrep logit attribution). Every
 other task (s5conj, s5aba, quad1-3, cube1-2, mix1) has null group columns and null key
 elements (``task_measures.no_lens_reason`` says why); the op-independent measures (losses,
-accuracies, weight_norm_sq) are still written.
+accuracies, weight_norm_sq) are still written. A run of another model family (the MLP) has
+only those (``grokhpc.output_measures``), its group columns null.
 
 Fast path
 ---------
@@ -103,7 +104,7 @@ import numpy as np
 from . import lastpos, llc_run, task_measures
 from .checkpoints import RERUN_TRAINING
 from .config import RunConfig
-from .lastpos import eval_row_losses, row_hits
+from .output_measures import OutputEvaluator, split_scores, weight_norm_sq
 from .phases import build_summary
 from .store import MEASURES, SUMMARY, RunDir, RunDirError, atomic_write_json, atomic_write_table
 from .task_measures import GROUP_COLUMNS
@@ -267,18 +268,11 @@ class Evaluator:
             return self._measure(W)
 
     def _measure(self, W):
-        out: dict[str, Any] = {}
         grid = self._grid(W, resid=self.layer_norm)
         logits = grid[1]
         by_pair = logits if self.identity_rows else logits[self.rows]   # dataset order
-        row_loss = eval_row_losses(by_pair, self.labels)             # once for all three splits
-        row_hit = row_hits(by_pair, self.labels)
-        for split, idx in (("train", self.train_idx), ("test", self.test_idx), ("all", None)):
-            rows = slice(None) if idx is None else idx
-            out[f"{split}_loss"] = float(row_loss[rows].mean())
-            out[f"{split}_acc"] = float(row_hit[rows].mean())
-        out["weight_norm_sq"] = float(sum(float(np.square(np.asarray(v, np.float64)).sum())
-                                          for v in W.values()))
+        out: dict[str, Any] = split_scores(by_pair, self.labels, self.train_idx, self.test_idx)
+        out["weight_norm_sq"] = weight_norm_sq(W)
         if self.lens is None:
             out.update({k: None for k in GROUP_COLUMNS})
             return out
@@ -299,7 +293,7 @@ def measures_table(rows: list[dict[str, Any]], epochs: Sequence[int], keys, cfg:
     cols.append(pa.array([r.get("cos_sim") for r in rows], pa.list_(pa.float64())))
     names.append("cos_sim")
     meta = {k: json.dumps(v) for k, v in
-            task_measures.basis_summary(cfg.op, cfg.n_classes, keys).items()}
+            task_measures.basis_summary(cfg.op, cfg.n_classes, keys, cfg.model).items()}
     meta["op"] = cfg.op
     return pa.Table.from_arrays(cols, names=names).replace_schema_metadata(meta)
 
@@ -312,14 +306,15 @@ def compute_measures(run: RunDir, keys: Sequence[int] | None = None, device=None
     epochs, ckpts = run.checkpoints()
     if not epochs:
         raise RunDirError(f"{run.path}: no checkpoints to measure")
-    basis = task_measures.lens_of(cfg.op, cfg.n_classes)
+    basis = task_measures.lens_of(cfg.op, cfg.n_classes, cfg.model)
     if basis is None:
         keys = None
     elif keys is None:
         keys = task_measures.choose_keys(basis, run.unflatten(ckpts[-1])["embed.W_E"])
     else:
         keys = sorted(int(k) for k in keys)
-    ev = Evaluator(cfg, keys, device=device)
+    ev = Evaluator(cfg, keys, device=device) if cfg.model == "transformer" else \
+        OutputEvaluator(cfg, device=device)
     rows = []
     it = range(len(epochs))
     if progress:
@@ -385,9 +380,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = run.run_config()
         if not run.is_trained():
             raise RunDirError(f"{run.path}: {_unfinished(run)}")
-        basis = task_measures.lens_of(cfg.op, cfg.n_classes)
+        basis = task_measures.lens_of(cfg.op, cfg.n_classes, cfg.model)
         if args.keys and basis is None:
-            raise ValueError(f"--key-freqs: op {cfg.op!r} has no group measures")
+            raise ValueError(f"--key-freqs: run has no group measures "
+                             f"({task_measures.run_no_lens_reason(cfg)})")
         key = task_measures.parse_keys(args.keys, basis) if args.keys else None
         summary = finalize_run(run, device=args.device, keys=key)
     except (RunDirError, ValueError) as e:

@@ -235,6 +235,17 @@ class Transformer(HookedRootModule):
             return lastpos.last_logits(params, tokens, queries, act_fn=self.cfg.act_fn)
         return self.forward(tokens)[:, -1]
 
+    def stacked_last_logits(self, P: dict, tokens: torch.Tensor) -> torch.Tensor:
+        """``forward(tokens)[:, -1]`` of R stacked runs (weights ``P`` (R, *shape) by name,
+        tokens (R, b, n) -> (R, b, p)): the hooked forward called with each run's weights under
+        ``torch.func.vmap``."""
+        from torch.func import functional_call, vmap
+
+        def one(params, toks):
+            return functional_call(self, params, (toks,))[:, -1]
+
+        return vmap(one)(P, tokens)
+
     @property
     def _queries(self) -> "QueryCache":
         cache = self.__dict__.get("_query_cache")

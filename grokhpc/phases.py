@@ -110,7 +110,7 @@ def build_summary(run: RunDir, table, keys, curves=None) -> dict[str, Any]:
     cfg = run.run_config()
     curves = run.read_curves() if curves is None else curves
     summary: dict[str, Any] = {"run_id": cfg.run_id, "p": to_dict(cfg).get("p"), "op": cfg.op}
-    summary.update(basis_summary(cfg.op, cfg.n_classes, keys))
+    summary.update(basis_summary(cfg.op, cfg.n_classes, keys, cfg.model))
     summary.update(detect_phases(curves, cfg.n_classes))
     for col in ("train_loss", "train_acc", "test_loss", "test_acc"):
         summary[f"final_{col}"] = _last(curves, col)

@@ -47,6 +47,7 @@ from typing import Callable, Iterable, Sequence
 
 from .clusters import DEFAULT_ARRAY_PARALLELISM, ClusterProfile, parallelism_cap
 from .config import RunConfig, shape_fields
+from .families import mlp_sizes
 from .runtime import resolve_device
 from .sweep import LauncherSettings, SweepRun, local_threads
 
@@ -158,6 +159,8 @@ def bytes_per_run(cfg: RunConfig, rows: tuple[int, int] | None = None) -> int:
 
     * weights: stacked params + grads + two Adam moments + the shadow Trainer's params and two
       moments = ``7 * n_params`` (every block's weights, biases and LayerNorms);
+    * an MLP (``grokhpc.mlp``): per row its input, each hidden layer's pre-activation,
+      activation and gradient, and the loss terms ``6 c``; no tables;
     * the fast path (one ReLU block, no LayerNorm, ``grokhpc.lastpos``): its tables, kept for
       the backward with their gradients, ``3 x`` (embeddings ``n V d``, keys and values
       ``2 (n-1) V h e``, scores ``(n-1) V h``, ``W_out @ W_U``); per train row the scores and
@@ -178,7 +181,11 @@ def bytes_per_run(cfg: RunConfig, rows: tuple[int, int] | None = None) -> int:
     ln = cfg.normalization == "LN"
     n_train, n_test = (cfg.n_train, cfg.n_test) if rows is None else rows
     step_rows = n_train if cfg.full_batch else min(cfg.batch_size, n_train)
-    if L == 1 and not ln and cfg.act_fn == "relu":
+    if cfg.model == "mlp":   # per row: its input, each hidden layer's input and activation
+        sizes = mlp_sizes(cfg)
+        per_row = score_row = sizes[0] + 3 * sum(sizes[1:-1]) + 6 * c
+        tables = 0
+    elif L == 1 and not ln and cfg.act_fn == "relu":
         tables = n * V * d + 2 * (n - 1) * V * h * e + (n - 1) * V * h + m * c
         per_row = 3 * n * h + 2 * (n - 1) * h * e + 2 * h * e + d + h + 2 * d + 2 * m + 6 * c
         score_row = 2 * (n - 1) * h * e + 2 * m + 6 * c
@@ -195,6 +202,9 @@ def bytes_per_run(cfg: RunConfig, rows: tuple[int, int] | None = None) -> int:
 def param_count(cfg: RunConfig) -> int:
     """The model's parameters (grokhpc.model): embeddings, each block's attention and MLP
     weights and biases (and LayerNorms), the final LayerNorm and the unembedding."""
+    if cfg.model == "mlp":   # grokhpc.mlp: each Linear layer's weight and bias
+        sizes = mlp_sizes(cfg)
+        return sum(a * b + b for a, b in zip(sizes, sizes[1:]))
     n, h, e, d, m, c, V = (3, cfg.n_heads, cfg.d_head, cfg.d_model, cfg.d_mlp, cfg.n_classes,
                            cfg.d_vocab)
     ln = cfg.normalization == "LN"
@@ -328,7 +338,10 @@ def _rows(cfg: RunConfig) -> tuple[int, int]:
 
 
 def _epoch_work(cfg: RunConfig, n_train: int, n_test: int) -> float:
-    return cfg.d_mlp * cfg.n_classes * (3 * n_train + n_test / cfg.eval_every)
+    """Multiply-adds of an epoch, in the dominant product per row (the transformer's neuron
+    read-out ``d_mlp * n_classes``; an MLP's weights)."""
+    per_row = param_count(cfg) if cfg.model == "mlp" else cfg.d_mlp * cfg.n_classes
+    return per_row * (3 * n_train + n_test / cfg.eval_every)
 
 
 def work_scale(cfgs: Sequence[RunConfig]) -> float:

@@ -25,6 +25,9 @@ epoch. A solo run is a stack of one in exact mode.
     longest; padded rows are masked out of the loss and accuracy, which are each run's mean
     over its own rows (the solo ``mean``). Minibatch runs share n_train, so each step gathers
     every run's k-th minibatch (drawn from its own generator) without padding;
+  - a model family is what the stack calls (``grokhpc.models``): ``last_logits`` of one run's
+    rows (exact mode) and ``stacked_last_logits`` of R runs (batched mode; the MLP's is
+    ``torch.func.vmap`` of its own forward);
 * optimiser (``grokhpc.stacked_optim``): holds the stacked state. In batched mode its step is
   torch's single-tensor math with per-run lr, weight decay, betas or momentum broadcast along
   the run axis, a few kernels per weight whatever R is; each elementwise operation is the one
@@ -92,14 +95,10 @@ def _template(model):
 
 
 def hooked_last_logits(template, P: dict, tokens):
-    """``forward(tokens)[:, -1]`` of R stacked runs (tokens (R, b, n) -> (R, b, p)): the hooked
-    forward of ``template`` called with each run's weights under ``torch.func.vmap``."""
-    from torch.func import functional_call, vmap
-
-    def one(params, toks):
-        return functional_call(template, params, (toks,))[:, -1]
-
-    return vmap(one)(P, tokens)
+    """The logits of R stacked runs (rows (R, b, ...) -> (R, b, p)) by the model family's own
+    batched form (``stacked_last_logits``: the transformer's hooked forward, the MLP, each
+    under ``torch.func.vmap``)."""
+    return template.stacked_last_logits(P, tokens)
 
 
 # ---- a stack of runs at the same epoch ---------------------------------------------------------

@@ -71,8 +71,22 @@ def no_lens_reason(basis: TaskBasis) -> str | None:
     return None
 
 
-def lens_of(op: str, n_classes: int) -> TaskBasis | None:
-    """The basis the group measures of ``op`` read, or None where it has none."""
+_NOT_TRANSFORMER = ("the group measures read a transformer's embedding and its last block's "
+                    "MLP; model {model} has neither")
+
+
+def run_no_lens_reason(cfg) -> str | None:
+    """Why a run has no group measures (its model family, or its task), or None."""
+    if cfg.model != "transformer":
+        return _NOT_TRANSFORMER.format(model=cfg.model)
+    return no_lens_reason(bases.task_basis(cfg.op, cfg.n_classes))
+
+
+def lens_of(op: str, n_classes: int, model: str = "transformer") -> TaskBasis | None:
+    """The basis the group measures of ``op`` read (in a ``model`` run), or None where it has
+    none."""
+    if model != "transformer":
+        return None
     basis = bases.task_basis(op, n_classes)
     return None if no_lens_reason(basis) else basis
 
@@ -83,11 +97,12 @@ def key_names(basis: TaskBasis, keys: Sequence[int]) -> list[str]:
     return [names[k] for k in keys]
 
 
-def basis_summary(op: str, n_classes: int, keys: Sequence[int] | None) -> dict[str, Any]:
+def basis_summary(op: str, n_classes: int, keys: Sequence[int] | None,
+                  model: str = "transformer") -> dict[str, Any]:
     """summary.json's basis fields: ``basis`` (the group, or None), ``generator`` (g of
     Z_p^*), ``key_elements`` and ``key_names``, and ``key_freqs`` (the key elements of a
     cyclic basis, the frequencies over Z_p or over log_g's Z_{p-1}; None over S5)."""
-    basis = lens_of(op, n_classes)
+    basis = lens_of(op, n_classes, model)
     if basis is None or keys is None:
         return {"basis": basis and basis.group, "generator": basis and basis.generator,
                 "key_freqs": None, "key_elements": None, "key_names": None}

@@ -22,9 +22,14 @@ Labels over Z_p are taken mod p (names of the polynomial and mixed tasks as in P
 (:func:`s5_elements`), p does not apply, and a word is composed left to right: a permutation
 maps i to x[i], and "x then y" maps i to y[x[i]].
 
+Three datasets are no binary operation (``kind`` other than ``binary_op``, built by
+``grokhpc.datasets``): ``sparse_parity`` (n_bits random bits, the label the parity of the
+first k_bits), ``digits`` (scikit-learn's 8x8 digits) and ``mnist`` (MNIST-1k as Omnigrok
+uses it). They need ``model: mlp`` and have no group basis.
+
 Adding a task is one entry of :data:`TASKS` here (and its line in docs/run_fields.md); a task
-over a group bases.py does not know yet needs that group's basis there too. Datasets that are
-no binary operation (sparse parity, digits) come as a new ``kind``, which ``data.make_dataset``
+over a group bases.py does not know yet needs that group's basis there too. A new dataset that is
+no binary operation comes as an entry with a new ``kind``, which ``data.make_dataset``
 dispatches on.
 
 torch is imported inside the label functions only: config imports this module.
@@ -58,9 +63,15 @@ class Task:
     word: str = ""                   # S5: the label as a word in a and b ("a b a^-1")
     no_basis: str = ""               # group None: why no group's basis reads the label
     kind: str = "binary_op"          # how data.make_dataset builds its rows
+    classes: int = 0                 # a dataset's fixed number of classes (0: the operands')
+    pool: tuple[int, int] = (0, 0)   # an image dataset's (train, test) rows in its source
+    inputs: int = 0                  # an image dataset's features (pixels)
 
     def n_classes(self, p: int) -> int:
-        """Operand tokens, and classes: p residues, or the 120 permutations of S5."""
+        """Operand tokens, and classes: p residues, or the 120 permutations of S5 (a dataset
+        that is no binary operation: its own classes)."""
+        if self.classes:
+            return self.classes
         return S5_ORDER if self.operands == "S5" else p
 
     def n_pairs(self, p: int) -> int:
@@ -135,6 +146,17 @@ def _s5(name: str, word: str) -> Task:
     return Task(name, partial(_s5_label, name), operands="S5", group="S5", word=word)
 
 
+_NOT_BINARY = ("the rows are no pairs of a group's elements (a dataset, not a binary "
+               "operation): no group basis reads them")
+
+
+def _dataset(name: str, kind: str, classes: int, pool: tuple[int, int] = (0, 0),
+             inputs: int = 0) -> Task:
+    """A dataset that is no binary operation: rows and labels from ``grokhpc.datasets``."""
+    return Task(name, label=None, operands=kind, no_basis=_NOT_BINARY, kind=kind,
+                classes=classes, pool=pool, inputs=inputs)
+
+
 TASKS: dict[str, Task] = {t.name: t for t in (
     _modular("sub", lambda a, b, p: a - b, group="Z_p", sign=-1),
     _modular("add", lambda a, b, p: a + b, group="Z_p", sign=1),
@@ -150,6 +172,9 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     _s5("s5", "a b"),
     _s5("s5conj", "a b a^-1"),
     _s5("s5aba", "a b a"),
+    _dataset("sparse_parity", "sparse_parity", 2),
+    _dataset("digits", "image", 10, (1297, 500), 64),     # 1,797 images: the last 500 test
+    _dataset("mnist", "image", 10, (60000, 10000), 784),  # MNIST's own train and test sets
 )}
 
 

@@ -103,7 +103,8 @@ class Trainer:
         import torch
 
         from .data import make_dataset
-        from .model import build_model, param_layout
+        from .model import param_layout
+        from .models import build_model
 
         self.cfg, self.run, self.device = cfg, run, device
         self.settings = JobSettings() if settings is None else settings

@@ -114,7 +114,7 @@ def test_label_noise_replaces_the_asked_fraction_of_train_labels_only():
     assert torch.equal(again.train_labels, noisy.train_labels)     # seeded
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", [op for op in OPS if op not in config.DATA_OPS])
 def test_each_task_counts_the_rows_data_builds_and_labels_within_its_classes(op):
     """config's n_classes and n_pairs (from grokhpc.tasks) are the rows data builds: every
     (a, b) of 7 residues (div: b = 0 left out) or of the 120 permutations of S5."""
@@ -126,6 +126,7 @@ def test_each_task_counts_the_rows_data_builds_and_labels_within_its_classes(op)
         (want_classes, want_pairs, want_pairs, want_pairs)
     assert 0 <= int(labels.min()) and int(labels.max()) < want_classes
     assert config.OPS == tuple(TASKS)
+    assert set(config.DATA_OPS) == {"sparse_parity", "digits", "mnist"}   # tests/test_mlp.py
 
 
 def test_an_unknown_op_is_one_line_naming_it():

@@ -275,7 +275,7 @@ def test_the_new_fields_at_their_defaults_leave_run_ids_alone():
     (dict(grokfast_lamb=5), "grokfast_lamb: expected 2.0 unless grad_filter is ema or ma"),
     (dict(grad_filter="ema", grokfast_window=10),
      "grokfast_window: expected 100 unless grad_filter is ma"),
-    (dict(loss_fn="mse"), "loss_fn: expected one of softmax, stablemax, got 'mse'"),
+    (dict(loss_fn="hinge"), "loss_fn: expected one of softmax, stablemax, mse, got 'hinge'"),
     (dict(grokfast_alpha="fast"), "grokfast_alpha: expected float, got 'fast'"),
     (dict(optimizer="perp_sgd"), "optimizer: expected one of adamw, adam, sgd, perp_adamw"),
 ])

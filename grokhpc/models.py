@@ -1,0 +1,44 @@
+"""The model families a run may name (``RunConfig.model``): one builder each.
+
+Stage: model & data. Every family's module has the interface the trainers call
+(``grokhpc.stack``, ``grokhpc.train``): ``last_logits(rows)`` -> (rows, n_classes) logits of one
+run, and ``stacked_last_logits(P, rows)`` -> (R, rows, n_classes) of R runs' stacked weights in
+one batched computation. Weights are plain named parameters, so checkpoints, optimisers and
+resumes are the same for every family. A third family is one entry of :data:`FAMILIES`.
+
+* ``transformer``: the seed's (``grokhpc.model.Transformer``);
+* ``mlp``: Omnigrok's MLP (``grokhpc.mlp.MLP``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def _transformer(cfg):
+    from .model import build_model
+
+    return build_model(cfg, "cpu")
+
+
+def _mlp(cfg):
+    import torch
+
+    from .mlp import build_mlp
+
+    model = build_mlp(cfg)
+    if cfg.init_scale != 1.0:   # Omnigrok's alpha: every parameter scaled
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(cfg.init_scale)
+    return model
+
+
+# Each family's builder: a freshly initialised model for a config, on the CPU.
+FAMILIES: dict[str, Callable] = {"transformer": _transformer, "mlp": _mlp}
+
+
+def build_model(cfg, device="cpu"):
+    """A freshly initialised model of ``cfg``'s family (built on the CPU, then moved: the
+    initialisation is device-independent)."""
+    return FAMILIES[cfg.model](cfg).to(device)
