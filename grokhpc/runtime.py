@@ -279,16 +279,12 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-_BLAS: list = []   # one threadpoolctl controller, made when first asked for
-
-
 def blas_threads_like_torch():
     """numpy's BLAS held to torch's intra-op thread count for the block: left alone, its
     OpenBLAS starts one spinning thread per core beside torch's, so a one-thread job would
-    take every core for its numpy products."""
+    take every core for its numpy products. Every BLAS loaded by then is held (scipy's, say,
+    loaded after the first call)."""
     import torch
-    from threadpoolctl import ThreadpoolController
+    from threadpoolctl import threadpool_limits
 
-    if not _BLAS:
-        _BLAS.append(ThreadpoolController())
-    return _BLAS[0].limit(limits=torch.get_num_threads(), user_api="blas")
+    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +14,12 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+
+# A shell's background job starts with SIGINT ignored, and children inherit that: the tests
+# that press Ctrl-C on a trainer or a launch would find it deaf. Given a handler here instead,
+# the processes the tests start get the default action, as from a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # A run small enough for a shared 2-core machine: p=11, d_model 32, a few hundred epochs.
 TINY_RUN = {"p": 11, "d_model": 32, "d_head": 8, "n_heads": 4, "d_mlp": 64, "n_epochs": 200,
