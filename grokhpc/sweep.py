@@ -15,6 +15,7 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
     figures:                    # optional: phase diagrams over pairs of swept axes (aggregate)
       phase: [lr, weight_decay]   # x and y axes; or a list of such pairs
     llc: {log_points: 12}       # optional: LLC per checkpoint after training (grokhpc.llc_run)
+    published: {...}            # optional: a paper's numbers to compare with (grokhpc.reference)
     launcher:                   # how to run it (all optional)
       executor: auto            # auto | slurm | local | debug
       cluster: bouchet          # a profile in slurm/<name>.yaml
@@ -56,10 +57,11 @@ import yaml
 
 from .config import FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, to_dict
 from .llc import checked_section
+from .reference import parse_published
 from .runtime import DEFAULT_STATE_EVERY_S, STEP_MODES, JobSettings
 from .tracking import WandbSettings, parse_wandb
 
-SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher", "figures", "llc")
+SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher", "figures", "llc", "published")
 FIGURE_KEYS = ("phase",)
 EXECUTORS = ("auto", "slurm", "local", "debug")
 LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
@@ -343,6 +345,7 @@ class Sweep:
     description: str = ""
     phase_pairs: tuple[tuple[str, str], ...] = ()   # figures.phase: (x axis, y axis) pairs
     llc: Any = None                # the llc: section, checked by llc.LLCRequest (llc_run reads it)
+    published: tuple = ()          # the paper's numbers (grokhpc.reference; aggregate compares)
 
     @property
     def name(self) -> str:
@@ -568,7 +571,9 @@ def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
                  out=out, base=base, axes=tuple(axes.names), zip_groups=tuple(axes.zip_groups),
                  launcher=launcher, runs=tuple(runs), description=description,
                  phase_pairs=parse_figures(spec.get("figures"), source, axes.names),
-                 llc=checked_section(spec.get("llc"), source))
+                 llc=checked_section(spec.get("llc"), source),
+                 published=parse_published(spec.get("published"), source,
+                                           [r.swept for r in runs]))
 
 
 def read_spec_text(path: str | os.PathLike, what: str) -> str:
