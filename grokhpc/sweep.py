@@ -440,8 +440,8 @@ class _Axes:
         self.factors: list[list[dict[str, Any]]] = []
         self.zip_groups: list[tuple[str, ...]] = []
 
-    def values(self, where: str, axis: Any, values: Any) -> list[Any]:
-        """One axis's values, validated as run field values on top of the base."""
+    def values(self, where: str, axis: Any, values: Any, distinct: bool = True) -> list[Any]:
+        """One axis's values, checked as run field values on the base (a zip's may repeat)."""
         source, key = self.source, f"{where}.{axis}"
         _expect(isinstance(axis, str) and axis in FIELD_TYPES, source, key,
                 f"a run field ({', '.join(FIELD_TYPES)})", axis)
@@ -453,7 +453,7 @@ class _Axes:
                 "a non-empty list of values", values)
         out = [getattr(from_dict({axis: v}, source=f"{source}: {where}", base=self.base), axis)
                for v in values]
-        if len(set(map(repr, out))) != len(out):
+        if distinct and len(set(map(repr, out))) != len(out):
             raise ConfigError(f"{source}: {key}: expected distinct values, got {shown(values)}")
         self.names.append(axis)
         return out
@@ -466,7 +466,7 @@ class _Axes:
         where = f"zip[{gi}]"
         _expect(isinstance(group, Mapping) and len(group) >= 1, self.source, where,
                 "a mapping of run fields to lists of equal length", group)
-        cols = {axis: self.values(where, axis, values) for axis, values in group.items()}
+        cols = {axis: self.values(where, axis, values, False) for axis, values in group.items()}
         lengths = {a: len(v) for a, v in cols.items()}
         if len(set(lengths.values())) != 1:
             raise ConfigError(f"{self.source}: {where}: expected lists of equal length, got "
