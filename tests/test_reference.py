@@ -167,3 +167,28 @@ def test_launch_help_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_zip_may_repeat_a_value_but_not_a_row():
+    # the Grokfast table's arms: a filter off at three weight decays, on at one each
+    zipped = ("base: {p: 11, grad_filter: ma}\nzip:\n  grad_filter: [none, ema, ma, none]\n"
+              "  grokfast_lamb: [2.0, 2.0, 5.0, 2.0]\n  weight_decay: [0.0, 0.005, 0.01, 0.01]\n")
+    s = parse_sweep(zipped, "z.yaml")
+    assert [(r.config.grad_filter, r.config.grokfast_lamb, r.config.weight_decay)
+            for r in s.runs] == [("none", 2.0, 0.0), ("ema", 2.0, 0.005), ("ma", 5.0, 0.01),
+                                 ("none", 2.0, 0.01)]
+    with pytest.raises(ConfigError, match=r"z.yaml: grid: runs 0 and 3 are the same run"):
+        parse_sweep(zipped.replace("0.01, 0.01]", "0.01, 0.0]"), "z.yaml")
+
+
+def test_every_reproduction_preset_has_published_numbers_and_a_cpu_twin():
+    from grokhpc.sweep import load_sweep
+
+    repro = Path(__file__).resolve().parent.parent / "sweeps" / "repro"
+    specs = sorted(repro.glob("*.yaml"))
+    full = [p for p in specs if not p.stem.endswith("_cpu")]
+    assert len(full) >= 3 and {p.stem + "_cpu" for p in full} <= {p.stem for p in specs}
+    for p in specs:
+        s = load_sweep(p)
+        assert s.published and all(e.source for e in s.published), p.name
+        assert s.out.parts[-2:] == ("repro", p.stem), p.name
