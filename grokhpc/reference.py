@@ -7,7 +7,7 @@ A spec's ``published:`` section says what a paper reported for the setting the s
       metric: grokking_epoch      # a column of runs.parquet (grokhpc.tables)
       unit: step                  # epoch (default) | step: the paper counts optimiser steps
       by: [grad_filter, weight_decay]   # the swept axes the values are keyed by (optional)
-      values:                     # one axis: {value: number}; several: [[v1, v2, number], ...];
+      values:                     # one axis: {value: number}; any: rows [[v1, v2, number], ...];
         - [none, 0.0, 39890]      # no axis: one number; left out: measured values only
         - [ema, 0.005, 910]
       note: they count steps to 95% validation accuracy; grokking_epoch is 99%
@@ -63,10 +63,8 @@ class Published:
         return next((v for k, v in self.values if tuple(map(repr, k)) == key), None)
 
     def to_dict(self) -> dict[str, Any]:
-        vals: Any = [[*k, v] for k, v in self.values]
-        if len(self.by) == 1:
-            vals = {k[0]: v for k, v in self.values}
-        elif not self.by:
+        vals: Any = [[*k, v] for k, v in self.values]   # rows: JSON keys would be text
+        if not self.by:
             vals = self.values[0][1] if self.values else None
         d = {"source": self.source, "metric": self.metric, "unit": self.unit,
              "by": list(self.by), "values": vals, "note": self.note}
@@ -125,9 +123,9 @@ def _values(raw: Any, by: tuple[str, ...], where: str, taken) -> tuple:
         return ()
     if not by:
         return (((), _number(raw, w)),)
-    if len(by) == 1:
+    if len(by) == 1 and not isinstance(raw, list):
         if not isinstance(raw, Mapping) or not raw:
-            _fail(w, f"a mapping of {by[0]} values to numbers", raw)
+            _fail(w, f"a mapping of {by[0]} values to numbers (or [{by[0]}, number] rows)", raw)
         rows = [[k, v] for k, v in raw.items()]
     else:
         if not isinstance(raw, list) or not raw or not all(

@@ -94,6 +94,11 @@ def test_a_published_section_is_parsed_and_never_changes_run_ids():
     s = parse_sweep(SPEC, "p.yaml")
     assert s.published == (Published("Power et al. 2022, Fig. 1", "grokking_epoch",
                                      by=("train_frac",), values=(((0.5,), 1000.0),)),)
+    # as the manifest records it (JSON: a mapping's number keys would come back as text)
+    from grokhpc.reference import manifest_published
+    man = json.loads(json.dumps({"published": [e.to_dict() for e in s.published],
+                                 "runs": [{"swept": r.swept} for r in s.runs]}))
+    assert manifest_published(man, "manifest.json") == (s.published, None)
     bare = parse_sweep(SPEC.split("published:")[0], "p.yaml")
     assert [r.run_id for r in s.runs] == [r.run_id for r in bare.runs]
     many = parse_sweep(SPEC.split("published:")[0] + "published:\n"
@@ -118,7 +123,8 @@ def test_a_published_section_is_parsed_and_never_changes_run_ids():
      "p.yaml: published.values[0].train_frac: expected a value the sweep gives train_frac "
      "(0.3, 0.5), got 0.4"),
     (("{0.5: 1000}", "{0.5: -3}"), "p.yaml: published.values[0]: expected a positive number"),
-    (("{0.5: 1000}", "[1000]"), "p.yaml: published.values: expected a mapping of train_frac"),
+    (("{0.5: 1000}", "7"), "p.yaml: published.values: expected a mapping of train_frac"),
+    (("{0.5: 1000}", "[1000]"), "p.yaml: published.values: expected a list of [train_frac, "),
     ((SPEC[SPEC.index("published:"):], "published: 7\n"),
      "p.yaml: published: expected a mapping (source"),
 ])
