@@ -284,13 +284,13 @@ def summary_lines(table) -> list[str]:
     lines: list[str] = []
     for (metric, unit, source), part in table.groupby(["metric", "unit", "source"], sort=False):
         lines.append(f"measured vs published: {metric} in {unit}s; {source}")
-        rows = [["arm", "seeds", "reached", "median", "IQR", "min-max", "published", "ratio"]]
+        rows = [["arm", "seeds", "reached", "median", "IQR", "min..max", "published", "ratio"]]
         for r in part.to_dict("records"):
             rows.append([r["arm"], str(r["n_seeds"]), str(r["n_reached"]),
                          _shown_value(r["median"], r["median_lower"]),
-                         f"{_shown_value(r['q25'], r['q25_lower'])}-"
+                         f"{_shown_value(r['q25'], r['q25_lower'])}.."
                          f"{_shown_value(r['q75'], r['q75_lower'])}",
-                         f"{_shown_value(r['min'], r['min_lower'])}-"
+                         f"{_shown_value(r['min'], r['min_lower'])}.."
                          f"{_shown_value(r['max'], r['max_lower'])}",
                          _shown_value(r["published"], False),
                          _shown_value(r["ratio"], r["ratio_lower"])])
