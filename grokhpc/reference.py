@@ -33,10 +33,14 @@ from .config import FIELD_TYPES, ConfigError, RunConfig, clip, shown
 
 KEYS = ("source", "metric", "unit", "by", "values", "note")
 UNITS = ("epoch", "step")
-SEED_FIELDS = ("model_seed", "data_seed")
 STATS = ("median", "q25", "q75", "min", "max")
 QUANTILES = {"median": 0.5, "q25": 0.25, "q75": 0.75, "min": 0.0, "max": 1.0}
 TABLE, CSV = "reference.parquet", "reference.csv"
+
+
+def is_seed(field: str) -> bool:
+    """Seeds are what the statistics run over, never an arm (as the figures: any ``*_seed``)."""
+    return field.endswith("_seed")
 
 
 def metric_columns() -> tuple[str, ...]:
@@ -107,8 +111,8 @@ def _by(raw: Any, where: str, taken: Mapping[str, set]) -> tuple[str, ...]:
     if not isinstance(by, list) or not all(isinstance(a, str) for a in by):
         _fail(f"{where}.by", "a swept axis or a list of them", raw)
     for a in by:
-        if a not in FIELD_TYPES or a in SEED_FIELDS or (taken and a not in taken):
-            arms = [x for x in taken if x not in SEED_FIELDS] if taken else "a run field"
+        if a not in FIELD_TYPES or is_seed(a) or (taken and a not in taken):
+            arms = [x for x in taken if not is_seed(x)]
             _fail(f"{where}.by", f"a swept axis other than the seeds ({', '.join(arms)})"
                   if taken else "a run field other than the seeds", a)
     if len(set(by)) != len(by):
@@ -187,9 +191,8 @@ def parse_published(raw: Any, source: str,
 def manifest_published(manifest: Mapping[str, Any], source: str) -> tuple[tuple, str | None]:
     """The ``published`` entries a manifest records, checked again (a manifest is a file
     anyone can edit), and a one-line note instead when they are not valid."""
-    runs = manifest.get("runs") or []
-    swept = [r["swept"] for r in runs if isinstance(r, Mapping) and isinstance(r.get("swept"),
-                                                                                Mapping)]
+    runs = [r for r in manifest.get("runs") or [] if isinstance(r, Mapping)]
+    swept = [r["swept"] for r in runs if isinstance(r.get("swept"), Mapping)]
     try:
         return parse_published(manifest.get("published") or None, source, swept), None
     except ConfigError as e:
@@ -246,7 +249,7 @@ def measured_vs_published(runs, entries: Iterable[Published], swept: Iterable[st
     being the runs that share every swept axis but the seeds."""
     import pandas as pd
 
-    axes = [a for a in swept if a not in SEED_FIELDS and a in runs.columns]
+    axes = [a for a in swept if not is_seed(a) and a in runs.columns]
     records = [{k: plain(v) for k, v in r.items()} for r in runs.to_dict("records")]
     arms: dict[str, list] = {}
     for r in records:
