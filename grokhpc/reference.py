@@ -5,12 +5,13 @@ A spec's ``published:`` section says what a paper reported for the setting the s
     published:
       source: Lee et al. 2024 (Grokfast), github.com/ironjr/grokfast README, algorithmic data
       metric: grokking_epoch      # a column of runs.parquet (grokhpc.tables)
+      threshold: 0.95             # grokking_epoch at this test accuracy (from the curves)
       unit: step                  # epoch (default) | step: the paper counts optimiser steps
       by: [grad_filter, weight_decay]   # the swept axes the values are keyed by (optional)
       values:                     # one axis: {value: number}; any: rows [[v1, v2, number], ...];
         - [none, 0.0, 39890]      # no axis: one number; left out: measured values only
         - [ema, 0.005, 910]
-      note: they count steps to 95% validation accuracy; grokking_epoch is 99%
+      note: one run per arm in the paper
 
 or a list of such mappings (one per metric). It is never part of a run's identity: the spec
 parser checks it (:func:`parse_published`) and the manifest records it; ``python -m
@@ -31,7 +32,7 @@ from typing import Any, Iterable, Mapping
 
 from .config import FIELD_TYPES, ConfigError, RunConfig, clip, shown
 
-KEYS = ("source", "metric", "unit", "by", "values", "note")
+KEYS = ("source", "metric", "threshold", "unit", "by", "values", "note")
 UNITS = ("epoch", "step")
 STATS = ("median", "q25", "q75", "min", "max")
 QUANTILES = {"median": 0.5, "q25": 0.25, "q75": 0.75, "min": 0.0, "max": 1.0}
@@ -60,6 +61,7 @@ class Published:
     by: tuple[str, ...] = ()
     values: tuple[tuple[tuple[Any, ...], float], ...] = ()   # (axis values, number)
     note: str = ""
+    threshold: float | None = None   # grokking_epoch at this test accuracy (curves), not 0.99
 
     def lookup(self, arm: Mapping[str, Any]) -> float | None:
         """The published number of the arm whose axes take ``arm``'s values, or None."""
@@ -70,8 +72,8 @@ class Published:
         vals: Any = [[*k, v] for k, v in self.values]   # rows: JSON keys would be text
         if not self.by:
             vals = self.values[0][1] if self.values else None
-        d = {"source": self.source, "metric": self.metric, "unit": self.unit,
-             "by": list(self.by), "values": vals, "note": self.note}
+        d = {"source": self.source, "metric": self.metric, "threshold": self.threshold,
+             "unit": self.unit, "by": list(self.by), "values": vals, "note": self.note}
         return {k: v for k, v in d.items() if v not in (None, "", [])}
 
 
@@ -161,12 +163,15 @@ def _entry(raw: Any, where: str, taken: Mapping[str, set]) -> Published:
               metric)
     if unit not in UNITS:
         _fail(f"{where}.unit", " | ".join(UNITS), unit)
-    note = raw.get("note", "")
+    note, thr = raw.get("note", ""), raw.get("threshold")
     if not isinstance(note, str):
         _fail(f"{where}.note", "text", note)
+    if thr is not None and (metric != "grokking_epoch" or isinstance(thr, bool)
+                            or not isinstance(thr, (int, float)) or not 0 < thr <= 1):
+        _fail(f"{where}.threshold", "a test accuracy in (0, 1], with metric grokking_epoch", thr)
     by = _by(raw.get("by"), where, taken)
     return Published(src.strip(), metric, unit, by, _values(raw.get("values"), by, where, taken),
-                     note)
+                     note, None if thr is None else float(thr))
 
 
 def parse_published(raw: Any, source: str,
@@ -230,6 +235,25 @@ def quantile(reached: list[float], censored: list[float], q: float) -> tuple[flo
     return keys[lo] + (keys[hi] - keys[lo]) * (h - lo), False
 
 
+def at_threshold(rows: list[dict], threshold: float, curves_dir: Path) -> list[dict]:
+    """``rows`` with grokking_epoch and grokked read at ``threshold`` from each done run's
+    curves (``curves_dir/<run_id>.parquet``): the first logged epoch at that test accuracy. A
+    done run whose curves are missing is left out of the statistics (state "no curves")."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for r in rows:
+        f = curves_dir / f"{r['run_id']}.parquet"
+        if r.get("state") == "done" and not f.exists():
+            r = {**r, "state": "no curves"}
+        elif r.get("state") == "done":
+            t = pq.read_table(f, columns=["epoch", "test_acc"]).to_pydict()
+            hit = [e for e, a in zip(t["epoch"], t["test_acc"]) if a is not None and a >= threshold]
+            r = {**r, "grokked": bool(hit), "grokking_epoch": hit[0] if hit else r["epoch"]}
+        out.append(r)
+    return out
+
+
 def _arm_stats(rows: list[Mapping[str, Any]], pub: Published) -> dict[str, Any]:
     done = [r for r in rows if r.get("state") == "done"]
     unit = [steps_per_epoch(r) if pub.unit == "step" else 1 for r in done]
@@ -244,9 +268,11 @@ def _arm_stats(rows: list[Mapping[str, Any]], pub: Published) -> dict[str, Any]:
     return out
 
 
-def measured_vs_published(runs, entries: Iterable[Published], swept: Iterable[str]):
+def measured_vs_published(runs, entries: Iterable[Published], swept: Iterable[str],
+                          curves_dir: Path | None = None):
     """The measured-vs-published table (pandas): one row per published entry x arm, the arms
-    being the runs that share every swept axis but the seeds."""
+    being the runs that share every swept axis but the seeds (an entry with a ``threshold``
+    reads the runs' curves in ``curves_dir``)."""
     import pandas as pd
 
     axes = [a for a in swept if not is_seed(a) and a in runs.columns]
@@ -263,11 +289,12 @@ def measured_vs_published(runs, entries: Iterable[Published], swept: Iterable[st
     for pub in entries:
         for rows in order:
             arm = {a: rows[0].get(a) for a in axes}
-            stats = _arm_stats(rows, pub)
+            stats = _arm_stats(at_threshold(rows, pub.threshold, curves_dir)
+                               if pub.threshold else rows, pub)
             published = pub.lookup(arm) if pub.by or pub.values else None
             ratio = None if published is None or stats["median"] is None else \
                 stats["median"] / published
-            out.append({"metric": pub.metric, "unit": pub.unit,
+            out.append({"metric": pub.metric, "threshold": pub.threshold, "unit": pub.unit,
                         "arm": ", ".join(f"{a}={v}" for a, v in arm.items()) or "all",
                         **stats, "published": published, "ratio": ratio,
                         "ratio_lower": stats["median_lower"] if ratio is not None else False,
@@ -285,8 +312,10 @@ def _shown_value(v: Any, lower: bool) -> str:
 def summary_lines(table) -> list[str]:
     """The table as printed by ``python -m grokhpc.aggregate``: one block per metric."""
     lines: list[str] = []
-    for (metric, unit, source), part in table.groupby(["metric", "unit", "source"], sort=False):
-        lines.append(f"measured vs published: {metric} in {unit}s; {source}")
+    keys = ["metric", "threshold", "unit", "source"]
+    for (metric, thr, unit, source), part in table.groupby(keys, sort=False, dropna=False):
+        at = "" if thr is None or thr != thr else f" (test accuracy >= {thr:g})"
+        lines.append(f"measured vs published: {metric}{at} in {unit}s; {source}")
         rows = [["arm", "seeds", "reached", "median", "IQR", "min..max", "published", "ratio"]]
         for r in part.to_dict("records"):
             rows.append([r["arm"], str(r["n_seeds"]), str(r["n_reached"]),
@@ -318,7 +347,8 @@ def write_reference(out_dir: Path, entries: tuple[Published, ...], swept: list[s
         for name in (TABLE, CSV):
             (out_dir / name).unlink(missing_ok=True)
         return []
-    table = measured_vs_published(pd.read_parquet(out_dir / "runs.parquet"), entries, swept)
+    table = measured_vs_published(pd.read_parquet(out_dir / "runs.parquet"), entries, swept,
+                                  out_dir / "curves")
     atomic_write_table(out_dir / TABLE, pa.Table.from_pandas(table, preserve_index=False))
     atomic_write_bytes(out_dir / CSV, table.to_csv(index=False).encode())
     return summary_lines(table)

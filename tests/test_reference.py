@@ -110,8 +110,8 @@ def test_a_published_section_is_parsed_and_never_changes_run_ids():
 
 @pytest.mark.parametrize("change, error", [
     (("  by: train_frac", "  by: train_frac\n  colour: red"),
-     "p.yaml: published.colour: unknown key (expected one of source, metric, unit, by, "
-     "values, note)"),
+     "p.yaml: published.colour: unknown key (expected one of source, metric, threshold, "
+     "unit, by, values, note)"),
     (("metric: grokking_epoch", "metric: test_acc"),
      "p.yaml: published.metric: expected a column of runs.parquet (grokking_epoch, "),
     (("  metric", "  unit: iterations\n  metric"), "p.yaml: published.unit: expected epoch | step"),
@@ -198,3 +198,26 @@ def test_every_reproduction_preset_has_published_numbers_and_a_cpu_twin():
         s = load_sweep(p)
         assert s.published and all(e.source for e in s.published), p.name
         assert s.out.parts[-2:] == ("repro", p.stem), p.name
+
+
+def test_a_threshold_reads_the_first_epoch_at_that_accuracy_from_the_curves(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # run a: test accuracy 0.5, 0.96 at epoch 20, 0.995 at 40; run b: 0.97 from 30, never 0.99
+    for rid, accs in {"a": [0.1, 0.5, 0.96, 0.98, 0.995], "b": [0.1, 0.5, 0.6, 0.97, 0.98]}.items():
+        pq.write_table(pa.table({"epoch": [0, 10, 20, 30, 40], "test_acc": accs}),
+                       tmp_path / f"{rid}.parquet")
+    runs = pd.DataFrame([{**row(0.5, 1, 40, epoch=40), "run_id": "a"},
+                         {**row(0.5, 2, None, epoch=40), "run_id": "b"}])
+    at95 = Published("paper", "grokking_epoch", threshold=0.95)
+    t = measured_vs_published(runs, [at95, Published("paper", "grokking_epoch")], ["model_seed"],
+                              tmp_path)
+    a, b = t.to_dict("records")
+    assert (a["threshold"], a["n_reached"], a["median"], a["min"], a["max"]) == \
+        (0.95, 2, 25, 20, 30)
+    assert (b["n_reached"], b["min"], b["max"], b["max_lower"]) == (1, 40, 40, True)  # 0.99
+    assert "grokking_epoch (test accuracy >= 0.95) in epochs" in "\n".join(summary_lines(t))
+    with pytest.raises(ConfigError, match=r"p.yaml: published.threshold: expected a test "
+                                          r"accuracy in \(0, 1\], with metric grokking_epoch"):
+        parse_sweep(SPEC.replace("  by:", "  threshold: 95\n  by:"), "p.yaml")
