@@ -49,6 +49,7 @@ from .figures import export, parse_formats
 from .scheduler import CORRUPT, DONE, FAILED, MANIFEST, PENDING, RUNNING, find_sweeps, read_manifest
 from .store import (CONFIG, NO_SPACE, NOT_ALLOWED, RunDirError, atomic_write_json,
                     out_problem, temp_beside, write_table)
+from .reference import manifest_published, write_reference
 from .sweep_figures import cross_run_figures
 from .tables import (FINISHED, DamagedTable, RunRead, WriteError, build_checkpoints_table,
                      build_runs_table, discrete_columns, infer_swept, measures_with_id,
@@ -73,6 +74,7 @@ class Sweep:
     axes: list[str]
     manifest_error: str | None = None
     phase_pairs: list[tuple[str, str]] = field(default_factory=list)  # the spec's figures.phase
+    published: tuple = ()   # the spec's published: section (grokhpc.reference)
 
 
 def discover(sweep_dir: str | os.PathLike) -> Sweep:
@@ -85,6 +87,7 @@ def discover(sweep_dir: str | os.PathLike) -> Sweep:
     axes: list[str] = []
     manifest_error = None
     phase_pairs: list[tuple[str, str]] = []
+    published: tuple = ()
     mf = root / MANIFEST
     if mf.exists():
         try:
@@ -104,6 +107,8 @@ def discover(sweep_dir: str | os.PathLike) -> Sweep:
                 if isinstance(r, dict) and isinstance(r.get("swept"), dict):
                     axes.extend(k for k in r["swept"] if k not in axes)
             phase_pairs, manifest_error = _phase_pairs(man, str(mf))
+            published, bad = manifest_published(man, str(mf))
+            manifest_error = manifest_error or bad
         except RunDirError as e:
             manifest_error = f"{e}; runs found by directory scan"
         except (AttributeError, TypeError) as e:
@@ -124,7 +129,7 @@ def discover(sweep_dir: str | os.PathLike) -> Sweep:
             if e2.is_dir() and not e2.name.startswith(".") and \
                     os.path.exists(os.path.join(e2.path, CONFIG)):
                 found[Path(e2.path).resolve()] = None
-    return Sweep(root, list(found), axes, manifest_error, phase_pairs)
+    return Sweep(root, list(found), axes, manifest_error, phase_pairs, published)
 
 
 def not_a_sweep(path: str | os.PathLike) -> str | None:
@@ -186,6 +191,7 @@ class Result:
     figures: dict[str, list[Path]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    reference: list[str] = field(default_factory=list)   # the measured-vs-published summary
 
 
 def _load_index(out_dir: Path) -> dict[str, Any]:
@@ -466,6 +472,8 @@ def _aggregate(sweeps, out, formats, force: bool, log, workers: int,
         res.swept = _previous_swept(plan, config_keys)
     res.tables = {"runs": plan.out_dir / RUNS_TABLE, "checkpoints": plan.out_dir / CKPT_TABLE,
                   "curves": plan.cdir}
+    res.reference = write_reference(plan.out_dir, tuple(dict.fromkeys(
+        p for s in plan.sweeps for p in s.published)), res.swept)
     if formats:
         _draw_figures(plan, res, formats, runs_table, ckpt_table, log or (lambda s: None),
                       html_js)
@@ -551,6 +559,8 @@ def _report(res: Result) -> None:
     print(f"{res.n_runs} runs ({states}); read {res.n_read}; swept: {swept}; "
           f"{res.timings.get('total_s', 0):.1f} s")
     print(f"tables: {res.out_dir}/{RUNS_TABLE}, {CKPT_TABLE}, {CURVES_DIR}/")
+    for line in res.reference:
+        print(line)
     if res.figures:
         n = sum(len(v) for v in res.figures.values())
         print(f"figures: {n} files in {res.out_dir / FIG_DIR}")

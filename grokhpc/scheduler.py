@@ -369,6 +369,7 @@ def new_manifest(sweep, launcher, old: dict | None) -> dict:
         "axes": list(sweep.axes),
         "zip_groups": [list(g) for g in sweep.zip_groups],
         "figures": {"phase": [list(pair) for pair in sweep.phase_pairs]},
+        "published": [entry.to_dict() for entry in sweep.published],   # grokhpc.reference
         "base": to_dict(sweep.base),
         "launcher": launcher.to_dict(),
         # run directories relative to the sweep directory, so a copied sweep still reads

@@ -283,6 +283,8 @@ def aggregate_here(sweep: Sweep, out) -> None:
     figures = sorted({p.parent for ps in res.figures.values() for p in ps})
     print(f"aggregated {res.n_runs} runs: tables in {res.out_dir}"
           + (f", figures in {', '.join(map(str, figures))}" if figures else ""), file=out)
+    for line in res.reference:   # the measured-vs-published table (grokhpc.reference)
+        print(line, file=out)
 
 
 

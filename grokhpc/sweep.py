@@ -15,6 +15,7 @@ A spec names a base run config, the axes to sweep and where the sweep goes::
     figures:                    # optional: phase diagrams over pairs of swept axes (aggregate)
       phase: [lr, weight_decay]   # x and y axes; or a list of such pairs
     llc: {log_points: 12}       # optional: LLC per checkpoint after training (grokhpc.llc_run)
+    published: {...}            # optional: a paper's numbers to compare with (grokhpc.reference)
     launcher:                   # how to run it (all optional)
       executor: auto            # auto | slurm | local | debug
       cluster: bouchet          # a profile in slurm/<name>.yaml
@@ -57,10 +58,11 @@ import yaml
 
 from .config import FIELD_TYPES, ConfigError, RunConfig, from_dict, parse_overrides, to_dict
 from .llc import checked_section
+from .reference import parse_published
 from .runtime import DEFAULT_STATE_EVERY_S, STEP_MODES, JobSettings
 from .tracking import WandbSettings, parse_wandb
 
-SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher", "figures", "llc")
+SPEC_KEYS = ("description", "base", "grid", "zip", "out", "launcher", "figures", "llc", "published")
 FIGURE_KEYS = ("phase",)
 EXECUTORS = ("auto", "slurm", "local", "debug")
 LAUNCHER_KEYS = ("executor", "cluster", "time", "gpus", "gpu_type", "cpus_per_task", "mem_gb",
@@ -347,6 +349,7 @@ class Sweep:
     description: str = ""
     phase_pairs: tuple[tuple[str, str], ...] = ()   # figures.phase: (x axis, y axis) pairs
     llc: Any = None                # the llc: section, checked by llc.LLCRequest (llc_run reads it)
+    published: tuple = ()          # the paper's numbers (grokhpc.reference; aggregate compares)
 
     @property
     def name(self) -> str:
@@ -440,8 +443,8 @@ class _Axes:
         self.factors: list[list[dict[str, Any]]] = []
         self.zip_groups: list[tuple[str, ...]] = []
 
-    def values(self, where: str, axis: Any, values: Any) -> list[Any]:
-        """One axis's values, validated as run field values on top of the base."""
+    def values(self, where: str, axis: Any, values: Any, distinct: bool = True) -> list[Any]:
+        """One axis's values, checked as run field values on the base (a zip's may repeat)."""
         source, key = self.source, f"{where}.{axis}"
         _expect(isinstance(axis, str) and axis in FIELD_TYPES, source, key,
                 f"a run field ({', '.join(FIELD_TYPES)})", axis)
@@ -453,7 +456,7 @@ class _Axes:
                 "a non-empty list of values", values)
         out = [getattr(from_dict({axis: v}, source=f"{source}: {where}", base=self.base), axis)
                for v in values]
-        if len(set(map(repr, out))) != len(out):
+        if distinct and len(set(map(repr, out))) != len(out):
             raise ConfigError(f"{source}: {key}: expected distinct values, got {shown(values)}")
         self.names.append(axis)
         return out
@@ -466,7 +469,7 @@ class _Axes:
         where = f"zip[{gi}]"
         _expect(isinstance(group, Mapping) and len(group) >= 1, self.source, where,
                 "a mapping of run fields to lists of equal length", group)
-        cols = {axis: self.values(where, axis, values) for axis, values in group.items()}
+        cols = {axis: self.values(where, axis, values, False) for axis, values in group.items()}
         lengths = {a: len(v) for a, v in cols.items()}
         if len(set(lengths.values())) != 1:
             raise ConfigError(f"{self.source}: {where}: expected lists of equal length, got "
@@ -569,7 +572,9 @@ def parse_sweep(text: str, source: str, overrides: Iterable[str] = (),
                  out=out, base=base, axes=tuple(axes.names), zip_groups=tuple(axes.zip_groups),
                  launcher=launcher, runs=tuple(runs), description=description,
                  phase_pairs=parse_figures(spec.get("figures"), source, axes.names),
-                 llc=checked_section(spec.get("llc"), source))
+                 llc=checked_section(spec.get("llc"), source),
+                 published=parse_published(spec.get("published"), source,
+                                           [r.swept for r in runs]))
 
 
 def read_spec_text(path: str | os.PathLike, what: str) -> str:

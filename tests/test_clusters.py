@@ -16,7 +16,8 @@ from grokhpc.plan import GPUS
 from grokhpc.sweep import LauncherSettings, load_sweep, parse_launcher
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_SWEEPS = sorted(p.name for p in (ROOT / "sweeps").glob("*.yaml"))
+SHIPPED_SWEEPS = sorted(str(p.relative_to(ROOT / "sweeps"))   # sweeps/repro/ too
+                        for p in (ROOT / "sweeps").rglob("*.yaml"))
 CLUSTERS = ("bouchet", "mccleary", "grace")
 
 

@@ -102,7 +102,9 @@ def test_damaged_run_directories_are_left_alone_or_refused(write_spec, tmp_path,
 def test_local_executor_end_to_end(write_spec, tmp_path, capsys):
     out = tmp_path / "sweep"
     spec = write_spec({"base": TINY_RUN, "grid": {"model_seed": [1, 2]}, "out": str(out),
-                       "launcher": {"executor": "local", "runs_per_job": 2, "time": 10}})
+                       "launcher": {"executor": "local", "runs_per_job": 2, "time": 10},
+                       "published": {"source": "a paper", "metric": "grokking_epoch",
+                                     "values": 150}})
     assert launch_mod.main([str(spec)]) == 0
     printed = capsys.readouterr().out
     manifest = json.loads((out / "manifest.json").read_text())
@@ -133,6 +135,12 @@ def test_local_executor_end_to_end(write_spec, tmp_path, capsys):
     runs = pd.read_parquet(agg / "runs.parquet")
     assert sorted(zip(runs["run_id"], runs["state"])) == sorted((r, "done") for r in ids)
     assert any((agg / "figures").glob("*.html"))
+    # the spec's published number (never in the run ids above): the table, written and printed
+    assert manifest["published"] == [{"source": "a paper", "metric": "grokking_epoch",
+                                      "unit": "epoch", "values": 150.0}]
+    assert "measured vs published: grokking_epoch in epochs; a paper" in printed
+    ref = pd.read_csv(agg / "reference.csv")
+    assert (list(ref["arm"]), list(ref["n_seeds"]), list(ref["published"])) == (["all"], [2], [150])
 
     # relaunch: nothing to do, nothing submitted, results untouched
     before = (out / "runs" / ids[0] / "curves.parquet").read_bytes()

@@ -387,7 +387,7 @@ def test_shipped_specs_are_valid():
     root = Path(__file__).resolve().parent.parent / "sweeps"
     names = {f.name for f in root.glob("*.yaml")}
     assert {"quickstart.yaml", "wd_sweep.yaml", "frac_sweep.yaml", "prime_sweep.yaml"} <= names
-    for f in root.glob("*.yaml"):
+    for f in root.rglob("*.yaml"):   # sweeps/repro/ too
         sweep = load_sweep(f)
         assert len(sweep.runs) >= 2, f
     wd = load_sweep(root / "wd_sweep.yaml")
