@@ -2,18 +2,13 @@
 
 A spec names a base run config, the axes to sweep and where the sweep goes::
 
-    base:                       # run fields (grokhpc.config.RunConfig); the seed's defaults otherwise
-      p: 113
-      n_epochs: 25000
+    base: {p: 113, n_epochs: 25000}   # run fields (grokhpc.config.RunConfig); else the seed's
     grid:                       # Cartesian product over these axes (run fields -> lists)
       weight_decay: [0.1, 0.3, 1.0]
       model_seed: [1, 2, 3]
-    zip:                        # optional: groups of axes whose lists vary together
-      - train_frac: [0.3, 0.5]
-        lr: [1.0e-3, 3.0e-3]
+    zip: [{train_frac: [0.3, 0.5], lr: [1.0e-3, 3.0e-3]}]   # optional: axes varied together
     out: runs/wd_sweep          # sweep directory, relative to the current directory
-    figures:                    # optional: phase diagrams over pairs of swept axes (aggregate)
-      phase: [lr, weight_decay]   # x and y axes; or a list of such pairs
+    figures: {phase: [lr, weight_decay]}   # optional: phase diagrams (x, y; or a list of pairs)
     llc: {log_points: 12}       # optional: LLC per checkpoint after training (grokhpc.llc_run)
     published: {...}            # optional: a paper's numbers to compare with (grokhpc.reference)
     launcher:                   # how to run it (all optional)
