@@ -51,6 +51,14 @@ def metric_columns() -> tuple[str, ...]:
     return (*SUMMARY_INT, *SUMMARY_FLOAT)
 
 
+def epoch_metrics() -> tuple[str, ...]:
+    """The metrics that count epochs (the grokking epoch, the phase ends): the ones a unit
+    (epoch or step) applies to."""
+    from .tables import SUMMARY_INT
+
+    return tuple(SUMMARY_INT)
+
+
 @dataclass(frozen=True)
 class Published:
     """One published number set: a metric of the runs, keyed by swept axes."""
@@ -155,13 +163,18 @@ def _entry(raw: Any, where: str, taken: Mapping[str, set]) -> Published:
         if k not in KEYS:
             raise ConfigError(f"{where}.{clip(k, 60)}: unknown key (expected one of "
                               f"{', '.join(KEYS)})")
-    src, metric, unit = raw.get("source"), raw.get("metric"), raw.get("unit", "epoch")
+    src, metric = raw.get("source"), raw.get("metric")
     if not isinstance(src, str) or not src.strip():
         _fail(f"{where}.source", "the paper, its figure or table (text)", src)
     if metric not in metric_columns():
         _fail(f"{where}.metric", f"a column of runs.parquet ({', '.join(metric_columns())})",
               metric)
-    if unit not in UNITS:
+    counts_epochs = metric in epoch_metrics()
+    unit = raw.get("unit", "epoch" if counts_epochs else "")
+    if raw.get("unit") not in (None, "") and not counts_epochs:
+        _fail(f"{where}.unit", f"no unit for {metric} (a unit is for {', '.join(epoch_metrics())})",
+              unit)
+    if counts_epochs and unit not in UNITS:
         _fail(f"{where}.unit", " | ".join(UNITS), unit)
     note, thr = raw.get("note", ""), raw.get("threshold")
     if not isinstance(note, str):
@@ -315,7 +328,8 @@ def summary_lines(table) -> list[str]:
     keys = ["metric", "threshold", "unit", "source"]
     for (metric, thr, unit, source), part in table.groupby(keys, sort=False, dropna=False):
         at = "" if thr is None or thr != thr else f" (test accuracy >= {thr:g})"
-        lines.append(f"measured vs published: {metric}{at} in {unit}s; {source}")
+        lines.append(f"measured vs published: {metric}{at}{f' in {unit}s' if unit else ''}; "
+                     f"{source}")
         rows = [["arm", "seeds", "reached", "median", "IQR", "min..max", "published", "ratio"]]
         for r in part.to_dict("records"):
             rows.append([r["arm"], str(r["n_seeds"]), str(r["n_reached"]),

@@ -115,6 +115,8 @@ def test_a_published_section_is_parsed_and_never_changes_run_ids():
     (("metric: grokking_epoch", "metric: test_acc"),
      "p.yaml: published.metric: expected a column of runs.parquet (grokking_epoch, "),
     (("  metric", "  unit: iterations\n  metric"), "p.yaml: published.unit: expected epoch | step"),
+    (("metric: grokking_epoch", "metric: final_test_acc\n  unit: step"),
+     "p.yaml: published.unit: expected no unit for final_test_acc (a unit is for grokking_epoch"),
     (("source: Power et al. 2022, Fig. 1", "source: ''"), "p.yaml: published.source: expected"),
     (("by: train_frac", "by: lr"),
      "p.yaml: published.by: expected a swept axis other than the seeds (train_frac), got 'lr'"),
@@ -221,3 +223,20 @@ def test_a_threshold_reads_the_first_epoch_at_that_accuracy_from_the_curves(tmp_
     with pytest.raises(ConfigError, match=r"p.yaml: published.threshold: expected a test "
                                           r"accuracy in \(0, 1\], with metric grokking_epoch"):
         parse_sweep(SPEC.replace("  by:", "  threshold: 95\n  by:"), "p.yaml")
+
+
+def test_an_accuracy_is_compared_without_a_unit_and_survives_the_manifest():
+    """final_test_acc is no count of epochs: parsed with no unit, printed with none, and the
+    manifest's copy parses back the same."""
+    from grokhpc.reference import manifest_published
+
+    s = parse_sweep(SPEC.replace("metric: grokking_epoch", "metric: final_test_acc")
+                    .replace("{0.5: 1000}", "{0.5: 0.9}"), "p.yaml")
+    (pub,) = s.published
+    assert (pub.metric, pub.unit) == ("final_test_acc", "")
+    runs = pd.DataFrame([row(0.5, 1, 100, final_test_acc=0.8), row(0.5, 2, 100, final_test_acc=0.6)])
+    text = "\n".join(summary_lines(measured_vs_published(runs, [pub], ["train_frac"])))
+    assert "measured vs published: final_test_acc; " in text and " in epochs" not in text
+    man = json.loads(json.dumps({"published": [p.to_dict() for p in s.published],
+                                 "runs": [{"swept": r.swept} for r in s.runs]}))
+    assert manifest_published(man, "manifest.json") == (s.published, None)
