@@ -262,9 +262,9 @@ class Evaluator:
         """Every measure of one model state ({parameter name: array}); see the module doc."""
         import torch
 
-        from .runtime import blas_threads_like_torch
+        from .runtime import numpy_blas_one_thread
 
-        with torch.inference_mode(), blas_threads_like_torch():
+        with torch.inference_mode(), numpy_blas_one_thread():
             return self._measure(W)
 
     def _measure(self, W):

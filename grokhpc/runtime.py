@@ -279,12 +279,10 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def blas_threads_like_torch():
-    """numpy's BLAS held to torch's intra-op thread count for the block: left alone, its
-    OpenBLAS starts one spinning thread per core beside torch's, so a one-thread job would
-    take every core for its numpy products. Every BLAS loaded by then is held (scipy's, say,
-    loaded after the first call)."""
-    import torch
+def numpy_blas_one_thread():
+    """numpy's BLAS held to one thread for the block (every BLAS loaded by then: scipy's too).
+    The measures' numpy products are small, and OpenBLAS's own threads, one per core by
+    default, spin after each call and take the cores torch's threads need next."""
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+    return threadpool_limits(limits=1, user_api="blas")

@@ -128,10 +128,10 @@ def test_key_freqs_found_in_a_constructed_embedding():
 
 
 # ---- the fast forward and the losses ---------------------------------------------------------
-def test_numpy_blas_threads_follow_torch_threads_while_measuring(monkeypatch):
-    """A one-thread job's measures keep numpy's BLAS to one thread too (left alone it starts
-    one per core), a BLAS loaded after the first measure as well, and the process's own BLAS
-    setting is back afterwards."""
+def test_numpy_blas_runs_on_one_thread_while_measuring(monkeypatch):
+    """The measures keep numpy's BLAS to one thread (left alone it starts one per core, which
+    spin beside torch's), also with two torch threads and for a BLAS loaded after the first
+    measure; the process's own BLAS setting is back afterwards."""
     from threadpoolctl import threadpool_info
 
     def blas_threads():
@@ -139,13 +139,13 @@ def test_numpy_blas_threads_follow_torch_threads_while_measuring(monkeypatch):
 
     cfg, model = small_model(7, "sub")
     ev = measures.Evaluator(cfg, [1])
-    with runtime.torch_threads(1):
+    with runtime.torch_threads(2):
         ev.measure(weights_of(model))
     import scipy.linalg  # noqa: F401  (its own OpenBLAS, loaded after a first measure)
     seen, inner = [], ev._measure
     monkeypatch.setattr(ev, "_measure", lambda W: seen.append(blas_threads()) or inner(W))
     before = blas_threads()
-    with runtime.torch_threads(1):
+    with runtime.torch_threads(2):
         ev.measure(weights_of(model))
     assert seen == [{1}]
     assert blas_threads() == before
