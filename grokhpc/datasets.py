@@ -44,24 +44,16 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "grokhpc"
 
 
-def split(n: int, train_frac: float, gen):
-    """The binary operations' split: a permutation from ``gen``, the first ``int(n *
-    train_frac)`` train."""
-    import torch
-
-    perm = torch.randperm(n, generator=gen)
-    cut = int(n * train_frac)
-    return perm[:cut], perm[cut:]
-
-
 def sparse_parity(cfg: RunConfig):
     """Rows of +-1 bits, the parity of their first ``k_bits``, and the split (module doc)."""
     import torch
 
+    from .data import split_indices
+
     gen = torch.Generator().manual_seed(cfg.data_seed)
     bits = torch.randint(0, 2, (cfg.n_samples, cfg.n_bits), generator=gen)
     labels = bits[:, :cfg.k_bits].sum(dim=1) % 2
-    train_idx, test_idx = split(cfg.n_samples, cfg.train_frac, gen)
+    train_idx, test_idx = split_indices(cfg.n_samples, cfg.train_frac, cfg.data_seed, gen)
     return (2 * bits - 1).float(), labels, train_idx, test_idx, gen
 
 

@@ -104,7 +104,7 @@ import numpy as np
 from . import lastpos, llc_run, task_measures
 from .checkpoints import RERUN_TRAINING
 from .config import RunConfig
-from .output_measures import OutputEvaluator, split_scores, weight_norm_sq
+from .output_measures import OutputEvaluator, load_weights, split_scores, weight_norm_sq
 from .phases import build_summary
 from .store import MEASURES, SUMMARY, RunDir, RunDirError, atomic_write_json, atomic_write_table
 from .task_measures import GROUP_COLUMNS
@@ -200,11 +200,7 @@ class Evaluator:
 
     def _load(self, W: Mapping[str, Any]):
         """The hooked model holding the weights ``W``."""
-        import torch
-
-        for name, value in W.items():
-            self.model.get_parameter(name).copy_(torch.as_tensor(np.asarray(value)))
-        return self.model
+        return load_weights(self.model, W)
 
     def _hooked_grid(self, W: Mapping[str, Any], resid: bool = False):
         """:meth:`_grid` through ``run_with_cache`` on every pair, ``self.chunk`` rows at a

@@ -316,14 +316,19 @@ def freeze_biases(model: Transformer) -> None:
             param.requires_grad_(False)
 
 
+def scale_init(model: nn.Module, alpha: float) -> None:
+    """Omnigrok's alpha: every parameter of a fresh model (LayerNorm's too) multiplied by it."""
+    if alpha != 1.0:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(alpha)
+
+
 def build_model(cfg: RunConfig, device: str | torch.device = "cpu") -> Transformer:
     """A freshly initialised model for ``cfg`` (on CPU, then moved: init is device-independent)."""
     model = Transformer(shape_of(cfg))
     init_weights(model, cfg.model_seed)
-    if cfg.init_scale != 1.0:   # Omnigrok's alpha: every parameter (LayerNorm's too) scaled
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(cfg.init_scale)
+    scale_init(model, cfg.init_scale)
     freeze_biases(model)
     return model.to(device)
 

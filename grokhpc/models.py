@@ -22,15 +22,11 @@ def _transformer(cfg):
 
 
 def _mlp(cfg):
-    import torch
-
     from .mlp import build_mlp
+    from .model import scale_init
 
     model = build_mlp(cfg)
-    if cfg.init_scale != 1.0:   # Omnigrok's alpha: every parameter scaled
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(cfg.init_scale)
+    scale_init(model, cfg.init_scale)
     return model
 
 

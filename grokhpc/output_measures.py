@@ -35,6 +35,15 @@ def weight_norm_sq(W: Mapping[str, Any]) -> float:
     return float(sum(float(np.square(np.asarray(v, np.float64)).sum()) for v in W.values()))
 
 
+def load_weights(model, W: Mapping[str, Any]):
+    """``model`` holding the weights ``W`` ({parameter name: array}), copied in place."""
+    import torch
+
+    for name, value in W.items():
+        model.get_parameter(name).copy_(torch.as_tensor(np.asarray(value)))
+    return model
+
+
 class OutputEvaluator:
     """The run's model and rows on one device; :meth:`measure` scores one checkpoint's weights
     through the model's own ``last_logits``."""
@@ -59,8 +68,7 @@ class OutputEvaluator:
         import torch
 
         with torch.inference_mode():
-            for name, value in W.items():
-                self.model.get_parameter(name).copy_(torch.as_tensor(np.asarray(value)))
+            load_weights(self.model, W)
             logits = torch.cat([self.model.last_logits(x) for x in self.rows.split(self.CHUNK)])
             out = split_scores(logits, self.labels, self.train_idx, self.test_idx)
         out["weight_norm_sq"] = weight_norm_sq(W)

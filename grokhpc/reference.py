@@ -223,7 +223,9 @@ def steps_per_epoch(row: Mapping[str, Any]) -> int:
     bs = row.get("batch_size")
     if bs in (None, "full"):
         return 1
-    cfg = RunConfig(p=int(row["p"]), op=str(row["op"]), train_frac=float(row["train_frac"]))
+    fields = {"p": int, "op": str, "train_frac": float, "model": str, "n_samples": int,
+              "n_bits": int, "k_bits": int}          # what sets n_train, and what checks it
+    cfg = RunConfig(**{k: cast(row[k]) for k, cast in fields.items() if row.get(k) is not None})
     return math.ceil(cfg.n_train / int(bs))
 
 

@@ -240,3 +240,15 @@ def test_an_accuracy_is_compared_without_a_unit_and_survives_the_manifest():
     man = json.loads(json.dumps({"published": [p.to_dict() for p in s.published],
                                  "runs": [{"swept": r.swept} for r in s.runs]}))
     assert manifest_published(man, "manifest.json") == (s.published, None)
+
+
+def test_steps_per_epoch_of_a_dataset_run_count_its_own_training_rows():
+    """An image dataset trains on n_samples images, sparse parity on its share of n_samples."""
+    from grokhpc.reference import steps_per_epoch
+
+    digits = {"p": 113, "op": "digits", "train_frac": 0.3, "model": "mlp", "n_samples": 1000,
+              "batch_size": "200"}
+    parity = {"p": 113, "op": "sparse_parity", "train_frac": 0.5, "model": "mlp",
+              "n_samples": 2000, "n_bits": 20, "k_bits": 3, "batch_size": "64"}
+    assert steps_per_epoch(digits) == 5                      # 1000 / 200
+    assert steps_per_epoch(parity) == 16                     # ceil(1000 / 64)
