@@ -9,7 +9,8 @@ thread count (its sgemm throughput), and their sum is the floor in ms per epoch.
 ms per epoch is the solo trainer's (``Trainer.open`` on a fresh directory, then ``fit`` in
 blocks of epochs, commits included). ``--before REF`` also times the trainer with the
 ``grokhpc/lastpos.py`` of git revision REF swapped in for every reference grokhpc's modules
-hold to its functions (the kernels of that revision), block after block with the current ones.
+hold to its functions (the kernels of that revision), block after block with the current ones;
+``--before-module kernels`` swaps in REF's ``grokhpc/kernels.py`` instead.
 
 ``--clock cpu`` times everything in this process's CPU time (every thread's, user and system)
 instead of wall time: on a machine shared with other work the wall time counts the waits for a
@@ -85,24 +86,36 @@ def floor_ms(cfg) -> tuple[float, float]:
     return secs * 1e3, flops / secs / 1e9
 
 
-def old_lastpos(ref: str) -> types.ModuleType:
-    """``grokhpc/lastpos.py`` as it was at git revision ``ref``, as a module of its own."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:grokhpc/lastpos.py"],
+def old_lastpos(ref: str, name: str = "lastpos") -> types.ModuleType:
+    """``grokhpc/NAME.py`` as it was at git revision ``ref``, as a module of its own (its
+    relative imports find today's modules)."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{ref}:grokhpc/{name}.py"],
                          capture_output=True, text=True, check=True).stdout
-    mod = types.ModuleType("lastpos_before")
-    mod.__dict__["__name__"] = "lastpos_before"
-    exec(compile(src, f"{ref}:grokhpc/lastpos.py", "exec"), mod.__dict__)
+    mod = types.ModuleType(f"{name}_before")
+    mod.__dict__.update(__name__=f"grokhpc.{name}_before", __package__="grokhpc")
+    exec(compile(src, f"{ref}:grokhpc/{name}.py", "exec"), mod.__dict__)
     return mod
 
 
 @contextlib.contextmanager
 def swapped(old: types.ModuleType | None):
     """Every grokhpc module's reference to a function of grokhpc.lastpos that ``old`` also
-    defines points at ``old``'s for the block."""
+    defines points at ``old``'s for the block; an old grokhpc.kernels takes the place of
+    today's (lastpos imports it where it is used)."""
+    import grokhpc
     import grokhpc.lastpos as now
 
     if old is None:
         yield
+        return
+    if old.__name__ == "grokhpc.kernels_before":
+        import grokhpc.kernels as today
+
+        sys.modules["grokhpc.kernels"], grokhpc.kernels = old, old
+        try:
+            yield
+        finally:
+            sys.modules["grokhpc.kernels"], grokhpc.kernels = today, today
         return
     names = [n for n, v in vars(now).items() if callable(v) and hasattr(old, n)
              and getattr(v, "__module__", "") == now.__name__]
@@ -167,6 +180,8 @@ def main() -> None:
                     choices=["seed", "quickstart"])
     ap.add_argument("--before", metavar="REF", default=None,
                     help="also time grokhpc/lastpos.py of this git revision")
+    ap.add_argument("--before-module", choices=["lastpos", "kernels"], default="lastpos",
+                    help="which module --before takes from REF")
     ap.add_argument("--clock", choices=sorted(CLOCK), default="wall",
                     help="wall time, or this process's CPU time (see the module)")
     args = ap.parse_args()
@@ -175,7 +190,7 @@ def main() -> None:
 
     import torch
 
-    before = old_lastpos(args.before) if args.before else None
+    before = old_lastpos(args.before, args.before_module) if args.before else None
     load0 = os.getloadavg()
     rows = []
     for name in args.configs:

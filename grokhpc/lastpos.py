@@ -279,17 +279,36 @@ def row_losses(logits, labels, dtype: str = "float64"):
 
 
 def eval_row_losses(logits, labels):
-    """Each row's cross-entropy for scoring a state, (b,) float64: ``exp(x - max)`` in the
-    logits' own float32, its row sum and log in float64. A loss of 1e-7 survives, as in
-    :func:`row_losses`; each exponential carries float32's relative rounding, so the means
-    over a split agree with the all-float64 form to ~1e-8. Not for training: the trainers'
-    losses stay the seed's float64 exactly."""
+    """Each row's cross-entropy for scoring a state, (b,) float64 (:func:`eval_row_scores`)."""
+    return eval_row_scores(logits, labels, hits=False)[0]
+
+
+def eval_row_scores(logits, labels, hits: bool = True):
+    """(each row's cross-entropy (b,) float64, whether its largest logit is the label (b,)
+    float64, as :func:`row_hits`; None without ``hits``) for scoring a state.
+
+    The loss is ``top - pick + log(sum exp(x - top))``, in the logits' own float32 up to the
+    sum: the terms at the top (each exactly 1) are counted, the others summed in float32, and
+    the log taken as ``log1p`` in float64, so a loss of 1e-7 survives as in :func:`row_losses`
+    and each row carries float32's relative rounding (means over a split agree with the
+    all-float64 form to ~1e-8). The top and the label's logit also give the hits; rows with a
+    tie at the top, or no finite top, take ``argmax``'s first index. Not for training: the
+    trainers' losses stay the seed's float64 exactly."""
     import torch
 
     top = logits.amax(dim=-1, keepdim=True)
-    s = (logits - top).exp_().sum(dim=-1, dtype=torch.float64)
+    at_top = logits == top
+    rest = (logits - top).exp_().masked_fill_(at_top, 0.0).sum(dim=-1)
+    n_top = at_top.sum(dim=-1)
     pick = logits.gather(-1, labels[:, None])[:, 0]
-    return (top[:, 0] - pick).double() + s.log()
+    loss = (top[:, 0] - pick).double() + torch.log1p((n_top - 1).double() + rest.double())
+    if not hits:
+        return loss, None
+    hit = (pick == top[:, 0]) & (n_top == 1)
+    odd = (n_top != 1).nonzero()[:, 0]     # ties at the top, or a NaN row
+    if len(odd):
+        hit[odd] = logits[odd].argmax(dim=-1) == labels[odd]
+    return loss, hit.double()
 
 
 def cross_entropy(logits, labels, dtype: str = "float64", mask=None):

@@ -142,6 +142,7 @@ class Evaluator:
         self.train_labels = self.labels[self.train_idx]
         self.test_labels = self.labels[self.test_idx]
         self._buffers: dict[str, Any] = {}
+        self._mix_index = None     # the table rows each pair of the grid sums (:meth:`_mix`)
         basis = task_measures.lens_of(cfg.op, p)
         self.lens = None if basis is None else task_measures.GroupLens(
             basis, keys, self.rows, self.labels, data.train_idx.to(dev), data.test_idx.to(dev),
@@ -156,19 +157,34 @@ class Evaluator:
         return buf
 
     # -- the fast forward on the full grid
-    def _mix(self, pa, pbT, T0, T1, name):
-        """out[a, b] = sum_j pa[a, b, j] T0[a, j] + sum_h pb[a, b, h] T1[b, h], as two batched
-        products over a and over b (pbT is pb with a and b swapped); a reused (p^2, n) buffer."""
+    def _mix(self, pa, pbT, T0, T1):
+        """out[a, b] = sum_j pa[a, b, j] T0[a, j] + sum_h pb[a, b, h] T1[b, h] (pbT is pb with
+        a and b swapped): one weighted sum of table rows per pair (``F.embedding_bag``), so the
+        (p^2, n) result is written in one pass."""
+        import torch
+        import torch.nn.functional as F
+
+        n = T0.shape[-1]
+        idx, weights = self._mix_rows(pa, pbT)
+        table = torch.cat([T0.reshape(-1, n), T1.reshape(-1, n)])
+        return F.embedding_bag(idx, table, mode="sum", per_sample_weights=weights)
+
+    def _mix_rows(self, pa, pbT):
+        """(the table rows each pair sums, their weights): pair (a, b) reads T0's rows of a,
+        then T1's rows of b."""
         import torch
 
-        p, n = self.p, T0.shape[-1]
-        out = self._buf(name, p * p, n)
-        tmp = self._buf(name + "_tmp", p * p, n)
-        o3, t3 = out.view(p, p, n), tmp.view(p, p, n)
-        torch.bmm(pa, T0, out=o3)
-        torch.bmm(pbT, T1, out=t3)
-        o3.add_(t3.transpose(0, 1))
-        return out
+        p, j, h = self.p, pa.shape[-1], pbT.shape[-1]
+        if self._mix_index is None or self._mix_index.shape[1] != j + h:
+            a = torch.arange(p, device=self.device)
+            self._mix_index = torch.cat(
+                [(a[:, None, None] * j + torch.arange(j, device=self.device)).expand(p, p, j),
+                 (p * j + a[None, :, None] * h + torch.arange(h, device=self.device))
+                 .expand(p, p, h)], dim=-1).reshape(p * p, j + h)
+        weights = self._buf("mix_weights", p, p, j + h)
+        weights[..., :j].copy_(pa)
+        weights[..., j:].copy_(pbT.transpose(0, 1))
+        return self._mix_index, weights.view(p * p, j + h)
 
     def grid(self, W: Mapping[str, Any], resid: bool = False):
         """See :meth:`_grid`; runs in inference mode."""
@@ -220,14 +236,14 @@ class Evaluator:
         return out + (resid_mid,) if resid else out
 
     def _fast_grid(self, W: Mapping[str, Any], resid: bool = False):
-        """The last position on the grid of a one-block model without LayerNorm; ``post`` and
-        ``logits`` are reused buffers.
+        """The last position on the grid of a one-block model without LayerNorm.
 
         The algebra is ``grokhpc.lastpos``'s (:func:`~grokhpc.lastpos.grid_terms`,
-        :func:`~grokhpc.lastpos.read_out`): the residual stream is never formed per pair; each
-        linear map M of it (``W_in``, ``W_U``) is a pattern-weighted sum of table rows read
-        through M, two batched products per map (:meth:`_mix`). ``W_U``'s p columns are padded
-        to a multiple of 16, on which the BLAS kernels run faster; the padding stays zero."""
+        :func:`~grokhpc.lastpos.read_out`): the residual stream is never formed per pair; its
+        linear maps ``W_in`` and ``W_U`` (side by side) read the table rows, and each pair's
+        pre-activation and direct logits are one pattern-weighted sum of them (:meth:`_mix`).
+        ``W_U``'s p columns are padded to a multiple of 16, on which the BLAS kernels run
+        faster; the padding stays zero."""
         import torch
         import torch.nn.functional as F
 
@@ -236,22 +252,20 @@ class Evaluator:
         w, _ = lastpos.stacked(t)
         g = lastpos.grid_terms(w, self.p)
         maps = lastpos.read_out_maps(w)
-
-        def mapped(M, name):
-            return self._mix(g.pa, g.pbT, g.T0 @ M, g.T1 @ M, name)
-
-        n_out = maps.W_U.shape[-1]
+        d_mlp, n_out = maps.W_in.shape[-1], maps.W_U.shape[-1]
         pad = -n_out % 16
-        post = mapped(maps.W_in[0], "post").add_(maps.b_in[0])             # pre-activation
-        logits = mapped(F.pad(maps.W_U[0], (0, pad)), "logits")
-        logits += F.pad(maps.b_direct[0], (0, pad))
+        M = torch.cat([maps.W_in[0], F.pad(maps.W_U[0], (0, pad))], dim=1)   # both maps
+        T0 = g.T0 @ M
+        T0[:, -1] += torch.cat([maps.b_in[0], F.pad(maps.b_direct[0], (0, pad))])  # weight 1
+        T1 = (g.T1.reshape(-1, M.shape[0]) @ M).view(*g.T1.shape[:2], -1)
+        mixed = self._mix(g.pa, g.pbT, T0, T1)
+        post, logits = mixed[:, :d_mlp], mixed[:, d_mlp:]                # pre-activation
         W_logit = maps.W_logit[0]
         lastpos.read_out(post[None], logits[None], F.pad(W_logit, (0, pad))[None], inplace=True,
                          act_fn=self.cfg.act_fn)
         logits = logits[:, :n_out].contiguous()
         if resid:
-            eye = torch.eye(w.W_E.shape[-1], device=self.device)
-            return post, logits, W_logit, maps.b_direct[0], mapped(eye, "resid").clone()
+            return post, logits, W_logit, maps.b_direct[0], self._mix(g.pa, g.pbT, g.T0, g.T1)
         return post, logits, W_logit, maps.b_direct[0]
 
     def measure(self, W: Mapping[str, Any]) -> dict[str, Any]:

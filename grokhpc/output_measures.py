@@ -14,14 +14,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .lastpos import eval_row_losses, row_hits
+from .lastpos import eval_row_scores
 
 
 def split_scores(logits, labels, train_idx, test_idx) -> dict[str, float]:
     """``{split}_loss`` and ``{split}_acc`` of ``logits`` (rows in dataset order) for the train,
     test and all rows."""
-    row_loss = eval_row_losses(logits, labels)        # once for all three splits
-    row_hit = row_hits(logits, labels)
+    row_loss, row_hit = eval_row_scores(logits, labels)     # once for all three splits
     out = {}
     for split, idx in (("train", train_idx), ("test", test_idx), ("all", None)):
         rows = slice(None) if idx is None else idx

@@ -166,6 +166,20 @@ class GroupLens:
             setattr(self, f"{split}_rows", rows[idx][inside])          # grid row
             setattr(self, f"{split}_labels", labels[idx][inside])
             setattr(self, f"U_{split}", U[at[inside]])                  # its answer directions
+        at = pos[rows[test_idx]]
+        self.restricted = self._distinct(self.answer[at[at >= 0]])
+
+    def _distinct(self, answer):
+        """(answer directions, labels, weights) of the distinct (answer, label) pairs among the
+        test pairs, each weighted by its share of them: a test pair's restricted logits depend
+        on its answer alone, so the restricted loss is a weighted mean over at most p rows."""
+        import torch
+
+        key = answer * (int(self.test_labels.max()) + 1) + self.test_labels
+        uniq, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+        first = torch.full((len(uniq),), len(key), dtype=torch.long, device=self.device)
+        first.scatter_reduce_(0, inverse, torch.arange(len(key), device=self.device), "amin")
+        return self.U_test[first], self.test_labels[first], counts.double() / len(key)
 
     def on_pairs(self, x):
         """The rows of a grid tensor (p * p, ...) for the group's pairs."""
@@ -201,8 +215,8 @@ class GroupLens:
         CW = (self.U.T @ self.on_pairs(post)) @ W_logit              # (m, n_classes)
         shift = self.on_pairs(logits).mean(0) - self.U_mean @ CW      # re-centre the mean logit
         excluded = logits[self.train_rows] - self.U_train @ CW - const
-        return {"restricted_loss": float(eval_row_losses(self.U_test @ CW + shift,
-                                                         self.test_labels).mean()),
+        U_r, labels_r, weight_r = self.restricted
+        return {"restricted_loss": float(eval_row_losses(U_r @ CW + shift, labels_r) @ weight_r),
                 "excluded_loss": float(eval_row_losses(excluded, self.train_labels).mean())}
 
     def losses_ln(self, post, resid_mid, model, last: str) -> dict[str, float]:

@@ -143,6 +143,28 @@ def test_padding_rows_are_left_out_of_each_runs_mean():
                                rtol=1e-6, atol=0)
 
 
+def test_eval_row_hits_are_argmaxs_with_ties_and_nans():
+    """Scoring's hits from the top and the label's logit against ``argmax == label``: rows
+    with the label at the top alone, ties at the top before and after the label (argmax takes
+    the first), a row of NaN and one with the label's logit NaN."""
+    gen = torch.Generator().manual_seed(3)
+    n, p = 600, 13
+    logits = torch.randint(0, 4, (n, p), generator=gen).float()   # many ties by construction
+    labels = torch.randint(p, (n,), generator=gen)
+    logits[: n // 2][torch.arange(n // 2), labels[: n // 2]] += 10.0   # half: label alone on top
+    logits[-1] = float("nan")
+    logits[-2, labels[-2]] = float("nan")
+    loss, hit = lastpos.eval_row_scores(logits, labels)
+    want = (logits.argmax(dim=-1) == labels).double()
+    assert torch.equal(hit, want)
+    assert 0.5 < float(want.mean()) < 0.9                              # ties decided both ways
+    ties = (logits == logits.amax(-1, keepdim=True)).sum(-1) > 1
+    assert ties.sum() > 50 and want[ties].sum() > 5 and (1 - want[ties]).sum() > 5
+    ref = torch.nn.functional.cross_entropy(logits[:-2].double(), labels[:-2], reduction="none")
+    torch.testing.assert_close(loss[:-2], ref, rtol=1e-6, atol=1e-12)
+    assert loss[-2:].isnan().all()
+
+
 @pytest.mark.parametrize("margin", [0.0, 25.0])
 def test_eval_row_losses_means_equal_float64_cross_entropy(margin):
     """Scoring's mixed-precision losses (float32 exponentials, float64 sums) against torch's
