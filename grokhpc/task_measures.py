@@ -175,6 +175,8 @@ class GroupLens:
         on its answer alone, so the restricted loss is a weighted mean over at most p rows."""
         import torch
 
+        if not len(answer):
+            return self.U_test, self.test_labels, torch.zeros(0, dtype=torch.float64)
         key = answer * (int(self.test_labels.max()) + 1) + self.test_labels
         uniq, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
         first = torch.full((len(uniq),), len(key), dtype=torch.long, device=self.device)
@@ -216,7 +218,9 @@ class GroupLens:
         shift = self.on_pairs(logits).mean(0) - self.U_mean @ CW      # re-centre the mean logit
         excluded = logits[self.train_rows] - self.U_train @ CW - const
         U_r, labels_r, weight_r = self.restricted
-        return {"restricted_loss": float(eval_row_losses(U_r @ CW + shift, labels_r) @ weight_r),
+        restricted = eval_row_losses(U_r @ CW + shift, labels_r) @ weight_r if len(weight_r) \
+            else float("nan")     # no test pair in the group: the mean of none
+        return {"restricted_loss": float(restricted),
                 "excluded_loss": float(eval_row_losses(excluded, self.train_labels).mean())}
 
     def losses_ln(self, post, resid_mid, model, last: str) -> dict[str, float]:
