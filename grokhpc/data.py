@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .config import RunConfig
+from .datasets import split_indices
 from .tasks import task
 
 
@@ -44,15 +45,6 @@ def all_pairs(p: int, op: str) -> tuple[torch.Tensor, torch.Tensor]:
     if excluded:
         tokens = tokens[~torch.isin(tokens[:, 1], torch.tensor(excluded))]
     return tokens, apply_op(op, tokens[:, 0], tokens[:, 1], p)
-
-
-def split_indices(n: int, train_frac: float, data_seed: int,
-                  gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The seed's split: a seeded permutation, the first ``int(n * train_frac)`` train."""
-    gen = gen if gen is not None else torch.Generator().manual_seed(data_seed)
-    perm = torch.randperm(n, generator=gen)
-    cut = int(n * train_frac)
-    return perm[:cut], perm[cut:]
 
 
 @dataclass(frozen=True)

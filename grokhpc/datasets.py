@@ -44,11 +44,20 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "grokhpc"
 
 
+def split_indices(n: int, train_frac: float, data_seed: int, gen=None):
+    """The seed's split of ``n`` rows, for every dataset: a seeded permutation (``gen``, else a
+    generator seeded by ``data_seed``), the first ``int(n * train_frac)`` train."""
+    import torch
+
+    gen = gen if gen is not None else torch.Generator().manual_seed(data_seed)
+    perm = torch.randperm(n, generator=gen)
+    cut = int(n * train_frac)
+    return perm[:cut], perm[cut:]
+
+
 def sparse_parity(cfg: RunConfig):
     """Rows of +-1 bits, the parity of their first ``k_bits``, and the split (module doc)."""
     import torch
-
-    from .data import split_indices
 
     gen = torch.Generator().manual_seed(cfg.data_seed)
     bits = torch.randint(0, 2, (cfg.n_samples, cfg.n_bits), generator=gen)
