@@ -105,6 +105,16 @@ def paper_template():
     return tpl
 
 
+def wrap_title(text: str, width_px: int) -> str:
+    """``text`` on two lines, its parenthesis on the second, when one line would be wider than
+    the figure: plotly does not wrap a title, and cuts a long one at both edges."""
+    fits = int(width_px / (0.6 * TITLE_SIZE))      # characters of the title's font per line
+    if len(text) <= fits or "<br>" in text or " (" not in text:
+        return text
+    head, _, rest = text.partition(" (")
+    return f"{head}<br>({rest}"
+
+
 def paper_style(fig: "go.Figure", *, width: int | None = None, height: int | None = None,
                 title: str | None = None, legend_title: str | None = None) -> "go.Figure":
     """Apply the paper template, fonts and size to ``fig`` (in place) and return it."""
@@ -116,7 +126,7 @@ def paper_style(fig: "go.Figure", *, width: int | None = None, height: int | Non
     fig.update_layout(width=width or fig.layout.width or PAPER_WIDTH,
                       height=height or fig.layout.height or PAPER_HEIGHT)
     if title is not None:
-        fig.update_layout(title=dict(text=title))
+        fig.update_layout(title=dict(text=wrap_title(title, fig.layout.width)))
     if legend_title is not None:
         fig.update_layout(legend=dict(title=dict(text=legend_title)))
     return fig

@@ -66,6 +66,17 @@ def _stats_of(g):
                         g["epoch"].fillna(g["grokking_epoch"]).tolist())
 
 
+def truly_pooled(fin, by: list[str], fields: list[str]) -> list[str]:
+    """The ``fields`` that take more than one value among runs sharing the values of ``by``
+    (the figure's axes): a field zipped with an axis (weight_decay with optimizer) is set by
+    it, so the figure's groups do not pool over it."""
+    groups = [keyed(fin, b) for b in by if b]
+    if not groups:
+        return list(fields)
+    return [f for f in fields
+            if (keyed(fin, f).groupby(groups, dropna=False).nunique(dropna=False) > 1).any()]
+
+
 def _over(seeds: list[str], pooled: list[str]) -> str:
     over = f" over {', '.join(seeds)}" if seeds else ""
     return over + (f"; pooled over {', '.join(pooled)}" if pooled else "")
@@ -87,7 +98,7 @@ def grok_vs_figures(fin, swept: list[str]) -> tuple[dict, list[str]]:
     for i, x in enumerate(axes):
         others = axes[i + 1:] + axes[:i]
         series, pooled = (others[0], others[1:]) if others else (None, [])
-        fig, note = grok_vs(fin, x, series, seeds, pooled)
+        fig, note = grok_vs(fin, x, series, seeds, truly_pooled(fin, [x, series], pooled))
         figs[f"grok_vs_{x}"] = fig
         if note:
             notes.append(note)
@@ -225,7 +236,7 @@ def phase_figures(fin, swept: list[str], pairs: Iterable[tuple[str, str]] = ()):
             notes.append(f"{name} skipped: {' and '.join(still)} did not vary")
             continue
         pooled = [s for s in swept if s not in (a, b) and not is_seed(s) and varies(fin, s)]
-        figs[name] = phase_diagram(fin, a, b, pooled)
+        figs[name] = phase_diagram(fin, a, b, truly_pooled(fin, [a, b], pooled))
     return figs, notes
 
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from grokhpc import aggregate as agg
-from grokhpc import sweep_axes, sweep_figures
+from grokhpc import figures, sweep_axes, sweep_figures
 from grokhpc.config import RunConfig, to_dict
 from grokhpc.figures import png_size
 from grokhpc.store import RunDir, atomic_write_json, atomic_write_table
@@ -546,6 +546,30 @@ def test_a_text_axis_is_points_and_a_numeric_axis_keeps_its_lines(tmp_path):
     # weight decay on x, one series per op: each series is still a line over weight decay
     assert [(t.name, t.mode) for t in by_wd.data] == [("add", "lines+markers"),
                                                       ("sub", "lines+markers")]
+
+
+def test_a_field_zipped_with_an_axis_is_not_called_pooled_and_long_titles_wrap(tmp_path):
+    """optimizer zipped with weight_decay, both swept with train_frac: a grok_vs figure whose
+    series is one of the pair is not 'pooled over' the other (each series holds one value of
+    it); train_frac, which varies within each series, still is. A title wider than the figure
+    is cut in two at its parenthesis, each line within the width at the title's font size."""
+    root = tmp_path / "zipped"
+    for opt, wd in (("adam", 0.0), ("adamw", 1.0)):
+        for tf in (0.3, 0.5):
+            for s in (1, 2):
+                make_run(root, cfg_for(wd, tf, s, optimizer=opt), 20 + 5 * s + 30 * (wd == 0))
+    res = agg.aggregate([root], formats=None, log=None)
+    figs, _ = figures_of(root, res.swept)
+    titles = {n: f.layout.title.text.replace("<br>", " ") for n, f in figs.items()}
+    assert "pooled" not in titles["grok_vs_train_frac"], titles["grok_vs_train_frac"]
+    assert "pooled over train_frac" in titles["grok_vs_weight_decay"] + titles["grok_vs_optimizer"]
+    for n, f in figs.items():
+        for line in f.layout.title.text.split("<br>"):
+            assert len(line) * 0.6 * figures.TITLE_SIZE <= f.layout.width, (n, line)
+    long = "Grokking time vs train_frac (median, min–max over model_seed; pooled over weight_decay)"
+    head, tail = figures.wrap_title(long, 720).split("<br>")
+    assert head == "Grokking time vs train_frac" and tail.startswith("(median")
+    assert figures.wrap_title("Test loss of 4 runs", 720) == "Test loss of 4 runs"
 
 
 SPEC = """
