@@ -13,6 +13,7 @@ import json
 import math
 import reprlib
 from dataclasses import dataclass, fields
+from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 from . import losses, optim
@@ -239,6 +240,7 @@ FIELD_TYPES: dict[str, type] = {
     "n_bits": int, "k_bits": int, "n_samples": int,
 }
 assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}
+FIELD_DEFAULTS = MappingProxyType({f.name: f.default for f in fields(RunConfig)})  # read-only
 
 
 # A value echoed in an error is cut beyond this many characters, so that one line stays one
@@ -321,7 +323,7 @@ def validate(cfg: RunConfig, source: str = "run config") -> None:
         raise _fail(source, "p", f"a prime whose p x p grid fits in memory (this one needs about "
                     f"{_gib(grid_bytes(cfg))} GiB; at most {_gib(MAX_GRID_BYTES)} GiB)", cfg.p)
     checks = _task_checks(cfg) + _model_checks(cfg) + _optim_checks(cfg) + _method_checks(cfg)
-    checks += family_checks(cfg, {f.name: f.default for f in fields(RunConfig)})
+    checks += family_checks(cfg, FIELD_DEFAULTS)
     for ok, key, expected in checks:
         if not ok:
             raise _fail(source, key, expected, getattr(cfg, key, None) if "/" not in key else
