@@ -243,6 +243,12 @@ assert set(FIELD_TYPES) == {f.name for f in fields(RunConfig)}
 FIELD_DEFAULTS = MappingProxyType({f.name: f.default for f in fields(RunConfig)})  # read-only
 
 
+def is_seed(field: str) -> bool:
+    """Seeds are repeats: what statistics run over and figures never take as an axis
+    (data_seed, model_seed, any ``*_seed``)."""
+    return field.endswith("_seed")
+
+
 # A value echoed in an error is cut beyond this many characters, so that one line stays one
 # line (a YAML value of nested aliases can expand to millions of characters).
 SHOWN_CHARS = 200

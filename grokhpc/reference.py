@@ -30,18 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .config import FIELD_TYPES, ConfigError, RunConfig, clip, shown
+from .config import FIELD_TYPES, ConfigError, RunConfig, clip, is_seed, shown
 
 KEYS = ("source", "metric", "threshold", "unit", "by", "values", "note")
 UNITS = ("epoch", "step")
 STATS = ("median", "q25", "q75", "min", "max")
 QUANTILES = {"median": 0.5, "q25": 0.25, "q75": 0.75, "min": 0.0, "max": 1.0}
 TABLE, CSV = "reference.parquet", "reference.csv"
-
-
-def is_seed(field: str) -> bool:
-    """Seeds are what the statistics run over, never an arm (as the figures: any ``*_seed``)."""
-    return field.endswith("_seed")
 
 
 def metric_columns() -> tuple[str, ...]:

@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .config import is_seed
+
 # colour / series preference among swept fields
 AXIS_PREFERENCE = ("weight_decay", "train_frac", "p", "lr", "op", "d_model", "d_mlp", "n_heads",
                    "betas", "n_epochs")
@@ -34,11 +36,6 @@ UNITS = {
     "loss_fn": "loss (softmax or StableMax cross-entropy)",
     "optimizer": "optimiser",
 }
-
-
-def is_seed(field: str) -> bool:
-    """Seeds are repeats, never an axis of a figure: data_seed, model_seed, any *_seed."""
-    return field.endswith("seed")
 
 
 def value_key(v: Any) -> Any:
