@@ -117,8 +117,8 @@ SCALAR_COLUMNS = ("train_loss", "train_acc", "test_loss", "test_acc", "all_loss"
 # ---- the per-checkpoint evaluator (torch) ---------------------------------------------------
 class Evaluator:
     """Everything that does not change between checkpoints of one run, on one device: the
-    dataset's rows on the grid, the group lens (``task_measures.GroupLens``), and reusable
-    output buffers."""
+    dataset's rows on the grid, the group lens (``task_measures.GroupLens``), and the table
+    rows each pair of the grid sums."""
 
     def __init__(self, cfg: RunConfig, keys: Sequence[int] | None, device=None):
         import torch
@@ -141,20 +141,11 @@ class Evaluator:
                                   and torch.equal(self.rows.cpu(), torch.arange(p * p)))
         self.train_labels = self.labels[self.train_idx]
         self.test_labels = self.labels[self.test_idx]
-        self._buffers: dict[str, Any] = {}
         self._mix_index = None     # the table rows each pair of the grid sums (:meth:`_mix`)
         basis = task_measures.lens_of(cfg.op, p)
         self.lens = None if basis is None else task_measures.GroupLens(
             basis, keys, self.rows, self.labels, data.train_idx.to(dev), data.test_idx.to(dev),
             dev)
-
-    def _buf(self, name, *shape):
-        import torch
-
-        buf = self._buffers.get(name)
-        if buf is None or tuple(buf.shape) != shape:
-            buf = self._buffers[name] = torch.empty(*shape, device=self.device)
-        return buf
 
     # -- the fast forward on the full grid
     def _mix(self, pa, pbT, T0, T1):
@@ -181,9 +172,7 @@ class Evaluator:
                 [(a[:, None, None] * j + torch.arange(j, device=self.device)).expand(p, p, j),
                  (p * j + a[None, :, None] * h + torch.arange(h, device=self.device))
                  .expand(p, p, h)], dim=-1).reshape(p * p, j + h)
-        weights = self._buf("mix_weights", p, p, j + h)
-        weights[..., :j].copy_(pa)
-        weights[..., j:].copy_(pbT.transpose(0, 1))
+        weights = torch.cat([pa, pbT.transpose(0, 1)], dim=-1)
         return self._mix_index, weights.view(p * p, j + h)
 
     def grid(self, W: Mapping[str, Any], resid: bool = False):
